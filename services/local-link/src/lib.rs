@@ -53,7 +53,7 @@ impl FromStr for LinkAddr {
         if let Ok(addr) = tcp.parse::<SocketAddr>() {
             return Ok(LinkAddr::Tcp(addr));
         }
-        if s.contains('/') {
+        if s.contains('/') || s.ends_with(".sock") {
             return Ok(LinkAddr::Unix(PathBuf::from(s)));
         }
         Err(format!(
@@ -159,7 +159,10 @@ impl AsyncWrite for LinkStream {
 /// A bound link listener; turn it into a connection stream for
 /// `tonic::transport::Server::serve_with_incoming_shutdown` with [`LinkListener::into_incoming`].
 pub enum LinkListener {
-    Unix { listener: UnixListener, path: PathBuf },
+    Unix {
+        listener: UnixListener,
+        path: PathBuf,
+    },
     Tcp(TcpListener),
 }
 
@@ -294,11 +297,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.sock");
         std::fs::write(&path, b"stale").unwrap();
-        let l = LinkListener::bind(&LinkAddr::Unix(path.clone())).await.unwrap();
+        let l = LinkListener::bind(&LinkAddr::Unix(path.clone()))
+            .await
+            .unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         // A second bind while the first is live refuses.
-        let err = LinkListener::bind(&LinkAddr::Unix(path.clone())).await.err().unwrap();
+        let err = LinkListener::bind(&LinkAddr::Unix(path.clone()))
+            .await
+            .err()
+            .unwrap();
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
         drop(l);
         assert!(!path.exists());

@@ -1,0 +1,324 @@
+//! The public gRPC API: `fold.v1.FoldNode` (data) and `fold.v1.Network` (the mesh, as seen from
+//! this node). Requests on this port come from local clients ([`Principal::LocalClient`]).
+//! Query and Mutate for another node go to the sidecar ([`MeshLink`]); everything else runs here.
+
+use fold_proto::json::map_to_struct;
+use fold_proto::v1::fold_node_server::FoldNode;
+use fold_proto::v1::network_server::Network;
+use fold_proto::v1::*;
+use tonic::{Request, Response, Status};
+
+use crate::data::{self, Data};
+use crate::identity::Principal;
+use crate::mesh::{MeshLink, grpc_timeout};
+use crate::store::{SchemaState, TrustRecord};
+
+#[derive(Clone)]
+pub struct FoldNodeApi {
+    data: Data,
+    mesh: MeshLink,
+}
+
+impl FoldNodeApi {
+    pub fn new(data: Data, mesh: MeshLink) -> Self {
+        FoldNodeApi { data, mesh }
+    }
+}
+
+#[tonic::async_trait]
+impl FoldNode for FoldNodeApi {
+    async fn load_schema(
+        &self,
+        request: Request<LoadSchemaRequest>,
+    ) -> Result<Response<LoadSchemaResponse>, Status> {
+        let req = request.into_inner();
+        let (name, out) = self.data.load_schema(&req.schema_json, req.approve).await?;
+        if out.state == SchemaState::Approved {
+            self.mesh.schemas_changed();
+        }
+        tracing::info!(schema = %name, created = out.created, state = out.state.as_str(), "schema loaded");
+        Ok(Response::new(LoadSchemaResponse {
+            name,
+            state: data::state_to_proto(out.state) as i32,
+            created: out.created,
+            hash: out.hash,
+        }))
+    }
+
+    async fn list_schemas(
+        &self,
+        request: Request<ListSchemasRequest>,
+    ) -> Result<Response<ListSchemasResponse>, Status> {
+        let want = request.into_inner().state;
+        let filter =
+            if want == fold_proto::v1::SchemaState::Unspecified as i32 {
+                None
+            } else {
+                Some(data::state_from_proto(want).ok_or_else(|| {
+                    Status::invalid_argument(format!("unknown schema state {want}"))
+                })?)
+            };
+        let schemas = self
+            .data
+            .store()
+            .schemas()
+            .into_iter()
+            .filter(|(_, st)| filter.is_none_or(|f| f == *st))
+            .map(|(s, st)| data::summary(&s, st))
+            .collect();
+        Ok(Response::new(ListSchemasResponse { schemas }))
+    }
+
+    async fn get_schema(
+        &self,
+        request: Request<GetSchemaRequest>,
+    ) -> Result<Response<GetSchemaResponse>, Status> {
+        let name = request.into_inner().name;
+        let Some((schema, state)) = self.data.store().schema(&name) else {
+            return Err(Status::not_found(format!("schema '{name}' not found")));
+        };
+        let definition = schema
+            .definition
+            .as_object()
+            .map(map_to_struct)
+            .unwrap_or_default();
+        Ok(Response::new(GetSchemaResponse {
+            summary: Some(data::summary(&schema, state)),
+            schema: Some(definition),
+        }))
+    }
+
+    async fn set_schema_state(
+        &self,
+        request: Request<SetSchemaStateRequest>,
+    ) -> Result<Response<SetSchemaStateResponse>, Status> {
+        let req = request.into_inner();
+        let prev = self.data.set_state(&req.name, req.state).await?;
+        self.mesh.schemas_changed();
+        tracing::info!(schema = %req.name, from = prev.as_str(), to = req.state, "schema state changed");
+        Ok(Response::new(SetSchemaStateResponse {
+            name: req.name,
+            state: req.state,
+            previous_state: data::state_to_proto(prev) as i32,
+        }))
+    }
+
+    async fn query(
+        &self,
+        request: Request<QueryRequest>,
+    ) -> Result<Response<QueryResponse>, Status> {
+        let deadline = grpc_timeout(request.metadata());
+        let req = request.into_inner();
+        if !self.mesh.is_local(&req.target_node_id) {
+            let resp = self.mesh.forward_query(req, deadline).await?;
+            return Ok(Response::new(resp));
+        }
+        let mut resp = self.data.query(&Principal::LocalClient, req).await?;
+        resp.node_id = self.mesh.node_id_or_empty();
+        Ok(Response::new(resp))
+    }
+
+    async fn mutate(
+        &self,
+        request: Request<MutateRequest>,
+    ) -> Result<Response<MutateResponse>, Status> {
+        let deadline = grpc_timeout(request.metadata());
+        let req = request.into_inner();
+        if !self.mesh.is_local(&req.target_node_id) {
+            let resp = self.mesh.forward_mutate(req, deadline).await?;
+            return Ok(Response::new(resp));
+        }
+        let mut resp = self.data.mutate(&Principal::LocalClient, req).await?;
+        resp.node_id = self.mesh.node_id_or_empty();
+        Ok(Response::new(resp))
+    }
+
+    async fn history(
+        &self,
+        request: Request<HistoryRequest>,
+    ) -> Result<Response<HistoryResponse>, Status> {
+        let resp = self
+            .data
+            .history(&Principal::LocalClient, request.into_inner())
+            .await?;
+        Ok(Response::new(resp))
+    }
+}
+
+/// `fold.v1.Network`: the mesh through the sidecar, plus this node's trust table.
+#[derive(Clone)]
+pub struct NetworkApi {
+    data: Data,
+    mesh: MeshLink,
+}
+
+impl NetworkApi {
+    pub fn new(data: Data, mesh: MeshLink) -> Self {
+        NetworkApi { data, mesh }
+    }
+
+    /// The distance this node gives a peer: -1 when denied.
+    fn trust_of(&self, node_id: &str) -> Result<i32, Status> {
+        let (d, _) = self
+            .data
+            .identities()
+            .peer_distance(node_id)
+            .map_err(data::store_status)?;
+        Ok(d.map(|d| i32::try_from(d).unwrap_or(i32::MAX))
+            .unwrap_or(-1))
+    }
+
+    async fn peers(&self, include_disconnected: bool) -> Result<Vec<PeerInfo>, Status> {
+        let mut peers = self
+            .mesh
+            .client()?
+            .list_peers(ListPeersRequest {
+                include_disconnected,
+            })
+            .await?
+            .into_inner()
+            .peers;
+        for p in &mut peers {
+            p.trust_distance = self.trust_of(&p.node_id)?;
+        }
+        Ok(peers)
+    }
+}
+
+fn entry(node_id: &str, r: TrustRecord) -> TrustEntry {
+    TrustEntry {
+        node_id: node_id.to_string(),
+        distance: r.distance,
+        denied: r.denied,
+    }
+}
+
+#[tonic::async_trait]
+impl Network for NetworkApi {
+    async fn status(
+        &self,
+        _request: Request<NetworkStatusRequest>,
+    ) -> Result<Response<NetworkStatusResponse>, Status> {
+        let resp = self
+            .mesh
+            .client()?
+            .status(fold_proto::sidecar::MeshStatusRequest {})
+            .await?;
+        Ok(resp)
+    }
+
+    async fn list_peers(
+        &self,
+        request: Request<ListPeersRequest>,
+    ) -> Result<Response<ListPeersResponse>, Status> {
+        let peers = self
+            .peers(request.into_inner().include_disconnected)
+            .await?;
+        Ok(Response::new(ListPeersResponse { peers }))
+    }
+
+    async fn dial(&self, request: Request<DialRequest>) -> Result<Response<DialResponse>, Status> {
+        self.mesh.client()?.dial(request.into_inner()).await
+    }
+
+    async fn disconnect(
+        &self,
+        request: Request<DisconnectRequest>,
+    ) -> Result<Response<DisconnectResponse>, Status> {
+        self.mesh.client()?.disconnect(request.into_inner()).await
+    }
+
+    async fn check_schemas(
+        &self,
+        request: Request<CheckSchemasRequest>,
+    ) -> Result<Response<CheckSchemasResponse>, Status> {
+        let req = request.into_inner();
+        if self.mesh.is_local(&req.node_id) {
+            let approved = self.data.served(&req.names);
+            return Ok(Response::new(CheckSchemasResponse {
+                node_id: self.mesh.node_id_or_empty(),
+                approved,
+            }));
+        }
+        self.mesh.client()?.check_schemas(req).await
+    }
+
+    async fn find_providers(
+        &self,
+        request: Request<FindProvidersRequest>,
+    ) -> Result<Response<FindProvidersResponse>, Status> {
+        let req = request.into_inner();
+        if req.schema.is_empty() {
+            return Err(Status::invalid_argument("'schema' is required"));
+        }
+        self.mesh.client()?.find_providers(req).await
+    }
+
+    async fn get_trust(
+        &self,
+        request: Request<GetTrustRequest>,
+    ) -> Result<Response<GetTrustResponse>, Status> {
+        let want = request.into_inner().node_id;
+        let all = self.data.store().trust_all().map_err(data::store_status)?;
+        let entries = all
+            .iter()
+            .filter(|(id, _)| want.is_empty() || **id == want)
+            .map(|(id, r)| entry(id, *r))
+            .collect();
+        let default_entry = match self.data.identities().unknown_peer_policy() {
+            crate::identity::UnknownPeerPolicy::Deny => TrustEntry {
+                node_id: String::new(),
+                distance: 0,
+                denied: true,
+            },
+            crate::identity::UnknownPeerPolicy::Distance(d) => TrustEntry {
+                node_id: String::new(),
+                distance: d,
+                denied: false,
+            },
+        };
+        Ok(Response::new(GetTrustResponse {
+            entries,
+            default_entry: Some(default_entry),
+        }))
+    }
+
+    async fn set_trust(
+        &self,
+        request: Request<SetTrustRequest>,
+    ) -> Result<Response<SetTrustResponse>, Status> {
+        let req = request.into_inner();
+        let Some(e) = req.entry else {
+            return Err(Status::invalid_argument("'entry' is required"));
+        };
+        if e.node_id.is_empty() {
+            return Err(Status::invalid_argument("'entry.node_id' is required"));
+        }
+        let record = TrustRecord {
+            distance: e.distance,
+            denied: e.denied,
+        };
+        let store = self.data.store().clone();
+        let id = e.node_id.clone();
+        let remove = req.remove;
+        tokio::task::spawn_blocking(move || {
+            store.trust_set(&id, if remove { None } else { Some(record) })
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(data::store_status)?;
+        tracing::info!(peer = %e.node_id, distance = e.distance, denied = e.denied, removed = remove, "trust table changed");
+        Ok(Response::new(SetTrustResponse { entry: Some(e) }))
+    }
+
+    async fn topology(
+        &self,
+        _request: Request<TopologyRequest>,
+    ) -> Result<Response<TopologyResponse>, Status> {
+        let peers = self.peers(false).await?;
+        Ok(Response::new(TopologyResponse {
+            node_id: self.mesh.node_id_or_empty(),
+            peers,
+        }))
+    }
+}

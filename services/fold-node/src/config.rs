@@ -1,0 +1,74 @@
+//! Command-line flags, each with an environment-variable twin.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use local_link::LinkAddr;
+
+use crate::identity::{TrustSeed, UnknownPeerPolicy};
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "fold-node",
+    version,
+    about = "The fold-node gRPC service: schemas, queries, mutations and history over embedded storage",
+    long_about = "The fold-node gRPC service: schemas, queries, mutations and history over embedded \
+storage (redb), with field-level permissions. Requests for other nodes go through the node's \
+p2p-sidecar, reached over a local socket; start the sidecar with the same --data-dir and the two \
+find each other with no further flags. Either may start first.\n\n\
+Serves fold.v1.FoldNode, fold.v1.Network, grpc.health.v1.Health and server reflection (v1 and \
+v1alpha) on --listen. When ready it prints one line to stdout:\n  \
+fold-node ready grpc=<addr> peer_requests=<addr>\nLogs go to stderr; the level comes from RUST_LOG \
+(default info)."
+)]
+pub struct Config {
+    /// Address of the public gRPC port (port 0 picks a free one).
+    #[arg(long, env = "FOLD_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Directory for the database (fold.redb) and the local sockets; created if missing.
+    #[arg(long, env = "FOLD_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// Trust distance given to clients of the public port (0 = owner: passes every Distance
+    /// policy). Raise it to expose the node to less trusted clients.
+    #[arg(long, env = "FOLD_CLIENT_TRUST_DISTANCE", default_value_t = 0)]
+    pub client_trust_distance: u32,
+
+    /// Trust distance for peers not in the trust table: a number, or "deny" to refuse their
+    /// queries and mutations.
+    #[arg(long, env = "FOLD_UNKNOWN_PEER_DISTANCE", default_value = "deny")]
+    pub unknown_peer_distance: UnknownPeerPolicy,
+
+    /// Trust table entries set at start, NODE_ID=DISTANCE or NODE_ID=deny (repeatable; the env
+    /// variable takes a comma-separated list). Network.SetTrust changes the table at run time.
+    #[arg(long = "trust", env = "FOLD_TRUST", value_delimiter = ',')]
+    pub trust: Vec<TrustSeed>,
+
+    /// Largest gRPC message accepted or sent, in bytes; larger requests get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "FOLD_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Where the p2p-sidecar serves fold.sidecar.v1.Mesh: a socket path (relative paths are
+    /// under --data-dir), unix:/abs/path, or 127.0.0.1:PORT.
+    #[arg(long, env = "FOLD_SIDECAR_ADDR", default_value = "sidecar.sock")]
+    pub sidecar_addr: LinkAddr,
+
+    /// Where this node serves fold.sidecar.v1.PeerRequests to its sidecar (same forms as
+    /// --sidecar-addr). Never the public port.
+    #[arg(long, env = "FOLD_PEER_REQUESTS_LISTEN", default_value = "node.sock")]
+    pub peer_requests_listen: LinkAddr,
+
+    /// Longest a forwarded request may take, in milliseconds (a shorter client deadline wins).
+    #[arg(long, env = "FOLD_FORWARD_TIMEOUT_MS", default_value_t = 10_000)]
+    pub forward_timeout_ms: u64,
+
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish before exit.
+    #[arg(long, env = "FOLD_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    pub shutdown_grace_secs: u64,
+
+    /// Log format on stderr: "text" or "json".
+    #[arg(long, env = "FOLD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}

@@ -1,0 +1,401 @@
+//! Executing schema operations, queries, mutations and history for an authenticated principal.
+//!
+//! This is where a request is checked (schema state, fields, permissions) and handed to the
+//! store. Both entry points use it: the public `FoldNode` API (local clients) and the
+//! `PeerRequests` callback (requests from other nodes, forwarded by the sidecar).
+
+use std::sync::Arc;
+
+use fold_proto::json::{json_to_value, map_to_struct, struct_to_map};
+use fold_proto::v1::{
+    self, FieldVersion, HistoryRequest, HistoryResponse, MutateRequest, MutateResponse,
+    MutationType, QueryRequest, QueryResponse, Record,
+};
+use serde_json::{Map, Value as Json};
+use tonic::Status;
+
+use crate::filter::KeyFilter;
+use crate::identity::{Identities, Principal, Requester};
+use crate::permissions::{self, Access, Denied};
+use crate::schema::{self, Schema};
+use crate::store::{
+    LoadError, LoadOutcome, MutationError, MutationKind, MutationPlan, RowsError, SchemaState,
+    Store, StoreError, VersionRecord,
+};
+
+/// Longest range key accepted.
+const MAX_RANGE_KEY_LEN: usize = 1024;
+
+#[derive(Clone)]
+pub struct Data {
+    store: Store,
+    identities: Identities,
+}
+
+pub fn store_status(e: StoreError) -> Status {
+    tracing::error!(error = %e, "storage failure");
+    Status::internal(e.to_string())
+}
+
+fn denied_status(e: Denied) -> Status {
+    match e {
+        Denied::NotWritable { .. } => Status::failed_precondition(e.to_string()),
+        Denied::Distance { .. } => Status::permission_denied(e.to_string()),
+    }
+}
+
+async fn blocking<T, F>(f: F) -> Result<T, Status>
+where
+    F: FnOnce() -> Result<T, Status> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("storage task failed: {e}")))?
+}
+
+pub fn state_to_proto(s: SchemaState) -> v1::SchemaState {
+    match s {
+        SchemaState::Available => v1::SchemaState::Available,
+        SchemaState::Approved => v1::SchemaState::Approved,
+        SchemaState::Blocked => v1::SchemaState::Blocked,
+    }
+}
+
+pub fn state_from_proto(s: i32) -> Option<SchemaState> {
+    match v1::SchemaState::try_from(s).ok()? {
+        v1::SchemaState::Available => Some(SchemaState::Available),
+        v1::SchemaState::Approved => Some(SchemaState::Approved),
+        v1::SchemaState::Blocked => Some(SchemaState::Blocked),
+        v1::SchemaState::Unspecified => None,
+    }
+}
+
+pub fn summary(schema: &Schema, state: SchemaState) -> v1::SchemaSummary {
+    v1::SchemaSummary {
+        name: schema.name.clone(),
+        state: state_to_proto(state) as i32,
+        schema_type: schema.type_name().into(),
+        range_key: schema.range_key().unwrap_or_default().into(),
+        fields: schema.fields.keys().cloned().collect(),
+        hash: schema.hash.clone(),
+    }
+}
+
+impl Data {
+    pub fn new(store: Store, identities: Identities) -> Self {
+        Data { store, identities }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn identities(&self) -> &Identities {
+        &self.identities
+    }
+
+    fn requester(&self, who: &Principal) -> Result<Requester, Status> {
+        let r = self.identities.resolve(who).map_err(store_status)?;
+        if r.distance.is_none() && matches!(who, Principal::Peer(_)) {
+            return Err(Status::permission_denied(format!(
+                "{} is not trusted by this node (trust table entry 'deny', or unknown peers are denied); set its trust with Network.SetTrust",
+                r.label
+            )));
+        }
+        Ok(r)
+    }
+
+    /// The schema if it exists and is approved.
+    fn usable_schema(&self, name: &str) -> Result<Arc<Schema>, Status> {
+        if name.is_empty() {
+            return Err(Status::invalid_argument("'schema' is required"));
+        }
+        match self.store.schema(name) {
+            None => Err(Status::not_found(format!("schema '{name}' not found"))),
+            Some((s, SchemaState::Approved)) => Ok(s),
+            Some((_, state)) => Err(Status::failed_precondition(format!(
+                "schema '{name}' is {} and must be approved first (FoldNode.SetSchemaState with state SCHEMA_STATE_APPROVED)",
+                state.as_str()
+            ))),
+        }
+    }
+
+    // ---- schemas -----------------------------------------------------------------------------
+
+    pub async fn load_schema(
+        &self,
+        json: &str,
+        approve: bool,
+    ) -> Result<(String, LoadOutcome), Status> {
+        let schema = schema::parse(json)
+            .map_err(|e| Status::invalid_argument(format!("invalid schema: {e}")))?;
+        let name = schema.name.clone();
+        let store = self.store.clone();
+        let outcome = blocking(move || {
+            store.load_schema(schema, approve).map_err(|e| match e {
+                LoadError::Conflict { .. } => Status::already_exists(e.to_string()),
+                LoadError::Store(e) => store_status(e),
+            })
+        })
+        .await?;
+        Ok((name, outcome))
+    }
+
+    pub async fn set_state(&self, name: &str, state: i32) -> Result<SchemaState, Status> {
+        let Some(state) = state_from_proto(state) else {
+            return Err(Status::invalid_argument(
+                "'state' must be SCHEMA_STATE_APPROVED, SCHEMA_STATE_BLOCKED or SCHEMA_STATE_AVAILABLE",
+            ));
+        };
+        let store = self.store.clone();
+        let n = name.to_string();
+        let prev = blocking(move || store.set_state(&n, state).map_err(store_status)).await?;
+        prev.ok_or_else(|| Status::not_found(format!("schema '{name}' not found")))
+    }
+
+    // ---- queries -----------------------------------------------------------------------------
+
+    pub async fn query(&self, who: &Principal, req: QueryRequest) -> Result<QueryResponse, Status> {
+        let requester = self.requester(who)?;
+        let schema = self.usable_schema(&req.schema)?;
+        if req.fields.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "'fields' is empty; name the fields to read (schema '{}' has: {})",
+                schema.name,
+                schema.fields.keys().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        for f in &req.fields {
+            let Some(def) = schema.field(f) else {
+                return Err(Status::not_found(format!(
+                    "field '{f}' not found in schema '{}'",
+                    schema.name
+                )));
+            };
+            permissions::check(def, Access::Read, &requester).map_err(denied_status)?;
+        }
+        let filter = match (schema.range_key(), req.filter.as_ref()) {
+            (None, Some(f)) if f.filter.is_some() => {
+                return Err(Status::invalid_argument(format!(
+                    "schema '{}' is a Single schema; range filters apply only to Range schemas",
+                    schema.name
+                )));
+            }
+            (_, f) => KeyFilter::from_proto(f).map_err(Status::invalid_argument)?,
+        };
+        let store = self.store.clone();
+        let fields = req.fields.clone();
+        let records = blocking(move || {
+            let keys = match schema.range_key() {
+                None => vec![String::new()],
+                Some(rk) => store
+                    .range_rows(&schema.name, rk, &filter)
+                    .map_err(|e| match e {
+                        RowsError::TooMany => Status::resource_exhausted(e.to_string()),
+                        RowsError::Store(e) => store_status(e),
+                    })?,
+            };
+            let mut records = Vec::with_capacity(keys.len());
+            for key in keys {
+                let values = store
+                    .read_values(&schema.name, &key, &fields)
+                    .map_err(store_status)?;
+                let mut m = Map::new();
+                for (f, v) in fields.iter().zip(values) {
+                    m.insert(f.clone(), v.unwrap_or(Json::Null));
+                }
+                records.push(Record {
+                    range_key: key,
+                    fields: Some(map_to_struct(&m)),
+                });
+            }
+            Ok(records)
+        })
+        .await?;
+        Ok(QueryResponse {
+            records,
+            node_id: String::new(),
+        })
+    }
+
+    // ---- mutations ---------------------------------------------------------------------------
+
+    pub async fn mutate(
+        &self,
+        who: &Principal,
+        req: MutateRequest,
+    ) -> Result<MutateResponse, Status> {
+        let requester = self.requester(who)?;
+        let schema = self.usable_schema(&req.schema)?;
+        let kind = match MutationType::try_from(req.mutation_type) {
+            Ok(MutationType::Create) => MutationKind::Create,
+            Ok(MutationType::Update) => MutationKind::Update,
+            Ok(MutationType::Delete) => MutationKind::Delete,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "'mutation_type' must be MUTATION_TYPE_CREATE, MUTATION_TYPE_UPDATE or MUTATION_TYPE_DELETE",
+                ));
+            }
+        };
+        let data = req.data.as_ref().map(struct_to_map).unwrap_or_default();
+        if data.is_empty() {
+            return Err(Status::invalid_argument(
+                "'data' is empty: no fields to write",
+            ));
+        }
+        for f in data.keys() {
+            if schema.field(f).is_none() {
+                return Err(Status::not_found(format!(
+                    "field '{f}' not found in schema '{}'",
+                    schema.name
+                )));
+            }
+        }
+        let range_key = match schema.range_key() {
+            None => String::new(),
+            Some(rk) => range_key_value(&schema.name, rk, data.get(rk))?,
+        };
+        // Which fields this mutation touches.
+        let mut writes: Vec<(String, Json)> = data.into_iter().collect();
+        if kind == MutationKind::Delete
+            && let Some(rk) = schema.range_key()
+        {
+            if writes.len() == 1 {
+                // Only the key: delete the whole record.
+                writes = schema
+                    .fields
+                    .keys()
+                    .map(|f| (f.clone(), Json::Null))
+                    .collect();
+            } else {
+                writes.retain(|(f, _)| f != rk);
+            }
+        }
+        for (f, _) in &writes {
+            if let Some(def) = schema.field(f) {
+                permissions::check(def, Access::Write, &requester).map_err(denied_status)?;
+            }
+        }
+        let plan = MutationPlan {
+            kind,
+            range_key: range_key.clone(),
+            writes,
+            writer: requester.label.clone(),
+        };
+        let store = self.store.clone();
+        let written = blocking(move || {
+            store.mutate(&schema, &plan).map_err(|e| match e {
+                MutationError::AlreadyExists { .. } => Status::already_exists(e.to_string()),
+                MutationError::Missing(_) => Status::not_found(e.to_string()),
+                MutationError::Store(e) => store_status(e),
+            })
+        })
+        .await?;
+        let (fields, version_ids) = written.into_iter().unzip();
+        Ok(MutateResponse {
+            fields,
+            range_key,
+            node_id: String::new(),
+            version_ids,
+        })
+    }
+
+    // ---- history -----------------------------------------------------------------------------
+
+    pub async fn history(
+        &self,
+        who: &Principal,
+        req: HistoryRequest,
+    ) -> Result<HistoryResponse, Status> {
+        let requester = self.requester(who)?;
+        let schema = self.usable_schema(&req.schema)?;
+        let Some(def) = schema.field(&req.field) else {
+            return Err(Status::not_found(format!(
+                "field '{}' not found in schema '{}'",
+                req.field, schema.name
+            )));
+        };
+        permissions::check(def, Access::Read, &requester).map_err(denied_status)?;
+        if schema.range_key().is_some() && req.range_key.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "schema '{}' is a Range schema: 'range_key' names whose history to read",
+                schema.name
+            )));
+        }
+        if schema.range_key().is_none() && !req.range_key.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "schema '{}' is a Single schema: leave 'range_key' empty",
+                schema.name
+            )));
+        }
+        let store = self.store.clone();
+        let versions = blocking(move || {
+            store
+                .history(&schema.name, &req.field, &req.range_key, req.limit as usize)
+                .map_err(store_status)
+        })
+        .await?;
+        Ok(HistoryResponse {
+            versions: versions.into_iter().map(version_to_proto).collect(),
+        })
+    }
+
+    /// Which of `names` are approved schemas here.
+    pub fn served(&self, names: &[String]) -> Vec<String> {
+        names
+            .iter()
+            .filter(|n| matches!(self.store.schema(n), Some((_, SchemaState::Approved))))
+            .cloned()
+            .collect()
+    }
+}
+
+fn range_key_value(schema: &str, rk: &str, v: Option<&Json>) -> Result<String, Status> {
+    let key = match v {
+        Some(Json::String(s)) => s.clone(),
+        Some(Json::Number(n)) => n.to_string(),
+        Some(Json::Null) | None => {
+            return Err(Status::invalid_argument(format!(
+                "schema '{schema}' is a Range schema: 'data' must include the range key '{rk}'"
+            )));
+        }
+        Some(other) => {
+            return Err(Status::invalid_argument(format!(
+                "range key '{rk}' must be a string or a number, got {other}"
+            )));
+        }
+    };
+    if key.is_empty() {
+        return Err(Status::invalid_argument(format!(
+            "range key '{rk}' must not be empty"
+        )));
+    }
+    if key.len() > MAX_RANGE_KEY_LEN {
+        return Err(Status::invalid_argument(format!(
+            "range key '{rk}' is longer than {MAX_RANGE_KEY_LEN} bytes"
+        )));
+    }
+    Ok(key)
+}
+
+fn version_to_proto(v: VersionRecord) -> FieldVersion {
+    let secs = (v.written_at_ms / 1000) as i64;
+    let nanos = ((v.written_at_ms % 1000) * 1_000_000) as i32;
+    FieldVersion {
+        version_id: v.id,
+        value: Some(json_to_value(&v.value)),
+        deleted: v.deleted,
+        written_at: Some(prost_types::Timestamp {
+            seconds: secs,
+            nanos,
+        }),
+        writer: v.writer,
+        previous_version_id: v.prev.unwrap_or_default(),
+        mutation_type: match v.mutation {
+            MutationKind::Create => MutationType::Create,
+            MutationKind::Update => MutationType::Update,
+            MutationKind::Delete => MutationType::Delete,
+        } as i32,
+    }
+}

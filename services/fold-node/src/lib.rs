@@ -1,0 +1,19 @@
+//! fold-node: the data service of a foldmesh node.
+//!
+//! Where a request enters: [`api`] (public gRPC: `fold.v1.FoldNode`, `fold.v1.Network`) and
+//! [`peer_requests`] (requests from other nodes, via the sidecar). Where it is checked:
+//! [`identity`] (who is asking → trust distance), [`permissions`] (field policies) and [`data`]
+//! (schema state, fields, filters). Where it is stored: [`store`] (redb). Requests for another
+//! node leave through [`mesh`] (the link to the p2p-sidecar).
+
+pub mod api;
+pub mod config;
+pub mod data;
+pub mod filter;
+pub mod identity;
+pub mod mesh;
+pub mod peer_requests;
+pub mod permissions;
+pub mod schema;
+pub mod server;
+pub mod store;

@@ -1,0 +1,347 @@
+//! The node's link to its p2p-sidecar (`fold.sidecar.v1.Mesh`), and forwarding through it.
+//!
+//! The link is a lazily (re)connecting gRPC channel over a Unix socket (or loopback TCP). A
+//! monitor task keeps track of whether the sidecar is there: it asks for the sidecar's status,
+//! learns the node id (the sidecar's PeerId, persisted so it is known even while the sidecar is
+//! away), announces the approved schemas, then holds a `PeerEvents` stream open. When the stream
+//! breaks the link is down: `fold.v1.Network` health goes NOT_SERVING and remote requests fail
+//! fast with `UNAVAILABLE` until the sidecar is back. Either process may start first.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use fold_proto::sidecar::mesh_client::MeshClient;
+use fold_proto::sidecar::{self as sc, forward_request::Operation};
+use fold_proto::v1::{MutateRequest, MutateResponse, QueryRequest, QueryResponse};
+use fold_proto::wire::{self, forward_response};
+use local_link::LinkAddr;
+use tokio::sync::Notify;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::store::Store;
+
+/// The Network service's name, for health.
+pub const NETWORK_SERVICE: &str = "fold.v1.Network";
+const NODE_ID_KEY: &str = "node_id";
+const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+#[derive(Clone)]
+pub struct MeshLink {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    addr: LinkAddr,
+    client: MeshClient<Channel>,
+    up: AtomicBool,
+    node_id: RwLock<Option<String>>,
+    store: Store,
+    health: HealthReporter,
+    schemas_changed: Notify,
+    forward_timeout: Duration,
+}
+
+impl MeshLink {
+    pub fn new(
+        addr: LinkAddr,
+        store: Store,
+        health: HealthReporter,
+        forward_timeout: Duration,
+        max_message_bytes: usize,
+    ) -> MeshLink {
+        let channel = local_link::channel(&addr, Duration::from_secs(1));
+        let client = MeshClient::new(channel)
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes);
+        let node_id = store.meta_get(NODE_ID_KEY).ok().flatten();
+        MeshLink {
+            inner: Arc::new(Inner {
+                addr,
+                client,
+                up: AtomicBool::new(false),
+                node_id: RwLock::new(node_id),
+                store,
+                health,
+                schemas_changed: Notify::new(),
+                forward_timeout,
+            }),
+        }
+    }
+
+    /// This node's id (its sidecar's PeerId), once the sidecar has told us.
+    pub fn node_id(&self) -> Option<String> {
+        self.inner
+            .node_id
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn node_id_or_empty(&self) -> String {
+        self.node_id().unwrap_or_default()
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.inner.up.load(Ordering::Acquire)
+    }
+
+    /// True when `target` names this node (empty always does).
+    pub fn is_local(&self, target: &str) -> bool {
+        target.is_empty() || self.node_id().is_some_and(|id| id == target)
+    }
+
+    /// A client for a Mesh call, or `UNAVAILABLE` at once when the sidecar is away.
+    pub fn client(&self) -> Result<MeshClient<Channel>, Status> {
+        if !self.is_up() {
+            return Err(Status::unavailable(format!(
+                "the p2p-sidecar is not reachable at {} (is it running?); local requests still work",
+                self.inner.addr
+            )));
+        }
+        Ok(self.inner.client.clone())
+    }
+
+    /// Ask the monitor to re-announce the approved schemas.
+    pub fn schemas_changed(&self) {
+        self.inner.schemas_changed.notify_one();
+    }
+
+    pub async fn forward_query(
+        &self,
+        req: QueryRequest,
+        deadline: Option<Duration>,
+    ) -> Result<QueryResponse, Status> {
+        let target = req.target_node_id.clone();
+        match self
+            .forward(target.clone(), Operation::Query(req), deadline)
+            .await?
+        {
+            forward_response::Result::Query(q) => Ok(q),
+            _ => Err(Status::internal(format!(
+                "node {target} answered a query with a different kind of response"
+            ))),
+        }
+    }
+
+    pub async fn forward_mutate(
+        &self,
+        req: MutateRequest,
+        deadline: Option<Duration>,
+    ) -> Result<MutateResponse, Status> {
+        let target = req.target_node_id.clone();
+        match self
+            .forward(target.clone(), Operation::Mutate(req), deadline)
+            .await?
+        {
+            forward_response::Result::Mutate(m) => Ok(m),
+            _ => Err(Status::internal(format!(
+                "node {target} answered a mutation with a different kind of response"
+            ))),
+        }
+    }
+
+    async fn forward(
+        &self,
+        target: String,
+        op: Operation,
+        deadline: Option<Duration>,
+    ) -> Result<forward_response::Result, Status> {
+        let mut client = self.client()?;
+        let timeout = deadline
+            .map(|d| d.min(self.inner.forward_timeout))
+            .unwrap_or(self.inner.forward_timeout);
+        let mut request = tonic::Request::new(sc::ForwardRequest {
+            target_node_id: target.clone(),
+            timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
+            trace_context: Default::default(),
+            operation: Some(op),
+        });
+        // A little slack so the sidecar's own deadline fires first and says what happened.
+        request.set_timeout(timeout + Duration::from_millis(250));
+        let resp = client.forward(request).await.map_err(|s| {
+            if s.code() == Code::Cancelled || s.code() == Code::DeadlineExceeded {
+                Status::deadline_exceeded(format!(
+                    "forward to node {target} did not complete within {} ms",
+                    timeout.as_millis()
+                ))
+            } else {
+                s
+            }
+        })?;
+        match resp.into_inner().result {
+            Some(forward_response::Result::Error(e)) => Err(remote_error(&target, e)),
+            Some(r) => Ok(r),
+            None => Err(Status::internal(format!(
+                "node {target} sent an empty forward response"
+            ))),
+        }
+    }
+
+    /// Keep watching the sidecar link until the process ends.
+    pub fn spawn_monitor(&self) {
+        let link = self.clone();
+        tokio::spawn(async move { link.monitor().await });
+    }
+
+    async fn set_up(&self, up: bool) {
+        let was = self.inner.up.swap(up, Ordering::AcqRel);
+        let status = if up {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        self.inner
+            .health
+            .set_service_status(NETWORK_SERVICE, status)
+            .await;
+        if was != up {
+            if up {
+                tracing::info!(sidecar = %self.inner.addr, node_id = %self.node_id_or_empty(), "sidecar link up");
+            } else {
+                tracing::warn!(sidecar = %self.inner.addr, "sidecar link down; remote requests fail with UNAVAILABLE until it is back");
+            }
+        }
+    }
+
+    fn learn_node_id(&self, id: &str) {
+        if id.is_empty() || self.node_id().as_deref() == Some(id) {
+            return;
+        }
+        if let Err(e) = self.inner.store.meta_set(NODE_ID_KEY, id) {
+            tracing::error!(error = %e, "could not persist the node id");
+        }
+        *self
+            .inner
+            .node_id
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(id.to_string());
+    }
+
+    async fn provide(&self, client: &mut MeshClient<Channel>) {
+        let schemas = self.inner.store.approved_schema_names();
+        let mut req = tonic::Request::new(sc::ProvideRequest {
+            schemas: schemas.clone(),
+        });
+        req.set_timeout(STATUS_TIMEOUT);
+        match client.provide(req).await {
+            Ok(_) => tracing::debug!(?schemas, "announced approved schemas"),
+            Err(e) => tracing::warn!(error = %e, "could not announce schemas to the sidecar"),
+        }
+    }
+
+    async fn monitor(self) {
+        let mut backoff = Duration::from_millis(50);
+        let mut logged_waiting = false;
+        self.set_up(false).await;
+        loop {
+            let mut client = self.inner.client.clone();
+            let mut req = tonic::Request::new(sc::MeshStatusRequest {});
+            req.set_timeout(STATUS_TIMEOUT);
+            let status = match client.status(req).await {
+                Ok(s) => s.into_inner(),
+                Err(e) => {
+                    if !logged_waiting {
+                        tracing::info!(sidecar = %self.inner.addr, error = %e.message(), "waiting for the p2p-sidecar");
+                        logged_waiting = true;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            };
+            logged_waiting = false;
+            backoff = Duration::from_millis(50);
+            self.learn_node_id(&status.node_id);
+            let events = match client.peer_events(sc::PeerEventsRequest {}).await {
+                Ok(s) => s.into_inner(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "sidecar refused the peer event stream");
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
+            };
+            self.provide(&mut client).await;
+            self.set_up(true).await;
+            let mut events = events;
+            loop {
+                tokio::select! {
+                    msg = events.message() => match msg {
+                        Ok(Some(ev)) => tracing::debug!(kind = ev.kind, peer = %ev.node_id, "peer event"),
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "peer event stream ended");
+                            break;
+                        }
+                    },
+                    _ = self.inner.schemas_changed.notified() => self.provide(&mut client).await,
+                }
+            }
+            self.set_up(false).await;
+        }
+    }
+}
+
+/// A failure the remote node reported, as a status with the same code.
+fn remote_error(target: &str, e: wire::WireError) -> Status {
+    let code = Code::from_i32(e.code);
+    let code = if code == Code::Ok {
+        Code::Unknown
+    } else {
+        code
+    };
+    Status::new(code, format!("node {target}: {}", e.message))
+}
+
+/// The deadline a client set with `grpc-timeout`, if any.
+pub fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let v = meta.get("grpc-timeout")?.to_str().ok()?;
+    if v.len() < 2 {
+        return None;
+    }
+    let (num, unit) = v.split_at(v.len() - 1);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_grpc_timeout() {
+        let mut m = tonic::metadata::MetadataMap::new();
+        assert_eq!(grpc_timeout(&m), None);
+        m.insert("grpc-timeout", "250m".parse().unwrap());
+        assert_eq!(grpc_timeout(&m), Some(Duration::from_millis(250)));
+        m.insert("grpc-timeout", "3S".parse().unwrap());
+        assert_eq!(grpc_timeout(&m), Some(Duration::from_secs(3)));
+        m.insert("grpc-timeout", "x".parse().unwrap());
+        assert_eq!(grpc_timeout(&m), None);
+    }
+
+    #[test]
+    fn remote_errors_keep_their_code() {
+        let s = remote_error(
+            "B",
+            wire::WireError {
+                code: Code::PermissionDenied as i32,
+                message: "no".into(),
+            },
+        );
+        assert_eq!(s.code(), Code::PermissionDenied);
+        assert!(s.message().contains("node B"));
+    }
+}

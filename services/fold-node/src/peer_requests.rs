@@ -1,0 +1,103 @@
+//! `fold.sidecar.v1.PeerRequests`: requests from other nodes, handed over by this node's sidecar
+//! after it authenticated the sending peer. Served only on the local link (a Unix socket under
+//! the data dir by default), never on the public port.
+//!
+//! Each request runs as [`Principal::Peer`] with the PeerId the sidecar authenticated, so its
+//! trust distance comes from this node's trust table — never from anything the sender claims.
+//! Failures are answered as a typed `WireError` for the sender to relay.
+
+use fold_proto::sidecar::peer_requests_server::PeerRequests;
+use fold_proto::sidecar::{InboundForward, ServedSchemasRequest, ServedSchemasResponse};
+use fold_proto::wire::{ForwardResponse, WireError, forward_request, forward_response};
+use tonic::{Request, Response, Status};
+
+use crate::data::Data;
+use crate::identity::Principal;
+use crate::mesh::MeshLink;
+
+#[derive(Clone)]
+pub struct PeerRequestsApi {
+    data: Data,
+    mesh: MeshLink,
+}
+
+impl PeerRequestsApi {
+    pub fn new(data: Data, mesh: MeshLink) -> Self {
+        PeerRequestsApi { data, mesh }
+    }
+}
+
+fn wire_error(s: Status) -> forward_response::Result {
+    forward_response::Result::Error(WireError {
+        code: s.code() as i32,
+        message: s.message().to_string(),
+    })
+}
+
+#[tonic::async_trait]
+impl PeerRequests for PeerRequestsApi {
+    async fn handle_forward(
+        &self,
+        request: Request<InboundForward>,
+    ) -> Result<Response<ForwardResponse>, Status> {
+        let inbound = request.into_inner();
+        if inbound.origin_node_id.is_empty() {
+            return Err(Status::invalid_argument("'origin_node_id' is required"));
+        }
+        let Some(req) = inbound.request else {
+            return Err(Status::invalid_argument("'request' is required"));
+        };
+        let who = Principal::Peer(inbound.origin_node_id.clone());
+        let me = self.mesh.node_id_or_empty();
+        let result = if !req.target_node_id.is_empty() && !me.is_empty() && req.target_node_id != me
+        {
+            wire_error(Status::not_found(format!(
+                "request is for node {}, this is node {me}",
+                req.target_node_id
+            )))
+        } else {
+            match req.operation {
+                Some(forward_request::Operation::Query(q)) => {
+                    match self.data.query(&who, q).await {
+                        Ok(mut r) => {
+                            r.node_id = me.clone();
+                            forward_response::Result::Query(r)
+                        }
+                        Err(s) => wire_error(s),
+                    }
+                }
+                Some(forward_request::Operation::Mutate(m)) => {
+                    match self.data.mutate(&who, m).await {
+                        Ok(mut r) => {
+                            r.node_id = me.clone();
+                            forward_response::Result::Mutate(r)
+                        }
+                        Err(s) => wire_error(s),
+                    }
+                }
+                None => wire_error(Status::invalid_argument(
+                    "forwarded request carries no query or mutation",
+                )),
+            }
+        };
+        if let forward_response::Result::Error(e) = &result {
+            tracing::info!(peer = %inbound.origin_node_id, request_id = %req.request_id, code = e.code, error = %e.message, "inbound request refused");
+        } else {
+            tracing::debug!(peer = %inbound.origin_node_id, request_id = %req.request_id, "inbound request served");
+        }
+        Ok(Response::new(ForwardResponse {
+            request_id: req.request_id,
+            result: Some(result),
+        }))
+    }
+
+    async fn served_schemas(
+        &self,
+        request: Request<ServedSchemasRequest>,
+    ) -> Result<Response<ServedSchemasResponse>, Status> {
+        let req = request.into_inner();
+        Ok(Response::new(ServedSchemasResponse {
+            names: self.data.served(&req.names),
+        }))
+    }
+}

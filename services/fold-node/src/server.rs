@@ -1,0 +1,212 @@
+//! Process wiring: storage, identities, the sidecar link, the public gRPC server and the local
+//! PeerRequests server, readiness line, and graceful shutdown.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use fold_proto::sidecar::peer_requests_server::PeerRequestsServer;
+use fold_proto::v1::fold_node_server::FoldNodeServer;
+use fold_proto::v1::network_server::NetworkServer;
+use local_link::LinkListener;
+use tokio::sync::watch;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+use crate::api::{FoldNodeApi, NetworkApi};
+use crate::config::Config;
+use crate::data::Data;
+use crate::identity::Identities;
+use crate::mesh::{MeshLink, NETWORK_SERVICE};
+use crate::peer_requests::PeerRequestsApi;
+use crate::store::Store;
+
+pub fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install the SIGTERM handler");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received; draining"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; draining"),
+    }
+}
+
+/// tonic reports a request over the size limit as OUT_OF_RANGE; the foldmesh error model (and
+/// grpc-go, grpc-java) say RESOURCE_EXHAUSTED. Rewrite that one status, nothing else.
+fn too_large_is_resource_exhausted<B>(mut resp: http::Response<B>) -> http::Response<B> {
+    let h = resp.headers();
+    let is_too_large = h.get("grpc-status").is_some_and(|v| v == "11")
+        && h.get("grpc-message").is_some_and(|m| {
+            let m = m.as_bytes();
+            m.windows(14).any(|w| w == b"length%20too%20")
+                || m.windows(10).any(|w| w == b"length too")
+        });
+    if is_too_large {
+        resp.headers_mut()
+            .insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+    resp
+}
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let data_dir = config.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+    let db_path = data_dir.join("fold.redb");
+    let store = Store::open(&db_path).with_context(|| {
+        format!(
+            "cannot open the database {} (is another fold-node using this --data-dir?)",
+            db_path.display()
+        )
+    })?;
+    for seed in &config.trust {
+        store
+            .trust_set(&seed.node_id, Some(seed.record))
+            .context("cannot write the trust table")?;
+    }
+    let identities = Identities::new(
+        config.client_trust_distance,
+        config.unknown_peer_distance,
+        store.clone(),
+    );
+    let data = Data::new(store.clone(), identities);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<FoldNodeServer<FoldNodeApi>>().await;
+    health
+        .set_service_status(NETWORK_SERVICE, tonic_health::ServingStatus::NotServing)
+        .await;
+
+    let sidecar_addr = config.sidecar_addr.clone().relative_to(&data_dir);
+    let mesh = MeshLink::new(
+        sidecar_addr.clone(),
+        store.clone(),
+        health.clone(),
+        Duration::from_millis(config.forward_timeout_ms),
+        config.max_message_bytes,
+    );
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(fold_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name("fold.v1.FoldNode")
+        .with_service_name("fold.v1.Network")
+        .with_service_name("grpc.health.v1.Health")
+        .build_v1()
+        .context("cannot build the reflection service")?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(fold_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name("fold.v1.FoldNode")
+        .with_service_name("fold.v1.Network")
+        .with_service_name("grpc.health.v1.Health")
+        .build_v1alpha()
+        .context("cannot build the reflection service")?;
+
+    let max = config.max_message_bytes;
+    let fold_service = FoldNodeServer::new(FoldNodeApi::new(data.clone(), mesh.clone()))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let network_service = NetworkServer::new(NetworkApi::new(data.clone(), mesh.clone()))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let peer_service = PeerRequestsServer::new(PeerRequestsApi::new(data.clone(), mesh.clone()))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--listen)", config.listen))?;
+    let grpc_addr = listener.local_addr()?;
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+
+    let peer_addr = config.peer_requests_listen.clone().relative_to(&data_dir);
+    let peer_listener = LinkListener::bind(&peer_addr).await.with_context(|| {
+        format!("cannot listen for the sidecar on {peer_addr} (--peer-requests-listen)")
+    })?;
+    let peer_addr = peer_listener.local_addr()?;
+
+    // One shutdown signal fans out to both servers.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let wait_stop = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+
+    let public = Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            too_large_is_resource_exhausted,
+        ))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(fold_service)
+        .add_service(network_service)
+        .serve_with_incoming_shutdown(incoming, wait_stop(stop_rx.clone()));
+    let local = Server::builder()
+        .add_service(peer_service)
+        .serve_with_incoming_shutdown(peer_listener.into_incoming(), wait_stop(stop_rx.clone()));
+    let public = tokio::spawn(public);
+    let local = tokio::spawn(local);
+
+    mesh.spawn_monitor();
+    tracing::info!(grpc = %grpc_addr, peer_requests = %peer_addr, sidecar = %sidecar_addr, data_dir = %data_dir.display(), "fold-node serving");
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "fold-node ready grpc={grpc_addr} peer_requests={peer_addr}"
+        )?;
+        out.flush()?;
+    }
+
+    shutdown_signal().await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    let _ = stop_tx.send(true);
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let drained = tokio::time::timeout(grace, async {
+        let a = public.await;
+        let b = local.await;
+        (a, b)
+    })
+    .await;
+    match drained {
+        Ok((a, b)) => {
+            for r in [a, b] {
+                match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::error!(error = %e, "server ended with an error"),
+                    Err(e) => tracing::error!(error = %e, "server task failed"),
+                }
+            }
+            tracing::info!("drained; bye");
+        }
+        Err(_) => tracing::warn!(
+            grace_secs = config.shutdown_grace_secs,
+            "in-flight requests did not finish within the grace period; exiting anyway"
+        ),
+    }
+    Ok(())
+}

@@ -1,0 +1,715 @@
+//! Durable storage on redb: schemas and their states, immutable field versions, the pointers to
+//! each field's latest and live version, the trust table, and node metadata.
+//!
+//! Every write is one redb transaction committed with immediate durability (fsync) before the
+//! call returns, so an acknowledged mutation survives `kill -9`. Calls are blocking; async
+//! callers run them on the blocking pool.
+//!
+//! Tables:
+//! - `schemas`:  name → {definition, state}
+//! - `versions`: version id → one immutable [`VersionRecord`] (value, writer, time, previous id)
+//! - `heads`:    (schema, field, range key) → newest version id (including deletions)
+//! - `live`:     (schema, field, range key) → current version id (absent when deleted)
+//! - `trust`:    node id → {distance, denied}
+//! - `meta`:     key → value (e.g. the node id learned from the sidecar)
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
+
+use crate::filter::KeyFilter;
+use crate::schema::{self, Schema};
+
+type Cell<'a> = (&'a str, &'a str, &'a str);
+
+const SCHEMAS: TableDefinition<&str, &str> = TableDefinition::new("schemas");
+const VERSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("versions");
+const HEADS: TableDefinition<Cell<'static>, &str> = TableDefinition::new("heads");
+const LIVE: TableDefinition<Cell<'static>, &str> = TableDefinition::new("live");
+const TRUST: TableDefinition<&str, &str> = TableDefinition::new("trust");
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+
+/// Most records one query may return; more is an error asking for a narrower filter.
+pub const MAX_QUERY_RECORDS: usize = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage error: {0}")]
+    Db(#[from] redb::Error),
+    #[error("corrupt record in storage: {0}")]
+    Corrupt(String),
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Db(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SchemaState {
+    Available,
+    Approved,
+    Blocked,
+}
+
+impl SchemaState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SchemaState::Available => "available",
+            SchemaState::Approved => "approved",
+            SchemaState::Blocked => "blocked",
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSchema {
+    definition: Json,
+    state: SchemaState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustRecord {
+    pub distance: u32,
+    pub denied: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MutationKind {
+    Create,
+    Update,
+    Delete,
+}
+
+/// One immutable version of one field value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VersionRecord {
+    pub id: String,
+    pub value: Json,
+    pub deleted: bool,
+    pub written_at_ms: u64,
+    pub writer: String,
+    pub prev: Option<String>,
+    pub mutation: MutationKind,
+}
+
+/// Result of loading a schema.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadOutcome {
+    pub state: SchemaState,
+    pub created: bool,
+    pub hash: String,
+}
+
+/// A mutation, already validated against the schema and the permissions.
+#[derive(Debug, Clone)]
+pub struct MutationPlan {
+    pub kind: MutationKind,
+    /// "" for Single schemas.
+    pub range_key: String,
+    /// Field → new value (ignored for deletions), in field order.
+    pub writes: Vec<(String, Json)>,
+    pub writer: String,
+}
+
+/// Why a mutation was refused by the data it met.
+#[derive(Debug, thiserror::Error)]
+pub enum MutationError {
+    #[error("field '{field}' already has a value{at}; use UPDATE to change it")]
+    AlreadyExists { field: String, at: String },
+    #[error("{0}")]
+    Missing(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Data and schema errors of loading.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "schema '{name}' is already loaded with different content (hash {existing}); schemas are immutable, load the new version under a new name"
+    )]
+    Conflict { name: String, existing: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Database,
+    /// Parsed schemas and states, mirrored from the `schemas` table.
+    schemas: RwLock<HashMap<String, (Arc<Schema>, SchemaState)>>,
+    /// Serializes schema writes so the cache and the table change together.
+    schema_write: Mutex<()>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+impl Store {
+    /// Open (or create) the database file and load the schema cache.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let db = Database::create(path)?;
+        let txn = db.begin_write()?;
+        {
+            txn.open_table(SCHEMAS)?;
+            txn.open_table(VERSIONS)?;
+            txn.open_table(HEADS)?;
+            txn.open_table(LIVE)?;
+            txn.open_table(TRUST)?;
+            txn.open_table(META)?;
+        }
+        txn.commit()?;
+        let mut cache = HashMap::new();
+        {
+            let r = db.begin_read()?;
+            let t = r.open_table(SCHEMAS)?;
+            for row in t.iter()? {
+                let (name, body) = row?;
+                let stored: StoredSchema = serde_json::from_str(body.value())
+                    .map_err(|e| corrupt(format!("schema '{}': {e}", name.value())))?;
+                let parsed = schema::from_json(stored.definition)
+                    .map_err(|e| corrupt(format!("schema '{}': {e}", name.value())))?;
+                cache.insert(name.value().to_string(), (Arc::new(parsed), stored.state));
+            }
+        }
+        Ok(Store {
+            inner: Arc::new(Inner {
+                db,
+                schemas: RwLock::new(cache),
+                schema_write: Mutex::new(()),
+            }),
+        })
+    }
+
+    fn cache(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, (Arc<Schema>, SchemaState)>> {
+        // A poisoned lock only means a panic elsewhere; the map itself is always consistent.
+        self.inner
+            .schemas
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    // ---- schemas -----------------------------------------------------------------------------
+
+    pub fn schema(&self, name: &str) -> Option<(Arc<Schema>, SchemaState)> {
+        self.cache().get(name).cloned()
+    }
+
+    /// All schemas, by name.
+    pub fn schemas(&self) -> Vec<(Arc<Schema>, SchemaState)> {
+        let mut v: Vec<_> = self.cache().values().cloned().collect();
+        v.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        v
+    }
+
+    pub fn approved_schema_names(&self) -> Vec<String> {
+        self.schemas()
+            .into_iter()
+            .filter(|(_, st)| *st == SchemaState::Approved)
+            .map(|(s, _)| s.name.clone())
+            .collect()
+    }
+
+    /// Load a validated schema. Identical content is a no-op (optionally approving it);
+    /// different content under the same name is a conflict.
+    pub fn load_schema(&self, schema: Schema, approve: bool) -> Result<LoadOutcome, LoadError> {
+        let _guard = self
+            .inner
+            .schema_write
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((existing, state)) = self.schema(&schema.name) {
+            if schema::canonical(&existing.definition) != schema::canonical(&schema.definition) {
+                return Err(LoadError::Conflict {
+                    name: schema.name.clone(),
+                    existing: existing.hash.clone(),
+                });
+            }
+            let state = if approve && state == SchemaState::Available {
+                self.write_schema(&existing, SchemaState::Approved)?;
+                SchemaState::Approved
+            } else {
+                state
+            };
+            return Ok(LoadOutcome {
+                state,
+                created: false,
+                hash: existing.hash.clone(),
+            });
+        }
+        let state = if approve {
+            SchemaState::Approved
+        } else {
+            SchemaState::Available
+        };
+        let schema = Arc::new(schema);
+        self.write_schema(&schema, state)?;
+        Ok(LoadOutcome {
+            state,
+            created: true,
+            hash: schema.hash.clone(),
+        })
+    }
+
+    /// Change a schema's state; returns the previous state, or `None` if there is no such schema.
+    pub fn set_state(
+        &self,
+        name: &str,
+        state: SchemaState,
+    ) -> Result<Option<SchemaState>, StoreError> {
+        let _guard = self
+            .inner
+            .schema_write
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some((schema, prev)) = self.schema(name) else {
+            return Ok(None);
+        };
+        if prev != state {
+            self.write_schema(&schema, state)?;
+        }
+        Ok(Some(prev))
+    }
+
+    fn write_schema(&self, schema: &Arc<Schema>, state: SchemaState) -> Result<(), StoreError> {
+        let body = serde_json::to_string(&StoredSchema {
+            definition: schema.definition.clone(),
+            state,
+        })
+        .map_err(corrupt)?;
+        let txn = self.inner.db.begin_write()?;
+        txn.open_table(SCHEMAS)?
+            .insert(schema.name.as_str(), body.as_str())?;
+        txn.commit()?;
+        self.inner
+            .schemas
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(schema.name.clone(), (schema.clone(), state));
+        Ok(())
+    }
+
+    // ---- data --------------------------------------------------------------------------------
+
+    /// The range keys of a Range schema's rows matching `filter`, in key order. A row exists
+    /// while its range-key field has a live value.
+    pub fn range_rows(
+        &self,
+        schema: &str,
+        range_field: &str,
+        filter: &KeyFilter,
+    ) -> Result<Vec<String>, RowsError> {
+        let r = self.inner.db.begin_read()?;
+        let live = r.open_table(LIVE).map_err(StoreError::from)?;
+        let mut out = Vec::new();
+        let mut push = |k: &str| -> Result<(), RowsError> {
+            if out.len() >= MAX_QUERY_RECORDS {
+                return Err(RowsError::TooMany);
+            }
+            out.push(k.to_string());
+            Ok(())
+        };
+        match filter {
+            KeyFilter::Keys(keys) => {
+                let mut keys: Vec<&String> = keys.iter().collect();
+                keys.sort();
+                keys.dedup();
+                for k in keys {
+                    if live
+                        .get((schema, range_field, k.as_str()))
+                        .map_err(StoreError::from)?
+                        .is_some()
+                    {
+                        push(k)?;
+                    }
+                }
+            }
+            _ => {
+                let start = filter.scan_start();
+                let iter = live
+                    .range((schema, range_field, start.as_str())..)
+                    .map_err(StoreError::from)?;
+                for row in iter {
+                    let (key, _) = row.map_err(StoreError::from)?;
+                    let (s, f, k) = key.value();
+                    if s != schema || f != range_field || filter.past_end(k) {
+                        break;
+                    }
+                    if filter.matches(k) {
+                        push(k)?;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Live values of `fields` at `range_key` ("" for Single schemas); `None` where a field has
+    /// no live value.
+    pub fn read_values(
+        &self,
+        schema: &str,
+        range_key: &str,
+        fields: &[String],
+    ) -> Result<Vec<Option<Json>>, StoreError> {
+        let r = self.inner.db.begin_read()?;
+        let live = r.open_table(LIVE)?;
+        let versions = r.open_table(VERSIONS)?;
+        let mut out = Vec::with_capacity(fields.len());
+        for f in fields {
+            let value = match live.get((schema, f.as_str(), range_key))? {
+                Some(id) => Some(read_version(&versions, id.value())?.value),
+                None => None,
+            };
+            out.push(value);
+        }
+        Ok(out)
+    }
+
+    /// Versions of one field at one key, newest first (at most `limit`, 0 = all).
+    pub fn history(
+        &self,
+        schema: &str,
+        field: &str,
+        range_key: &str,
+        limit: usize,
+    ) -> Result<Vec<VersionRecord>, StoreError> {
+        let r = self.inner.db.begin_read()?;
+        let heads = r.open_table(HEADS)?;
+        let versions = r.open_table(VERSIONS)?;
+        let mut out = Vec::new();
+        let mut next = heads
+            .get((schema, field, range_key))?
+            .map(|g| g.value().to_string());
+        while let Some(id) = next {
+            if limit != 0 && out.len() >= limit {
+                break;
+            }
+            let v = read_version(&versions, &id)?;
+            next = v.prev.clone();
+            out.push(v);
+        }
+        Ok(out)
+    }
+
+    /// Apply a mutation atomically: existence checks and all new versions in one transaction.
+    /// Returns the written fields and their new version ids.
+    pub fn mutate(
+        &self,
+        schema: &Schema,
+        plan: &MutationPlan,
+    ) -> Result<Vec<(String, String)>, MutationError> {
+        let txn = self.inner.db.begin_write().map_err(StoreError::from)?;
+        let written = {
+            let mut heads = txn.open_table(HEADS).map_err(StoreError::from)?;
+            let mut live = txn.open_table(LIVE).map_err(StoreError::from)?;
+            let mut versions = txn.open_table(VERSIONS).map_err(StoreError::from)?;
+            let name = schema.name.as_str();
+            let rk = plan.range_key.as_str();
+            let at = if rk.is_empty() {
+                String::new()
+            } else {
+                format!(" at key '{rk}'")
+            };
+            let is_live = |live: &redb::Table<Cell<'static>, &str>, f: &str| {
+                live.get((name, f, rk))
+                    .map(|g| g.is_some())
+                    .map_err(StoreError::from)
+            };
+
+            // Which cells get a new version.
+            let mut targets: Vec<(String, Json)> = Vec::new();
+            match plan.kind {
+                MutationKind::Create => {
+                    for (f, v) in &plan.writes {
+                        let is_range_key = Some(f.as_str()) == schema.range_key();
+                        if is_live(&live, f)? {
+                            if is_range_key {
+                                continue; // the row exists; adding other fields to it is fine
+                            }
+                            return Err(MutationError::AlreadyExists {
+                                field: f.clone(),
+                                at: at.clone(),
+                            });
+                        }
+                        targets.push((f.clone(), v.clone()));
+                    }
+                }
+                MutationKind::Update => {
+                    let exists = match schema.range_key() {
+                        Some(k) => is_live(&live, k)?,
+                        None => {
+                            let mut any = false;
+                            for f in schema.fields.keys() {
+                                if is_live(&live, f)? {
+                                    any = true;
+                                    break;
+                                }
+                            }
+                            any
+                        }
+                    };
+                    if !exists {
+                        return Err(MutationError::Missing(if rk.is_empty() {
+                            format!("schema '{name}' has no values yet; use CREATE first")
+                        } else {
+                            format!("no record{at} in schema '{name}'; use CREATE first")
+                        }));
+                    }
+                    for (f, v) in &plan.writes {
+                        if Some(f.as_str()) == schema.range_key() {
+                            continue; // the key locates the row; rewriting it changes nothing
+                        }
+                        targets.push((f.clone(), v.clone()));
+                    }
+                }
+                MutationKind::Delete => {
+                    for (f, _) in &plan.writes {
+                        if is_live(&live, f)? {
+                            targets.push((f.clone(), Json::Null));
+                        }
+                    }
+                    if targets.is_empty() {
+                        return Err(MutationError::Missing(format!(
+                            "nothing to delete{at}: none of the named fields has a value"
+                        )));
+                    }
+                }
+            }
+            if targets.is_empty() {
+                return Err(MutationError::Missing(format!(
+                    "nothing to write{at}: name at least one field besides the range key"
+                )));
+            }
+
+            let ts = now_ms();
+            let mut written = Vec::with_capacity(targets.len());
+            for (f, value) in targets {
+                let prev = heads
+                    .get((name, f.as_str(), rk))
+                    .map_err(StoreError::from)?
+                    .map(|g| g.value().to_string());
+                let id = uuid::Uuid::new_v4().to_string();
+                let deleted = plan.kind == MutationKind::Delete;
+                let rec = VersionRecord {
+                    id: id.clone(),
+                    value,
+                    deleted,
+                    written_at_ms: ts,
+                    writer: plan.writer.clone(),
+                    prev,
+                    mutation: plan.kind,
+                };
+                let bytes = serde_json::to_vec(&rec).map_err(corrupt)?;
+                versions
+                    .insert(id.as_str(), bytes.as_slice())
+                    .map_err(StoreError::from)?;
+                heads
+                    .insert((name, f.as_str(), rk), id.as_str())
+                    .map_err(StoreError::from)?;
+                if deleted {
+                    live.remove((name, f.as_str(), rk))
+                        .map_err(StoreError::from)?;
+                } else {
+                    live.insert((name, f.as_str(), rk), id.as_str())
+                        .map_err(StoreError::from)?;
+                }
+                written.push((f, id));
+            }
+            written
+        };
+        txn.commit().map_err(StoreError::from)?;
+        Ok(written)
+    }
+
+    // ---- trust ---------------------------------------------------------------------------------
+
+    pub fn trust_get(&self, node_id: &str) -> Result<Option<TrustRecord>, StoreError> {
+        let r = self.inner.db.begin_read()?;
+        let t = r.open_table(TRUST)?;
+        match t.get(node_id)? {
+            Some(v) => Ok(Some(serde_json::from_str(v.value()).map_err(corrupt)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn trust_all(&self) -> Result<BTreeMap<String, TrustRecord>, StoreError> {
+        let r = self.inner.db.begin_read()?;
+        let t = r.open_table(TRUST)?;
+        let mut out = BTreeMap::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            out.insert(
+                k.value().to_string(),
+                serde_json::from_str(v.value()).map_err(corrupt)?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Set (`Some`) or remove (`None`) a trust entry.
+    pub fn trust_set(&self, node_id: &str, rec: Option<TrustRecord>) -> Result<(), StoreError> {
+        let txn = self.inner.db.begin_write()?;
+        {
+            let mut t = txn.open_table(TRUST)?;
+            match rec {
+                Some(rec) => {
+                    let body = serde_json::to_string(&rec).map_err(corrupt)?;
+                    t.insert(node_id, body.as_str())?;
+                }
+                None => {
+                    t.remove(node_id)?;
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    // ---- meta ----------------------------------------------------------------------------------
+
+    pub fn meta_get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let r = self.inner.db.begin_read()?;
+        let t = r.open_table(META)?;
+        Ok(t.get(key)?.map(|v| v.value().to_string()))
+    }
+
+    pub fn meta_set(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        let txn = self.inner.db.begin_write()?;
+        txn.open_table(META)?.insert(key, value)?;
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RowsError {
+    #[error("the query matches more than {MAX_QUERY_RECORDS} records; narrow the filter")]
+    TooMany,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<redb::TransactionError> for RowsError {
+    fn from(e: redb::TransactionError) -> Self {
+        RowsError::Store(e.into())
+    }
+}
+
+fn read_version(
+    versions: &impl ReadableTable<&'static str, &'static [u8]>,
+    id: &str,
+) -> Result<VersionRecord, StoreError> {
+    let Some(bytes) = versions.get(id)? else {
+        return Err(corrupt(format!("version {id} is referenced but missing")));
+    };
+    serde_json::from_slice(bytes.value()).map_err(|e| corrupt(format!("version {id}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn range_schema() -> Schema {
+        let f = json!({
+            "permission_policy": {"read_policy": {"Distance": 0}, "write_policy": {"Distance": 0}},
+            "payment_config": {"base_multiplier": 1.0, "trust_distance_scaling": "None", "min_payment": null},
+            "field_type": "Range", "field_mappers": {}
+        });
+        schema::from_json(json!({
+            "name": "R", "schema_type": {"Range": {"range_key": "k"}},
+            "payment_config": {"base_multiplier": 1.0, "min_payment_threshold": 0},
+            "fields": {"k": f.clone(), "v": f}
+        }))
+        .unwrap()
+    }
+
+    fn plan(kind: MutationKind, key: &str, v: Option<i64>) -> MutationPlan {
+        let mut writes = vec![("k".to_string(), json!(key))];
+        if let Some(v) = v {
+            writes.push(("v".to_string(), json!(v)));
+        }
+        MutationPlan {
+            kind,
+            range_key: key.into(),
+            writes,
+            writer: "client:local".into(),
+        }
+    }
+
+    #[test]
+    fn versions_rows_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fold.redb");
+        let s = range_schema();
+        {
+            let st = Store::open(&path).unwrap();
+            assert!(st.load_schema(s.clone(), true).unwrap().created);
+            assert!(!st.load_schema(s.clone(), false).unwrap().created);
+            st.mutate(&s, &plan(MutationKind::Create, "a", Some(1)))
+                .unwrap();
+            st.mutate(&s, &plan(MutationKind::Create, "b", Some(2)))
+                .unwrap();
+            assert!(matches!(
+                st.mutate(&s, &plan(MutationKind::Create, "a", Some(3))),
+                Err(MutationError::AlreadyExists { .. })
+            ));
+            st.mutate(&s, &plan(MutationKind::Update, "a", Some(4)))
+                .unwrap();
+            assert!(matches!(
+                st.mutate(&s, &plan(MutationKind::Update, "zz", Some(4))),
+                Err(MutationError::Missing(_))
+            ));
+            let mut del = plan(MutationKind::Delete, "b", Some(0));
+            del.writes[1].1 = Json::Null;
+            st.mutate(&s, &del).unwrap();
+        }
+        let st = Store::open(&path).unwrap();
+        assert_eq!(st.schema("R").unwrap().1, SchemaState::Approved);
+        let rows = st.range_rows("R", "k", &KeyFilter::All).unwrap();
+        assert_eq!(rows, vec!["a"]);
+        let vals = st.read_values("R", "a", &["v".into()]).unwrap();
+        assert_eq!(vals, vec![Some(json!(4))]);
+        let h = st.history("R", "v", "a", 0).unwrap();
+        assert_eq!(h.len(), 2);
+        assert_eq!(h[0].value, json!(4));
+        assert_eq!(h[0].prev.as_deref(), Some(h[1].id.as_str()));
+        let h = st.history("R", "v", "b", 0).unwrap();
+        assert!(h[0].deleted);
+        assert_eq!(h[1].value, json!(2));
+        assert_eq!(st.read_values("R", "b", &["v".into()]).unwrap(), vec![None]);
+    }
+}
