@@ -1,0 +1,302 @@
+//! Circuit breakers ("failure accrual", as in linkerd2-proxy): after `failure_threshold`
+//! consecutive failures a breaker opens and callers fail fast with no network wait; after a
+//! backoff one probe is let through, and its outcome closes the breaker or opens it again with a
+//! longer backoff. What counts as a failure is the caller's decision (e.g. a gRPC outcome of
+//! UNAVAILABLE or DEADLINE_EXCEEDED, not an application error like PERMISSION_DENIED).
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerConfig {
+    /// Consecutive failures that open the breaker.
+    pub failure_threshold: u32,
+    /// First open period; doubles after each failed probe, up to `max_backoff`.
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            failure_threshold: 5,
+            backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The externally visible state, e.g. for metrics (0 closed, 1 open, 2 half-open).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl BreakerState {
+    pub fn as_i64(self) -> i64 {
+        match self {
+            BreakerState::Closed => 0,
+            BreakerState::Open => 1,
+            BreakerState::HalfOpen => 2,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+        }
+    }
+}
+
+/// Refusal while the breaker is open.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("circuit open for {target}: {failures} consecutive failures; next probe in {retry_in:?}")]
+pub struct BreakerOpen {
+    pub target: String,
+    pub failures: u32,
+    pub retry_in: Duration,
+}
+
+#[derive(Debug)]
+enum Inner {
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+        backoff: Duration,
+        failures: u32,
+    },
+    HalfOpen {
+        backoff: Duration,
+        failures: u32,
+    },
+}
+
+/// One breaker.
+#[derive(Debug)]
+pub struct Breaker {
+    config: BreakerConfig,
+    inner: Mutex<Inner>,
+}
+
+/// A state change, reported to the caller so it can count transitions.
+pub type Transition = Option<(BreakerState, BreakerState)>;
+
+fn state_of(i: &Inner) -> BreakerState {
+    match i {
+        Inner::Closed { .. } => BreakerState::Closed,
+        Inner::Open { .. } => BreakerState::Open,
+        Inner::HalfOpen { .. } => BreakerState::HalfOpen,
+    }
+}
+
+impl Breaker {
+    pub fn new(config: BreakerConfig) -> Self {
+        Breaker {
+            config,
+            inner: Mutex::new(Inner::Closed { failures: 0 }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn state(&self) -> BreakerState {
+        state_of(&self.lock())
+    }
+
+    /// May a call go ahead now? While open, no; once the backoff has passed exactly one caller
+    /// gets through as the probe (the breaker is half-open until it reports).
+    pub fn admit(&self, target: &str, now: Instant) -> (Result<(), BreakerOpen>, Transition) {
+        let mut g = self.lock();
+        match *g {
+            Inner::Closed { .. } => (Ok(()), None),
+            Inner::Open {
+                until,
+                backoff,
+                failures,
+            } => {
+                if now >= until {
+                    *g = Inner::HalfOpen { backoff, failures };
+                    (Ok(()), Some((BreakerState::Open, BreakerState::HalfOpen)))
+                } else {
+                    (
+                        Err(BreakerOpen {
+                            target: target.to_string(),
+                            failures,
+                            retry_in: until - now,
+                        }),
+                        None,
+                    )
+                }
+            }
+            Inner::HalfOpen { failures, .. } => (
+                Err(BreakerOpen {
+                    target: target.to_string(),
+                    failures,
+                    retry_in: Duration::ZERO,
+                }),
+                None,
+            ),
+        }
+    }
+
+    /// Report the outcome of an admitted call.
+    pub fn record(&self, success: bool, now: Instant) -> Transition {
+        let mut g = self.lock();
+        let before = state_of(&g);
+        let next = match (&*g, success) {
+            (_, true) => Inner::Closed { failures: 0 },
+            (Inner::Closed { failures }, false) => {
+                let failures = failures + 1;
+                if failures >= self.config.failure_threshold {
+                    Inner::Open {
+                        until: now + self.config.backoff,
+                        backoff: self.config.backoff,
+                        failures,
+                    }
+                } else {
+                    Inner::Closed { failures }
+                }
+            }
+            (Inner::HalfOpen { backoff, failures }, false) => {
+                let backoff = (*backoff * 2).min(self.config.max_backoff);
+                Inner::Open {
+                    until: now + backoff,
+                    backoff,
+                    failures: failures + 1,
+                }
+            }
+            // A late report from a call admitted before the breaker opened.
+            (
+                Inner::Open {
+                    until,
+                    backoff,
+                    failures,
+                },
+                false,
+            ) => Inner::Open {
+                until: *until,
+                backoff: *backoff,
+                failures: failures + 1,
+            },
+        };
+        *g = next;
+        let after = state_of(&g);
+        (before != after).then_some((before, after))
+    }
+}
+
+/// Breakers by key (e.g. one per remote peer), created on first use.
+#[derive(Debug)]
+pub struct Breakers<K> {
+    config: BreakerConfig,
+    map: Mutex<HashMap<K, Arc<Breaker>>>,
+}
+
+impl<K: Eq + Hash + Clone> Breakers<K> {
+    pub fn new(config: BreakerConfig) -> Self {
+        Breakers {
+            config,
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn get(&self, key: &K) -> Arc<Breaker> {
+        let mut m = self
+            .map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.entry(key.clone())
+            .or_insert_with(|| Arc::new(Breaker::new(self.config)))
+            .clone()
+    }
+
+    /// Forget breakers that are closed (bounded memory for many short-lived peers).
+    pub fn prune_closed(&self) {
+        let mut m = self
+            .map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.retain(|_, b| b.state() != BreakerState::Closed);
+    }
+
+    pub fn states(&self) -> Vec<(K, BreakerState)> {
+        let m = self
+            .map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.iter().map(|(k, b)| (k.clone(), b.state())).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> BreakerConfig {
+        BreakerConfig {
+            failure_threshold: 3,
+            backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(400),
+        }
+    }
+
+    #[test]
+    fn opens_after_consecutive_failures_and_probes() {
+        let b = Breaker::new(cfg());
+        let t0 = Instant::now();
+        assert!(b.admit("p", t0).0.is_ok());
+        assert_eq!(b.record(false, t0), None);
+        assert_eq!(b.record(true, t0), None); // success resets the count
+        b.record(false, t0);
+        b.record(false, t0);
+        assert_eq!(
+            b.record(false, t0),
+            Some((BreakerState::Closed, BreakerState::Open))
+        );
+        let (r, _) = b.admit("p", t0 + Duration::from_millis(50));
+        let e = r.unwrap_err();
+        assert!(e.to_string().contains("circuit open for p"));
+        // After the backoff exactly one probe goes through.
+        let t1 = t0 + Duration::from_millis(100);
+        let (r, tr) = b.admit("p", t1);
+        assert!(r.is_ok());
+        assert_eq!(tr, Some((BreakerState::Open, BreakerState::HalfOpen)));
+        assert!(b.admit("p", t1).0.is_err());
+        // A failed probe doubles the backoff.
+        assert_eq!(
+            b.record(false, t1),
+            Some((BreakerState::HalfOpen, BreakerState::Open))
+        );
+        assert!(b.admit("p", t1 + Duration::from_millis(150)).0.is_err());
+        assert!(b.admit("p", t1 + Duration::from_millis(200)).0.is_ok());
+        assert_eq!(
+            b.record(true, t1),
+            Some((BreakerState::HalfOpen, BreakerState::Closed))
+        );
+        assert!(b.admit("p", t1).0.is_ok());
+    }
+
+    #[test]
+    fn keyed_breakers_are_independent() {
+        let bs: Breakers<String> = Breakers::new(cfg());
+        let now = Instant::now();
+        for _ in 0..3 {
+            bs.get(&"a".to_string()).record(false, now);
+        }
+        assert_eq!(bs.get(&"a".to_string()).state(), BreakerState::Open);
+        assert_eq!(bs.get(&"b".to_string()).state(), BreakerState::Closed);
+        bs.prune_closed();
+        assert_eq!(bs.states().len(), 1);
+    }
+}
