@@ -60,6 +60,38 @@ pub struct Config {
     #[arg(long, env = "FOLD_PEER_REQUESTS_LISTEN", default_value = "node.sock")]
     pub peer_requests_listen: LinkAddr,
 
+    /// Requests per second each client (by remote address) may make; 0 turns the limit off.
+    /// Over the limit: RESOURCE_EXHAUSTED.
+    #[arg(long, env = "FOLD_RATE_LIMIT_PER_CLIENT", default_value_t = 1000)]
+    pub rate_limit_per_client: u32,
+
+    /// Burst allowance of the per-client rate limit (requests at once).
+    #[arg(long, env = "FOLD_RATE_LIMIT_BURST", default_value_t = 2000)]
+    pub rate_limit_burst: u32,
+
+    /// Requests handled at once across all clients; more wait in the queue.
+    #[arg(long, env = "FOLD_MAX_CONCURRENT_REQUESTS", default_value_t = 256)]
+    pub max_concurrent_requests: usize,
+
+    /// Requests that may wait for a slot; beyond it requests are shed with UNAVAILABLE.
+    #[arg(long, env = "FOLD_QUEUE_DEPTH", default_value_t = 4096)]
+    pub queue_depth: usize,
+
+    /// Longest any request may take, in milliseconds (a shorter client grpc-timeout wins);
+    /// expiry is DEADLINE_EXCEEDED.
+    #[arg(long, env = "FOLD_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
+    pub request_timeout_ms: u64,
+
+    /// Consecutive mesh failures toward one peer (or of the sidecar link) that open its circuit
+    /// breaker; while open, requests fail fast with UNAVAILABLE.
+    #[arg(long, env = "FOLD_BREAKER_FAILURES", default_value_t = 5)]
+    pub breaker_failures: u32,
+
+    /// How long an open breaker waits before letting one probe through, in milliseconds
+    /// (doubling after each failed probe, up to 30 s).
+    #[arg(long, env = "FOLD_BREAKER_BACKOFF_MS", default_value_t = 1000)]
+    pub breaker_backoff_ms: u64,
+
     /// Longest a forwarded request may take, in milliseconds (a shorter client deadline wins).
     #[arg(long, env = "FOLD_FORWARD_TIMEOUT_MS", default_value_t = 10_000)]
     pub forward_timeout_ms: u64,

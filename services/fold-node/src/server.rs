@@ -4,6 +4,9 @@
 use std::time::Duration;
 
 use anyhow::Context;
+use fold_middleware::deadline::GrpcDeadlineLayer;
+use fold_middleware::errors::GrpcErrorsLayer;
+use fold_middleware::rate_limit::{KeyedLimiter, KeyedRateLimitLayer};
 use fold_proto::sidecar::peer_requests_server::PeerRequestsServer;
 use fold_proto::v1::fold_node_server::FoldNodeServer;
 use fold_proto::v1::network_server::NetworkServer;
@@ -66,6 +69,19 @@ fn too_large_is_resource_exhausted<B>(mut resp: http::Response<B>) -> http::Resp
             .insert("grpc-status", http::HeaderValue::from_static("8"));
     }
     resp
+}
+
+/// Rate-limit key of a public-port request: the client's address (an authenticated identity
+/// will take its place when clients authenticate).
+fn client_key<B>(req: &http::Request<B>) -> String {
+    match req
+        .extensions()
+        .get::<tonic::transport::server::TcpConnectInfo>()
+        .and_then(|i| i.remote_addr())
+    {
+        Some(a) => format!("client {}", a.ip()),
+        None => "client unknown".to_string(),
+    }
 }
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -152,10 +168,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let _ = rx.wait_for(|v| *v).await;
     };
 
-    let public = Server::builder()
+    // Outermost first: errors → statuses, per-client rate limit, load shedding over a bounded
+    // queue in front of a global concurrency limit, per-request deadline, then the services.
+    let limiter = KeyedLimiter::new(config.rate_limit_per_client, config.rate_limit_burst);
+    let middleware = tower::ServiceBuilder::new()
+        .layer(GrpcErrorsLayer)
         .layer(tower::util::MapResponseLayer::new(
             too_large_is_resource_exhausted,
         ))
+        .option_layer(limiter.map(|l| KeyedRateLimitLayer::new(l, client_key)))
+        .layer(tower::load_shed::LoadShedLayer::new())
+        .layer(tower::buffer::BufferLayer::new(config.queue_depth.max(1)))
+        .layer(tower::limit::ConcurrencyLimitLayer::new(
+            config.max_concurrent_requests.max(1),
+        ))
+        .layer(GrpcDeadlineLayer::new(Duration::from_millis(
+            config.request_timeout_ms,
+        )))
+        .into_inner();
+    let public = Server::builder()
+        .layer(middleware)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -7,5 +7,6 @@
 //! - [`errors`]: the error → status mapping and the outermost layer that applies it
 
 pub mod breaker;
+pub mod deadline;
 pub mod errors;
 pub mod rate_limit;
