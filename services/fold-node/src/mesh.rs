@@ -9,7 +9,9 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use fold_middleware::breaker::{Breaker, BreakerConfig, Breakers, Transition};
 
 use fold_proto::sidecar::mesh_client::MeshClient;
 use fold_proto::sidecar::{self as sc, forward_request::Operation};
@@ -44,6 +46,29 @@ struct Inner {
     health: HealthReporter,
     schemas_changed: Notify,
     forward_timeout: Duration,
+    /// One breaker per remote node on the forward path.
+    peers: Breakers<String>,
+    /// One breaker for the channel to the sidecar.
+    link_breaker: Breaker,
+}
+
+/// Tuning of the mesh link.
+#[derive(Debug, Clone, Copy)]
+pub struct MeshOptions {
+    pub forward_timeout: Duration,
+    pub max_message_bytes: usize,
+    pub breaker: BreakerConfig,
+}
+
+fn log_transition(what: &str, t: Transition) {
+    if let Some((from, to)) = t {
+        tracing::warn!(
+            target_name = what,
+            from = from.as_str(),
+            to = to.as_str(),
+            "circuit breaker changed state"
+        );
+    }
 }
 
 impl MeshLink {
@@ -51,13 +76,12 @@ impl MeshLink {
         addr: LinkAddr,
         store: Store,
         health: HealthReporter,
-        forward_timeout: Duration,
-        max_message_bytes: usize,
+        opts: MeshOptions,
     ) -> MeshLink {
         let channel = local_link::channel(&addr, Duration::from_secs(1));
         let client = MeshClient::new(channel)
-            .max_decoding_message_size(max_message_bytes)
-            .max_encoding_message_size(max_message_bytes);
+            .max_decoding_message_size(opts.max_message_bytes)
+            .max_encoding_message_size(opts.max_message_bytes);
         let node_id = store.meta_get(NODE_ID_KEY).ok().flatten();
         MeshLink {
             inner: Arc::new(Inner {
@@ -68,7 +92,9 @@ impl MeshLink {
                 store,
                 health,
                 schemas_changed: Notify::new(),
-                forward_timeout,
+                forward_timeout: opts.forward_timeout,
+                peers: Breakers::new(opts.breaker),
+                link_breaker: Breaker::new(opts.breaker),
             }),
         }
     }
@@ -163,7 +189,37 @@ impl MeshLink {
         });
         // A little slack so the sidecar's own deadline fires first and says what happened.
         request.set_timeout(timeout + Duration::from_millis(250));
-        let resp = client.forward(request).await.map_err(|s| {
+        // Circuit breakers: fail fast, with no network wait, toward a peer (or through a sidecar
+        // link) that kept failing; after a backoff one probe decides.
+        let now = Instant::now();
+        let peer_breaker = self.inner.peers.get(&target);
+        let (admitted, t) = peer_breaker.admit(&format!("node {target}"), now);
+        log_transition(&target, t);
+        admitted.map_err(|e| Status::unavailable(e.to_string()))?;
+        let (admitted, t) = self.inner.link_breaker.admit("the p2p-sidecar link", now);
+        log_transition("sidecar-link", t);
+        if let Err(e) = admitted {
+            // Not a verdict on the peer: let its probe slot go.
+            log_transition(&target, peer_breaker.record(true, now));
+            return Err(Status::unavailable(e.to_string()));
+        }
+        let result = client.forward(request).await;
+        let now = Instant::now();
+        let (peer_ok, link_ok) = match &result {
+            Ok(_) => (true, true),
+            // Produced on this side (connection refused, reset): the link to the sidecar failed.
+            Err(s) if std::error::Error::source(s).is_some() => (false, false),
+            Err(s) => (
+                !matches!(
+                    s.code(),
+                    Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
+                ),
+                true,
+            ),
+        };
+        log_transition(&target, peer_breaker.record(peer_ok, now));
+        log_transition("sidecar-link", self.inner.link_breaker.record(link_ok, now));
+        let resp = result.map_err(|s| {
             if s.code() == Code::Cancelled || s.code() == Code::DeadlineExceeded {
                 Status::deadline_exceeded(format!(
                     "forward to node {target} did not complete within {} ms",

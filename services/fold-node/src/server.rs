@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
+use fold_middleware::breaker::BreakerConfig;
 use fold_middleware::deadline::GrpcDeadlineLayer;
 use fold_middleware::errors::GrpcErrorsLayer;
 use fold_middleware::rate_limit::{KeyedLimiter, KeyedRateLimitLayer};
@@ -19,7 +20,7 @@ use crate::api::{FoldNodeApi, NetworkApi};
 use crate::config::Config;
 use crate::data::Data;
 use crate::identity::Identities;
-use crate::mesh::{MeshLink, NETWORK_SERVICE};
+use crate::mesh::{MeshLink, MeshOptions, NETWORK_SERVICE};
 use crate::peer_requests::PeerRequestsApi;
 use crate::store::Store;
 
@@ -118,8 +119,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         sidecar_addr.clone(),
         store.clone(),
         health.clone(),
-        Duration::from_millis(config.forward_timeout_ms),
-        config.max_message_bytes,
+        MeshOptions {
+            forward_timeout: Duration::from_millis(config.forward_timeout_ms),
+            max_message_bytes: config.max_message_bytes,
+            breaker: BreakerConfig {
+                failure_threshold: config.breaker_failures.max(1),
+                backoff: Duration::from_millis(config.breaker_backoff_ms),
+                max_backoff: Duration::from_secs(30)
+                    .max(Duration::from_millis(config.breaker_backoff_ms)),
+            },
+        },
     );
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
