@@ -27,6 +27,11 @@ pub struct Config {
     #[arg(long, env = "FOLD_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
+    /// Address of the admin HTTP port: /metrics (Prometheus), /livez, /readyz (storage and the
+    /// sidecar link). It has no authentication: keep it on loopback or a pod-internal address.
+    #[arg(long, env = "FOLD_ADMIN_LISTEN", default_value = "127.0.0.1:9464")]
+    pub admin_listen: SocketAddr,
+
     /// Directory for the database (fold.redb) and the local sockets; created if missing.
     #[arg(long, env = "FOLD_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,

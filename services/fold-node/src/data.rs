@@ -16,6 +16,7 @@ use tonic::Status;
 
 use crate::filter::KeyFilter;
 use crate::identity::{Identities, Principal, Requester};
+use crate::metrics::NodeMetrics;
 use crate::permissions::{self, Access, Denied};
 use crate::schema::{self, Schema};
 use crate::store::{
@@ -30,6 +31,7 @@ const MAX_RANGE_KEY_LEN: usize = 1024;
 pub struct Data {
     store: Store,
     identities: Identities,
+    metrics: Arc<NodeMetrics>,
 }
 
 pub fn store_status(e: StoreError) -> Status {
@@ -44,14 +46,22 @@ fn denied_status(e: Denied) -> Status {
     }
 }
 
-async fn blocking<T, F>(f: F) -> Result<T, Status>
+/// Run a storage operation on the blocking pool, measured as `op`.
+async fn blocking<T, F>(metrics: &NodeMetrics, op: &'static str, f: F) -> Result<T, Status>
 where
     F: FnOnce() -> Result<T, Status> + Send + 'static,
     T: Send + 'static,
 {
-    tokio::task::spawn_blocking(f)
+    let started = std::time::Instant::now();
+    let r = tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| Status::internal(format!("storage task failed: {e}")))?
+        .map_err(|e| Status::internal(format!("storage task failed: {e}")))?;
+    // Refusals by the data (ALREADY_EXISTS, NOT_FOUND) are answers, not storage failures.
+    let ok = r
+        .as_ref()
+        .map_or_else(|s| s.code() != tonic::Code::Internal, |_| true);
+    metrics.storage(op, ok, started);
+    r
 }
 
 pub fn state_to_proto(s: SchemaState) -> v1::SchemaState {
@@ -83,8 +93,12 @@ pub fn summary(schema: &Schema, state: SchemaState) -> v1::SchemaSummary {
 }
 
 impl Data {
-    pub fn new(store: Store, identities: Identities) -> Self {
-        Data { store, identities }
+    pub fn new(store: Store, identities: Identities, metrics: Arc<NodeMetrics>) -> Self {
+        Data {
+            store,
+            identities,
+            metrics,
+        }
     }
 
     pub fn store(&self) -> &Store {
@@ -132,7 +146,7 @@ impl Data {
             .map_err(|e| Status::invalid_argument(format!("invalid schema: {e}")))?;
         let name = schema.name.clone();
         let store = self.store.clone();
-        let outcome = blocking(move || {
+        let outcome = blocking(&self.metrics, "load_schema", move || {
             store.load_schema(schema, approve).map_err(|e| match e {
                 LoadError::Conflict { .. } => Status::already_exists(e.to_string()),
                 LoadError::Store(e) => store_status(e),
@@ -150,7 +164,10 @@ impl Data {
         };
         let store = self.store.clone();
         let n = name.to_string();
-        let prev = blocking(move || store.set_state(&n, state).map_err(store_status)).await?;
+        let prev = blocking(&self.metrics, "set_schema_state", move || {
+            store.set_state(&n, state).map_err(store_status)
+        })
+        .await?;
         prev.ok_or_else(|| Status::not_found(format!("schema '{name}' not found")))
     }
 
@@ -186,7 +203,7 @@ impl Data {
         };
         let store = self.store.clone();
         let fields = req.fields.clone();
-        let records = blocking(move || {
+        let records = blocking(&self.metrics, "query", move || {
             let keys = match schema.range_key() {
                 None => vec![String::new()],
                 Some(rk) => store
@@ -284,7 +301,7 @@ impl Data {
             writer: requester.label.clone(),
         };
         let store = self.store.clone();
-        let written = blocking(move || {
+        let written = blocking(&self.metrics, "mutate", move || {
             store.mutate(&schema, &plan).map_err(|e| match e {
                 MutationError::AlreadyExists { .. } => Status::already_exists(e.to_string()),
                 MutationError::Missing(_) => Status::not_found(e.to_string()),
@@ -330,7 +347,7 @@ impl Data {
             )));
         }
         let store = self.store.clone();
-        let versions = blocking(move || {
+        let versions = blocking(&self.metrics, "history", move || {
             store
                 .history(&schema.name, &req.field, &req.range_key, req.limit as usize)
                 .map_err(store_status)

@@ -12,6 +12,7 @@ pub mod data;
 pub mod filter;
 pub mod identity;
 pub mod mesh;
+pub mod metrics;
 pub mod peer_requests;
 pub mod permissions;
 pub mod schema;

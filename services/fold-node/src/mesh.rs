@@ -12,6 +12,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use fold_middleware::breaker::{Breaker, BreakerConfig, Breakers, Transition};
+use fold_middleware::metrics::{GrpcMetrics, GrpcMetricsLayer, GrpcMetricsService, code_name};
 
 use fold_proto::sidecar::mesh_client::MeshClient;
 use fold_proto::sidecar::{self as sc, forward_request::Operation};
@@ -24,7 +25,10 @@ use tonic::{Code, Status};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::metrics::NodeMetrics;
 use crate::store::Store;
+
+type MeshSvc = GrpcMetricsService<Channel>;
 
 /// The Network service's name, for health.
 pub const NETWORK_SERVICE: &str = "fold.v1.Network";
@@ -39,7 +43,8 @@ pub struct MeshLink {
 
 struct Inner {
     addr: LinkAddr,
-    client: MeshClient<Channel>,
+    client: MeshClient<MeshSvc>,
+    metrics: Arc<NodeMetrics>,
     up: AtomicBool,
     node_id: RwLock<Option<String>>,
     store: Store,
@@ -60,25 +65,19 @@ pub struct MeshOptions {
     pub breaker: BreakerConfig,
 }
 
-fn log_transition(what: &str, t: Transition) {
-    if let Some((from, to)) = t {
-        tracing::warn!(
-            target_name = what,
-            from = from.as_str(),
-            to = to.as_str(),
-            "circuit breaker changed state"
-        );
-    }
-}
-
 impl MeshLink {
     pub fn new(
         addr: LinkAddr,
         store: Store,
         health: HealthReporter,
         opts: MeshOptions,
+        metrics: Arc<NodeMetrics>,
+        client_metrics: Arc<GrpcMetrics>,
     ) -> MeshLink {
         let channel = local_link::channel(&addr, Duration::from_secs(1));
+        let channel = tower::ServiceBuilder::new()
+            .layer(GrpcMetricsLayer::new(client_metrics))
+            .service(channel);
         let client = MeshClient::new(channel)
             .max_decoding_message_size(opts.max_message_bytes)
             .max_encoding_message_size(opts.max_message_bytes);
@@ -87,6 +86,7 @@ impl MeshLink {
             inner: Arc::new(Inner {
                 addr,
                 client,
+                metrics,
                 up: AtomicBool::new(false),
                 node_id: RwLock::new(node_id),
                 store,
@@ -122,7 +122,7 @@ impl MeshLink {
     }
 
     /// A client for a Mesh call, or `UNAVAILABLE` at once when the sidecar is away.
-    pub fn client(&self) -> Result<MeshClient<Channel>, Status> {
+    pub fn client(&self) -> Result<MeshClient<MeshSvc>, Status> {
         if !self.is_up() {
             return Err(Status::unavailable(format!(
                 "the p2p-sidecar is not reachable at {} (is it running?); local requests still work",
@@ -130,6 +130,20 @@ impl MeshLink {
             )));
         }
         Ok(self.inner.client.clone())
+    }
+
+    fn transition(&self, target: &str, breaker: &Breaker, t: Transition) {
+        if let Some((from, to)) = t {
+            tracing::warn!(
+                target_node = target,
+                from = from.as_str(),
+                to = to.as_str(),
+                "circuit breaker changed state"
+            );
+        }
+        self.inner
+            .metrics
+            .breaker(target, breaker.state(), t.is_some());
     }
 
     /// Ask the monitor to re-announce the approved schemas.
@@ -177,6 +191,26 @@ impl MeshLink {
         op: Operation,
         deadline: Option<Duration>,
     ) -> Result<forward_response::Result, Status> {
+        let started = Instant::now();
+        let kind = match op {
+            Operation::Query(_) => "query",
+            Operation::Mutate(_) => "mutate",
+        };
+        let result = self.forward_inner(target, op, deadline).await;
+        let outcome = match &result {
+            Ok(_) => "OK",
+            Err(s) => code_name(s.code()),
+        };
+        self.inner.metrics.forward(kind, outcome, started);
+        result
+    }
+
+    async fn forward_inner(
+        &self,
+        target: String,
+        op: Operation,
+        deadline: Option<Duration>,
+    ) -> Result<forward_response::Result, Status> {
         let mut client = self.client()?;
         let timeout = deadline
             .map(|d| d.min(self.inner.forward_timeout))
@@ -194,13 +228,14 @@ impl MeshLink {
         let now = Instant::now();
         let peer_breaker = self.inner.peers.get(&target);
         let (admitted, t) = peer_breaker.admit(&format!("node {target}"), now);
-        log_transition(&target, t);
+        self.transition(&target, &peer_breaker, t);
         admitted.map_err(|e| Status::unavailable(e.to_string()))?;
         let (admitted, t) = self.inner.link_breaker.admit("the p2p-sidecar link", now);
-        log_transition("sidecar-link", t);
+        self.transition("sidecar-link", &self.inner.link_breaker, t);
         if let Err(e) = admitted {
             // Not a verdict on the peer: let its probe slot go.
-            log_transition(&target, peer_breaker.record(true, now));
+            let t = peer_breaker.record(true, now);
+            self.transition(&target, &peer_breaker, t);
             return Err(Status::unavailable(e.to_string()));
         }
         let result = client.forward(request).await;
@@ -217,8 +252,10 @@ impl MeshLink {
                 true,
             ),
         };
-        log_transition(&target, peer_breaker.record(peer_ok, now));
-        log_transition("sidecar-link", self.inner.link_breaker.record(link_ok, now));
+        let t = peer_breaker.record(peer_ok, now);
+        self.transition(&target, &peer_breaker, t);
+        let t = self.inner.link_breaker.record(link_ok, now);
+        self.transition("sidecar-link", &self.inner.link_breaker, t);
         let resp = result.map_err(|s| {
             if s.code() == Code::Cancelled || s.code() == Code::DeadlineExceeded {
                 Status::deadline_exceeded(format!(
@@ -246,6 +283,7 @@ impl MeshLink {
 
     async fn set_up(&self, up: bool) {
         let was = self.inner.up.swap(up, Ordering::AcqRel);
+        self.inner.metrics.sidecar_link(up);
         let status = if up {
             ServingStatus::Serving
         } else {
@@ -278,7 +316,7 @@ impl MeshLink {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(id.to_string());
     }
 
-    async fn provide(&self, client: &mut MeshClient<Channel>) {
+    async fn provide(&self, client: &mut MeshClient<MeshSvc>) {
         let schemas = self.inner.store.approved_schema_names();
         let mut req = tonic::Request::new(sc::ProvideRequest {
             schemas: schemas.clone(),

@@ -1,17 +1,21 @@
 //! Process wiring: storage, identities, the sidecar link, the public gRPC server and the local
 //! PeerRequests server, readiness line, and graceful shutdown.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
 use fold_middleware::breaker::BreakerConfig;
 use fold_middleware::deadline::GrpcDeadlineLayer;
-use fold_middleware::errors::GrpcErrorsLayer;
+use fold_middleware::errors::{GrpcErrorsLayer, RefusalMetrics};
+use fold_middleware::metrics::{GrpcMetrics, GrpcMetricsLayer, Side};
 use fold_middleware::rate_limit::{KeyedLimiter, KeyedRateLimitLayer};
 use fold_proto::sidecar::peer_requests_server::PeerRequestsServer;
 use fold_proto::v1::fold_node_server::FoldNodeServer;
 use fold_proto::v1::network_server::NetworkServer;
+use fold_telemetry::admin::AdminState;
 use local_link::LinkListener;
+use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
@@ -21,6 +25,7 @@ use crate::config::Config;
 use crate::data::Data;
 use crate::identity::Identities;
 use crate::mesh::{MeshLink, MeshOptions, NETWORK_SERVICE};
+use crate::metrics::NodeMetrics;
 use crate::peer_requests::PeerRequestsApi;
 use crate::store::Store;
 
@@ -106,7 +111,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.unknown_peer_distance,
         store.clone(),
     );
-    let data = Data::new(store.clone(), identities);
+    let registry = Arc::new(Mutex::new(Registry::default()));
+    let (node_metrics, server_metrics, client_metrics, refusals) = {
+        let mut reg = registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let sets: [&[u8]; 4] = [
+            fold_proto::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ];
+        (
+            NodeMetrics::register(&mut reg),
+            GrpcMetrics::register(&mut reg, Side::Server, &sets),
+            GrpcMetrics::register(&mut reg, Side::Client, &sets),
+            RefusalMetrics::register(&mut reg, "fold"),
+        )
+    };
+    let data = Data::new(store.clone(), identities, node_metrics.clone());
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<FoldNodeServer<FoldNodeApi>>().await;
@@ -129,6 +152,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     .max(Duration::from_millis(config.breaker_backoff_ms)),
             },
         },
+        node_metrics.clone(),
+        client_metrics,
     );
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -181,7 +206,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // queue in front of a global concurrency limit, per-request deadline, then the services.
     let limiter = KeyedLimiter::new(config.rate_limit_per_client, config.rate_limit_burst);
     let middleware = tower::ServiceBuilder::new()
-        .layer(GrpcErrorsLayer)
+        .layer(GrpcMetricsLayer::new(server_metrics))
+        .layer(GrpcErrorsLayer::new(Some(refusals)))
         .layer(tower::util::MapResponseLayer::new(
             too_large_is_resource_exhausted,
         ))
@@ -209,14 +235,45 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let public = tokio::spawn(public);
     let local = tokio::spawn(local);
 
+    let admin_state = AdminState::new(registry.clone())
+        .readiness_check(
+            "storage",
+            Box::new({
+                let store = store.clone();
+                move || {
+                    store
+                        .meta_get("node_id")
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                }
+            }),
+        )
+        .readiness_check(
+            "sidecar-link",
+            Box::new({
+                let mesh = mesh.clone();
+                move || {
+                    if mesh.is_up() {
+                        Ok(())
+                    } else {
+                        Err("the p2p-sidecar is not connected".into())
+                    }
+                }
+            }),
+        );
+    let (admin_addr, admin) = fold_telemetry::admin::bind(config.admin_listen, admin_state)
+        .await
+        .with_context(|| format!("cannot listen on {} (--admin-listen)", config.admin_listen))?;
+    let admin = tokio::spawn(admin);
+
     mesh.spawn_monitor();
-    tracing::info!(grpc = %grpc_addr, peer_requests = %peer_addr, sidecar = %sidecar_addr, data_dir = %data_dir.display(), "fold-node serving");
+    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, peer_requests = %peer_addr, sidecar = %sidecar_addr, data_dir = %data_dir.display(), "fold-node serving");
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
         writeln!(
             out,
-            "fold-node ready grpc={grpc_addr} peer_requests={peer_addr}"
+            "fold-node ready grpc={grpc_addr} peer_requests={peer_addr} admin={admin_addr}"
         )?;
         out.flush()?;
     }
@@ -226,6 +283,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
     let _ = stop_tx.send(true);
+    admin.abort();
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let drained = tokio::time::timeout(grace, async {
         let a = public.await;

@@ -6,6 +6,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 use tonic::Status;
 use tower::{Layer, Service};
 
@@ -42,21 +44,86 @@ pub fn status_for(err: &(dyn Error + 'static)) -> Status {
     Status::internal(format!("internal error: {err}"))
 }
 
+/// Counts of requests refused by the middleware, by reason.
+#[derive(Debug, Clone, Default)]
+pub struct RefusalMetrics {
+    pub rate_limited: Counter,
+    pub load_shed: Counter,
+    pub timed_out: Counter,
+}
+
+impl RefusalMetrics {
+    /// Register `<prefix>_rate_limited_total`, `<prefix>_load_shed_total` and
+    /// `<prefix>_deadline_exceeded_total`.
+    pub fn register(registry: &mut Registry, prefix: &str) -> RefusalMetrics {
+        let m = RefusalMetrics::default();
+        registry.register(
+            format!("{prefix}_rate_limited"),
+            "Requests refused by the per-client rate limit (RESOURCE_EXHAUSTED)",
+            m.rate_limited.clone(),
+        );
+        registry.register(
+            format!("{prefix}_load_shed"),
+            "Requests shed because the concurrency limit and its queue were full (UNAVAILABLE)",
+            m.load_shed.clone(),
+        );
+        registry.register(
+            format!("{prefix}_deadline_exceeded"),
+            "Requests that ran out of time on the server (DEADLINE_EXCEEDED)",
+            m.timed_out.clone(),
+        );
+        m
+    }
+
+    fn count(&self, err: &(dyn Error + 'static)) {
+        let mut cur: Option<&(dyn Error + 'static)> = Some(err);
+        while let Some(e) = cur {
+            if e.downcast_ref::<RateLimited>().is_some() {
+                self.rate_limited.inc();
+                return;
+            }
+            if e.downcast_ref::<tower::load_shed::error::Overloaded>()
+                .is_some()
+            {
+                self.load_shed.inc();
+                return;
+            }
+            if e.downcast_ref::<tower::timeout::error::Elapsed>().is_some() {
+                self.timed_out.inc();
+                return;
+            }
+            cur = e.source();
+        }
+    }
+}
+
 /// Outermost server layer: an `Err` from the layers inside becomes a gRPC response carrying
-/// [`status_for`] of it.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct GrpcErrorsLayer;
+/// [`status_for`] of it (and is counted, when given [`RefusalMetrics`]).
+#[derive(Debug, Clone, Default)]
+pub struct GrpcErrorsLayer {
+    metrics: Option<RefusalMetrics>,
+}
+
+impl GrpcErrorsLayer {
+    pub fn new(metrics: Option<RefusalMetrics>) -> Self {
+        GrpcErrorsLayer { metrics }
+    }
+}
 
 impl<S> Layer<S> for GrpcErrorsLayer {
     type Service = GrpcErrors<S>;
     fn layer(&self, inner: S) -> GrpcErrors<S> {
-        GrpcErrors { inner }
+        GrpcErrors {
+            inner,
+            metrics: self.metrics.clone(),
+        }
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct GrpcErrors<S> {
     inner: S,
+    metrics: Option<RefusalMetrics>,
 }
 
 impl<S, Req, B> Service<Req> for GrpcErrors<S>
@@ -76,11 +143,15 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let fut = self.inner.call(req);
+        let metrics = self.metrics.clone();
         Box::pin(async move {
             match fut.await {
                 Ok(r) => Ok(r),
                 Err(e) => {
                     let e: BoxError = e.into();
+                    if let Some(m) = &metrics {
+                        m.count(&*e);
+                    }
                     let status = status_for(&*e);
                     tracing::debug!(code = ?status.code(), error = %e, "request refused by middleware");
                     Ok(status.into_http())

@@ -9,4 +9,5 @@
 pub mod breaker;
 pub mod deadline;
 pub mod errors;
+pub mod metrics;
 pub mod rate_limit;
