@@ -2,16 +2,34 @@
 //! this node). Requests on this port come from local clients ([`Principal::LocalClient`]).
 //! Query and Mutate for another node go to the sidecar ([`MeshLink`]); everything else runs here.
 
+use fold_middleware::metrics::code_name;
 use fold_proto::json::map_to_struct;
 use fold_proto::v1::fold_node_server::FoldNode;
 use fold_proto::v1::network_server::Network;
 use fold_proto::v1::*;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::data::{self, Data};
 use crate::identity::Principal;
 use crate::mesh::{MeshLink, grpc_timeout};
 use crate::store::{SchemaState, TrustRecord};
+
+/// Run `fut` inside `span` and record its gRPC outcome on the span.
+pub async fn traced<T>(
+    span: tracing::Span,
+    fut: impl std::future::Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    let r = fut.instrument(span.clone()).await;
+    span.record(
+        "outcome",
+        match &r {
+            Ok(_) => "OK",
+            Err(s) => code_name(s.code()),
+        },
+    );
+    r
+}
 
 #[derive(Clone)]
 pub struct FoldNodeApi {
@@ -109,13 +127,23 @@ impl FoldNode for FoldNodeApi {
     ) -> Result<Response<QueryResponse>, Status> {
         let deadline = grpc_timeout(request.metadata());
         let req = request.into_inner();
-        if !self.mesh.is_local(&req.target_node_id) {
-            let resp = self.mesh.forward_query(req, deadline).await?;
-            return Ok(Response::new(resp));
-        }
-        let mut resp = self.data.query(&Principal::LocalClient, req).await?;
-        resp.node_id = self.mesh.node_id_or_empty();
-        Ok(Response::new(resp))
+        let span = tracing::info_span!(
+            "fold.query",
+            schema = %req.schema,
+            target_node = %req.target_node_id,
+            forwarded = !self.mesh.is_local(&req.target_node_id),
+            outcome = tracing::field::Empty,
+        );
+        traced(span, async move {
+            if !self.mesh.is_local(&req.target_node_id) {
+                return self.mesh.forward_query(req, deadline).await;
+            }
+            let mut resp = self.data.query(&Principal::LocalClient, req).await?;
+            resp.node_id = self.mesh.node_id_or_empty();
+            Ok(resp)
+        })
+        .await
+        .map(Response::new)
     }
 
     async fn mutate(
@@ -124,13 +152,23 @@ impl FoldNode for FoldNodeApi {
     ) -> Result<Response<MutateResponse>, Status> {
         let deadline = grpc_timeout(request.metadata());
         let req = request.into_inner();
-        if !self.mesh.is_local(&req.target_node_id) {
-            let resp = self.mesh.forward_mutate(req, deadline).await?;
-            return Ok(Response::new(resp));
-        }
-        let mut resp = self.data.mutate(&Principal::LocalClient, req).await?;
-        resp.node_id = self.mesh.node_id_or_empty();
-        Ok(Response::new(resp))
+        let span = tracing::info_span!(
+            "fold.mutate",
+            schema = %req.schema,
+            target_node = %req.target_node_id,
+            forwarded = !self.mesh.is_local(&req.target_node_id),
+            outcome = tracing::field::Empty,
+        );
+        traced(span, async move {
+            if !self.mesh.is_local(&req.target_node_id) {
+                return self.mesh.forward_mutate(req, deadline).await;
+            }
+            let mut resp = self.data.mutate(&Principal::LocalClient, req).await?;
+            resp.node_id = self.mesh.node_id_or_empty();
+            Ok(resp)
+        })
+        .await
+        .map(Response::new)
     }
 
     async fn history(

@@ -3,7 +3,6 @@ use fold_node::config::Config;
 
 fn main() -> std::process::ExitCode {
     let config = Config::parse();
-    fold_node::server::init_tracing(&config.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -11,12 +10,15 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(fold_node::server::run(config)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("fold-node: {e:#}");
-            std::process::ExitCode::FAILURE
+    runtime.block_on(async move {
+        let _telemetry = fold_telemetry::otel::init("fold-node", &config.log_format);
+        match fold_node::server::run(config).await {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e:#}");
+                eprintln!("fold-node: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
         }
-    }
+    })
 }

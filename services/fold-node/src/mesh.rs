@@ -215,12 +215,15 @@ impl MeshLink {
         let timeout = deadline
             .map(|d| d.min(self.inner.forward_timeout))
             .unwrap_or(self.inner.forward_timeout);
+        // W3C trace context of the current span, for the sidecar and every hop after it.
+        let trace_context = fold_telemetry::otel::inject_current();
         let mut request = tonic::Request::new(sc::ForwardRequest {
             target_node_id: target.clone(),
             timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
-            trace_context: Default::default(),
+            trace_context: trace_context.clone(),
             operation: Some(op),
         });
+        fold_telemetry::otel::inject_metadata(&trace_context, request.metadata_mut());
         // A little slack so the sidecar's own deadline fires first and says what happened.
         request.set_timeout(timeout + Duration::from_millis(250));
         // Circuit breakers: fail fast, with no network wait, toward a peer (or through a sidecar

@@ -6,10 +6,12 @@
 //! trust distance comes from this node's trust table — never from anything the sender claims.
 //! Failures are answered as a typed `WireError` for the sender to relay.
 
+use fold_middleware::metrics::code_name;
 use fold_proto::sidecar::peer_requests_server::PeerRequests;
 use fold_proto::sidecar::{InboundForward, ServedSchemasRequest, ServedSchemasResponse};
 use fold_proto::wire::{ForwardResponse, WireError, forward_request, forward_response};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::data::Data;
 use crate::identity::Principal;
@@ -49,37 +51,37 @@ impl PeerRequests for PeerRequestsApi {
         };
         let who = Principal::Peer(inbound.origin_node_id.clone());
         let me = self.mesh.node_id_or_empty();
-        let result = if !req.target_node_id.is_empty() && !me.is_empty() && req.target_node_id != me
-        {
-            wire_error(Status::not_found(format!(
-                "request is for node {}, this is node {me}",
-                req.target_node_id
-            )))
-        } else {
-            match req.operation {
-                Some(forward_request::Operation::Query(q)) => {
-                    match self.data.query(&who, q).await {
-                        Ok(mut r) => {
-                            r.node_id = me.clone();
-                            forward_response::Result::Query(r)
-                        }
-                        Err(s) => wire_error(s),
-                    }
-                }
-                Some(forward_request::Operation::Mutate(m)) => {
-                    match self.data.mutate(&who, m).await {
-                        Ok(mut r) => {
-                            r.node_id = me.clone();
-                            forward_response::Result::Mutate(r)
-                        }
-                        Err(s) => wire_error(s),
-                    }
-                }
-                None => wire_error(Status::invalid_argument(
-                    "forwarded request carries no query or mutation",
-                )),
-            }
+        let (op, schema) = match &req.operation {
+            Some(forward_request::Operation::Query(q)) => ("query", q.schema.clone()),
+            Some(forward_request::Operation::Mutate(m)) => ("mutate", m.schema.clone()),
+            None => ("none", String::new()),
         };
+        let span = tracing::info_span!(
+            "fold.peer_request",
+            otel.kind = "server",
+            op,
+            schema = %schema,
+            peer = %inbound.origin_node_id,
+            request_id = %req.request_id,
+            outcome = tracing::field::Empty,
+        );
+        fold_telemetry::otel::set_parent(
+            &span,
+            fold_telemetry::otel::extract_map(&req.trace_context),
+        );
+        let result = async {
+            self.execute(&who, &me, req.target_node_id.clone(), req.operation.clone())
+                .await
+        }
+        .instrument(span.clone())
+        .await;
+        span.record(
+            "outcome",
+            match &result {
+                forward_response::Result::Error(e) => code_name(tonic::Code::from_i32(e.code)),
+                _ => "OK",
+            },
+        );
         if let forward_response::Result::Error(e) = &result {
             tracing::info!(peer = %inbound.origin_node_id, request_id = %req.request_id, code = e.code, error = %e.message, "inbound request refused");
         } else {
@@ -99,5 +101,46 @@ impl PeerRequests for PeerRequestsApi {
         Ok(Response::new(ServedSchemasResponse {
             names: self.data.served(&req.names),
         }))
+    }
+}
+
+impl PeerRequestsApi {
+    async fn execute(
+        &self,
+        who: &Principal,
+        me: &str,
+        target: String,
+        operation: Option<forward_request::Operation>,
+    ) -> forward_response::Result {
+        let me = me.to_string();
+        let req_target_node_id = target;
+        if !req_target_node_id.is_empty() && !me.is_empty() && req_target_node_id != me {
+            wire_error(Status::not_found(format!(
+                "request is for node {}, this is node {me}",
+                req_target_node_id
+            )))
+        } else {
+            match operation {
+                Some(forward_request::Operation::Query(q)) => match self.data.query(who, q).await {
+                    Ok(mut r) => {
+                        r.node_id = me.clone();
+                        forward_response::Result::Query(r)
+                    }
+                    Err(s) => wire_error(s),
+                },
+                Some(forward_request::Operation::Mutate(m)) => {
+                    match self.data.mutate(who, m).await {
+                        Ok(mut r) => {
+                            r.node_id = me.clone();
+                            forward_response::Result::Mutate(r)
+                        }
+                        Err(s) => wire_error(s),
+                    }
+                }
+                None => wire_error(Status::invalid_argument(
+                    "forwarded request carries no query or mutation",
+                )),
+            }
+        }
     }
 }

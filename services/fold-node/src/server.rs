@@ -14,6 +14,7 @@ use fold_proto::sidecar::peer_requests_server::PeerRequestsServer;
 use fold_proto::v1::fold_node_server::FoldNodeServer;
 use fold_proto::v1::network_server::NetworkServer;
 use fold_telemetry::admin::AdminState;
+use fold_telemetry::otel;
 use local_link::LinkListener;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
@@ -28,20 +29,6 @@ use crate::mesh::{MeshLink, MeshOptions, NETWORK_SERVICE};
 use crate::metrics::NodeMetrics;
 use crate::peer_requests::PeerRequestsApi;
 use crate::store::Store;
-
-pub fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
 
 /// Resolves when SIGTERM or SIGINT arrives.
 async fn shutdown_signal() {
@@ -222,6 +209,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         )))
         .into_inner();
     let public = Server::builder()
+        .trace_fn(|req: &http::Request<()>| {
+            let span = tracing::info_span!(
+                "grpc.server",
+                otel.name = %req.uri().path().trim_start_matches('/'),
+                otel.kind = "server",
+                rpc.system = "grpc",
+            );
+            otel::set_parent(&span, otel::extract_headers(req.headers()));
+            span
+        })
         .layer(middleware)
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -1,0 +1,216 @@
+//! Logs and traces. Logs go to stderr (`RUST_LOG` sets the level, default info). Traces are
+//! exported over OTLP/gRPC when the standard `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, and are off otherwise; `OTEL_SERVICE_NAME`,
+//! `OTEL_SDK_DISABLED` and the exporter's other `OTEL_*` variables are honoured.
+//!
+//! W3C trace context (`traceparent`, `tracestate`) crosses every hop: [`extract_metadata`] /
+//! [`extract_map`] read a parent context from gRPC metadata or from a message's trace-context
+//! map, and [`inject_current`] writes the current span's context into a map for the next hop.
+
+use std::collections::HashMap;
+
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+/// Flushes and stops the trace exporter when dropped (at process exit).
+pub struct TelemetryGuard {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl TelemetryGuard {
+    pub fn tracing_enabled(&self) -> bool {
+        self.provider.is_some()
+    }
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.provider.take()
+            && let Err(e) = p.shutdown()
+        {
+            eprintln!("trace exporter shutdown: {e}");
+        }
+    }
+}
+
+fn env_set(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| !v.trim().is_empty())
+}
+
+/// Whether the environment asks for trace export.
+pub fn otlp_requested() -> bool {
+    let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"))
+        || std::env::var("OTEL_TRACES_EXPORTER").is_ok_and(|v| v.eq_ignore_ascii_case("none"));
+    !disabled
+        && (env_set("OTEL_EXPORTER_OTLP_ENDPOINT") || env_set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+}
+
+/// Install logging (and tracing export when configured). Call inside a tokio runtime.
+pub fn init(service_name: &'static str, log_format: &str) -> TelemetryGuard {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = if log_format == "json" {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .boxed()
+    } else {
+        tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(std::io::stderr)
+            .boxed()
+    };
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let mut provider = None;
+    let mut export_error = None;
+    let otel_layer = if otlp_requested() {
+        match opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .build()
+        {
+            Ok(exporter) => {
+                let name = std::env::var("OTEL_SERVICE_NAME")
+                    .ok()
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| service_name.to_string());
+                let p = SdkTracerProvider::builder()
+                    .with_batch_exporter(exporter)
+                    .with_resource(
+                        opentelemetry_sdk::Resource::builder()
+                            .with_service_name(name)
+                            .build(),
+                    )
+                    .build();
+                let tracer = p.tracer(service_name);
+                provider = Some(p);
+                Some(tracing_opentelemetry::layer().with_tracer(tracer))
+            }
+            Err(e) => {
+                export_error = Some(e.to_string());
+                None
+            }
+        }
+    } else {
+        None
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel_layer)
+        .init();
+    if let Some(e) = export_error {
+        tracing::error!(error = %e, "OTLP trace export is configured but could not start; traces are off");
+    } else if provider.is_some() {
+        tracing::info!("exporting traces over OTLP");
+    }
+    TelemetryGuard { provider }
+}
+
+struct MetadataExtractor<'a>(&'a tonic::metadata::MetadataMap);
+
+impl Extractor for MetadataExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .keys()
+            .filter_map(|k| match k {
+                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
+                tonic::metadata::KeyRef::Binary(_) => None,
+            })
+            .collect()
+    }
+}
+
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// The remote parent carried in gRPC metadata (`traceparent`), if any.
+pub fn extract_metadata(md: &tonic::metadata::MetadataMap) -> opentelemetry::Context {
+    TraceContextPropagator::new().extract(&MetadataExtractor(md))
+}
+
+/// The remote parent carried in HTTP headers, if any.
+pub fn extract_headers(h: &http::HeaderMap) -> opentelemetry::Context {
+    TraceContextPropagator::new().extract(&HeaderExtractor(h))
+}
+
+/// The remote parent carried in a message's trace-context map, if any.
+pub fn extract_map(map: &HashMap<String, String>) -> opentelemetry::Context {
+    TraceContextPropagator::new().extract(map)
+}
+
+/// Make `span` a child of the remote parent in `cx` (no-op when `cx` carries no span).
+pub fn set_parent(span: &tracing::Span, cx: opentelemetry::Context) {
+    let _ = span.set_parent(cx);
+}
+
+/// The current span's context as a W3C trace-context map, for the next hop.
+pub fn inject_current() -> HashMap<String, String> {
+    let mut map = HashMap::new();
+    let cx = tracing::Span::current().context();
+    TraceContextPropagator::new().inject_context(&cx, &mut map);
+    map
+}
+
+/// Put a trace-context map into outgoing gRPC metadata.
+pub fn inject_metadata(map: &HashMap<String, String>, md: &mut tonic::metadata::MetadataMap) {
+    for (k, v) in map {
+        if let (Ok(k), Ok(v)) = (
+            tonic::metadata::AsciiMetadataKey::from_bytes(k.as_bytes()),
+            tonic::metadata::AsciiMetadataValue::try_from(v.as_str()),
+        ) {
+            md.insert(k, v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extracts_w3c_parents() {
+        let mut map = HashMap::new();
+        map.insert(
+            "traceparent".to_string(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_string(),
+        );
+        let cx = extract_map(&map);
+        use opentelemetry::trace::TraceContextExt;
+        let sc = cx.span().span_context().clone();
+        assert!(sc.is_valid());
+        assert_eq!(
+            sc.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        let mut md = tonic::metadata::MetadataMap::new();
+        inject_metadata(&map, &mut md);
+        let cx = extract_metadata(&md);
+        assert_eq!(
+            cx.span().span_context().trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert!(
+            !extract_map(&HashMap::new())
+                .span()
+                .span_context()
+                .is_valid()
+        );
+    }
+}
