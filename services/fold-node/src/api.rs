@@ -1,5 +1,6 @@
 //! The public gRPC API: `fold.v1.FoldNode` (data) and `fold.v1.Network` (the mesh, as seen from
-//! this node). Requests on this port come from local clients ([`Principal::LocalClient`]).
+//! this node). Requests on this port come from clients: anonymous ([`Principal::LocalClient`]) or,
+//! under mutual TLS, identified by their certificate ([`Principal::CertClient`]).
 //! Query and Mutate for another node go to the sidecar ([`MeshLink`]); everything else runs here.
 
 use fold_middleware::metrics::code_name;
@@ -11,7 +12,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::data::{self, Data};
-use crate::identity::Principal;
+use crate::identity::{CertIdentity, Principal};
 use crate::mesh::{MeshLink, grpc_timeout};
 use crate::store::{SchemaState, TrustRecord};
 
@@ -29,6 +30,20 @@ pub async fn traced<T>(
         },
     );
     r
+}
+
+/// Who sent a public-port request: the verified client certificate under mutual TLS, otherwise
+/// an anonymous client.
+pub fn principal_of<T>(request: &Request<T>) -> Principal {
+    request
+        .peer_certs()
+        .and_then(|certs| {
+            certs
+                .first()
+                .and_then(|c| CertIdentity::from_der(c.as_ref()))
+        })
+        .map(Principal::CertClient)
+        .unwrap_or(Principal::LocalClient)
 }
 
 #[derive(Clone)]
@@ -126,6 +141,7 @@ impl FoldNode for FoldNodeApi {
         request: Request<QueryRequest>,
     ) -> Result<Response<QueryResponse>, Status> {
         let deadline = grpc_timeout(request.metadata());
+        let principal = principal_of(&request);
         let req = request.into_inner();
         let span = tracing::info_span!(
             "fold.query",
@@ -138,7 +154,7 @@ impl FoldNode for FoldNodeApi {
             if !self.mesh.is_local(&req.target_node_id) {
                 return self.mesh.forward_query(req, deadline).await;
             }
-            let mut resp = self.data.query(&Principal::LocalClient, req).await?;
+            let mut resp = self.data.query(&principal, req).await?;
             resp.node_id = self.mesh.node_id_or_empty();
             Ok(resp)
         })
@@ -151,6 +167,7 @@ impl FoldNode for FoldNodeApi {
         request: Request<MutateRequest>,
     ) -> Result<Response<MutateResponse>, Status> {
         let deadline = grpc_timeout(request.metadata());
+        let principal = principal_of(&request);
         let req = request.into_inner();
         let span = tracing::info_span!(
             "fold.mutate",
@@ -163,7 +180,7 @@ impl FoldNode for FoldNodeApi {
             if !self.mesh.is_local(&req.target_node_id) {
                 return self.mesh.forward_mutate(req, deadline).await;
             }
-            let mut resp = self.data.mutate(&Principal::LocalClient, req).await?;
+            let mut resp = self.data.mutate(&principal, req).await?;
             resp.node_id = self.mesh.node_id_or_empty();
             Ok(resp)
         })
@@ -175,10 +192,8 @@ impl FoldNode for FoldNodeApi {
         &self,
         request: Request<HistoryRequest>,
     ) -> Result<Response<HistoryResponse>, Status> {
-        let resp = self
-            .data
-            .history(&Principal::LocalClient, request.into_inner())
-            .await?;
+        let principal = principal_of(&request);
+        let resp = self.data.history(&principal, request.into_inner()).await?;
         Ok(Response::new(resp))
     }
 }

@@ -27,6 +27,26 @@ pub struct Config {
     #[arg(long, env = "FOLD_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
+    /// PEM certificate (chain) for TLS on the public port; with --tls-key, the port speaks only
+    /// TLS.
+    #[arg(long, env = "FOLD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "FOLD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificate(s) for client certificates (mutual TLS). A client presenting a
+    /// certificate from this CA is identified by its subject CN in the trust table; clients
+    /// without one get --client-trust-distance.
+    #[arg(long, env = "FOLD_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Optional plaintext port serving only grpc.health.v1 (for Kubernetes gRPC probes, which
+    /// cannot speak TLS).
+    #[arg(long, env = "FOLD_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
+
     /// Address of the admin HTTP port: /metrics (Prometheus), /livez, /readyz (storage and the
     /// sidecar link). It has no authentication: keep it on loopback or a pod-internal address.
     #[arg(long, env = "FOLD_ADMIN_LISTEN", default_value = "127.0.0.1:9464")]

@@ -111,7 +111,7 @@ impl Data {
 
     fn requester(&self, who: &Principal) -> Result<Requester, Status> {
         let r = self.identities.resolve(who).map_err(store_status)?;
-        if r.distance.is_none() && matches!(who, Principal::Peer(_)) {
+        if r.distance.is_none() {
             return Err(Status::permission_denied(format!(
                 "{} is not trusted by this node (trust table entry 'deny', or unknown peers are denied); set its trust with Network.SetTrust",
                 r.label

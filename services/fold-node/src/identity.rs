@@ -11,11 +11,52 @@ use std::str::FromStr;
 
 use crate::store::{Store, StoreError, TrustRecord};
 
+/// A client certificate verified by TLS against the client CA (mutual TLS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertIdentity {
+    /// The certificate's subject common name (or, without one, its first DNS name).
+    pub name: String,
+    /// SHA-256 of the certificate's SubjectPublicKeyInfo, hex.
+    pub key_sha256: String,
+}
+
+impl CertIdentity {
+    /// Read the identity of a DER certificate (already verified by the TLS handshake).
+    pub fn from_der(der: &[u8]) -> Option<CertIdentity> {
+        use sha2::{Digest, Sha256};
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let cn = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_string);
+        let dns = || {
+            cert.subject_alternative_name()
+                .ok()
+                .flatten()
+                .and_then(|san| {
+                    san.value.general_names.iter().find_map(|g| match g {
+                        x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+                        _ => None,
+                    })
+                })
+        };
+        let name = cn.or_else(dns)?;
+        Some(CertIdentity {
+            name,
+            key_sha256: hex::encode(Sha256::digest(cert.public_key().raw)),
+        })
+    }
+}
+
 /// An authenticated party.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Principal {
-    /// A client of this node's public gRPC port (no client authentication yet).
+    /// An anonymous client of this node's public gRPC port (no client certificate).
     LocalClient,
+    /// A client of the public port that presented a certificate signed by the client CA.
+    CertClient(CertIdentity),
     /// A remote node, by the PeerId its sidecar authenticated.
     Peer(String),
 }
@@ -25,6 +66,7 @@ impl Principal {
     pub fn writer_label(&self) -> String {
         match self {
             Principal::LocalClient => "client:local".into(),
+            Principal::CertClient(c) => format!("client:{}", c.name),
             Principal::Peer(id) => format!("peer:{id}"),
         }
     }
@@ -146,6 +188,17 @@ impl Identities {
                 distance: Some(self.client_distance),
                 public_keys: Vec::new(),
             },
+            // A certificate client is looked up in the same trust table as peers, by its
+            // certificate name; one that is not listed gets the anonymous client distance.
+            Principal::CertClient(c) => Requester {
+                label: who.writer_label(),
+                distance: match self.store.trust_get(&c.name)? {
+                    Some(r) if r.denied => None,
+                    Some(r) => Some(r.distance),
+                    None => Some(self.client_distance),
+                },
+                public_keys: vec![c.name.clone(), format!("sha256:{}", c.key_sha256)],
+            },
             Principal::Peer(id) => Requester {
                 label: who.writer_label(),
                 distance: self.peer_distance(id)?.0,
@@ -177,6 +230,35 @@ mod tests {
         assert!(s.record.denied);
         assert!("x".parse::<TrustSeed>().is_err());
         assert!("=1".parse::<TrustSeed>().is_err());
+    }
+
+    #[test]
+    fn certificate_identity_and_its_trust() {
+        let ck = rcgen::generate_simple_self_signed(vec!["alice.example".to_string()]).unwrap();
+        let id = CertIdentity::from_der(ck.cert.der()).unwrap();
+        assert_eq!(id.name, "rcgen self signed cert");
+        assert_eq!(id.key_sha256.len(), 64);
+        assert!(CertIdentity::from_der(b"not a certificate").is_none());
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let ids = Identities::new(3, UnknownPeerPolicy::Deny, store.clone());
+        let who = Principal::CertClient(id.clone());
+        // Not in the trust table: the anonymous client distance.
+        assert_eq!(ids.resolve(&who).unwrap().distance, Some(3));
+        store
+            .trust_set(
+                &id.name,
+                Some(TrustRecord {
+                    distance: 1,
+                    denied: false,
+                }),
+            )
+            .unwrap();
+        let r = ids.resolve(&who).unwrap();
+        assert_eq!(r.distance, Some(1));
+        assert_eq!(r.label, "client:rcgen self signed cert");
+        assert!(r.public_keys.contains(&format!("sha256:{}", id.key_sha256)));
     }
 
     #[test]

@@ -24,7 +24,7 @@ use tonic::transport::server::TcpIncoming;
 use crate::api::{FoldNodeApi, NetworkApi};
 use crate::config::Config;
 use crate::data::Data;
-use crate::identity::Identities;
+use crate::identity::{CertIdentity, Identities};
 use crate::mesh::{MeshLink, MeshOptions, NETWORK_SERVICE};
 use crate::metrics::NodeMetrics;
 use crate::peer_requests::PeerRequestsApi;
@@ -67,14 +67,48 @@ fn too_large_is_resource_exhausted<B>(mut resp: http::Response<B>) -> http::Resp
 /// Rate-limit key of a public-port request: the client's address (an authenticated identity
 /// will take its place when clients authenticate).
 fn client_key<B>(req: &http::Request<B>) -> String {
-    match req
-        .extensions()
-        .get::<tonic::transport::server::TcpConnectInfo>()
-        .and_then(|i| i.remote_addr())
-    {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    let ext = req.extensions();
+    if let Some(tls) = ext.get::<TlsConnectInfo<TcpConnectInfo>>() {
+        if let Some(id) = tls
+            .peer_certs()
+            .and_then(|c| c.first().and_then(|c| CertIdentity::from_der(c.as_ref())))
+        {
+            return format!("client {}", id.name);
+        }
+        if let Some(a) = tls.get_ref().remote_addr() {
+            return format!("client {}", a.ip());
+        }
+    }
+    match ext.get::<TcpConnectInfo>().and_then(|i| i.remote_addr()) {
         Some(a) => format!("client {}", a.ip()),
         None => "client unknown".to_string(),
     }
+}
+
+fn read_pem(path: &std::path::Path, what: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read the {what} {}", path.display()))
+}
+
+/// TLS settings of the public port, if configured.
+fn tls_config(config: &Config) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
+        return Ok(None);
+    };
+    let identity = tonic::transport::Identity::from_pem(
+        read_pem(cert, "TLS certificate (--tls-cert)")?,
+        read_pem(key, "TLS key (--tls-key)")?,
+    );
+    let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &config.tls_client_ca {
+        tls = tls
+            .client_ca_root(tonic::transport::Certificate::from_pem(read_pem(
+                ca,
+                "client CA (--tls-client-ca)",
+            )?))
+            .client_auth_optional(true);
+    }
+    Ok(Some(tls))
 }
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -208,7 +242,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             config.request_timeout_ms,
         )))
         .into_inner();
-    let public = Server::builder()
+    let mut builder = Server::builder();
+    let tls = tls_config(&config)?;
+    let tls_on = tls.is_some();
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .context("invalid TLS configuration (--tls-cert / --tls-key / --tls-client-ca)")?;
+    }
+    let health_only = health_service.clone();
+    let public = builder
         .trace_fn(|req: &http::Request<()>| {
             let span = tracing::info_span!(
                 "grpc.server",
@@ -230,6 +273,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .add_service(peer_service)
         .serve_with_incoming_shutdown(peer_listener.into_incoming(), wait_stop(stop_rx.clone()));
     let public = tokio::spawn(public);
+    // Plaintext health for probes that cannot speak TLS; nothing else is served there.
+    let mut health_addr = None;
+    if let Some(addr) = config.health_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (--health-listen)"))?;
+        health_addr = Some(l.local_addr()?);
+        let incoming = TcpIncoming::from(l).with_nodelay(Some(true));
+        let server = Server::builder()
+            .add_service(health_only)
+            .serve_with_incoming_shutdown(incoming, wait_stop(stop_rx.clone()));
+        tokio::spawn(async move {
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "health port failed");
+            }
+        });
+    }
     let local = tokio::spawn(local);
 
     let admin_state = AdminState::new(registry.clone())
@@ -264,13 +324,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let admin = tokio::spawn(admin);
 
     mesh.spawn_monitor();
-    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, peer_requests = %peer_addr, sidecar = %sidecar_addr, data_dir = %data_dir.display(), "fold-node serving");
+    tracing::info!(grpc = %grpc_addr, tls = tls_on, health = ?health_addr, admin = %admin_addr, peer_requests = %peer_addr, sidecar = %sidecar_addr, data_dir = %data_dir.display(), "fold-node serving");
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
         writeln!(
             out,
-            "fold-node ready grpc={grpc_addr} peer_requests={peer_addr} admin={admin_addr}"
+            "fold-node ready grpc={grpc_addr} peer_requests={peer_addr} admin={admin_addr}{}",
+            health_addr
+                .map(|a| format!(" health={a}"))
+                .unwrap_or_default()
         )?;
         out.flush()?;
     }
