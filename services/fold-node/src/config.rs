@@ -117,6 +117,12 @@ pub struct Config {
     #[arg(long, env = "FOLD_BREAKER_BACKOFF_MS", default_value_t = 1000)]
     pub breaker_backoff_ms: u64,
 
+    /// File holding the shared secret of the local link (at least 16 printable characters). Both
+    /// processes must use the same file. Required when either link address is TCP; optional for
+    /// Unix sockets, which are already limited to this user (mode 0600).
+    #[arg(long, env = "FOLD_LINK_TOKEN_FILE")]
+    pub link_token_file: Option<PathBuf>,
+
     /// Longest a forwarded request may take, in milliseconds (a shorter client deadline wins).
     #[arg(long, env = "FOLD_FORWARD_TIMEOUT_MS", default_value_t = 10_000)]
     pub forward_timeout_ms: u64,

@@ -19,6 +19,7 @@ use fold_proto::sidecar::{self as sc, forward_request::Operation};
 use fold_proto::v1::{MutateRequest, MutateResponse, QueryRequest, QueryResponse};
 use fold_proto::wire::{self, forward_response};
 use local_link::LinkAddr;
+use local_link::token::{TokenLayer, WithToken};
 use tokio::sync::Notify;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -28,7 +29,7 @@ use tonic_health::server::HealthReporter;
 use crate::metrics::NodeMetrics;
 use crate::store::Store;
 
-type MeshSvc = GrpcMetricsService<Channel>;
+type MeshSvc = GrpcMetricsService<WithToken<Channel>>;
 
 /// The Network service's name, for health.
 pub const NETWORK_SERVICE: &str = "fold.v1.Network";
@@ -58,11 +59,13 @@ struct Inner {
 }
 
 /// Tuning of the mesh link.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct MeshOptions {
     pub forward_timeout: Duration,
     pub max_message_bytes: usize,
     pub breaker: BreakerConfig,
+    /// Shared secret sent on every call to the sidecar (TCP links).
+    pub token: Option<local_link::token::LinkToken>,
 }
 
 impl MeshLink {
@@ -77,6 +80,7 @@ impl MeshLink {
         let channel = local_link::channel(&addr, Duration::from_secs(1));
         let channel = tower::ServiceBuilder::new()
             .layer(GrpcMetricsLayer::new(client_metrics))
+            .layer(TokenLayer(opts.token.clone()))
             .service(channel);
         let client = MeshClient::new(channel)
             .max_decoding_message_size(opts.max_message_bytes)

@@ -16,6 +16,7 @@ use fold_proto::v1::network_server::NetworkServer;
 use fold_telemetry::admin::AdminState;
 use fold_telemetry::otel;
 use local_link::LinkListener;
+use local_link::token::LinkToken;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tonic::transport::Server;
@@ -159,6 +160,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await;
 
     let sidecar_addr = config.sidecar_addr.clone().relative_to(&data_dir);
+    let token = match &config.link_token_file {
+        Some(path) => Some(LinkToken::load(path).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    if token.is_none() && (sidecar_addr.is_tcp() || config.peer_requests_listen.is_tcp()) {
+        anyhow::bail!(
+            "the local link to the sidecar uses TCP ({} / {}), which any local user can reach: give both processes the same --link-token-file",
+            sidecar_addr,
+            config.peer_requests_listen
+        );
+    }
     let mesh = MeshLink::new(
         sidecar_addr.clone(),
         store.clone(),
@@ -172,6 +184,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 max_backoff: Duration::from_secs(30)
                     .max(Duration::from_millis(config.breaker_backoff_ms)),
             },
+            token: token.clone(),
         },
         node_metrics.clone(),
         client_metrics,
@@ -269,6 +282,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .add_service(fold_service)
         .add_service(network_service)
         .serve_with_incoming_shutdown(incoming, wait_stop(stop_rx.clone()));
+    let peer_service = tonic::service::interceptor::InterceptedService::new(
+        peer_service,
+        move |req: tonic::Request<()>| match &token {
+            Some(t) => t.check(req),
+            None => Ok(req),
+        },
+    );
     let local = Server::builder()
         .add_service(peer_service)
         .serve_with_incoming_shutdown(peer_listener.into_incoming(), wait_stop(stop_rx.clone()));

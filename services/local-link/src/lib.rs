@@ -6,6 +6,8 @@
 //! streams, accepted or dialed, get `TCP_NODELAY` (without it every unary call waits ~44 ms on
 //! Nagle + delayed ACK).
 
+pub mod token;
+
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
@@ -63,6 +65,11 @@ impl FromStr for LinkAddr {
 }
 
 impl LinkAddr {
+    /// True for TCP links, which any local user can reach (so they need a token).
+    pub fn is_tcp(&self) -> bool {
+        matches!(self, LinkAddr::Tcp(_))
+    }
+
     /// Resolve a relative Unix socket path against `base` (the data directory).
     pub fn relative_to(self, base: &Path) -> LinkAddr {
         match self {
