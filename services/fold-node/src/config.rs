@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use local_link::LinkAddr;
 
 use crate::identity::{TrustSeed, UnknownPeerPolicy};
@@ -19,10 +19,13 @@ p2p-sidecar, reached over a local socket; start the sidecar with the same --data
 find each other with no further flags. Either may start first.\n\n\
 Serves fold.v1.FoldNode, fold.v1.Network, grpc.health.v1.Health and server reflection (v1 and \
 v1alpha) on --listen. When ready it prints one line to stdout:\n  \
-fold-node ready grpc=<addr> peer_requests=<addr>\nLogs go to stderr; the level comes from RUST_LOG \
+fold-node ready grpc=<addr> peer_requests=<addr> admin=<addr> [health=<addr>]\nLogs go to stderr; the level comes from RUST_LOG \
 (default info)."
 )]
 pub struct Config {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Address of the public gRPC port (port 0 picks a free one).
     #[arg(long, env = "FOLD_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
@@ -134,4 +137,22 @@ pub struct Config {
     /// Log format on stderr: "text" or "json".
     #[arg(long, env = "FOLD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Check a gRPC health endpoint and exit 0 when it reports SERVING, 1 otherwise (for
+    /// container healthchecks; works against this node, its plaintext health port, or the
+    /// sidecar's socket).
+    Probe {
+        /// Where to ask: 127.0.0.1:PORT, a socket path, or unix:/path.
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        addr: LinkAddr,
+        /// Service to ask about ("" = the whole server), e.g. fold.v1.Network.
+        #[arg(long, default_value = "")]
+        service: String,
+        /// Give up after this many milliseconds.
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
 }
