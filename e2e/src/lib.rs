@@ -1,5 +1,6 @@
 //! End-to-end test support: start the real foldmesh binaries as processes (on loopback or inside
 //! Linux network namespaces made by [`netns`]) and talk to them with real clients.
 
+pub mod client;
 pub mod netns;
 pub mod process;

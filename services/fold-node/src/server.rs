@@ -10,6 +10,7 @@ use fold_middleware::deadline::GrpcDeadlineLayer;
 use fold_middleware::errors::{GrpcErrorsLayer, RefusalMetrics};
 use fold_middleware::metrics::{GrpcMetrics, GrpcMetricsLayer, Side};
 use fold_middleware::rate_limit::{KeyedLimiter, KeyedRateLimitLayer};
+use fold_middleware::size_limit::TooLargeLayer;
 use fold_proto::sidecar::peer_requests_server::PeerRequestsServer;
 use fold_proto::v1::fold_node_server::FoldNodeServer;
 use fold_proto::v1::network_server::NetworkServer;
@@ -46,23 +47,6 @@ async fn shutdown_signal() {
         _ = term.recv() => tracing::info!("SIGTERM received; draining"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; draining"),
     }
-}
-
-/// tonic reports a request over the size limit as OUT_OF_RANGE; the foldmesh error model (and
-/// grpc-go, grpc-java) say RESOURCE_EXHAUSTED. Rewrite that one status, nothing else.
-fn too_large_is_resource_exhausted<B>(mut resp: http::Response<B>) -> http::Response<B> {
-    let h = resp.headers();
-    let is_too_large = h.get("grpc-status").is_some_and(|v| v == "11")
-        && h.get("grpc-message").is_some_and(|m| {
-            let m = m.as_bytes();
-            m.windows(14).any(|w| w == b"length%20too%20")
-                || m.windows(10).any(|w| w == b"length too")
-        });
-    if is_too_large {
-        resp.headers_mut()
-            .insert("grpc-status", http::HeaderValue::from_static("8"));
-    }
-    resp
 }
 
 /// Rate-limit key of a public-port request: the client's address (an authenticated identity
@@ -242,9 +226,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let middleware = tower::ServiceBuilder::new()
         .layer(GrpcMetricsLayer::new(server_metrics))
         .layer(GrpcErrorsLayer::new(Some(refusals)))
-        .layer(tower::util::MapResponseLayer::new(
-            too_large_is_resource_exhausted,
-        ))
+        .layer(TooLargeLayer)
         .option_layer(limiter.map(|l| KeyedRateLimitLayer::new(l, client_key)))
         .layer(tower::load_shed::LoadShedLayer::new())
         .layer(tower::buffer::BufferLayer::new(config.queue_depth.max(1)))

@@ -11,3 +11,4 @@ pub mod deadline;
 pub mod errors;
 pub mod metrics;
 pub mod rate_limit;
+pub mod size_limit;
