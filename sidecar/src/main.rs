@@ -1,1 +1,50 @@
-fn main() {}
+use clap::Parser;
+use p2p_sidecar::config::{Cli, Command, IdentityAction};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::Identity { action }) = &cli.command {
+        return identity_command(&cli, action);
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("p2p-sidecar: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let _telemetry = fold_telemetry::otel::init("p2p-sidecar", &cli.config.log_format);
+        match p2p_sidecar::server::run(cli.config).await {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e:#}");
+                eprintln!("p2p-sidecar: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn identity_command(cli: &Cli, action: &IdentityAction) -> std::process::ExitCode {
+    let result = match action {
+        IdentityAction::Show => {
+            p2p_sidecar::identity::load_or_create(&cli.config.identity_path(), false)
+                .map(|k| k.public().to_peer_id())
+        }
+        IdentityAction::Generate { out } => {
+            let key = libp2p::identity::Keypair::generate_ed25519();
+            p2p_sidecar::identity::write_new(out, &key).map(|()| key.public().to_peer_id())
+        }
+    };
+    match result {
+        Ok(id) => {
+            println!("{id}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("p2p-sidecar: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! The swarm's behaviour: every libp2p protocol the sidecar speaks.
+
+use std::time::Duration;
+
+use fold_proto::wire::{
+    CheckSchemasRequest, CheckSchemasResponse, ForwardRequest, ForwardResponse,
+};
+use libp2p::kad::store::MemoryStore;
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::{
+    StreamProtocol, connection_limits, identify, identity, kad, mdns, ping, request_response,
+};
+
+use crate::codec::{FORWARD_PROTOCOL, ProstCodec, SCHEMA_PROTOCOL};
+use crate::config::Config;
+
+pub const IDENTIFY_PROTOCOL: &str = "/fold/id/1.0.0";
+pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/fold/kad/1.0.0");
+
+pub type SchemaCodec = ProstCodec<CheckSchemasRequest, CheckSchemasResponse>;
+pub type ForwardCodec = ProstCodec<ForwardRequest, ForwardResponse>;
+
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    pub limits: connection_limits::Behaviour,
+    pub identify: identify::Behaviour,
+    pub ping: ping::Behaviour,
+    pub mdns: Toggle<mdns::tokio::Behaviour>,
+    pub kad: kad::Behaviour<MemoryStore>,
+    pub schema: request_response::Behaviour<SchemaCodec>,
+    pub forward: request_response::Behaviour<ForwardCodec>,
+}
+
+impl Behaviour {
+    pub fn new(key: &identity::Keypair, config: &Config) -> anyhow::Result<Behaviour> {
+        let peer_id = key.public().to_peer_id();
+        let limits = connection_limits::Behaviour::new(
+            connection_limits::ConnectionLimits::default()
+                .with_max_established(Some(config.max_connections))
+                .with_max_established_per_peer(Some(config.max_connections_per_peer)),
+        );
+        let identify = identify::Behaviour::new(
+            identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())
+                .with_agent_version(format!("p2p-sidecar/{}", env!("CARGO_PKG_VERSION"))),
+        );
+        let ping = ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(15)));
+        let mdns = if config.mdns_enabled() {
+            let cfg = mdns::Config {
+                query_interval: Duration::from_secs(config.mdns_query_interval_secs.max(1)),
+                ..Default::default()
+            };
+            Some(mdns::tokio::Behaviour::new(cfg, peer_id)?)
+        } else {
+            None
+        };
+        let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);
+        kad_cfg.set_query_timeout(Duration::from_secs(10));
+        // Provider records are re-announced by the event loop whenever the routing table
+        // changes; keep libp2p's own republication too, for long-lived meshes.
+        kad_cfg.set_provider_publication_interval(Some(Duration::from_secs(600)));
+        let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_cfg);
+        kad.set_mode(Some(kad::Mode::Server));
+        let rr = |timeout_ms: u64| {
+            request_response::Config::default()
+                .with_request_timeout(Duration::from_millis(timeout_ms))
+                .with_max_concurrent_streams(config.max_concurrent_streams)
+        };
+        let schema = request_response::Behaviour::with_codec(
+            SchemaCodec::new(config.max_schema_bytes),
+            [(SCHEMA_PROTOCOL, request_response::ProtocolSupport::Full)],
+            rr(config.request_timeout_ms),
+        );
+        let forward = request_response::Behaviour::with_codec(
+            ForwardCodec::new(config.max_forward_bytes),
+            [(FORWARD_PROTOCOL, request_response::ProtocolSupport::Full)],
+            rr(config.request_timeout_ms),
+        );
+        Ok(Behaviour {
+            limits,
+            identify,
+            ping,
+            mdns: mdns.into(),
+            kad,
+            schema,
+            forward,
+        })
+    }
+}

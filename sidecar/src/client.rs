@@ -1,0 +1,108 @@
+//! The cloneable handle to the swarm's event loop: each method sends a [`Command`] over a
+//! channel and awaits the answer on a oneshot (the rust-libp2p file-sharing pattern). Nothing but
+//! the event loop ever touches the `Swarm`.
+
+use fold_proto::sidecar::PeerEvent;
+use fold_proto::v1::{NetworkStatusResponse, PeerInfo};
+use fold_proto::wire::{CheckSchemasResponse, ForwardRequest, ForwardResponse};
+use libp2p::{Multiaddr, PeerId};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::event_loop::{Command, MeshError};
+
+#[derive(Clone)]
+pub struct Client {
+    tx: mpsc::Sender<Command>,
+    local_peer_id: PeerId,
+    events: broadcast::Sender<PeerEvent>,
+}
+
+fn gone() -> MeshError {
+    MeshError::Unavailable("the sidecar's swarm has stopped".into())
+}
+
+impl Client {
+    pub fn new(
+        tx: mpsc::Sender<Command>,
+        local_peer_id: PeerId,
+        events: broadcast::Sender<PeerEvent>,
+    ) -> Client {
+        Client {
+            tx,
+            local_peer_id,
+            events,
+        }
+    }
+
+    pub fn local_peer_id(&self) -> PeerId {
+        self.local_peer_id
+    }
+
+    /// A stream of peer events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<PeerEvent> {
+        self.events.subscribe()
+    }
+
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, MeshError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())
+    }
+
+    pub async fn status(&self) -> Result<NetworkStatusResponse, MeshError> {
+        self.ask(|reply| Command::Status { reply }).await
+    }
+
+    pub async fn list_peers(&self, include_disconnected: bool) -> Result<Vec<PeerInfo>, MeshError> {
+        self.ask(|reply| Command::ListPeers {
+            include_disconnected,
+            reply,
+        })
+        .await
+    }
+
+    /// Dial an address and wait for the connection; returns the peer's id.
+    pub async fn dial(&self, addr: Multiaddr) -> Result<PeerId, MeshError> {
+        self.ask(|reply| Command::Dial { addr, reply }).await?
+    }
+
+    pub async fn disconnect(&self, peer: PeerId) -> Result<bool, MeshError> {
+        self.ask(|reply| Command::Disconnect { peer, reply }).await
+    }
+
+    /// Send a forward request to `peer` and wait for its answer.
+    pub async fn forward(
+        &self,
+        peer: PeerId,
+        request: ForwardRequest,
+    ) -> Result<ForwardResponse, MeshError> {
+        self.ask(|reply| Command::Forward {
+            peer,
+            request: Box::new(request),
+            reply,
+        })
+        .await?
+    }
+
+    pub async fn check_schemas(
+        &self,
+        peer: PeerId,
+        names: Vec<String>,
+    ) -> Result<CheckSchemasResponse, MeshError> {
+        self.ask(|reply| Command::CheckSchemas { peer, names, reply })
+            .await?
+    }
+
+    /// Replace the set of schemas announced as provider records; returns the new set.
+    pub async fn provide(&self, schemas: Vec<String>) -> Result<Vec<String>, MeshError> {
+        self.ask(|reply| Command::Provide { schemas, reply }).await
+    }
+
+    pub async fn find_providers(&self, schema: String) -> Result<Vec<PeerId>, MeshError> {
+        self.ask(|reply| Command::FindProviders { schema, reply })
+            .await
+    }
+}

@@ -1,0 +1,233 @@
+//! Command-line flags, each with an environment-variable twin.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use libp2p::Multiaddr;
+use local_link::LinkAddr;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "p2p-sidecar",
+    version,
+    about = "The p2p-sidecar of a foldmesh node: its libp2p mesh (identity, discovery, DHT, encrypted multiplexed connections, request forwarding)",
+    long_about = "The p2p-sidecar of a foldmesh node. It owns the node's network identity (a persistent \
+Ed25519 key; the node id is its libp2p PeerId) and one libp2p swarm (TCP + Noise + Yamux, QUIC, \
+identify, ping, mDNS, Kademlia, and the /fold/schema/1.0.0 and /fold/forward/1.0.0 protocols). It \
+serves fold.sidecar.v1.Mesh to its fold-node and hands requests from other nodes to the node's \
+fold.sidecar.v1.PeerRequests service. Start it with the same --data-dir as the node; either may start \
+first.\n\nWhen ready it prints one line to stdout:\n  \
+p2p-sidecar ready node_id=<PeerId> mesh=<addr> listen=<multiaddrs> admin=<addr>\nLogs go to stderr; \
+the level comes from RUST_LOG (default info)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Manage the node identity key.
+    Identity {
+        #[command(subcommand)]
+        action: IdentityAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IdentityAction {
+    /// Print the node id (PeerId) of the identity key (--identity-key, or the one in --data-dir).
+    Show,
+    /// Write a new identity key (mode 0600) to a file that does not exist yet, and print its id.
+    Generate {
+        /// Where to write the key.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MdnsMode {
+    /// On when some --listen address is not loopback.
+    Auto,
+    On,
+    Off,
+}
+
+#[derive(Debug, Clone, Parser)]
+pub struct Config {
+    /// Directory for the identity key and the local sockets; shared with the node.
+    #[arg(long, env = "FOLD_DATA_DIR", default_value = "./data", global = true)]
+    pub data_dir: PathBuf,
+
+    /// The identity key file (a protobuf-encoded libp2p keypair, e.g. a mounted secret). Default:
+    /// <data-dir>/identity.key, created on first start with mode 0600.
+    #[arg(long, env = "FOLD_SIDECAR_IDENTITY_KEY", global = true)]
+    pub identity_key: Option<PathBuf>,
+
+    /// libp2p listen addresses (repeatable; the env variable takes a comma-separated list).
+    #[arg(
+        long = "listen",
+        env = "FOLD_SIDECAR_LISTEN",
+        value_delimiter = ',',
+        default_value = "/ip4/127.0.0.1/tcp/4001,/ip4/127.0.0.1/udp/4001/quic-v1"
+    )]
+    pub listen: Vec<Multiaddr>,
+
+    /// Addresses to announce to peers besides the listen addresses (e.g. a public address).
+    #[arg(
+        long = "external-address",
+        env = "FOLD_SIDECAR_EXTERNAL_ADDRESS",
+        value_delimiter = ','
+    )]
+    pub external_address: Vec<Multiaddr>,
+
+    /// Bootstrap peers (repeatable, comma-separated in the env variable), e.g.
+    /// /ip4/10.0.0.2/tcp/4001/p2p/12D3Koo... or /dns4/node-b/tcp/4001 (the id is then learned).
+    #[arg(
+        long = "bootstrap",
+        env = "FOLD_SIDECAR_BOOTSTRAP",
+        value_delimiter = ','
+    )]
+    pub bootstrap: Vec<Multiaddr>,
+
+    /// mDNS discovery on the local network.
+    #[arg(long, env = "FOLD_SIDECAR_MDNS", value_enum, default_value = "auto")]
+    pub mdns: MdnsMode,
+
+    /// How often mDNS asks the network, in seconds.
+    #[arg(
+        long,
+        env = "FOLD_SIDECAR_MDNS_QUERY_INTERVAL_SECS",
+        default_value_t = 5
+    )]
+    pub mdns_query_interval_secs: u64,
+
+    /// Where to serve fold.sidecar.v1.Mesh to the node: a socket path (relative paths are under
+    /// --data-dir), unix:/abs/path, or 127.0.0.1:PORT (then --link-token-file is required).
+    #[arg(long, env = "FOLD_SIDECAR_MESH_LISTEN", default_value = "sidecar.sock")]
+    pub mesh_listen: LinkAddr,
+
+    /// Where the node serves fold.sidecar.v1.PeerRequests (same forms as --mesh-listen).
+    #[arg(long, env = "FOLD_SIDECAR_NODE_ADDR", default_value = "node.sock")]
+    pub node_addr: LinkAddr,
+
+    /// File holding the shared secret of the local link (the node must use the same file).
+    #[arg(long, env = "FOLD_LINK_TOKEN_FILE")]
+    pub link_token_file: Option<PathBuf>,
+
+    /// Admin HTTP port: /metrics (libp2p and gRPC metrics), /livez, /readyz.
+    #[arg(
+        long,
+        env = "FOLD_SIDECAR_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9465"
+    )]
+    pub admin_listen: SocketAddr,
+
+    /// Timeout of one request to another node (request-response), in milliseconds.
+    #[arg(
+        long,
+        env = "FOLD_SIDECAR_REQUEST_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub request_timeout_ms: u64,
+
+    /// Close a connection after this many idle seconds (connections are pooled and reused).
+    #[arg(
+        long,
+        env = "FOLD_SIDECAR_IDLE_CONNECTION_TIMEOUT_SECS",
+        default_value_t = 300
+    )]
+    pub idle_connection_timeout_secs: u64,
+
+    /// Most established connections in total.
+    #[arg(long, env = "FOLD_SIDECAR_MAX_CONNECTIONS", default_value_t = 256)]
+    pub max_connections: u32,
+
+    /// Most established connections to one peer.
+    #[arg(
+        long,
+        env = "FOLD_SIDECAR_MAX_CONNECTIONS_PER_PEER",
+        default_value_t = 2
+    )]
+    pub max_connections_per_peer: u32,
+
+    /// Largest /fold/forward/1.0.0 message, in bytes.
+    #[arg(long, env = "FOLD_SIDECAR_MAX_FORWARD_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_forward_bytes: usize,
+
+    /// Largest /fold/schema/1.0.0 message, in bytes.
+    #[arg(long, env = "FOLD_SIDECAR_MAX_SCHEMA_BYTES", default_value_t = 64 * 1024)]
+    pub max_schema_bytes: usize,
+
+    /// Most concurrent inbound/outbound streams per request-response protocol.
+    #[arg(
+        long,
+        env = "FOLD_SIDECAR_MAX_CONCURRENT_STREAMS",
+        default_value_t = 100
+    )]
+    pub max_concurrent_streams: usize,
+
+    /// Requests per second one peer may send us (0 = no limit); beyond it, RESOURCE_EXHAUSTED.
+    #[arg(long, env = "FOLD_SIDECAR_PEER_RATE_LIMIT", default_value_t = 200)]
+    pub peer_rate_limit: u32,
+
+    /// Burst of the per-peer rate limit.
+    #[arg(long, env = "FOLD_SIDECAR_PEER_RATE_BURST", default_value_t = 400)]
+    pub peer_rate_burst: u32,
+
+    /// Inbound requests being handed to the node at once, per protocol; beyond it, UNAVAILABLE.
+    #[arg(long, env = "FOLD_SIDECAR_INBOUND_QUEUE", default_value_t = 256)]
+    pub inbound_queue: usize,
+
+    /// Log format on stderr: "text" or "json".
+    #[arg(long, env = "FOLD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+impl Config {
+    pub fn identity_path(&self) -> PathBuf {
+        self.identity_key
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("identity.key"))
+    }
+
+    /// Whether mDNS runs, after resolving `auto`.
+    pub fn mdns_enabled(&self) -> bool {
+        match self.mdns {
+            MdnsMode::On => true,
+            MdnsMode::Off => false,
+            MdnsMode::Auto => self.listen.iter().any(|a| !is_loopback(a)),
+        }
+    }
+}
+
+/// True when a multiaddr's IP part is a loopback address.
+pub fn is_loopback(a: &Multiaddr) -> bool {
+    use libp2p::multiaddr::Protocol;
+    a.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_loopback(),
+        Protocol::Ip6(ip) => ip.is_loopback(),
+        _ => false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mdns_auto_follows_the_listen_addresses() {
+        let mut c = Cli::parse_from(["p2p-sidecar"]).config;
+        assert!(!c.mdns_enabled(), "loopback default: no mDNS");
+        c.listen = vec!["/ip4/198.18.0.10/tcp/4001".parse().unwrap()];
+        assert!(c.mdns_enabled());
+        c.mdns = MdnsMode::Off;
+        assert!(!c.mdns_enabled());
+        let c = Cli::parse_from(["p2p-sidecar", "--mdns", "on"]).config;
+        assert!(c.mdns_enabled());
+    }
+}

@@ -1,0 +1,1080 @@
+//! The one task that owns the `Swarm`. Commands arrive from [`crate::client::Client`]s over a
+//! channel; answers go back on oneshots keyed by request or query id. Inbound requests from peers
+//! are checked here (rate limit, origin = authenticated peer, target = this node, queue room) and
+//! handed to the node on a separate task, whose answer comes back to the loop as a command.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fold_middleware::rate_limit::KeyedLimiter;
+use fold_proto::sidecar::{InboundForward, PeerEvent, peer_event::Kind};
+use fold_proto::v1::{NetworkStatusResponse, PeerInfo};
+use fold_proto::wire::{
+    CheckSchemasRequest, CheckSchemasResponse, ForwardRequest, ForwardResponse, SchemaNames,
+    WireError, check_schemas_response, forward_response,
+};
+use futures::StreamExt;
+use libp2p::metrics::{Metrics, Recorder};
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ResponseChannel};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Swarm, identify, kad, mdns, ping};
+use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
+use tonic::Code;
+use tracing::Instrument;
+
+use crate::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL};
+use crate::metrics::SidecarMetrics;
+use crate::node_link::NodeLink;
+
+/// Addresses remembered per peer.
+const MAX_ADDRS_PER_PEER: usize = 16;
+/// Peers remembered (connected ones are never forgotten).
+const MAX_PEERS: usize = 4096;
+
+/// A mesh-level failure, reported to the node as a gRPC status.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MeshError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+}
+
+impl MeshError {
+    pub fn code(&self) -> Code {
+        match self {
+            MeshError::NotFound(_) => Code::NotFound,
+            MeshError::Unavailable(_) => Code::Unavailable,
+            MeshError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            MeshError::InvalidArgument(_) => Code::InvalidArgument,
+        }
+    }
+}
+
+impl From<MeshError> for tonic::Status {
+    fn from(e: MeshError) -> Self {
+        tonic::Status::new(e.code(), e.to_string())
+    }
+}
+
+pub enum Command {
+    Status {
+        reply: oneshot::Sender<NetworkStatusResponse>,
+    },
+    ListPeers {
+        include_disconnected: bool,
+        reply: oneshot::Sender<Vec<PeerInfo>>,
+    },
+    Dial {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<PeerId, MeshError>>,
+    },
+    Disconnect {
+        peer: PeerId,
+        reply: oneshot::Sender<bool>,
+    },
+    Forward {
+        peer: PeerId,
+        request: Box<ForwardRequest>,
+        reply: oneshot::Sender<Result<ForwardResponse, MeshError>>,
+    },
+    CheckSchemas {
+        peer: PeerId,
+        names: Vec<String>,
+        reply: oneshot::Sender<Result<CheckSchemasResponse, MeshError>>,
+    },
+    Provide {
+        schemas: Vec<String>,
+        reply: oneshot::Sender<Vec<String>>,
+    },
+    FindProviders {
+        schema: String,
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
+    /// The node's answer to an inbound forward, to send back to the peer.
+    RespondForward {
+        channel: ResponseChannel<ForwardResponse>,
+        response: Box<ForwardResponse>,
+    },
+    /// The node's answer to an inbound schema check.
+    RespondSchema {
+        channel: ResponseChannel<CheckSchemasResponse>,
+        response: Box<CheckSchemasResponse>,
+    },
+}
+
+/// A request waiting for a connection to its peer.
+enum Outbound {
+    Forward(
+        Box<ForwardRequest>,
+        oneshot::Sender<Result<ForwardResponse, MeshError>>,
+    ),
+    Schema(
+        CheckSchemasRequest,
+        oneshot::Sender<Result<CheckSchemasResponse, MeshError>>,
+    ),
+}
+
+impl Outbound {
+    fn fail(self, e: MeshError) {
+        match self {
+            Outbound::Forward(_, r) => {
+                let _ = r.send(Err(e));
+            }
+            Outbound::Schema(_, r) => {
+                let _ = r.send(Err(e));
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct PeerEntry {
+    addrs: Vec<Multiaddr>,
+    connections: u32,
+    rtt: Option<Duration>,
+    protocols: Vec<String>,
+    agent: String,
+    source: &'static str,
+    last_seen: Option<Instant>,
+}
+
+impl PeerEntry {
+    fn add_addr(&mut self, a: Multiaddr) {
+        let a = strip_p2p(a);
+        if !self.addrs.contains(&a) {
+            if self.addrs.len() >= MAX_ADDRS_PER_PEER {
+                self.addrs.remove(0);
+            }
+            self.addrs.push(a);
+        }
+    }
+}
+
+fn strip_p2p(mut a: Multiaddr) -> Multiaddr {
+    if matches!(a.iter().last(), Some(Protocol::P2p(_))) {
+        a.pop();
+    }
+    a
+}
+
+fn peer_of(a: &Multiaddr) -> Option<PeerId> {
+    a.iter().find_map(|p| match p {
+        Protocol::P2p(id) => Some(id),
+        _ => None,
+    })
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn schema_key(name: &str) -> kad::RecordKey {
+    kad::RecordKey::new(&format!("fold-schema:{name}"))
+}
+
+fn wire_error(code: Code, message: impl Into<String>) -> WireError {
+    WireError {
+        code: code as i32,
+        message: message.into(),
+    }
+}
+
+fn outbound_error(peer: &PeerId, e: &OutboundFailure) -> MeshError {
+    match e {
+        OutboundFailure::DialFailure => {
+            MeshError::Unavailable(format!("cannot reach node {peer}: dial failed"))
+        }
+        OutboundFailure::Timeout => {
+            MeshError::DeadlineExceeded(format!("node {peer} did not answer in time"))
+        }
+        OutboundFailure::ConnectionClosed => MeshError::Unavailable(format!(
+            "the connection to node {peer} closed before it answered"
+        )),
+        OutboundFailure::UnsupportedProtocols => MeshError::Unavailable(format!(
+            "peer {peer} does not speak the fold protocols (not a fold node?)"
+        )),
+        OutboundFailure::Io(e) => {
+            MeshError::Unavailable(format!("talking to node {peer} failed: {e}"))
+        }
+    }
+}
+
+pub struct EventLoopParts {
+    pub swarm: Swarm<Behaviour>,
+    pub commands: mpsc::Receiver<Command>,
+    pub self_tx: mpsc::Sender<Command>,
+    pub events: broadcast::Sender<PeerEvent>,
+    pub node: NodeLink,
+    pub mdns_enabled: bool,
+    pub bootstrap: Vec<Multiaddr>,
+    pub limiter: Option<KeyedLimiter>,
+    pub inbound_queue: usize,
+    pub libp2p_metrics: Metrics,
+    pub metrics: Arc<SidecarMetrics>,
+}
+
+type ProviderQuery = (String, HashSet<PeerId>, oneshot::Sender<Vec<PeerId>>);
+type PendingForward = (PeerId, oneshot::Sender<Result<ForwardResponse, MeshError>>);
+type PendingSchema = (
+    PeerId,
+    oneshot::Sender<Result<CheckSchemasResponse, MeshError>>,
+);
+
+pub struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    self_tx: mpsc::Sender<Command>,
+    events: broadcast::Sender<PeerEvent>,
+    node: NodeLink,
+    mdns_enabled: bool,
+    bootstrap: Vec<Multiaddr>,
+    limiter: Option<KeyedLimiter>,
+    forward_slots: Arc<Semaphore>,
+    schema_slots: Arc<Semaphore>,
+    libp2p_metrics: Metrics,
+    metrics: Arc<SidecarMetrics>,
+
+    peers: HashMap<PeerId, PeerEntry>,
+    listen_addrs: Vec<Multiaddr>,
+    pending_dial: HashMap<ConnectionId, oneshot::Sender<Result<PeerId, MeshError>>>,
+    waiting_connect: HashMap<PeerId, Vec<Outbound>>,
+    pending_lookup: HashMap<kad::QueryId, PeerId>,
+    pending_forward: HashMap<OutboundRequestId, PendingForward>,
+    pending_schema: HashMap<OutboundRequestId, PendingSchema>,
+    pending_providers: HashMap<kad::QueryId, ProviderQuery>,
+    provided: BTreeSet<String>,
+    reprovide_due: bool,
+    kad_bootstrapped: bool,
+}
+
+impl EventLoop {
+    pub fn new(p: EventLoopParts) -> EventLoop {
+        EventLoop {
+            swarm: p.swarm,
+            commands: p.commands,
+            self_tx: p.self_tx,
+            events: p.events,
+            node: p.node,
+            mdns_enabled: p.mdns_enabled,
+            bootstrap: p.bootstrap,
+            limiter: p.limiter,
+            forward_slots: Arc::new(Semaphore::new(p.inbound_queue.max(1))),
+            schema_slots: Arc::new(Semaphore::new(p.inbound_queue.max(1))),
+            libp2p_metrics: p.libp2p_metrics,
+            metrics: p.metrics,
+            peers: HashMap::new(),
+            listen_addrs: Vec::new(),
+            pending_dial: HashMap::new(),
+            waiting_connect: HashMap::new(),
+            pending_lookup: HashMap::new(),
+            pending_forward: HashMap::new(),
+            pending_schema: HashMap::new(),
+            pending_providers: HashMap::new(),
+            provided: BTreeSet::new(),
+            reprovide_due: false,
+            kad_bootstrapped: false,
+        }
+    }
+
+    fn local(&self) -> PeerId {
+        *self.swarm.local_peer_id()
+    }
+
+    fn emit(&self, kind: Kind, peer: PeerId, addrs: Vec<String>) {
+        let _ = self.events.send(PeerEvent {
+            kind: kind as i32,
+            node_id: peer.to_string(),
+            addrs,
+            unix_ms: now_ms(),
+        });
+    }
+
+    fn entry(&mut self, peer: PeerId, source: &'static str) -> &mut PeerEntry {
+        if !self.peers.contains_key(&peer) && self.peers.len() >= MAX_PEERS {
+            // Forget the longest-unseen disconnected peer.
+            if let Some(old) = self
+                .peers
+                .iter()
+                .filter(|(_, e)| e.connections == 0)
+                .min_by_key(|(_, e)| e.last_seen)
+                .map(|(p, _)| *p)
+            {
+                self.peers.remove(&old);
+            }
+        }
+        let e = self.peers.entry(peer).or_insert_with(|| PeerEntry {
+            source,
+            ..Default::default()
+        });
+        e.last_seen = Some(Instant::now());
+        e
+    }
+
+    fn dial_bootstrap(&mut self) {
+        for addr in self.bootstrap.clone() {
+            if let Some(peer) = peer_of(&addr) {
+                if peer == self.local() {
+                    continue;
+                }
+                self.entry(peer, "bootstrap").add_addr(addr.clone());
+                self.swarm
+                    .behaviour_mut()
+                    .kad
+                    .add_address(&peer, strip_p2p(addr.clone()));
+                if self.swarm.is_connected(&peer) {
+                    continue;
+                }
+            }
+            if let Err(e) = self.swarm.dial(addr.clone()) {
+                tracing::debug!(%addr, error = %e, "bootstrap dial not started");
+            }
+        }
+    }
+
+    pub async fn run(mut self) {
+        self.dial_bootstrap();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut ticks: u64 = 0;
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                command = self.commands.recv() => match command {
+                    Some(c) => self.on_command(c),
+                    None => break,
+                },
+                _ = tick.tick() => {
+                    ticks += 1;
+                    if self.reprovide_due {
+                        self.reprovide_due = false;
+                        self.reprovide();
+                    }
+                    // Keep trying bootstrap peers while we know nobody (they may start later).
+                    if ticks.is_multiple_of(5) && self.swarm.connected_peers().next().is_none() {
+                        self.dial_bootstrap();
+                    }
+                    if ticks.is_multiple_of(300) {
+                        let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                    }
+                }
+            }
+        }
+        tracing::info!("swarm event loop stopped");
+    }
+
+    // ---- commands ----------------------------------------------------------------------------
+
+    fn on_command(&mut self, c: Command) {
+        match c {
+            Command::Status { reply } => {
+                let mut listen: Vec<String> =
+                    self.listen_addrs.iter().map(|a| a.to_string()).collect();
+                listen.sort();
+                let _ = reply.send(NetworkStatusResponse {
+                    node_id: self.local().to_string(),
+                    listen_addrs: listen,
+                    external_addrs: self
+                        .swarm
+                        .external_addresses()
+                        .map(|a| a.to_string())
+                        .collect(),
+                    connected_peers: self.swarm.connected_peers().count() as u32,
+                    known_peers: self.peers.len() as u32,
+                    mdns_enabled: self.mdns_enabled,
+                    provided_schemas: self.provided.iter().cloned().collect(),
+                });
+            }
+            Command::ListPeers {
+                include_disconnected,
+                reply,
+            } => {
+                let mut peers: Vec<PeerInfo> = self
+                    .peers
+                    .iter()
+                    .filter(|(p, e)| {
+                        (include_disconnected || e.connections > 0) && **p != self.local()
+                    })
+                    .map(|(p, e)| PeerInfo {
+                        node_id: p.to_string(),
+                        addrs: e.addrs.iter().map(|a| a.to_string()).collect(),
+                        connected: e.connections > 0,
+                        rtt_micros: e.rtt.map(|d| d.as_micros() as u64).unwrap_or(0),
+                        protocols: e.protocols.clone(),
+                        agent_version: e.agent.clone(),
+                        source: e.source.to_string(),
+                        trust_distance: 0,
+                    })
+                    .collect();
+                peers.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+                let _ = reply.send(peers);
+            }
+            Command::Dial { addr, reply } => {
+                if let Some(peer) = peer_of(&addr) {
+                    if peer == self.local() {
+                        let _ = reply.send(Err(MeshError::InvalidArgument(
+                            "that address is this node's own".into(),
+                        )));
+                        return;
+                    }
+                    self.entry(peer, "dial").add_addr(addr.clone());
+                    if self.swarm.is_connected(&peer) {
+                        let _ = reply.send(Ok(peer));
+                        return;
+                    }
+                }
+                let opts = match peer_of(&addr) {
+                    Some(peer) => DialOpts::peer_id(peer)
+                        .addresses(vec![strip_p2p(addr.clone())])
+                        .condition(PeerCondition::Always)
+                        .build(),
+                    None => DialOpts::unknown_peer_id().address(addr.clone()).build(),
+                };
+                let id = opts.connection_id();
+                match self.swarm.dial(opts) {
+                    Ok(()) => {
+                        self.pending_dial.insert(id, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(MeshError::Unavailable(format!(
+                            "cannot dial {addr}: {e}"
+                        ))));
+                    }
+                }
+            }
+            Command::Disconnect { peer, reply } => {
+                let _ = reply.send(self.swarm.disconnect_peer_id(peer).is_ok());
+            }
+            Command::Forward {
+                peer,
+                request,
+                reply,
+            } => self.send_or_connect(peer, Outbound::Forward(request, reply)),
+            Command::CheckSchemas { peer, names, reply } => {
+                self.send_or_connect(peer, Outbound::Schema(CheckSchemasRequest { names }, reply))
+            }
+            Command::Provide { schemas, reply } => {
+                let want: BTreeSet<String> = schemas.into_iter().collect();
+                for gone in self.provided.difference(&want) {
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .stop_providing(&schema_key(gone));
+                }
+                self.provided = want;
+                self.reprovide();
+                let _ = reply.send(self.provided.iter().cloned().collect());
+            }
+            Command::FindProviders { schema, reply } => {
+                let mut found = HashSet::new();
+                if self.provided.contains(&schema) {
+                    found.insert(self.local());
+                }
+                let q = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .get_providers(schema_key(&schema));
+                self.pending_providers.insert(q, (schema, found, reply));
+            }
+            Command::RespondForward { channel, response } => {
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .forward
+                    .send_response(channel, *response)
+                    .is_err()
+                {
+                    tracing::debug!("peer went away before the forward answer was sent");
+                }
+            }
+            Command::RespondSchema { channel, response } => {
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .schema
+                    .send_response(channel, *response)
+                    .is_err()
+                {
+                    tracing::debug!("peer went away before the schema answer was sent");
+                }
+            }
+        }
+    }
+
+    fn reprovide(&mut self) {
+        for name in self.provided.clone() {
+            if let Err(e) = self
+                .swarm
+                .behaviour_mut()
+                .kad
+                .start_providing(schema_key(&name))
+            {
+                tracing::warn!(schema = %name, error = %e, "cannot announce schema");
+            }
+        }
+    }
+
+    fn send_now(&mut self, peer: PeerId, o: Outbound) {
+        match o {
+            Outbound::Forward(req, reply) => {
+                let id = self.swarm.behaviour_mut().forward.send_request(&peer, *req);
+                self.pending_forward.insert(id, (peer, reply));
+            }
+            Outbound::Schema(req, reply) => {
+                let id = self.swarm.behaviour_mut().schema.send_request(&peer, req);
+                self.pending_schema.insert(id, (peer, reply));
+            }
+        }
+    }
+
+    /// Send on the existing connection, or connect first: known addresses, then the DHT.
+    fn send_or_connect(&mut self, peer: PeerId, o: Outbound) {
+        if peer == self.local() {
+            o.fail(MeshError::InvalidArgument(
+                "that is this node's own id; run the request locally".into(),
+            ));
+            return;
+        }
+        if self.swarm.is_connected(&peer) {
+            self.send_now(peer, o);
+            return;
+        }
+        if let Some(waiting) = self.waiting_connect.get_mut(&peer) {
+            waiting.push(o);
+            return;
+        }
+        let addrs = self
+            .peers
+            .get(&peer)
+            .map(|e| e.addrs.clone())
+            .unwrap_or_default();
+        self.waiting_connect.insert(peer, vec![o]);
+        if addrs.is_empty() {
+            let q = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
+            self.pending_lookup.insert(q, peer);
+        } else {
+            self.dial_known(peer, addrs);
+        }
+    }
+
+    fn dial_known(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        if let Err(e) = self.swarm.dial(opts) {
+            tracing::debug!(%peer, error = %e, "dial not started");
+            if !matches!(e, libp2p::swarm::DialError::DialPeerConditionFalse(_)) {
+                self.fail_waiting(
+                    peer,
+                    MeshError::Unavailable(format!("cannot reach node {peer}: {e}")),
+                );
+            }
+        }
+    }
+
+    fn fail_waiting(&mut self, peer: PeerId, e: MeshError) {
+        if let Some(list) = self.waiting_connect.remove(&peer) {
+            for o in list {
+                o.fail(e.clone());
+            }
+        }
+    }
+
+    // ---- swarm events ------------------------------------------------------------------------
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        self.libp2p_metrics.record(&event);
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "listening");
+                if !self.listen_addrs.contains(&address) {
+                    self.listen_addrs.push(address);
+                }
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen_addrs.retain(|a| a != &address);
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                let dialed = endpoint.is_dialer();
+                let remote = endpoint.get_remote_address().clone();
+                let source = if dialed { "dial" } else { "inbound" };
+                let e = self.entry(peer_id, source);
+                e.connections = num_established.get();
+                if dialed {
+                    e.add_addr(remote.clone());
+                }
+                if let Some(reply) = self.pending_dial.remove(&connection_id) {
+                    let _ = reply.send(Ok(peer_id));
+                }
+                if dialed {
+                    // A dialed address is a listen address of the peer: good for the DHT.
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer_id, strip_p2p(remote.clone()));
+                }
+                if let Some(list) = self.waiting_connect.remove(&peer_id) {
+                    for o in list {
+                        self.send_now(peer_id, o);
+                    }
+                }
+                if num_established.get() == 1 {
+                    tracing::info!(peer = %peer_id, addr = %remote, "connected");
+                    self.emit(Kind::Connected, peer_id, vec![remote.to_string()]);
+                }
+                if !self.kad_bootstrapped {
+                    self.kad_bootstrapped = self.swarm.behaviour_mut().kad.bootstrap().is_ok();
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                ..
+            } => {
+                if let Some(e) = self.peers.get_mut(&peer_id) {
+                    e.connections = num_established;
+                }
+                if num_established == 0 {
+                    tracing::info!(peer = %peer_id, "disconnected");
+                    self.emit(Kind::Disconnected, peer_id, vec![]);
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                peer_id,
+                error,
+            } => {
+                tracing::debug!(?peer_id, error = %error, "outgoing connection failed");
+                if let Some(reply) = self.pending_dial.remove(&connection_id) {
+                    let _ =
+                        reply.send(Err(MeshError::Unavailable(format!("dial failed: {error}"))));
+                }
+                if let Some(peer) = peer_id
+                    && !self.swarm.is_connected(&peer)
+                {
+                    self.fail_waiting(
+                        peer,
+                        MeshError::Unavailable(format!("cannot reach node {peer}: {error}")),
+                    );
+                }
+            }
+            SwarmEvent::Behaviour(b) => self.on_behaviour_event(b),
+            _ => {}
+        }
+    }
+
+    fn on_behaviour_event(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Identify(ev) => {
+                self.libp2p_metrics.record(&ev);
+                if let identify::Event::Received { peer_id, info, .. } = ev {
+                    let speaks_kad = info.protocols.contains(&KAD_PROTOCOL);
+                    let e = self.entry(peer_id, "inbound");
+                    e.protocols = info.protocols.iter().map(|p| p.to_string()).collect();
+                    e.agent = info.agent_version.clone();
+                    for a in &info.listen_addrs {
+                        e.add_addr(a.clone());
+                    }
+                    if speaks_kad {
+                        for a in info.listen_addrs {
+                            self.swarm
+                                .behaviour_mut()
+                                .kad
+                                .add_address(&peer_id, strip_p2p(a));
+                        }
+                    }
+                }
+            }
+            BehaviourEvent::Ping(ev) => {
+                self.libp2p_metrics.record(&ev);
+                if let ping::Event {
+                    peer,
+                    result: Ok(rtt),
+                    ..
+                } = ev
+                    && let Some(e) = self.peers.get_mut(&peer)
+                {
+                    e.rtt = Some(rtt);
+                }
+            }
+            BehaviourEvent::Mdns(mdns::Event::Discovered(list)) => {
+                for (peer, addr) in list {
+                    if peer == self.local() {
+                        continue;
+                    }
+                    let is_new = !self.peers.contains_key(&peer);
+                    self.entry(peer, "mdns").add_addr(addr.clone());
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, addr.clone());
+                    if is_new {
+                        tracing::info!(%peer, %addr, "discovered by mDNS");
+                    }
+                    self.emit(Kind::Discovered, peer, vec![addr.to_string()]);
+                    if !self.swarm.is_connected(&peer) {
+                        let opts = DialOpts::peer_id(peer)
+                            .addresses(vec![addr])
+                            .condition(PeerCondition::DisconnectedAndNotDialing)
+                            .build();
+                        let _ = self.swarm.dial(opts);
+                    }
+                }
+            }
+            BehaviourEvent::Mdns(mdns::Event::Expired(list)) => {
+                for (peer, addr) in list {
+                    if let Some(e) = self.peers.get_mut(&peer) {
+                        e.addrs.retain(|a| a != &addr);
+                    }
+                    self.emit(Kind::Expired, peer, vec![addr.to_string()]);
+                }
+            }
+            BehaviourEvent::Kad(ev) => {
+                self.libp2p_metrics.record(&ev);
+                self.on_kad_event(ev);
+            }
+            BehaviourEvent::Forward(ev) => self.on_forward_event(ev),
+            BehaviourEvent::Schema(ev) => self.on_schema_event(ev),
+            BehaviourEvent::Limits(_) => {}
+        }
+    }
+
+    fn on_kad_event(&mut self, ev: kad::Event) {
+        match ev {
+            kad::Event::RoutingUpdated {
+                peer, addresses, ..
+            } => {
+                let e = self.entry(peer, "dht");
+                for a in addresses.iter() {
+                    e.add_addr(a.clone());
+                }
+                if !self.provided.is_empty() {
+                    self.reprovide_due = true;
+                }
+            }
+            kad::Event::OutboundQueryProgressed {
+                id, result, step, ..
+            } => match result {
+                kad::QueryResult::GetProviders(r) => {
+                    let done = match r {
+                        Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
+                            if let Some((_, found, _)) = self.pending_providers.get_mut(&id) {
+                                found.extend(providers);
+                            }
+                            step.last
+                        }
+                        Ok(kad::GetProvidersOk::FinishedWithNoAdditionalRecord { .. }) => true,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "provider lookup ended");
+                            true
+                        }
+                    };
+                    if done && let Some((schema, found, reply)) = self.pending_providers.remove(&id)
+                    {
+                        let mut v: Vec<PeerId> = found.into_iter().collect();
+                        v.sort();
+                        tracing::debug!(%schema, providers = v.len(), "provider lookup finished");
+                        let _ = reply.send(v);
+                    }
+                }
+                kad::QueryResult::GetClosestPeers(r) => {
+                    let peers = match r {
+                        Ok(ok) => ok.peers,
+                        Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+                    };
+                    for p in peers {
+                        if p.peer_id == self.local() {
+                            continue;
+                        }
+                        let e = self.entry(p.peer_id, "dht");
+                        for a in p.addrs {
+                            e.add_addr(a);
+                        }
+                    }
+                    if step.last
+                        && let Some(target) = self.pending_lookup.remove(&id)
+                    {
+                        let addrs = self
+                            .peers
+                            .get(&target)
+                            .map(|e| e.addrs.clone())
+                            .unwrap_or_default();
+                        if self.swarm.is_connected(&target) {
+                            if let Some(list) = self.waiting_connect.remove(&target) {
+                                for o in list {
+                                    self.send_now(target, o);
+                                }
+                            }
+                        } else if addrs.is_empty() {
+                            self.fail_waiting(
+                                target,
+                                MeshError::NotFound(format!(
+                                    "node {target} is unknown: no address for it here or in the DHT (dial it or add a bootstrap peer)"
+                                )),
+                            );
+                        } else {
+                            self.dial_known(target, addrs);
+                        }
+                    }
+                }
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+
+    fn on_forward_event(&mut self, ev: request_response::Event<ForwardRequest, ForwardResponse>) {
+        match ev {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => self.inbound_forward(peer, request, channel),
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some((_, reply)) = self.pending_forward.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                tracing::debug!(%peer, error = %error, "forward failed");
+                if let Some((_, reply)) = self.pending_forward.remove(&request_id) {
+                    let _ = reply.send(Err(outbound_error(&peer, &error)));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, error = %error, "inbound forward failed");
+                self.metrics.inbound("forward", "failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn on_schema_event(
+        &mut self,
+        ev: request_response::Event<CheckSchemasRequest, CheckSchemasResponse>,
+    ) {
+        match ev {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => self.inbound_schema(peer, request, channel),
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some((_, reply)) = self.pending_schema.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some((_, reply)) = self.pending_schema.remove(&request_id) {
+                    let _ = reply.send(Err(outbound_error(&peer, &error)));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, error = %error, "inbound schema check failed");
+                self.metrics.inbound("schema", "failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    // ---- inbound requests --------------------------------------------------------------------
+
+    fn respond_forward_now(
+        &mut self,
+        channel: ResponseChannel<ForwardResponse>,
+        id: String,
+        e: WireError,
+    ) {
+        let _ = self.swarm.behaviour_mut().forward.send_response(
+            channel,
+            ForwardResponse {
+                request_id: id,
+                result: Some(forward_response::Result::Error(e)),
+            },
+        );
+    }
+
+    fn inbound_forward(
+        &mut self,
+        peer: PeerId,
+        request: ForwardRequest,
+        channel: ResponseChannel<ForwardResponse>,
+    ) {
+        let id = request.request_id.clone();
+        if let Some(l) = &self.limiter
+            && let Err(e) = l.check(&peer.to_string())
+        {
+            self.metrics.inbound("forward", "rate_limited");
+            self.respond_forward_now(
+                channel,
+                id,
+                wire_error(Code::ResourceExhausted, e.to_string()),
+            );
+            return;
+        }
+        // The claimed origin must be the peer Noise authenticated on this connection.
+        if request.origin_node_id != peer.to_string() {
+            self.metrics.inbound("forward", "wrong_origin");
+            tracing::warn!(%peer, claimed = %request.origin_node_id, "forward request with a forged origin");
+            self.respond_forward_now(
+                channel,
+                id,
+                wire_error(
+                    Code::Unauthenticated,
+                    format!(
+                        "origin {} does not match the authenticated peer {peer}",
+                        request.origin_node_id
+                    ),
+                ),
+            );
+            return;
+        }
+        let me = self.local().to_string();
+        if request.target_node_id != me {
+            self.metrics.inbound("forward", "wrong_target");
+            self.respond_forward_now(
+                channel,
+                id,
+                wire_error(
+                    Code::NotFound,
+                    format!(
+                        "request is for node {}, this is node {me}",
+                        request.target_node_id
+                    ),
+                ),
+            );
+            return;
+        }
+        let Ok(permit) = self.forward_slots.clone().try_acquire_owned() else {
+            self.metrics.inbound("forward", "queue_full");
+            self.respond_forward_now(
+                channel,
+                id,
+                wire_error(Code::Unavailable, "node is busy: inbound queue full; retry"),
+            );
+            return;
+        };
+        self.metrics.inbound("forward", "accepted");
+        let node = self.node.clone();
+        let tx = self.self_tx.clone();
+        let span = tracing::info_span!(
+            "sidecar.inbound_forward",
+            otel.kind = "server",
+            peer = %peer,
+            request_id = %id,
+        );
+        fold_telemetry::otel::set_parent(
+            &span,
+            fold_telemetry::otel::extract_map(&request.trace_context),
+        );
+        tokio::spawn(
+            async move {
+                let mut request = request;
+                request.trace_context = fold_telemetry::otel::inject_current();
+                let response = node
+                    .handle_forward(InboundForward {
+                        origin_node_id: peer.to_string(),
+                        request: Some(request),
+                    })
+                    .await;
+                let response = ForwardResponse {
+                    request_id: id,
+                    ..response
+                };
+                let _ = tx
+                    .send(Command::RespondForward {
+                        channel,
+                        response: Box::new(response),
+                    })
+                    .await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+
+    fn inbound_schema(
+        &mut self,
+        peer: PeerId,
+        request: CheckSchemasRequest,
+        channel: ResponseChannel<CheckSchemasResponse>,
+    ) {
+        let refuse = |e: WireError| CheckSchemasResponse {
+            result: Some(check_schemas_response::Result::Error(e)),
+        };
+        if let Some(l) = &self.limiter
+            && let Err(e) = l.check(&peer.to_string())
+        {
+            self.metrics.inbound("schema", "rate_limited");
+            let _ = self.swarm.behaviour_mut().schema.send_response(
+                channel,
+                refuse(wire_error(Code::ResourceExhausted, e.to_string())),
+            );
+            return;
+        }
+        let Ok(permit) = self.schema_slots.clone().try_acquire_owned() else {
+            self.metrics.inbound("schema", "queue_full");
+            let _ = self.swarm.behaviour_mut().schema.send_response(
+                channel,
+                refuse(wire_error(
+                    Code::Unavailable,
+                    "node is busy: inbound queue full; retry",
+                )),
+            );
+            return;
+        };
+        self.metrics.inbound("schema", "accepted");
+        let node = self.node.clone();
+        let tx = self.self_tx.clone();
+        tokio::spawn(async move {
+            let response = match node.served_schemas(peer.to_string(), request.names).await {
+                Ok(names) => CheckSchemasResponse {
+                    result: Some(check_schemas_response::Result::Approved(SchemaNames {
+                        names,
+                    })),
+                },
+                Err(s) => refuse(wire_error(s.code(), s.message().to_string())),
+            };
+            let _ = tx
+                .send(Command::RespondSchema {
+                    channel,
+                    response: Box::new(response),
+                })
+                .await;
+            drop(permit);
+        });
+    }
+}

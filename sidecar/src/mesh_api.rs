@@ -1,0 +1,225 @@
+//! `fold.sidecar.v1.Mesh`: what the sidecar offers its node. Every call goes through the
+//! [`Client`] to the swarm's event loop. Mesh-level failures (unknown node, unreachable, timeout)
+//! are the call's gRPC status; failures the remote node reported travel back inside the response.
+
+use std::pin::Pin;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fold_proto::sidecar::mesh_server::Mesh;
+use fold_proto::sidecar::{
+    ForwardRequest, MeshStatusRequest, PeerEvent, PeerEventsRequest, ProvideRequest,
+    ProvideResponse, forward_request,
+};
+use fold_proto::v1::{
+    CheckSchemasRequest, CheckSchemasResponse, DialRequest, DialResponse, DisconnectRequest,
+    DisconnectResponse, FindProvidersRequest, FindProvidersResponse, ListPeersRequest,
+    ListPeersResponse, NetworkStatusResponse,
+};
+use fold_proto::wire::{self, check_schemas_response};
+use futures::Stream;
+use libp2p::{Multiaddr, PeerId};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::BroadcastStream;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::client::Client;
+
+pub struct MeshApi {
+    client: Client,
+    default_timeout: Duration,
+}
+
+impl MeshApi {
+    pub fn new(client: Client, default_timeout: Duration) -> Self {
+        MeshApi {
+            client,
+            default_timeout,
+        }
+    }
+}
+
+fn parse_peer(s: &str) -> Result<PeerId, Status> {
+    if s.is_empty() {
+        return Err(Status::invalid_argument("'node_id' is required"));
+    }
+    s.parse::<PeerId>().map_err(|e| {
+        Status::invalid_argument(format!("'{s}' is not a node id (libp2p PeerId): {e}"))
+    })
+}
+
+#[tonic::async_trait]
+impl Mesh for MeshApi {
+    async fn status(
+        &self,
+        _request: Request<MeshStatusRequest>,
+    ) -> Result<Response<NetworkStatusResponse>, Status> {
+        Ok(Response::new(self.client.status().await?))
+    }
+
+    async fn list_peers(
+        &self,
+        request: Request<ListPeersRequest>,
+    ) -> Result<Response<ListPeersResponse>, Status> {
+        let peers = self
+            .client
+            .list_peers(request.into_inner().include_disconnected)
+            .await?;
+        Ok(Response::new(ListPeersResponse { peers }))
+    }
+
+    async fn dial(&self, request: Request<DialRequest>) -> Result<Response<DialResponse>, Status> {
+        let address = request.into_inner().address;
+        let addr: Multiaddr = address.parse().map_err(|e| {
+            Status::invalid_argument(format!(
+                "'{address}' is not a multiaddr (e.g. /ip4/10.0.0.2/tcp/4001/p2p/12D3Koo...): {e}"
+            ))
+        })?;
+        let peer = tokio::time::timeout(self.default_timeout, self.client.dial(addr))
+            .await
+            .map_err(|_| Status::deadline_exceeded(format!("dialing {address} timed out")))??;
+        Ok(Response::new(DialResponse {
+            node_id: peer.to_string(),
+            address,
+        }))
+    }
+
+    async fn disconnect(
+        &self,
+        request: Request<DisconnectRequest>,
+    ) -> Result<Response<DisconnectResponse>, Status> {
+        let peer = parse_peer(&request.into_inner().node_id)?;
+        let was_connected = self.client.disconnect(peer).await?;
+        Ok(Response::new(DisconnectResponse { was_connected }))
+    }
+
+    async fn forward(
+        &self,
+        request: Request<ForwardRequest>,
+    ) -> Result<Response<wire::ForwardResponse>, Status> {
+        let parent = fold_telemetry::otel::extract_metadata(request.metadata());
+        let req = request.into_inner();
+        let parent = if req.trace_context.is_empty() {
+            parent
+        } else {
+            fold_telemetry::otel::extract_map(&req.trace_context)
+        };
+        let peer = parse_peer(&req.target_node_id)?;
+        if peer == self.client.local_peer_id() {
+            return Err(Status::invalid_argument(
+                "the target is this node itself; the node runs such requests locally",
+            ));
+        }
+        let operation = match req.operation {
+            Some(forward_request::Operation::Query(q)) => {
+                wire::forward_request::Operation::Query(q)
+            }
+            Some(forward_request::Operation::Mutate(m)) => {
+                wire::forward_request::Operation::Mutate(m)
+            }
+            None => return Err(Status::invalid_argument("no query or mutation to forward")),
+        };
+        let timeout = if req.timeout_ms == 0 {
+            self.default_timeout
+        } else {
+            Duration::from_millis(u64::from(req.timeout_ms))
+        };
+        let span = tracing::info_span!(
+            "sidecar.forward",
+            otel.kind = "client",
+            target_node = %peer,
+        );
+        fold_telemetry::otel::set_parent(&span, parent);
+        let client = self.client.clone();
+        async move {
+            let wire_req = wire::ForwardRequest {
+                request_id: uuid::Uuid::new_v4().to_string(),
+                origin_node_id: client.local_peer_id().to_string(),
+                target_node_id: peer.to_string(),
+                timestamp_unix_ms: SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0),
+                trace_context: fold_telemetry::otel::inject_current(),
+                operation: Some(operation),
+            };
+            match tokio::time::timeout(timeout, client.forward(peer, wire_req)).await {
+                Ok(Ok(resp)) => Ok(Response::new(resp)),
+                Ok(Err(e)) => Err(Status::from(e)),
+                Err(_) => Err(Status::deadline_exceeded(format!(
+                    "node {peer} did not answer within {} ms",
+                    timeout.as_millis()
+                ))),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn check_schemas(
+        &self,
+        request: Request<CheckSchemasRequest>,
+    ) -> Result<Response<CheckSchemasResponse>, Status> {
+        let req = request.into_inner();
+        let peer = parse_peer(&req.node_id)?;
+        let resp = tokio::time::timeout(
+            self.default_timeout,
+            self.client.check_schemas(peer, req.names),
+        )
+        .await
+        .map_err(|_| Status::deadline_exceeded(format!("node {peer} did not answer in time")))??;
+        match resp.result {
+            Some(check_schemas_response::Result::Approved(names)) => {
+                Ok(Response::new(CheckSchemasResponse {
+                    node_id: peer.to_string(),
+                    approved: names.names,
+                }))
+            }
+            Some(check_schemas_response::Result::Error(e)) => Err(Status::new(
+                tonic::Code::from_i32(e.code),
+                format!("node {peer}: {}", e.message),
+            )),
+            None => Err(Status::internal(format!(
+                "node {peer} sent an empty answer"
+            ))),
+        }
+    }
+
+    async fn provide(
+        &self,
+        request: Request<ProvideRequest>,
+    ) -> Result<Response<ProvideResponse>, Status> {
+        let schemas = self.client.provide(request.into_inner().schemas).await?;
+        Ok(Response::new(ProvideResponse { schemas }))
+    }
+
+    async fn find_providers(
+        &self,
+        request: Request<FindProvidersRequest>,
+    ) -> Result<Response<FindProvidersResponse>, Status> {
+        let schema = request.into_inner().schema;
+        if schema.is_empty() {
+            return Err(Status::invalid_argument("'schema' is required"));
+        }
+        let found = tokio::time::timeout(
+            self.default_timeout + Duration::from_secs(2),
+            self.client.find_providers(schema),
+        )
+        .await
+        .map_err(|_| Status::deadline_exceeded("provider lookup timed out"))??;
+        Ok(Response::new(FindProvidersResponse {
+            node_ids: found.into_iter().map(|p| p.to_string()).collect(),
+        }))
+    }
+
+    type PeerEventsStream = Pin<Box<dyn Stream<Item = Result<PeerEvent, Status>> + Send>>;
+
+    async fn peer_events(
+        &self,
+        _request: Request<PeerEventsRequest>,
+    ) -> Result<Response<Self::PeerEventsStream>, Status> {
+        // A subscriber that falls behind skips what it missed rather than stalling the loop.
+        let stream = BroadcastStream::new(self.client.subscribe()).filter_map(|r| r.ok().map(Ok));
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

@@ -1,0 +1,267 @@
+//! Process wiring: identity, swarm, event loop, the Mesh gRPC server, the admin port, the
+//! readiness line, and shutdown.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use fold_middleware::errors::GrpcErrorsLayer;
+use fold_middleware::metrics::{GrpcMetrics, GrpcMetricsLayer, Side};
+use fold_proto::sidecar::mesh_server::MeshServer;
+use fold_telemetry::admin::AdminState;
+use libp2p::{Multiaddr, noise, tcp, yamux};
+use local_link::LinkListener;
+use local_link::token::LinkToken;
+use prometheus_client::registry::Registry;
+use tokio::sync::{broadcast, mpsc};
+use tonic::transport::Server;
+
+use crate::behaviour::Behaviour;
+use crate::client::Client;
+use crate::config::Config;
+use crate::event_loop::{EventLoop, EventLoopParts};
+use crate::mesh_api::MeshApi;
+use crate::metrics::SidecarMetrics;
+use crate::node_link::NodeLink;
+
+/// A running sidecar (for in-process use and tests).
+pub struct Running {
+    pub client: Client,
+    pub mesh_addr: local_link::LinkAddr,
+    pub admin_addr: std::net::SocketAddr,
+    pub listen: Vec<Multiaddr>,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stop serving and wait (bounded) for the servers to finish.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            t.abort();
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+    }
+}
+
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    let key =
+        crate::identity::load_or_create(&config.identity_path(), config.identity_key.is_none())?;
+    let local_peer_id = key.public().to_peer_id();
+
+    let mesh_addr = config.mesh_listen.clone().relative_to(&config.data_dir);
+    let node_addr = config.node_addr.clone().relative_to(&config.data_dir);
+    let token = match &config.link_token_file {
+        Some(p) => Some(LinkToken::load(p).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    if token.is_none() && (mesh_addr.is_tcp() || node_addr.is_tcp()) {
+        anyhow::bail!(
+            "the local link to the node uses TCP ({mesh_addr} / {node_addr}), which any local user can reach: give both processes the same --link-token-file"
+        );
+    }
+
+    let mut registry = Registry::default();
+    let libp2p_metrics = libp2p::metrics::Metrics::new(&mut registry);
+    let sets: [&[u8]; 2] = [
+        fold_proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+    ];
+    let server_metrics = GrpcMetrics::register(&mut registry, Side::Server, &sets);
+    let client_metrics = GrpcMetrics::register(&mut registry, Side::Client, &sets);
+    let metrics = SidecarMetrics::register(&mut registry);
+    let registry = Arc::new(Mutex::new(registry));
+
+    let mdns_enabled = config.mdns_enabled();
+    let behaviour_config = config.clone();
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .context("cannot set up the TCP transport")?
+        .with_quic()
+        .with_dns()
+        .context("cannot set up DNS resolution")?
+        .with_behaviour(|key| Behaviour::new(key, &behaviour_config).map_err(Into::into))
+        .context("cannot set up the libp2p behaviour")?
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(Duration::from_secs(config.idle_connection_timeout_secs))
+        })
+        .build();
+    for addr in &config.listen {
+        swarm
+            .listen_on(addr.clone())
+            .with_context(|| format!("cannot listen on {addr} (--listen)"))?;
+    }
+    for addr in &config.external_address {
+        swarm.add_external_address(addr.clone());
+    }
+
+    let (tx, rx) = mpsc::channel(1024);
+    let (events, _) = broadcast::channel(256);
+    let client = Client::new(tx.clone(), local_peer_id, events.clone());
+    let timeout = Duration::from_millis(config.request_timeout_ms);
+    let node = NodeLink::new(
+        node_addr.clone(),
+        token.clone(),
+        timeout,
+        config.max_forward_bytes,
+        client_metrics,
+    );
+    let event_loop = EventLoop::new(EventLoopParts {
+        swarm,
+        commands: rx,
+        self_tx: tx,
+        events,
+        node,
+        mdns_enabled,
+        bootstrap: config.bootstrap.clone(),
+        limiter: fold_middleware::rate_limit::KeyedLimiter::new(
+            config.peer_rate_limit,
+            config.peer_rate_burst,
+        ),
+        inbound_queue: config.inbound_queue,
+        libp2p_metrics,
+        metrics,
+    });
+    let mut tasks = vec![tokio::spawn(event_loop.run())];
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<MeshServer<MeshApi>>().await;
+    let mesh = MeshServer::new(MeshApi::new(client.clone(), timeout))
+        .max_decoding_message_size(config.max_forward_bytes)
+        .max_encoding_message_size(config.max_forward_bytes);
+    let mesh = tonic::service::interceptor::InterceptedService::new(mesh, {
+        let token = token.clone();
+        move |req: tonic::Request<()>| match &token {
+            Some(t) => t.check(req),
+            None => Ok(req),
+        }
+    });
+    let listener = LinkListener::bind(&mesh_addr)
+        .await
+        .with_context(|| format!("cannot serve the node link on {mesh_addr} (--mesh-listen)"))?;
+    let mesh_addr = listener.local_addr()?;
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let mut stop_wait = stop_rx.clone();
+    let server = Server::builder()
+        .trace_fn(|req: &http::Request<()>| {
+            let span = tracing::info_span!(
+                "grpc.server",
+                otel.name = %req.uri().path().trim_start_matches('/'),
+                otel.kind = "server",
+                rpc.system = "grpc",
+            );
+            fold_telemetry::otel::set_parent(
+                &span,
+                fold_telemetry::otel::extract_headers(req.headers()),
+            );
+            span
+        })
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(GrpcMetricsLayer::new(server_metrics))
+                .layer(GrpcErrorsLayer::default())
+                .into_inner(),
+        )
+        .add_service(health_service)
+        .add_service(mesh)
+        .serve_with_incoming_shutdown(listener.into_incoming(), async move {
+            let _ = stop_wait.wait_for(|v| *v).await;
+        });
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "mesh server failed");
+        }
+    }));
+
+    let ready_client = client.clone();
+    let admin_state = AdminState::new(registry).readiness_check(
+        "swarm",
+        Box::new(move || {
+            if ready_client.local_peer_id().to_string().is_empty() {
+                Err("no identity".into())
+            } else {
+                Ok(())
+            }
+        }),
+    );
+    let (admin_addr, admin) = fold_telemetry::admin::bind(config.admin_listen, admin_state)
+        .await
+        .with_context(|| format!("cannot listen on {} (--admin-listen)", config.admin_listen))?;
+    tasks.push(tokio::spawn(admin));
+
+    // Ready once the swarm reports its listen addresses (port 0 resolved).
+    let mut listen = Vec::new();
+    for _ in 0..200 {
+        let st = client.status().await?;
+        if st.listen_addrs.len() >= config.listen.len()
+            || (!st.listen_addrs.is_empty() && listen.len() == st.listen_addrs.len())
+        {
+            listen = st.listen_addrs;
+            break;
+        }
+        listen = st.listen_addrs;
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let listen: Vec<Multiaddr> = listen.iter().filter_map(|a| a.parse().ok()).collect();
+    if listen.is_empty() {
+        anyhow::bail!(
+            "the swarm did not start listening on any of {:?}",
+            config.listen
+        );
+    }
+    Ok(Running {
+        client,
+        mesh_addr,
+        admin_addr,
+        listen,
+        stop,
+        tasks,
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received; stopping"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; stopping"),
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install the SIGTERM handler");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let running = start(config).await?;
+    let listen: Vec<String> = running.listen.iter().map(|a| a.to_string()).collect();
+    tracing::info!(node_id = %running.client.local_peer_id(), mesh = %running.mesh_addr, admin = %running.admin_addr, listen = ?listen, "p2p-sidecar serving");
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "p2p-sidecar ready node_id={} mesh={} listen={} admin={}",
+            running.client.local_peer_id(),
+            running.mesh_addr,
+            listen.join(","),
+            running.admin_addr
+        )?;
+        out.flush()?;
+    }
+    shutdown_signal().await;
+    running.shutdown().await;
+    tracing::info!("bye");
+    Ok(())
+}
