@@ -2,5 +2,6 @@
 //! Linux network namespaces made by [`netns`]) and talk to them with real clients.
 
 pub mod client;
+pub mod mesh;
 pub mod netns;
 pub mod process;

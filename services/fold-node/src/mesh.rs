@@ -216,8 +216,13 @@ impl MeshLink {
         deadline: Option<Duration>,
     ) -> Result<forward_response::Result, Status> {
         let mut client = self.client()?;
+        // Answer before the client gives up: keep a margin of its deadline for the way back,
+        // so the client hears DEADLINE_EXCEEDED from us rather than timing out blind.
         let timeout = deadline
-            .map(|d| d.min(self.inner.forward_timeout))
+            .map(|d| {
+                let margin = (d / 10).min(Duration::from_millis(200));
+                d.saturating_sub(margin).min(self.inner.forward_timeout)
+            })
             .unwrap_or(self.inner.forward_timeout);
         // W3C trace context of the current span, for the sidecar and every hop after it.
         let trace_context = fold_telemetry::otel::inject_current();
@@ -228,8 +233,9 @@ impl MeshLink {
             operation: Some(op),
         });
         fold_telemetry::otel::inject_metadata(&trace_context, request.metadata_mut());
-        // A little slack so the sidecar's own deadline fires first and says what happened.
-        request.set_timeout(timeout + Duration::from_millis(250));
+        // The sidecar enforces `timeout_ms` itself and says what happened; this local deadline
+        // only catches a sidecar that does not answer at all.
+        request.set_timeout(timeout + Duration::from_millis(50));
         // Circuit breakers: fail fast, with no network wait, toward a peer (or through a sidecar
         // link) that kept failing; after a backoff one probe decides.
         let now = Instant::now();
