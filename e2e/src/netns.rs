@@ -222,6 +222,8 @@ impl TestNet {
             text.push_str(&format!("{addr} {name}\n"));
         }
         fs::write(dir.join("hosts"), text)?;
+        // Names resolve from the hosts file only: no resolver outside the namespace is asked.
+        fs::write(dir.join("resolv.conf"), "nameserver 127.0.0.1\n")?;
         Ok(())
     }
 }
