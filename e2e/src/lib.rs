@@ -2,6 +2,7 @@
 //! Linux network namespaces made by [`netns`]) and talk to them with real clients.
 
 pub mod client;
+pub mod http;
 pub mod mesh;
 pub mod netns;
 pub mod process;

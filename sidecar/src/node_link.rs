@@ -57,8 +57,14 @@ impl NodeLink {
     /// Hand an inbound forward to the node. Any failure becomes a typed error answer.
     pub async fn handle_forward(&self, req: InboundForward) -> ForwardResponse {
         let mut client = self.client.clone();
+        let trace = req
+            .request
+            .as_ref()
+            .map(|r| r.trace_context.clone())
+            .unwrap_or_default();
         let mut r = tonic::Request::new(req);
         r.set_timeout(self.timeout);
+        fold_telemetry::otel::inject_metadata(&trace, r.metadata_mut());
         match client.handle_forward(r).await {
             Ok(resp) => resp.into_inner(),
             Err(s) => {
