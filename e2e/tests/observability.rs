@@ -287,10 +287,12 @@ impl Drop for ProcGuard {
     }
 }
 
+/// (service name, trace id, span id, parent span id, span name)
+type SpanRow = (String, String, String, String, String);
+
 #[derive(Default, Clone)]
 struct Collected {
-    /// (service name, trace id, span id, parent span id, span name)
-    spans: Arc<Mutex<Vec<(String, String, String, String, String)>>>,
+    spans: Arc<Mutex<Vec<SpanRow>>>,
 }
 
 #[tonic::async_trait]
