@@ -410,6 +410,27 @@ async fn partition_fails_within_the_deadline_and_heals() {
     );
     assert!(took < Duration::from_secs(5), "failed after {took:?}");
 
+    // More failures open A's circuit breaker for B: then A fails fast, with no network wait.
+    for _ in 0..5 {
+        let _ = fold(&a.grpc())
+            .query(with_deadline(
+                remote_query(&b, &["id"]),
+                Duration::from_millis(400),
+            ))
+            .await;
+    }
+    let started = Instant::now();
+    let e = fold(&a.grpc())
+        .query(with_deadline(
+            remote_query(&b, &["id"]),
+            Duration::from_secs(3),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("circuit open"), "{e:?}");
+    assert!(started.elapsed() < Duration::from_millis(300));
+
     net.link_up(1).unwrap();
     eventually(
         "forwarding to work again after the link is back",
