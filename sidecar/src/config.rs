@@ -183,6 +183,11 @@ pub struct Config {
     #[arg(long, env = "FOLD_SIDECAR_INBOUND_QUEUE", default_value_t = 256)]
     pub inbound_queue: usize,
 
+    /// Largest difference between a signed request's timestamp and this node's clock, in
+    /// seconds; older or newer requests are refused (UNAUTHENTICATED).
+    #[arg(long, env = "FOLD_SIDECAR_MAX_CLOCK_SKEW_SECS", default_value_t = 30)]
+    pub max_clock_skew_secs: u64,
+
     /// Log format on stderr: "text" or "json".
     #[arg(long, env = "FOLD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,

@@ -28,6 +28,7 @@ use tracing::Instrument;
 use crate::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL};
 use crate::metrics::SidecarMetrics;
 use crate::node_link::NodeLink;
+use crate::signing::Verifier;
 
 /// Addresses remembered per peer.
 const MAX_ADDRS_PER_PEER: usize = 16;
@@ -222,6 +223,7 @@ pub struct EventLoopParts {
     pub inbound_queue: usize,
     pub libp2p_metrics: Metrics,
     pub metrics: Arc<SidecarMetrics>,
+    pub max_clock_skew: Duration,
 }
 
 type ProviderQuery = (String, HashSet<PeerId>, oneshot::Sender<Vec<PeerId>>);
@@ -256,6 +258,7 @@ pub struct EventLoop {
     provided: BTreeSet<String>,
     reprovide_due: bool,
     kad_bootstrapped: bool,
+    verifier: Verifier,
 }
 
 impl EventLoop {
@@ -284,6 +287,7 @@ impl EventLoop {
             provided: BTreeSet::new(),
             reprovide_due: false,
             kad_bootstrapped: false,
+            verifier: Verifier::new(p.max_clock_skew),
         }
     }
 
@@ -945,21 +949,12 @@ impl EventLoop {
             );
             return;
         }
-        // The claimed origin must be the peer Noise authenticated on this connection.
-        if request.origin_node_id != peer.to_string() {
-            self.metrics.inbound("forward", "wrong_origin");
-            tracing::warn!(%peer, claimed = %request.origin_node_id, "forward request with a forged origin");
-            self.respond_forward_now(
-                channel,
-                id,
-                wire_error(
-                    Code::Unauthenticated,
-                    format!(
-                        "origin {} does not match the authenticated peer {peer}",
-                        request.origin_node_id
-                    ),
-                ),
-            );
+        // The claimed origin must be the peer Noise authenticated on this connection, the
+        // signature must verify, the timestamp be fresh and the nonce new.
+        if let Err((why, message)) = self.verifier.check(&peer, &request, now_ms()) {
+            self.metrics.inbound("forward", why.label());
+            tracing::warn!(%peer, reason = why.label(), %message, "forward request refused");
+            self.respond_forward_now(channel, id, wire_error(Code::Unauthenticated, message));
             return;
         }
         let me = self.local().to_string();
@@ -1004,10 +999,15 @@ impl EventLoop {
             async move {
                 let mut request = request;
                 request.trace_context = fold_telemetry::otel::inject_current();
+                let origin_public_key = crate::signing::public_key_of(&peer)
+                    .and_then(|k| k.try_into_ed25519().ok())
+                    .map(|k| k.to_bytes().to_vec())
+                    .unwrap_or_default();
                 let response = node
                     .handle_forward(InboundForward {
                         origin_node_id: peer.to_string(),
                         request: Some(request),
+                        origin_public_key,
                     })
                     .await;
                 let response = ForwardResponse {

@@ -15,3 +15,4 @@ pub mod mesh_api;
 pub mod metrics;
 pub mod node_link;
 pub mod server;
+pub mod signing;

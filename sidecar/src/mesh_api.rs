@@ -3,6 +3,7 @@
 //! are the call's gRPC status; failures the remote node reported travel back inside the response.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fold_proto::sidecar::mesh_server::Mesh;
@@ -17,6 +18,7 @@ use fold_proto::v1::{
 };
 use fold_proto::wire::{self, check_schemas_response};
 use futures::Stream;
+use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::BroadcastStream;
@@ -28,13 +30,15 @@ use crate::client::Client;
 pub struct MeshApi {
     client: Client,
     default_timeout: Duration,
+    key: Arc<Keypair>,
 }
 
 impl MeshApi {
-    pub fn new(client: Client, default_timeout: Duration) -> Self {
+    pub fn new(client: Client, default_timeout: Duration, key: Arc<Keypair>) -> Self {
         MeshApi {
             client,
             default_timeout,
+            key,
         }
     }
 }
@@ -131,8 +135,9 @@ impl Mesh for MeshApi {
         );
         fold_telemetry::otel::set_parent(&span, parent);
         let client = self.client.clone();
+        let key = self.key.clone();
         async move {
-            let wire_req = wire::ForwardRequest {
+            let mut wire_req = wire::ForwardRequest {
                 request_id: uuid::Uuid::new_v4().to_string(),
                 origin_node_id: client.local_peer_id().to_string(),
                 target_node_id: peer.to_string(),
@@ -142,7 +147,9 @@ impl Mesh for MeshApi {
                     .unwrap_or(0),
                 trace_context: fold_telemetry::otel::inject_current(),
                 operation: Some(operation),
+                signature: Vec::new(),
             };
+            crate::signing::sign(&key, &mut wire_req).map_err(Status::internal)?;
             match tokio::time::timeout(timeout, client.forward(peer, wire_req)).await {
                 Ok(Ok(resp)) => Ok(Response::new(resp)),
                 Ok(Err(e)) => Err(Status::from(e)),

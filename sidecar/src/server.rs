@@ -51,6 +51,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let key =
         crate::identity::load_or_create(&config.identity_path(), config.identity_key.is_none())?;
     let local_peer_id = key.public().to_peer_id();
+    let signing_key = Arc::new(key.clone());
 
     let mesh_addr = config.mesh_listen.clone().relative_to(&config.data_dir);
     let node_addr = config.node_addr.clone().relative_to(&config.data_dir);
@@ -129,12 +130,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         inbound_queue: config.inbound_queue,
         libp2p_metrics,
         metrics,
+        max_clock_skew: Duration::from_secs(config.max_clock_skew_secs),
     });
     let mut tasks = vec![tokio::spawn(event_loop.run())];
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<MeshServer<MeshApi>>().await;
-    let mesh = MeshServer::new(MeshApi::new(client.clone(), timeout))
+    let mesh = MeshServer::new(MeshApi::new(client.clone(), timeout, signing_key))
         .max_decoding_message_size(config.max_forward_bytes)
         .max_encoding_message_size(config.max_forward_bytes);
     let mesh = tonic::service::interceptor::InterceptedService::new(mesh, {

@@ -57,8 +57,10 @@ pub enum Principal {
     LocalClient,
     /// A client of the public port that presented a certificate signed by the client CA.
     CertClient(CertIdentity),
-    /// A remote node, by the PeerId its sidecar authenticated.
+    /// A remote node, by the PeerId its sidecar authenticated (and that id's raw Ed25519
+    /// public key, when the sidecar gave it).
     Peer(String),
+    PeerWithKey(String, Vec<u8>),
 }
 
 impl Principal {
@@ -67,7 +69,7 @@ impl Principal {
         match self {
             Principal::LocalClient => "client:local".into(),
             Principal::CertClient(c) => format!("client:{}", c.name),
-            Principal::Peer(id) => format!("peer:{id}"),
+            Principal::Peer(id) | Principal::PeerWithKey(id, _) => format!("peer:{id}"),
         }
     }
 }
@@ -203,6 +205,11 @@ impl Identities {
                 label: who.writer_label(),
                 distance: self.peer_distance(id)?.0,
                 public_keys: vec![id.clone()],
+            },
+            Principal::PeerWithKey(id, key) => Requester {
+                label: who.writer_label(),
+                distance: self.peer_distance(id)?.0,
+                public_keys: vec![id.clone(), format!("ed25519:{}", hex::encode(key))],
             },
         })
     }

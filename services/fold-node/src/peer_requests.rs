@@ -49,7 +49,14 @@ impl PeerRequests for PeerRequestsApi {
         let Some(req) = inbound.request else {
             return Err(Status::invalid_argument("'request' is required"));
         };
-        let who = Principal::Peer(inbound.origin_node_id.clone());
+        let who = if inbound.origin_public_key.is_empty() {
+            Principal::Peer(inbound.origin_node_id.clone())
+        } else {
+            Principal::PeerWithKey(
+                inbound.origin_node_id.clone(),
+                inbound.origin_public_key.clone(),
+            )
+        };
         let me = self.mesh.node_id_or_empty();
         let (op, schema) = match &req.operation {
             Some(forward_request::Operation::Query(q)) => ("query", q.schema.clone()),
