@@ -9,7 +9,8 @@ use libp2p::kad::store::MemoryStore;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{
-    StreamProtocol, connection_limits, identify, identity, kad, mdns, ping, request_response,
+    StreamProtocol, allow_block_list, connection_limits, identify, identity, kad, mdns, ping,
+    request_response,
 };
 
 use crate::codec::{FORWARD_PROTOCOL, ProstCodec, SCHEMA_PROTOCOL};
@@ -23,6 +24,10 @@ pub type ForwardCodec = ProstCodec<ForwardRequest, ForwardResponse>;
 
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
+    /// Denied peers cannot hold a connection.
+    pub deny: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
+    /// With an allowlist, nobody else can.
+    pub allow: Toggle<allow_block_list::Behaviour<allow_block_list::AllowedPeers>>,
     pub limits: connection_limits::Behaviour,
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
@@ -76,7 +81,22 @@ impl Behaviour {
             [(FORWARD_PROTOCOL, request_response::ProtocolSupport::Full)],
             rr(config.request_timeout_ms),
         );
+        let mut deny = allow_block_list::Behaviour::<allow_block_list::BlockedPeers>::default();
+        for p in &config.deny_peers {
+            deny.block_peer(*p);
+        }
+        let allow = if config.allow_peers.is_empty() {
+            None
+        } else {
+            let mut a = allow_block_list::Behaviour::<allow_block_list::AllowedPeers>::default();
+            for p in &config.allow_peers {
+                a.allow_peer(*p);
+            }
+            Some(a)
+        };
         Ok(Behaviour {
+            deny,
+            allow: allow.into(),
             limits,
             identify,
             ping,

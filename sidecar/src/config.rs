@@ -183,6 +183,29 @@ pub struct Config {
     #[arg(long, env = "FOLD_SIDECAR_INBOUND_QUEUE", default_value_t = 256)]
     pub inbound_queue: usize,
 
+    /// Peers that may never hold a connection to this node (repeatable; comma-separated in the
+    /// env variable).
+    #[arg(
+        long = "deny-peer",
+        env = "FOLD_SIDECAR_DENY_PEERS",
+        value_delimiter = ','
+    )]
+    pub deny_peers: Vec<libp2p::PeerId>,
+
+    /// When given, only these peers may connect (repeatable; comma-separated in the env variable).
+    #[arg(
+        long = "allow-peer",
+        env = "FOLD_SIDECAR_ALLOW_PEERS",
+        value_delimiter = ','
+    )]
+    pub allow_peers: Vec<libp2p::PeerId>,
+
+    /// Private network: a pre-shared key file (IPFS swarm.key format:
+    /// "/key/swarm/psk/1.0.0/", "/base16/", 64 hex digits). Only peers holding the same key can
+    /// connect at all. TCP only (QUIC listen addresses are refused in this mode).
+    #[arg(long, env = "FOLD_SIDECAR_PRIVATE_NETWORK_KEY")]
+    pub private_network_key: Option<PathBuf>,
+
     /// Largest difference between a signed request's timestamp and this node's clock, in
     /// seconds; older or newer requests are refused (UNAUTHENTICATED).
     #[arg(long, env = "FOLD_SIDECAR_MAX_CLOCK_SKEW_SECS", default_value_t = 30)]

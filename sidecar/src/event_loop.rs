@@ -756,7 +756,7 @@ impl EventLoop {
             }
             BehaviourEvent::Forward(ev) => self.on_forward_event(ev),
             BehaviourEvent::Schema(ev) => self.on_schema_event(ev),
-            BehaviourEvent::Limits(_) => {}
+            BehaviourEvent::Limits(_) | BehaviourEvent::Deny(_) | BehaviourEvent::Allow(_) => {}
         }
     }
 

@@ -6,6 +6,9 @@ fn main() -> std::process::ExitCode {
     if let Some(Command::Identity { action }) = &cli.command {
         return identity_command(&cli, action);
     }
+    // Several TLS users (tonic, libp2p's QUIC) share rustls; pick its crypto provider once, so
+    // rustls never has to guess between the ones the dependency graph enables.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -45,6 +45,18 @@ impl Running {
     }
 }
 
+/// Read a pre-shared network key in the IPFS swarm.key format.
+fn read_psk(path: &std::path::Path) -> anyhow::Result<libp2p::pnet::PreSharedKey> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the private network key {}", path.display()))?;
+    text.trim().parse::<libp2p::pnet::PreSharedKey>().map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not a swarm key (expected \"/key/swarm/psk/1.0.0/\", \"/base16/\", 64 hex digits): {e}",
+            path.display()
+        )
+    })
+}
+
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
@@ -78,23 +90,59 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     let mdns_enabled = config.mdns_enabled();
     let behaviour_config = config.clone();
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .context("cannot set up the TCP transport")?
-        .with_quic()
-        .with_dns()
-        .context("cannot set up DNS resolution")?
-        .with_behaviour(|key| Behaviour::new(key, &behaviour_config).map_err(Into::into))
-        .context("cannot set up the libp2p behaviour")?
-        .with_swarm_config(|c| {
-            c.with_idle_connection_timeout(Duration::from_secs(config.idle_connection_timeout_secs))
-        })
-        .build();
+    let idle = Duration::from_secs(config.idle_connection_timeout_secs);
+    let mut swarm = match &config.private_network_key {
+        None => libp2p::SwarmBuilder::with_existing_identity(key)
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .context("cannot set up the TCP transport")?
+            .with_quic()
+            .with_dns()
+            .context("cannot set up DNS resolution")?
+            .with_behaviour(|key| Behaviour::new(key, &behaviour_config).map_err(Into::into))
+            .context("cannot set up the libp2p behaviour")?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+            .build(),
+        Some(path) => {
+            let psk = read_psk(path)?;
+            if let Some(q) = config.listen.iter().find(|a| {
+                a.iter()
+                    .any(|p| matches!(p, libp2p::multiaddr::Protocol::QuicV1))
+            }) {
+                anyhow::bail!(
+                    "{q}: QUIC cannot carry a private network (--private-network-key); listen on TCP only"
+                );
+            }
+            tracing::info!(fingerprint = %psk.fingerprint(), "private network: only peers with this key can connect");
+            libp2p::SwarmBuilder::with_existing_identity(key)
+                .with_tokio()
+                .with_other_transport(|key| {
+                    use libp2p::Transport;
+                    let noise = noise::Config::new(key)?;
+                    Ok(
+                        tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                            .and_then(move |socket, _| {
+                                libp2p::pnet::PnetConfig::new(psk).handshake(socket)
+                            })
+                            .upgrade(libp2p::core::upgrade::Version::V1Lazy)
+                            .authenticate(noise)
+                            .multiplex(yamux::Config::default())
+                            .timeout(Duration::from_secs(20)),
+                    )
+                })
+                .context("cannot set up the private-network transport")?
+                .with_dns()
+                .context("cannot set up DNS resolution")?
+                .with_behaviour(|key| Behaviour::new(key, &behaviour_config).map_err(Into::into))
+                .context("cannot set up the libp2p behaviour")?
+                .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+                .build()
+        }
+    };
     for addr in &config.listen {
         swarm
             .listen_on(addr.clone())

@@ -3,6 +3,9 @@ use fold_node::config::Config;
 
 fn main() -> std::process::ExitCode {
     let config = Config::parse();
+    // Several TLS users (tonic, libp2p's QUIC) share rustls; pick its crypto provider once, so
+    // rustls never has to guess between the ones the dependency graph enables.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

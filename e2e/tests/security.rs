@@ -1,0 +1,790 @@
+//! Security on the wire, with real processes: a hostile libp2p peer written here, denied and
+//! key-less peers, mutual TLS identities mapped to trust distances, packet captures of encrypted
+//! traffic (tshark), and the token on a TCP local link.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fold_proto::json::map_to_struct;
+use fold_proto::v1::{HistoryRequest, MutateRequest, MutationType, QueryRequest};
+use fold_proto::wire::{
+    ForwardRequest, ForwardResponse, forward_request::Operation, forward_response,
+};
+use foldmesh_e2e::client::*;
+use foldmesh_e2e::http;
+use foldmesh_e2e::process::{NodeProc, Proc, bin_path, parse_kv};
+use futures::StreamExt;
+use libp2p::identity::Keypair;
+use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, PeerId, Swarm, noise, tcp, yamux};
+use p2p_sidecar::behaviour::ForwardCodec;
+use p2p_sidecar::codec::FORWARD_PROTOCOL;
+use serde_json::json;
+use tonic::Code;
+
+struct Sidecar {
+    _proc: Proc,
+    node_id: String,
+    listen: String,
+    admin: String,
+}
+
+fn sidecar(dir: &Path, extra: &[&str]) -> Sidecar {
+    let mut cmd = Command::new(bin_path("p2p-sidecar"));
+    cmd.arg("--data-dir")
+        .arg(dir)
+        .args([
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args(extra);
+    let (proc, line) = Proc::spawn(cmd, "p2p-sidecar ready", Duration::from_secs(20)).unwrap();
+    Sidecar {
+        _proc: proc,
+        node_id: parse_kv(&line, "node_id").unwrap(),
+        listen: parse_kv(&line, "listen").unwrap(),
+        admin: parse_kv(&line, "admin").unwrap(),
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn notes() -> serde_json::Value {
+    schema(
+        "Notes",
+        Some("id"),
+        json!({"id": field(json!("NoRequirement"), json!("NoRequirement")),
+               "body": field(json!("NoRequirement"), json!("NoRequirement"))}),
+    )
+}
+
+/// A plain libp2p peer that speaks /fold/forward/1.0.0 — and can lie.
+fn hostile_swarm(key: Keypair) -> Swarm<request_response::Behaviour<ForwardCodec>> {
+    libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|_| {
+            request_response::Behaviour::with_codec(
+                ForwardCodec::new(4 << 20),
+                [(FORWARD_PROTOCOL, ProtocolSupport::Outbound)],
+                request_response::Config::default().with_request_timeout(Duration::from_secs(5)),
+            )
+        })
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build()
+}
+
+/// Send one request and wait for its answer (or the failure), bounded.
+async fn ask(
+    swarm: &mut Swarm<request_response::Behaviour<ForwardCodec>>,
+    peer: PeerId,
+    req: ForwardRequest,
+) -> Result<ForwardResponse, String> {
+    let id = swarm.behaviour_mut().send_request(&peer, req);
+    let deadline = tokio::time::sleep(Duration::from_secs(10));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => return Err("timed out".into()),
+            ev = swarm.select_next_some() => match ev {
+                SwarmEvent::Behaviour(request_response::Event::Message {
+                    message: request_response::Message::Response { request_id, response }, ..
+                }) if request_id == id => return Ok(response),
+                SwarmEvent::Behaviour(request_response::Event::OutboundFailure { request_id, error, .. })
+                    if request_id == id => return Err(error.to_string()),
+                _ => {}
+            }
+        }
+    }
+}
+
+fn mutate_op(id: &str, body: &str, target: &str) -> Operation {
+    Operation::Mutate(MutateRequest {
+        schema: "Notes".into(),
+        mutation_type: MutationType::Create as i32,
+        data: Some(map_to_struct(
+            json!({"id": id, "body": body}).as_object().unwrap(),
+        )),
+        target_node_id: target.into(),
+    })
+}
+
+fn signed(key: &Keypair, target: &str, op: Operation, ts: u64) -> ForwardRequest {
+    let mut r = ForwardRequest {
+        request_id: uuid::Uuid::new_v4().to_string(),
+        origin_node_id: key.public().to_peer_id().to_string(),
+        target_node_id: target.into(),
+        timestamp_unix_ms: ts,
+        trace_context: Default::default(),
+        operation: Some(op),
+        signature: vec![],
+    };
+    p2p_sidecar::signing::sign(key, &mut r).unwrap();
+    r
+}
+
+fn error_code(r: &ForwardResponse) -> Option<i32> {
+    match &r.result {
+        Some(forward_response::Result::Error(e)) => Some(e.code),
+        _ => None,
+    }
+}
+
+fn metric(text: &str, prefix: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_peer_is_refused_counted_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let sc = sidecar(dir.path(), &[]);
+    let node = NodeProc::start(dir.path(), &["--unknown-peer-distance", "0"]).unwrap();
+    fold(&node.grpc)
+        .load_schema(load_req(&notes(), true))
+        .await
+        .unwrap();
+    let target: PeerId = sc.node_id.parse().unwrap();
+    let addr: Multiaddr = sc.listen.parse().unwrap();
+
+    let key = Keypair::generate_ed25519();
+    let mut swarm = hostile_swarm(key.clone());
+    swarm
+        .dial(addr.with(libp2p::multiaddr::Protocol::P2p(target)))
+        .unwrap();
+    let t = &sc.node_id;
+
+    // Wait for the node to have found its sidecar, then one honest request.
+    let good = signed(&key, t, mutate_op("m1", "once", t), now_ms());
+    let mut first = None;
+    for _ in 0..50 {
+        let r = ask(&mut swarm, target, {
+            let mut g = good.clone();
+            g.request_id = uuid::Uuid::new_v4().to_string();
+            p2p_sidecar::signing::sign(&key, &mut g).unwrap();
+            g
+        })
+        .await
+        .unwrap();
+        if error_code(&r) != Some(Code::Unavailable as i32) {
+            first = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let first = first.expect("the node behind the sidecar answered");
+    assert!(
+        matches!(first.result, Some(forward_response::Result::Mutate(_))),
+        "{first:?}"
+    );
+
+    // Replay of an accepted request.
+    let fresh = signed(&key, t, mutate_op("m2", "replayed", t), now_ms());
+    let ok = ask(&mut swarm, target, fresh.clone()).await.unwrap();
+    assert!(error_code(&ok).is_none(), "{ok:?}");
+    let replay = ask(&mut swarm, target, fresh).await.unwrap();
+    assert_eq!(
+        error_code(&replay),
+        Some(Code::Unauthenticated as i32),
+        "{replay:?}"
+    );
+
+    // Tampered after signing.
+    let mut tampered = signed(&key, t, mutate_op("m3", "innocent", t), now_ms());
+    tampered.operation = Some(mutate_op("m3", "EVIL", t));
+    let r = ask(&mut swarm, target, tampered).await.unwrap();
+    assert_eq!(error_code(&r), Some(Code::Unauthenticated as i32));
+
+    // Stale.
+    let stale = signed(
+        &key,
+        t,
+        mutate_op("m4", "old", t),
+        now_ms() - 10 * 60 * 1000,
+    );
+    let r = ask(&mut swarm, target, stale).await.unwrap();
+    assert_eq!(error_code(&r), Some(Code::Unauthenticated as i32));
+
+    // Claims to come from another node.
+    let someone = Keypair::generate_ed25519();
+    let mut forged = signed(&someone, t, mutate_op("m5", "forged", t), now_ms());
+    forged.origin_node_id = someone.public().to_peer_id().to_string();
+    let r = ask(&mut swarm, target, forged).await.unwrap();
+    assert_eq!(error_code(&r), Some(Code::Unauthenticated as i32));
+
+    // Unsigned.
+    let mut unsigned = signed(&key, t, mutate_op("m6", "unsigned", t), now_ms());
+    unsigned.signature.clear();
+    let r = ask(&mut swarm, target, unsigned).await.unwrap();
+    assert_eq!(error_code(&r), Some(Code::Unauthenticated as i32));
+
+    // Nothing of the refused requests reached the data; the accepted ones did, once.
+    let rows = fold(&node.grpc)
+        .query(QueryRequest {
+            schema: "Notes".into(),
+            fields: vec!["body".into()],
+            filter: None,
+            target_node_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(keys(&rows), vec!["m1", "m2"]);
+    let h = fold(&node.grpc)
+        .history(HistoryRequest {
+            schema: "Notes".into(),
+            field: "body".into(),
+            range_key: "m2".into(),
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .versions;
+    assert_eq!(h.len(), 1, "the replay wrote nothing");
+
+    // Every refusal is counted by reason.
+    let (_, m) = http::get(&sc.admin, "/metrics").unwrap();
+    let c = |outcome: &str| {
+        metric(
+            &m,
+            &format!(
+                "fold_sidecar_inbound_requests_total{{protocol=\"forward\",outcome=\"{outcome}\"}}"
+            ),
+        )
+    };
+    assert_eq!(c("replayed"), 1, "{m}");
+    assert_eq!(c("bad_signature"), 2);
+    assert_eq!(c("stale"), 1);
+    assert_eq!(c("wrong_origin"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_peers_and_peers_without_the_network_key_cannot_connect() {
+    let outsider = Keypair::generate_ed25519();
+    let friend = Keypair::generate_ed25519();
+    let dir = tempfile::tempdir().unwrap();
+    let denied_id = outsider.public().to_peer_id().to_string();
+    let sc = sidecar(dir.path(), &["--deny-peer", &denied_id]);
+    let target: PeerId = sc.node_id.parse().unwrap();
+    let addr: Multiaddr = sc
+        .listen
+        .parse::<Multiaddr>()
+        .unwrap()
+        .with(libp2p::multiaddr::Protocol::P2p(target));
+
+    // The denied peer cannot hold a connection: its request never gets an answer.
+    let mut swarm = hostile_swarm(outsider.clone());
+    swarm.dial(addr.clone()).unwrap();
+    let r = ask(
+        &mut swarm,
+        target,
+        signed(
+            &outsider,
+            &sc.node_id,
+            mutate_op("x", "y", &sc.node_id),
+            now_ms(),
+        ),
+    )
+    .await;
+    assert!(r.is_err(), "a denied peer got an answer: {r:?}");
+    // Another peer can (so the check above can fail).
+    let mut ok = hostile_swarm(friend.clone());
+    ok.dial(addr).unwrap();
+    let r = ask(
+        &mut ok,
+        target,
+        signed(
+            &friend,
+            &sc.node_id,
+            mutate_op("x", "y", &sc.node_id),
+            now_ms(),
+        ),
+    )
+    .await;
+    assert!(r.is_ok(), "{r:?}");
+
+    // Private network: without the key, no connection at all.
+    let keyfile = dir.path().join("swarm.key");
+    std::fs::write(
+        &keyfile,
+        "/key/swarm/psk/1.0.0/\n/base16/\n6fd0bcd4a6c2ac6bdc44dd1cb3b8e0ba4c4ea87e1e0e3b4e8cc4dfcd6f0f1a2b\n",
+    )
+    .unwrap();
+    let pdir = tempfile::tempdir().unwrap();
+    let private = sidecar(
+        pdir.path(),
+        &["--private-network-key", keyfile.to_str().unwrap()],
+    );
+    let ptarget: PeerId = private.node_id.parse().unwrap();
+    let paddr: Multiaddr = private
+        .listen
+        .parse::<Multiaddr>()
+        .unwrap()
+        .with(libp2p::multiaddr::Protocol::P2p(ptarget));
+    let mut keyless = hostile_swarm(friend.clone());
+    keyless.dial(paddr.clone()).unwrap();
+    let r = ask(
+        &mut keyless,
+        ptarget,
+        signed(
+            &friend,
+            &private.node_id,
+            mutate_op("x", "y", &private.node_id),
+            now_ms(),
+        ),
+    )
+    .await;
+    assert!(
+        r.is_err(),
+        "a peer without the network key got through: {r:?}"
+    );
+    // A sidecar holding the key connects (its node dials through the Mesh API).
+    let qdir = tempfile::tempdir().unwrap();
+    let member = sidecar(
+        qdir.path(),
+        &["--private-network-key", keyfile.to_str().unwrap()],
+    );
+    let node = NodeProc::start(qdir.path(), &[]).unwrap();
+    let dialed = foldmesh_e2e::mesh::eventually(
+        "a member of the private network to connect",
+        Duration::from_secs(10),
+        || async {
+            network(&node.grpc)
+                .dial(fold_proto::v1::DialRequest {
+                    address: paddr.to_string(),
+                })
+                .await
+                .ok()
+                .map(|r| r.into_inner().node_id)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(dialed, private.node_id);
+    drop(member);
+}
+
+/// (CA PEM, (server cert PEM, server key PEM), [(client CN, cert PEM, key PEM)])
+type TlsMaterial = (String, (String, String), Vec<(String, String, String)>);
+
+fn tls_material() -> TlsMaterial {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "foldmesh test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let mut sp = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    sp.distinguished_name.push(DnType::CommonName, "localhost");
+    let server = sp.signed_by(&server_key, &ca, &ca_key).unwrap();
+    let mut clients = Vec::new();
+    for cn in ["trusted-client", "far-client", "listed-client"] {
+        let k = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(vec![format!("{cn}.example")]).unwrap();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let c = p.signed_by(&k, &ca, &ca_key).unwrap();
+        clients.push((cn.to_string(), c.pem(), k.serialize_pem()));
+    }
+    (
+        ca.pem(),
+        (server.pem(), server_key.serialize_pem()),
+        clients,
+    )
+}
+
+fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+async fn tls_client(
+    addr: &str,
+    ca: &str,
+    identity: Option<(&str, &str)>,
+) -> fold_proto::v1::fold_node_client::FoldNodeClient<tonic::transport::Channel> {
+    install_crypto();
+    let mut tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+        .domain_name("localhost");
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+    }
+    let ch = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    fold_proto::v1::fold_node_client::FoldNodeClient::new(ch)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_identities_map_to_trust_distances() {
+    let (ca, (cert, key), clients) = tls_material();
+    let dir = tempfile::tempdir().unwrap();
+    let w = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let (ca_p, cert_p, key_p) = (
+        w("ca.pem", &ca),
+        w("server.pem", &cert),
+        w("server.key", &key),
+    );
+    let data = dir.path().join("data");
+    let node = NodeProc::start(
+        &data,
+        &[
+            "--tls-cert",
+            &cert_p,
+            "--tls-key",
+            &key_p,
+            "--tls-client-ca",
+            &ca_p,
+            "--client-trust-distance",
+            "5",
+            "--trust",
+            "trusted-client=1",
+            "--trust",
+            "far-client=3",
+        ],
+    )
+    .unwrap();
+    let mut near_field = field(json!({"Distance": 1}), json!({"Distance": 1}));
+    near_field["permission_policy"]["explicit_read_policy"] =
+        json!({"counts_by_pub_key": {"listed-client": 1}});
+    let s = schema("Private", None, json!({"secret": near_field}));
+    let (tcert, tkey) = (&clients[0].1, &clients[0].2);
+    let mut trusted = tls_client(&node.grpc, &ca, Some((tcert, tkey))).await;
+    trusted.load_schema(load_req(&s, true)).await.unwrap();
+    trusted
+        .mutate(mutate_req(
+            "Private",
+            MutationType::Create,
+            json!({"secret": "s3cr3t"}),
+        ))
+        .await
+        .unwrap();
+    let q = || query_req("Private", &["secret"], None);
+    let r = trusted.query(q()).await.unwrap().into_inner();
+    assert_eq!(records(&r)[0].1, json!({"secret": "s3cr3t"}));
+
+    let mut far = tls_client(&node.grpc, &ca, Some((&clients[1].1, &clients[1].2))).await;
+    let e = far.query(q()).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("client:far-client is at 3"), "{e:?}");
+
+    let mut anonymous = tls_client(&node.grpc, &ca, None).await;
+    let e = anonymous.query(q()).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("client:local is at 5"), "{e:?}");
+
+    let mut listed = tls_client(&node.grpc, &ca, Some((&clients[2].1, &clients[2].2))).await;
+    let r = listed.query(q()).await.unwrap().into_inner();
+    assert_eq!(
+        records(&r)[0].1,
+        json!({"secret": "s3cr3t"}),
+        "the explicit key policy admits it"
+    );
+
+    // History records who wrote.
+    let h = trusted
+        .history(HistoryRequest {
+            schema: "Private".into(),
+            field: "secret".into(),
+            range_key: String::new(),
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .versions;
+    assert_eq!(h[0].writer, "client:trusted-client");
+}
+
+fn tshark() -> String {
+    for d in std::env::split_paths(&std::env::var("PATH").unwrap_or_default()) {
+        if d.join("tshark").exists() {
+            return d.join("tshark").display().to_string();
+        }
+    }
+    panic!("tshark is not installed; run scripts/test.sh (it installs it)");
+}
+
+struct Capture {
+    child: std::process::Child,
+    file: std::path::PathBuf,
+}
+
+fn capture(file: &Path, filter: &str) -> Capture {
+    let mut child = Command::new(tshark())
+        .args(["-i", "lo", "-f", filter, "-w"])
+        .arg(file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // tshark says "Capturing on 'Loopback: lo'" once it really captures.
+    let mut err = child.stderr.take().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = String::new();
+    let mut buf = [0u8; 256];
+    while !seen.contains("Capturing on") {
+        assert!(Instant::now() < deadline, "tshark did not start: {seen}");
+        let n = err.read(&mut buf).unwrap_or(0);
+        if n == 0 {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    std::thread::spawn(move || {
+        let mut rest = Vec::new();
+        let _ = err.read_to_end(&mut rest);
+    });
+    // dumpcap announces the interface a moment before its filter is live.
+    std::thread::sleep(Duration::from_millis(1000));
+    Capture {
+        child,
+        file: file.to_path_buf(),
+    }
+}
+
+impl Capture {
+    fn stop(mut self) -> Vec<u8> {
+        std::thread::sleep(Duration::from_millis(500));
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        std::fs::read(&self.file).unwrap()
+    }
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+fn port_of(addr: &str) -> String {
+    addr.rsplit(['/', ':']).next().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn captures_show_no_plaintext_over_tls_and_noise() {
+    let (ca, (cert, key), _) = tls_material();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), &ca).unwrap();
+    std::fs::write(dir.path().join("s.pem"), &cert).unwrap();
+    std::fs::write(dir.path().join("s.key"), &key).unwrap();
+    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
+    let sa = sidecar(&da, &[]);
+    let na = NodeProc::start(
+        &da,
+        &[
+            "--tls-cert",
+            dir.path().join("s.pem").to_str().unwrap(),
+            "--tls-key",
+            dir.path().join("s.key").to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    let sb = sidecar(&db, &[]);
+    let nb = NodeProc::start(&db, &["--unknown-peer-distance", "0"]).unwrap();
+    fold(&nb.grpc)
+        .load_schema(load_req(&notes(), true))
+        .await
+        .unwrap();
+    let mut a = tls_client(&na.grpc, &ca, None).await;
+    foldmesh_e2e::mesh::eventually(
+        "node A to see its sidecar",
+        Duration::from_secs(10),
+        || async {
+            let ch = tonic::transport::Endpoint::from_shared(format!("https://{}", na.grpc))
+                .ok()?
+                .tls_config(
+                    tonic::transport::ClientTlsConfig::new()
+                        .ca_certificate(tonic::transport::Certificate::from_pem(&ca))
+                        .domain_name("localhost"),
+                )
+                .ok()?
+                .connect()
+                .await
+                .ok()?;
+            fold_proto::v1::network_client::NetworkClient::new(ch)
+                .dial(fold_proto::v1::DialRequest {
+                    address: format!("{}/p2p/{}", sb.listen, sb.node_id),
+                })
+                .await
+                .ok()
+                .map(|_| ())
+        },
+    )
+    .await
+    .unwrap();
+
+    // 1. A TLS client session and node-to-node (Noise) traffic, during a forwarded mutation.
+    let marker = format!("MARKER-{}", uuid::Uuid::new_v4().simple());
+    let filter = format!(
+        "tcp port {} or tcp port {} or tcp port {}",
+        port_of(&na.grpc),
+        port_of(&sa.listen),
+        port_of(&sb.listen)
+    );
+    let cap = capture(&dir.path().join("enc.pcap"), &filter);
+    let mut m = mutate_req(
+        "Notes",
+        MutationType::Create,
+        json!({"id": "k1", "body": marker}),
+    );
+    m.target_node_id = sb.node_id.clone();
+    let w = a.mutate(m).await.unwrap().into_inner();
+    assert_eq!(w.node_id, sb.node_id);
+    let bytes = cap.stop();
+    assert!(
+        bytes.len() > 1000,
+        "the capture saw the traffic ({} bytes)",
+        bytes.len()
+    );
+    assert!(
+        !contains(&bytes, &marker),
+        "the marker crossed the wire in plaintext"
+    );
+    // The value really arrived on B.
+    let r = fold(&nb.grpc)
+        .query(query_req("Notes", &["body"], None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(records(&r)[0].1, json!({"body": marker}));
+
+    // 2. Control: the same kind of write on B's plaintext client port is visible.
+    let marker2 = format!("MARKER-{}", uuid::Uuid::new_v4().simple());
+    let cap = capture(
+        &dir.path().join("plain.pcap"),
+        &format!("tcp port {}", port_of(&nb.grpc)),
+    );
+    fold(&nb.grpc)
+        .mutate(mutate_req(
+            "Notes",
+            MutationType::Create,
+            json!({"id": "k2", "body": marker2}),
+        ))
+        .await
+        .unwrap();
+    let bytes = cap.stop();
+    assert!(
+        contains(&bytes, &marker2),
+        "without TLS the marker is on the wire (so the check can fail); capture of {} bytes",
+        bytes.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_local_link_needs_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("link.token");
+    std::fs::write(&token, "0123456789abcdef-test-token\n").unwrap();
+    let (p1, p2) = {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        (
+            a.local_addr().unwrap().port(),
+            b.local_addr().unwrap().port(),
+        )
+    };
+    let mesh = format!("127.0.0.1:{p1}");
+    let peer = format!("127.0.0.1:{p2}");
+    // Without a token file both refuse to start on TCP.
+    let out = Command::new(bin_path("fold-node"))
+        .arg("--data-dir")
+        .arg(dir.path().join("x"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--sidecar-addr",
+            &mesh,
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--link-token-file"));
+
+    let t = token.to_str().unwrap();
+    let _sc = sidecar(
+        dir.path(),
+        &[
+            "--mesh-listen",
+            &mesh,
+            "--node-addr",
+            &peer,
+            "--link-token-file",
+            t,
+        ],
+    );
+    let node = NodeProc::start(
+        dir.path(),
+        &[
+            "--sidecar-addr",
+            &mesh,
+            "--peer-requests-listen",
+            &peer,
+            "--link-token-file",
+            t,
+        ],
+    )
+    .unwrap();
+    // With the token the two work together.
+    foldmesh_e2e::mesh::eventually(
+        "the node to reach its sidecar over TCP",
+        Duration::from_secs(10),
+        || async {
+            network(&node.grpc)
+                .status(fold_proto::v1::NetworkStatusRequest {})
+                .await
+                .ok()
+                .map(|_| ())
+        },
+    )
+    .await
+    .unwrap();
+    // Another local process without the token gets nothing from either side.
+    let e = fold_proto::sidecar::mesh_client::MeshClient::new(channel(&mesh))
+        .status(fold_proto::sidecar::MeshStatusRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let e = fold_proto::sidecar::peer_requests_client::PeerRequestsClient::new(channel(&peer))
+        .served_schemas(fold_proto::sidecar::ServedSchemasRequest {
+            origin_node_id: "x".into(),
+            names: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+}
