@@ -1,7 +1,8 @@
-//! tonic reports a request over its decoding limit as `OUT_OF_RANGE`; the foldmesh error model
-//! (like grpc-go and grpc-java) says `RESOURCE_EXHAUSTED`. This layer rewrites exactly that
-//! status — in the response headers (trailers-only responses) and in the trailers — and nothing
-//! else.
+//! Two statuses tonic gives for bad input, mapped to the foldmesh error model: a request over the
+//! decoding limit is `OUT_OF_RANGE` in tonic and `RESOURCE_EXHAUSTED` here (as in grpc-go and
+//! grpc-java); a body that is not the method's protobuf is `INTERNAL` in tonic and
+//! `INVALID_ARGUMENT` here. This layer rewrites exactly those — in the response headers
+//! (trailers-only responses) and in the trailers — and nothing else.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -18,9 +19,22 @@ fn is_too_large(h: &http::HeaderMap) -> bool {
         })
 }
 
+/// tonic reports a request body that is not the method's protobuf as INTERNAL; it is the
+/// caller's malformed input.
+fn is_undecodable(h: &http::HeaderMap) -> bool {
+    h.get("grpc-status").is_some_and(|v| v == "13")
+        && h.get("grpc-message").is_some_and(|m| {
+            let m = m.as_bytes();
+            m.starts_with(b"failed%20to%20decode%20Protobuf%20message")
+                || m.starts_with(b"failed to decode Protobuf message")
+        })
+}
+
 fn fix(h: &mut http::HeaderMap) {
     if is_too_large(h) {
         h.insert("grpc-status", http::HeaderValue::from_static("8"));
+    } else if is_undecodable(h) {
+        h.insert("grpc-status", http::HeaderValue::from_static("3"));
     }
 }
 
