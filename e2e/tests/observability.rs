@@ -194,11 +194,24 @@ fn remote_query(target: &str) -> fold_proto::v1::QueryRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_node_and_sidecar() {
     let (_da, _db, sa, na, _sb, _nb) = link_two_nodes(&[], &[]).await;
-    // Some traffic, including a forward, so every family has series.
-    fold(&na.grpc)
-        .query(remote_query(&_sb.node_id))
-        .await
-        .unwrap();
+    // Some traffic, including forwards, so every family has series. Twenty forwards to the same
+    // node share one pooled connection.
+    for _ in 0..20 {
+        fold(&na.grpc)
+            .query(remote_query(&_sb.node_id))
+            .await
+            .unwrap();
+    }
+    let (_, sidecar_metrics) = http::get(&sa.admin, "/metrics").unwrap();
+    let established: u64 = sidecar_metrics
+        .lines()
+        .filter(|l| l.starts_with("libp2p_swarm_connections_established_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(
+        established, 1,
+        "one connection for all forwards:\n{sidecar_metrics}"
+    );
     let _ = fold(&na.grpc)
         .query(query_req("Missing", &["x"], None))
         .await;
@@ -213,7 +226,7 @@ async fn prometheus_scrapes_node_and_sidecar() {
     let (_, node_metrics) = http::get(&na.admin, "/metrics").unwrap();
     assert!(node_metrics.contains("grpc_server_handled_total{grpc_type=\"unary\",grpc_service=\"fold.v1.FoldNode\",grpc_method=\"Query\",grpc_code=\"NotFound\"}"), "{node_metrics}");
     assert!(node_metrics.contains("grpc_client_handled_total{grpc_type=\"unary\",grpc_service=\"fold.sidecar.v1.Mesh\",grpc_method=\"Forward\",grpc_code=\"OK\"}"));
-    assert!(node_metrics.contains("fold_forwards_total{op=\"query\",outcome=\"OK\"} 1"));
+    assert!(node_metrics.contains("fold_forwards_total{op=\"query\",outcome=\"OK\"} 20"));
     let (status, ready) = http::get(&na.admin, "/readyz").unwrap();
     assert_eq!(status, 200, "{ready}");
 
