@@ -567,7 +567,7 @@ fn capture(file: &Path, filter: &str) -> Capture {
         let _ = err.read_to_end(&mut rest);
     });
     // dumpcap announces the interface a moment before its filter is live.
-    std::thread::sleep(Duration::from_millis(1000));
+    std::thread::sleep(Duration::from_millis(2000));
     Capture {
         child,
         file: file.to_path_buf(),

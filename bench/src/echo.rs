@@ -1,0 +1,72 @@
+//! The throughput reference: a bare tonic unary server answering `Query` with a fixed 1 KiB
+//! record, no storage, no middleware — what tonic alone costs on this machine.
+
+use fold_proto::json::map_to_struct;
+use fold_proto::v1::fold_node_server::{FoldNode, FoldNodeServer};
+use fold_proto::v1::*;
+use serde_json::json;
+use tonic::{Request, Response, Status};
+
+struct Echo {
+    answer: QueryResponse,
+}
+
+#[tonic::async_trait]
+impl FoldNode for Echo {
+    async fn load_schema(
+        &self,
+        _: Request<LoadSchemaRequest>,
+    ) -> Result<Response<LoadSchemaResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn list_schemas(
+        &self,
+        _: Request<ListSchemasRequest>,
+    ) -> Result<Response<ListSchemasResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn get_schema(
+        &self,
+        _: Request<GetSchemaRequest>,
+    ) -> Result<Response<GetSchemaResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn set_schema_state(
+        &self,
+        _: Request<SetSchemaStateRequest>,
+    ) -> Result<Response<SetSchemaStateResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn query(&self, _: Request<QueryRequest>) -> Result<Response<QueryResponse>, Status> {
+        Ok(Response::new(self.answer.clone()))
+    }
+    async fn mutate(&self, _: Request<MutateRequest>) -> Result<Response<MutateResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn history(
+        &self,
+        _: Request<HistoryRequest>,
+    ) -> Result<Response<HistoryResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+}
+
+pub async fn serve() -> anyhow::Result<()> {
+    let fields = json!({"payload": "x".repeat(super::PAYLOAD)});
+    let answer = QueryResponse {
+        records: vec![Record {
+            range_key: "r1".into(),
+            fields: fields.as_object().map(map_to_struct),
+        }],
+        node_id: String::new(),
+    };
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let incoming = tonic::transport::server::TcpIncoming::from(l).with_nodelay(Some(true));
+    println!("echo ready addr={addr}");
+    tonic::transport::Server::builder()
+        .add_service(FoldNodeServer::new(Echo { answer }))
+        .serve_with_incoming(incoming)
+        .await?;
+    Ok(())
+}

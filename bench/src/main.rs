@@ -1,0 +1,841 @@
+//! fold-bench: the foldmesh paths measured side by side in one run, against their floor and the
+//! earlier design. See docs/BENCHMARKS.md; run with `scripts/bench.sh`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow};
+use clap::{Parser, Subcommand};
+use fold_proto::json::map_to_struct;
+use fold_proto::v1::fold_node_client::FoldNodeClient;
+use fold_proto::v1::{
+    LoadSchemaRequest, MutateRequest, MutationType, QueryRequest, QueryResponse, RangeFilter,
+    range_filter,
+};
+use foldmesh_e2e::process::{Proc, parse_kv};
+use serde_json::{Value as Json, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::Channel;
+
+mod dht;
+mod echo;
+
+#[derive(Parser)]
+#[command(
+    name = "fold-bench",
+    about = "Measure foldmesh's paths side by side in one run"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    /// Sequential round trips per latency measurement.
+    #[arg(long, default_value_t = 2000)]
+    n: usize,
+    /// Seconds of the fixed-rate and throughput phases.
+    #[arg(long, default_value_t = 10)]
+    secs: u64,
+    /// Where to write results.json.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// Skip the phases that need root (network namespaces for mDNS).
+    #[arg(long)]
+    no_netns: bool,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// A bare tonic unary server answering Query with a fixed 1 KiB record (the throughput
+    /// reference); prints "echo ready addr=<addr>".
+    EchoServer,
+    /// Only the DHT scaling phase.
+    Dht,
+}
+
+const PAYLOAD: usize = 1024;
+
+fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent().expect("exe dir").join(name)
+}
+
+#[derive(serde::Serialize, Clone, Debug)]
+struct Lat {
+    name: String,
+    n: usize,
+    p50_us: f64,
+    p90_us: f64,
+    p99_us: f64,
+}
+
+fn lat(name: &str, mut v: Vec<Duration>) -> Lat {
+    v.sort();
+    let pick = |q: f64| {
+        if v.is_empty() {
+            return 0.0;
+        }
+        let i = ((v.len() as f64 - 1.0) * q).round() as usize;
+        v[i].as_secs_f64() * 1e6
+    };
+    let l = Lat {
+        name: name.to_string(),
+        n: v.len(),
+        p50_us: pick(0.5),
+        p90_us: pick(0.9),
+        p99_us: pick(0.99),
+    };
+    eprintln!(
+        "  {:<58} n={:<6} p50={:>9.1}µs p90={:>9.1}µs p99={:>9.1}µs",
+        l.name, l.n, l.p50_us, l.p90_us, l.p99_us
+    );
+    l
+}
+
+async fn sequential<F, Fut>(n: usize, mut f: F) -> anyhow::Result<Vec<Duration>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    for _ in 0..(n / 10).max(10) {
+        f().await?;
+    }
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        f().await?;
+        v.push(t.elapsed());
+    }
+    Ok(v)
+}
+
+// ---- processes -------------------------------------------------------------------------------
+
+struct Node {
+    _dir: tempfile::TempDir,
+    data: PathBuf,
+    sidecar: Proc,
+    node: Proc,
+    node_id: String,
+    listen: String,
+    grpc: String,
+}
+
+fn start_node() -> anyhow::Result<Node> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().to_path_buf();
+    let mut sc = Command::new(bin("p2p-sidecar"));
+    sc.arg("--data-dir")
+        .arg(&data)
+        .args([
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--peer-rate-limit", "0"])
+        .env("RUST_LOG", "warn");
+    let (sidecar, line) = Proc::spawn(sc, "p2p-sidecar ready", Duration::from_secs(20))?;
+    let node_id = parse_kv(&line, "node_id").ok_or_else(|| anyhow!("no node id"))?;
+    let listen = parse_kv(&line, "listen").ok_or_else(|| anyhow!("no listen"))?;
+    let mut nd = Command::new(bin("fold-node"));
+    nd.arg("--data-dir")
+        .arg(&data)
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args([
+            "--rate-limit-per-client",
+            "0",
+            "--unknown-peer-distance",
+            "0",
+        ])
+        .env("RUST_LOG", "warn");
+    let (node, line) = Proc::spawn(nd, "fold-node ready", Duration::from_secs(20))?;
+    let grpc = parse_kv(&line, "grpc").ok_or_else(|| anyhow!("no grpc"))?;
+    Ok(Node {
+        _dir: dir,
+        data,
+        sidecar,
+        node,
+        node_id,
+        listen,
+        grpc,
+    })
+}
+
+fn channel(addr: &str) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("address")
+        .tcp_nodelay(true)
+        .connect_lazy()
+}
+
+fn schema() -> Json {
+    let f = json!({
+        "permission_policy": {"read_policy": "NoRequirement", "write_policy": "NoRequirement"},
+        "payment_config": {"base_multiplier": 1.0, "trust_distance_scaling": "None", "min_payment": null},
+        "field_type": "Range", "field_mappers": {}
+    });
+    json!({"name": "Bench", "schema_type": {"Range": {"range_key": "k"}},
+           "payment_config": {"base_multiplier": 1.0, "min_payment_threshold": 0},
+           "fields": {"k": f.clone(), "payload": f}})
+}
+
+pub fn query(target: &str) -> QueryRequest {
+    QueryRequest {
+        schema: "Bench".into(),
+        fields: vec!["payload".into()],
+        filter: Some(RangeFilter {
+            filter: Some(range_filter::Filter::Key("r1".into())),
+        }),
+        target_node_id: target.into(),
+    }
+}
+
+async fn prepare(node: &Node) -> anyhow::Result<()> {
+    let mut c = FoldNodeClient::new(channel(&node.grpc));
+    c.load_schema(LoadSchemaRequest {
+        schema_json: schema().to_string(),
+        approve: true,
+    })
+    .await?;
+    let data = json!({"k": "r1", "payload": "x".repeat(PAYLOAD)});
+    c.mutate(MutateRequest {
+        schema: "Bench".into(),
+        mutation_type: MutationType::Create as i32,
+        data: data.as_object().map(map_to_struct),
+        target_node_id: String::new(),
+    })
+    .await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fold_proto::v1::network_client::NetworkClient::new(channel(&node.grpc))
+        .status(fold_proto::v1::NetworkStatusRequest {})
+        .await
+        .is_err()
+    {
+        if Instant::now() > deadline {
+            return Err(anyhow!("node never reached its sidecar"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+fn rss_kib(pid: Option<u32>) -> u64 {
+    let Some(pid) = pid else { return 0 };
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+// ---- the floor and the earlier design ----------------------------------------------------------
+
+async fn tcp_floor(n: usize) -> anyhow::Result<Vec<Duration>> {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; PAYLOAD];
+                while s.read_exact(&mut buf).await.is_ok() {
+                    if s.write_all(&buf).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let s = tokio::net::TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let s = Arc::new(tokio::sync::Mutex::new(s));
+    let out = vec![7u8; PAYLOAD];
+    sequential(n, || {
+        let s = s.clone();
+        let out = out.clone();
+        async move {
+            let mut s = s.lock().await;
+            s.write_all(&out).await?;
+            let mut back = vec![0u8; PAYLOAD];
+            s.read_exact(&mut back).await?;
+            Ok(())
+        }
+    })
+    .await
+}
+
+fn json_reply() -> Vec<u8> {
+    serde_json::to_vec(&json!({"results": [{"payload": "x".repeat(PAYLOAD)}], "errors": []}))
+        .unwrap_or_default()
+}
+
+async fn read_frame<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> std::io::Result<Vec<u8>> {
+    let len = s.read_u32().await? as usize;
+    let mut buf = vec![0u8; len.min(10_000_000)];
+    s.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+async fn write_frame<S: tokio::io::AsyncWrite + Unpin>(s: &mut S, b: &[u8]) -> std::io::Result<()> {
+    s.write_u32(b.len() as u32).await?;
+    s.write_all(b).await?;
+    s.flush().await
+}
+
+fn json_request() -> Vec<u8> {
+    serde_json::to_vec(&json!({"operation": "query", "params": {"schema": "Bench", "fields": ["payload"]}, "target_node_id": "peer"}))
+        .unwrap_or_default()
+}
+
+/// The earlier design: a fresh plaintext TCP connection per forwarded request, one
+/// length-prefixed JSON frame each way.
+async fn fresh_tcp_json(n: usize) -> anyhow::Result<Vec<Duration>> {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                if let Ok(req) = read_frame(&mut s).await {
+                    let _: Result<Json, _> = serde_json::from_slice(&req);
+                    let _ = write_frame(&mut s, &json_reply()).await;
+                }
+            });
+        }
+    });
+    sequential(n, || async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        write_frame(&mut s, &json_request()).await?;
+        let r = read_frame(&mut s).await?;
+        let _: Json = serde_json::from_slice(&r)?;
+        Ok(())
+    })
+    .await
+}
+
+/// The same with a fresh TLS 1.3 handshake per request (a naive secure version).
+async fn fresh_tls_json(n: usize) -> anyhow::Result<Vec<Duration>> {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])?;
+    let cert = ck.cert.der().clone();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(ck.key_pair.serialize_der())
+        .map_err(|e| anyhow!("{e}"))?;
+    let server = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], key)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert)?;
+    let client = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(mut s) = acceptor.accept(s).await
+                    && read_frame(&mut s).await.is_ok()
+                {
+                    let _ = write_frame(&mut s, &json_reply()).await;
+                }
+            });
+        }
+    });
+    let name = rustls::pki_types::ServerName::try_from("localhost")?.to_owned();
+    sequential(n, || {
+        let connector = connector.clone();
+        let name = name.clone();
+        async move {
+            let s = tokio::net::TcpStream::connect(addr).await?;
+            let mut s = connector.connect(name, s).await?;
+            write_frame(&mut s, &json_request()).await?;
+            let r = read_frame(&mut s).await?;
+            let _: Json = serde_json::from_slice(&r)?;
+            Ok(())
+        }
+    })
+    .await
+}
+
+// ---- fixed rate and throughput ------------------------------------------------------------------
+
+/// `conns` connections together sending `rate` requests/s for `secs`; each request's latency.
+async fn fixed_rate(addr: &str, target: &str, conns: usize, rate: u32, secs: u64) -> Vec<Duration> {
+    let all = Arc::new(Mutex::new(Vec::new()));
+    let per = Duration::from_secs_f64(conns as f64 / f64::from(rate));
+    let mut tasks = Vec::new();
+    for i in 0..conns {
+        let mut c = FoldNodeClient::new(channel(addr));
+        let q = query(target);
+        let all = all.clone();
+        tasks.push(tokio::spawn(async move {
+            // Stagger the connections across one interval.
+            tokio::time::sleep(per.mul_f64(i as f64 / conns as f64)).await;
+            let mut tick = tokio::time::interval(per);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let end = Instant::now() + Duration::from_secs(secs);
+            let mut mine = Vec::new();
+            while Instant::now() < end {
+                tick.tick().await;
+                let t = Instant::now();
+                if c.query(q.clone()).await.is_ok() {
+                    mine.push(t.elapsed());
+                }
+            }
+            if let Ok(mut a) = all.lock() {
+                a.extend(mine);
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    all.lock().map(|v| v.clone()).unwrap_or_default()
+}
+
+/// Requests/s at `concurrency` for `secs` against `addr`, and the node-process RSS peak.
+async fn throughput(
+    addr: &str,
+    concurrency: usize,
+    secs: u64,
+    watch: &[Option<u32>],
+) -> (f64, Vec<u64>) {
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let end = Instant::now() + Duration::from_secs(secs);
+    let chans: Vec<Channel> = (0..8).map(|_| channel(addr)).collect();
+    let mut tasks = Vec::new();
+    for i in 0..concurrency {
+        let mut c = FoldNodeClient::new(chans[i % chans.len()].clone());
+        let done = done.clone();
+        tasks.push(tokio::spawn(async move {
+            let q = query("");
+            while Instant::now() < end {
+                if c.query(q.clone()).await.is_ok() {
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    let watch = watch.to_vec();
+    let sampler = tokio::spawn(async move {
+        let mut peak = vec![0u64; watch.len()];
+        while Instant::now() < end {
+            for (i, p) in watch.iter().enumerate() {
+                peak[i] = peak[i].max(rss_kib(*p));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        peak
+    });
+    let started = Instant::now();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let rate =
+        done.load(std::sync::atomic::Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+    (rate, sampler.await.unwrap_or_default())
+}
+
+fn h2load(addr: &str, requests: u32) -> Option<(f64, String)> {
+    let h2 = ["/usr/bin/h2load", "/usr/local/bin/h2load"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())?;
+    use prost::Message;
+    let msg = query("").encode_to_vec();
+    let mut body = vec![0u8];
+    body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    body.extend_from_slice(&msg);
+    let dir = tempfile::tempdir().ok()?;
+    let file = dir.path().join("query.bin");
+    std::fs::write(&file, &body).ok()?;
+    let out = Command::new(h2)
+        .args(["-n", &requests.to_string(), "-c", "16", "-m", "8"])
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+        .arg("-d")
+        .arg(&file)
+        .arg(format!("http://{addr}/fold.v1.FoldNode/Query"))
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = text.lines().find(|l| l.contains("req/s"))?.to_string();
+    let rate = line
+        .split(',')
+        .find(|p| p.contains("req/s"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let status = text
+        .lines()
+        .find(|l| l.starts_with("requests:"))
+        .unwrap_or("")
+        .to_string();
+    Some((rate, status))
+}
+
+// ---- mDNS convergence ---------------------------------------------------------------------------
+
+async fn mdns_convergence(hosts: usize) -> anyhow::Result<(f64, f64)> {
+    let net = foldmesh_e2e::netns::TestNet::new(hosts)?;
+    let mut procs = Vec::new();
+    let mut socks = Vec::new();
+    let mut dirs = Vec::new();
+    let t0 = Instant::now();
+    for i in 0..hosts {
+        let dir = tempfile::tempdir()?;
+        let mut c = net.command(i, bin("p2p-sidecar"));
+        c.arg("--data-dir")
+            .arg(dir.path())
+            .arg("--listen")
+            .arg(format!("/ip4/{}/tcp/4001", net.host_addr(i)))
+            .args(["--mdns", "on", "--mdns-query-interval-secs", "5"])
+            .args(["--admin-listen", "127.0.0.1:9465"])
+            .env("RUST_LOG", "warn");
+        let (p, _) = Proc::spawn(c, "p2p-sidecar ready", Duration::from_secs(30))?;
+        procs.push(p);
+        socks.push(dir.path().join("sidecar.sock"));
+        dirs.push(dir);
+    }
+    let t_ready = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let mut all = true;
+        for s in &socks {
+            let ch = local_link::channel(
+                &local_link::LinkAddr::Unix(s.clone()),
+                Duration::from_secs(1),
+            );
+            let st = fold_proto::sidecar::mesh_client::MeshClient::new(ch)
+                .status(fold_proto::sidecar::MeshStatusRequest {})
+                .await;
+            if st
+                .map(|r| r.into_inner().connected_peers as usize)
+                .unwrap_or(0)
+                < hosts - 1
+            {
+                all = false;
+                break;
+            }
+        }
+        if all {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(anyhow!("{hosts} hosts did not converge in 120 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let from_ready = t_ready.elapsed().as_secs_f64();
+    let from_start = t0.elapsed().as_secs_f64();
+    drop(procs);
+    drop(net);
+    Ok((from_ready, from_start))
+}
+
+// ---- main ---------------------------------------------------------------------------------------
+
+#[derive(serde::Serialize, Default)]
+struct Results {
+    machine: String,
+    latency: Vec<Lat>,
+    dapr_terms: HashMap<String, f64>,
+    throughput: HashMap<String, f64>,
+    h2load: Option<String>,
+    memory_kib: HashMap<String, u64>,
+    mdns_convergence_s: Vec<(usize, f64, f64)>,
+    dht_lookup: Vec<dht::DhtResult>,
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    format!("{cores} cores, {cpu}")
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut r = Results {
+        machine: machine(),
+        ..Default::default()
+    };
+    eprintln!("fold-bench on {}", r.machine);
+    let n = cli.n;
+
+    eprintln!("== starting two nodes (node + sidecar each) on loopback");
+    let a = start_node()?;
+    let b = start_node()?;
+    prepare(&a).await?;
+    prepare(&b).await?;
+    fold_proto::v1::network_client::NetworkClient::new(channel(&a.grpc))
+        .dial(fold_proto::v1::DialRequest {
+            address: format!("{}/p2p/{}", b.listen, b.node_id),
+        })
+        .await?;
+    let idle_node = rss_kib(a.node.pid());
+    let idle_sidecar = rss_kib(a.sidecar.pid());
+
+    eprintln!("== latency, sequential round trips with a 1 KiB payload");
+    r.latency.push(lat(
+        "raw loopback TCP round trip (floor)",
+        tcp_floor(n).await?,
+    ));
+    let direct = {
+        let c = FoldNodeClient::new(channel(&a.grpc));
+        sequential(n, || {
+            let mut c = c.clone();
+            async move {
+                c.query(query("")).await?;
+                Ok(())
+            }
+        })
+        .await?
+    };
+    let direct = lat("direct Query (client → fold-node)", direct);
+    r.latency.push(direct.clone());
+    let mesh = local_link::LinkAddr::Unix(a.data.join("sidecar.sock"));
+    let hop = {
+        let c = fold_proto::sidecar::mesh_client::MeshClient::new(local_link::channel(
+            &mesh,
+            Duration::from_secs(1),
+        ));
+        sequential(n, || {
+            let mut c = c.clone();
+            async move {
+                c.status(fold_proto::sidecar::MeshStatusRequest {}).await?;
+                Ok(())
+            }
+        })
+        .await?
+    };
+    r.latency.push(lat(
+        "sidecar hop (node → its sidecar over the UDS, Mesh.Status)",
+        hop,
+    ));
+    let peer_sock = local_link::LinkAddr::Unix(a.data.join("node.sock"));
+    let hop_back = {
+        let c = fold_proto::sidecar::peer_requests_client::PeerRequestsClient::new(
+            local_link::channel(&peer_sock, Duration::from_secs(1)),
+        );
+        sequential(n, || {
+            let mut c = c.clone();
+            async move {
+                c.served_schemas(fold_proto::sidecar::ServedSchemasRequest {
+                    origin_node_id: "bench".into(),
+                    names: vec!["Bench".into()],
+                })
+                .await?;
+                Ok(())
+            }
+        })
+        .await?
+    };
+    r.latency.push(lat(
+        "sidecar hop back (sidecar → its node over the UDS, ServedSchemas)",
+        hop_back,
+    ));
+    let fwd = {
+        let c = FoldNodeClient::new(channel(&a.grpc));
+        let target = b.node_id.clone();
+        sequential(n, || {
+            let mut c = c.clone();
+            let q = query(&target);
+            async move {
+                let r: QueryResponse = c.query(q).await?.into_inner();
+                if r.records.is_empty() {
+                    return Err(anyhow!("forwarded query returned nothing"));
+                }
+                Ok(())
+            }
+        })
+        .await?
+    };
+    let fwd = lat(
+        "forwarded Query (A → sidecar A → libp2p → sidecar B → B)",
+        fwd,
+    );
+    r.latency.push(fwd.clone());
+    r.latency.push(lat(
+        "earlier design: fresh TCP + JSON frame per request",
+        fresh_tcp_json(n).await?,
+    ));
+    r.latency.push(lat(
+        "earlier design, secured: fresh TCP + TLS handshake + JSON per request",
+        fresh_tls_json((n / 4).max(100)).await?,
+    ));
+    r.dapr_terms
+        .insert("sequential_added_p50_us".into(), fwd.p50_us - direct.p50_us);
+
+    eprintln!(
+        "== fixed rate: 1 KiB, 16 connections, 1000 requests/s, {} s each (Dapr's terms)",
+        cli.secs
+    );
+    let d = lat(
+        "fixed rate: direct Query",
+        fixed_rate(&a.grpc, "", 16, 1000, cli.secs).await,
+    );
+    let f = lat(
+        "fixed rate: forwarded Query",
+        fixed_rate(&a.grpc, &b.node_id, 16, 1000, cli.secs).await,
+    );
+    r.dapr_terms
+        .insert("fixed_rate_added_p50_us".into(), f.p50_us - d.p50_us);
+    r.dapr_terms
+        .insert("fixed_rate_added_p90_us".into(), f.p90_us - d.p90_us);
+    r.dapr_terms
+        .insert("dapr_published_added_p50_us".into(), 1680.0);
+    r.latency.push(d);
+    r.latency.push(f);
+
+    eprintln!("== throughput at concurrency 32, {} s each", cli.secs);
+    let (node_rps, peaks) =
+        throughput(&a.grpc, 32, cli.secs, &[a.node.pid(), a.sidecar.pid()]).await;
+    let mut echo_cmd = Command::new(bin("fold-bench"));
+    echo_cmd.arg("echo-server");
+    let (echo, line) = Proc::spawn(echo_cmd, "echo ready", Duration::from_secs(10))?;
+    let echo_addr = parse_kv(&line, "addr").ok_or_else(|| anyhow!("no echo addr"))?;
+    let (echo_rps, _) = throughput(&echo_addr, 32, cli.secs, &[]).await;
+    eprintln!(
+        "  fold-node local Query: {node_rps:.0} req/s; bare tonic unary echo: {echo_rps:.0} req/s; ratio {:.2}",
+        node_rps / echo_rps
+    );
+    r.throughput.insert("fold_node_query_rps".into(), node_rps);
+    r.throughput.insert("tonic_echo_rps".into(), echo_rps);
+    r.throughput.insert("ratio".into(), node_rps / echo_rps);
+    drop(echo);
+    if let Some((rate, status)) = h2load(&a.grpc, 20_000) {
+        eprintln!("  h2load (16 connections × 8 streams): {rate:.0} req/s; {status}");
+        r.throughput.insert("h2load_rps".into(), rate);
+        r.h2load = Some(status);
+    } else {
+        eprintln!("  h2load not installed (apt-get install nghttp2-client); skipped");
+    }
+
+    eprintln!("== memory (resident set)");
+    r.memory_kib.insert("node_idle".into(), idle_node);
+    r.memory_kib.insert("sidecar_idle".into(), idle_sidecar);
+    r.memory_kib.insert(
+        "node_under_load".into(),
+        peaks.first().copied().unwrap_or(0),
+    );
+    r.memory_kib.insert(
+        "sidecar_under_load".into(),
+        peaks.get(1).copied().unwrap_or(0),
+    );
+    let peers = 16;
+    let mut extra = Vec::new();
+    for _ in 0..peers {
+        let dir = tempfile::tempdir()?;
+        let mut c = Command::new(bin("p2p-sidecar"));
+        c.arg("--data-dir")
+            .arg(dir.path())
+            .args([
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--bootstrap")
+            .arg(format!("{}/p2p/{}", a.listen, a.node_id))
+            .env("RUST_LOG", "warn");
+        let (p, _) = Proc::spawn(c, "p2p-sidecar ready", Duration::from_secs(20))?;
+        extra.push((p, dir));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = fold_proto::sidecar::mesh_client::MeshClient::new(local_link::channel(
+            &mesh,
+            Duration::from_secs(1),
+        ))
+        .status(fold_proto::sidecar::MeshStatusRequest {})
+        .await?
+        .into_inner();
+        if st.connected_peers as usize > peers || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    r.memory_kib.insert(
+        format!("sidecar_with_{}_peers", peers + 1),
+        rss_kib(a.sidecar.pid()),
+    );
+    drop(extra);
+    for (k, v) in &r.memory_kib {
+        eprintln!("  {k:<28} {:>7.1} MiB", *v as f64 / 1024.0);
+    }
+
+    if !cli.no_netns {
+        eprintln!("== mDNS discovery convergence in network namespaces");
+        for hosts in [5, 10, 20] {
+            let (ready, start) = mdns_convergence(hosts).await?;
+            eprintln!(
+                "  {hosts:>2} hosts: all connected {:.0} ms after the last was ready ({:.2} s from the first start)",
+                ready * 1000.0,
+                start
+            );
+            r.mdns_convergence_s.push((hosts, ready, start));
+        }
+    }
+
+    eprintln!("== DHT provider lookups, in-process nodes on libp2p's memory transport");
+    for nodes in [50, 100, 200] {
+        let d = dht::measure(nodes, 20).await?;
+        eprintln!(
+            "  {nodes:>3} nodes: lookup p50 {:.1} ms, p90 {:.1} ms, {:.1} requests on average, found {}/{}",
+            d.p50_ms, d.p90_ms, d.mean_requests, d.found, d.lookups
+        );
+        r.dht_lookup.push(d);
+    }
+
+    std::fs::create_dir_all(&cli.out)?;
+    let file = cli.out.join("results.json");
+    std::fs::write(&file, serde_json::to_string_pretty(&r)?)?;
+    eprintln!("== wrote {}", file.display());
+    drop((a, b));
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("fold-bench: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Some(Cmd::EchoServer) => rt.block_on(echo::serve()),
+        Some(Cmd::Dht) => rt.block_on(async {
+            for nodes in [50, 100, 200] {
+                let d = dht::measure(nodes, 20).await?;
+                eprintln!("{d:?}");
+            }
+            Ok(())
+        }),
+        None => rt.block_on(run(cli)).context("benchmark failed"),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fold-bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
