@@ -788,3 +788,77 @@ async fn a_tcp_local_link_needs_the_token() {
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_peer_is_throttled_and_others_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let sc = sidecar(
+        dir.path(),
+        &["--peer-rate-limit", "5", "--peer-rate-burst", "5"],
+    );
+    let node = NodeProc::start(dir.path(), &["--unknown-peer-distance", "0"]).unwrap();
+    fold(&node.grpc)
+        .load_schema(load_req(&notes(), true))
+        .await
+        .unwrap();
+    let target: PeerId = sc.node_id.parse().unwrap();
+    let addr: Multiaddr = sc
+        .listen
+        .parse::<Multiaddr>()
+        .unwrap()
+        .with(libp2p::multiaddr::Protocol::P2p(target));
+    let t = &sc.node_id;
+    let query_op = || {
+        Operation::Query(QueryRequest {
+            schema: "Notes".into(),
+            fields: vec!["id".into()],
+            filter: None,
+            target_node_id: t.clone(),
+        })
+    };
+
+    let flood_key = Keypair::generate_ed25519();
+    let mut flood = hostile_swarm(flood_key.clone());
+    flood.dial(addr.clone()).unwrap();
+    let mut throttled = 0;
+    let mut answered = 0;
+    for _ in 0..30 {
+        let r = ask(
+            &mut flood,
+            target,
+            signed(&flood_key, t, query_op(), now_ms()),
+        )
+        .await
+        .unwrap();
+        match error_code(&r) {
+            Some(c) if c == Code::ResourceExhausted as i32 => throttled += 1,
+            _ => answered += 1,
+        }
+    }
+    assert!(
+        throttled >= 20,
+        "the flood was throttled ({throttled} of 30)"
+    );
+    assert!(answered >= 5, "its budget was served ({answered})");
+
+    // A different peer still gets through at once.
+    let calm_key = Keypair::generate_ed25519();
+    let mut calm = hostile_swarm(calm_key.clone());
+    calm.dial(addr).unwrap();
+    let r = ask(
+        &mut calm,
+        target,
+        signed(&calm_key, t, query_op(), now_ms()),
+    )
+    .await
+    .unwrap();
+    assert!(error_code(&r).is_none(), "{r:?}");
+    let (_, m) = http::get(&sc.admin, "/metrics").unwrap();
+    assert_eq!(
+        metric(
+            &m,
+            "fold_sidecar_inbound_requests_total{protocol=\"forward\",outcome=\"rate_limited\"}"
+        ),
+        throttled
+    );
+}
