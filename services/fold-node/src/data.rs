@@ -53,9 +53,15 @@ where
     T: Send + 'static,
 {
     let started = std::time::Instant::now();
-    let r = tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Status::internal(format!("storage task failed: {e}")))?;
+    // Reads take microseconds: run them in place (no hand-off to the blocking pool, which costs
+    // a thread wake-up per request). Writes wait for fsync: give them a blocking-pool thread.
+    let r = if matches!(op, "query" | "history") {
+        tokio::task::block_in_place(f)
+    } else {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| Status::internal(format!("storage task failed: {e}")))?
+    };
     // Refusals by the data (ALREADY_EXISTS, NOT_FOUND) are answers, not storage failures.
     let ok = r
         .as_ref()
