@@ -61,6 +61,9 @@ impl Behaviour {
         };
         let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);
         kad_cfg.set_query_timeout(Duration::from_secs(10));
+        // The event loop bootstraps after the first connection and every five minutes; libp2p's
+        // own timer would only warn "no known peers" on a node that is alone.
+        kad_cfg.set_periodic_bootstrap_interval(None);
         // Provider records are re-announced by the event loop whenever the routing table
         // changes; keep libp2p's own republication too, for long-lived meshes.
         kad_cfg.set_provider_publication_interval(Some(Duration::from_secs(600)));
