@@ -52,6 +52,14 @@ enum Cmd {
     EchoServer,
     /// Only the DHT scaling phase.
     Dht,
+    /// Two nodes and forwarded queries for `--secs` seconds, printing the process ids first (for
+    /// profiling the forwarded path, e.g. `perf record -p`), then the rate and each hop's mean
+    /// time from the processes' own metrics.
+    ForwardLoop {
+        /// Queries in flight at once (each on its own task; one connection).
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+    },
 }
 
 const PAYLOAD: usize = 1024;
@@ -120,6 +128,8 @@ struct Node {
     node_id: String,
     listen: String,
     grpc: String,
+    node_admin: String,
+    sidecar_admin: String,
 }
 
 fn start_node() -> anyhow::Result<Node> {
@@ -139,6 +149,7 @@ fn start_node() -> anyhow::Result<Node> {
     let (sidecar, line) = Proc::spawn(sc, "p2p-sidecar ready", Duration::from_secs(20))?;
     let node_id = parse_kv(&line, "node_id").ok_or_else(|| anyhow!("no node id"))?;
     let listen = parse_kv(&line, "listen").ok_or_else(|| anyhow!("no listen"))?;
+    let sidecar_admin = parse_kv(&line, "admin").ok_or_else(|| anyhow!("no sidecar admin"))?;
     let mut nd = Command::new(bin("fold-node"));
     nd.arg("--data-dir")
         .arg(&data)
@@ -152,7 +163,10 @@ fn start_node() -> anyhow::Result<Node> {
         .env("RUST_LOG", "warn");
     let (node, line) = Proc::spawn(nd, "fold-node ready", Duration::from_secs(20))?;
     let grpc = parse_kv(&line, "grpc").ok_or_else(|| anyhow!("no grpc"))?;
+    let node_admin = parse_kv(&line, "admin").ok_or_else(|| anyhow!("no node admin"))?;
     Ok(Node {
+        node_admin,
+        sidecar_admin,
         _dir: dir,
         data,
         sidecar,
@@ -810,6 +824,109 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn forward_loop(secs: u64, concurrency: usize) -> anyhow::Result<()> {
+    let a = start_node()?;
+    let b = start_node()?;
+    prepare(&a).await?;
+    prepare(&b).await?;
+    fold_proto::v1::network_client::NetworkClient::new(channel(&a.grpc))
+        .dial(fold_proto::v1::DialRequest {
+            address: format!("{}/p2p/{}", b.listen, b.node_id),
+        })
+        .await?;
+    let pid = |p: &Proc| p.pid().map(|p| p.to_string()).unwrap_or_default();
+    println!(
+        "pids node_a={} sidecar_a={} sidecar_b={} node_b={}",
+        pid(&a.node),
+        pid(&a.sidecar),
+        pid(&b.sidecar),
+        pid(&b.node)
+    );
+    let c = FoldNodeClient::new(channel(&a.grpc));
+    let end = Instant::now() + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let mut c = c.clone();
+        let target = b.node_id.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < end {
+                c.query(query(&target)).await?;
+                n += 1;
+            }
+            anyhow::Ok(n)
+        }));
+    }
+    let mut n = 0;
+    for t in tasks {
+        n += t.await??;
+    }
+    println!(
+        "{n} forwarded queries in {secs} s at concurrency {concurrency}: {:.0}/s, {:.0} µs each",
+        n as f64 / secs as f64,
+        secs as f64 * 1e6 * concurrency as f64 / n as f64
+    );
+    let hops = [
+        (
+            &a.node_admin,
+            "server",
+            "fold.v1.FoldNode",
+            "Query",
+            "node A serves Query",
+        ),
+        (
+            &a.node_admin,
+            "client",
+            "fold.sidecar.v1.Mesh",
+            "Forward",
+            "node A waits for its sidecar",
+        ),
+        (
+            &a.sidecar_admin,
+            "server",
+            "fold.sidecar.v1.Mesh",
+            "Forward",
+            "sidecar A serves Forward",
+        ),
+        (
+            &b.sidecar_admin,
+            "client",
+            "fold.sidecar.v1.PeerRequests",
+            "HandleForward",
+            "sidecar B waits for node B",
+        ),
+        (
+            &b.node_admin,
+            "server",
+            "fold.sidecar.v1.PeerRequests",
+            "HandleForward",
+            "node B serves the inbound forward",
+        ),
+    ];
+    for (admin, side, service, method, what) in hops {
+        let text = foldmesh_e2e::http::get(admin, "/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default();
+        let labels = format!("grpc_service=\"{service}\",grpc_method=\"{method}\"");
+        let value = |suffix: &str| {
+            text.lines()
+                .find(|l| {
+                    l.starts_with(&format!("grpc_{side}_handling_seconds_{suffix}{{"))
+                        && l.contains(&labels)
+                })
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+        };
+        match (value("sum"), value("count")) {
+            (Some(sum), Some(count)) if count > 0.0 => {
+                println!("  {what:<36} mean {:>6.0} µs", sum / count * 1e6)
+            }
+            _ => println!("  {what:<36} (no grpc_{side}_handling_seconds for {service}/{method})"),
+        }
+    }
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
@@ -822,6 +939,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = match cli.command {
         Some(Cmd::EchoServer) => rt.block_on(echo::serve()),
+        Some(Cmd::ForwardLoop { concurrency }) => rt.block_on(forward_loop(cli.secs, concurrency)),
         Some(Cmd::Dht) => rt.block_on(async {
             for nodes in [50, 100, 200] {
                 let d = dht::measure(nodes, 20).await?;

@@ -9,7 +9,16 @@ fn main() -> std::process::ExitCode {
     // Several TLS users (tonic, libp2p's QUIC) share rustls; pick its crypto provider once, so
     // rustls never has to guess between the ones the dependency graph enables.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = match tokio::runtime::Runtime::new() {
+    let mut builder = if cli.config.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if cli.config.worker_threads > 0 {
+            b.worker_threads(cli.config.worker_threads);
+        }
+        b
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("p2p-sidecar: cannot start the async runtime: {e}");

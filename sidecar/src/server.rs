@@ -46,6 +46,17 @@ impl Running {
 }
 
 /// Read a pre-shared network key in the IPFS swarm.key format.
+/// Swarm settings shared by both transports. Substream protocols are negotiated lazily
+/// (multistream-select "V1Lazy"): the dialer sends its single protocol proposal together with the
+/// first request bytes instead of waiting a round trip for the listener's confirmation. Each
+/// forwarded request opens a new Yamux substream, so this saves one network round trip per
+/// request; a listener that does not speak the protocol still refuses it (the request fails with
+/// an unsupported-protocol error instead of before it is sent).
+fn swarm_config(c: libp2p::swarm::Config, idle: Duration) -> libp2p::swarm::Config {
+    c.with_idle_connection_timeout(idle)
+        .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+}
+
 fn read_psk(path: &std::path::Path) -> anyhow::Result<libp2p::pnet::PreSharedKey> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the private network key {}", path.display()))?;
@@ -105,7 +116,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .context("cannot set up DNS resolution")?
             .with_behaviour(|key| Behaviour::new(key, &behaviour_config).map_err(Into::into))
             .context("cannot set up the libp2p behaviour")?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+            .with_swarm_config(|c| swarm_config(c, idle))
             .build(),
         Some(path) => {
             let psk = read_psk(path)?;
@@ -139,7 +150,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 .context("cannot set up DNS resolution")?
                 .with_behaviour(|key| Behaviour::new(key, &behaviour_config).map_err(Into::into))
                 .context("cannot set up the libp2p behaviour")?
-                .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+                .with_swarm_config(|c| swarm_config(c, idle))
                 .build()
         }
     };

@@ -134,6 +134,12 @@ pub struct Config {
     #[arg(long, env = "FOLD_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
 
+    /// Threads of the async runtime; 0 means one per CPU core. Fewer threads mean fewer
+    /// cross-thread wake-ups per request (lower latency on small machines), more threads more
+    /// parallelism under load.
+    #[arg(long, env = "FOLD_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
+
     /// Log format on stderr: "text" or "json".
     #[arg(long, env = "FOLD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,

@@ -6,7 +6,11 @@ fn main() -> std::process::ExitCode {
     // Several TLS users (tonic, libp2p's QUIC) share rustls; pick its crypto provider once, so
     // rustls never has to guess between the ones the dependency graph enables.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = match tokio::runtime::Runtime::new() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if config.worker_threads > 0 {
+        builder.worker_threads(config.worker_threads);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("fold-node: cannot start the async runtime: {e}");
