@@ -843,6 +843,18 @@ async fn forward_loop(secs: u64, concurrency: usize) -> anyhow::Result<()> {
         pid(&b.node)
     );
     let c = FoldNodeClient::new(channel(&a.grpc));
+    // Warm up (connections, caches), then count CPU time only over the measured loop.
+    for _ in 0..200 {
+        c.clone().query(query(&b.node_id)).await?;
+    }
+    let procs = [
+        ("fold-bench (client)", Some(std::process::id())),
+        ("node A", a.node.pid()),
+        ("sidecar A", a.sidecar.pid()),
+        ("sidecar B", b.sidecar.pid()),
+        ("node B", b.node.pid()),
+    ];
+    let cpu_before: Vec<Option<f64>> = procs.iter().map(|(_, p)| cpu_secs(*p)).collect();
     let end = Instant::now() + Duration::from_secs(secs);
     let mut tasks = Vec::new();
     for _ in 0..concurrency.max(1) {
@@ -865,6 +877,18 @@ async fn forward_loop(secs: u64, concurrency: usize) -> anyhow::Result<()> {
         "{n} forwarded queries in {secs} s at concurrency {concurrency}: {:.0}/s, {:.0} µs each",
         n as f64 / secs as f64,
         secs as f64 * 1e6 * concurrency as f64 / n as f64
+    );
+    println!("CPU time per forwarded query (user + system, from /proc/<pid>/stat):");
+    for ((what, pid), before) in procs.iter().zip(cpu_before) {
+        if let (Some(before), Some(after)) = (before, cpu_secs(*pid)) {
+            println!(
+                "  {what:<36} {:>6.0} µs",
+                (after - before) * 1e6 / n.max(1) as f64
+            );
+        }
+    }
+    println!(
+        "Mean time per hop (each process's own gRPC metrics; each line includes the ones below it):"
     );
     let hops = [
         (
@@ -925,6 +949,16 @@ async fn forward_loop(secs: u64, concurrency: usize) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// User + system CPU seconds a process has used so far (Linux `/proc/<pid>/stat`).
+fn cpu_secs(pid: Option<u32>) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid?)).ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0) // USER_HZ is 100 on Linux
 }
 
 fn main() -> std::process::ExitCode {

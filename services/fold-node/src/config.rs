@@ -101,7 +101,7 @@ pub struct Config {
     #[arg(long, env = "FOLD_MAX_CONCURRENT_REQUESTS", default_value_t = 256)]
     pub max_concurrent_requests: usize,
 
-    /// Requests that may wait for a slot; beyond it requests are shed with UNAVAILABLE.
+    /// Requests that may wait for a slot (0: none); beyond it requests are shed with UNAVAILABLE.
     #[arg(long, env = "FOLD_QUEUE_DEPTH", default_value_t = 4096)]
     pub queue_depth: usize,
 

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use fold_middleware::admission::AdmissionLayer;
 use fold_middleware::breaker::BreakerConfig;
 use fold_middleware::deadline::GrpcDeadlineLayer;
 use fold_middleware::errors::{GrpcErrorsLayer, RefusalMetrics};
@@ -221,17 +222,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
 
     // Outermost first: errors → statuses, per-client rate limit, load shedding over a bounded
-    // queue in front of a global concurrency limit, per-request deadline, then the services.
+    // queue (admission: a global concurrency limit), per-request deadline, then the services.
     let limiter = KeyedLimiter::new(config.rate_limit_per_client, config.rate_limit_burst);
     let middleware = tower::ServiceBuilder::new()
-        .layer(GrpcMetricsLayer::new(server_metrics))
+        .layer(GrpcMetricsLayer::new(server_metrics.clone()))
         .layer(GrpcErrorsLayer::new(Some(refusals)))
         .layer(TooLargeLayer)
         .option_layer(limiter.map(|l| KeyedRateLimitLayer::new(l, client_key)))
-        .layer(tower::load_shed::LoadShedLayer::new())
-        .layer(tower::buffer::BufferLayer::new(config.queue_depth.max(1)))
-        .layer(tower::limit::ConcurrencyLimitLayer::new(
-            config.max_concurrent_requests.max(1),
+        .layer(AdmissionLayer::new(
+            config.max_concurrent_requests,
+            config.queue_depth,
         ))
         .layer(GrpcDeadlineLayer::new(Duration::from_millis(
             config.request_timeout_ms,
@@ -271,7 +271,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             None => Ok(req),
         },
     );
+    // The sidecar's calls are measured like any client's (same metric families, service
+    // fold.sidecar.v1.PeerRequests), so the inbound half of a forward shows up on node B.
     let local = Server::builder()
+        .layer(GrpcMetricsLayer::new(server_metrics))
         .add_service(peer_service)
         .serve_with_incoming_shutdown(peer_listener.into_incoming(), wait_stop(stop_rx.clone()));
     let public = tokio::spawn(public);

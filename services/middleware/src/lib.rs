@@ -3,9 +3,11 @@
 //!
 //! - [`rate_limit`]: keyed rate limiting (per client, per peer) → `RESOURCE_EXHAUSTED`
 //! - [`breaker`]: consecutive-failure circuit breakers with a probe after a backoff → `UNAVAILABLE`
-//! - load shedding (tower's `LoadShed` over a `Buffer` over a `ConcurrencyLimit`) → `UNAVAILABLE`
+//! - [`admission`]: a global concurrency limit with a bounded queue; beyond it, load shedding →
+//!   `UNAVAILABLE`
 //! - [`errors`]: the error → status mapping and the outermost layer that applies it
 
+pub mod admission;
 pub mod breaker;
 pub mod deadline;
 pub mod errors;
