@@ -22,3 +22,7 @@ cargo build --release --locked -p fold-node -p p2p-sidecar -p foldmesh-bench
 
 target/release/fold-bench --out target/bench "$@"
 .tools/plot/bin/python scripts/plot_bench.py target/bench/results.json docs/bench
+
+# Where the forwarded path's time goes: CPU per process and each hop's mean, from one more run.
+echo "==> forwarded path breakdown (fold-bench forward-loop)" >&2
+target/release/fold-bench --secs 5 forward-loop | tee target/bench/forward-breakdown.txt

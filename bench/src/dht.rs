@@ -20,12 +20,16 @@ pub struct DhtResult {
     pub p50_ms: f64,
     pub p90_ms: f64,
     pub mean_requests: f64,
+    /// Nodes whose bootstrap finished within its 60 s bound.
+    pub bootstrapped: usize,
+    /// Whether the provider record was stored on the key's closest nodes (within 30 s).
+    pub provided: bool,
 }
 
 enum Cmd {
     AddPeer(PeerId, Multiaddr),
     Bootstrap(oneshot::Sender<()>),
-    Provide(kad::RecordKey, oneshot::Sender<()>),
+    Provide(kad::RecordKey, oneshot::Sender<bool>),
     Find(
         kad::RecordKey,
         PeerId,
@@ -66,7 +70,7 @@ type PendingFind = (
 
 async fn run_node(mut s: Swarm<kad::Behaviour<MemoryStore>>, mut rx: mpsc::Receiver<Cmd>) {
     let mut boots: Vec<(kad::QueryId, oneshot::Sender<()>)> = Vec::new();
-    let mut provides: Vec<(kad::QueryId, oneshot::Sender<()>)> = Vec::new();
+    let mut provides: Vec<(kad::QueryId, oneshot::Sender<bool>)> = Vec::new();
     let mut finds: Vec<PendingFind> = Vec::new();
     loop {
         tokio::select! {
@@ -79,7 +83,7 @@ async fn run_node(mut s: Swarm<kad::Behaviour<MemoryStore>>, mut rx: mpsc::Recei
                 },
                 Some(Cmd::Provide(k, tx)) => match s.behaviour_mut().start_providing(k) {
                     Ok(q) => provides.push((q, tx)),
-                    Err(_) => { let _ = tx.send(()); }
+                    Err(_) => { let _ = tx.send(false); }
                 },
                 Some(Cmd::Find(k, want, tx)) => {
                     let q = s.behaviour_mut().get_providers(k);
@@ -94,9 +98,9 @@ async fn run_node(mut s: Swarm<kad::Behaviour<MemoryStore>>, mut rx: mpsc::Recei
                                 let _ = boots.swap_remove(i).1.send(());
                             }
                         }
-                        kad::QueryResult::StartProviding(_) => {
+                        kad::QueryResult::StartProviding(r) => {
                             if let Some(i) = provides.iter().position(|b| b.0 == id) {
-                                let _ = provides.swap_remove(i).1.send(());
+                                let _ = provides.swap_remove(i).1.send(r.is_ok());
                             }
                         }
                         kad::QueryResult::GetProviders(r) => {
@@ -154,14 +158,23 @@ pub async fn measure(nodes: usize, lookups: usize) -> anyhow::Result<DhtResult> 
         h.send(Cmd::Bootstrap(tx)).await?;
         waits.push(rx);
     }
-    let _ = tokio::time::timeout(Duration::from_secs(60), futures::future::join_all(waits)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut bootstrapped = 0;
+    for w in waits {
+        if tokio::time::timeout_at(deadline, w).await.is_ok() {
+            bootstrapped += 1;
+        }
+    }
     let key = kad::RecordKey::new(&"fold-schema:Bench");
     let provider = info[nodes - 1].0;
     let (tx, rx) = oneshot::channel();
     handles[nodes - 1]
         .send(Cmd::Provide(key.clone(), tx))
         .await?;
-    let _ = tokio::time::timeout(Duration::from_secs(30), rx).await;
+    let provided = matches!(
+        tokio::time::timeout(Duration::from_secs(30), rx).await,
+        Ok(Ok(true))
+    );
     let mut times = Vec::new();
     let mut requests = 0u64;
     let mut found = 0;
@@ -194,5 +207,7 @@ pub async fn measure(nodes: usize, lookups: usize) -> anyhow::Result<DhtResult> 
         p50_ms: pick(0.5),
         p90_ms: pick(0.9),
         mean_requests: requests as f64 / times.len().max(1) as f64,
+        bootstrapped,
+        provided,
     })
 }

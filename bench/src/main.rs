@@ -810,8 +810,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     for nodes in [50, 100, 200] {
         let d = dht::measure(nodes, 20).await?;
         eprintln!(
-            "  {nodes:>3} nodes: lookup p50 {:.1} ms, p90 {:.1} ms, {:.1} requests on average, found {}/{}",
-            d.p50_ms, d.p90_ms, d.mean_requests, d.found, d.lookups
+            "  {nodes:>3} nodes: lookup p50 {:.1} ms, p90 {:.1} ms, {:.1} requests on average, found {}/{} ({}/{nodes} bootstrapped, provider record {})",
+            d.p50_ms,
+            d.p90_ms,
+            d.mean_requests,
+            d.found,
+            d.lookups,
+            d.bootstrapped,
+            if d.provided { "stored" } else { "NOT stored" }
         );
         r.dht_lookup.push(d);
     }
