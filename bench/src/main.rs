@@ -59,6 +59,9 @@ enum Cmd {
         /// Queries in flight at once (each on its own task; one connection).
         #[arg(long, default_value_t = 1)]
         concurrency: usize,
+        /// Query node A itself instead (the direct path), for comparison.
+        #[arg(long)]
+        local: bool,
     },
 }
 
@@ -830,7 +833,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn forward_loop(secs: u64, concurrency: usize) -> anyhow::Result<()> {
+async fn forward_loop(secs: u64, concurrency: usize, local: bool) -> anyhow::Result<()> {
     let a = start_node()?;
     let b = start_node()?;
     prepare(&a).await?;
@@ -849,9 +852,15 @@ async fn forward_loop(secs: u64, concurrency: usize) -> anyhow::Result<()> {
         pid(&b.node)
     );
     let c = FoldNodeClient::new(channel(&a.grpc));
+    let target = if local {
+        String::new()
+    } else {
+        b.node_id.clone()
+    };
+    let what = if local { "direct" } else { "forwarded" };
     // Warm up (connections, caches), then count CPU time only over the measured loop.
     for _ in 0..200 {
-        c.clone().query(query(&b.node_id)).await?;
+        c.clone().query(query(&target)).await?;
     }
     let procs = [
         ("fold-bench (client)", Some(std::process::id())),
@@ -865,7 +874,7 @@ async fn forward_loop(secs: u64, concurrency: usize) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for _ in 0..concurrency.max(1) {
         let mut c = c.clone();
-        let target = b.node_id.clone();
+        let target = target.clone();
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
             while Instant::now() < end {
@@ -880,11 +889,11 @@ async fn forward_loop(secs: u64, concurrency: usize) -> anyhow::Result<()> {
         n += t.await??;
     }
     println!(
-        "{n} forwarded queries in {secs} s at concurrency {concurrency}: {:.0}/s, {:.0} µs each",
+        "{n} {what} queries in {secs} s at concurrency {concurrency}: {:.0}/s, {:.0} µs each",
         n as f64 / secs as f64,
         secs as f64 * 1e6 * concurrency as f64 / n as f64
     );
-    println!("CPU time per forwarded query (user + system, from /proc/<pid>/stat):");
+    println!("CPU time per {what} query (user + system, from /proc/<pid>/stat):");
     for ((what, pid), before) in procs.iter().zip(cpu_before) {
         if let (Some(before), Some(after)) = (before, cpu_secs(*pid)) {
             println!(
@@ -979,7 +988,9 @@ fn main() -> std::process::ExitCode {
     };
     let result = match cli.command {
         Some(Cmd::EchoServer) => rt.block_on(echo::serve()),
-        Some(Cmd::ForwardLoop { concurrency }) => rt.block_on(forward_loop(cli.secs, concurrency)),
+        Some(Cmd::ForwardLoop { concurrency, local }) => {
+            rt.block_on(forward_loop(cli.secs, concurrency, local))
+        }
         Some(Cmd::Dht) => rt.block_on(async {
             for nodes in [50, 100, 200] {
                 let d = dht::measure(nodes, 20).await?;
