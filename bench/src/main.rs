@@ -317,6 +317,7 @@ async fn fresh_tcp_json(n: usize) -> anyhow::Result<Vec<Duration>> {
     let addr = l.local_addr()?;
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
+            let _ = s.set_nodelay(true);
             tokio::spawn(async move {
                 if let Ok(req) = read_frame(&mut s).await {
                     let _: Result<Json, _> = serde_json::from_slice(&req);
@@ -327,6 +328,7 @@ async fn fresh_tcp_json(n: usize) -> anyhow::Result<Vec<Duration>> {
     });
     sequential(n, || async move {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
         write_frame(&mut s, &json_request()).await?;
         let r = read_frame(&mut s).await?;
         let _: Json = serde_json::from_slice(&r)?;
@@ -355,6 +357,7 @@ async fn fresh_tls_json(n: usize) -> anyhow::Result<Vec<Duration>> {
     let addr = l.local_addr()?;
     tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
+            let _ = s.set_nodelay(true);
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 if let Ok(mut s) = acceptor.accept(s).await
@@ -371,6 +374,9 @@ async fn fresh_tls_json(n: usize) -> anyhow::Result<Vec<Duration>> {
         let name = name.clone();
         async move {
             let s = tokio::net::TcpStream::connect(addr).await?;
+            // Without TCP_NODELAY the handshake's small writes sometimes wait ~44 ms (Nagle +
+            // delayed ACK), which would measure the kernel, not the design.
+            s.set_nodelay(true)?;
             let mut s = connector.connect(name, s).await?;
             write_frame(&mut s, &json_request()).await?;
             let r = read_frame(&mut s).await?;
