@@ -26,3 +26,4 @@ target/release/fold-bench --out target/bench "$@"
 # Where the forwarded path's time goes: CPU per process and each hop's mean, from one more run.
 echo "==> forwarded path breakdown (fold-bench forward-loop)" >&2
 target/release/fold-bench --secs 5 forward-loop | tee target/bench/forward-breakdown.txt
+target/release/fold-bench --secs 5 forward-loop --local | tee -a target/bench/forward-breakdown.txt
