@@ -10,6 +10,8 @@ COPY proto proto
 COPY services services
 COPY sidecar sidecar
 COPY e2e e2e
+COPY bench bench
+COPY patches patches
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p fold-node -p p2p-sidecar \

@@ -948,7 +948,9 @@ async fn forward_loop(secs: u64, concurrency: usize, local: bool) -> anyhow::Res
             "node B serves the inbound forward",
         ),
     ];
-    for (admin, side, service, method, what) in hops {
+    // The direct path has only the first hop.
+    let hops = if local { &hops[..1] } else { &hops[..] };
+    for &(admin, side, service, method, what) in hops {
         let text = foldmesh_e2e::http::get(admin, "/metrics")
             .map(|(_, body)| body)
             .unwrap_or_default();

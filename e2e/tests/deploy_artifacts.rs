@@ -241,3 +241,46 @@ fn compose_config_is_valid() {
         .arg(repo().join("docker-compose.yml"))
         .args(["config", "-q"]));
 }
+
+/// `docker build` cannot run here (no engine), but its most likely breakage can be checked: cargo
+/// refuses to build a workspace whose member (or patched dependency) directory is missing, so the
+/// build stage must copy every directory the root Cargo.toml names.
+#[test]
+fn dockerfile_copies_every_workspace_directory() {
+    let manifest = std::fs::read_to_string(repo().join("Cargo.toml")).expect("Cargo.toml");
+    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).expect("Dockerfile");
+    let members_line = manifest
+        .lines()
+        .find(|l| l.trim_start().starts_with("members"))
+        .expect("a members = [...] line");
+    let mut dirs: Vec<String> = members_line
+        .split('"')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect();
+    // Path dependencies and patches: `path = "..."`.
+    for l in manifest.lines() {
+        if let Some(rest) = l.split("path = \"").nth(1)
+            && let Some(p) = rest.split('"').next()
+        {
+            dirs.push(p.to_string());
+        }
+    }
+    assert!(
+        dirs.len() >= 8,
+        "parsed too few directories from Cargo.toml: {dirs:?}"
+    );
+    let copied: Vec<&str> = dockerfile
+        .lines()
+        .filter_map(|l| l.strip_prefix("COPY "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    for d in &dirs {
+        let top = d.split('/').next().unwrap_or(d);
+        assert!(
+            copied.contains(&top),
+            "the Dockerfile's build stage does not COPY `{top}` (needed for `{d}` in Cargo.toml); copied: {copied:?}"
+        );
+    }
+}
