@@ -19,7 +19,7 @@ serves fold.sidecar.v1.Mesh to its fold-node and hands requests from other nodes
 fold.sidecar.v1.PeerRequests service. Start it with the same --data-dir as the node; either may start \
 first.\n\nWhen ready it prints one line to stdout:\n  \
 p2p-sidecar ready node_id=<PeerId> mesh=<addr> listen=<multiaddrs> admin=<addr>\nLogs go to stderr; \
-the level comes from RUST_LOG (default info)."
+the level comes from RUST_LOG (default: info, with libp2p_kad::behaviour at error)."
 )]
 pub struct Cli {
     #[command(subcommand)]

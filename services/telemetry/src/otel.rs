@@ -51,9 +51,16 @@ pub fn otlp_requested() -> bool {
         && (env_set("OTEL_EXPORTER_OTLP_ENDPOINT") || env_set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
 }
 
+/// Log filter when `RUST_LOG` is not set. libp2p-kad's behaviour module warns "Failed to trigger
+/// bootstrap: No known peers" whenever a node without connections gains a listen address, which
+/// is every start of a node that is (still) alone; the sidecar bootstraps on its own schedule and
+/// logs what matters, so that module logs errors only unless `RUST_LOG` says otherwise.
+pub const DEFAULT_LOG_FILTER: &str = "info,libp2p_kad::behaviour=error";
+
 /// Install logging (and tracing export when configured). Call inside a tokio runtime.
 pub fn init(service_name: &'static str, log_format: &str) -> TelemetryGuard {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt = if log_format == "json" {
         tracing_subscriber::fmt::layer()
