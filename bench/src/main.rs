@@ -600,15 +600,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let n = cli.n;
 
     eprintln!("== starting two nodes (node + sidecar each) on loopback");
-    let a = start_node()?;
-    let b = start_node()?;
-    prepare(&a).await?;
-    prepare(&b).await?;
-    fold_proto::v1::network_client::NetworkClient::new(channel(&a.grpc))
-        .dial(fold_proto::v1::DialRequest {
-            address: format!("{}/p2p/{}", b.listen, b.node_id),
-        })
-        .await?;
+    let (a, b) = two_connected_nodes().await?;
     let idle_node = rss_kib(a.node.pid());
     let idle_sidecar = rss_kib(a.sidecar.pid());
 
@@ -839,7 +831,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn forward_loop(secs: u64, concurrency: usize, local: bool) -> anyhow::Result<()> {
+/// Two nodes (node + sidecar each) on loopback, schema loaded on both, A connected to B.
+async fn two_connected_nodes() -> anyhow::Result<(Node, Node)> {
     let a = start_node()?;
     let b = start_node()?;
     prepare(&a).await?;
@@ -849,6 +842,11 @@ async fn forward_loop(secs: u64, concurrency: usize, local: bool) -> anyhow::Res
             address: format!("{}/p2p/{}", b.listen, b.node_id),
         })
         .await?;
+    Ok((a, b))
+}
+
+async fn forward_loop(secs: u64, concurrency: usize, local: bool) -> anyhow::Result<()> {
+    let (a, b) = two_connected_nodes().await?;
     let pid = |p: &Proc| p.pid().map(|p| p.to_string()).unwrap_or_default();
     println!(
         "pids node_a={} sidecar_a={} sidecar_b={} node_b={}",
