@@ -948,19 +948,17 @@ async fn forward_loop(secs: u64, concurrency: usize, local: bool) -> anyhow::Res
     ];
     // The direct path has only the first hop.
     let hops = if local { &hops[..1] } else { &hops[..] };
+    let mut scraped: HashMap<&str, String> = HashMap::new();
     for &(admin, side, service, method, what) in hops {
-        let text = foldmesh_e2e::http::get(admin, "/metrics")
-            .map(|(_, body)| body)
-            .unwrap_or_default();
-        let labels = format!("grpc_service=\"{service}\",grpc_method=\"{method}\"");
+        let text = scraped.entry(admin.as_str()).or_insert_with(|| {
+            foldmesh_e2e::http::get(admin, "/metrics")
+                .map(|(_, body)| body)
+                .unwrap_or_default()
+        });
+        let labels = [("grpc_service", service), ("grpc_method", method)];
         let value = |suffix: &str| {
-            text.lines()
-                .find(|l| {
-                    l.starts_with(&format!("grpc_{side}_handling_seconds_{suffix}{{"))
-                        && l.contains(&labels)
-                })
-                .and_then(|l| l.rsplit(' ').next())
-                .and_then(|v| v.parse::<f64>().ok())
+            let name = format!("grpc_{side}_handling_seconds_{suffix}");
+            foldmesh_e2e::http::sample(text, &name, &labels)
         };
         match (value("sum"), value("count")) {
             (Some(sum), Some(count)) if count > 0.0 => {

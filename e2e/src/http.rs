@@ -62,3 +62,48 @@ pub fn encode(v: &str) -> String {
         })
         .collect()
 }
+
+/// The value of one sample in Prometheus text exposition: the first line of metric `name` whose
+/// labels include every `(label, value)` pair given (other labels may be present).
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| {
+            let Some(rest) = l.strip_prefix(name) else {
+                return false;
+            };
+            let set = match rest.strip_prefix('{') {
+                Some(r) => r.split_once('}').map_or("", |(set, _)| set),
+                None if rest.starts_with(' ') => "",
+                None => return false,
+            };
+            wanted.iter().all(|w| set.split(',').any(|l| l == w))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sample;
+
+    const TEXT: &str = "# TYPE x counter\n\
+x_total{a=\"1\",b=\"2\"} 3\n\
+x_total_more{a=\"1\"} 9\n\
+x_total{a=\"1\",b=\"22\"} 4\n\
+y 5.5\n";
+
+    #[test]
+    fn finds_samples_by_name_and_labels() {
+        assert_eq!(sample(TEXT, "x_total", &[("b", "2")]), Some(3.0));
+        assert_eq!(
+            sample(TEXT, "x_total", &[("a", "1"), ("b", "22")]),
+            Some(4.0)
+        );
+        assert_eq!(sample(TEXT, "x_total", &[("b", "3")]), None);
+        assert_eq!(sample(TEXT, "x_total_more", &[]), Some(9.0));
+        assert_eq!(sample(TEXT, "y", &[]), Some(5.5));
+        assert_eq!(sample(TEXT, "x", &[]), None, "a name is matched whole");
+    }
+}

@@ -146,12 +146,14 @@ fn error_code(r: &ForwardResponse) -> Option<i32> {
     }
 }
 
-fn metric(text: &str, prefix: &str) -> u64 {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+/// A forward-protocol inbound counter of the sidecar, by outcome (0 when never counted).
+fn inbound(text: &str, outcome: &str) -> u64 {
+    http::sample(
+        text,
+        "fold_sidecar_inbound_requests_total",
+        &[("protocol", "forward"), ("outcome", outcome)],
+    )
+    .map_or(0, |v| v as u64)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -264,14 +266,7 @@ async fn hostile_peer_is_refused_counted_and_changes_nothing() {
 
     // Every refusal is counted by reason.
     let (_, m) = http::get(&sc.admin, "/metrics").unwrap();
-    let c = |outcome: &str| {
-        metric(
-            &m,
-            &format!(
-                "fold_sidecar_inbound_requests_total{{protocol=\"forward\",outcome=\"{outcome}\"}}"
-            ),
-        )
-    };
+    let c = |outcome: &str| inbound(&m, outcome);
     assert_eq!(c("replayed"), 1, "{m}");
     assert_eq!(c("bad_signature"), 2);
     assert_eq!(c("stale"), 1);
@@ -854,11 +849,5 @@ async fn a_flooding_peer_is_throttled_and_others_are_not() {
     .unwrap();
     assert!(error_code(&r).is_none(), "{r:?}");
     let (_, m) = http::get(&sc.admin, "/metrics").unwrap();
-    assert_eq!(
-        metric(
-            &m,
-            "fold_sidecar_inbound_requests_total{protocol=\"forward\",outcome=\"rate_limited\"}"
-        ),
-        throttled
-    );
+    assert_eq!(inbound(&m, "rate_limited"), throttled);
 }

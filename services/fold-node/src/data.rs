@@ -64,7 +64,7 @@ enum Runs {
 ///
 /// Measured with `fold-bench forward-loop --local --concurrency 32` on 2 cores: point reads
 /// inline serve ~30k queries/s against ~22k with `block_in_place` (docs/BENCHMARKS.md).
-async fn blocking<T, F>(
+async fn storage<T, F>(
     metrics: &NodeMetrics,
     op: &'static str,
     runs: Runs,
@@ -172,7 +172,7 @@ impl Data {
             .map_err(|e| Status::invalid_argument(format!("invalid schema: {e}")))?;
         let name = schema.name.clone();
         let store = self.store.clone();
-        let outcome = blocking(&self.metrics, "load_schema", Runs::Pool, move || {
+        let outcome = storage(&self.metrics, "load_schema", Runs::Pool, move || {
             store.load_schema(schema, approve).map_err(|e| match e {
                 LoadError::Conflict { .. } => Status::already_exists(e.to_string()),
                 LoadError::Store(e) => store_status(e),
@@ -190,7 +190,7 @@ impl Data {
         };
         let store = self.store.clone();
         let n = name.to_string();
-        let prev = blocking(&self.metrics, "set_schema_state", Runs::Pool, move || {
+        let prev = storage(&self.metrics, "set_schema_state", Runs::Pool, move || {
             store.set_state(&n, state).map_err(store_status)
         })
         .await?;
@@ -234,7 +234,7 @@ impl Data {
             (None, _) | (Some(_), KeyFilter::Key(_)) => Runs::Inline,
             _ => Runs::InPlace,
         };
-        let records = blocking(&self.metrics, "query", runs, move || {
+        let records = storage(&self.metrics, "query", runs, move || {
             let keys = match schema.range_key() {
                 None => vec![String::new()],
                 Some(rk) => store
@@ -332,7 +332,7 @@ impl Data {
             writer: requester.label.clone(),
         };
         let store = self.store.clone();
-        let written = blocking(&self.metrics, "mutate", Runs::Pool, move || {
+        let written = storage(&self.metrics, "mutate", Runs::Pool, move || {
             store.mutate(&schema, &plan).map_err(|e| match e {
                 MutationError::AlreadyExists { .. } => Status::already_exists(e.to_string()),
                 MutationError::Missing(_) => Status::not_found(e.to_string()),
@@ -378,7 +378,7 @@ impl Data {
             )));
         }
         let store = self.store.clone();
-        let versions = blocking(&self.metrics, "history", Runs::InPlace, move || {
+        let versions = storage(&self.metrics, "history", Runs::InPlace, move || {
             store
                 .history(&schema.name, &req.field, &req.range_key, req.limit as usize)
                 .map_err(store_status)

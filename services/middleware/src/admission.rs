@@ -143,96 +143,127 @@ mod tests {
     use std::time::Duration;
     use tokio::sync::Notify;
 
-    /// A service whose requests finish only when `release` is notified.
-    fn gated(
+    type Gated = Pin<Box<dyn Future<Output = Result<u32, Infallible>> + Send>>;
+    type Admitted = Pin<Box<dyn Future<Output = Result<u32, BoxError>> + Send>>;
+
+    /// An admission layer over a service whose requests count themselves as started and then
+    /// finish only when `release` is notified.
+    struct Rig {
+        layer: AdmissionLayer,
         release: Arc<Notify>,
         started: Arc<AtomicUsize>,
-    ) -> impl Service<
-        u32,
-        Response = u32,
-        Error = Infallible,
-        Future = Pin<Box<dyn Future<Output = Result<u32, Infallible>> + Send>>,
-    > + Clone
-    + Send
-    + 'static {
-        tower::service_fn(move |n: u32| {
-            let release = release.clone();
-            let started = started.clone();
-            Box::pin(async move {
-                started.fetch_add(1, Ordering::SeqCst);
-                release.notified().await;
-                Ok(n)
-            }) as Pin<Box<dyn Future<Output = Result<u32, Infallible>> + Send>>
-        })
+    }
+
+    impl Rig {
+        fn new(max_in_flight: usize, queue_depth: usize) -> Rig {
+            Rig {
+                layer: AdmissionLayer::new(max_in_flight, queue_depth),
+                release: Arc::new(Notify::new()),
+                started: Arc::new(AtomicUsize::new(0)),
+            }
+        }
+
+        fn service(
+            &self,
+        ) -> impl Service<u32, Response = u32, Error = BoxError, Future = Admitted> + use<>
+        {
+            let (release, started) = (self.release.clone(), self.started.clone());
+            self.layer.layer(tower::service_fn(move |n: u32| {
+                let (release, started) = (release.clone(), started.clone());
+                Box::pin(async move {
+                    started.fetch_add(1, Ordering::SeqCst);
+                    release.notified().await;
+                    Ok(n)
+                }) as Gated
+            }))
+        }
+
+        fn started(&self) -> usize {
+            self.started.load(Ordering::SeqCst)
+        }
+
+        /// Wait (bounded) until `cond` holds; spawned requests need a moment to reach the gate.
+        async fn until(&self, what: &str, cond: impl Fn(&Rig) -> bool) {
+            for _ in 0..500 {
+                if cond(self) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            panic!("timed out waiting until {what}");
+        }
+    }
+
+    fn answer(r: Result<Result<u32, BoxError>, tokio::task::JoinError>) -> Option<u32> {
+        r.ok().and_then(Result::ok)
     }
 
     #[tokio::test]
     async fn admits_queues_then_sheds() {
-        let release = Arc::new(Notify::new());
-        let started = Arc::new(AtomicUsize::new(0));
-        let layer = AdmissionLayer::new(2, 1);
-        let mut svc = layer.layer(gated(release.clone(), started.clone()));
+        let rig = Rig::new(2, 1);
+        let mut svc = rig.service();
 
         let a = tokio::spawn(svc.call(1));
         let b = tokio::spawn(svc.call(2));
         let c = tokio::spawn(svc.call(3)); // queued
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(started.load(Ordering::SeqCst), 2, "two run, one waits");
-        assert_eq!(layer.waiting(), 1);
+        rig.until("two requests run", |r| r.started() == 2).await;
+        assert_eq!(rig.layer.waiting(), 1, "the third waits");
 
         let shed = svc.call(4).await.expect_err("queue full: shed");
         assert!(shed.downcast_ref::<Overloaded>().is_some(), "{shed}");
-        assert_eq!(layer.waiting(), 1, "a shed request never counts as waiting");
+        assert_eq!(
+            rig.layer.waiting(),
+            1,
+            "a shed request never counts as waiting"
+        );
 
         // Finishing the running ones lets the queued one run.
-        release.notify_waiters();
-        assert_eq!(a.await.ok().and_then(Result::ok), Some(1));
-        assert_eq!(b.await.ok().and_then(Result::ok), Some(2));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(started.load(Ordering::SeqCst), 3);
-        assert_eq!(layer.waiting(), 0);
-        release.notify_waiters();
-        assert_eq!(c.await.ok().and_then(Result::ok), Some(3));
+        rig.release.notify_waiters();
+        assert_eq!(answer(a.await), Some(1));
+        assert_eq!(answer(b.await), Some(2));
+        rig.until("the queued request runs", |r| r.started() == 3)
+            .await;
+        assert_eq!(rig.layer.waiting(), 0);
+        rig.release.notify_waiters();
+        assert_eq!(answer(c.await), Some(3));
     }
 
     #[tokio::test]
     async fn abandoned_waits_leave_the_queue() {
-        let release = Arc::new(Notify::new());
-        let started = Arc::new(AtomicUsize::new(0));
-        let layer = AdmissionLayer::new(1, 1);
-        let mut svc = layer.layer(gated(release.clone(), started.clone()));
+        let rig = Rig::new(1, 1);
+        let mut svc = rig.service();
         let running = tokio::spawn(svc.call(1));
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        rig.until("one request runs", |r| r.started() == 1).await;
         let waiting = svc.call(2);
-        assert_eq!(layer.waiting(), 1);
+        assert_eq!(rig.layer.waiting(), 1);
         drop(waiting); // e.g. the client's deadline passed
-        assert_eq!(layer.waiting(), 0);
+        assert_eq!(rig.layer.waiting(), 0);
         // The queue has room again.
         let queued = tokio::spawn(svc.call(3));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(layer.waiting(), 1);
-        release.notify_waiters();
-        assert_eq!(running.await.ok().and_then(Result::ok), Some(1));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        release.notify_waiters();
-        assert_eq!(queued.await.ok().and_then(Result::ok), Some(3));
+        rig.until("the new request queues", |r| r.layer.waiting() == 1)
+            .await;
+        rig.release.notify_waiters();
+        assert_eq!(answer(running.await), Some(1));
+        rig.until("the queued request runs", |r| r.started() == 2)
+            .await;
+        rig.release.notify_waiters();
+        assert_eq!(answer(queued.await), Some(3));
     }
 
     #[tokio::test]
     async fn no_queue_sheds_when_full() {
-        let release = Arc::new(Notify::new());
-        let started = Arc::new(AtomicUsize::new(0));
-        let layer = AdmissionLayer::new(1, 0);
-        let mut svc = layer.layer(gated(release.clone(), started.clone()));
+        let rig = Rig::new(1, 0);
+        let mut svc = rig.service();
         let running = tokio::spawn(svc.call(1));
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        rig.until("one request runs", |r| r.started() == 1).await;
         assert!(svc.call(2).await.is_err());
-        release.notify_waiters();
-        assert_eq!(running.await.ok().and_then(Result::ok), Some(1));
+        rig.release.notify_waiters();
+        assert_eq!(answer(running.await), Some(1));
         // A slot is free again.
         let next = tokio::spawn(svc.call(3));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        release.notify_waiters();
-        assert_eq!(next.await.ok().and_then(Result::ok), Some(3));
+        rig.until("the next request runs", |r| r.started() == 2)
+            .await;
+        rig.release.notify_waiters();
+        assert_eq!(answer(next.await), Some(3));
     }
 }
