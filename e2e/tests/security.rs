@@ -10,7 +10,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use fold_proto::json::map_to_struct;
 use fold_proto::v1::{HistoryRequest, MutateRequest, MutationType, QueryRequest};
 use fold_proto::wire::{
-    ForwardRequest, ForwardResponse, forward_request::Operation, forward_response,
+    ForwardEnvelope, ForwardResponse, Operation, Requester, SignedEnvelope, forward_response,
+    operation,
 };
 use foldmesh_e2e::client::*;
 use foldmesh_e2e::http;
@@ -68,7 +69,7 @@ fn notes() -> serde_json::Value {
     )
 }
 
-/// A plain libp2p peer that speaks /fold/forward/1.0.0 — and can lie.
+/// A plain libp2p peer that speaks /fold/forward/2.0.0 — and can lie.
 fn hostile_swarm(key: Keypair) -> Swarm<request_response::Behaviour<ForwardCodec>> {
     libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
@@ -94,7 +95,7 @@ fn hostile_swarm(key: Keypair) -> Swarm<request_response::Behaviour<ForwardCodec
 async fn ask(
     swarm: &mut Swarm<request_response::Behaviour<ForwardCodec>>,
     peer: PeerId,
-    req: ForwardRequest,
+    req: SignedEnvelope,
 ) -> Result<ForwardResponse, String> {
     let id = swarm.behaviour_mut().send_request(&peer, req);
     let deadline = tokio::time::sleep(Duration::from_secs(10));
@@ -115,28 +116,60 @@ async fn ask(
 }
 
 fn mutate_op(id: &str, body: &str, target: &str) -> Operation {
-    Operation::Mutate(MutateRequest {
-        schema: "Notes".into(),
-        mutation_type: MutationType::Create as i32,
-        data: Some(map_to_struct(
-            json!({"id": id, "body": body}).as_object().unwrap(),
-        )),
-        target_node_id: target.into(),
-    })
+    Operation {
+        kind: Some(operation::Kind::Mutate(MutateRequest {
+            schema: "Notes".into(),
+            mutation_type: MutationType::Create as i32,
+            data: Some(map_to_struct(
+                json!({"id": id, "body": body}).as_object().unwrap(),
+            )),
+            target_node_id: target.into(),
+        })),
+    }
 }
 
-fn signed(key: &Keypair, target: &str, op: Operation, ts: u64) -> ForwardRequest {
-    let mut r = ForwardRequest {
+fn envelope(key: &Keypair, target: &str, op: Operation, ts: u64) -> ForwardEnvelope {
+    ForwardEnvelope {
         request_id: uuid::Uuid::new_v4().to_string(),
         origin_node_id: key.public().to_peer_id().to_string(),
         target_node_id: target.into(),
         timestamp_unix_ms: ts,
-        trace_context: Default::default(),
+        deadline_unix_ms: 0,
+        requester: Some(Requester {
+            distance: 0,
+            identity: "client:hostile".into(),
+            proven_key: String::new(),
+        }),
         operation: Some(op),
-        signature: vec![],
-    };
-    p2p_sidecar::signing::sign(key, &mut r).unwrap();
-    r
+    }
+}
+
+fn seal(key: &Keypair, env: &ForwardEnvelope) -> SignedEnvelope {
+    p2p_sidecar::signing::seal(key, env, Default::default()).unwrap()
+}
+
+fn signed(key: &Keypair, target: &str, op: Operation, ts: u64) -> SignedEnvelope {
+    seal(key, &envelope(key, target, op, ts))
+}
+
+/// Sign `payload` bytes as they are (for envelopes built by hand).
+fn sign_bytes(key: &Keypair, payload: Vec<u8>) -> SignedEnvelope {
+    let mut msg = b"fold-forward-v2\0".to_vec();
+    msg.extend_from_slice(&payload);
+    SignedEnvelope {
+        signature: key.sign(&msg).unwrap(),
+        payload,
+        trace_context: Default::default(),
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
 }
 
 fn error_code(r: &ForwardResponse) -> Option<i32> {
@@ -176,15 +209,13 @@ async fn hostile_peer_is_refused_counted_and_changes_nothing() {
     let t = &sc.node_id;
 
     // Wait for the node to have found its sidecar, then one honest request.
-    let good = signed(&key, t, mutate_op("m1", "once", t), now_ms());
     let mut first = None;
     for _ in 0..50 {
-        let r = ask(&mut swarm, target, {
-            let mut g = good.clone();
-            g.request_id = uuid::Uuid::new_v4().to_string();
-            p2p_sidecar::signing::sign(&key, &mut g).unwrap();
-            g
-        })
+        let r = ask(
+            &mut swarm,
+            target,
+            signed(&key, t, mutate_op("m1", "once", t), now_ms()),
+        )
         .await
         .unwrap();
         if error_code(&r) != Some(Code::Unavailable as i32) {
@@ -210,11 +241,26 @@ async fn hostile_peer_is_refused_counted_and_changes_nothing() {
         "{replay:?}"
     );
 
-    // Tampered after signing.
-    let mut tampered = signed(&key, t, mutate_op("m3", "innocent", t), now_ms());
-    tampered.operation = Some(mutate_op("m3", "EVIL", t));
+    // Tampered bytes: the payload changed after signing (here: the requester made the owner).
+    let mut env = envelope(&key, t, mutate_op("m3", "innocent", t), now_ms());
+    let mut tampered = seal(&key, &env);
+    env.operation = Some(mutate_op("m3", "EVIL", t));
+    tampered.payload = prost::Message::encode_to_vec(&env);
     let r = ask(&mut swarm, target, tampered).await.unwrap();
     assert_eq!(error_code(&r), Some(Code::Unauthenticated as i32));
+
+    // Truncated envelope: the signed payload cut short.
+    let mut truncated = signed(&key, t, mutate_op("m7", "cut", t), now_ms());
+    let n = truncated.payload.len();
+    truncated.payload.truncate(n - 5);
+    let r = ask(&mut swarm, target, truncated).await.unwrap();
+    assert!(
+        matches!(
+            error_code(&r),
+            Some(c) if c == Code::InvalidArgument as i32 || c == Code::Unauthenticated as i32
+        ),
+        "{r:?}"
+    );
 
     // Stale.
     let stale = signed(
@@ -228,8 +274,7 @@ async fn hostile_peer_is_refused_counted_and_changes_nothing() {
 
     // Claims to come from another node.
     let someone = Keypair::generate_ed25519();
-    let mut forged = signed(&someone, t, mutate_op("m5", "forged", t), now_ms());
-    forged.origin_node_id = someone.public().to_peer_id().to_string();
+    let forged = signed(&someone, t, mutate_op("m5", "forged", t), now_ms());
     let r = ask(&mut swarm, target, forged).await.unwrap();
     assert_eq!(error_code(&r), Some(Code::Unauthenticated as i32));
 
@@ -238,6 +283,32 @@ async fn hostile_peer_is_refused_counted_and_changes_nothing() {
     unsigned.signature.clear();
     let r = ask(&mut swarm, target, unsigned).await.unwrap();
     assert_eq!(error_code(&r), Some(Code::Unauthenticated as i32));
+
+    // Past its deadline on arrival: refused, nothing done.
+    let mut late = envelope(&key, t, mutate_op("m9", "too late", t), now_ms());
+    late.deadline_unix_ms = now_ms() - 1;
+    let r = ask(&mut swarm, target, seal(&key, &late)).await.unwrap();
+    assert_eq!(error_code(&r), Some(Code::DeadlineExceeded as i32), "{r:?}");
+
+    // An unknown field from a newer sender is signed like the rest and breaks nothing.
+    let mut payload = prost::Message::encode_to_vec(&envelope(
+        &key,
+        t,
+        mutate_op("m8", "from the future", t),
+        now_ms(),
+    ));
+    prost::encoding::string::encode(
+        99,
+        &"a field this node does not know".to_string(),
+        &mut payload,
+    );
+    let r = ask(&mut swarm, target, sign_bytes(&key, payload))
+        .await
+        .unwrap();
+    assert!(
+        matches!(r.result, Some(forward_response::Result::Mutate(_))),
+        "{r:?}"
+    );
 
     // Nothing of the refused requests reached the data; the accepted ones did, once.
     let rows = fold(&node.grpc)
@@ -250,7 +321,7 @@ async fn hostile_peer_is_refused_counted_and_changes_nothing() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(keys(&rows), vec!["m1", "m2"]);
+    assert_eq!(keys(&rows), vec!["m1", "m2", "m8"]);
     let h = fold(&node.grpc)
         .history(HistoryRequest {
             schema: "Notes".into(),
@@ -263,14 +334,63 @@ async fn hostile_peer_is_refused_counted_and_changes_nothing() {
         .into_inner()
         .versions;
     assert_eq!(h.len(), 1, "the replay wrote nothing");
+    assert_eq!(
+        h[0].writer,
+        format!("peer:{}/client:hostile", key.public().to_peer_id())
+    );
 
     // Every refusal is counted by reason.
     let (_, m) = http::get(&sc.admin, "/metrics").unwrap();
     let c = |outcome: &str| inbound(&m, outcome);
     assert_eq!(c("replayed"), 1, "{m}");
-    assert_eq!(c("bad_signature"), 2);
+    assert_eq!(c("bad_signature") + c("malformed"), 3);
     assert_eq!(c("stale"), 1);
     assert_eq!(c("wrong_origin"), 1);
+    assert_eq!(c("deadline_exceeded"), 1);
+}
+
+/// Oversized ids are refused before anything keeps them: a flood of requests with 32 KiB
+/// request ids is refused, counted, and the sidecar's memory stays flat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_request_ids_are_refused_and_memory_stays_flat() {
+    let dir = tempfile::tempdir().unwrap();
+    let sc = sidecar(dir.path(), &["--peer-rate-limit", "0"]);
+    let _node = NodeProc::start(dir.path(), &["--unknown-peer-distance", "0"]).unwrap();
+    let target: PeerId = sc.node_id.parse().unwrap();
+    let addr: Multiaddr = sc.listen.parse().unwrap();
+    let key = Keypair::generate_ed25519();
+    let mut swarm = hostile_swarm(key.clone());
+    swarm
+        .dial(addr.with(libp2p::multiaddr::Protocol::P2p(target)))
+        .unwrap();
+    let t = &sc.node_id;
+    let flood = |i: usize| {
+        let mut env = envelope(&key, t, mutate_op("x", "y", t), now_ms());
+        env.request_id = format!("{i:08}{}", "x".repeat(32 * 1024));
+        seal(&key, &env)
+    };
+    // Warm up (connection, buffers), then measure across the flood.
+    for i in 0..20 {
+        let r = ask(&mut swarm, target, flood(i)).await.unwrap();
+        assert_eq!(error_code(&r), Some(Code::InvalidArgument as i32), "{r:?}");
+    }
+    let pid = sc._proc.pid().unwrap();
+    let before = rss_kib(pid);
+    const N: usize = 1000;
+    for i in 20..N {
+        let r = ask(&mut swarm, target, flood(i)).await.unwrap();
+        assert_eq!(error_code(&r), Some(Code::InvalidArgument as i32), "{r:?}");
+    }
+    let after = rss_kib(pid);
+    // Kept, the ids alone would be ~32 MiB.
+    assert!(
+        after < before + 12 * 1024,
+        "sidecar RSS grew from {before} KiB to {after} KiB over {N} oversized requests"
+    );
+    let (_, m) = http::get(&sc.admin, "/metrics").unwrap();
+    assert_eq!(inbound(&m, "oversized_field"), N as u64, "{m}");
+    let held = http::sample(&m, "fold_sidecar_replay_cache_bytes", &[]).unwrap_or(0.0);
+    assert!(held < 1024.0 * 1024.0, "replay cache holds {held} bytes");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -803,13 +923,13 @@ async fn a_flooding_peer_is_throttled_and_others_are_not() {
         .unwrap()
         .with(libp2p::multiaddr::Protocol::P2p(target));
     let t = &sc.node_id;
-    let query_op = || {
-        Operation::Query(QueryRequest {
+    let query_op = || Operation {
+        kind: Some(operation::Kind::Query(QueryRequest {
             schema: "Notes".into(),
             fields: vec!["id".into()],
             filter: None,
             target_node_id: t.clone(),
-        })
+        })),
     };
 
     let flood_key = Keypair::generate_ed25519();

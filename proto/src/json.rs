@@ -33,6 +33,32 @@ pub fn struct_to_map(s: &Struct) -> Map<String, Json> {
         .collect()
 }
 
+/// protobuf `Struct` -> JSON object map, refusing numbers JSON cannot hold (NaN, ±Infinity)
+/// instead of turning them into null. The error names the field path.
+pub fn struct_to_map_checked(s: &Struct) -> Result<Map<String, Json>, String> {
+    fn check(v: &Value, path: &str) -> Result<(), String> {
+        match &v.kind {
+            Some(Kind::NumberValue(n)) if !n.is_finite() => Err(format!(
+                "'{path}' is {n}, which is not a JSON number; NaN and Infinity cannot be stored"
+            )),
+            Some(Kind::ListValue(l)) => l
+                .values
+                .iter()
+                .enumerate()
+                .try_for_each(|(i, v)| check(v, &format!("{path}[{i}]"))),
+            Some(Kind::StructValue(s)) => s
+                .fields
+                .iter()
+                .try_for_each(|(k, v)| check(v, &format!("{path}.{k}"))),
+            _ => Ok(()),
+        }
+    }
+    for (k, v) in &s.fields {
+        check(v, k)?;
+    }
+    Ok(struct_to_map(s))
+}
+
 /// protobuf `Struct` -> JSON object.
 pub fn struct_to_json(s: &Struct) -> Json {
     Json::Object(struct_to_map(s))
@@ -67,6 +93,43 @@ pub fn map_to_struct(m: &Map<String, Json>) -> Struct {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn non_finite_numbers_are_refused_with_their_path() {
+        let nan = Value {
+            kind: Some(Kind::NumberValue(f64::NAN)),
+        };
+        let inner = Struct {
+            fields: [("x".to_string(), nan.clone())].into_iter().collect(),
+        };
+        let s = Struct {
+            fields: [(
+                "a".to_string(),
+                Value {
+                    kind: Some(Kind::StructValue(inner)),
+                },
+            )]
+            .into_iter()
+            .collect(),
+        };
+        let e = struct_to_map_checked(&s).unwrap_err();
+        assert!(e.contains("'a.x'") && e.contains("NaN"), "{e}");
+        let inf = Struct {
+            fields: [(
+                "b".to_string(),
+                Value {
+                    kind: Some(Kind::NumberValue(f64::INFINITY)),
+                },
+            )]
+            .into_iter()
+            .collect(),
+        };
+        assert!(struct_to_map_checked(&inf).is_err());
+        let Json::Object(m) = json!({"ok": [1, 2.5, {"c": null}]}) else {
+            panic!()
+        };
+        assert!(struct_to_map_checked(&map_to_struct(&m)).is_ok());
+    }
 
     #[test]
     fn round_trip_keeps_integers_and_nesting() {

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use fold_proto::wire::{
-    CheckSchemasRequest, CheckSchemasResponse, ForwardRequest, ForwardResponse,
+    CheckSchemasRequest, CheckSchemasResponse, ForwardResponse, SignedEnvelope,
 };
 use libp2p::kad::store::MemoryStore;
 use libp2p::swarm::NetworkBehaviour;
@@ -20,7 +20,7 @@ pub const IDENTIFY_PROTOCOL: &str = "/fold/id/1.0.0";
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/fold/kad/1.0.0");
 
 pub type SchemaCodec = ProstCodec<CheckSchemasRequest, CheckSchemasResponse>;
-pub type ForwardCodec = ProstCodec<ForwardRequest, ForwardResponse>;
+pub type ForwardCodec = ProstCodec<SignedEnvelope, ForwardResponse>;
 
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {

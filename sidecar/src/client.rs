@@ -4,7 +4,7 @@
 
 use fold_proto::sidecar::PeerEvent;
 use fold_proto::v1::{NetworkStatusResponse, PeerInfo};
-use fold_proto::wire::{CheckSchemasResponse, ForwardRequest, ForwardResponse};
+use fold_proto::wire::{CheckSchemasResponse, ForwardResponse, SignedEnvelope};
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -77,7 +77,7 @@ impl Client {
     pub async fn forward(
         &self,
         peer: PeerId,
-        request: ForwardRequest,
+        request: SignedEnvelope,
     ) -> Result<ForwardResponse, MeshError> {
         self.ask(|reply| Command::Forward {
             peer,

@@ -10,7 +10,7 @@ use libp2p::StreamProtocol;
 use prost::Message;
 
 pub const SCHEMA_PROTOCOL: StreamProtocol = StreamProtocol::new("/fold/schema/1.0.0");
-pub const FORWARD_PROTOCOL: StreamProtocol = StreamProtocol::new("/fold/forward/1.0.0");
+pub const FORWARD_PROTOCOL: StreamProtocol = StreamProtocol::new("/fold/forward/2.0.0");
 
 /// Read one length-delimited protobuf message of at most `max` bytes.
 pub async fn read_message<M: Message + Default, T: AsyncRead + Unpin>(

@@ -211,6 +211,13 @@ pub struct Config {
     #[arg(long, env = "FOLD_SIDECAR_MAX_CLOCK_SKEW_SECS", default_value_t = 30)]
     pub max_clock_skew_secs: u64,
 
+    /// Memory bound, in bytes, of the replay cache: the request ids (nonces) remembered while a
+    /// replay of them could still pass the clock-skew check. When it is full, new forwarded
+    /// requests are refused with RESOURCE_EXHAUSTED (counted as `replay_cache_full`) rather
+    /// than forgetting an id that could still be replayed.
+    #[arg(long, env = "FOLD_SIDECAR_REPLAY_CACHE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub replay_cache_bytes: usize,
+
     /// Threads of the async runtime. 1 (the default, as in linkerd2-proxy) runs everything on
     /// one thread: no cross-thread wake-ups on the request path, ~0.1 ms less per forwarded
     /// request measured on 2 cores (docs/BENCHMARKS.md). 0 means one thread per CPU core, for

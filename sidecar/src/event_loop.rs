@@ -11,7 +11,7 @@ use fold_middleware::rate_limit::KeyedLimiter;
 use fold_proto::sidecar::{InboundForward, PeerEvent, peer_event::Kind};
 use fold_proto::v1::{NetworkStatusResponse, PeerInfo};
 use fold_proto::wire::{
-    CheckSchemasRequest, CheckSchemasResponse, ForwardRequest, ForwardResponse, SchemaNames,
+    CheckSchemasRequest, CheckSchemasResponse, ForwardResponse, SchemaNames, SignedEnvelope,
     WireError, check_schemas_response, forward_response,
 };
 use futures::StreamExt;
@@ -29,6 +29,7 @@ use crate::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL};
 use crate::metrics::SidecarMetrics;
 use crate::node_link::NodeLink;
 use crate::signing::Verifier;
+use fold_proto::status::wire_error;
 
 /// Addresses remembered per peer.
 const MAX_ADDRS_PER_PEER: usize = 16;
@@ -83,7 +84,7 @@ pub enum Command {
     },
     Forward {
         peer: PeerId,
-        request: Box<ForwardRequest>,
+        request: Box<SignedEnvelope>,
         reply: oneshot::Sender<Result<ForwardResponse, MeshError>>,
     },
     CheckSchemas {
@@ -114,7 +115,7 @@ pub enum Command {
 /// A request waiting for a connection to its peer.
 enum Outbound {
     Forward(
-        Box<ForwardRequest>,
+        Box<SignedEnvelope>,
         oneshot::Sender<Result<ForwardResponse, MeshError>>,
     ),
     Schema(
@@ -184,13 +185,6 @@ fn schema_key(name: &str) -> kad::RecordKey {
     kad::RecordKey::new(&format!("fold-schema:{name}"))
 }
 
-fn wire_error(code: Code, message: impl Into<String>) -> WireError {
-    WireError {
-        code: code as i32,
-        message: message.into(),
-    }
-}
-
 fn outbound_error(peer: &PeerId, e: &OutboundFailure) -> MeshError {
     match e {
         OutboundFailure::DialFailure => {
@@ -224,6 +218,8 @@ pub struct EventLoopParts {
     pub libp2p_metrics: Metrics,
     pub metrics: Arc<SidecarMetrics>,
     pub max_clock_skew: Duration,
+    /// Memory bound of the replay cache (remembered request ids).
+    pub max_replay_bytes: usize,
 }
 
 type ProviderQuery = (String, HashSet<PeerId>, oneshot::Sender<Vec<PeerId>>);
@@ -287,7 +283,7 @@ impl EventLoop {
             provided: BTreeSet::new(),
             reprovide_due: false,
             kad_bootstrapped: false,
-            verifier: Verifier::new(p.max_clock_skew),
+            verifier: Verifier::new(p.max_clock_skew, p.max_replay_bytes),
         }
     }
 
@@ -844,7 +840,7 @@ impl EventLoop {
         }
     }
 
-    fn on_forward_event(&mut self, ev: request_response::Event<ForwardRequest, ForwardResponse>) {
+    fn on_forward_event(&mut self, ev: request_response::Event<SignedEnvelope, ForwardResponse>) {
         match ev {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {
@@ -934,31 +930,40 @@ impl EventLoop {
     fn inbound_forward(
         &mut self,
         peer: PeerId,
-        request: ForwardRequest,
+        request: SignedEnvelope,
         channel: ResponseChannel<ForwardResponse>,
     ) {
-        let id = request.request_id.clone();
         if let Some(l) = &self.limiter
             && let Err(e) = l.check(&peer.to_string())
         {
             self.metrics.inbound("forward", "rate_limited");
             self.respond_forward_now(
                 channel,
-                id,
+                String::new(),
                 wire_error(Code::ResourceExhausted, e.to_string()),
             );
             return;
         }
-        // The claimed origin must be the peer Noise authenticated on this connection, the
-        // signature must verify, the timestamp be fresh and the nonce new.
-        if let Err((why, message)) = self.verifier.check(&peer, &request, now_ms()) {
-            self.metrics.inbound("forward", why.label());
-            tracing::warn!(%peer, reason = why.label(), %message, "forward request refused");
-            self.respond_forward_now(channel, id, wire_error(Code::Unauthenticated, message));
-            return;
-        }
+        // Bounded ids, the claimed origin is the peer Noise authenticated on this connection,
+        // the signature covers the bytes received, the timestamp is fresh, the deadline has not
+        // passed and the nonce is new.
+        let now = now_ms();
+        let header = match self.verifier.check(&peer, &request, now) {
+            Ok(h) => h,
+            Err((why, message)) => {
+                self.metrics.inbound("forward", why.label());
+                self.metrics
+                    .replay_cache_bytes(self.verifier.replay_cache_bytes());
+                tracing::warn!(%peer, reason = why.label(), %message, "forward request refused");
+                self.respond_forward_now(channel, String::new(), wire_error(why.code(), message));
+                return;
+            }
+        };
+        self.metrics
+            .replay_cache_bytes(self.verifier.replay_cache_bytes());
+        let id = header.request_id;
         let me = self.local().to_string();
-        if request.target_node_id != me {
+        if header.target_node_id != me {
             self.metrics.inbound("forward", "wrong_target");
             self.respond_forward_now(
                 channel,
@@ -967,7 +972,7 @@ impl EventLoop {
                     Code::NotFound,
                     format!(
                         "request is for node {}, this is node {me}",
-                        request.target_node_id
+                        header.target_node_id
                     ),
                 ),
             );
@@ -983,6 +988,11 @@ impl EventLoop {
             return;
         };
         self.metrics.inbound("forward", "accepted");
+        // The node gets what is left of the origin's deadline (or its own request timeout).
+        let remaining = match header.deadline_unix_ms {
+            0 => None,
+            d => Some(Duration::from_millis(d.saturating_sub(now))),
+        };
         let node = self.node.clone();
         let tx = self.self_tx.clone();
         let span = tracing::info_span!(
@@ -997,18 +1007,19 @@ impl EventLoop {
         );
         tokio::spawn(
             async move {
-                let mut request = request;
-                request.trace_context = fold_telemetry::otel::inject_current();
                 let origin_public_key = crate::signing::public_key_of(&peer)
                     .and_then(|k| k.try_into_ed25519().ok())
                     .map(|k| k.to_bytes().to_vec())
                     .unwrap_or_default();
                 let response = node
-                    .handle_forward(InboundForward {
-                        origin_node_id: peer.to_string(),
-                        request: Some(request),
-                        origin_public_key,
-                    })
+                    .handle_forward(
+                        InboundForward {
+                            origin_node_id: peer.to_string(),
+                            envelope: request.payload,
+                            origin_public_key,
+                        },
+                        remaining,
+                    )
                     .await;
                 let response = ForwardResponse {
                     request_id: id,
@@ -1066,7 +1077,7 @@ impl EventLoop {
                         names,
                     })),
                 },
-                Err(s) => refuse(wire_error(s.code(), s.message().to_string())),
+                Err(s) => refuse(fold_proto::status::to_wire(&s)),
             };
             let _ = tx
                 .send(Command::RespondSchema {

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fold_proto::sidecar::mesh_server::Mesh;
 use fold_proto::sidecar::{
     ForwardRequest, MeshStatusRequest, PeerEvent, PeerEventsRequest, ProvideRequest,
-    ProvideResponse, forward_request,
+    ProvideResponse,
 };
 use fold_proto::v1::{
     CheckSchemasRequest, CheckSchemasResponse, DialRequest, DialResponse, DisconnectRequest,
@@ -101,33 +101,33 @@ impl Mesh for MeshApi {
         &self,
         request: Request<ForwardRequest>,
     ) -> Result<Response<wire::ForwardResponse>, Status> {
+        // Trace context and deadline arrive once, as gRPC metadata.
         let parent = fold_telemetry::otel::extract_metadata(request.metadata());
+        let deadline = request
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(fold_middleware::deadline::parse_grpc_timeout);
         let req = request.into_inner();
-        let parent = if req.trace_context.is_empty() {
-            parent
-        } else {
-            fold_telemetry::otel::extract_map(&req.trace_context)
-        };
         let peer = parse_peer(&req.target_node_id)?;
         if peer == self.client.local_peer_id() {
             return Err(Status::invalid_argument(
                 "the target is this node itself; the node runs such requests locally",
             ));
         }
-        let operation = match req.operation {
-            Some(forward_request::Operation::Query(q)) => {
-                wire::forward_request::Operation::Query(q)
-            }
-            Some(forward_request::Operation::Mutate(m)) => {
-                wire::forward_request::Operation::Mutate(m)
-            }
-            None => return Err(Status::invalid_argument("no query or mutation to forward")),
-        };
-        let timeout = if req.timeout_ms == 0 {
-            self.default_timeout
-        } else {
-            Duration::from_millis(u64::from(req.timeout_ms))
-        };
+        if req
+            .operation
+            .as_ref()
+            .and_then(|o| o.kind.as_ref())
+            .is_none()
+        {
+            return Err(Status::invalid_argument("no query or mutation to forward"));
+        }
+        // Answer before the node's own deadline fires: keep a small margin for the way back.
+        let timeout = deadline.map_or(self.default_timeout, |d| {
+            d.saturating_sub((d / 20).min(Duration::from_millis(50)))
+                .min(self.default_timeout)
+        });
         let span = tracing::info_span!(
             "sidecar.forward",
             otel.kind = "client",
@@ -137,20 +137,24 @@ impl Mesh for MeshApi {
         let client = self.client.clone();
         let key = self.key.clone();
         async move {
-            let mut wire_req = wire::ForwardRequest {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                .unwrap_or(0);
+            let envelope = wire::ForwardEnvelope {
                 request_id: uuid::Uuid::new_v4().to_string(),
                 origin_node_id: client.local_peer_id().to_string(),
                 target_node_id: peer.to_string(),
-                timestamp_unix_ms: SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_millis() as u64)
-                    .unwrap_or(0),
-                trace_context: fold_telemetry::otel::inject_current(),
-                operation: Some(operation),
-                signature: Vec::new(),
+                timestamp_unix_ms: now,
+                deadline_unix_ms: now
+                    .saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
+                requester: req.requester,
+                operation: req.operation,
             };
-            crate::signing::sign(&key, &mut wire_req).map_err(Status::internal)?;
-            match tokio::time::timeout(timeout, client.forward(peer, wire_req)).await {
+            let sealed =
+                crate::signing::seal(&key, &envelope, fold_telemetry::otel::inject_current())
+                    .map_err(Status::internal)?;
+            match tokio::time::timeout(timeout, client.forward(peer, sealed)).await {
                 Ok(Ok(resp)) => Ok(Response::new(resp)),
                 Ok(Err(e)) => Err(Status::from(e)),
                 Err(_) => Err(Status::deadline_exceeded(format!(
@@ -182,10 +186,9 @@ impl Mesh for MeshApi {
                     approved: names.names,
                 }))
             }
-            Some(check_schemas_response::Result::Error(e)) => Err(Status::new(
-                tonic::Code::from_i32(e.code),
-                format!("node {peer}: {}", e.message),
-            )),
+            Some(check_schemas_response::Result::Error(e)) => {
+                Err(fold_proto::status::from_wire(&peer.to_string(), e))
+            }
             None => Err(Status::internal(format!(
                 "node {peer} sent an empty answer"
             ))),

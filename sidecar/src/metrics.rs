@@ -1,12 +1,14 @@
 //! The sidecar's own metrics, beside libp2p's swarm metrics and the gRPC RED metrics: inbound
 //! requests from peers by protocol and outcome (accepted, rate limited, queue full, forged
-//! origin, wrong target, failed). Both labels have fixed value sets.
+//! origin, bad signature, stale, replayed, oversized field, deadline exceeded, replay cache full,
+//! wrong target, failed), and the replay cache's size. Both labels have fixed value sets.
 
 use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -17,19 +19,31 @@ pub struct InboundLabels {
 
 pub struct SidecarMetrics {
     inbound: Family<InboundLabels, Counter>,
+    replay_cache_bytes: Gauge,
 }
 
 impl SidecarMetrics {
     pub fn register(reg: &mut Registry) -> Arc<SidecarMetrics> {
         let m = SidecarMetrics {
             inbound: Family::default(),
+            replay_cache_bytes: Gauge::default(),
         };
+        reg.register(
+            "fold_sidecar_replay_cache_bytes",
+            "Bytes held by the replay cache (request ids remembered within the clock-skew window)",
+            m.replay_cache_bytes.clone(),
+        );
         reg.register(
             "fold_sidecar_inbound_requests",
             "Requests from peers on the fold protocols, by protocol and outcome",
             m.inbound.clone(),
         );
         Arc::new(m)
+    }
+
+    pub fn replay_cache_bytes(&self, bytes: usize) {
+        self.replay_cache_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     pub fn inbound(&self, protocol: &'static str, outcome: &'static str) {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use fold_middleware::metrics::{GrpcMetrics, GrpcMetricsLayer, GrpcMetricsService};
 use fold_proto::sidecar::peer_requests_client::PeerRequestsClient;
 use fold_proto::sidecar::{InboundForward, ServedSchemasRequest};
-use fold_proto::wire::{ForwardResponse, WireError, forward_response};
+use fold_proto::wire::{ForwardResponse, forward_response};
 use local_link::LinkAddr;
 use local_link::token::{LinkToken, TokenLayer, WithToken};
 use tonic::transport::Channel;
@@ -54,30 +54,37 @@ impl NodeLink {
         ))
     }
 
-    /// Hand an inbound forward to the node. Any failure becomes a typed error answer.
-    pub async fn handle_forward(&self, req: InboundForward) -> ForwardResponse {
+    /// Hand an inbound forward to the node, with what is left of the origin's deadline (or this
+    /// sidecar's request timeout, whichever is shorter). Any failure becomes a typed error
+    /// answer.
+    pub async fn handle_forward(
+        &self,
+        req: InboundForward,
+        remaining: Option<Duration>,
+    ) -> ForwardResponse {
         let mut client = self.client.clone();
-        let trace = req
-            .request
-            .as_ref()
-            .map(|r| r.trace_context.clone())
-            .unwrap_or_default();
         let mut r = tonic::Request::new(req);
-        r.set_timeout(self.timeout);
-        fold_telemetry::otel::inject_metadata(&trace, r.metadata_mut());
+        r.set_timeout(remaining.map_or(self.timeout, |d| d.min(self.timeout)));
+        fold_telemetry::otel::inject_metadata(
+            &fold_telemetry::otel::inject_current(),
+            r.metadata_mut(),
+        );
         match client.handle_forward(r).await {
             Ok(resp) => resp.into_inner(),
             Err(s) => {
                 let s = match s.code() {
-                    Code::Unavailable | Code::Unknown | Code::Cancelled => self.unavailable(&s),
+                    Code::Unavailable | Code::Unknown => self.unavailable(&s),
+                    Code::Cancelled => Status::deadline_exceeded(format!(
+                        "the node did not answer within the request's deadline: {}",
+                        s.message()
+                    )),
                     _ => s,
                 };
                 ForwardResponse {
                     request_id: String::new(),
-                    result: Some(forward_response::Result::Error(WireError {
-                        code: s.code() as i32,
-                        message: s.message().to_string(),
-                    })),
+                    result: Some(forward_response::Result::Error(
+                        fold_proto::status::to_wire(&s),
+                    )),
                 }
             }
         }

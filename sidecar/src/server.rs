@@ -190,6 +190,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         libp2p_metrics,
         metrics,
         max_clock_skew: Duration::from_secs(config.max_clock_skew_secs),
+        max_replay_bytes: config.replay_cache_bytes,
     });
     let mut tasks = vec![tokio::spawn(event_loop.run())];
 

@@ -1,38 +1,58 @@
-//! Signed forward requests. The origin signs every `/fold/forward/1.0.0` request with its
-//! identity key; the receiver checks, in this order: the claimed origin is the PeerId that Noise
-//! authenticated on the connection, the signature verifies against that PeerId's public key, the
-//! timestamp is within the allowed clock skew, and the request id (the nonce) was not seen
-//! before. A request that fails any check changes nothing and is answered `UNAUTHENTICATED`.
+//! Signed forward envelopes (`/fold/forward/2.0.0`). The origin encodes its `ForwardEnvelope`
+//! once and signs those bytes with its identity key, as libp2p's `signed_envelope` does; the
+//! receiver verifies the bytes it received, then decodes them. Nothing is re-encoded for the
+//! signature, so a field the receiver does not know can never break verification.
+//!
+//! The receiver checks, in this order: the header decodes and every id is within its length
+//! limit, the claimed origin is the PeerId that Noise authenticated on the connection, the
+//! signature verifies against that PeerId's key, the timestamp is within the allowed clock skew,
+//! the deadline has not passed, and the request id (the nonce) was not seen before. A request
+//! that fails any check changes nothing.
 
 use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
-use fold_proto::wire::ForwardRequest;
+use fold_proto::wire::{ForwardEnvelope, ForwardEnvelopeHeader, SignedEnvelope};
 use libp2p::PeerId;
 use libp2p::identity::{Keypair, PublicKey};
 use prost::Message;
+use tonic::Code;
 
-const DOMAIN: &[u8] = b"fold-forward-v1\0";
-/// Most remembered request ids; the oldest are forgotten first.
-const MAX_REMEMBERED: usize = 200_000;
+const DOMAIN: &[u8] = b"fold-forward-v2\0";
+/// Longest request id, origin or target id accepted (a PeerId is 52 characters, a UUID 36).
+pub const MAX_ID_BYTES: usize = 64;
+/// Longest requester identity or proven key accepted.
+pub const MAX_REQUESTER_BYTES: usize = 128;
 
-/// The bytes a signature covers: everything but the signature and the trace context.
-pub fn signed_bytes(req: &ForwardRequest) -> Vec<u8> {
-    let mut unsigned = req.clone();
-    unsigned.signature.clear();
-    unsigned.trace_context.clear();
-    let mut out = Vec::with_capacity(DOMAIN.len() + unsigned.encoded_len());
-    out.extend_from_slice(DOMAIN);
-    unsigned.encode(&mut out).ok();
-    out
+/// Encode `envelope` once and sign the bytes with `key`.
+pub fn seal(
+    key: &Keypair,
+    envelope: &ForwardEnvelope,
+    trace_context: std::collections::HashMap<String, String>,
+) -> Result<SignedEnvelope, String> {
+    let mut buf = Vec::with_capacity(DOMAIN.len() + envelope.encoded_len());
+    buf.extend_from_slice(DOMAIN);
+    envelope
+        .encode(&mut buf)
+        .map_err(|e| format!("cannot encode the envelope: {e}"))?;
+    let signature = key.sign(&buf).map_err(|e| format!("cannot sign: {e}"))?;
+    buf.drain(..DOMAIN.len());
+    Ok(SignedEnvelope {
+        payload: buf,
+        signature,
+        trace_context,
+    })
 }
 
-/// Sign `req` in place with `key`.
-pub fn sign(key: &Keypair, req: &mut ForwardRequest) -> Result<(), String> {
-    req.signature = key
-        .sign(&signed_bytes(req))
-        .map_err(|e| format!("cannot sign: {e}"))?;
-    Ok(())
+/// Does `signature` by `key` cover exactly `payload`?
+pub fn verify_bytes(key: &PublicKey, payload: &[u8], signature: &[u8]) -> bool {
+    if signature.is_empty() {
+        return false;
+    }
+    let mut msg = Vec::with_capacity(DOMAIN.len() + payload.len());
+    msg.extend_from_slice(DOMAIN);
+    msg.extend_from_slice(payload);
+    key.verify(&msg, signature)
 }
 
 /// The public key inside an Ed25519 (identity-multihash) PeerId.
@@ -44,55 +64,176 @@ pub fn public_key_of(peer: &PeerId) -> Option<PublicKey> {
     PublicKey::try_decode_protobuf(mh.digest()).ok()
 }
 
+/// Why an inbound envelope was refused; each has a metric label and a gRPC code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejection {
+    Malformed,
+    Oversized,
     WrongOrigin,
     BadSignature,
     Stale,
+    Expired,
     Replayed,
+    ReplayCacheFull,
 }
 
 impl Rejection {
     pub fn label(self) -> &'static str {
         match self {
+            Rejection::Malformed => "malformed",
+            Rejection::Oversized => "oversized_field",
             Rejection::WrongOrigin => "wrong_origin",
             Rejection::BadSignature => "bad_signature",
             Rejection::Stale => "stale",
+            Rejection::Expired => "deadline_exceeded",
             Rejection::Replayed => "replayed",
+            Rejection::ReplayCacheFull => "replay_cache_full",
+        }
+    }
+
+    pub fn code(self) -> Code {
+        match self {
+            Rejection::Malformed | Rejection::Oversized => Code::InvalidArgument,
+            Rejection::WrongOrigin
+            | Rejection::BadSignature
+            | Rejection::Stale
+            | Rejection::Replayed => Code::Unauthenticated,
+            Rejection::Expired => Code::DeadlineExceeded,
+            Rejection::ReplayCacheFull => Code::ResourceExhausted,
         }
     }
 }
 
-/// Checks inbound requests and remembers their nonces.
+/// Check the length limits of an envelope header: every id and string a peer sends is bounded.
+pub fn check_bounds(h: &ForwardEnvelopeHeader) -> Result<(), String> {
+    let ids = [
+        ("request_id", &h.request_id),
+        ("origin_node_id", &h.origin_node_id),
+        ("target_node_id", &h.target_node_id),
+    ];
+    for (name, v) in ids {
+        if v.len() > MAX_ID_BYTES {
+            return Err(format!(
+                "'{name}' is {} bytes; at most {MAX_ID_BYTES} are accepted",
+                v.len()
+            ));
+        }
+    }
+    if let Some(r) = &h.requester {
+        for (name, v) in [
+            ("requester.identity", &r.identity),
+            ("requester.proven_key", &r.proven_key),
+        ] {
+            if v.len() > MAX_REQUESTER_BYTES {
+                return Err(format!(
+                    "'{name}' is {} bytes; at most {MAX_REQUESTER_BYTES} are accepted",
+                    v.len()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Remembered request ids, bounded in bytes. An id is kept while a replay of it could still pass
+/// the clock-skew check; when the cache is full, new requests are refused rather than evicting an
+/// id that is still inside its window (which would reopen that replay).
+struct ReplayCache {
+    window_ms: u64,
+    max_bytes: usize,
+    bytes: usize,
+    seen: HashSet<(PeerId, Box<str>)>,
+    order: VecDeque<(u64, PeerId, Box<str>)>,
+}
+
+impl ReplayCache {
+    /// Memory one entry holds: the id twice (set and queue) and both containers' slots.
+    fn cost(id: &str) -> usize {
+        2 * id.len()
+            + std::mem::size_of::<(PeerId, Box<str>)>()
+            + std::mem::size_of::<(u64, PeerId, Box<str>)>()
+            + 16
+    }
+
+    fn expire(&mut self, now_ms: u64) {
+        while let Some((t, _, _)) = self.order.front() {
+            if now_ms.saturating_sub(*t) <= self.window_ms {
+                break;
+            }
+            if let Some((_, p, id)) = self.order.pop_front() {
+                self.bytes = self.bytes.saturating_sub(Self::cost(&id));
+                self.seen.remove(&(p, id));
+            }
+        }
+    }
+
+    fn insert(&mut self, peer: PeerId, id: &str, now_ms: u64) -> Result<(), Rejection> {
+        self.expire(now_ms);
+        let key = (peer, Box::<str>::from(id));
+        if self.seen.contains(&key) {
+            return Err(Rejection::Replayed);
+        }
+        let cost = Self::cost(id);
+        if self.bytes + cost > self.max_bytes {
+            return Err(Rejection::ReplayCacheFull);
+        }
+        self.bytes += cost;
+        self.order.push_back((now_ms, peer, key.1.clone()));
+        self.seen.insert(key);
+        Ok(())
+    }
+}
+
+/// Checks inbound envelopes and remembers their nonces.
 pub struct Verifier {
     max_skew_ms: u64,
-    seen: HashSet<(PeerId, String)>,
-    order: VecDeque<(u64, PeerId, String)>,
+    cache: ReplayCache,
 }
 
 impl Verifier {
-    pub fn new(max_skew: Duration) -> Verifier {
+    /// `max_replay_bytes` bounds the memory of remembered request ids.
+    pub fn new(max_skew: Duration, max_replay_bytes: usize) -> Verifier {
+        let max_skew_ms = u64::try_from(max_skew.as_millis()).unwrap_or(u64::MAX);
         Verifier {
-            max_skew_ms: max_skew.as_millis() as u64,
-            seen: HashSet::new(),
-            order: VecDeque::new(),
+            max_skew_ms,
+            cache: ReplayCache {
+                // A replay passes the skew check until its timestamp is `skew` old; an id seen
+                // at `now` may carry a timestamp up to `skew` ahead: keep it twice that long.
+                window_ms: max_skew_ms.saturating_mul(2),
+                max_bytes: max_replay_bytes,
+                bytes: 0,
+                seen: HashSet::new(),
+                order: VecDeque::new(),
+            },
         }
     }
 
-    /// Check a request from the authenticated `peer` at time `now_ms`; on success its nonce is
-    /// remembered.
+    /// Bytes the replay cache holds now.
+    pub fn replay_cache_bytes(&self) -> usize {
+        self.cache.bytes
+    }
+
+    /// Check an envelope from the authenticated `peer` at time `now_ms`; on success its nonce is
+    /// remembered and its header returned.
     pub fn check(
         &mut self,
         peer: &PeerId,
-        req: &ForwardRequest,
+        env: &SignedEnvelope,
         now_ms: u64,
-    ) -> Result<(), (Rejection, String)> {
-        if req.origin_node_id != peer.to_string() {
+    ) -> Result<ForwardEnvelopeHeader, (Rejection, String)> {
+        let header = ForwardEnvelopeHeader::decode(env.payload.as_slice()).map_err(|e| {
+            (
+                Rejection::Malformed,
+                format!("the envelope's payload is not a ForwardEnvelope: {e}"),
+            )
+        })?;
+        check_bounds(&header).map_err(|m| (Rejection::Oversized, m))?;
+        if header.origin_node_id != peer.to_string() {
             return Err((
                 Rejection::WrongOrigin,
                 format!(
                     "origin {} does not match the authenticated peer {peer}",
-                    req.origin_node_id
+                    header.origin_node_id
                 ),
             ));
         }
@@ -102,13 +243,13 @@ impl Verifier {
                 format!("peer {peer} has no Ed25519 identity to verify against"),
             ));
         };
-        if req.signature.is_empty() || !key.verify(&signed_bytes(req), &req.signature) {
+        if !verify_bytes(&key, &env.payload, &env.signature) {
             return Err((
                 Rejection::BadSignature,
-                "the request's signature does not verify against its origin's key".into(),
+                "the envelope's signature does not verify against its origin's key".into(),
             ));
         }
-        let ts = req.timestamp_unix_ms;
+        let ts = header.timestamp_unix_ms;
         if ts.abs_diff(now_ms) > self.max_skew_ms {
             return Err((
                 Rejection::Stale,
@@ -119,29 +260,33 @@ impl Verifier {
                 ),
             ));
         }
-        // Forget nonces that can no longer be replayed (their timestamps are now stale).
-        while let Some((t, _, _)) = self.order.front() {
-            if now_ms.saturating_sub(*t) > 2 * self.max_skew_ms
-                || self.order.len() >= MAX_REMEMBERED
-            {
-                if let Some((_, p, id)) = self.order.pop_front() {
-                    self.seen.remove(&(p, id));
-                }
-            } else {
-                break;
-            }
-        }
-        let key = (*peer, req.request_id.clone());
-        if req.request_id.is_empty() || self.seen.contains(&key) {
+        if header.deadline_unix_ms != 0 && header.deadline_unix_ms <= now_ms {
             return Err((
-                Rejection::Replayed,
-                format!("request id '{}' was already used", req.request_id),
+                Rejection::Expired,
+                format!(
+                    "the request arrived {} ms after its deadline; nothing was done",
+                    now_ms - header.deadline_unix_ms
+                ),
             ));
         }
-        self.seen.insert(key);
-        self.order
-            .push_back((now_ms, *peer, req.request_id.clone()));
-        Ok(())
+        if header.request_id.is_empty() {
+            return Err((
+                Rejection::Replayed,
+                "the request id (nonce) is empty".into(),
+            ));
+        }
+        self.cache
+            .insert(*peer, &header.request_id, now_ms)
+            .map_err(|why| {
+                let msg = match why {
+                    Rejection::Replayed => {
+                        format!("request id '{}' was already used", header.request_id)
+                    }
+                    _ => "this node's replay cache is full; retry shortly".to_string(),
+                };
+                (why, msg)
+            })?;
+        Ok(header)
     }
 }
 
@@ -149,25 +294,35 @@ impl Verifier {
 mod tests {
     use super::*;
     use fold_proto::v1::QueryRequest;
-    use fold_proto::wire::forward_request::Operation;
+    use fold_proto::wire::{Operation, Requester, operation};
 
-    fn request(key: &Keypair, id: &str, ts: u64) -> ForwardRequest {
-        let mut r = ForwardRequest {
+    const MB: usize = 1 << 20;
+
+    fn envelope(key: &Keypair, id: &str, ts: u64) -> ForwardEnvelope {
+        ForwardEnvelope {
             request_id: id.into(),
             origin_node_id: key.public().to_peer_id().to_string(),
             target_node_id: "target".into(),
             timestamp_unix_ms: ts,
-            trace_context: Default::default(),
-            operation: Some(Operation::Query(QueryRequest {
-                schema: "Notes".into(),
-                fields: vec!["body".into()],
-                filter: None,
-                target_node_id: "target".into(),
-            })),
-            signature: vec![],
-        };
-        sign(key, &mut r).unwrap();
-        r
+            deadline_unix_ms: 0,
+            requester: Some(Requester {
+                distance: 3,
+                identity: "client:local".into(),
+                proven_key: String::new(),
+            }),
+            operation: Some(Operation {
+                kind: Some(operation::Kind::Query(QueryRequest {
+                    schema: "Notes".into(),
+                    fields: vec!["body".into()],
+                    filter: None,
+                    target_node_id: "target".into(),
+                })),
+            }),
+        }
+    }
+
+    fn signed(key: &Keypair, id: &str, ts: u64) -> SignedEnvelope {
+        seal(key, &envelope(key, id, ts), Default::default()).unwrap()
     }
 
     #[test]
@@ -176,54 +331,123 @@ mod tests {
         let peer = key.public().to_peer_id();
         let other = Keypair::generate_ed25519().public().to_peer_id();
         let now = 1_700_000_000_000;
-        let mut v = Verifier::new(Duration::from_secs(30));
+        let mut v = Verifier::new(Duration::from_secs(30), MB);
 
-        let mut ok = request(&key, "r1", now);
+        let mut ok = signed(&key, "r1", now);
         ok.trace_context.insert("traceparent".into(), "x".into());
-        assert!(
-            v.check(&peer, &ok, now).is_ok(),
-            "trace context is not signed"
-        );
+        let h = v
+            .check(&peer, &ok, now)
+            .expect("trace context is not signed");
+        assert_eq!(h.requester.unwrap().distance, 3);
         assert_eq!(v.check(&peer, &ok, now).unwrap_err().0, Rejection::Replayed);
 
-        let mut tampered = request(&key, "r2", now);
-        if let Some(Operation::Query(q)) = &mut tampered.operation {
-            q.fields.push("secret".into());
-        }
+        // Any change to the payload breaks the signature (here: the requester's distance).
+        let mut env = envelope(&key, "r2", now);
+        let mut tampered = seal(&key, &env, Default::default()).unwrap();
+        env.requester.as_mut().unwrap().distance = 0;
+        tampered.payload = env.encode_to_vec();
         assert_eq!(
             v.check(&peer, &tampered, now).unwrap_err().0,
             Rejection::BadSignature
         );
 
-        let mut retarget = request(&key, "r3", now);
-        retarget.target_node_id = "elsewhere".into();
-        assert_eq!(
-            v.check(&peer, &retarget, now).unwrap_err().0,
-            Rejection::BadSignature
-        );
-
-        let stale = request(&key, "r4", now - 60_000);
+        let stale = signed(&key, "r4", now - 60_000);
         assert_eq!(v.check(&peer, &stale, now).unwrap_err().0, Rejection::Stale);
-        let future = request(&key, "r5", now + 60_000);
+        let future = signed(&key, "r5", now + 60_000);
         assert_eq!(
             v.check(&peer, &future, now).unwrap_err().0,
             Rejection::Stale
         );
 
-        let forged = request(&key, "r6", now);
+        let forged = signed(&key, "r6", now);
         assert_eq!(
             v.check(&other, &forged, now).unwrap_err().0,
             Rejection::WrongOrigin
         );
 
-        let mut unsigned = request(&key, "r7", now);
+        let mut unsigned = signed(&key, "r7", now);
         unsigned.signature.clear();
         assert_eq!(
             v.check(&peer, &unsigned, now).unwrap_err().0,
             Rejection::BadSignature
         );
 
+        let mut late = envelope(&key, "r8", now - 10);
+        late.deadline_unix_ms = now - 1;
+        let late = seal(&key, &late, Default::default()).unwrap();
+        assert_eq!(
+            v.check(&peer, &late, now).unwrap_err().0,
+            Rejection::Expired
+        );
+
+        let mut long = envelope(&key, &"x".repeat(MAX_ID_BYTES + 1), now);
+        let r = v.check(&peer, &seal(&key, &long, Default::default()).unwrap(), now);
+        assert_eq!(r.unwrap_err().0, Rejection::Oversized);
+        long.request_id = "r9".into();
+        long.requester.as_mut().unwrap().identity = "y".repeat(MAX_REQUESTER_BYTES + 1);
+        let r = v.check(&peer, &seal(&key, &long, Default::default()).unwrap(), now);
+        assert_eq!(r.unwrap_err().0, Rejection::Oversized);
+
+        let garbage = SignedEnvelope {
+            payload: vec![0xff, 0xff, 0xff],
+            signature: vec![1],
+            trace_context: Default::default(),
+        };
+        assert_eq!(
+            v.check(&peer, &garbage, now).unwrap_err().0,
+            Rejection::Malformed
+        );
+
         // A refused request does not burn its nonce; a fresh good one passes.
-        assert!(v.check(&peer, &request(&key, "r2", now), now).is_ok());
+        assert!(v.check(&peer, &signed(&key, "r2", now), now).is_ok());
+    }
+
+    #[test]
+    fn an_unknown_field_does_not_break_verification() {
+        let key = Keypair::generate_ed25519();
+        let peer = key.public().to_peer_id();
+        let now = 1_700_000_000_000;
+        // A newer sender's envelope: the known fields plus field 99 (a string).
+        let mut payload = envelope(&key, "n1", now).encode_to_vec();
+        prost::encoding::string::encode(99, &"from the future".to_string(), &mut payload);
+        let mut msg = DOMAIN.to_vec();
+        msg.extend_from_slice(&payload);
+        let env = SignedEnvelope {
+            signature: key.sign(&msg).unwrap(),
+            payload,
+            trace_context: Default::default(),
+        };
+        let mut v = Verifier::new(Duration::from_secs(30), MB);
+        assert!(v.check(&peer, &env, now).is_ok());
+        assert!(ForwardEnvelope::decode(env.payload.as_slice()).is_ok());
+    }
+
+    #[test]
+    fn the_replay_cache_is_bounded_in_bytes_and_never_evicts_a_live_nonce() {
+        let key = Keypair::generate_ed25519();
+        let peer = key.public().to_peer_id();
+        let now = 1_700_000_000_000;
+        let room = 10 * ReplayCache::cost("r00");
+        let mut v = Verifier::new(Duration::from_secs(30), room);
+        for i in 0..10 {
+            assert!(
+                v.check(&peer, &signed(&key, &format!("r{i:02}"), now), now)
+                    .is_ok()
+            );
+        }
+        assert!(v.replay_cache_bytes() <= room);
+        // Full: the new request is refused, and the old nonces still are replays.
+        let e = v.check(&peer, &signed(&key, "r10", now), now).unwrap_err();
+        assert_eq!(e.0, Rejection::ReplayCacheFull);
+        assert_eq!(
+            v.check(&peer, &signed(&key, "r00", now), now)
+                .unwrap_err()
+                .0,
+            Rejection::Replayed
+        );
+        // Once the window has passed, the old ids are forgotten and there is room again.
+        let later = now + 61_000;
+        assert!(v.check(&peer, &signed(&key, "r10", later), later).is_ok());
+        assert!(v.replay_cache_bytes() < room);
     }
 }

@@ -32,9 +32,17 @@ pub async fn traced<T>(
     r
 }
 
-/// Who sent a public-port request: the verified client certificate under mutual TLS, otherwise
-/// an anonymous client.
+/// Marks requests that came in on the owner listener (`--owner-listen`). Set by the server for
+/// that listener only; nothing a client sends can add it.
+#[derive(Debug, Clone, Copy)]
+pub struct OwnerConnection;
+
+/// Who sent a client request: the owner (owner listener), the verified client certificate under
+/// mutual TLS, otherwise an anonymous client.
 pub fn principal_of<T>(request: &Request<T>) -> Principal {
+    if request.extensions().get::<OwnerConnection>().is_some() {
+        return Principal::Owner;
+    }
     request
         .peer_certs()
         .and_then(|certs| {
@@ -44,6 +52,26 @@ pub fn principal_of<T>(request: &Request<T>) -> Principal {
         })
         .map(Principal::CertClient)
         .unwrap_or(Principal::LocalClient)
+}
+
+/// Refuse with PERMISSION_DENIED, naming the right, unless the caller holds the admin right.
+/// The right follows from the authenticated identity only (see `Identities::is_admin`).
+pub fn require_admin<T>(data: &Data, request: &Request<T>, action: &str) -> Result<(), Status> {
+    let who = principal_of(request);
+    let ids = data.identities();
+    let r = ids.resolve(&who).map_err(data::store_status)?;
+    if ids.is_admin(&who, &r) {
+        return Ok(());
+    }
+    let at = match r.distance {
+        Some(d) => format!("at trust distance {d}"),
+        None => "denied".to_string(),
+    };
+    Err(Status::permission_denied(format!(
+        "{action} needs the admin right, and {} ({at}) does not hold it; it belongs to {}",
+        r.label,
+        ids.admin_rule()
+    )))
 }
 
 #[derive(Clone)]
@@ -64,6 +92,7 @@ impl FoldNode for FoldNodeApi {
         &self,
         request: Request<LoadSchemaRequest>,
     ) -> Result<Response<LoadSchemaResponse>, Status> {
+        require_admin(&self.data, &request, "loading a schema")?;
         let req = request.into_inner();
         let (name, out) = self.data.load_schema(&req.schema_json, req.approve).await?;
         if out.state == SchemaState::Approved {
@@ -125,6 +154,7 @@ impl FoldNode for FoldNodeApi {
         &self,
         request: Request<SetSchemaStateRequest>,
     ) -> Result<Response<SetSchemaStateResponse>, Status> {
+        require_admin(&self.data, &request, "changing a schema's state")?;
         let req = request.into_inner();
         let prev = self.data.set_state(&req.name, req.state).await?;
         self.mesh.schemas_changed();
@@ -152,7 +182,8 @@ impl FoldNode for FoldNodeApi {
         );
         traced(span, async move {
             if !self.mesh.is_local(&req.target_node_id) {
-                return self.mesh.forward_query(req, deadline).await;
+                let requester = self.data.forwardable_requester(&principal)?;
+                return self.mesh.forward_query(req, requester, deadline).await;
             }
             let mut resp = self.data.query(&principal, req).await?;
             resp.node_id = self.mesh.node_id_or_empty();
@@ -178,9 +209,10 @@ impl FoldNode for FoldNodeApi {
         );
         traced(span, async move {
             if !self.mesh.is_local(&req.target_node_id) {
-                return self.mesh.forward_mutate(req, deadline).await;
+                let requester = self.data.forwardable_requester(&principal)?;
+                return self.mesh.forward_mutate(req, requester, deadline).await;
             }
-            let mut resp = self.data.mutate(&principal, req).await?;
+            let mut resp = self.data.mutate(&principal, req, None).await?;
             resp.node_id = self.mesh.node_id_or_empty();
             Ok(resp)
         })
@@ -271,6 +303,7 @@ impl Network for NetworkApi {
     }
 
     async fn dial(&self, request: Request<DialRequest>) -> Result<Response<DialResponse>, Status> {
+        require_admin(&self.data, &request, "dialing a peer")?;
         self.mesh.client()?.dial(request.into_inner()).await
     }
 
@@ -278,6 +311,7 @@ impl Network for NetworkApi {
         &self,
         request: Request<DisconnectRequest>,
     ) -> Result<Response<DisconnectResponse>, Status> {
+        require_admin(&self.data, &request, "disconnecting a peer")?;
         self.mesh.client()?.disconnect(request.into_inner()).await
     }
 
@@ -311,6 +345,7 @@ impl Network for NetworkApi {
         &self,
         request: Request<GetTrustRequest>,
     ) -> Result<Response<GetTrustResponse>, Status> {
+        require_admin(&self.data, &request, "reading the trust table")?;
         let want = request.into_inner().node_id;
         let all = self.data.store().trust_all().map_err(data::store_status)?;
         let entries = all
@@ -340,12 +375,20 @@ impl Network for NetworkApi {
         &self,
         request: Request<SetTrustRequest>,
     ) -> Result<Response<SetTrustResponse>, Status> {
+        require_admin(&self.data, &request, "changing the trust table")?;
         let req = request.into_inner();
         let Some(e) = req.entry else {
             return Err(Status::invalid_argument("'entry' is required"));
         };
         if e.node_id.is_empty() {
             return Err(Status::invalid_argument("'entry.node_id' is required"));
+        }
+        if e.node_id.len() > crate::mesh::MAX_NODE_ID_BYTES * 4 {
+            return Err(Status::invalid_argument(format!(
+                "'entry.node_id' is {} bytes; a node id or certificate name is at most {} bytes",
+                e.node_id.len(),
+                crate::mesh::MAX_NODE_ID_BYTES * 4
+            )));
         }
         let record = TrustRecord {
             distance: e.distance,

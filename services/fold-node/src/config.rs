@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use local_link::LinkAddr;
 
-use crate::identity::{TrustSeed, UnknownPeerPolicy};
+use crate::identity::{AdminDistance, TrustPolicy, TrustSeed, UnknownPeerPolicy};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -18,8 +18,14 @@ storage (redb), with field-level permissions. Requests for other nodes go throug
 p2p-sidecar, reached over a local socket; start the sidecar with the same --data-dir and the two \
 find each other with no further flags. Either may start first.\n\n\
 Serves fold.v1.FoldNode, fold.v1.Network, grpc.health.v1.Health and server reflection (v1 and \
-v1alpha) on --listen. When ready it prints one line to stdout:\n  \
-fold-node ready grpc=<addr> peer_requests=<addr> admin=<addr> [health=<addr>]\nLogs go to stderr; the level comes from RUST_LOG \
+v1alpha) on --listen, and the same on the owner socket (--owner-listen, default data/owner.sock), \
+where every caller is the node's owner.\n\n\
+Managing the node (LoadSchema, SetSchemaState, GetTrust/SetTrust, Dial/Disconnect) needs the admin \
+right: the owner socket, a client at --admin-distance or closer (default 0; anonymous clients are \
+at distance 0 unless --client-trust-distance says otherwise), or an --admin-identity certificate. \
+A refusal is PERMISSION_DENIED and names the right.\n\n\
+When ready it prints one line to stdout:\n  \
+fold-node ready grpc=<addr> peer_requests=<addr> admin=<addr> [health=<addr>] [owner=<addr>]\nLogs go to stderr; the level comes from RUST_LOG \
 (default info)."
 )]
 pub struct Config {
@@ -40,10 +46,15 @@ pub struct Config {
     pub tls_key: Option<PathBuf>,
 
     /// PEM CA certificate(s) for client certificates (mutual TLS). A client presenting a
-    /// certificate from this CA is identified by its subject CN in the trust table; clients
-    /// without one get --client-trust-distance.
+    /// certificate from this CA is identified by its subject CN in the trust table.
     #[arg(long, env = "FOLD_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+
+    /// With --tls-client-ca: "required" refuses every client without a certificate from the CA
+    /// at the TLS handshake; "optional" admits them at --client-trust-distance (which must then
+    /// be given).
+    #[arg(long, env = "FOLD_TLS_CLIENT_AUTH", default_value = "required", value_parser = ["required", "optional"])]
+    pub tls_client_auth: String,
 
     /// Optional plaintext port serving only grpc.health.v1 (for Kubernetes gRPC probes, which
     /// cannot speak TLS).
@@ -59,10 +70,37 @@ pub struct Config {
     #[arg(long, env = "FOLD_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
 
-    /// Trust distance given to clients of the public port (0 = owner: passes every Distance
-    /// policy). Raise it to expose the node to less trusted clients.
-    #[arg(long, env = "FOLD_CLIENT_TRUST_DISTANCE", default_value_t = 0)]
-    pub client_trust_distance: u32,
+    /// Trust distance of clients of the public port without a client certificate, and of
+    /// certificate clients not listed in the trust table: a number (0 = owner: passes every
+    /// Distance policy) or "deny". Default: 0 without --tls-client-ca (a loopback node for
+    /// its owner), "deny" with it (a certificate-less or unlisted client is never the owner by
+    /// accident). Raise it to expose the node to less trusted clients.
+    #[arg(long, env = "FOLD_CLIENT_TRUST_DISTANCE")]
+    pub client_trust_distance: Option<UnknownPeerPolicy>,
+
+    /// Clients at this trust distance or closer hold the admin right: LoadSchema,
+    /// SetSchemaState, GetTrust/SetTrust, Dial/Disconnect. "none": only the owner socket
+    /// (--owner-listen) and --admin-identity certificates. Requests forwarded by other nodes
+    /// never hold it.
+    #[arg(long, env = "FOLD_ADMIN_DISTANCE", default_value = "0")]
+    pub admin_distance: AdminDistance,
+
+    /// A client certificate that holds the admin right whatever its distance: its subject CN,
+    /// or sha256:<hex of its SubjectPublicKeyInfo> (repeatable; the env variable takes a
+    /// comma-separated list).
+    #[arg(
+        long = "admin-identity",
+        env = "FOLD_ADMIN_IDENTITY",
+        value_delimiter = ','
+    )]
+    pub admin_identity: Vec<String>,
+
+    /// The owner listener: serves the same API as --listen, and every caller there is the
+    /// node's owner (distance 0, admin right). A Unix socket path (relative paths are under
+    /// --data-dir; created mode 0600, so only this user can connect), or a loopback
+    /// 127.0.0.1:PORT (e.g. for `kubectl port-forward`); "off" disables it.
+    #[arg(long, env = "FOLD_OWNER_LISTEN", default_value = "owner.sock")]
+    pub owner_listen: String,
 
     /// Trust distance for peers not in the trust table: a number, or "deny" to refuse their
     /// queries and mutations.
@@ -143,6 +181,47 @@ pub struct Config {
     /// Log format on stderr: "text" or "json".
     #[arg(long, env = "FOLD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+}
+
+impl Config {
+    /// Who gets which distance and who may manage the node, from the flags; an error says
+    /// which flag to fix.
+    pub fn trust_policy(&self) -> Result<TrustPolicy, String> {
+        let mtls = self.tls_client_ca.is_some();
+        if mtls && self.tls_client_auth == "optional" && self.client_trust_distance.is_none() {
+            return Err("--tls-client-auth optional admits clients without a certificate: say at which distance with --client-trust-distance (a number, or deny)".into());
+        }
+        let client_distance = match self.client_trust_distance {
+            Some(p) => p.distance(),
+            None if mtls => None,
+            None => Some(0),
+        };
+        Ok(TrustPolicy {
+            client_distance,
+            unknown_peer: self.unknown_peer_distance,
+            admin_distance: self.admin_distance.0,
+            admin_identities: self.admin_identity.clone(),
+        })
+    }
+
+    /// The owner listener's address, if any (loopback only for TCP).
+    pub fn owner_addr(&self) -> Result<Option<LinkAddr>, String> {
+        if self.owner_listen.eq_ignore_ascii_case("off") || self.owner_listen.is_empty() {
+            return Ok(None);
+        }
+        let addr: LinkAddr = self
+            .owner_listen
+            .parse()
+            .map_err(|e| format!("--owner-listen: {e}"))?;
+        if let LinkAddr::Tcp(a) = &addr
+            && !a.ip().is_loopback()
+        {
+            return Err(format!(
+                "--owner-listen {a}: every client of the owner listener is the node's owner, so it must be a Unix socket or a loopback address (127.0.0.1:PORT)"
+            ));
+        }
+        Ok(Some(addr.relative_to(&self.data_dir)))
+    }
 }
 
 #[derive(Debug, Clone, Subcommand)]

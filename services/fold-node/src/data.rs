@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use fold_proto::json::{json_to_value, map_to_struct, struct_to_map};
+use fold_proto::json::{json_to_value, map_to_struct, struct_to_map_checked};
 use fold_proto::v1::{
     self, FieldVersion, HistoryRequest, HistoryResponse, MutateRequest, MutateResponse,
     MutationType, QueryRequest, QueryResponse, Record,
@@ -146,6 +146,18 @@ impl Data {
         Ok(r)
     }
 
+    /// The requester to name in a request this node forwards for `who`: its distance here and
+    /// its proven key. A requester this node denies is refused here, before anything is sent.
+    pub fn forwardable_requester(
+        &self,
+        who: &Principal,
+    ) -> Result<fold_proto::wire::Requester, Status> {
+        let r = self.requester(who)?;
+        r.to_wire().ok_or_else(|| {
+            Status::permission_denied(format!("{} is not trusted by this node", r.label))
+        })
+    }
+
     /// The schema if it exists and is approved.
     fn usable_schema(&self, name: &str) -> Result<Arc<Schema>, Status> {
         if name.is_empty() {
@@ -269,10 +281,14 @@ impl Data {
 
     // ---- mutations ---------------------------------------------------------------------------
 
+    /// Apply a mutation for `who`. With a `deadline` (a forwarded request's), the write is
+    /// refused with DEADLINE_EXCEEDED, and nothing is written, when the deadline has passed by
+    /// the time the write would start.
     pub async fn mutate(
         &self,
         who: &Principal,
         req: MutateRequest,
+        deadline: Option<std::time::SystemTime>,
     ) -> Result<MutateResponse, Status> {
         let requester = self.requester(who)?;
         let schema = self.usable_schema(&req.schema)?;
@@ -286,7 +302,10 @@ impl Data {
                 ));
             }
         };
-        let data = req.data.as_ref().map(struct_to_map).unwrap_or_default();
+        let data = match req.data.as_ref() {
+            Some(d) => struct_to_map_checked(d).map_err(Status::invalid_argument)?,
+            None => Default::default(),
+        };
         if data.is_empty() {
             return Err(Status::invalid_argument(
                 "'data' is empty: no fields to write",
@@ -333,6 +352,13 @@ impl Data {
         };
         let store = self.store.clone();
         let written = storage(&self.metrics, "mutate", Runs::Pool, move || {
+            if let Some(d) = deadline
+                && std::time::SystemTime::now() >= d
+            {
+                return Err(Status::deadline_exceeded(
+                    "the request's deadline passed before the write started; nothing was written",
+                ));
+            }
             store.mutate(&schema, &plan).map_err(|e| match e {
                 MutationError::AlreadyExists { .. } => Status::already_exists(e.to_string()),
                 MutationError::Missing(_) => Status::not_found(e.to_string()),

@@ -14,10 +14,11 @@ use std::time::{Duration, Instant};
 use fold_middleware::breaker::{Breaker, BreakerConfig, Breakers, Transition};
 use fold_middleware::metrics::{GrpcMetrics, GrpcMetricsLayer, GrpcMetricsService, code_name};
 
+use fold_proto::sidecar as sc;
 use fold_proto::sidecar::mesh_client::MeshClient;
-use fold_proto::sidecar::{self as sc, forward_request::Operation};
 use fold_proto::v1::{MutateRequest, MutateResponse, QueryRequest, QueryResponse};
-use fold_proto::wire::{self, forward_response};
+use fold_proto::wire::forward_response;
+use fold_proto::wire::{Operation, Requester, operation};
 use local_link::LinkAddr;
 use local_link::token::{TokenLayer, WithToken};
 use tokio::sync::Notify;
@@ -36,6 +37,17 @@ pub const NETWORK_SERVICE: &str = "fold.v1.Network";
 const NODE_ID_KEY: &str = "node_id";
 const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Longest node id accepted anywhere (a PeerId is 52 characters).
+pub const MAX_NODE_ID_BYTES: usize = 64;
+/// Most per-peer breakers kept; closed ones are pruned first.
+const MAX_BREAKERS: usize = 1024;
+
+/// Is `s` shaped like a node id (a base58btc PeerId)? Checked before a target is used as a key
+/// anywhere, so a client cannot fill maps with arbitrary strings.
+pub fn valid_node_id(s: &str) -> bool {
+    const B58: &str = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz";
+    (32..=MAX_NODE_ID_BYTES).contains(&s.len()) && s.chars().all(|c| B58.contains(c))
+}
 
 #[derive(Clone)]
 pub struct MeshLink {
@@ -97,7 +109,7 @@ impl MeshLink {
                 health,
                 schemas_changed: Notify::new(),
                 forward_timeout: opts.forward_timeout,
-                peers: Breakers::new(opts.breaker),
+                peers: Breakers::bounded(opts.breaker, MAX_BREAKERS),
                 link_breaker: Breaker::new(opts.breaker),
             }),
         }
@@ -158,11 +170,17 @@ impl MeshLink {
     pub async fn forward_query(
         &self,
         req: QueryRequest,
+        requester: Requester,
         deadline: Option<Duration>,
     ) -> Result<QueryResponse, Status> {
         let target = req.target_node_id.clone();
         match self
-            .forward(target.clone(), Operation::Query(req), deadline)
+            .forward(
+                target.clone(),
+                operation::Kind::Query(req),
+                requester,
+                deadline,
+            )
             .await?
         {
             forward_response::Result::Query(q) => Ok(q),
@@ -175,11 +193,17 @@ impl MeshLink {
     pub async fn forward_mutate(
         &self,
         req: MutateRequest,
+        requester: Requester,
         deadline: Option<Duration>,
     ) -> Result<MutateResponse, Status> {
         let target = req.target_node_id.clone();
         match self
-            .forward(target.clone(), Operation::Mutate(req), deadline)
+            .forward(
+                target.clone(),
+                operation::Kind::Mutate(req),
+                requester,
+                deadline,
+            )
             .await?
         {
             forward_response::Result::Mutate(m) => Ok(m),
@@ -192,15 +216,16 @@ impl MeshLink {
     async fn forward(
         &self,
         target: String,
-        op: Operation,
+        op: operation::Kind,
+        requester: Requester,
         deadline: Option<Duration>,
     ) -> Result<forward_response::Result, Status> {
         let started = Instant::now();
         let kind = match op {
-            Operation::Query(_) => "query",
-            Operation::Mutate(_) => "mutate",
+            operation::Kind::Query(_) => "query",
+            operation::Kind::Mutate(_) => "mutate",
         };
-        let result = self.forward_inner(target, op, deadline).await;
+        let result = self.forward_inner(target, op, requester, deadline).await;
         let outcome = match &result {
             Ok(_) => "OK",
             Err(s) => code_name(s.code()),
@@ -212,9 +237,16 @@ impl MeshLink {
     async fn forward_inner(
         &self,
         target: String,
-        op: Operation,
+        op: operation::Kind,
+        requester: Requester,
         deadline: Option<Duration>,
     ) -> Result<forward_response::Result, Status> {
+        if !valid_node_id(&target) {
+            return Err(Status::invalid_argument(format!(
+                "'target_node_id' is not a node id (a base58 PeerId such as 12D3KooW…, at most {MAX_NODE_ID_BYTES} characters): '{}'",
+                target.chars().take(80).collect::<String>()
+            )));
+        }
         let mut client = self.client()?;
         // Answer before the client gives up: keep a margin of its deadline for the way back,
         // so the client hears DEADLINE_EXCEEDED from us rather than timing out blind.
@@ -224,33 +256,30 @@ impl MeshLink {
                 d.saturating_sub(margin).min(self.inner.forward_timeout)
             })
             .unwrap_or(self.inner.forward_timeout);
-        // W3C trace context of the current span, for the sidecar and every hop after it.
-        let trace_context = fold_telemetry::otel::inject_current();
         let mut request = tonic::Request::new(sc::ForwardRequest {
             target_node_id: target.clone(),
-            timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
-            trace_context: trace_context.clone(),
-            operation: Some(op),
+            requester: Some(requester),
+            operation: Some(Operation { kind: Some(op) }),
         });
-        fold_telemetry::otel::inject_metadata(&trace_context, request.metadata_mut());
-        // The sidecar enforces `timeout_ms` itself and says what happened; this local deadline
-        // only catches a sidecar that does not answer at all.
-        request.set_timeout(timeout + Duration::from_millis(50));
+        // Trace context and deadline travel once, as gRPC metadata (traceparent, grpc-timeout).
+        // The sidecar keeps a margin of the deadline for its answer; tonic enforces it here too.
+        fold_telemetry::otel::inject_metadata(
+            &fold_telemetry::otel::inject_current(),
+            request.metadata_mut(),
+        );
+        request.set_timeout(timeout);
         // Circuit breakers: fail fast, with no network wait, toward a peer (or through a sidecar
-        // link) that kept failing; after a backoff one probe decides.
+        // link) that kept failing; after a backoff one probe decides. A permit that is dropped
+        // before it reports (the caller went away) lets its probe slot go.
         let now = Instant::now();
         let peer_breaker = self.inner.peers.get(&target);
         let (admitted, t) = peer_breaker.admit(&format!("node {target}"), now);
         self.transition(&target, &peer_breaker, t);
-        admitted.map_err(|e| Status::unavailable(e.to_string()))?;
+        let peer_permit = admitted.map_err(|e| Status::unavailable(e.to_string()))?;
         let (admitted, t) = self.inner.link_breaker.admit("the p2p-sidecar link", now);
         self.transition("sidecar-link", &self.inner.link_breaker, t);
-        if let Err(e) = admitted {
-            // Not a verdict on the peer: let its probe slot go.
-            let t = peer_breaker.record(true, now);
-            self.transition(&target, &peer_breaker, t);
-            return Err(Status::unavailable(e.to_string()));
-        }
+        // On refusal `peer_permit` is dropped unreported: not a verdict on the peer.
+        let link_permit = admitted.map_err(|e| Status::unavailable(e.to_string()))?;
         let result = client.forward(request).await;
         let now = Instant::now();
         let (peer_ok, link_ok) = match &result {
@@ -265,9 +294,9 @@ impl MeshLink {
                 true,
             ),
         };
-        let t = peer_breaker.record(peer_ok, now);
+        let t = peer_permit.record(peer_ok, now);
         self.transition(&target, &peer_breaker, t);
-        let t = self.inner.link_breaker.record(link_ok, now);
+        let t = link_permit.record(link_ok, now);
         self.transition("sidecar-link", &self.inner.link_breaker, t);
         let resp = result.map_err(|s| {
             if s.code() == Code::Cancelled || s.code() == Code::DeadlineExceeded {
@@ -280,7 +309,9 @@ impl MeshLink {
             }
         })?;
         match resp.into_inner().result {
-            Some(forward_response::Result::Error(e)) => Err(remote_error(&target, e)),
+            Some(forward_response::Result::Error(e)) => {
+                Err(fold_proto::status::from_wire(&target, e))
+            }
             Some(r) => Ok(r),
             None => Err(Status::internal(format!(
                 "node {target} sent an empty forward response"
@@ -393,17 +424,6 @@ impl MeshLink {
     }
 }
 
-/// A failure the remote node reported, as a status with the same code.
-fn remote_error(target: &str, e: wire::WireError) -> Status {
-    let code = Code::from_i32(e.code);
-    let code = if code == Code::Ok {
-        Code::Unknown
-    } else {
-        code
-    };
-    Status::new(code, format!("node {target}: {}", e.message))
-}
-
 /// The deadline a client set with `grpc-timeout`, if any.
 pub fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
     let v = meta.get("grpc-timeout")?.to_str().ok()?;
@@ -440,15 +460,15 @@ mod tests {
     }
 
     #[test]
-    fn remote_errors_keep_their_code() {
-        let s = remote_error(
-            "B",
-            wire::WireError {
-                code: Code::PermissionDenied as i32,
-                message: "no".into(),
-            },
-        );
-        assert_eq!(s.code(), Code::PermissionDenied);
-        assert!(s.message().contains("node B"));
+    fn node_ids_are_checked_before_use() {
+        assert!(valid_node_id(
+            "12D3KooWGzBjzYtuhmFRXbBqsCP5Xv6TUgaWbeoGTHYEdRW6HNm3"
+        ));
+        assert!(!valid_node_id(""));
+        assert!(!valid_node_id("B"));
+        assert!(!valid_node_id(&"1".repeat(65)));
+        assert!(!valid_node_id(
+            "12D3KooWGzBjzYtuhmFRXbBqsCP5Xv6TUgaWbeoGTHYEdRW6HN0O"
+        ));
     }
 }

@@ -122,6 +122,7 @@ mod tests {
             label: "test".into(),
             distance: d,
             public_keys: keys.iter().map(|k| k.to_string()).collect(),
+            proven_key: None,
         }
     }
 

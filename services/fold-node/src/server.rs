@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
-use crate::api::{FoldNodeApi, NetworkApi};
+use crate::api::{FoldNodeApi, NetworkApi, OwnerConnection};
 use crate::config::Config;
 use crate::data::Data;
 use crate::identity::{CertIdentity, Identities};
@@ -76,6 +76,34 @@ fn read_pem(path: &std::path::Path, what: &str) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read the {what} {}", path.display()))
 }
 
+/// Server reflection, v1 and v1alpha (grpcurl 1.8 and some GUI clients speak only v1alpha).
+#[allow(clippy::type_complexity)]
+fn reflection() -> anyhow::Result<(
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+)> {
+    let build = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(fold_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("fold.v1.FoldNode")
+            .with_service_name("fold.v1.Network")
+            .with_service_name("grpc.health.v1.Health")
+    };
+    Ok((
+        build()
+            .build_v1()
+            .context("cannot build the reflection service")?,
+        build()
+            .build_v1alpha()
+            .context("cannot build the reflection service")?,
+    ))
+}
+
 /// TLS settings of the public port, if configured.
 fn tls_config(config: &Config) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
     let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
@@ -92,16 +120,55 @@ fn tls_config(config: &Config) -> anyhow::Result<Option<tonic::transport::Server
                 ca,
                 "client CA (--tls-client-ca)",
             )?))
-            .client_auth_optional(true);
+            .client_auth_optional(config.tls_client_auth == "optional");
     }
     Ok(Some(tls))
 }
 
+/// Create the data directory (mode 0700) if it is missing, and tighten it to 0700 if it is not;
+/// a directory we cannot tighten (e.g. a volume owned by another user) is only a warning.
+pub fn prepare_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create data directory {}", dir.display()))?;
+    }
+    let meta = std::fs::metadata(dir)
+        .with_context(|| format!("cannot read data directory {}", dir.display()))?;
+    if meta.permissions().mode() & 0o077 != 0
+        && let Err(e) = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+    {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot restrict the data directory to its owner (mode 0700)");
+    }
+    Ok(())
+}
+
+/// Create `path` with mode 0600 if it does not exist yet (so a database file is never readable
+/// by others, whatever the umask), and tighten an existing one to 0600.
+pub fn private_file(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    if !path.exists() {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot restrict {} to mode 0600", path.display()))
+}
+
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let data_dir = config.data_dir.clone();
-    std::fs::create_dir_all(&data_dir)
-        .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+    prepare_data_dir(&data_dir)?;
     let db_path = data_dir.join("fold.redb");
+    private_file(&db_path)?;
+    let policy = config.trust_policy().map_err(anyhow::Error::msg)?;
+    let owner_addr = config.owner_addr().map_err(anyhow::Error::msg)?;
     let store = Store::open(&db_path).with_context(|| {
         format!(
             "cannot open the database {} (is another fold-node using this --data-dir?)",
@@ -113,11 +180,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .trust_set(&seed.node_id, Some(seed.record))
             .context("cannot write the trust table")?;
     }
-    let identities = Identities::new(
-        config.client_trust_distance,
-        config.unknown_peer_distance,
-        store.clone(),
-    );
+    if !config.listen.ip().is_loopback()
+        && config.tls_client_ca.is_none()
+        && matches!((policy.client_distance, policy.admin_distance), (Some(c), Some(a)) if c <= a)
+    {
+        tracing::warn!(
+            listen = %config.listen,
+            "every client that can reach --listen holds the admin right (anonymous clients are at distance {:?}, --admin-distance {:?}); set --client-trust-distance above --admin-distance and manage the node through --owner-listen, or require client certificates",
+            policy.client_distance,
+            policy.admin_distance
+        );
+    }
+    let identities = Identities::new(policy, store.clone());
     let registry = Arc::new(Mutex::new(Registry::default()));
     let (node_metrics, server_metrics, client_metrics, refusals) = {
         let mut reg = registry
@@ -175,23 +249,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         client_metrics,
     );
 
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(fold_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .with_service_name("fold.v1.FoldNode")
-        .with_service_name("fold.v1.Network")
-        .with_service_name("grpc.health.v1.Health")
-        .build_v1()
-        .context("cannot build the reflection service")?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(fold_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .with_service_name("fold.v1.FoldNode")
-        .with_service_name("fold.v1.Network")
-        .with_service_name("grpc.health.v1.Health")
-        .build_v1alpha()
-        .context("cannot build the reflection service")?;
-
+    let (reflection_v1, reflection_v1alpha) = reflection()?;
+    let owner_reflection = reflection()?;
     let max = config.max_message_bytes;
     let fold_service = FoldNodeServer::new(FoldNodeApi::new(data.clone(), mesh.clone()))
         .max_decoding_message_size(max)
@@ -246,6 +305,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .context("invalid TLS configuration (--tls-cert / --tls-key / --tls-client-ca)")?;
     }
     let health_only = health_service.clone();
+    let owner_health = health_service.clone();
+    let owner_metrics = server_metrics.clone();
     let public = builder
         .trace_fn(|req: &http::Request<()>| {
             let span = tracing::info_span!(
@@ -297,6 +358,56 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let local = tokio::spawn(local);
 
+    // The owner listener: the same API, where every caller is the node's owner.
+    let mut owner_shown = None;
+    if let Some(addr) = &owner_addr {
+        let l = LinkListener::bind(addr).await.with_context(|| {
+            format!("cannot listen on {addr} (--owner-listen; \"off\" disables it)")
+        })?;
+        owner_shown = Some(l.local_addr()?);
+        let mark = |mut req: tonic::Request<()>| {
+            req.extensions_mut().insert(OwnerConnection);
+            Ok(req)
+        };
+        let fold_owner = tonic::service::interceptor::InterceptedService::new(
+            FoldNodeServer::new(FoldNodeApi::new(data.clone(), mesh.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+            mark,
+        );
+        let network_owner = tonic::service::interceptor::InterceptedService::new(
+            NetworkServer::new(NetworkApi::new(data.clone(), mesh.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+            mark,
+        );
+        let stack = tower::ServiceBuilder::new()
+            .layer(GrpcMetricsLayer::new(owner_metrics.clone()))
+            .layer(GrpcErrorsLayer::new(None))
+            .layer(TooLargeLayer)
+            .layer(AdmissionLayer::new(
+                config.max_concurrent_requests,
+                config.queue_depth,
+            ))
+            .layer(GrpcDeadlineLayer::new(Duration::from_millis(
+                config.request_timeout_ms,
+            )))
+            .into_inner();
+        let server = Server::builder()
+            .layer(stack)
+            .add_service(owner_health)
+            .add_service(owner_reflection.0)
+            .add_service(owner_reflection.1)
+            .add_service(fold_owner)
+            .add_service(network_owner)
+            .serve_with_incoming_shutdown(l.into_incoming(), wait_stop(stop_rx.clone()));
+        tokio::spawn(async move {
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "owner listener failed");
+            }
+        });
+    }
+
     let admin_state = AdminState::new(registry.clone())
         .readiness_check(
             "storage",
@@ -329,15 +440,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let admin = tokio::spawn(admin);
 
     mesh.spawn_monitor();
-    tracing::info!(grpc = %grpc_addr, tls = tls_on, health = ?health_addr, admin = %admin_addr, peer_requests = %peer_addr, sidecar = %sidecar_addr, data_dir = %data_dir.display(), "fold-node serving");
+    tracing::info!(grpc = %grpc_addr, tls = tls_on, health = ?health_addr, admin = %admin_addr, peer_requests = %peer_addr, owner = ?owner_shown, sidecar = %sidecar_addr, data_dir = %data_dir.display(), "fold-node serving");
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
         writeln!(
             out,
-            "fold-node ready grpc={grpc_addr} peer_requests={peer_addr} admin={admin_addr}{}",
+            "fold-node ready grpc={grpc_addr} peer_requests={peer_addr} admin={admin_addr}{}{}",
             health_addr
                 .map(|a| format!(" health={a}"))
+                .unwrap_or_default(),
+            owner_shown
+                .as_ref()
+                .map(|a| format!(" owner={a}"))
                 .unwrap_or_default()
         )?;
         out.flush()?;

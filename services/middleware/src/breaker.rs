@@ -3,6 +3,10 @@
 //! backoff one probe is let through, and its outcome closes the breaker or opens it again with a
 //! longer backoff. What counts as a failure is the caller's decision (e.g. a gRPC outcome of
 //! UNAVAILABLE or DEADLINE_EXCEEDED, not an application error like PERMISSION_DENIED).
+//!
+//! An admitted call holds a [`Permit`] and reports through it. A probe whose caller goes away
+//! before it reports (its future dropped: the client cancelled) releases the breaker on drop, so
+//! the next caller becomes the probe; without that the breaker would stay half-open for good.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -115,11 +119,15 @@ impl Breaker {
     }
 
     /// May a call go ahead now? While open, no; once the backoff has passed exactly one caller
-    /// gets through as the probe (the breaker is half-open until it reports).
-    pub fn admit(&self, target: &str, now: Instant) -> (Result<(), BreakerOpen>, Transition) {
+    /// gets through as the probe (the breaker is half-open until it reports or is dropped).
+    pub fn admit(
+        &self,
+        target: &str,
+        now: Instant,
+    ) -> (Result<Permit<'_>, BreakerOpen>, Transition) {
         let mut g = self.lock();
         match *g {
-            Inner::Closed { .. } => (Ok(()), None),
+            Inner::Closed { .. } => (Ok(self.permit(false)), None),
             Inner::Open {
                 until,
                 backoff,
@@ -127,7 +135,10 @@ impl Breaker {
             } => {
                 if now >= until {
                     *g = Inner::HalfOpen { backoff, failures };
-                    (Ok(()), Some((BreakerState::Open, BreakerState::HalfOpen)))
+                    (
+                        Ok(self.permit(true)),
+                        Some((BreakerState::Open, BreakerState::HalfOpen)),
+                    )
                 } else {
                     (
                         Err(BreakerOpen {
@@ -147,6 +158,27 @@ impl Breaker {
                 }),
                 None,
             ),
+        }
+    }
+
+    fn permit(&self, probe: bool) -> Permit<'_> {
+        Permit {
+            breaker: self,
+            probe,
+            reported: false,
+        }
+    }
+
+    /// A probe went away without an outcome: open again with the probe due at once, so the
+    /// next caller probes.
+    fn release_probe(&self) {
+        let mut g = self.lock();
+        if let Inner::HalfOpen { backoff, failures } = *g {
+            *g = Inner::Open {
+                until: Instant::now(),
+                backoff,
+                failures,
+            };
         }
     }
 
@@ -196,17 +228,57 @@ impl Breaker {
     }
 }
 
+/// An admitted call. Report its outcome with [`Permit::record`]; dropped unreported, a probe
+/// releases the breaker and any other call is simply not counted.
+#[derive(Debug)]
+#[must_use = "report the call's outcome with Permit::record"]
+pub struct Permit<'a> {
+    breaker: &'a Breaker,
+    probe: bool,
+    reported: bool,
+}
+
+impl Permit<'_> {
+    /// Report the outcome of the admitted call.
+    pub fn record(mut self, success: bool, now: Instant) -> Transition {
+        self.reported = true;
+        self.breaker.record(success, now)
+    }
+
+    /// Is this call the half-open breaker's probe?
+    pub fn is_probe(&self) -> bool {
+        self.probe
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if self.probe && !self.reported {
+            self.breaker.release_probe();
+        }
+    }
+}
+
 /// Breakers by key (e.g. one per remote peer), created on first use.
 #[derive(Debug)]
 pub struct Breakers<K> {
     config: BreakerConfig,
+    max: usize,
     map: Mutex<HashMap<K, Arc<Breaker>>>,
 }
 
 impl<K: Eq + Hash + Clone> Breakers<K> {
+    /// At most 4,096 breakers.
     pub fn new(config: BreakerConfig) -> Self {
+        Self::bounded(config, 4096)
+    }
+
+    /// At most `max` breakers: when full, closed ones are forgotten first; if all are open, a
+    /// new key gets a breaker that is not kept (its failures are not accrued) until room frees.
+    pub fn bounded(config: BreakerConfig, max: usize) -> Self {
         Breakers {
             config,
+            max: max.max(1),
             map: Mutex::new(HashMap::new()),
         }
     }
@@ -216,9 +288,29 @@ impl<K: Eq + Hash + Clone> Breakers<K> {
             .map
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        m.entry(key.clone())
-            .or_insert_with(|| Arc::new(Breaker::new(self.config)))
-            .clone()
+        if let Some(b) = m.get(key) {
+            return b.clone();
+        }
+        if m.len() >= self.max {
+            m.retain(|_, b| b.state() != BreakerState::Closed);
+        }
+        let b = Arc::new(Breaker::new(self.config));
+        if m.len() < self.max {
+            m.insert(key.clone(), b.clone());
+        }
+        b
+    }
+
+    /// How many breakers are kept.
+    pub fn len(&self) -> usize {
+        self.map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Forget breakers that are closed (bounded memory for many short-lived peers).
@@ -270,18 +362,18 @@ mod tests {
         // After the backoff exactly one probe goes through.
         let t1 = t0 + Duration::from_millis(100);
         let (r, tr) = b.admit("p", t1);
-        assert!(r.is_ok());
+        let probe = r.unwrap();
         assert_eq!(tr, Some((BreakerState::Open, BreakerState::HalfOpen)));
         assert!(b.admit("p", t1).0.is_err());
         // A failed probe doubles the backoff.
         assert_eq!(
-            b.record(false, t1),
+            probe.record(false, t1),
             Some((BreakerState::HalfOpen, BreakerState::Open))
         );
         assert!(b.admit("p", t1 + Duration::from_millis(150)).0.is_err());
-        assert!(b.admit("p", t1 + Duration::from_millis(200)).0.is_ok());
+        let probe = b.admit("p", t1 + Duration::from_millis(200)).0.unwrap();
         assert_eq!(
-            b.record(true, t1),
+            probe.record(true, t1),
             Some((BreakerState::HalfOpen, BreakerState::Closed))
         );
         assert!(b.admit("p", t1).0.is_ok());
@@ -298,5 +390,57 @@ mod tests {
         assert_eq!(bs.get(&"b".to_string()).state(), BreakerState::Closed);
         bs.prune_closed();
         assert_eq!(bs.states().len(), 1);
+    }
+
+    #[test]
+    fn a_dropped_probe_releases_the_breaker() {
+        let b = Breaker::new(cfg());
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            b.record(false, t0);
+        }
+        let t1 = t0 + Duration::from_millis(100);
+        {
+            let (probe, _) = b.admit("p", t1);
+            let probe = probe.unwrap();
+            assert!(probe.is_probe());
+            assert!(b.admit("p", t1).0.is_err(), "one probe at a time");
+            // The caller goes away: the permit is dropped without an outcome.
+        }
+        assert_eq!(b.state(), BreakerState::Open);
+        let (next, _) = b.admit("p", Instant::now());
+        let next = next.expect("the next caller becomes the probe");
+        assert!(next.is_probe());
+        assert_eq!(
+            next.record(true, Instant::now()),
+            Some((BreakerState::HalfOpen, BreakerState::Closed))
+        );
+        // A call admitted while closed and dropped later changes nothing.
+        let (p, _) = b.admit("p", Instant::now());
+        drop(p);
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn the_map_is_bounded_and_prunes_closed_breakers() {
+        let bs: Breakers<u32> = Breakers::bounded(cfg(), 4);
+        let now = Instant::now();
+        for k in 0..3 {
+            for _ in 0..3 {
+                bs.get(&k).record(false, now);
+            }
+        }
+        for k in 3..100 {
+            let _ = bs.get(&k);
+            assert!(bs.len() <= 4);
+        }
+        // The open ones are kept.
+        assert_eq!(bs.get(&0).state(), BreakerState::Open);
+        // All full of open breakers: a new key still gets a (fresh, untracked) breaker.
+        for _ in 0..3 {
+            bs.get(&3).record(false, now);
+        }
+        assert_eq!(bs.get(&1000).state(), BreakerState::Closed);
+        assert!(bs.len() <= 4);
     }
 }
