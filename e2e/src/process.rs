@@ -200,6 +200,8 @@ pub struct NodeProc {
     pub grpc: String,
     /// `127.0.0.1:PORT` of the admin HTTP port.
     pub admin: String,
+    /// The owner listener (`owner=` of the ready line; a Unix socket by default).
+    pub owner: Option<String>,
     pub data_dir: PathBuf,
 }
 
@@ -215,16 +217,41 @@ impl NodeProc {
         let (proc, line) = Proc::spawn(cmd, "fold-node ready", Duration::from_secs(20))?;
         let grpc = parse_kv(&line, "grpc").ok_or_else(|| anyhow!("no grpc= in {line}"))?;
         let admin = parse_kv(&line, "admin").unwrap_or_default();
+        let owner = parse_kv(&line, "owner");
         Ok(NodeProc {
             proc,
             grpc,
             admin,
+            owner,
             data_dir: data_dir.to_path_buf(),
         })
     }
 
     pub fn url(&self) -> String {
         format!("http://{}", self.grpc)
+    }
+
+    /// A FoldNode client on the owner listener: every call there is the node's owner.
+    pub fn owner_fold(
+        &self,
+    ) -> fold_proto::v1::fold_node_client::FoldNodeClient<tonic::transport::Channel> {
+        fold_proto::v1::fold_node_client::FoldNodeClient::new(self.owner_channel())
+    }
+
+    /// A Network client on the owner listener.
+    pub fn owner_network(
+        &self,
+    ) -> fold_proto::v1::network_client::NetworkClient<tonic::transport::Channel> {
+        fold_proto::v1::network_client::NetworkClient::new(self.owner_channel())
+    }
+
+    fn owner_channel(&self) -> tonic::transport::Channel {
+        let addr = self
+            .owner
+            .as_deref()
+            .expect("this node has no owner listener (--owner-listen off)");
+        let addr: local_link::LinkAddr = addr.parse().expect("a link address");
+        local_link::channel(&addr, Duration::from_secs(3))
     }
 }
 

@@ -526,7 +526,7 @@ async fn single_schema_and_writable() {
 
 #[tokio::test]
 async fn permissions_by_distance_and_explicit_policy() {
-    // Clients of this node are at distance 2.
+    // Clients of this node are at distance 2; the owner loads the schema on its socket.
     let (_d, node) = start(&["--client-trust-distance", "2"]);
     let mut c = fold(&node.grpc);
     let mut explicit = field(json!({"Distance": 0}), json!({"Distance": 0}));
@@ -542,7 +542,10 @@ async fn permissions_by_distance_and_explicit_policy() {
             "listed": explicit,
         }),
     );
-    c.load_schema(load_req(&s, true)).await.unwrap();
+    node.owner_fold()
+        .load_schema(load_req(&s, true))
+        .await
+        .unwrap();
     use MutationType::*;
     c.mutate(mutate_req("Mixed", Create, json!({"public": 1, "near": 2})))
         .await

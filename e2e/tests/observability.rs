@@ -64,6 +64,7 @@ fn start_node(dir: &Path, extra: &[&str], env: &[(&str, String)]) -> NodeProc {
         proc,
         grpc: parse_kv(&line, "grpc").unwrap(),
         admin: parse_kv(&line, "admin").unwrap(),
+        owner: parse_kv(&line, "owner"),
         data_dir: dir.to_path_buf(),
     }
 }

@@ -581,8 +581,12 @@ async fn mtls_identities_map_to_trust_distances() {
             &key_p,
             "--tls-client-ca",
             &ca_p,
+            "--tls-client-auth",
+            "optional",
             "--client-trust-distance",
             "5",
+            "--admin-identity",
+            "trusted-client",
             "--trust",
             "trusted-client=1",
             "--trust",
@@ -610,6 +614,10 @@ async fn mtls_identities_map_to_trust_distances() {
     assert_eq!(records(&r)[0].1, json!({"secret": "s3cr3t"}));
 
     let mut far = tls_client(&node.grpc, &ca, Some((&clients[1].1, &clients[1].2))).await;
+    // Only the listed admin identity may manage the node; distance 3 may not.
+    let e = far.load_schema(load_req(&s, true)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("admin right"), "{e:?}");
     let e = far.query(q()).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     assert!(e.message().contains("client:far-client is at 3"), "{e:?}");
@@ -640,6 +648,65 @@ async fn mtls_identities_map_to_trust_distances() {
         .into_inner()
         .versions;
     assert_eq!(h[0].writer, "client:trusted-client");
+    drop(node);
+
+    // Client authentication required (the default with a client CA): a client without a
+    // certificate is refused at the handshake, and an unlisted certificate is denied, never
+    // the owner by accident.
+    let data = dir.path().join("data-required");
+    let node = NodeProc::start(
+        &data,
+        &[
+            "--tls-cert",
+            &cert_p,
+            "--tls-key",
+            &key_p,
+            "--tls-client-ca",
+            &ca_p,
+        ],
+    )
+    .unwrap();
+    let refused = match tonic::transport::Endpoint::from_shared(format!("https://{}", node.grpc))
+        .unwrap()
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(&ca))
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .connect()
+        .await
+    {
+        // TLS 1.3: the server may refuse only after the client's half of the handshake.
+        Ok(ch) => fold_proto::v1::fold_node_client::FoldNodeClient::new(ch)
+            .list_schemas(fold_proto::v1::ListSchemasRequest { state: 0 })
+            .await
+            .is_err(),
+        Err(_) => true,
+    };
+    assert!(refused, "a client without a certificate was served");
+    let mut unlisted = tls_client(&node.grpc, &ca, Some((&clients[1].1, &clients[1].2))).await;
+    let e = unlisted.load_schema(load_req(&s, true)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = unlisted.query(q()).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // An optional client CA with no distance for certificate-less clients is a start-up error.
+    let e = NodeProc::start(
+        &dir.path().join("data-optional"),
+        &[
+            "--tls-cert",
+            &cert_p,
+            "--tls-key",
+            &key_p,
+            "--tls-client-ca",
+            &ca_p,
+            "--tls-client-auth",
+            "optional",
+        ],
+    )
+    .err()
+    .expect("refused to start");
+    assert!(e.to_string().contains("--client-trust-distance"), "{e}");
 }
 
 fn tshark() -> String {
