@@ -183,6 +183,33 @@ fn check_semantics(docs: &[Value], replicas: usize) {
         assert!(c["resources"]["requests"].is_mapping());
     }
     assert_eq!(kind(docs, "PodDisruptionBudget").len(), 1);
+
+    // Reaching the public port does not make a client the node's owner: anonymous clients sit
+    // above the admin distance, and the owner listener is on the pod's loopback only.
+    not_every_client_is_owner(
+        env_of(node, "FOLD_CLIENT_TRUST_DISTANCE"),
+        env_of(node, "FOLD_ADMIN_DISTANCE"),
+        env_of(node, "FOLD_OWNER_LISTEN"),
+    );
+}
+
+fn not_every_client_is_owner(client: Option<&str>, admin: Option<&str>, owner: Option<&str>) {
+    let client: u32 = client
+        .expect("the client distance is set explicitly")
+        .parse()
+        .expect("a distance");
+    match admin.unwrap_or("0") {
+        "none" => {}
+        a => assert!(
+            a.parse::<u32>().expect("a distance") < client,
+            "anonymous clients (distance {client}) would hold the admin right (admin distance {a})"
+        ),
+    }
+    let owner = owner.unwrap_or("owner.sock");
+    assert!(
+        owner == "off" || owner.starts_with("127.0.0.1:") || !owner.contains(':'),
+        "the owner listener must be loopback or a socket: {owner}"
+    );
 }
 
 #[test]
@@ -220,6 +247,33 @@ fn tls_servicemonitor_five_replicas() {
     let node = &sts["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(env_of(node, "FOLD_TLS_CERT"), Some("/tls/tls.crt"));
     assert_eq!(env_of(node, "FOLD_TLS_CLIENT_CA"), Some("/tls/ca.crt"));
+    assert_eq!(env_of(node, "FOLD_TLS_CLIENT_AUTH"), Some("required"));
+}
+
+#[test]
+fn admin_identities_reach_the_node() {
+    let (text, docs) = render(&[
+        "--set",
+        "tls.enabled=true",
+        "--set",
+        "tls.secretName=fold-tls",
+        "--set",
+        "tls.clientCA=true",
+        "--set",
+        "tls.adminIdentities={ops,sha256:ab12}",
+    ]);
+    validate(&text);
+    let sts = kind(&docs, "StatefulSet")[0];
+    let node = &sts["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(env_of(node, "FOLD_ADMIN_IDENTITY"), Some("ops,sha256:ab12"));
+    // An owner listener off the pod's loopback is refused by the schema.
+    let out = Command::new(tool("helm"))
+        .args(["template", "mesh"])
+        .arg(chart())
+        .args(["--set", "node.ownerListen=0.0.0.0:50053"])
+        .output()
+        .expect("run helm");
+    assert!(!out.status.success(), "a public owner listener rendered");
 }
 
 #[test]
@@ -240,6 +294,35 @@ fn compose_config_is_valid() {
         .arg("-f")
         .arg(repo().join("docker-compose.yml"))
         .args(["config", "-q"]));
+}
+
+#[test]
+fn compose_does_not_make_every_client_the_owner() {
+    let text = run(Command::new(tool("docker-compose"))
+        .arg("-f")
+        .arg(repo().join("docker-compose.yml"))
+        .arg("config"));
+    let doc: Value = serde_yaml::from_str(&text).expect("compose config is YAML");
+    let services = doc["services"].as_mapping().expect("services");
+    let mut nodes = 0;
+    for (_, svc) in services {
+        let cmd = svc["command"]
+            .as_sequence()
+            .and_then(|c| c.first())
+            .map(s)
+            .unwrap_or_default();
+        if cmd != "fold-node" {
+            continue;
+        }
+        nodes += 1;
+        let env = &svc["environment"];
+        not_every_client_is_owner(
+            env["FOLD_CLIENT_TRUST_DISTANCE"].as_str(),
+            env["FOLD_ADMIN_DISTANCE"].as_str(),
+            env["FOLD_OWNER_LISTEN"].as_str(),
+        );
+    }
+    assert_eq!(nodes, 3, "{text}");
 }
 
 /// `docker build` cannot run here (no engine), but its most likely breakage can be checked: cargo

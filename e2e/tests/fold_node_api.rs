@@ -655,7 +655,7 @@ async fn health_and_graceful_shutdown() {
         .await
         .unwrap();
     let mut q = query_req("Notes", &["title"], None);
-    q.target_node_id = "12D3KooWSomeOtherNode".into();
+    q.target_node_id = "12D3KooWGzBjzYtuhmFRXbBqsCP5Xv6TUgaWbeoGTHYEdRW6HNm3".into();
     let started = std::time::Instant::now();
     let e = c.query(q).await.unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");

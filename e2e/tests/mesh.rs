@@ -217,7 +217,8 @@ async fn query_and_mutation_forwarded_to_another_host() {
         .unwrap()
         .into_inner()
         .versions;
-    assert_eq!(h[0].writer, format!("peer:{}", a.node_id));
+    // The writer is the whole chain: node A, and A's client.
+    assert_eq!(h[0].writer, format!("peer:{}/client:local", a.node_id));
     // Nothing of it landed on A.
     let e = fold(&a.grpc())
         .query(query_req("Notes", &["body"], None))
@@ -249,6 +250,16 @@ async fn schema_check_reports_only_approved_schemas() {
     let b = start_host(&net, 1, &flags(NO_MDNS), &[]).unwrap();
     dial(&a, &b).await;
     approve(&b, &notes()).await;
+    // A peer B denies (unknown peers are denied by default) learns nothing.
+    let e = network(&a.grpc())
+        .check_schemas(CheckSchemasRequest {
+            node_id: b.node_id.clone(),
+            names: vec!["Notes".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    trust(&b, &a, 3).await;
     let mut draft = notes();
     draft["name"] = json!("Draft");
     fold(&b.grpc())

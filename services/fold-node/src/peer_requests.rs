@@ -75,6 +75,8 @@ impl PeerRequests for PeerRequestsApi {
         &self,
         request: Request<InboundForward>,
     ) -> Result<Response<ForwardResponse>, Status> {
+        // The trace context arrives once, as gRPC metadata from the sidecar's span.
+        let parent = fold_telemetry::otel::extract_metadata(request.metadata());
         let inbound = request.into_inner();
         if inbound.origin_node_id.is_empty() || inbound.origin_node_id.len() > MAX_NODE_ID_BYTES {
             return Err(Status::invalid_argument(
@@ -112,6 +114,7 @@ impl PeerRequests for PeerRequestsApi {
             request_id = %env.request_id,
             outcome = tracing::field::Empty,
         );
+        fold_telemetry::otel::set_parent(&span, parent);
         let deadline = match env.deadline_unix_ms {
             0 => None,
             ms => Some(UNIX_EPOCH + Duration::from_millis(ms)),
