@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod http;
+pub mod loopback;
 pub mod mesh;
 pub mod netns;
 pub mod process;

@@ -103,6 +103,6 @@ impl Client {
 
     pub async fn find_providers(&self, schema: String) -> Result<Vec<PeerId>, MeshError> {
         self.ask(|reply| Command::FindProviders { schema, reply })
-            .await
+            .await?
     }
 }

@@ -98,7 +98,8 @@ pub enum Command {
     },
     FindProviders {
         schema: String,
-        reply: oneshot::Sender<Vec<PeerId>>,
+        /// The providers found (possibly none), or why the lookup failed.
+        reply: oneshot::Sender<Result<Vec<PeerId>, MeshError>>,
     },
     /// The node's answer to an inbound forward, to send back to the peer.
     RespondForward {
@@ -222,7 +223,11 @@ pub struct EventLoopParts {
     pub max_replay_bytes: usize,
 }
 
-type ProviderQuery = (String, HashSet<PeerId>, oneshot::Sender<Vec<PeerId>>);
+type ProviderQuery = (
+    String,
+    HashSet<PeerId>,
+    oneshot::Sender<Result<Vec<PeerId>, MeshError>>,
+);
 type PendingForward = (PeerId, oneshot::Sender<Result<ForwardResponse, MeshError>>);
 type PendingSchema = (
     PeerId,
@@ -478,6 +483,24 @@ impl EventLoop {
                 let mut found = HashSet::new();
                 if self.provided.contains(&schema) {
                     found.insert(self.local());
+                }
+                // With no other node to ask, "none found" would be a guess: say so instead.
+                let known: usize = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .kbuckets()
+                    .map(|b| b.num_entries())
+                    .sum();
+                if known == 0 {
+                    let _ = reply.send(if found.is_empty() {
+                        Err(MeshError::Unavailable(format!(
+                            "cannot look up providers of '{schema}': this node knows no other node to ask (dial one or add a bootstrap peer)"
+                        )))
+                    } else {
+                        Ok(found.into_iter().collect())
+                    });
+                    return;
                 }
                 let q = self
                     .swarm
@@ -773,17 +796,19 @@ impl EventLoop {
                 id, result, step, ..
             } => match result {
                 kad::QueryResult::GetProviders(r) => {
-                    let done = match r {
+                    let (done, failure) = match r {
                         Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
                             if let Some((_, found, _)) = self.pending_providers.get_mut(&id) {
                                 found.extend(providers);
                             }
-                            step.last
+                            (step.last, None)
                         }
-                        Ok(kad::GetProvidersOk::FinishedWithNoAdditionalRecord { .. }) => true,
+                        Ok(kad::GetProvidersOk::FinishedWithNoAdditionalRecord { .. }) => {
+                            (true, None)
+                        }
                         Err(e) => {
                             tracing::debug!(error = %e, "provider lookup ended");
-                            true
+                            (true, Some(e))
                         }
                     };
                     if done && let Some((schema, found, reply)) = self.pending_providers.remove(&id)
@@ -791,7 +816,14 @@ impl EventLoop {
                         let mut v: Vec<PeerId> = found.into_iter().collect();
                         v.sort();
                         tracing::debug!(%schema, providers = v.len(), "provider lookup finished");
-                        let _ = reply.send(v);
+                        // A lookup that failed before finding anyone is an error, not "none".
+                        let answer = match failure {
+                            Some(e) if v.is_empty() => Err(MeshError::DeadlineExceeded(format!(
+                                "the provider lookup for '{schema}' failed: {e}"
+                            ))),
+                            _ => Ok(v),
+                        };
+                        let _ = reply.send(answer);
                     }
                 }
                 kad::QueryResult::GetClosestPeers(r) => {

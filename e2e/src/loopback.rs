@@ -1,0 +1,80 @@
+//! A whole node (p2p-sidecar + fold-node sharing a data directory) on loopback, for tests that
+//! need several nodes but no network namespaces.
+
+use std::process::Command;
+use std::time::Duration;
+
+use fold_proto::v1::{DialRequest, SetTrustRequest, TrustEntry};
+
+use crate::mesh::eventually;
+use crate::process::{NodeProc, Proc, bin_path, parse_kv};
+
+/// One node: its sidecar and fold-node sharing a data directory, on loopback.
+pub struct Node {
+    pub sidecar: Proc,
+    pub node: NodeProc,
+    pub id: String,
+    pub p2p: String,
+    pub sidecar_admin: String,
+    _dir: tempfile::TempDir,
+}
+
+/// Start a node with `node_flags` for its fold-node (panics when it cannot: test support).
+pub fn start(node_flags: &[&str]) -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(bin_path("p2p-sidecar"));
+    cmd.arg("--data-dir").arg(dir.path()).args([
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ]);
+    let (sidecar, line) = Proc::spawn(cmd, "p2p-sidecar ready", Duration::from_secs(20)).unwrap();
+    let id = parse_kv(&line, "node_id").unwrap();
+    let p2p = format!("{}/p2p/{id}", parse_kv(&line, "listen").unwrap());
+    let sidecar_admin = parse_kv(&line, "admin").unwrap();
+    let node = NodeProc::start(dir.path(), node_flags).unwrap();
+    Node {
+        sidecar,
+        node,
+        id,
+        p2p,
+        sidecar_admin,
+        _dir: dir,
+    }
+}
+
+impl Node {
+    pub async fn trust(&self, peer: &str, distance: u32) {
+        self.node
+            .owner_network()
+            .set_trust(SetTrustRequest {
+                entry: Some(TrustEntry {
+                    node_id: peer.into(),
+                    distance,
+                    denied: false,
+                }),
+                remove: false,
+            })
+            .await
+            .unwrap();
+    }
+
+    /// Dial `other` from this node (as its owner) and wait until the link is up.
+    pub async fn dial(&self, other: &Node) {
+        let p2p = other.p2p.clone();
+        let r = eventually("the dial to succeed", Duration::from_secs(15), || {
+            let p2p = p2p.clone();
+            async move {
+                self.node
+                    .owner_network()
+                    .dial(DialRequest { address: p2p })
+                    .await
+                    .ok()
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(r.into_inner().node_id, other.id);
+    }
+}
