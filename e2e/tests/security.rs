@@ -10,18 +10,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use fold_proto::json::map_to_struct;
 use fold_proto::v1::{HistoryRequest, MutateRequest, MutationType, QueryRequest};
 use fold_proto::wire::{
-    ForwardEnvelope, ForwardResponse, Operation, Requester, SignedEnvelope, forward_response,
-    operation,
+    ForwardEnvelope, ForwardFrame, ForwardResponse, Operation, Requester, SignedEnvelope,
+    forward_frame, forward_response, operation,
 };
 use foldmesh_e2e::client::*;
 use foldmesh_e2e::http;
 use foldmesh_e2e::process::{NodeProc, Proc, bin_path, parse_kv};
+use futures::AsyncWriteExt;
 use futures::StreamExt;
 use libp2p::identity::Keypair;
-use libp2p::request_response::{self, ProtocolSupport};
-use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm, noise, tcp, yamux};
-use p2p_sidecar::behaviour::ForwardCodec;
 use p2p_sidecar::codec::FORWARD_PROTOCOL;
 use serde_json::json;
 use tonic::Code;
@@ -69,9 +67,35 @@ fn notes() -> serde_json::Value {
     )
 }
 
-/// A plain libp2p peer that speaks /fold/forward/2.0.0 — and can lie.
-fn hostile_swarm(key: Keypair) -> Swarm<request_response::Behaviour<ForwardCodec>> {
-    libp2p::SwarmBuilder::with_existing_identity(key)
+/// A plain libp2p peer that speaks /fold/forward/2.0.0 — and can lie. It keeps one long-lived
+/// stream, as a real peer does, and sends one request at a time on it.
+struct Hostile {
+    swarm: Option<Swarm<libp2p_stream::Behaviour>>,
+    control: libp2p_stream::Control,
+    stream: Option<libp2p::Stream>,
+    next_id: u64,
+    driver: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Hostile {
+    fn dial(&mut self, addr: Multiaddr) -> Result<(), libp2p::swarm::DialError> {
+        self.swarm
+            .as_mut()
+            .expect("dial before the first ask")
+            .dial(addr)
+    }
+}
+
+impl Drop for Hostile {
+    fn drop(&mut self) {
+        if let Some(d) = self.driver.take() {
+            d.abort();
+        }
+    }
+}
+
+fn hostile_swarm(key: Keypair) -> Hostile {
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_tcp(
             tcp::Config::default().nodelay(true),
@@ -79,40 +103,73 @@ fn hostile_swarm(key: Keypair) -> Swarm<request_response::Behaviour<ForwardCodec
             yamux::Config::default,
         )
         .unwrap()
-        .with_behaviour(|_| {
-            request_response::Behaviour::with_codec(
-                ForwardCodec::new(4 << 20),
-                [(FORWARD_PROTOCOL, ProtocolSupport::Outbound)],
-                request_response::Config::default().with_request_timeout(Duration::from_secs(5)),
-            )
-        })
+        .with_behaviour(|_| libp2p_stream::Behaviour::new())
         .unwrap()
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-        .build()
+        .build();
+    let control = swarm.behaviour().new_control();
+    Hostile {
+        swarm: Some(swarm),
+        control,
+        stream: None,
+        next_id: 0,
+        driver: None,
+    }
 }
 
-/// Send one request and wait for its answer (or the failure), bounded.
+/// Send one request on the hostile peer's stream and wait for its answer (or the failure),
+/// bounded.
 async fn ask(
-    swarm: &mut Swarm<request_response::Behaviour<ForwardCodec>>,
+    h: &mut Hostile,
     peer: PeerId,
     req: SignedEnvelope,
 ) -> Result<ForwardResponse, String> {
-    let id = swarm.behaviour_mut().send_request(&peer, req);
-    let deadline = tokio::time::sleep(Duration::from_secs(10));
-    tokio::pin!(deadline);
-    loop {
-        tokio::select! {
-            _ = &mut deadline => return Err("timed out".into()),
-            ev = swarm.select_next_some() => match ev {
-                SwarmEvent::Behaviour(request_response::Event::Message {
-                    message: request_response::Message::Response { request_id, response }, ..
-                }) if request_id == id => return Ok(response),
-                SwarmEvent::Behaviour(request_response::Event::OutboundFailure { request_id, error, .. })
-                    if request_id == id => return Err(error.to_string()),
-                _ => {}
+    if let Some(mut swarm) = h.swarm.take() {
+        h.driver = Some(tokio::spawn(async move {
+            loop {
+                let _ = swarm.select_next_some().await;
             }
-        }
+        }));
     }
+    let work = async {
+        if h.stream.is_none() {
+            let s = h
+                .control
+                .open_stream(peer, FORWARD_PROTOCOL)
+                .await
+                .map_err(|e| e.to_string())?;
+            h.stream = Some(s);
+        }
+        let stream = h.stream.as_mut().ok_or("no stream")?;
+        h.next_id += 1;
+        let id = h.next_id;
+        let frame = ForwardFrame {
+            id,
+            body: Some(forward_frame::Body::Request(req)),
+        };
+        let mut buf = Vec::new();
+        p2p_sidecar::codec::encode_frame(&frame, 8 << 20, &mut buf).map_err(|e| e.to_string())?;
+        stream.write_all(&buf).await.map_err(|e| e.to_string())?;
+        stream.flush().await.map_err(|e| e.to_string())?;
+        let answer: Option<ForwardFrame> = p2p_sidecar::codec::read_frame(stream, 8 << 20)
+            .await
+            .map_err(|e| e.to_string())?;
+        match answer {
+            Some(ForwardFrame {
+                id: got,
+                body: Some(forward_frame::Body::Response(r)),
+            }) if got == id => Ok(r),
+            other => Err(format!("unexpected answer {other:?}")),
+        }
+    };
+    let r = match tokio::time::timeout(Duration::from_secs(10), work).await {
+        Ok(r) => r,
+        Err(_) => Err("timed out".to_string()),
+    };
+    if r.is_err() {
+        h.stream = None;
+    }
+    r
 }
 
 fn mutate_op(id: &str, body: &str, target: &str) -> Operation {

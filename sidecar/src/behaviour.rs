@@ -2,9 +2,7 @@
 
 use std::time::Duration;
 
-use fold_proto::wire::{
-    CheckSchemasRequest, CheckSchemasResponse, ForwardResponse, SignedEnvelope,
-};
+use fold_proto::wire::{CheckSchemasRequest, CheckSchemasResponse};
 use libp2p::kad::store::MemoryStore;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
@@ -13,14 +11,13 @@ use libp2p::{
     request_response,
 };
 
-use crate::codec::{FORWARD_PROTOCOL, ProstCodec, SCHEMA_PROTOCOL};
+use crate::codec::{ProstCodec, SCHEMA_PROTOCOL};
 use crate::config::Config;
 
 pub const IDENTIFY_PROTOCOL: &str = "/fold/id/1.0.0";
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/fold/kad/1.0.0");
 
 pub type SchemaCodec = ProstCodec<CheckSchemasRequest, CheckSchemasResponse>;
-pub type ForwardCodec = ProstCodec<SignedEnvelope, ForwardResponse>;
 
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
@@ -34,7 +31,8 @@ pub struct Behaviour {
     pub mdns: Toggle<mdns::tokio::Behaviour>,
     pub kad: kad::Behaviour<MemoryStore>,
     pub schema: request_response::Behaviour<SchemaCodec>,
-    pub forward: request_response::Behaviour<ForwardCodec>,
+    /// Long-lived streams: `/fold/forward/2.0.0` (crate::forward).
+    pub stream: libp2p_stream::Behaviour,
 }
 
 impl Behaviour {
@@ -79,11 +77,6 @@ impl Behaviour {
             [(SCHEMA_PROTOCOL, request_response::ProtocolSupport::Full)],
             rr(config.request_timeout_ms),
         );
-        let forward = request_response::Behaviour::with_codec(
-            ForwardCodec::new(config.max_forward_bytes),
-            [(FORWARD_PROTOCOL, request_response::ProtocolSupport::Full)],
-            rr(config.request_timeout_ms),
-        );
         let mut deny = allow_block_list::Behaviour::<allow_block_list::BlockedPeers>::default();
         for p in &config.deny_peers {
             deny.block_peer(*p);
@@ -106,7 +99,7 @@ impl Behaviour {
             mdns: mdns.into(),
             kad,
             schema,
-            forward,
+            stream: libp2p_stream::Behaviour::new(),
         })
     }
 }

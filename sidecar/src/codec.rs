@@ -1,6 +1,8 @@
-//! The request-response codec of both fold protocols: each message is an unsigned-varint length
-//! followed by that many bytes of protobuf, with a per-protocol size limit checked before any
-//! allocation. Oversized, truncated and malformed messages are I/O errors that say which.
+//! Framing of both fold protocols: each message is an unsigned-varint length followed by that many
+//! bytes of protobuf, with a per-protocol size limit checked before any allocation. Oversized,
+//! truncated and malformed messages are I/O errors that say which. `/fold/schema/1.0.0` uses it
+//! as a request-response codec (one message each way per stream); `/fold/forward/2.0.0` as a
+//! sequence of frames on a long-lived stream ([`read_frame`], [`encode_frame`]).
 
 use std::io;
 use std::marker::PhantomData;
@@ -10,6 +12,7 @@ use libp2p::StreamProtocol;
 use prost::Message;
 
 pub const SCHEMA_PROTOCOL: StreamProtocol = StreamProtocol::new("/fold/schema/1.0.0");
+/// Forwarded requests: one long-lived stream per peer carrying many tagged requests.
 pub const FORWARD_PROTOCOL: StreamProtocol = StreamProtocol::new("/fold/forward/2.0.0");
 
 /// Read one length-delimited protobuf message of at most `max` bytes.
@@ -17,12 +20,28 @@ pub async fn read_message<M: Message + Default, T: AsyncRead + Unpin>(
     io: &mut T,
     max: usize,
 ) -> io::Result<M> {
+    match read_frame(io, max).await? {
+        Some(m) => Ok(m),
+        None => Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "truncated message: the stream ended inside the length prefix",
+        )),
+    }
+}
+
+/// Read the next length-delimited message of at most `max` bytes from a long-lived stream;
+/// `None` when the stream ends cleanly between messages.
+pub async fn read_frame<M: Message + Default, T: AsyncRead + Unpin>(
+    io: &mut T,
+    max: usize,
+) -> io::Result<Option<M>> {
     let mut len: u64 = 0;
     let mut shift = 0;
     loop {
         let mut b = [0u8; 1];
         match io.read_exact(&mut b).await {
             Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && shift == 0 => return Ok(None),
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -61,12 +80,26 @@ pub async fn read_message<M: Message + Default, T: AsyncRead + Unpin>(
             e
         }
     })?;
-    M::decode(buf.as_slice()).map_err(|e| {
+    M::decode(buf.as_slice()).map(Some).map_err(|e| {
         io::Error::new(
             io::ErrorKind::InvalidData,
             format!("malformed protobuf message: {e}"),
         )
     })
+}
+
+/// Append `msg`, length-delimited, to `buf` (refusing more than `max` bytes), for a writer that
+/// sends several frames in one write.
+pub fn encode_frame<M: Message>(msg: &M, max: usize, buf: &mut Vec<u8>) -> io::Result<()> {
+    let len = msg.encoded_len();
+    if len > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("message of {len} bytes is over this protocol's limit of {max} bytes"),
+        ));
+    }
+    msg.encode_length_delimited(buf)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
 }
 
 /// Write one length-delimited protobuf message (refusing to send more than `max` bytes).

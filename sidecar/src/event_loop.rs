@@ -1,18 +1,19 @@
 //! The one task that owns the `Swarm`. Commands arrive from [`crate::client::Client`]s over a
-//! channel; answers go back on oneshots keyed by request or query id. Inbound requests from peers
-//! are checked here (rate limit, origin = authenticated peer, target = this node, queue room) and
-//! handed to the node on a separate task, whose answer comes back to the loop as a command.
+//! channel; answers go back on oneshots keyed by request or query id. Forwarded requests travel on
+//! long-lived streams handled off this task ([`crate::forward`]); this loop only makes sure a
+//! connection exists before it hands a request to its peer's stream. Inbound schema checks are
+//! checked here (rate limit, queue room) and handed to the node on a separate task.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fold_middleware::rate_limit::KeyedLimiter;
-use fold_proto::sidecar::{InboundForward, PeerEvent, peer_event::Kind};
+use fold_proto::sidecar::{PeerEvent, peer_event::Kind};
 use fold_proto::v1::{NetworkStatusResponse, PeerInfo};
 use fold_proto::wire::{
     CheckSchemasRequest, CheckSchemasResponse, ForwardResponse, SchemaNames, SignedEnvelope,
-    WireError, check_schemas_response, forward_response,
+    WireError, check_schemas_response,
 };
 use futures::StreamExt;
 use libp2p::metrics::{Metrics, Recorder};
@@ -23,12 +24,11 @@ use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, identify, kad, mdns, ping};
 use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
 use tonic::Code;
-use tracing::Instrument;
 
 use crate::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL};
+use crate::forward::Outbound as ForwardStreams;
 use crate::metrics::SidecarMetrics;
 use crate::node_link::NodeLink;
-use crate::signing::Verifier;
 use fold_proto::status::wire_error;
 
 /// Addresses remembered per peer.
@@ -100,11 +100,6 @@ pub enum Command {
         schema: String,
         /// The providers found (possibly none), or why the lookup failed.
         reply: oneshot::Sender<Result<Vec<PeerId>, MeshError>>,
-    },
-    /// The node's answer to an inbound forward, to send back to the peer.
-    RespondForward {
-        channel: ResponseChannel<ForwardResponse>,
-        response: Box<ForwardResponse>,
     },
     /// The node's answer to an inbound schema check.
     RespondSchema {
@@ -218,9 +213,8 @@ pub struct EventLoopParts {
     pub inbound_queue: usize,
     pub libp2p_metrics: Metrics,
     pub metrics: Arc<SidecarMetrics>,
-    pub max_clock_skew: Duration,
-    /// Memory bound of the replay cache (remembered request ids).
-    pub max_replay_bytes: usize,
+    /// The per-peer forward streams.
+    pub forward: Arc<ForwardStreams>,
 }
 
 type ProviderQuery = (
@@ -228,7 +222,6 @@ type ProviderQuery = (
     HashSet<PeerId>,
     oneshot::Sender<Result<Vec<PeerId>, MeshError>>,
 );
-type PendingForward = (PeerId, oneshot::Sender<Result<ForwardResponse, MeshError>>);
 type PendingSchema = (
     PeerId,
     oneshot::Sender<Result<CheckSchemasResponse, MeshError>>,
@@ -243,8 +236,8 @@ pub struct EventLoop {
     mdns_enabled: bool,
     bootstrap: Vec<Multiaddr>,
     limiter: Option<KeyedLimiter>,
-    forward_slots: Arc<Semaphore>,
     schema_slots: Arc<Semaphore>,
+    forward: Arc<ForwardStreams>,
     libp2p_metrics: Metrics,
     metrics: Arc<SidecarMetrics>,
 
@@ -253,13 +246,11 @@ pub struct EventLoop {
     pending_dial: HashMap<ConnectionId, oneshot::Sender<Result<PeerId, MeshError>>>,
     waiting_connect: HashMap<PeerId, Vec<Outbound>>,
     pending_lookup: HashMap<kad::QueryId, PeerId>,
-    pending_forward: HashMap<OutboundRequestId, PendingForward>,
     pending_schema: HashMap<OutboundRequestId, PendingSchema>,
     pending_providers: HashMap<kad::QueryId, ProviderQuery>,
     provided: BTreeSet<String>,
     reprovide_due: bool,
     kad_bootstrapped: bool,
-    verifier: Verifier,
 }
 
 impl EventLoop {
@@ -273,7 +264,7 @@ impl EventLoop {
             mdns_enabled: p.mdns_enabled,
             bootstrap: p.bootstrap,
             limiter: p.limiter,
-            forward_slots: Arc::new(Semaphore::new(p.inbound_queue.max(1))),
+            forward: p.forward,
             schema_slots: Arc::new(Semaphore::new(p.inbound_queue.max(1))),
             libp2p_metrics: p.libp2p_metrics,
             metrics: p.metrics,
@@ -282,13 +273,11 @@ impl EventLoop {
             pending_dial: HashMap::new(),
             waiting_connect: HashMap::new(),
             pending_lookup: HashMap::new(),
-            pending_forward: HashMap::new(),
             pending_schema: HashMap::new(),
             pending_providers: HashMap::new(),
             provided: BTreeSet::new(),
             reprovide_due: false,
             kad_bootstrapped: false,
-            verifier: Verifier::new(p.max_clock_skew, p.max_replay_bytes),
         }
     }
 
@@ -509,17 +498,6 @@ impl EventLoop {
                     .get_providers(schema_key(&schema));
                 self.pending_providers.insert(q, (schema, found, reply));
             }
-            Command::RespondForward { channel, response } => {
-                if self
-                    .swarm
-                    .behaviour_mut()
-                    .forward
-                    .send_response(channel, *response)
-                    .is_err()
-                {
-                    tracing::debug!("peer went away before the forward answer was sent");
-                }
-            }
             Command::RespondSchema { channel, response } => {
                 if self
                     .swarm
@@ -549,10 +527,7 @@ impl EventLoop {
 
     fn send_now(&mut self, peer: PeerId, o: Outbound) {
         match o {
-            Outbound::Forward(req, reply) => {
-                let id = self.swarm.behaviour_mut().forward.send_request(&peer, *req);
-                self.pending_forward.insert(id, (peer, reply));
-            }
+            Outbound::Forward(req, reply) => self.forward.send(peer, *req, reply),
             Outbound::Schema(req, reply) => {
                 let id = self.swarm.behaviour_mut().schema.send_request(&peer, req);
                 self.pending_schema.insert(id, (peer, reply));
@@ -675,6 +650,7 @@ impl EventLoop {
                     e.connections = num_established;
                 }
                 if num_established == 0 {
+                    self.forward.disconnected(&peer_id);
                     tracing::info!(peer = %peer_id, "disconnected");
                     self.emit(Kind::Disconnected, peer_id, vec![]);
                 }
@@ -773,7 +749,7 @@ impl EventLoop {
                 self.libp2p_metrics.record(&ev);
                 self.on_kad_event(ev);
             }
-            BehaviourEvent::Forward(ev) => self.on_forward_event(ev),
+            BehaviourEvent::Stream(()) => {}
             BehaviourEvent::Schema(ev) => self.on_schema_event(ev),
             BehaviourEvent::Limits(_) | BehaviourEvent::Deny(_) | BehaviourEvent::Allow(_) => {}
         }
@@ -872,40 +848,6 @@ impl EventLoop {
         }
     }
 
-    fn on_forward_event(&mut self, ev: request_response::Event<SignedEnvelope, ForwardResponse>) {
-        match ev {
-            request_response::Event::Message { peer, message, .. } => match message {
-                request_response::Message::Request {
-                    request, channel, ..
-                } => self.inbound_forward(peer, request, channel),
-                request_response::Message::Response {
-                    request_id,
-                    response,
-                } => {
-                    if let Some((_, reply)) = self.pending_forward.remove(&request_id) {
-                        let _ = reply.send(Ok(response));
-                    }
-                }
-            },
-            request_response::Event::OutboundFailure {
-                peer,
-                request_id,
-                error,
-                ..
-            } => {
-                tracing::debug!(%peer, error = %error, "forward failed");
-                if let Some((_, reply)) = self.pending_forward.remove(&request_id) {
-                    let _ = reply.send(Err(outbound_error(&peer, &error)));
-                }
-            }
-            request_response::Event::InboundFailure { peer, error, .. } => {
-                tracing::debug!(%peer, error = %error, "inbound forward failed");
-                self.metrics.inbound("forward", "failed");
-            }
-            request_response::Event::ResponseSent { .. } => {}
-        }
-    }
-
     fn on_schema_event(
         &mut self,
         ev: request_response::Event<CheckSchemasRequest, CheckSchemasResponse>,
@@ -943,131 +885,6 @@ impl EventLoop {
     }
 
     // ---- inbound requests --------------------------------------------------------------------
-
-    fn respond_forward_now(
-        &mut self,
-        channel: ResponseChannel<ForwardResponse>,
-        id: String,
-        e: WireError,
-    ) {
-        let _ = self.swarm.behaviour_mut().forward.send_response(
-            channel,
-            ForwardResponse {
-                request_id: id,
-                result: Some(forward_response::Result::Error(e)),
-            },
-        );
-    }
-
-    fn inbound_forward(
-        &mut self,
-        peer: PeerId,
-        request: SignedEnvelope,
-        channel: ResponseChannel<ForwardResponse>,
-    ) {
-        if let Some(l) = &self.limiter
-            && let Err(e) = l.check(&peer.to_string())
-        {
-            self.metrics.inbound("forward", "rate_limited");
-            self.respond_forward_now(
-                channel,
-                String::new(),
-                wire_error(Code::ResourceExhausted, e.to_string()),
-            );
-            return;
-        }
-        // Bounded ids, the claimed origin is the peer Noise authenticated on this connection,
-        // the signature covers the bytes received, the timestamp is fresh, the deadline has not
-        // passed and the nonce is new.
-        let now = now_ms();
-        let header = match self.verifier.check(&peer, &request, now) {
-            Ok(h) => h,
-            Err((why, message)) => {
-                self.metrics.inbound("forward", why.label());
-                self.metrics
-                    .replay_cache_bytes(self.verifier.replay_cache_bytes());
-                tracing::warn!(%peer, reason = why.label(), %message, "forward request refused");
-                self.respond_forward_now(channel, String::new(), wire_error(why.code(), message));
-                return;
-            }
-        };
-        self.metrics
-            .replay_cache_bytes(self.verifier.replay_cache_bytes());
-        let id = header.request_id;
-        let me = self.local().to_string();
-        if header.target_node_id != me {
-            self.metrics.inbound("forward", "wrong_target");
-            self.respond_forward_now(
-                channel,
-                id,
-                wire_error(
-                    Code::NotFound,
-                    format!(
-                        "request is for node {}, this is node {me}",
-                        header.target_node_id
-                    ),
-                ),
-            );
-            return;
-        }
-        let Ok(permit) = self.forward_slots.clone().try_acquire_owned() else {
-            self.metrics.inbound("forward", "queue_full");
-            self.respond_forward_now(
-                channel,
-                id,
-                wire_error(Code::Unavailable, "node is busy: inbound queue full; retry"),
-            );
-            return;
-        };
-        self.metrics.inbound("forward", "accepted");
-        // The node gets what is left of the origin's deadline (or its own request timeout).
-        let remaining = match header.deadline_unix_ms {
-            0 => None,
-            d => Some(Duration::from_millis(d.saturating_sub(now))),
-        };
-        let node = self.node.clone();
-        let tx = self.self_tx.clone();
-        let span = tracing::info_span!(
-            "sidecar.inbound_forward",
-            otel.kind = "server",
-            peer = %peer,
-            request_id = %id,
-        );
-        fold_telemetry::otel::set_parent(
-            &span,
-            fold_telemetry::otel::extract_map(&request.trace_context),
-        );
-        tokio::spawn(
-            async move {
-                let origin_public_key = crate::signing::public_key_of(&peer)
-                    .and_then(|k| k.try_into_ed25519().ok())
-                    .map(|k| k.to_bytes().to_vec())
-                    .unwrap_or_default();
-                let response = node
-                    .handle_forward(
-                        InboundForward {
-                            origin_node_id: peer.to_string(),
-                            envelope: request.payload,
-                            origin_public_key,
-                        },
-                        remaining,
-                    )
-                    .await;
-                let response = ForwardResponse {
-                    request_id: id,
-                    ..response
-                };
-                let _ = tx
-                    .send(Command::RespondForward {
-                        channel,
-                        response: Box::new(response),
-                    })
-                    .await;
-                drop(permit);
-            }
-            .instrument(span),
-        );
-    }
 
     fn inbound_schema(
         &mut self,

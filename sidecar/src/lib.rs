@@ -10,6 +10,8 @@ pub mod client;
 pub mod codec;
 pub mod config;
 pub mod event_loop;
+pub mod forward;
+pub mod gate;
 pub mod identity;
 pub mod mesh_api;
 pub mod metrics;

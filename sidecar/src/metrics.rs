@@ -17,8 +17,14 @@ pub struct InboundLabels {
     pub outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: &'static str,
+}
+
 pub struct SidecarMetrics {
     inbound: Family<InboundLabels, Counter>,
+    forward_streams: Family<DirectionLabels, Counter>,
     replay_cache_bytes: Gauge,
 }
 
@@ -27,7 +33,13 @@ impl SidecarMetrics {
         let m = SidecarMetrics {
             inbound: Family::default(),
             replay_cache_bytes: Gauge::default(),
+            forward_streams: Family::default(),
         };
+        reg.register(
+            "fold_sidecar_forward_streams_opened",
+            "Long-lived /fold/forward/2.0.0 streams opened, by direction (outbound: to a peer; inbound: from one)",
+            m.forward_streams.clone(),
+        );
         reg.register(
             "fold_sidecar_replay_cache_bytes",
             "Bytes held by the replay cache (request ids remembered within the clock-skew window)",
@@ -39,6 +51,12 @@ impl SidecarMetrics {
             m.inbound.clone(),
         );
         Arc::new(m)
+    }
+
+    pub fn forward_stream(&self, direction: &'static str) {
+        self.forward_streams
+            .get_or_create(&DirectionLabels { direction })
+            .inc();
     }
 
     pub fn replay_cache_bytes(&self, bytes: usize) {

@@ -163,6 +163,27 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         swarm.add_external_address(addr.clone());
     }
 
+    // Forwarded requests: long-lived streams, handled off the swarm task.
+    let mut stream_control = swarm.behaviour().stream.new_control();
+    let incoming_forwards = stream_control
+        .accept(crate::codec::FORWARD_PROTOCOL)
+        .map_err(|_| anyhow::anyhow!("the forward protocol is registered twice"))?;
+    let forward_streams =
+        crate::forward::Outbound::new(stream_control, config.max_forward_bytes, metrics.clone());
+    let gate = Arc::new(crate::gate::InboundGate::new(
+        local_peer_id,
+        fold_middleware::rate_limit::KeyedLimiter::new(
+            config.peer_rate_limit,
+            config.peer_rate_burst,
+        ),
+        crate::signing::Verifier::new(
+            Duration::from_secs(config.max_clock_skew_secs),
+            config.replay_cache_bytes,
+        ),
+        config.inbound_queue,
+        metrics.clone(),
+    ));
+
     let (tx, rx) = mpsc::channel(1024);
     let (events, _) = broadcast::channel(256);
     let client = Client::new(tx.clone(), local_peer_id, events.clone());
@@ -179,7 +200,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         commands: rx,
         self_tx: tx,
         events,
-        node,
+        node: node.clone(),
         mdns_enabled,
         bootstrap: config.bootstrap.clone(),
         limiter: fold_middleware::rate_limit::KeyedLimiter::new(
@@ -188,11 +209,17 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         ),
         inbound_queue: config.inbound_queue,
         libp2p_metrics,
-        metrics,
-        max_clock_skew: Duration::from_secs(config.max_clock_skew_secs),
-        max_replay_bytes: config.replay_cache_bytes,
+        metrics: metrics.clone(),
+        forward: forward_streams,
     });
     let mut tasks = vec![tokio::spawn(event_loop.run())];
+    tasks.push(tokio::spawn(crate::forward::serve(
+        incoming_forwards,
+        gate,
+        node.clone(),
+        config.max_forward_bytes,
+        metrics,
+    )));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<MeshServer<MeshApi>>().await;
