@@ -192,6 +192,71 @@ fn remote_query(target: &str) -> fold_proto::v1::QueryRequest {
     q
 }
 
+/// 1,000 concurrent forwards to one peer share one connection and one long-lived stream
+/// (asserted from the sidecar's libp2p and stream metrics).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_forwards_share_one_connection_and_one_stream() {
+    let generous = [
+        ("FOLD_SIDECAR_PEER_RATE_LIMIT", "0".to_string()),
+        ("FOLD_SIDECAR_INBOUND_QUEUE", "2048".to_string()),
+    ];
+    let (_da, _db, sa, na, sb, _nb) = link_two_nodes(&[], &generous).await;
+    fold(&na.grpc)
+        .query(remote_query(&sb.node_id))
+        .await
+        .unwrap();
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            fold_proto::v1::fold_node_client::FoldNodeClient::new(
+                tonic::transport::Endpoint::from_shared(format!("http://{}", na.grpc))
+                    .unwrap()
+                    .connect_lazy(),
+            )
+        })
+        .collect();
+    let calls = (0..1000).map(|i| {
+        let mut c = clients[i % clients.len()].clone();
+        let target = sb.node_id.clone();
+        tokio::spawn(async move {
+            let mut r = tonic::Request::new(remote_query(&target));
+            r.set_timeout(Duration::from_secs(30));
+            c.query(r).await.map(|_| ())
+        })
+    });
+    let results = futures::future::join_all(calls).await;
+    let failed: Vec<String> = results
+        .into_iter()
+        .filter_map(|r| match r {
+            Ok(Ok(())) => None,
+            Ok(Err(s)) => Some(format!("{:?}: {}", s.code(), s.message())),
+            Err(e) => Some(e.to_string()),
+        })
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} failed, e.g. {:?}",
+        failed.len(),
+        failed.first()
+    );
+    let (_, m) = http::get(&sa.admin, "/metrics").unwrap();
+    let established: u64 = m
+        .lines()
+        .filter(|l| l.starts_with("libp2p_swarm_connections_established_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(established, 1, "one connection for all forwards:\n{m}");
+    let streams = http::sample(
+        &m,
+        "fold_sidecar_forward_streams_opened_total",
+        &[("direction", "outbound")],
+    )
+    .unwrap_or(0.0);
+    assert!(
+        (1.0..=2.0).contains(&streams),
+        "1,001 forwards opened {streams} streams"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_node_and_sidecar() {
     let (_da, _db, sa, na, _sb, _nb) = link_two_nodes(&[], &[]).await;
