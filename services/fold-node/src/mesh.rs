@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use fold_middleware::breaker::{Breaker, BreakerConfig, Breakers, Transition};
+use fold_middleware::breaker::{
+    Breaker, BreakerConfig, BreakerError, BreakerLayer, Breakers, Observer, Transition, Verdict,
+};
 use fold_middleware::metrics::{GrpcMetrics, GrpcMetricsLayer, GrpcMetricsService, code_name};
 
 use fold_proto::sidecar as sc;
@@ -64,10 +66,110 @@ struct Inner {
     health: HealthReporter,
     schemas_changed: Notify,
     forward_timeout: Duration,
-    /// One breaker per remote node on the forward path.
-    peers: Breakers<String>,
-    /// One breaker for the channel to the sidecar.
-    link_breaker: Breaker,
+    /// Forwards through the sidecar, behind two breaker layers: one breaker per target node,
+    /// and one for the link to the sidecar.
+    forward_svc: ForwardSvc,
+}
+
+/// A forward as a tower service: (target node, request) → the sidecar's answer.
+type ForwardSvc = tower::util::BoxCloneSyncService<
+    (String, tonic::Request<sc::ForwardRequest>),
+    tonic::Response<fold_proto::wire::ForwardResponse>,
+    Status,
+>;
+
+/// The innermost service: one `Mesh.Forward` call.
+#[derive(Clone)]
+struct ForwardCall(MeshClient<MeshSvc>);
+
+impl tower::Service<(String, tonic::Request<sc::ForwardRequest>)> for ForwardCall {
+    type Response = tonic::Response<fold_proto::wire::ForwardResponse>;
+    type Error = Status;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Status>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Status>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, (_, req): (String, tonic::Request<sc::ForwardRequest>)) -> Self::Future {
+        let mut client = self.0.clone();
+        Box::pin(async move { client.forward(req).await })
+    }
+}
+
+/// Produced on this side (connection refused, reset): the link to the sidecar failed.
+fn link_failed(s: &Status) -> bool {
+    std::error::Error::source(s).is_some()
+}
+
+/// The forward stack: the per-target breaker (mesh failures count: unreachable, too slow, link
+/// down; a remote refusal such as PERMISSION_DENIED does not), then the sidecar-link breaker.
+fn forward_stack(
+    client: MeshClient<MeshSvc>,
+    config: BreakerConfig,
+    metrics: Arc<NodeMetrics>,
+) -> ForwardSvc {
+    let observer = |metrics: Arc<NodeMetrics>| -> Observer<String> {
+        Arc::new(move |target: &String, b: &Breaker, t: Transition| {
+            if let Some((from, to)) = t {
+                tracing::warn!(
+                    target_node = %target,
+                    from = from.as_str(),
+                    to = to.as_str(),
+                    "circuit breaker changed state"
+                );
+            }
+            metrics.breaker(target, b.state(), t.is_some());
+        })
+    };
+    let peers = BreakerLayer::new(
+        Arc::new(Breakers::bounded(config, MAX_BREAKERS)),
+        "node",
+        |r: &(String, tonic::Request<sc::ForwardRequest>)| r.0.clone(),
+        |r: &Result<tonic::Response<fold_proto::wire::ForwardResponse>, BreakerError<Status>>| {
+            match r {
+                Ok(_) => Verdict::Success,
+                // Refused by the link's breaker: no verdict on the peer.
+                Err(BreakerError::Open(_)) => Verdict::Ignore,
+                Err(BreakerError::Inner(s))
+                    if link_failed(s)
+                        || matches!(
+                            s.code(),
+                            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
+                        ) =>
+                {
+                    Verdict::Failure
+                }
+                Err(BreakerError::Inner(_)) => Verdict::Success,
+            }
+        },
+    )
+    .observe(observer(metrics.clone()));
+    let link = BreakerLayer::new(
+        Arc::new(Breakers::bounded(config, 1)),
+        "the p2p-sidecar link:",
+        |_: &(String, tonic::Request<sc::ForwardRequest>)| "sidecar-link".to_string(),
+        |r: &Result<tonic::Response<fold_proto::wire::ForwardResponse>, Status>| match r {
+            Err(s) if link_failed(s) => Verdict::Failure,
+            _ => Verdict::Success,
+        },
+    )
+    .observe(observer(metrics));
+    let svc = tower::ServiceBuilder::new()
+        .map_err(|e: BreakerError<BreakerError<Status>>| match e {
+            BreakerError::Open(o) | BreakerError::Inner(BreakerError::Open(o)) => {
+                Status::unavailable(o.to_string())
+            }
+            BreakerError::Inner(BreakerError::Inner(s)) => s,
+        })
+        .layer(peers)
+        .layer(link)
+        .service(ForwardCall(client));
+    tower::util::BoxCloneSyncService::new(svc)
 }
 
 /// Tuning of the mesh link.
@@ -98,6 +200,7 @@ impl MeshLink {
             .max_decoding_message_size(opts.max_message_bytes)
             .max_encoding_message_size(opts.max_message_bytes);
         let node_id = store.meta_get(NODE_ID_KEY).ok().flatten();
+        let forward_svc = forward_stack(client.clone(), opts.breaker, metrics.clone());
         MeshLink {
             inner: Arc::new(Inner {
                 addr,
@@ -109,8 +212,7 @@ impl MeshLink {
                 health,
                 schemas_changed: Notify::new(),
                 forward_timeout: opts.forward_timeout,
-                peers: Breakers::bounded(opts.breaker, MAX_BREAKERS),
-                link_breaker: Breaker::new(opts.breaker),
+                forward_svc,
             }),
         }
     }
@@ -146,20 +248,6 @@ impl MeshLink {
             )));
         }
         Ok(self.inner.client.clone())
-    }
-
-    fn transition(&self, target: &str, breaker: &Breaker, t: Transition) {
-        if let Some((from, to)) = t {
-            tracing::warn!(
-                target_node = target,
-                from = from.as_str(),
-                to = to.as_str(),
-                "circuit breaker changed state"
-            );
-        }
-        self.inner
-            .metrics
-            .breaker(target, breaker.state(), t.is_some());
     }
 
     /// Ask the monitor to re-announce the approved schemas.
@@ -247,7 +335,8 @@ impl MeshLink {
                 target.chars().take(80).collect::<String>()
             )));
         }
-        let mut client = self.client()?;
+        // Fail fast while the sidecar is away.
+        self.client()?;
         // Answer before the client gives up: keep a margin of its deadline for the way back,
         // so the client hears DEADLINE_EXCEEDED from us rather than timing out blind.
         let timeout = deadline
@@ -268,36 +357,17 @@ impl MeshLink {
             request.metadata_mut(),
         );
         request.set_timeout(timeout);
-        // Circuit breakers: fail fast, with no network wait, toward a peer (or through a sidecar
-        // link) that kept failing; after a backoff one probe decides. A permit that is dropped
-        // before it reports (the caller went away) lets its probe slot go.
-        let now = Instant::now();
-        let peer_breaker = self.inner.peers.get(&target);
-        let (admitted, t) = peer_breaker.admit(&format!("node {target}"), now);
-        self.transition(&target, &peer_breaker, t);
-        let peer_permit = admitted.map_err(|e| Status::unavailable(e.to_string()))?;
-        let (admitted, t) = self.inner.link_breaker.admit("the p2p-sidecar link", now);
-        self.transition("sidecar-link", &self.inner.link_breaker, t);
-        // On refusal `peer_permit` is dropped unreported: not a verdict on the peer.
-        let link_permit = admitted.map_err(|e| Status::unavailable(e.to_string()))?;
-        let result = client.forward(request).await;
-        let now = Instant::now();
-        let (peer_ok, link_ok) = match &result {
-            Ok(_) => (true, true),
-            // Produced on this side (connection refused, reset): the link to the sidecar failed.
-            Err(s) if std::error::Error::source(s).is_some() => (false, false),
-            Err(s) => (
-                !matches!(
-                    s.code(),
-                    Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
-                ),
-                true,
-            ),
+        // Circuit breakers (a tower layer keyed by target, then the sidecar link's): fail fast,
+        // with no network wait, toward a peer (or through a link) that kept failing; after a
+        // backoff one probe decides. A call dropped before it completes releases its probe.
+        let result = {
+            use tower::ServiceExt;
+            self.inner
+                .forward_svc
+                .clone()
+                .oneshot((target.clone(), request))
+                .await
         };
-        let t = peer_permit.record(peer_ok, now);
-        self.transition(&target, &peer_breaker, t);
-        let t = link_permit.record(link_ok, now);
-        self.transition("sidecar-link", &self.inner.link_breaker, t);
         let resp = result.map_err(|s| {
             if s.code() == Code::Cancelled || s.code() == Code::DeadlineExceeded {
                 Status::deadline_exceeded(format!(

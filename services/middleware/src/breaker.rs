@@ -9,9 +9,14 @@
 //! the next caller becomes the probe; without that the breaker would stay half-open for good.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::hash::Hash;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+
+use tower::{Layer, Service};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BreakerConfig {
@@ -331,6 +336,146 @@ impl<K: Eq + Hash + Clone> Breakers<K> {
     }
 }
 
+/// What a call's outcome means to its breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// It worked, or failed for a reason that says nothing about the target's health.
+    Success,
+    /// The target (or the way to it) failed: counts toward opening.
+    Failure,
+    /// No verdict on this target (e.g. refused before reaching it): not counted; a probe lets
+    /// its slot go.
+    Ignore,
+}
+
+/// Told of every breaker state change, with the key it belongs to (for logs and metrics).
+pub type Observer<K> = Arc<dyn Fn(&K, &Breaker, Transition) + Send + Sync>;
+
+/// A tower layer with one breaker per key: `key` picks the breaker from the request (e.g. the
+/// target node), `classify` judges each outcome. While a key's breaker is open, calls fail at
+/// once with [`BreakerError::Open`]; a call whose future is dropped before it completes (the
+/// caller went away) reports nothing, and if it was the probe it releases the breaker.
+pub struct BreakerLayer<K, F, C> {
+    breakers: Arc<Breakers<K>>,
+    key: F,
+    classify: C,
+    observer: Option<Observer<K>>,
+    /// How the target is named in refusals, e.g. "node".
+    noun: &'static str,
+}
+
+impl<K, F: Clone, C: Clone> Clone for BreakerLayer<K, F, C> {
+    fn clone(&self) -> Self {
+        BreakerLayer {
+            breakers: self.breakers.clone(),
+            key: self.key.clone(),
+            classify: self.classify.clone(),
+            observer: self.observer.clone(),
+            noun: self.noun,
+        }
+    }
+}
+
+impl<K, F, C> BreakerLayer<K, F, C> {
+    pub fn new(breakers: Arc<Breakers<K>>, noun: &'static str, key: F, classify: C) -> Self {
+        BreakerLayer {
+            breakers,
+            key,
+            classify,
+            observer: None,
+            noun,
+        }
+    }
+
+    pub fn observe(mut self, observer: Observer<K>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+}
+
+impl<S, K, F: Clone, C: Clone> Layer<S> for BreakerLayer<K, F, C> {
+    type Service = BreakerService<S, K, F, C>;
+    fn layer(&self, inner: S) -> Self::Service {
+        BreakerService {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// A failure of a call through a [`BreakerService`].
+#[derive(Debug, thiserror::Error)]
+pub enum BreakerError<E> {
+    /// Refused at once: the target's breaker is open (or half-open with its probe in flight).
+    #[error(transparent)]
+    Open(BreakerOpen),
+    /// The call itself failed.
+    #[error(transparent)]
+    Inner(E),
+}
+
+pub struct BreakerService<S, K, F, C> {
+    inner: S,
+    layer: BreakerLayer<K, F, C>,
+}
+
+impl<S: Clone, K, F: Clone, C: Clone> Clone for BreakerService<S, K, F, C> {
+    fn clone(&self) -> Self {
+        BreakerService {
+            inner: self.inner.clone(),
+            layer: self.layer.clone(),
+        }
+    }
+}
+
+impl<S, K, F, C, Req> Service<Req> for BreakerService<S, K, F, C>
+where
+    S: Service<Req> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Response: Send + 'static,
+    S::Error: Send + 'static,
+    K: Eq + Hash + Clone + std::fmt::Display + Send + Sync + 'static,
+    F: Fn(&Req) -> K,
+    C: Fn(&Result<S::Response, S::Error>) -> Verdict + Clone + Send + 'static,
+    Req: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = BreakerError<S::Error>;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(BreakerError::Inner)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let key = (self.layer.key)(&req);
+        let breaker = self.layer.breakers.get(&key);
+        let classify = self.layer.classify.clone();
+        let observer = self.layer.observer.clone();
+        let noun = self.layer.noun;
+        // The ready service goes into the future; a fresh clone stays for the next poll_ready.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let notify = |t: Transition| {
+                if let Some(o) = &observer {
+                    o(&key, &breaker, t);
+                }
+            };
+            let (admitted, t) = breaker.admit(&format!("{noun} {key}"), Instant::now());
+            notify(t);
+            let permit = admitted.map_err(BreakerError::Open)?;
+            let result = inner.call(req).await;
+            match classify(&result) {
+                Verdict::Success => notify(permit.record(true, Instant::now())),
+                Verdict::Failure => notify(permit.record(false, Instant::now())),
+                Verdict::Ignore => drop(permit),
+            }
+            result.map_err(BreakerError::Inner)
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -442,5 +587,64 @@ mod tests {
         }
         assert_eq!(bs.get(&1000).state(), BreakerState::Closed);
         assert!(bs.len() <= 4);
+    }
+
+    #[tokio::test]
+    async fn the_layer_keys_breakers_by_request_and_releases_dropped_probes() {
+        use tower::ServiceExt;
+        let breakers = Arc::new(Breakers::new(cfg()));
+        // The request is (target, succeed?); a "hang" target never answers.
+        let svc = tower::service_fn(|(target, ok): (String, bool)| async move {
+            if target == "hang" {
+                std::future::pending::<()>().await;
+            }
+            if ok {
+                Ok::<_, String>(())
+            } else {
+                Err("down".to_string())
+            }
+        });
+        let layer = BreakerLayer::new(
+            breakers.clone(),
+            "node",
+            |r: &(String, bool)| r.0.clone(),
+            |r: &Result<(), String>| {
+                if r.is_ok() {
+                    Verdict::Success
+                } else {
+                    Verdict::Failure
+                }
+            },
+        );
+        let svc = layer.layer(svc);
+        for _ in 0..3 {
+            let r = svc.clone().oneshot(("a".into(), false)).await;
+            assert!(matches!(r, Err(BreakerError::Inner(_))));
+        }
+        let r = svc.clone().oneshot(("a".into(), true)).await;
+        assert!(
+            matches!(r, Err(BreakerError::Open(_))),
+            "open after 3 failures"
+        );
+        assert!(
+            svc.clone().oneshot(("b".into(), true)).await.is_ok(),
+            "b is independent"
+        );
+        // A probe toward a hung target, abandoned by its caller, releases the breaker.
+        let hang = breakers.get(&"hang".to_string());
+        for _ in 0..3 {
+            hang.record(false, Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(110)).await;
+        let probe = svc.clone().oneshot(("hang".into(), true));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), probe)
+                .await
+                .is_err()
+        );
+        assert_eq!(hang.state(), BreakerState::Open, "the dropped probe let go");
+        // The next caller is the probe at once (no second backoff).
+        let (next, _) = hang.admit("hang", Instant::now());
+        assert!(next.expect("probe due at once").is_probe());
     }
 }
