@@ -8,7 +8,7 @@ use fold_proto::wire::{CheckSchemasResponse, ForwardResponse, SignedEnvelope};
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use crate::event_loop::{Command, MeshError};
+use crate::command::{Command, MeshError};
 
 #[derive(Clone)]
 pub struct Client {

@@ -6,18 +6,17 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fold_middleware::rate_limit::KeyedLimiter;
 use fold_proto::sidecar::{PeerEvent, peer_event::Kind};
-use fold_proto::v1::{NetworkStatusResponse, PeerInfo};
+use fold_proto::v1::NetworkStatusResponse;
 use fold_proto::wire::{
     CheckSchemasRequest, CheckSchemasResponse, ForwardResponse, SchemaNames, SignedEnvelope,
     WireError, check_schemas_response,
 };
 use futures::StreamExt;
 use libp2p::metrics::{Metrics, Recorder};
-use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, SwarmEvent};
@@ -26,87 +25,12 @@ use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
 use tonic::Code;
 
 use crate::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL};
+use crate::command::{Command, MeshError};
 use crate::forward::Outbound as ForwardStreams;
 use crate::metrics::SidecarMetrics;
 use crate::node_link::NodeLink;
+use crate::peer_book::{PeerBook, peer_of, strip_p2p};
 use fold_proto::status::wire_error;
-
-/// Addresses remembered per peer.
-const MAX_ADDRS_PER_PEER: usize = 16;
-/// Peers remembered (connected ones are never forgotten).
-const MAX_PEERS: usize = 4096;
-
-/// A mesh-level failure, reported to the node as a gRPC status.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum MeshError {
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    Unavailable(String),
-    #[error("{0}")]
-    DeadlineExceeded(String),
-    #[error("{0}")]
-    InvalidArgument(String),
-}
-
-impl MeshError {
-    pub fn code(&self) -> Code {
-        match self {
-            MeshError::NotFound(_) => Code::NotFound,
-            MeshError::Unavailable(_) => Code::Unavailable,
-            MeshError::DeadlineExceeded(_) => Code::DeadlineExceeded,
-            MeshError::InvalidArgument(_) => Code::InvalidArgument,
-        }
-    }
-}
-
-impl From<MeshError> for tonic::Status {
-    fn from(e: MeshError) -> Self {
-        tonic::Status::new(e.code(), e.to_string())
-    }
-}
-
-pub enum Command {
-    Status {
-        reply: oneshot::Sender<NetworkStatusResponse>,
-    },
-    ListPeers {
-        include_disconnected: bool,
-        reply: oneshot::Sender<Vec<PeerInfo>>,
-    },
-    Dial {
-        addr: Multiaddr,
-        reply: oneshot::Sender<Result<PeerId, MeshError>>,
-    },
-    Disconnect {
-        peer: PeerId,
-        reply: oneshot::Sender<bool>,
-    },
-    Forward {
-        peer: PeerId,
-        request: Box<SignedEnvelope>,
-        reply: oneshot::Sender<Result<ForwardResponse, MeshError>>,
-    },
-    CheckSchemas {
-        peer: PeerId,
-        names: Vec<String>,
-        reply: oneshot::Sender<Result<CheckSchemasResponse, MeshError>>,
-    },
-    Provide {
-        schemas: Vec<String>,
-        reply: oneshot::Sender<Vec<String>>,
-    },
-    FindProviders {
-        schema: String,
-        /// The providers found (possibly none), or why the lookup failed.
-        reply: oneshot::Sender<Result<Vec<PeerId>, MeshError>>,
-    },
-    /// The node's answer to an inbound schema check.
-    RespondSchema {
-        channel: ResponseChannel<CheckSchemasResponse>,
-        response: Box<CheckSchemasResponse>,
-    },
-}
 
 /// A request waiting for a connection to its peer.
 enum Outbound {
@@ -131,43 +55,6 @@ impl Outbound {
             }
         }
     }
-}
-
-#[derive(Default)]
-struct PeerEntry {
-    addrs: Vec<Multiaddr>,
-    connections: u32,
-    rtt: Option<Duration>,
-    protocols: Vec<String>,
-    agent: String,
-    source: &'static str,
-    last_seen: Option<Instant>,
-}
-
-impl PeerEntry {
-    fn add_addr(&mut self, a: Multiaddr) {
-        let a = strip_p2p(a);
-        if !self.addrs.contains(&a) {
-            if self.addrs.len() >= MAX_ADDRS_PER_PEER {
-                self.addrs.remove(0);
-            }
-            self.addrs.push(a);
-        }
-    }
-}
-
-fn strip_p2p(mut a: Multiaddr) -> Multiaddr {
-    if matches!(a.iter().last(), Some(Protocol::P2p(_))) {
-        a.pop();
-    }
-    a
-}
-
-fn peer_of(a: &Multiaddr) -> Option<PeerId> {
-    a.iter().find_map(|p| match p {
-        Protocol::P2p(id) => Some(id),
-        _ => None,
-    })
 }
 
 fn now_ms() -> u64 {
@@ -241,7 +128,7 @@ pub struct EventLoop {
     libp2p_metrics: Metrics,
     metrics: Arc<SidecarMetrics>,
 
-    peers: HashMap<PeerId, PeerEntry>,
+    peers: PeerBook,
     listen_addrs: Vec<Multiaddr>,
     pending_dial: HashMap<ConnectionId, oneshot::Sender<Result<PeerId, MeshError>>>,
     waiting_connect: HashMap<PeerId, Vec<Outbound>>,
@@ -268,7 +155,7 @@ impl EventLoop {
             schema_slots: Arc::new(Semaphore::new(p.inbound_queue.max(1))),
             libp2p_metrics: p.libp2p_metrics,
             metrics: p.metrics,
-            peers: HashMap::new(),
+            peers: PeerBook::default(),
             listen_addrs: Vec::new(),
             pending_dial: HashMap::new(),
             waiting_connect: HashMap::new(),
@@ -294,25 +181,8 @@ impl EventLoop {
         });
     }
 
-    fn entry(&mut self, peer: PeerId, source: &'static str) -> &mut PeerEntry {
-        if !self.peers.contains_key(&peer) && self.peers.len() >= MAX_PEERS {
-            // Forget the longest-unseen disconnected peer.
-            if let Some(old) = self
-                .peers
-                .iter()
-                .filter(|(_, e)| e.connections == 0)
-                .min_by_key(|(_, e)| e.last_seen)
-                .map(|(p, _)| *p)
-            {
-                self.peers.remove(&old);
-            }
-        }
-        let e = self.peers.entry(peer).or_insert_with(|| PeerEntry {
-            source,
-            ..Default::default()
-        });
-        e.last_seen = Some(Instant::now());
-        e
+    fn entry(&mut self, peer: PeerId, source: &'static str) -> &mut crate::peer_book::PeerEntry {
+        self.peers.entry(peer, source)
     }
 
     fn dial_bootstrap(&mut self) {
@@ -392,24 +262,7 @@ impl EventLoop {
                 include_disconnected,
                 reply,
             } => {
-                let mut peers: Vec<PeerInfo> = self
-                    .peers
-                    .iter()
-                    .filter(|(p, e)| {
-                        (include_disconnected || e.connections > 0) && **p != self.local()
-                    })
-                    .map(|(p, e)| PeerInfo {
-                        node_id: p.to_string(),
-                        addrs: e.addrs.iter().map(|a| a.to_string()).collect(),
-                        connected: e.connections > 0,
-                        rtt_micros: e.rtt.map(|d| d.as_micros() as u64).unwrap_or(0),
-                        protocols: e.protocols.clone(),
-                        agent_version: e.agent.clone(),
-                        source: e.source.to_string(),
-                        trust_distance: 0,
-                    })
-                    .collect();
-                peers.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+                let peers = self.peers.infos(include_disconnected, &self.local());
                 let _ = reply.send(peers);
             }
             Command::Dial { addr, reply } => {

@@ -28,7 +28,7 @@ use tonic::Code;
 use tracing::Instrument;
 
 use crate::codec::{FORWARD_PROTOCOL, encode_frame, read_frame};
-use crate::event_loop::MeshError;
+use crate::command::MeshError;
 use crate::gate::InboundGate;
 use crate::metrics::SidecarMetrics;
 use crate::node_link::NodeLink;

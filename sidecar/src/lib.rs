@@ -8,6 +8,7 @@
 pub mod behaviour;
 pub mod client;
 pub mod codec;
+pub mod command;
 pub mod config;
 pub mod event_loop;
 pub mod forward;
@@ -16,5 +17,6 @@ pub mod identity;
 pub mod mesh_api;
 pub mod metrics;
 pub mod node_link;
+pub mod peer_book;
 pub mod server;
 pub mod signing;
