@@ -28,7 +28,7 @@ use crate::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL};
 use crate::command::{Command, MeshError};
 use crate::forward::Outbound as ForwardStreams;
 use crate::metrics::SidecarMetrics;
-use crate::node_link::NodeLink;
+use crate::node_link::NodeHandler;
 use crate::peer_book::{PeerBook, peer_of, strip_p2p};
 use fold_proto::status::wire_error;
 
@@ -93,7 +93,7 @@ pub struct EventLoopParts {
     pub commands: mpsc::Receiver<Command>,
     pub self_tx: mpsc::Sender<Command>,
     pub events: broadcast::Sender<PeerEvent>,
-    pub node: NodeLink,
+    pub node: Arc<dyn NodeHandler>,
     pub mdns_enabled: bool,
     pub bootstrap: Vec<Multiaddr>,
     pub limiter: Option<KeyedLimiter>,
@@ -119,7 +119,7 @@ pub struct EventLoop {
     commands: mpsc::Receiver<Command>,
     self_tx: mpsc::Sender<Command>,
     events: broadcast::Sender<PeerEvent>,
-    node: NodeLink,
+    node: Arc<dyn NodeHandler>,
     mdns_enabled: bool,
     bootstrap: Vec<Multiaddr>,
     limiter: Option<KeyedLimiter>,

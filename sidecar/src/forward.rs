@@ -31,7 +31,7 @@ use crate::codec::{FORWARD_PROTOCOL, encode_frame, read_frame};
 use crate::command::MeshError;
 use crate::gate::InboundGate;
 use crate::metrics::SidecarMetrics;
-use crate::node_link::NodeLink;
+use crate::node_link::NodeHandler;
 
 /// Requests waiting to be written to one peer's stream.
 const MAX_QUEUED_PER_PEER: usize = 1024;
@@ -261,7 +261,7 @@ async fn read_answers<R: AsyncRead + Unpin>(
 pub async fn serve(
     mut incoming: libp2p_stream::IncomingStreams,
     gate: Arc<InboundGate>,
-    node: NodeLink,
+    node: Arc<dyn NodeHandler>,
     max_bytes: usize,
     metrics: Arc<SidecarMetrics>,
 ) {
@@ -284,7 +284,7 @@ async fn serve_stream(
     peer: PeerId,
     stream: libp2p::Stream,
     gate: Arc<InboundGate>,
-    node: NodeLink,
+    node: Arc<dyn NodeHandler>,
     max_bytes: usize,
     metrics: Arc<SidecarMetrics>,
 ) {

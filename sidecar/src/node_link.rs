@@ -16,6 +16,45 @@ use tonic::{Code, Status};
 
 type Svc = GrpcMetricsService<WithToken<Channel>>;
 
+/// What the sidecar needs of its node: run an inbound forward, say which schemas it serves. The
+/// real one is [`NodeLink`] (gRPC over the local link); tests put a fake behind it.
+#[tonic::async_trait]
+pub trait NodeHandler: Send + Sync + 'static {
+    /// Hand an inbound forward to the node, with what is left of the origin's deadline. Any
+    /// failure is a typed error answer.
+    async fn handle_forward(
+        &self,
+        req: InboundForward,
+        remaining: Option<Duration>,
+    ) -> ForwardResponse;
+
+    /// Which of `names` the node serves (has approved), for a peer's schema check.
+    async fn served_schemas(
+        &self,
+        origin: String,
+        names: Vec<String>,
+    ) -> Result<Vec<String>, Status>;
+}
+
+#[tonic::async_trait]
+impl NodeHandler for NodeLink {
+    async fn handle_forward(
+        &self,
+        req: InboundForward,
+        remaining: Option<Duration>,
+    ) -> ForwardResponse {
+        NodeLink::handle_forward(self, req, remaining).await
+    }
+
+    async fn served_schemas(
+        &self,
+        origin: String,
+        names: Vec<String>,
+    ) -> Result<Vec<String>, Status> {
+        NodeLink::served_schemas(self, origin, names).await
+    }
+}
+
 #[derive(Clone)]
 pub struct NodeLink {
     addr: LinkAddr,

@@ -68,12 +68,75 @@ fn read_psk(path: &std::path::Path) -> anyhow::Result<libp2p::pnet::PreSharedKey
     })
 }
 
+/// Everything behind the swarm, on any transport: the event loop that owns the swarm, the
+/// forward streams and their inbound gate, and the [`Client`] handle. `node` answers inbound
+/// requests (the real node link, or a test's stand-in).
+pub fn assemble(
+    mut swarm: libp2p::Swarm<Behaviour>,
+    config: &Config,
+    node: Arc<dyn crate::node_link::NodeHandler>,
+    libp2p_metrics: libp2p::metrics::Metrics,
+    metrics: Arc<SidecarMetrics>,
+) -> anyhow::Result<(Client, Vec<tokio::task::JoinHandle<()>>)> {
+    let local_peer_id = *swarm.local_peer_id();
+    // Forwarded requests: long-lived streams, handled off the swarm task.
+    let mut stream_control = swarm.behaviour_mut().stream.new_control();
+    let incoming_forwards = stream_control
+        .accept(crate::codec::FORWARD_PROTOCOL)
+        .map_err(|_| anyhow::anyhow!("the forward protocol is registered twice"))?;
+    let forward_streams =
+        crate::forward::Outbound::new(stream_control, config.max_forward_bytes, metrics.clone());
+    let gate = Arc::new(crate::gate::InboundGate::new(
+        local_peer_id,
+        fold_middleware::rate_limit::KeyedLimiter::new(
+            config.peer_rate_limit,
+            config.peer_rate_burst,
+        ),
+        crate::signing::Verifier::new(
+            Duration::from_secs(config.max_clock_skew_secs),
+            config.replay_cache_bytes,
+        ),
+        config.inbound_queue,
+        metrics.clone(),
+    ));
+    let (tx, rx) = mpsc::channel(1024);
+    let (events, _) = broadcast::channel(256);
+    let client = Client::new(tx.clone(), local_peer_id, events.clone());
+    let event_loop = EventLoop::new(EventLoopParts {
+        swarm,
+        commands: rx,
+        self_tx: tx,
+        events,
+        node: node.clone(),
+        mdns_enabled: config.mdns_enabled(),
+        bootstrap: config.bootstrap.clone(),
+        limiter: fold_middleware::rate_limit::KeyedLimiter::new(
+            config.peer_rate_limit,
+            config.peer_rate_burst,
+        ),
+        inbound_queue: config.inbound_queue,
+        libp2p_metrics,
+        metrics: metrics.clone(),
+        forward: forward_streams,
+    });
+    let tasks = vec![
+        tokio::spawn(event_loop.run()),
+        tokio::spawn(crate::forward::serve(
+            incoming_forwards,
+            gate,
+            node,
+            config.max_forward_bytes,
+            metrics,
+        )),
+    ];
+    Ok((client, tasks))
+}
+
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
     let key =
         crate::identity::load_or_create(&config.identity_path(), config.identity_key.is_none())?;
-    let local_peer_id = key.public().to_peer_id();
     let signing_key = Arc::new(key.clone());
 
     let mesh_addr = config.mesh_listen.clone().relative_to(&config.data_dir);
@@ -99,7 +162,6 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let metrics = SidecarMetrics::register(&mut registry);
     let registry = Arc::new(Mutex::new(registry));
 
-    let mdns_enabled = config.mdns_enabled();
     let behaviour_config = config.clone();
     let idle = Duration::from_secs(config.idle_connection_timeout_secs);
     let mut swarm = match &config.private_network_key {
@@ -163,30 +225,6 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         swarm.add_external_address(addr.clone());
     }
 
-    // Forwarded requests: long-lived streams, handled off the swarm task.
-    let mut stream_control = swarm.behaviour().stream.new_control();
-    let incoming_forwards = stream_control
-        .accept(crate::codec::FORWARD_PROTOCOL)
-        .map_err(|_| anyhow::anyhow!("the forward protocol is registered twice"))?;
-    let forward_streams =
-        crate::forward::Outbound::new(stream_control, config.max_forward_bytes, metrics.clone());
-    let gate = Arc::new(crate::gate::InboundGate::new(
-        local_peer_id,
-        fold_middleware::rate_limit::KeyedLimiter::new(
-            config.peer_rate_limit,
-            config.peer_rate_burst,
-        ),
-        crate::signing::Verifier::new(
-            Duration::from_secs(config.max_clock_skew_secs),
-            config.replay_cache_bytes,
-        ),
-        config.inbound_queue,
-        metrics.clone(),
-    ));
-
-    let (tx, rx) = mpsc::channel(1024);
-    let (events, _) = broadcast::channel(256);
-    let client = Client::new(tx.clone(), local_peer_id, events.clone());
     let timeout = Duration::from_millis(config.request_timeout_ms);
     let node = NodeLink::new(
         node_addr.clone(),
@@ -195,31 +233,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         config.max_forward_bytes,
         client_metrics,
     );
-    let event_loop = EventLoop::new(EventLoopParts {
-        swarm,
-        commands: rx,
-        self_tx: tx,
-        events,
-        node: node.clone(),
-        mdns_enabled,
-        bootstrap: config.bootstrap.clone(),
-        limiter: fold_middleware::rate_limit::KeyedLimiter::new(
-            config.peer_rate_limit,
-            config.peer_rate_burst,
-        ),
-        inbound_queue: config.inbound_queue,
-        libp2p_metrics,
-        metrics: metrics.clone(),
-        forward: forward_streams,
-    });
-    let mut tasks = vec![tokio::spawn(event_loop.run())];
-    tasks.push(tokio::spawn(crate::forward::serve(
-        incoming_forwards,
-        gate,
-        node.clone(),
-        config.max_forward_bytes,
-        metrics,
-    )));
+    let (client, mut tasks) = assemble(swarm, &config, Arc::new(node), libp2p_metrics, metrics)?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<MeshServer<MeshApi>>().await;
