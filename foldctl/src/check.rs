@@ -1,0 +1,385 @@
+//! `foldctl check`: diagnose a node and say what to fix. Each check asks the node (or its admin
+//! port) one real question; every finding has a severity, what is wrong, and how to fix it.
+//! Exit code 4 when any finding is a warning or an error.
+
+use std::time::Duration;
+
+use fold_client::{Client, Error, Health, NETWORK_SERVICE, SchemaState, Target};
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::cli::{Global, Output};
+use crate::{Failure, Out, builder};
+
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Ok,
+    Info,
+    Warning,
+    Error,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Finding {
+    pub severity: Severity,
+    /// Stable id of the check, e.g. `sidecar-link`.
+    pub check: &'static str,
+    pub what: String,
+    /// Empty when nothing needs fixing.
+    pub fix: String,
+}
+
+fn finding(
+    severity: Severity,
+    check: &'static str,
+    what: impl Into<String>,
+    fix: impl Into<String>,
+) -> Finding {
+    Finding {
+        severity,
+        check,
+        what: what.into(),
+        fix: fix.into(),
+    }
+}
+
+pub async fn run(g: &Global, metrics_addr: &str) -> Result<Out, Failure> {
+    let mut findings = Vec::new();
+    match builder(g).connect().await {
+        Ok(client) => node_checks(&client, &mut findings).await,
+        Err(e) => findings.push(connect_finding(g, &e)),
+    }
+    findings.push(metrics_check(metrics_addr).await);
+    findings.push(rate_limit_check(metrics_addr).await);
+    findings.retain(|f| f.check != "-");
+    let problems = findings.iter().any(|f| f.severity >= Severity::Warning);
+    let json = serde_json::json!({"ok": !problems, "findings": findings});
+    let mut text = String::new();
+    for f in &findings {
+        let sev = format!("{:?}", f.severity).to_uppercase();
+        text.push_str(&format!("[{sev}] {}: {}\n", f.check, f.what));
+        if !f.fix.is_empty() {
+            text.push_str(&format!("        fix: {}\n", f.fix));
+        }
+    }
+    text.push_str(if problems {
+        "problems found\n"
+    } else {
+        "no problems found\n"
+    });
+    if problems {
+        // The report is the output; print it here since the exit is non-zero.
+        match g.output {
+            Output::Json => println!(
+                "{}",
+                serde_json::to_string_pretty(&json)
+                    .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+            ),
+            Output::Table => print!("{text}"),
+        }
+        return Err(Failure::Problems);
+    }
+    Ok(Out { json, text })
+}
+
+fn connect_finding(g: &Global, e: &Error) -> Finding {
+    let target = builder(g)
+        .target()
+        .map(|t| t.to_string())
+        .unwrap_or_else(|_| g.addr.clone());
+    let plaintext = matches!(builder(g).target(), Ok(Target::Tcp { tls: false, .. }));
+    match e {
+        Error::Config(m) => finding(
+            Severity::Error,
+            "config",
+            m.clone(),
+            "fix the flag named above (foldctl --help)",
+        ),
+        Error::Connect { detail, .. } if e.is_tls() => {
+            let d = detail.to_ascii_lowercase();
+            let fix = if d.contains("unknownissuer")
+                || d.contains("unknown issuer")
+                || d.contains("invalid peer certificate") && d.contains("issuer")
+            {
+                "the node's certificate is not signed by the CA given with --tls-ca: pass the CA that signed the node's --tls-cert"
+            } else if d.contains("notvalidforname") || d.contains("not valid for name") {
+                "the certificate does not name the host in --addr: pass --tls-server-name with a name the certificate lists (e.g. localhost)"
+            } else if d.contains("corrupt message")
+                || d.contains("invalidcontenttype")
+                || d.contains("invalid content type")
+            {
+                "the node does not speak TLS on this port: use http:// (no --tls-ca), or start fold-node with --tls-cert and --tls-key"
+            } else if d.contains("certificate required") || d.contains("certificaterequired") {
+                "the node requires a client certificate (mutual TLS): pass --tls-cert and --tls-key signed by the node's --tls-client-ca"
+            } else {
+                "check --tls-ca (the CA that signed the node's certificate), --tls-server-name, and --tls-cert/--tls-key for mutual TLS"
+            };
+            finding(
+                Severity::Error,
+                "tls",
+                format!("TLS handshake with {target} failed: {detail}"),
+                fix,
+            )
+        }
+        Error::Connect { detail, .. } => {
+            let d = detail.to_ascii_lowercase();
+            if plaintext
+                && !d.contains("refused")
+                && !d.contains("no such")
+                && !d.contains("timed out")
+            {
+                finding(
+                    Severity::Error,
+                    "tls",
+                    format!(
+                        "{target} accepted the connection but did not speak plaintext gRPC: {detail}"
+                    ),
+                    "the node probably serves TLS: use https://HOST:PORT with --tls-ca (and --tls-cert/--tls-key for mutual TLS)",
+                )
+            } else {
+                finding(
+                    Severity::Error,
+                    "reachable",
+                    format!("cannot connect to {target}: {detail}"),
+                    "start fold-node (scripts/run.sh), or point --addr / FOLD_ADDR at its gRPC port",
+                )
+            }
+        }
+        other => finding(
+            Severity::Error,
+            "reachable",
+            other.to_string(),
+            "see the message above",
+        ),
+    }
+}
+
+async fn node_checks(c: &Client, out: &mut Vec<Finding>) {
+    // The node itself.
+    match c.health("").await {
+        Ok(Health::Serving) => out.push(finding(
+            Severity::Ok,
+            "reachable",
+            format!("{} answers and is SERVING", c.target()),
+            "",
+        )),
+        Ok(h) => out.push(finding(
+            Severity::Error,
+            "reachable",
+            format!("{} reports {h:?}", c.target()),
+            "see the fold-node log",
+        )),
+        Err(e) => {
+            let tls = e.is_tls();
+            out.push(finding(
+                Severity::Error,
+                if tls { "tls" } else { "reachable" },
+                format!("health check failed: {e}"),
+                if tls {
+                    "the node refused this client's TLS identity: pass --tls-cert/--tls-key signed by the node's --tls-client-ca"
+                } else {
+                    "check that --addr is a fold-node gRPC port"
+                },
+            ));
+            return;
+        }
+    }
+    // The link to the sidecar: health first, then the Network API itself.
+    let health = c.health(NETWORK_SERVICE).await;
+    let status = c.status().await;
+    let link_down = matches!(health, Ok(Health::NotServing))
+        || matches!(&status, Err(e) if e.code() == Some(tonic::Code::Unavailable));
+    match (&status, link_down) {
+        (Ok(s), false) => {
+            out.push(finding(
+                Severity::Ok,
+                "sidecar-link",
+                format!("linked to its p2p-sidecar; node id {}", s.node_id),
+                "",
+            ));
+            if s.connected_peers == 0 {
+                out.push(finding(
+                    Severity::Warning,
+                    "peers",
+                    format!("no connected peers ({} known)", s.known_peers),
+                    "dial one (foldctl dial /ip4/HOST/tcp/PORT/p2p/NODE_ID), start the sidecar with --bootstrap, or listen on a LAN address so mDNS finds peers",
+                ));
+            } else {
+                out.push(finding(
+                    Severity::Ok,
+                    "peers",
+                    format!("{} connected peer(s)", s.connected_peers),
+                    "",
+                ));
+            }
+        }
+        _ => {
+            let why = match (&health, &status) {
+                (Ok(Health::NotServing), _) => {
+                    "grpc.health.v1 reports fold.v1.Network NOT_SERVING".to_string()
+                }
+                (_, Err(e)) => format!("Network.Status: {e}"),
+                _ => "unknown".to_string(),
+            };
+            out.push(finding(
+                Severity::Error,
+                "sidecar-link",
+                format!("the node's link to its p2p-sidecar is down ({why}); mesh calls fail with UNAVAILABLE"),
+                "start p2p-sidecar with the same --data-dir as fold-node (scripts/run.sh starts both), or fix --sidecar-addr / FOLD_SIDECAR_ADDR",
+            ));
+        }
+    }
+    if let Err(e) = &status
+        && e.code() != Some(tonic::Code::Unavailable)
+    {
+        out.push(finding(
+            Severity::Warning,
+            "network-api",
+            format!("Network.Status refused: {e}"),
+            "this client may lack the rights to see the mesh",
+        ));
+    }
+    // Peers this node denies while connected to them.
+    if status.is_ok()
+        && let Ok(peers) = c.peers(false).await
+    {
+        for p in peers.iter().filter(|p| p.connected && p.denied) {
+            out.push(finding(
+                Severity::Warning,
+                "peer-denied",
+                format!("connected peer {} is denied by this node's trust table: its requests are refused", p.node_id),
+                format!("if it should be allowed: foldctl trust set {} 1", p.node_id),
+            ));
+        }
+    }
+    // Schemas loaded but not approved.
+    match c.list_schemas(None).await {
+        Ok(list) => {
+            let pending: Vec<_> = list
+                .iter()
+                .filter(|s| s.state == SchemaState::Available)
+                .collect();
+            for s in &pending {
+                out.push(finding(
+                    Severity::Warning,
+                    "schema-approval",
+                    format!("schema {} is loaded but not approved: queries and mutations are refused (FAILED_PRECONDITION)", s.name),
+                    format!("foldctl schema approve {}", s.name),
+                ));
+            }
+            for s in list.iter().filter(|s| s.state == SchemaState::Blocked) {
+                out.push(finding(
+                    Severity::Info,
+                    "schema-approval",
+                    format!("schema {} is blocked: requests for it are refused", s.name),
+                    format!("if that is not intended: foldctl schema approve {}", s.name),
+                ));
+            }
+            if pending.is_empty() {
+                out.push(finding(
+                    Severity::Ok,
+                    "schema-approval",
+                    format!("{} schema(s), none waiting for approval", list.len()),
+                    "",
+                ));
+            }
+        }
+        Err(e) => out.push(finding(
+            Severity::Warning,
+            "schema-approval",
+            format!("cannot list schemas: {e}"),
+            "",
+        )),
+    }
+}
+
+/// GET http://ADDR/metrics (HTTP/1.0, bounded by a 3 s timeout): the status line and body.
+async fn get_metrics(addr: &str) -> Result<(u16, String), String> {
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let req = format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\nAccept: text/plain\r\n\r\n");
+        s.write_all(req.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        // The admin port closes the connection after an HTTP/1.0 response; cap what we read.
+        (&mut s)
+            .take(32 * 1024 * 1024)
+            .read_to_end(&mut buf)
+            .await
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let code = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse::<u16>().ok())
+            .ok_or_else(|| "the answer is not HTTP".to_string())?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((code, body))
+    };
+    tokio::time::timeout(Duration::from_secs(3), fut)
+        .await
+        .map_err(|_| "timed out after 3 s".to_string())?
+}
+
+async fn metrics_check(addr: &str) -> Finding {
+    match get_metrics(addr).await {
+        Ok((200, body)) if body.contains("# TYPE") => finding(
+            Severity::Ok,
+            "metrics",
+            format!("http://{addr}/metrics answers"),
+            "",
+        ),
+        Ok((code, _)) => finding(
+            Severity::Warning,
+            "metrics",
+            format!("http://{addr}/metrics answered HTTP {code}, not Prometheus metrics"),
+            "pass the node's admin port (fold-node --admin-listen / FOLD_ADMIN_LISTEN) as --metrics-addr",
+        ),
+        Err(e) => finding(
+            Severity::Warning,
+            "metrics",
+            format!("metrics port http://{addr}/metrics cannot be reached: {e}"),
+            "pass the node's admin port (fold-node --admin-listen / FOLD_ADMIN_LISTEN, default 127.0.0.1:9464) as --metrics-addr",
+        ),
+    }
+}
+
+async fn rate_limit_check(addr: &str) -> Finding {
+    let Ok((200, body)) = get_metrics(addr).await else {
+        return finding(Severity::Ok, "-", "", "");
+    };
+    let hits: f64 = body
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            let name = name.split('{').next()?;
+            name.ends_with("_rate_limited_total")
+                .then(|| value.parse::<f64>().ok())?
+        })
+        .sum();
+    if hits > 0.0 {
+        finding(
+            Severity::Warning,
+            "rate-limit",
+            format!(
+                "{hits} request(s) were refused by the per-client rate limit (RESOURCE_EXHAUSTED)"
+            ),
+            "slow the client down, or raise fold-node --rate-limit-per-client / --rate-limit-burst",
+        )
+    } else {
+        finding(
+            Severity::Ok,
+            "rate-limit",
+            "no request refused by the rate limit",
+            "",
+        )
+    }
+}

@@ -1,0 +1,385 @@
+//! Every foldctl command except `check` and `topology`'s rendering: call the node through
+//! fold-client, and shape the answer as JSON (the client's serde types, unchanged) and a table.
+
+use std::io::Read;
+
+use fold_client::{
+    Client, Filter, Mutation, MutationKind, Peer, Query, SchemaInfo, SchemaState, StateChange,
+    Trust, TrustEntry,
+};
+use serde::Serialize;
+use serde_json::{Value as Json, json};
+
+use crate::cli::{Command, Global, HistoryArgs, MutateArgs, QueryArgs, SchemaCmd, TrustCmd};
+use crate::table::{Table, cell, kv};
+use crate::{Failure, Out, topology};
+
+fn to_json<T: Serialize>(v: &T) -> Result<Json, Failure> {
+    serde_json::to_value(v).map_err(|e| Failure::Local(format!("cannot render JSON: {e}")))
+}
+
+pub async fn run(c: &Client, g: &Global, cmd: Command) -> Result<Out, Failure> {
+    match cmd {
+        Command::Schema(s) => schema(c, s).await,
+        Command::Query(q) => query(c, q).await,
+        Command::Mutate(m) => mutate(c, m).await,
+        Command::History(h) => history(c, h).await,
+        Command::Status => {
+            let s = c.status().await?;
+            let text = kv(&[
+                ("node id", s.node_id.clone()),
+                ("listen", s.listen_addrs.join(", ")),
+                ("external", or_dash(s.external_addrs.join(", "))),
+                ("connected peers", s.connected_peers.to_string()),
+                ("known peers", s.known_peers.to_string()),
+                ("mdns", on_off(s.mdns_enabled).into()),
+                ("provided schemas", or_dash(s.provided_schemas.join(", "))),
+            ]);
+            Ok(Out {
+                json: to_json(&s)?,
+                text,
+            })
+        }
+        Command::Peers { all } => {
+            let peers = c.peers(all).await?;
+            Ok(Out {
+                json: to_json(&peers)?,
+                text: peers_table(&peers),
+            })
+        }
+        Command::Providers { schema } => {
+            let ids = c.providers(&schema).await?;
+            let mut t = Table::new(["NODE_ID"]);
+            for id in &ids {
+                t.row([id.as_str()]);
+            }
+            let text = if ids.is_empty() {
+                format!("no node announces schema {schema}\n")
+            } else {
+                t.render()
+            };
+            Ok(Out {
+                json: json!({"schema": schema, "node_ids": ids}),
+                text,
+            })
+        }
+        Command::Trust(t) => trust(c, t).await,
+        Command::Dial { address } => {
+            let d = c.dial(&address).await?;
+            Ok(Out {
+                json: to_json(&d)?,
+                text: format!("connected to {} at {}\n", d.node_id, d.address),
+            })
+        }
+        Command::CheckSchemas { node, names } => {
+            let r = c.check_schemas(&node, &names).await?;
+            let mut t = Table::new(["SCHEMA", "APPROVED_ON_NODE"]);
+            for n in &names {
+                t.row([n.clone(), yes_no(r.approved.contains(n)).into()]);
+            }
+            Ok(Out {
+                json: to_json(&r)?,
+                text: format!("node {}\n{}", r.node_id, t.render()),
+            })
+        }
+        Command::Topology { format, all } => topology::run(c, g, format, all).await,
+        Command::Check { .. } | Command::Completions { .. } => {
+            Err(Failure::Local("not a node command".into()))
+        }
+    }
+}
+
+async fn schema(c: &Client, cmd: SchemaCmd) -> Result<Out, Failure> {
+    match cmd {
+        SchemaCmd::Load { file, approve } => {
+            let text = read_input(&file.to_string_lossy())?;
+            let r = c.load_schema(&text, approve).await?;
+            let verb = if r.created {
+                "loaded"
+            } else {
+                "already loaded (identical)"
+            };
+            Ok(Out {
+                json: to_json(&r)?,
+                text: format!(
+                    "schema {} {verb}: state {}, hash {}\n",
+                    r.name, r.state, r.hash
+                ),
+            })
+        }
+        SchemaCmd::List { state } => {
+            let state = match state {
+                Some(s) => Some(s.parse::<SchemaState>()?),
+                None => None,
+            };
+            let list = c.list_schemas(state).await?;
+            Ok(Out {
+                json: to_json(&list)?,
+                text: schemas_table(&list),
+            })
+        }
+        SchemaCmd::Get { name } => {
+            let d = c.get_schema(&name).await?;
+            let mut text = schemas_table(std::slice::from_ref(&d.info));
+            text.push('\n');
+            text.push_str(&serde_json::to_string_pretty(&d.definition).unwrap_or_default());
+            text.push('\n');
+            Ok(Out {
+                json: to_json(&d)?,
+                text,
+            })
+        }
+        SchemaCmd::Approve { name } => state_change(c, &name, SchemaState::Approved).await,
+        SchemaCmd::Block { name } => state_change(c, &name, SchemaState::Blocked).await,
+        SchemaCmd::Unload { name } => state_change(c, &name, SchemaState::Available).await,
+    }
+}
+
+async fn state_change(c: &Client, name: &str, state: SchemaState) -> Result<Out, Failure> {
+    let r: StateChange = c.set_schema_state(name, state).await?;
+    Ok(Out {
+        json: to_json(&r)?,
+        text: format!("schema {}: {} -> {}\n", r.name, r.previous_state, r.state),
+    })
+}
+
+fn schemas_table(list: &[SchemaInfo]) -> String {
+    let mut t = Table::new(["NAME", "STATE", "TYPE", "RANGE_KEY", "FIELDS", "HASH"]);
+    for s in list {
+        t.row([
+            s.name.clone(),
+            s.state.to_string(),
+            s.schema_type.clone(),
+            s.range_key.clone().unwrap_or_else(|| "-".into()),
+            s.fields.join(","),
+            s.hash.chars().take(12).collect(),
+        ]);
+    }
+    t.render()
+}
+
+async fn query(c: &Client, a: QueryArgs) -> Result<Out, Failure> {
+    let filter = if let Some(k) = a.key {
+        Some(Filter::Key(k))
+    } else if let Some(p) = a.prefix {
+        Some(Filter::Prefix(p))
+    } else if let Some(r) = a.range {
+        match r.as_slice() {
+            [start, end] => Some(Filter::Range {
+                start: start.clone(),
+                end: end.clone(),
+            }),
+            _ => return Err(Failure::Local("--range takes START END".into())),
+        }
+    } else if let Some(k) = a.keys {
+        Some(Filter::Keys(k))
+    } else {
+        a.pattern.map(Filter::Pattern)
+    };
+    let fields = if a.fields.is_empty() {
+        // Every field of the schema (asked from the node that will answer).
+        c.get_schema(&a.schema).await?.info.fields
+    } else {
+        a.fields
+    };
+    let mut q = Query::new(a.schema, fields.clone());
+    q.filter = filter;
+    q.node = a.node;
+    let r = c.query(q).await?;
+    let mut t = Table::new(std::iter::once("KEY".to_string()).chain(fields.iter().cloned()));
+    for rec in &r.records {
+        let mut row = vec![rec.key.clone().unwrap_or_else(|| "-".into())];
+        for f in &fields {
+            row.push(rec.fields.get(f).map(cell).unwrap_or_else(|| "-".into()));
+        }
+        t.row(row);
+    }
+    let text = format!(
+        "{}{} record(s) from node {}\n",
+        t.render(),
+        r.records.len(),
+        r.node_id
+    );
+    Ok(Out {
+        json: to_json(&r)?,
+        text,
+    })
+}
+
+async fn mutate(c: &Client, a: MutateArgs) -> Result<Out, Failure> {
+    let kind: MutationKind = a.kind.parse()?;
+    let raw = match a.data.strip_prefix('@') {
+        Some(path) => read_input(path)?,
+        None => a.data,
+    };
+    let data: Json = serde_json::from_str(&raw)
+        .map_err(|e| Failure::Local(format!("--data is not valid JSON: {e}")))?;
+    let mut m = Mutation::new(a.schema, kind, data)?;
+    m.node = a.node;
+    let r = c.mutate(m).await?;
+    let mut t = Table::new(["FIELD", "VERSION_ID"]);
+    for (f, v) in r.fields.iter().zip(r.version_ids.iter()) {
+        t.row([f.as_str(), v.as_str()]);
+    }
+    let key = r
+        .key
+        .as_deref()
+        .map(|k| format!(" key {k}"))
+        .unwrap_or_default();
+    Ok(Out {
+        json: to_json(&r)?,
+        text: format!(
+            "{:?} applied on node {}{key}\n{}",
+            kind,
+            r.node_id,
+            t.render()
+        )
+        .to_lowercase_first(),
+    })
+}
+
+async fn history(c: &Client, a: HistoryArgs) -> Result<Out, Failure> {
+    let versions = c
+        .history(&a.schema, &a.field, a.key.as_deref(), a.limit)
+        .await?;
+    let mut t = Table::new(["WRITTEN_AT", "MUTATION", "VALUE", "WRITER", "VERSION_ID"]);
+    for v in &versions {
+        t.row([
+            v.written_at.clone().unwrap_or_else(|| "-".into()),
+            v.mutation
+                .map(|m| format!("{m:?}").to_lowercase())
+                .unwrap_or_else(|| "-".into()),
+            if v.deleted {
+                "(deleted)".into()
+            } else {
+                cell(&v.value)
+            },
+            v.writer.clone(),
+            v.version_id.clone(),
+        ]);
+    }
+    Ok(Out {
+        json: to_json(&versions)?,
+        text: t.render(),
+    })
+}
+
+async fn trust(c: &Client, cmd: TrustCmd) -> Result<Out, Failure> {
+    match cmd {
+        TrustCmd::Get { node } => {
+            let table = c.get_trust(node.as_deref()).await?;
+            let mut t = Table::new(["NODE_ID", "TRUST"]);
+            for e in &table.entries {
+                t.row([e.node_id.clone(), trust_text(e)]);
+            }
+            if let Some(d) = &table.default {
+                t.row(["(default)".to_string(), trust_text(d)]);
+            }
+            Ok(Out {
+                json: to_json(&table)?,
+                text: t.render(),
+            })
+        }
+        TrustCmd::Set { node, trust } => {
+            let trust: Trust = trust.parse()?;
+            let e = c.set_trust(&node, trust).await?;
+            Ok(Out {
+                json: to_json(&e)?,
+                text: format!("{}: trust {}\n", e.node_id, trust_text(&e)),
+            })
+        }
+        TrustCmd::Remove { node } => {
+            let e = c.remove_trust(&node).await?;
+            Ok(Out {
+                json: to_json(&e)?,
+                text: format!("{node}: entry removed (the default applies)\n"),
+            })
+        }
+    }
+}
+
+fn trust_text(e: &TrustEntry) -> String {
+    if e.denied {
+        "deny".into()
+    } else {
+        e.distance.to_string()
+    }
+}
+
+pub fn peer_trust(p: &Peer) -> String {
+    match (p.denied, p.trust_distance) {
+        (true, _) | (_, None) => "deny".into(),
+        (false, Some(d)) => d.to_string(),
+    }
+}
+
+pub fn rtt_text(p: &Peer) -> String {
+    p.rtt_micros
+        .map(|us| format!("{:.2} ms", us as f64 / 1000.0))
+        .unwrap_or_else(|| "-".into())
+}
+
+pub fn peers_table(peers: &[Peer]) -> String {
+    if peers.is_empty() {
+        return "no peers\n".into();
+    }
+    let mut t = Table::new([
+        "NODE_ID",
+        "CONNECTED",
+        "RTT",
+        "TRUST",
+        "SOURCE",
+        "AGENT",
+        "ADDRESSES",
+    ]);
+    for p in peers {
+        t.row([
+            p.node_id.clone(),
+            yes_no(p.connected).into(),
+            rtt_text(p),
+            peer_trust(p),
+            or_dash(p.source.clone()),
+            or_dash(p.agent.clone()),
+            or_dash(p.addrs.join(",")),
+        ]);
+    }
+    t.render()
+}
+
+/// Read a file, or stdin for `-`.
+fn read_input(path: &str) -> Result<String, Failure> {
+    if path == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| Failure::Local(format!("cannot read stdin: {e}")))?;
+        return Ok(s);
+    }
+    std::fs::read_to_string(path).map_err(|e| Failure::Local(format!("cannot read {path}: {e}")))
+}
+
+fn or_dash(s: String) -> String {
+    if s.is_empty() { "-".into() } else { s }
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b { "on" } else { "off" }
+}
+
+trait LowerFirst {
+    fn to_lowercase_first(self) -> String;
+}
+
+impl LowerFirst for String {
+    fn to_lowercase_first(self) -> String {
+        let mut c = self.chars();
+        match c.next() {
+            Some(f) => f.to_lowercase().chain(c).collect(),
+            None => self,
+        }
+    }
+}
