@@ -171,6 +171,26 @@ async fn node_checks(c: &Client, out: &mut Vec<Finding>) {
             "see the fold-node log",
         )),
         Err(e) => {
+            let plaintext = matches!(c.target(), Target::Tcp { tls: false, .. });
+            let msg = e.to_string().to_ascii_lowercase();
+            let spoke_else = [
+                "connection error",
+                "broken pipe",
+                "connection reset",
+                "frame",
+                "h2 protocol",
+            ]
+            .iter()
+            .any(|w| msg.contains(w));
+            if plaintext && spoke_else {
+                out.push(finding(
+                    Severity::Error,
+                    "tls",
+                    format!("{} accepted the connection but did not speak plaintext gRPC: {e}", c.target()),
+                    "the node probably serves TLS: use https://HOST:PORT with --tls-ca (and --tls-cert/--tls-key for mutual TLS)",
+                ));
+                return;
+            }
             let tls = e.is_tls();
             out.push(finding(
                 Severity::Error,

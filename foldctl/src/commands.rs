@@ -49,7 +49,7 @@ pub async fn run(c: &Client, g: &Global, cmd: Command) -> Result<Out, Failure> {
         }
         Command::Providers { schema } => {
             let ids = c.providers(&schema).await?;
-            let mut t = Table::new(["NODE_ID"]);
+            let mut t = Table::new(["NODE_ID"]).keep(0);
             for id in &ids {
                 t.row([id.as_str()]);
             }
@@ -195,10 +195,10 @@ async fn query(c: &Client, a: QueryArgs) -> Result<Out, Failure> {
         t.row(row);
     }
     let text = format!(
-        "{}{} record(s) from node {}\n",
+        "{}{} record(s) from {}\n",
         t.render(),
         r.records.len(),
-        r.node_id
+        node_name(&r.node_id)
     );
     Ok(Out {
         json: to_json(&r)?,
@@ -226,15 +226,14 @@ async fn mutate(c: &Client, a: MutateArgs) -> Result<Out, Failure> {
         .as_deref()
         .map(|k| format!(" key {k}"))
         .unwrap_or_default();
+    let verb = match kind {
+        MutationKind::Create => "created",
+        MutationKind::Update => "updated",
+        MutationKind::Delete => "deleted",
+    };
     Ok(Out {
         json: to_json(&r)?,
-        text: format!(
-            "{:?} applied on node {}{key}\n{}",
-            kind,
-            r.node_id,
-            t.render()
-        )
-        .to_lowercase_first(),
+        text: format!("{verb}{key} on {}\n{}", node_name(&r.node_id), t.render()),
     })
 }
 
@@ -268,7 +267,7 @@ async fn trust(c: &Client, cmd: TrustCmd) -> Result<Out, Failure> {
     match cmd {
         TrustCmd::Get { node } => {
             let table = c.get_trust(node.as_deref()).await?;
-            let mut t = Table::new(["NODE_ID", "TRUST"]);
+            let mut t = Table::new(["NODE_ID", "TRUST"]).keep(0);
             for e in &table.entries {
                 t.row([e.node_id.clone(), trust_text(e)]);
             }
@@ -331,7 +330,8 @@ pub fn peers_table(peers: &[Peer]) -> String {
         "SOURCE",
         "AGENT",
         "ADDRESSES",
-    ]);
+    ])
+    .keep(0);
     for p in peers {
         t.row([
             p.node_id.clone(),
@@ -370,16 +370,11 @@ fn on_off(b: bool) -> &'static str {
     if b { "on" } else { "off" }
 }
 
-trait LowerFirst {
-    fn to_lowercase_first(self) -> String;
-}
-
-impl LowerFirst for String {
-    fn to_lowercase_first(self) -> String {
-        let mut c = self.chars();
-        match c.next() {
-            Some(f) => f.to_lowercase().chain(c).collect(),
-            None => self,
-        }
+/// `node ID`, or `this node` when the node does not know its id yet (sidecar never reached).
+fn node_name(id: &str) -> String {
+    if id.is_empty() {
+        "this node".into()
+    } else {
+        format!("node {id}")
     }
 }

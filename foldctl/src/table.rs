@@ -6,6 +6,8 @@ use serde_json::Value as Json;
 pub struct Table {
     headers: Vec<String>,
     rows: Vec<Vec<String>>,
+    /// Columns never shortened (ids people copy).
+    keep: Vec<usize>,
 }
 
 impl Table {
@@ -13,7 +15,14 @@ impl Table {
         Table {
             headers: headers.into_iter().map(Into::into).collect(),
             rows: Vec::new(),
+            keep: Vec::new(),
         }
+    }
+
+    /// Never shorten column `i` (unless nothing else can shrink).
+    pub fn keep(mut self, i: usize) -> Table {
+        self.keep.push(i);
+        self
     }
 
     pub fn row<I: IntoIterator<Item = S>, S: Into<String>>(&mut self, cells: I) {
@@ -48,7 +57,14 @@ impl Table {
         let mut budget = widths.iter().sum::<usize>();
         while total(&widths) > width && budget > 0 {
             budget -= 1;
-            let Some((i, w)) = widths.iter().enumerate().max_by_key(|(_, w)| **w) else {
+            let shrinkable = widths
+                .iter()
+                .enumerate()
+                .filter(|(i, w)| !self.keep.contains(i) && **w > 8)
+                .max_by_key(|(_, w)| **w);
+            let Some((i, w)) =
+                shrinkable.or_else(|| widths.iter().enumerate().max_by_key(|(_, w)| **w))
+            else {
                 break;
             };
             if *w <= 8 {
