@@ -254,6 +254,66 @@ fn every_command_in_both_output_modes() {
     );
     assert!(r.out.starts_with("deleted key shed-1"), "{}", r.out);
 
+    // mutate --batch: one mutation per JSONL line; a failure names its line.
+    let batch = tempfile::NamedTempFile::new().unwrap();
+    let lines: Vec<String> = (0..120)
+        .map(|i| format!(r#"{{"sensor_id": "zbatch-{i:03}", "celsius": {i}}}"#))
+        .collect();
+    std::fs::write(batch.path(), lines.join("\n") + "\n\n").unwrap();
+    let bp = batch.path().display().to_string();
+    let r = ok(
+        addr,
+        &["mutate", "SensorReadings", "create", "--batch", &bp],
+    );
+    assert_eq!(r.out.trim(), "120 mutation(s) applied");
+    let j = ok(
+        addr,
+        &[
+            "query",
+            "SensorReadings",
+            "celsius",
+            "--prefix",
+            "zbatch-",
+            "-o",
+            "json",
+        ],
+    )
+    .json();
+    assert_eq!(j["records"].as_array().unwrap().len(), 120);
+    assert_eq!(j["records"][119]["fields"]["celsius"], 119);
+    // Creating them again: the first line is refused (ALREADY_EXISTS), nothing after it runs.
+    let r = ctl(
+        addr,
+        &[
+            "mutate",
+            "SensorReadings",
+            "create",
+            "--batch",
+            &bp,
+            "-o",
+            "json",
+        ],
+    );
+    assert_eq!(r.code, 3, "{}", r.err);
+    assert!(
+        r.err.contains("line 1 failed; 0 of 120") && r.err.contains("ALREADY_EXISTS"),
+        "{}",
+        r.err
+    );
+    let r = ctl(
+        addr,
+        &[
+            "mutate",
+            "SensorReadings",
+            "create",
+            "--data",
+            "{}",
+            "--batch",
+            &bp,
+        ],
+    );
+    assert_eq!(r.code, 1, "--data and --batch exclude each other");
+
     // query: every filter, both modes, fields named or all
     let (t, j) = both(
         addr,

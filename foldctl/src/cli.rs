@@ -168,13 +168,18 @@ pub struct QueryArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(group(ArgGroup::new("input").args(["data", "batch"]).required(true)))]
 pub struct MutateArgs {
     pub schema: String,
     #[arg(value_parser = ["create", "update", "delete"])]
     pub kind: String,
     /// Field values as a JSON object, `@file` to read it from a file, `@-` from stdin.
     #[arg(long)]
-    pub data: String,
+    pub data: Option<String>,
+    /// A JSONL file (`-` = stdin): one JSON object per line, one mutation each, in order;
+    /// progress on stderr; stops at the first refusal.
+    #[arg(long)]
+    pub batch: Option<PathBuf>,
     /// Apply on this node of the mesh (forwarded).
     #[arg(long)]
     pub node: Option<String>,

@@ -208,9 +208,20 @@ async fn query(c: &Client, a: QueryArgs) -> Result<Out, Failure> {
 
 async fn mutate(c: &Client, a: MutateArgs) -> Result<Out, Failure> {
     let kind: MutationKind = a.kind.parse()?;
-    let raw = match a.data.strip_prefix('@') {
+    if let Some(batch) = &a.batch {
+        return mutate_batch(
+            c,
+            &a.schema,
+            kind,
+            &batch.to_string_lossy(),
+            a.node.as_deref(),
+        )
+        .await;
+    }
+    let data = a.data.unwrap_or_default();
+    let raw = match data.strip_prefix('@') {
         Some(path) => read_input(path)?,
-        None => a.data,
+        None => data,
     };
     let data: Json = serde_json::from_str(&raw)
         .map_err(|e| Failure::Local(format!("--data is not valid JSON: {e}")))?;
@@ -234,6 +245,61 @@ async fn mutate(c: &Client, a: MutateArgs) -> Result<Out, Failure> {
     Ok(Out {
         json: to_json(&r)?,
         text: format!("{verb}{key} on {}\n{}", node_name(&r.node_id), t.render()),
+    })
+}
+
+/// One mutation per JSONL line, in order; stops at the first failure, naming its line.
+async fn mutate_batch(
+    c: &Client,
+    schema: &str,
+    kind: MutationKind,
+    path: &str,
+    node: Option<&str>,
+) -> Result<Out, Failure> {
+    use std::io::{IsTerminal, Write};
+    let text = read_input(path)?;
+    let lines: Vec<(usize, &str)> = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| (i + 1, l.trim()))
+        .filter(|(_, l)| !l.is_empty())
+        .collect();
+    let total = lines.len();
+    let progress = std::io::stderr().is_terminal();
+    let mut applied = 0usize;
+    for (n, line) in lines {
+        let data: Json = serde_json::from_str(line).map_err(|e| {
+            Failure::Local(format!(
+                "{path} line {n}: not valid JSON: {e} ({applied} applied before it)"
+            ))
+        })?;
+        let mut m = Mutation::new(schema, kind, data).map_err(|e| {
+            Failure::Local(format!(
+                "{path} line {n}: {e} ({applied} applied before it)"
+            ))
+        })?;
+        m.node = node.map(str::to_string);
+        if let Err(e) = c.mutate(m).await {
+            if progress {
+                eprintln!();
+            }
+            eprintln!(
+                "foldctl: {path} line {n} failed; {applied} of {total} mutation(s) applied before it"
+            );
+            return Err(Failure::Client(e));
+        }
+        applied += 1;
+        if progress && (applied.is_multiple_of(50) || applied == total) {
+            eprint!("\r{applied}/{total} mutations applied");
+            let _ = std::io::stderr().flush();
+        }
+    }
+    if progress {
+        eprintln!();
+    }
+    Ok(Out {
+        json: json!({"applied": applied}),
+        text: format!("{applied} mutation(s) applied\n"),
     })
 }
 
