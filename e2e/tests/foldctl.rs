@@ -82,6 +82,7 @@ struct Pair {
     _sidecar: Proc,
     node_id: String,
     p2p: String,
+    sidecar_admin: String,
     _dir: tempfile::TempDir,
 }
 
@@ -99,12 +100,14 @@ impl Pair {
             Proc::spawn(sidecar, "p2p-sidecar ready", Duration::from_secs(20)).unwrap();
         let node_id = parse_kv(&ready, "node_id").unwrap();
         let listen = parse_kv(&ready, "listen").unwrap();
+        let sidecar_admin = parse_kv(&ready, "admin").unwrap();
         let node = NodeProc::start(dir.path(), &[]).unwrap();
         let p = Pair {
             p2p: format!("{}/p2p/{node_id}", listen.split(',').next().unwrap()),
             node,
             _sidecar: sidecar,
             node_id,
+            sidecar_admin,
             _dir: dir,
         };
         // The node has found its sidecar when Network.Status answers.
@@ -910,4 +913,90 @@ fn tls_and_mutual_tls_and_their_misconfigurations() {
         "{}",
         r.out
     );
+}
+
+#[test]
+fn top_shows_per_method_traffic_from_node_and_sidecar() {
+    let p = Pair::start();
+    let addr = p.node.grpc.clone();
+    ok(&addr, &["schema", "load", SENSORS, "--approve"]);
+    let top = |output: &str| {
+        let child = Command::new(bin_path("foldctl"))
+            .args([
+                "--addr",
+                &addr,
+                "-o",
+                output,
+                "top",
+                "--interval",
+                "5s",
+                "--iterations",
+                "1",
+            ])
+            .args([
+                "--metrics-addr",
+                &p.node.admin,
+                "--metrics-addr",
+                &p.sidecar_admin,
+            ])
+            .env("COLUMNS", "200")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Traffic inside the sample window: 10 queries, 1 refused.
+        std::thread::sleep(Duration::from_millis(500));
+        for _ in 0..9 {
+            ok(&addr, &["query", "SensorReadings", "celsius"]);
+        }
+        assert_eq!(ctl(&addr, &["query", "Nope", "x"]).code, 3);
+        ok(&addr, &["status"]);
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let t = top("table");
+    assert!(t.contains("SOURCE") && t.contains("P99"), "{t}");
+    let row = t
+        .lines()
+        .find(|l| l.contains("fold.v1.FoldNode/Query"))
+        .expect("Query row");
+    assert!(
+        squash(row).contains(&format!("{} server fold.v1.FoldNode/Query", p.node.admin)),
+        "{row}"
+    );
+    assert!(row.contains("90.0%") && row.contains(" ms"), "{row}");
+    assert!(
+        t.contains(&p.sidecar_admin),
+        "the sidecar's metrics are read too: {t}"
+    );
+
+    let j: Json = serde_json::from_str(&top("json")).unwrap();
+    let q = j
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["method"] == "Query" && r["side"] == "server")
+        .unwrap();
+    assert_eq!(q["success_rate"], 0.9);
+    assert!(q["rps"].as_f64().unwrap() > 1.0, "{q}");
+    assert!(q["p99_ms"].as_f64().unwrap() >= q["p50_ms"].as_f64().unwrap());
+    assert!(q["total"].as_u64().unwrap() >= 20);
+
+    let r = ctl(
+        &addr,
+        &[
+            "top",
+            "--metrics-addr",
+            "127.0.0.1:1",
+            "--interval",
+            "100ms",
+        ],
+    );
+    assert_eq!(r.code, 2, "{}", r.err);
+    assert!(r.err.contains("127.0.0.1:1/metrics"), "{}", r.err);
 }

@@ -2,13 +2,11 @@
 //! port) one real question; every finding has a severity, what is wrong, and how to fix it.
 //! Exit code 4 when any finding is a warning or an error.
 
-use std::time::Duration;
-
 use fold_client::{Client, Error, Health, NETWORK_SERVICE, SchemaState, Target};
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::cli::{Global, Output};
+use crate::metrics::get_metrics;
 use crate::{Failure, Out, builder};
 
 #[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq, PartialOrd, Ord)]
@@ -312,40 +310,6 @@ async fn node_checks(c: &Client, out: &mut Vec<Finding>) {
             "",
         )),
     }
-}
-
-/// GET http://ADDR/metrics (HTTP/1.0, bounded by a 3 s timeout): the status line and body.
-async fn get_metrics(addr: &str) -> Result<(u16, String), String> {
-    let fut = async {
-        let mut s = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| e.to_string())?;
-        let req = format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\nAccept: text/plain\r\n\r\n");
-        s.write_all(req.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut buf = Vec::new();
-        // The admin port closes the connection after an HTTP/1.0 response; cap what we read.
-        (&mut s)
-            .take(32 * 1024 * 1024)
-            .read_to_end(&mut buf)
-            .await
-            .map_err(|e| e.to_string())?;
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let code = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse::<u16>().ok())
-            .ok_or_else(|| "the answer is not HTTP".to_string())?;
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Ok((code, body))
-    };
-    tokio::time::timeout(Duration::from_secs(3), fut)
-        .await
-        .map_err(|_| "timed out after 3 s".to_string())?
 }
 
 async fn metrics_check(addr: &str) -> Finding {

@@ -104,6 +104,19 @@ pub enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Per-method request rate, success rate and p50/p99 latency from the node's and its
+    /// sidecar's /metrics, refreshed live in a terminal (one sample otherwise).
+    Top {
+        /// Admin (metrics) addresses to read, host:port; repeat for several processes.
+        #[arg(long = "metrics-addr", default_values = ["127.0.0.1:9464", "127.0.0.1:9465"])]
+        metrics_addrs: Vec<String>,
+        /// Time between samples.
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        interval: std::time::Duration,
+        /// Stop after this many samples (default: until Ctrl-C in a terminal, else 1).
+        #[arg(long)]
+        iterations: Option<u32>,
+    },
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
 }

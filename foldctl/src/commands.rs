@@ -83,7 +83,7 @@ pub async fn run(c: &Client, g: &Global, cmd: Command) -> Result<Out, Failure> {
             })
         }
         Command::Topology { format, all } => topology::run(c, g, format, all).await,
-        Command::Check { .. } | Command::Completions { .. } => {
+        Command::Check { .. } | Command::Top { .. } | Command::Completions { .. } => {
             Err(Failure::Local("not a node command".into()))
         }
     }

@@ -6,7 +6,9 @@
 mod check;
 mod cli;
 mod commands;
+mod metrics;
 mod table;
+mod top;
 mod topology;
 
 use std::process::ExitCode;
@@ -151,6 +153,11 @@ async fn run(cli: Cli) -> Result<Out, Failure> {
     let g = &cli.global;
     match cli.command {
         Command::Check { metrics_addr } => check::run(g, &metrics_addr).await,
+        Command::Top {
+            metrics_addrs,
+            interval,
+            iterations,
+        } => top::run(g, &metrics_addrs, interval, iterations).await,
         Command::Completions { .. } => Err(Failure::Local("completions are handled before".into())),
         cmd => {
             let client = connect(g).await?;
