@@ -1000,3 +1000,68 @@ fn top_shows_per_method_traffic_from_node_and_sidecar() {
     assert_eq!(r.code, 2, "{}", r.err);
     assert!(r.err.contains("127.0.0.1:1/metrics"), "{}", r.err);
 }
+
+/// The SVG parses as XML, and the text of its elements holds `ids`.
+fn assert_svg_well_formed(svg: &str, ids: &[&str]) {
+    let mut text = String::new();
+    let mut root = None;
+    for ev in xml::reader::EventReader::from_str(svg) {
+        match ev.unwrap_or_else(|e| panic!("the SVG is not well-formed XML: {e}\n{svg}")) {
+            xml::reader::XmlEvent::StartElement { name, .. } if root.is_none() => {
+                root = Some(name.local_name)
+            }
+            xml::reader::XmlEvent::Characters(t) => text.push_str(&t),
+            _ => {}
+        }
+    }
+    assert_eq!(root.as_deref(), Some("svg"));
+    for id in ids {
+        assert!(text.contains(id), "{id} is not shown in the SVG");
+    }
+}
+
+#[test]
+fn topology_of_a_five_node_mesh() {
+    let nodes: Vec<Pair> = (0..5).map(|_| Pair::start()).collect();
+    let hub = &nodes[0];
+    let addr = hub.node.grpc.as_str();
+    for other in &nodes[1..] {
+        ok(addr, &["dial", &other.p2p]);
+    }
+    let ids: Vec<&str> = nodes.iter().map(|n| n.node_id.as_str()).collect();
+    wait_for(
+        || {
+            let j = ok(addr, &["topology", "-o", "json"]).json();
+            ids[1..].iter().all(|id| {
+                j["peers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|p| p["node_id"] == *id && p["connected"] == true)
+            })
+        },
+        "four connected peers",
+    );
+    let tree = ok(addr, &["topology"]).out;
+    assert!(
+        tree.starts_with(&format!("{} (this node)", ids[0])),
+        "{tree}"
+    );
+    for id in &ids[1..] {
+        assert!(
+            tree.lines()
+                .any(|l| (l.starts_with("├── ") || l.starts_with("└── ")) && l.contains(id)),
+            "{tree}"
+        );
+    }
+    let dot = ok(addr, &["topology", "--format", "dot"]).out;
+    for id in &ids[1..] {
+        assert!(
+            dot.contains(&format!("\"{}\" -> \"{id}\"", ids[0])),
+            "edge to {id}: {dot}"
+        );
+    }
+    assert_eq!(dot.matches(" -> ").count(), 4, "{dot}");
+    let svg = ok(addr, &["topology", "--format", "svg"]).out;
+    assert_svg_well_formed(&svg, &ids);
+}
