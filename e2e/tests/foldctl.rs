@@ -1064,4 +1064,74 @@ fn topology_of_a_five_node_mesh() {
     assert_eq!(dot.matches(" -> ").count(), 4, "{dot}");
     let svg = ok(addr, &["topology", "--format", "svg"]).out;
     assert_svg_well_formed(&svg, &ids);
+    screenshot_shows_a_picture(&svg);
+}
+
+/// Chromium from PATH (Debian's `chromium`; scripts/install-test-tools.sh installs it).
+fn chromium() -> Option<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    ["chromium", "chromium-browser", "google-chrome"]
+        .iter()
+        .find_map(|name| {
+            std::env::split_paths(&path)
+                .map(|d| d.join(name))
+                .find(|p| p.exists())
+        })
+}
+
+/// Open the SVG in headless Chromium, screenshot it, and check the screenshot is a picture: a
+/// PNG of the window's size with a real share of dark (drawn) pixels on the white page.
+fn screenshot_shows_a_picture(svg: &str) {
+    let Some(chrome) = chromium() else {
+        eprintln!(
+            "SKIPPED the screenshot: chromium is not installed; run scripts/install-test-tools.sh"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mesh.svg");
+    std::fs::write(&file, svg).unwrap();
+    let png_path = dir.path().join("mesh.png");
+    let out = Command::new(&chrome)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--no-first-run",
+            "--disable-dev-shm-usage",
+            "--window-size=1400,900",
+        ])
+        .arg(format!(
+            "--user-data-dir={}",
+            dir.path().join("profile").display()
+        ))
+        .arg(format!("--screenshot={}", png_path.display()))
+        .arg(format!("file://{}", file.display()))
+        .output()
+        .unwrap();
+    assert!(
+        png_path.exists(),
+        "chromium wrote no screenshot: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let decoder = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(&png_path).unwrap(),
+    ));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!((info.width, info.height), (1400, 900));
+    let channels = info.color_type.samples();
+    let pixels = &buf[..info.buffer_size()];
+    let dark = pixels
+        .chunks(channels)
+        .filter(|p| p.iter().take(3).all(|c| *c < 128))
+        .count();
+    let total = (info.width * info.height) as usize;
+    // Five labelled boxes and four edges: clearly more than nothing, far less than everything.
+    assert!(
+        dark > 2_000 && dark < total / 2,
+        "{dark} dark pixels of {total}"
+    );
 }

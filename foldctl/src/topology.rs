@@ -96,7 +96,8 @@ fn quote(s: &str) -> String {
 /// Graphviz DOT: one node per node id, one edge from this node to each peer (dashed when not
 /// connected), labelled with the RTT.
 pub fn dot(t: &Topology) -> String {
-    let mut out = String::from("digraph mesh {\n");
+    // Left to right: the node on the left, its peers stacked on the right (node ids are long).
+    let mut out = String::from("digraph mesh {\n  rankdir=LR;\n");
     out.push_str(&format!(
         "  {} [shape=box, label={}];\n",
         quote(&t.node_id),
@@ -104,7 +105,7 @@ pub fn dot(t: &Topology) -> String {
     ));
     for p in &t.peers {
         out.push_str(&format!(
-            "  {} [shape=ellipse, label={}];\n",
+            "  {} [shape=box, label={}];\n",
             quote(&p.node_id),
             quote(&p.node_id)
         ));
@@ -133,7 +134,27 @@ pub fn svg(dot: &str) -> Result<String, Failure> {
     let mut vg = builder.get();
     let mut writer = SVGWriter::new();
     vg.do_it(false, false, false, &mut writer);
-    Ok(writer.finalize())
+    Ok(fit_to_window(&writer.finalize()))
+}
+
+/// Let the picture scale to the browser window: drop the root's fixed `width`/`height` (the
+/// `viewBox` keeps the proportions) and say `width="100%"`.
+fn fit_to_window(svg: &str) -> String {
+    let Some(start) = svg.find("<svg ") else {
+        return svg.to_string();
+    };
+    let Some(len) = svg[start..].find("viewBox=") else {
+        return svg.to_string();
+    };
+    let head = &svg[start..start + len];
+    if !head.contains("width=") {
+        return svg.to_string();
+    }
+    format!(
+        "{}<svg width=\"100%\" {}",
+        &svg[..start],
+        &svg[start + len..]
+    )
 }
 
 #[cfg(test)]
@@ -166,7 +187,7 @@ mod tests {
         let d = dot(&t);
         assert!(d.contains("\"12D3KooWSelf\" -> \"12D3KooWA\""), "{d}");
         let s = svg(&d).unwrap();
-        assert!(s.starts_with("<svg") || s.contains("<svg"), "{s}");
+        assert!(s.contains("<svg width=\"100%\" viewBox="), "{s}");
         for id in ["12D3KooWSelf", "12D3KooWA", "12D3KooWB"] {
             assert!(s.contains(id), "{id} missing from the SVG");
         }
