@@ -530,6 +530,65 @@ fn every_command_in_both_output_modes() {
     assert_eq!(j["schema"], "SensorReadings");
 
     // Forwarded query and mutation (--node): b must trust a first.
+    // Seeded: b denies a (unknown peers are denied by default). a's forwarded query is refused,
+    // and each side's `check` names it: a sees the remote deny it, b a denied connected peer.
+    let r = ctl(
+        addr,
+        &["query", "SensorReadings", "celsius", "--node", &b.node_id],
+    );
+    assert_eq!(r.code, 3, "{}", r.err);
+    assert!(r.err.contains("PERMISSION_DENIED"), "{}", r.err);
+    let r = ctl(
+        addr,
+        &[
+            "check",
+            "--metrics-addr",
+            &a.node.admin,
+            "--sidecar-metrics-addr",
+            &a.sidecar_admin,
+        ],
+    );
+    assert_eq!(r.code, 4, "{}", r.out);
+    assert!(
+        r.out.contains(
+            "[WARNING] remote-denies: 1 forwarded request(s) were refused PERMISSION_DENIED"
+        ),
+        "{}",
+        r.out
+    );
+    assert!(
+        r.out.contains("[OK] clock-skew") && r.out.contains("[OK] sidecar-metrics"),
+        "{}",
+        r.out
+    );
+    let j = ctl(
+        &b.node.grpc,
+        &[
+            "check",
+            "--metrics-addr",
+            &b.node.admin,
+            "--sidecar-metrics-addr",
+            &b.sidecar_admin,
+            "-o",
+            "json",
+        ],
+    )
+    .json();
+    let denied = j["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["check"] == "peer-denied")
+        .cloned();
+    let denied = denied.unwrap_or_else(|| panic!("b's check names the denied peer: {j}"));
+    assert!(
+        denied["what"].as_str().unwrap().contains(&a.node_id),
+        "{denied}"
+    );
+    assert_eq!(
+        denied["fix"],
+        format!("if it should be allowed: foldctl trust set {} 1", a.node_id)
+    );
     ok(&b.node.grpc, &["trust", "set", &a.node_id, "0"]);
     let j = ok(
         addr,
@@ -662,7 +721,16 @@ fn check_names_seeded_problems() {
     let node = NodeProc::start(dir.path(), &[]).unwrap();
     let addr = node.grpc.as_str();
     ok(addr, &["schema", "load", SENSORS]);
-    let r = ctl(addr, &["check", "--metrics-addr", "127.0.0.1:1"]);
+    let r = ctl(
+        addr,
+        &[
+            "check",
+            "--metrics-addr",
+            "127.0.0.1:1",
+            "--sidecar-metrics-addr",
+            "127.0.0.1:1",
+        ],
+    );
     assert_eq!(r.code, 4, "problems found: {}\n{}", r.out, r.err);
     assert!(
         r.out.contains("[ERROR] sidecar-link") && r.out.contains("p2p-sidecar"),
@@ -741,7 +809,16 @@ fn check_names_seeded_problems() {
 
     // A healthy lone node: the only finding left is that it has no peers.
     let p = Pair::start();
-    let r = ctl(&p.node.grpc, &["check", "--metrics-addr", &p.node.admin]);
+    let r = ctl(
+        &p.node.grpc,
+        &[
+            "check",
+            "--metrics-addr",
+            &p.node.admin,
+            "--sidecar-metrics-addr",
+            &p.sidecar_admin,
+        ],
+    );
     assert_eq!(r.code, 4, "{}", r.out);
     assert!(
         r.out.contains("[OK] sidecar-link")
@@ -754,6 +831,17 @@ fn check_names_seeded_problems() {
         "{}",
         r.out
     );
+    assert!(
+        r.out.contains("[OK] sidecar-metrics") && r.out.contains("[OK] clock-skew"),
+        "{}",
+        r.out
+    );
+    let problems = r
+        .out
+        .lines()
+        .filter(|l| l.starts_with("[WARNING]") || l.starts_with("[ERROR]"))
+        .count();
+    assert_eq!(problems, 1, "{}", r.out);
 
     // A node that cannot be reached at all.
     let r = ctl("127.0.0.1:1", &["check", "--metrics-addr", "127.0.0.1:1"]);

@@ -6,7 +6,7 @@ use fold_client::{Client, Error, Health, NETWORK_SERVICE, SchemaState, Target};
 use serde::Serialize;
 
 use crate::cli::{Global, Output};
-use crate::metrics::get_metrics;
+use crate::metrics::{Sample, get_metrics, parse};
 use crate::{Failure, Out, builder};
 
 #[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq, PartialOrd, Ord)]
@@ -42,15 +42,17 @@ fn finding(
     }
 }
 
-pub async fn run(g: &Global, metrics_addr: &str) -> Result<Out, Failure> {
+pub async fn run(
+    g: &Global,
+    metrics_addr: &str,
+    sidecar_metrics_addr: &str,
+) -> Result<Out, Failure> {
     let mut findings = Vec::new();
     match builder(g).connect().await {
         Ok(client) => node_checks(&client, &mut findings).await,
         Err(e) => findings.push(connect_finding(g, &e)),
     }
-    findings.push(metrics_check(metrics_addr).await);
-    findings.push(rate_limit_check(metrics_addr).await);
-    findings.retain(|f| f.check != "-");
+    admin_checks(metrics_addr, sidecar_metrics_addr, &mut findings).await;
     let problems = findings.iter().any(|f| f.severity >= Severity::Warning);
     let json = serde_json::json!({"ok": !problems, "findings": findings});
     let mut text = String::new();
@@ -312,58 +314,208 @@ async fn node_checks(c: &Client, out: &mut Vec<Finding>) {
     }
 }
 
-async fn metrics_check(addr: &str) -> Finding {
-    match get_metrics(addr).await {
-        Ok((200, body)) if body.contains("# TYPE") => finding(
-            Severity::Ok,
-            "metrics",
-            format!("http://{addr}/metrics answers"),
-            "",
-        ),
-        Ok((code, _)) => finding(
+/// The admin ports: reachable, and what their counters say about the mesh.
+async fn admin_checks(node_addr: &str, sidecar_addr: &str, out: &mut Vec<Finding>) {
+    match get_metrics(node_addr).await {
+        Ok((200, body)) if body.contains("# TYPE") => {
+            out.push(finding(
+                Severity::Ok,
+                "metrics",
+                format!("http://{node_addr}/metrics answers"),
+                "",
+            ));
+            out.extend(node_metric_findings(&parse(&body)));
+        }
+        Ok((code, _)) => out.push(finding(
             Severity::Warning,
             "metrics",
-            format!("http://{addr}/metrics answered HTTP {code}, not Prometheus metrics"),
+            format!("http://{node_addr}/metrics answered HTTP {code}, not Prometheus metrics"),
             "pass the node's admin port (fold-node --admin-listen / FOLD_ADMIN_LISTEN) as --metrics-addr",
-        ),
-        Err(e) => finding(
+        )),
+        Err(e) => out.push(finding(
             Severity::Warning,
             "metrics",
-            format!("metrics port http://{addr}/metrics cannot be reached: {e}"),
+            format!("metrics port http://{node_addr}/metrics cannot be reached: {e}"),
             "pass the node's admin port (fold-node --admin-listen / FOLD_ADMIN_LISTEN, default 127.0.0.1:9464) as --metrics-addr",
-        ),
+        )),
+    }
+    match get_metrics(sidecar_addr).await {
+        Ok((200, body)) if body.contains("# TYPE") => {
+            out.push(finding(
+                Severity::Ok,
+                "sidecar-metrics",
+                format!("http://{sidecar_addr}/metrics answers"),
+                "",
+            ));
+            out.extend(sidecar_metric_findings(&parse(&body)));
+        }
+        Ok((code, _)) => out.push(finding(
+            Severity::Warning,
+            "sidecar-metrics",
+            format!("http://{sidecar_addr}/metrics answered HTTP {code}, not Prometheus metrics"),
+            "pass the sidecar's admin port (p2p-sidecar --admin-listen / FOLD_SIDECAR_ADMIN_LISTEN) as --sidecar-metrics-addr",
+        )),
+        Err(e) => out.push(finding(
+            Severity::Warning,
+            "sidecar-metrics",
+            format!("sidecar metrics port http://{sidecar_addr}/metrics cannot be reached: {e}"),
+            "pass the sidecar's admin port (p2p-sidecar --admin-listen / FOLD_SIDECAR_ADMIN_LISTEN, default 127.0.0.1:9465) as --sidecar-metrics-addr",
+        )),
     }
 }
 
-async fn rate_limit_check(addr: &str) -> Finding {
-    let Ok((200, body)) = get_metrics(addr).await else {
-        return finding(Severity::Ok, "-", "", "");
-    };
-    let hits: f64 = body
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            let name = name.split('{').next()?;
-            name.ends_with("_rate_limited_total")
-                .then(|| value.parse::<f64>().ok())?
-        })
+fn sum(samples: &[Sample], name: &str, label: Option<(&str, &str)>) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.name == name)
+        .filter(|s| label.is_none_or(|(k, v)| s.labels.get(k).is_some_and(|x| x == v)))
+        .map(|s| s.value)
+        .sum()
+}
+
+/// What the node's counters say: rate-limited clients, open circuit breakers, forwards the
+/// remote refused.
+pub fn node_metric_findings(samples: &[Sample]) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let limited: f64 = samples
+        .iter()
+        .filter(|s| s.name.ends_with("_rate_limited_total"))
+        .map(|s| s.value)
         .sum();
-    if hits > 0.0 {
+    out.push(if limited > 0.0 {
         finding(
             Severity::Warning,
             "rate-limit",
-            format!(
-                "{hits} request(s) were refused by the per-client rate limit (RESOURCE_EXHAUSTED)"
-            ),
+            format!("{limited} request(s) were refused by the per-client rate limit (RESOURCE_EXHAUSTED)"),
             "slow the client down, or raise fold-node --rate-limit-per-client / --rate-limit-burst",
         )
     } else {
+        finding(Severity::Ok, "rate-limit", "no request refused by the rate limit", "")
+    });
+    for s in samples
+        .iter()
+        .filter(|s| s.name == "fold_circuit_breaker_state" && s.value == 1.0)
+    {
+        let target = s.labels.get("target").cloned().unwrap_or_default();
+        out.push(finding(
+            Severity::Warning,
+            "breaker-open",
+            format!("the circuit breaker to {target} is open: requests to it fail fast with UNAVAILABLE"),
+            "check that it is running and reachable (foldctl peers --all; foldctl dial ADDR); the breaker retries on its own",
+        ));
+    }
+    let denied = sum(
+        samples,
+        "fold_forwards_total",
+        Some(("outcome", "PermissionDenied")),
+    );
+    if denied > 0.0 {
+        out.push(finding(
+            Severity::Warning,
+            "remote-denies",
+            format!("{denied} forwarded request(s) were refused PERMISSION_DENIED by the remote node: it denies this node (or the fields)"),
+            "on the remote node: foldctl trust set THIS_NODE_ID DIST (foldctl status shows this node's id)",
+        ));
+    }
+    let unauth = sum(
+        samples,
+        "fold_forwards_total",
+        Some(("outcome", "Unauthenticated")),
+    );
+    if unauth > 0.0 {
+        out.push(finding(
+            Severity::Warning,
+            "remote-unauthenticated",
+            format!("{unauth} forwarded request(s) were refused UNAUTHENTICATED by the remote sidecar (signature, clock skew or replay)"),
+            "check both hosts' clocks (NTP); the remote's `foldctl check` names the reason",
+        ));
+    }
+    out
+}
+
+/// What the sidecar's counters say about requests from peers.
+pub fn sidecar_metric_findings(samples: &[Sample]) -> Vec<Finding> {
+    let name = "fold_sidecar_inbound_requests_total";
+    let mut out = Vec::new();
+    let stale = sum(samples, name, Some(("outcome", "stale")));
+    out.push(if stale > 0.0 {
         finding(
-            Severity::Ok,
-            "rate-limit",
-            "no request refused by the rate limit",
-            "",
+            Severity::Warning,
+            "clock-skew",
+            format!("{stale} request(s) from peers were refused: their timestamps were outside the signature window (clock skew)"),
+            "synchronise the clocks of this host and its peers (NTP), or widen p2p-sidecar's allowed clock skew",
         )
+    } else {
+        finding(Severity::Ok, "clock-skew", "no peer request refused for clock skew", "")
+    });
+    let limited = sum(samples, name, Some(("outcome", "rate_limited")));
+    if limited > 0.0 {
+        out.push(finding(
+            Severity::Warning,
+            "peer-rate-limit",
+            format!("{limited} request(s) from peers were refused by the per-peer rate limit"),
+            "a peer sends too much: find it in the sidecar log, or raise the sidecar's per-peer limit",
+        ));
+    }
+    let forged: f64 = ["wrong_origin", "bad_signature", "replayed"]
+        .iter()
+        .map(|o| sum(samples, name, Some(("outcome", o))))
+        .sum();
+    if forged > 0.0 {
+        out.push(finding(
+            Severity::Warning,
+            "peer-auth",
+            format!("{forged} request(s) from peers failed authentication (wrong origin, bad signature or replay)"),
+            "a peer misbehaves or is misconfigured: the sidecar log names it; deny it with foldctl trust set ID deny",
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checks(f: &[Finding]) -> Vec<(&'static str, Severity)> {
+        f.iter().map(|f| (f.check, f.severity)).collect()
+    }
+
+    #[test]
+    fn node_counters_become_findings() {
+        let body = "grpc_server_rate_limited_total 3\n\
+                    fold_circuit_breaker_state{target=\"12D3KooWX\"} 1\n\
+                    fold_circuit_breaker_state{target=\"12D3KooWY\"} 0\n\
+                    fold_forwards_total{op=\"query\",outcome=\"PermissionDenied\"} 2\n\
+                    fold_forwards_total{op=\"query\",outcome=\"OK\"} 5\n";
+        let f = node_metric_findings(&parse(body));
+        assert_eq!(
+            checks(&f),
+            [
+                ("rate-limit", Severity::Warning),
+                ("breaker-open", Severity::Warning),
+                ("remote-denies", Severity::Warning)
+            ]
+        );
+        assert!(f[1].what.contains("12D3KooWX"));
+        let quiet = node_metric_findings(&parse(
+            "fold_forwards_total{op=\"query\",outcome=\"OK\"} 5\n",
+        ));
+        assert_eq!(checks(&quiet), [("rate-limit", Severity::Ok)]);
+    }
+
+    #[test]
+    fn sidecar_counters_become_findings() {
+        let body = "fold_sidecar_inbound_requests_total{protocol=\"forward\",outcome=\"stale\"} 4\n\
+                    fold_sidecar_inbound_requests_total{protocol=\"forward\",outcome=\"accepted\"} 9\n\
+                    fold_sidecar_inbound_requests_total{protocol=\"schema\",outcome=\"rate_limited\"} 1\n";
+        let f = sidecar_metric_findings(&parse(body));
+        assert_eq!(
+            checks(&f),
+            [
+                ("clock-skew", Severity::Warning),
+                ("peer-rate-limit", Severity::Warning)
+            ]
+        );
+        assert!(f[0].what.starts_with("4 request(s)"));
     }
 }

@@ -94,6 +94,13 @@ pub enum Command {
         /// The node's admin (metrics) address, host:port.
         #[arg(long, env = "FOLD_METRICS_ADDR", default_value = "127.0.0.1:9464")]
         metrics_addr: String,
+        /// The sidecar's admin (metrics) address, host:port.
+        #[arg(
+            long,
+            env = "FOLD_SIDECAR_METRICS_ADDR",
+            default_value = "127.0.0.1:9465"
+        )]
+        sidecar_metrics_addr: String,
     },
     /// This node and its peers as a tree, JSON, Graphviz DOT or an SVG picture.
     Topology {

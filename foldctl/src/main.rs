@@ -152,7 +152,10 @@ async fn connect(g: &Global) -> Result<Client, Failure> {
 async fn run(cli: Cli) -> Result<Out, Failure> {
     let g = &cli.global;
     match cli.command {
-        Command::Check { metrics_addr } => check::run(g, &metrics_addr).await,
+        Command::Check {
+            metrics_addr,
+            sidecar_metrics_addr,
+        } => check::run(g, &metrics_addr, &sidecar_metrics_addr).await,
         Command::Top {
             metrics_addrs,
             interval,
