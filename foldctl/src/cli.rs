@@ -22,6 +22,7 @@ pub struct Cli {
 }
 
 #[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Connection and output (every command)")]
 pub struct Global {
     /// The node: host:port, http://host:port, https://host:port (TLS), unix:/path or a socket path.
     #[arg(
@@ -164,6 +165,7 @@ pub enum SchemaCmd {
 #[derive(Args, Debug)]
 #[command(group(ArgGroup::new("filter").args(["key", "prefix", "range", "keys", "pattern"])))]
 pub struct QueryArgs {
+    /// Schema name.
     pub schema: String,
     /// Fields to read (default: every field of the schema).
     pub fields: Vec<String>,
@@ -190,7 +192,9 @@ pub struct QueryArgs {
 #[derive(Args, Debug)]
 #[command(group(ArgGroup::new("input").args(["data", "batch"]).required(true)))]
 pub struct MutateArgs {
+    /// Schema name.
     pub schema: String,
+    /// What to do with the fields in the data.
     #[arg(value_parser = ["create", "update", "delete"])]
     pub kind: String,
     /// Field values as a JSON object, `@file` to read it from a file, `@-` from stdin.
@@ -207,7 +211,9 @@ pub struct MutateArgs {
 
 #[derive(Args, Debug)]
 pub struct HistoryArgs {
+    /// Schema name.
     pub schema: String,
+    /// Field name.
     pub field: String,
     /// The range key (Range schemas).
     pub key: Option<String>,
