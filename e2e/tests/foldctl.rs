@@ -1153,6 +1153,107 @@ fn topology_of_a_five_node_mesh() {
     let svg = ok(addr, &["topology", "--format", "svg"]).out;
     assert_svg_well_formed(&svg, &ids);
     screenshot_shows_a_picture(&svg);
+    // A picture is printed as is, whatever -o says.
+    let dot_json = ok(addr, &["topology", "--format", "dot", "-o", "json"]).out;
+    assert!(dot_json.starts_with("digraph mesh {"), "{dot_json}");
+
+    // Two more links among the others, then one picture from every node's view.
+    ok(&nodes[1].node.grpc, &["dial", &nodes[2].p2p]);
+    ok(&nodes[3].node.grpc, &["dial", &nodes[4].p2p]);
+    let mut also: Vec<String> = Vec::new();
+    for n in &nodes[1..] {
+        also.extend(["--also".to_string(), n.node.grpc.clone()]);
+    }
+    let run = |extra: &[&str]| {
+        let mut args: Vec<&str> = vec!["topology"];
+        args.extend(also.iter().map(String::as_str));
+        args.extend(extra);
+        ok(addr, &args)
+    };
+    // Each node's own peer list (the nodes also find each other through the DHT, so the mesh
+    // may hold more than the dialed links): the merged view must have every such link once.
+    let pair = |a: &str, b: &str| {
+        if a < b {
+            (a.to_string(), b.to_string())
+        } else {
+            (b.to_string(), a.to_string())
+        }
+    };
+    let expected = || {
+        let mut want = std::collections::BTreeSet::new();
+        for n in &nodes {
+            for p in ok(&n.node.grpc, &["peers", "-o", "json"])
+                .json()
+                .as_array()
+                .unwrap()
+            {
+                want.insert(pair(&n.node_id, p["node_id"].as_str().unwrap()));
+            }
+        }
+        want
+    };
+    let merged = |j: &Json| -> Vec<(String, String)> {
+        j["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| pair(l["from"].as_str().unwrap(), l["to"].as_str().unwrap()))
+            .collect()
+    };
+    let mut j = Json::Null;
+    let mut want = std::collections::BTreeSet::new();
+    wait_for(
+        || {
+            want = expected();
+            j = run(&["-o", "json"]).json();
+            let got = merged(&j);
+            let unique: std::collections::BTreeSet<_> = got.iter().cloned().collect();
+            got.len() == unique.len() && unique == want && want.len() >= 6
+        },
+        "the merged view to hold every node's links exactly once",
+    );
+    for (x, y) in [(0, 1), (0, 2), (0, 3), (0, 4), (1, 2), (3, 4)] {
+        assert!(
+            want.contains(&pair(ids[x], ids[y])),
+            "dialed link {x}-{y} is in the mesh"
+        );
+    }
+    let mesh_nodes: Vec<&str> = j["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["node_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(mesh_nodes.len(), 5);
+    for id in &ids {
+        assert!(mesh_nodes.contains(id), "{id} in {j}");
+    }
+    assert!(
+        j["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["asked"] == true)
+    );
+    assert_eq!(j["views"].as_array().unwrap().len(), 5);
+    let links = want.len();
+    let dot = run(&["--format", "dot"]).out;
+    assert_eq!(dot.matches(" -> ").count(), links, "{dot}");
+    for (a, b) in &want {
+        assert!(
+            dot.contains(&format!("\"{a}\" -> \"{b}\""))
+                || dot.contains(&format!("\"{b}\" -> \"{a}\"")),
+            "edge {a}-{b}: {dot}"
+        );
+    }
+    let text = run(&[]).out;
+    assert!(
+        text.contains(&format!("5 node(s), {links} link(s), 5 node(s) asked")),
+        "{text}"
+    );
+    let svg = run(&["--format", "svg"]).out;
+    assert_svg_well_formed(&svg, &ids);
+    screenshot_shows_a_picture(&svg);
 }
 
 /// Chromium from PATH (Debian's `chromium`; scripts/install-test-tools.sh installs it).

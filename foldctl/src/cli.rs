@@ -111,6 +111,10 @@ pub enum Command {
         /// Also peers known but not connected.
         #[arg(long)]
         all: bool,
+        /// Also ask these nodes (same flags as --addr; repeat) and merge their views into one
+        /// picture of the mesh.
+        #[arg(long, value_name = "ADDR")]
+        also: Vec<String>,
     },
     /// Per-method request rate, success rate and p50/p99 latency from the node's and its
     /// sidecar's /metrics, refreshed live in a terminal (one sample otherwise).

@@ -18,10 +18,21 @@ use fold_client::{Client, ClientBuilder, Error};
 
 use cli::{Cli, Command, Global, Output};
 
-/// What a command produced: the JSON document and the text for people.
+/// What a command produced: the JSON document and the text for people. A `null` document
+/// means the text is the output in every mode (pictures: DOT, SVG).
 pub struct Out {
     pub json: serde_json::Value,
     pub text: String,
+}
+
+impl Out {
+    /// Output printed as is whatever `-o` says.
+    pub fn text_only(text: String) -> Out {
+        Out {
+            json: serde_json::Value::Null,
+            text,
+        }
+    }
 }
 
 /// A command's failure.
@@ -73,6 +84,11 @@ fn main() -> ExitCode {
     let output = cli.global.output;
     match rt.block_on(run(cli)) {
         Ok(out) => {
+            let output = if out.json.is_null() {
+                Output::Table
+            } else {
+                output
+            };
             match output {
                 Output::Json => match serde_json::to_string_pretty(&out.json) {
                     Ok(s) => println!("{s}"),
@@ -132,7 +148,12 @@ pub fn exit_code(e: &Error) -> u8 {
 
 /// The client for the global flags.
 pub fn builder(g: &Global) -> ClientBuilder {
-    let mut b = ClientBuilder::new(g.addr.clone()).timeout(g.timeout);
+    builder_at(g, &g.addr)
+}
+
+/// The client for the global flags, at another address.
+pub fn builder_at(g: &Global, addr: &str) -> ClientBuilder {
+    let mut b = ClientBuilder::new(addr).timeout(g.timeout);
     if let Some(ca) = &g.tls_ca {
         b = b.tls_ca_file(ca);
     }

@@ -1,22 +1,46 @@
 //! `foldctl topology`: this node and its peers (Network.Topology, plus disconnected peers from
 //! ListPeers with --all) as a text tree, JSON, Graphviz DOT, or an SVG picture laid out by
-//! layout-rs. A client sees only the node it talks to and that node's peers: asking the peers for
-//! their peers needs an API the node does not offer yet (docs/FOLDCTL.md).
+//! layout-rs; `--also` merges the views of several nodes the client can reach. Asking the peers
+//! for their peers needs an API the node does not offer yet (docs/FOLDCTL.md).
+
+use std::collections::BTreeSet;
 
 use fold_client::{Client, Peer, Topology};
 use layout::backends::svg::SVGWriter;
 use layout::gv::{DotParser, GraphBuilder};
+use serde::Serialize;
 
-use crate::cli::{Global, Output, TopologyFormat};
+use crate::cli::{Global, TopologyFormat};
 use crate::commands::{peer_trust, rtt_text};
-use crate::{Failure, Out};
+use crate::{Failure, Out, builder_at};
 
-pub async fn run(
-    c: &Client,
-    g: &Global,
-    format: Option<TopologyFormat>,
-    all: bool,
-) -> Result<Out, Failure> {
+/// The merged picture of several nodes' views (`--also`).
+#[derive(Debug, Serialize)]
+pub struct Mesh {
+    /// Every node seen; `asked` is true for the nodes whose view is included.
+    pub nodes: Vec<MeshNode>,
+    /// One link per connected (or, with --all, known) pair, reported by the first node asked
+    /// that sees it.
+    pub links: Vec<Link>,
+    /// Each asked node's own view, as `foldctl topology -o json` prints it.
+    pub views: Vec<Topology>,
+}
+
+#[derive(Debug, Serialize, Clone)]
+pub struct MeshNode {
+    pub node_id: String,
+    pub asked: bool,
+}
+
+#[derive(Debug, Serialize, Clone)]
+pub struct Link {
+    pub from: String,
+    pub to: String,
+    pub connected: bool,
+    pub rtt_micros: Option<u64>,
+}
+
+async fn view(c: &Client, all: bool) -> Result<Topology, Failure> {
     let mut topo = c.topology().await?;
     if all {
         for p in c.peers(true).await? {
@@ -26,26 +50,110 @@ pub async fn run(
         }
     }
     topo.peers.sort_by(|a, b| a.node_id.cmp(&b.node_id));
-    let json = serde_json::to_value(&topo)
-        .map_err(|e| Failure::Local(format!("cannot render JSON: {e}")))?;
-    let text = match format {
-        None | Some(TopologyFormat::Text) => tree(&topo),
-        Some(TopologyFormat::Json) => {
-            let s = serde_json::to_string_pretty(&json)
-                .map_err(|e| Failure::Local(format!("cannot render JSON: {e}")))?;
-            format!("{s}\n")
-        }
-        Some(TopologyFormat::Dot) => dot(&topo),
-        Some(TopologyFormat::Svg) => svg(&dot(&topo))?,
+    Ok(topo)
+}
+
+/// Merge views: nodes in order of appearance, links deduplicated as unordered pairs.
+pub fn merge(views: Vec<Topology>) -> Mesh {
+    let mut nodes: Vec<MeshNode> = Vec::new();
+    let add = |id: &str, asked: bool, nodes: &mut Vec<MeshNode>| match nodes
+        .iter_mut()
+        .find(|n| n.node_id == id)
+    {
+        Some(n) => n.asked |= asked,
+        None => nodes.push(MeshNode {
+            node_id: id.to_string(),
+            asked,
+        }),
     };
-    // An explicit --format is a picture: print it whatever -o says.
-    if format.is_some() && g.output == Output::Json {
-        return Ok(Out {
-            json: serde_json::Value::String(text.clone()),
-            text,
-        });
+    let mut links = Vec::new();
+    let mut seen = BTreeSet::new();
+    for v in &views {
+        add(&v.node_id, true, &mut nodes);
+        for p in &v.peers {
+            add(&p.node_id, false, &mut nodes);
+            let pair = if v.node_id < p.node_id {
+                (v.node_id.clone(), p.node_id.clone())
+            } else {
+                (p.node_id.clone(), v.node_id.clone())
+            };
+            if seen.insert(pair) {
+                links.push(Link {
+                    from: v.node_id.clone(),
+                    to: p.node_id.clone(),
+                    connected: p.connected,
+                    rtt_micros: p.rtt_micros,
+                });
+            }
+        }
     }
-    Ok(Out { json, text })
+    Mesh {
+        nodes,
+        links,
+        views,
+    }
+}
+
+fn json_of<T: Serialize>(v: &T) -> Result<serde_json::Value, Failure> {
+    serde_json::to_value(v).map_err(|e| Failure::Local(format!("cannot render JSON: {e}")))
+}
+
+pub async fn run(
+    c: &Client,
+    g: &Global,
+    format: Option<TopologyFormat>,
+    all: bool,
+    also: &[String],
+) -> Result<Out, Failure> {
+    let first = view(c, all).await?;
+    if also.is_empty() {
+        let json = json_of(&first)?;
+        let text = match format {
+            None | Some(TopologyFormat::Text) => tree(&first),
+            Some(TopologyFormat::Json) => pretty(&json)?,
+            Some(TopologyFormat::Dot) => dot(&merge(vec![first])),
+            Some(TopologyFormat::Svg) => svg(&dot(&merge(vec![first])))?,
+        };
+        return Ok(picture(format, json, text));
+    }
+    let mut views = vec![first];
+    for addr in also {
+        let client = builder_at(g, addr).connect().await?;
+        views.push(view(&client, all).await?);
+    }
+    let mesh = merge(views);
+    let json = json_of(&mesh)?;
+    let text = match format {
+        None | Some(TopologyFormat::Text) => {
+            let mut t: Vec<String> = mesh.views.iter().map(tree).collect();
+            t.push(format!(
+                "{} node(s), {} link(s), {} node(s) asked\n",
+                mesh.nodes.len(),
+                mesh.links.len(),
+                mesh.views.len()
+            ));
+            t.join("\n")
+        }
+        Some(TopologyFormat::Json) => pretty(&json)?,
+        Some(TopologyFormat::Dot) => dot(&mesh),
+        Some(TopologyFormat::Svg) => svg(&dot(&mesh))?,
+    };
+    Ok(picture(format, json, text))
+}
+
+fn pretty(json: &serde_json::Value) -> Result<String, Failure> {
+    serde_json::to_string_pretty(json)
+        .map(|s| format!("{s}\n"))
+        .map_err(|e| Failure::Local(format!("cannot render JSON: {e}")))
+}
+
+/// An explicit --format is a picture: printed as is whatever -o says.
+fn picture(format: Option<TopologyFormat>, json: serde_json::Value, text: String) -> Out {
+    if format.is_some() {
+        Out::text_only(text)
+    } else {
+        Out { json, text }
+    }
 }
 
 fn peer_line(p: &Peer) -> String {
@@ -93,30 +201,34 @@ fn quote(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
-/// Graphviz DOT: one node per node id, one edge from this node to each peer (dashed when not
-/// connected), labelled with the RTT.
-pub fn dot(t: &Topology) -> String {
-    // Left to right: the node on the left, its peers stacked on the right (node ids are long).
-    let mut out = String::from("digraph mesh {\n  rankdir=LR;\n");
-    out.push_str(&format!(
-        "  {} [shape=box, label={}];\n",
-        quote(&t.node_id),
-        quote(&t.node_id)
-    ));
-    for p in &t.peers {
+/// Graphviz DOT: one box per node id (nodes whose view was asked drawn bold), one edge per
+/// link (dashed when not connected), labelled with the RTT.
+pub fn dot(m: &Mesh) -> String {
+    // One node's view is a star: left to right, its peers stacked on the right (node ids are
+    // long). A merged mesh is laid out top to bottom, which keeps it about as wide as an id.
+    let mut out = String::from("digraph mesh {\n");
+    if m.views.len() <= 1 {
+        out.push_str("  rankdir=LR;\n");
+    }
+    for n in &m.nodes {
+        let extra = if n.asked { ", style=bold" } else { "" };
         out.push_str(&format!(
-            "  {} [shape=box, label={}];\n",
-            quote(&p.node_id),
-            quote(&p.node_id)
+            "  {} [shape=box, label={}{extra}];\n",
+            quote(&n.node_id),
+            quote(&n.node_id)
         ));
     }
-    for p in &t.peers {
-        let style = if p.connected { "solid" } else { "dashed" };
+    for l in &m.links {
+        let style = if l.connected { "solid" } else { "dashed" };
+        let rtt = l
+            .rtt_micros
+            .map(|us| format!("{:.2} ms", us as f64 / 1000.0))
+            .unwrap_or_else(|| "-".into());
         out.push_str(&format!(
             "  {} -> {} [label={}, style={style}];\n",
-            quote(&t.node_id),
-            quote(&p.node_id),
-            quote(&rtt_text(p))
+            quote(&l.from),
+            quote(&l.to),
+            quote(&rtt)
         ));
     }
     out.push_str("}\n");
@@ -180,11 +292,38 @@ mod tests {
     }
 
     #[test]
+    fn merges_views_without_duplicate_links() {
+        let a = topo();
+        let b = Topology {
+            node_id: "12D3KooWA".into(),
+            peers: vec![Peer {
+                node_id: "12D3KooWSelf".into(),
+                ..a.peers[0].clone()
+            }],
+        };
+        let m = merge(vec![a, b]);
+        let ids: Vec<_> = m
+            .nodes
+            .iter()
+            .map(|n| (n.node_id.as_str(), n.asked))
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                ("12D3KooWSelf", true),
+                ("12D3KooWA", true),
+                ("12D3KooWB", false)
+            ]
+        );
+        assert_eq!(m.links.len(), 2, "A-Self is one link: {:?}", m.links);
+    }
+
+    #[test]
     fn renders_every_node() {
         let t = topo();
         let tree = tree(&t);
         assert!(tree.contains("12D3KooWSelf (this node)") && tree.contains("└── 12D3KooWB"));
-        let d = dot(&t);
+        let d = dot(&merge(vec![t.clone()]));
         assert!(d.contains("\"12D3KooWSelf\" -> \"12D3KooWA\""), "{d}");
         let s = svg(&d).unwrap();
         assert!(s.contains("<svg width=\"100%\" viewBox="), "{s}");
