@@ -886,7 +886,7 @@ fn tls_material() -> (String, String, String, String, String) {
 fn tls_and_mutual_tls_and_their_misconfigurations() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, cert, key, ccert, ckey) = tls_material();
-    let (other_ca, ..) = tls_material();
+    let (other_ca, _, _, stranger_cert, stranger_key) = tls_material();
     let p = |name: &str, text: &str| {
         let path = dir.path().join(name);
         std::fs::write(&path, text).unwrap();
@@ -899,6 +899,10 @@ fn tls_and_mutual_tls_and_their_misconfigurations() {
         p("client.pem", &ccert),
         p("client.key", &ckey),
         p("other-ca.pem", &other_ca),
+    );
+    let (stranger_cert, stranger_key) = (
+        p("stranger.pem", &stranger_cert),
+        p("stranger.key", &stranger_key),
     );
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
@@ -998,6 +1002,57 @@ fn tls_and_mutual_tls_and_their_misconfigurations() {
     assert_eq!(r.code, 4);
     assert!(
         r.out.contains("[ERROR] tls") && r.out.contains("--tls-server-name"),
+        "{}",
+        r.out
+    );
+
+    // A client certificate from a CA the node does not know: refused, and named a TLS problem.
+    let r = ctl(
+        &https,
+        &[
+            "--tls-ca",
+            &ca,
+            "--tls-cert",
+            &stranger_cert,
+            "--tls-key",
+            &stranger_key,
+            "schema",
+            "list",
+        ],
+    );
+    assert!(r.code == 2 || r.code == 3, "refused: {} {}", r.code, r.err);
+    let r = ctl(
+        &https,
+        &[
+            "--tls-ca",
+            &ca,
+            "--tls-cert",
+            &stranger_cert,
+            "--tls-key",
+            &stranger_key,
+            "check",
+            "--metrics-addr",
+            &node.admin,
+        ],
+    );
+    assert_eq!(r.code, 4);
+    assert!(
+        r.out.contains("[ERROR] tls") && r.out.contains("--tls-cert"),
+        "{}",
+        r.out
+    );
+
+    // TLS to a plaintext port.
+    let plain_dir = tempfile::tempdir().unwrap();
+    let plain = NodeProc::start(plain_dir.path(), &[]).unwrap();
+    let plain_port = plain.grpc.rsplit(':').next().unwrap();
+    let r = ctl(
+        &format!("https://localhost:{plain_port}"),
+        &["--tls-ca", &ca, "check", "--metrics-addr", &plain.admin],
+    );
+    assert_eq!(r.code, 4);
+    assert!(
+        r.out.contains("[ERROR] tls") && r.out.contains("does not speak TLS"),
         "{}",
         r.out
     );
