@@ -1072,7 +1072,7 @@ fn top_shows_per_method_traffic_from_node_and_sidecar() {
                 output,
                 "top",
                 "--interval",
-                "5s",
+                "6s",
                 "--iterations",
                 "1",
             ])
@@ -1088,7 +1088,7 @@ fn top_shows_per_method_traffic_from_node_and_sidecar() {
             .spawn()
             .unwrap();
         // Traffic inside the sample window: 10 queries, 1 refused.
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(1500));
         for _ in 0..9 {
             ok(&addr, &["query", "SensorReadings", "celsius"]);
         }
