@@ -319,6 +319,17 @@ mod tests {
     }
 
     #[test]
+    fn a_lone_node_is_a_picture_too() {
+        let lone = Topology {
+            node_id: "12D3KooWLone".into(),
+            peers: vec![],
+        };
+        assert!(tree(&lone).contains("└── (no peers)"));
+        let s = svg(&dot(&merge(vec![lone]))).unwrap();
+        assert!(s.contains("12D3KooWLone"));
+    }
+
+    #[test]
     fn renders_every_node() {
         let t = topo();
         let tree = tree(&t);
