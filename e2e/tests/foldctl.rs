@@ -615,6 +615,25 @@ fn every_command_in_both_output_modes() {
         "{t}"
     );
     assert_eq!(keys(&j), ["remote-1"]);
+    // After forwarding to b, the node keeps a circuit breaker for it: closed.
+    let (t, j) = both(addr, &["peers", "--metrics-addr", &a.node.admin]);
+    let row = t
+        .lines()
+        .find(|l| l.starts_with(&b.node_id))
+        .expect("b in the table");
+    assert!(
+        t.lines().next().unwrap().contains("BREAKER") && squash(row).contains(" closed "),
+        "{t}"
+    );
+    let peer = j
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["node_id"] == b.node_id.as_str())
+        .unwrap();
+    assert_eq!(peer["breaker"], "closed", "{peer}");
+    let r = ctl(addr, &["peers", "--metrics-addr", "127.0.0.1:1"]);
+    assert_eq!(r.code, 2, "{}", r.err);
 
     // topology: tree, JSON, DOT, SVG
     let (t, j) = both(addr, &["topology"]);

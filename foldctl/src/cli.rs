@@ -71,11 +71,15 @@ pub enum Command {
     History(HistoryArgs),
     /// This node in the mesh: id, addresses, peer counts, provided schemas.
     Status,
-    /// Peers: id, addresses, connected, RTT, agent, trust.
+    /// Peers: id, addresses, connected, RTT, agent, trust (and circuit breaker state).
     Peers {
         /// Also peers known from discovery but not connected.
         #[arg(long)]
         all: bool,
+        /// Also show each peer's circuit breaker state, read from the node's admin port
+        /// (host:port, e.g. 127.0.0.1:9464).
+        #[arg(long, value_name = "HOST:PORT")]
+        metrics_addr: Option<String>,
     },
     /// Nodes that announce they serve a schema.
     Providers { schema: String },

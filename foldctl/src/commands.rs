@@ -1,6 +1,7 @@
 //! Every foldctl command except `check` and `topology`'s rendering: call the node through
 //! fold-client, and shape the answer as JSON (the client's serde types, unchanged) and a table.
 
+use std::collections::BTreeMap;
 use std::io::Read;
 
 use fold_client::{
@@ -11,6 +12,7 @@ use serde::Serialize;
 use serde_json::{Value as Json, json};
 
 use crate::cli::{Command, Global, HistoryArgs, MutateArgs, QueryArgs, SchemaCmd, TrustCmd};
+use crate::metrics::{get_metrics, parse};
 use crate::table::{Table, cell, kv};
 use crate::{Failure, Out, topology};
 
@@ -40,11 +42,30 @@ pub async fn run(c: &Client, g: &Global, cmd: Command) -> Result<Out, Failure> {
                 text,
             })
         }
-        Command::Peers { all } => {
+        Command::Peers { all, metrics_addr } => {
             let peers = c.peers(all).await?;
+            let Some(addr) = metrics_addr else {
+                return Ok(Out {
+                    json: to_json(&peers)?,
+                    text: peers_table(&peers, None),
+                });
+            };
+            let breakers = breaker_states(&addr).await?;
+            let mut json = to_json(&peers)?;
+            if let Json::Array(list) = &mut json {
+                for (p, j) in peers.iter().zip(list.iter_mut()) {
+                    if let Json::Object(o) = j {
+                        let state = breakers.get(&p.node_id).cloned();
+                        o.insert(
+                            "breaker".into(),
+                            state.map(Json::String).unwrap_or(Json::Null),
+                        );
+                    }
+                }
+            }
             Ok(Out {
-                json: to_json(&peers)?,
-                text: peers_table(&peers),
+                json,
+                text: peers_table(&peers, Some(&breakers)),
             })
         }
         Command::Providers { schema } => {
@@ -384,30 +405,64 @@ pub fn rtt_text(p: &Peer) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
-pub fn peers_table(peers: &[Peer]) -> String {
+/// Circuit breaker state per remote node id, from the node's `fold_circuit_breaker_state`
+/// gauge (0 closed, 1 open, 2 half-open). A node never forwarded to has no breaker yet.
+async fn breaker_states(addr: &str) -> Result<BTreeMap<String, String>, Failure> {
+    let body = match get_metrics(addr).await {
+        Ok((200, body)) => body,
+        Ok((code, _)) => {
+            return Err(Failure::Local(format!(
+                "http://{addr}/metrics answered HTTP {code}"
+            )));
+        }
+        Err(detail) => {
+            return Err(Failure::Client(fold_client::Error::Connect {
+                addr: format!("http://{addr}/metrics"),
+                detail,
+            }));
+        }
+    };
+    Ok(parse(&body)
+        .into_iter()
+        .filter(|s| s.name == "fold_circuit_breaker_state")
+        .filter_map(|s| {
+            let state = match s.value as i64 {
+                0 => "closed",
+                1 => "open",
+                2 => "half-open",
+                _ => return None,
+            };
+            Some((s.labels.get("target")?.clone(), state.to_string()))
+        })
+        .collect())
+}
+
+pub fn peers_table(peers: &[Peer], breakers: Option<&BTreeMap<String, String>>) -> String {
     if peers.is_empty() {
         return "no peers\n".into();
     }
-    let mut t = Table::new([
-        "NODE_ID",
-        "CONNECTED",
-        "RTT",
-        "TRUST",
-        "SOURCE",
-        "AGENT",
-        "ADDRESSES",
-    ])
-    .keep(0);
+    let mut headers = vec!["NODE_ID", "CONNECTED", "RTT", "TRUST"];
+    if breakers.is_some() {
+        headers.push("BREAKER");
+    }
+    headers.extend(["SOURCE", "AGENT", "ADDRESSES"]);
+    let mut t = Table::new(headers).keep(0);
     for p in peers {
-        t.row([
+        let mut row = vec![
             p.node_id.clone(),
             yes_no(p.connected).into(),
             rtt_text(p),
             peer_trust(p),
+        ];
+        if let Some(b) = breakers {
+            row.push(b.get(&p.node_id).cloned().unwrap_or_else(|| "-".into()));
+        }
+        row.extend([
             or_dash(p.source.clone()),
             or_dash(p.agent.clone()),
             or_dash(p.addrs.join(",")),
         ]);
+        t.row(row);
     }
     t.render()
 }
