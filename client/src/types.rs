@@ -1,0 +1,537 @@
+//! Plain Rust views of the node's answers, with stable serde field names: records and values
+//! are plain JSON (`serde_json::Value`), never protobuf `Struct`s; timestamps are RFC 3339 text.
+//! These are also foldctl's `-o json` output (docs/FOLDCTL.md lists the fields).
+
+use std::str::FromStr;
+
+use fold_proto::json::{struct_to_map, value_to_json};
+use fold_proto::v1;
+use serde::Serialize;
+use serde_json::{Map, Value as Json};
+
+use crate::error::Error;
+
+/// A schema's lifecycle state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SchemaState {
+    Unspecified,
+    Available,
+    Approved,
+    Blocked,
+}
+
+impl SchemaState {
+    pub(crate) fn from_i32(v: i32) -> Self {
+        match v11_state(v) {
+            v1::SchemaState::Available => SchemaState::Available,
+            v1::SchemaState::Approved => SchemaState::Approved,
+            v1::SchemaState::Blocked => SchemaState::Blocked,
+            v1::SchemaState::Unspecified => SchemaState::Unspecified,
+        }
+    }
+
+    pub(crate) fn to_proto(self) -> v1::SchemaState {
+        match self {
+            SchemaState::Unspecified => v1::SchemaState::Unspecified,
+            SchemaState::Available => v1::SchemaState::Available,
+            SchemaState::Approved => v1::SchemaState::Approved,
+            SchemaState::Blocked => v1::SchemaState::Blocked,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SchemaState::Unspecified => "unspecified",
+            SchemaState::Available => "available",
+            SchemaState::Approved => "approved",
+            SchemaState::Blocked => "blocked",
+        }
+    }
+}
+
+fn v11_state(v: i32) -> v1::SchemaState {
+    v1::SchemaState::try_from(v).unwrap_or(v1::SchemaState::Unspecified)
+}
+
+impl FromStr for SchemaState {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s.to_ascii_lowercase().as_str() {
+            "available" => Ok(SchemaState::Available),
+            "approved" => Ok(SchemaState::Approved),
+            "blocked" => Ok(SchemaState::Blocked),
+            other => Err(Error::Input(format!(
+                "unknown schema state `{other}` (available, approved, blocked)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for SchemaState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Result of loading a schema.
+#[derive(Clone, Debug, Serialize)]
+pub struct LoadedSchema {
+    pub name: String,
+    pub state: SchemaState,
+    /// False when an identical schema was already loaded.
+    pub created: bool,
+    pub hash: String,
+}
+
+/// One schema in a listing.
+#[derive(Clone, Debug, Serialize)]
+pub struct SchemaInfo {
+    pub name: String,
+    pub state: SchemaState,
+    /// `Single` or `Range`.
+    pub schema_type: String,
+    /// The range key field of a Range schema, `null` otherwise.
+    pub range_key: Option<String>,
+    pub fields: Vec<String>,
+    pub hash: String,
+}
+
+impl From<v1::SchemaSummary> for SchemaInfo {
+    fn from(s: v1::SchemaSummary) -> Self {
+        SchemaInfo {
+            name: s.name,
+            state: SchemaState::from_i32(s.state),
+            schema_type: s.schema_type,
+            range_key: non_empty(s.range_key),
+            fields: s.fields,
+            hash: s.hash,
+        }
+    }
+}
+
+/// One schema with its full definition.
+#[derive(Clone, Debug, Serialize)]
+pub struct SchemaDetail {
+    #[serde(flatten)]
+    pub info: SchemaInfo,
+    /// The schema definition as JSON.
+    pub definition: Json,
+}
+
+/// A state change.
+#[derive(Clone, Debug, Serialize)]
+pub struct StateChange {
+    pub name: String,
+    pub state: SchemaState,
+    pub previous_state: SchemaState,
+}
+
+/// A range-key filter for queries on Range schemas.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Filter {
+    /// Exactly this key.
+    Key(String),
+    /// Keys starting with this prefix.
+    Prefix(String),
+    /// `start <= key < end` (an empty end is unbounded).
+    Range { start: String, end: String },
+    /// Any of these keys.
+    Keys(Vec<String>),
+    /// Glob: `*` any run of characters, `?` exactly one.
+    Pattern(String),
+}
+
+impl Filter {
+    pub(crate) fn to_proto(&self) -> v1::RangeFilter {
+        use v1::range_filter::Filter as F;
+        let f = match self {
+            Filter::Key(k) => F::Key(k.clone()),
+            Filter::Prefix(p) => F::KeyPrefix(p.clone()),
+            Filter::Range { start, end } => F::KeyRange(v1::KeyRange {
+                start: start.clone(),
+                end: end.clone(),
+            }),
+            Filter::Keys(k) => F::Keys(v1::KeyList { keys: k.clone() }),
+            Filter::Pattern(p) => F::KeyPattern(p.clone()),
+        };
+        v1::RangeFilter { filter: Some(f) }
+    }
+}
+
+/// A query: schema, fields, optional filter and target node.
+///
+/// ```
+/// use fold_client::{Filter, Query};
+/// let q = Query::new("SensorReadings", ["celsius", "location"])
+///     .filter(Filter::Prefix("greenhouse-".into()));
+/// assert_eq!(q.fields.len(), 2);
+/// ```
+#[derive(Clone, Debug)]
+pub struct Query {
+    pub schema: String,
+    pub fields: Vec<String>,
+    pub filter: Option<Filter>,
+    /// Node to run on (None: the connected node).
+    pub node: Option<String>,
+}
+
+impl Query {
+    pub fn new<I, S>(schema: impl Into<String>, fields: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Query {
+            schema: schema.into(),
+            fields: fields.into_iter().map(Into::into).collect(),
+            filter: None,
+            node: None,
+        }
+    }
+
+    pub fn filter(mut self, f: Filter) -> Self {
+        self.filter = Some(f);
+        self
+    }
+
+    /// Run on another node of the mesh (forwarded by the connected node).
+    pub fn node(mut self, id: impl Into<String>) -> Self {
+        self.node = Some(id.into());
+        self
+    }
+}
+
+/// One record of a query result.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Record {
+    /// The range key (Range schemas), `null` for Single schemas.
+    pub key: Option<String>,
+    /// Field -> current value (`null` when never written or deleted).
+    pub fields: Map<String, Json>,
+}
+
+/// A query's answer.
+#[derive(Clone, Debug, Serialize)]
+pub struct QueryResult {
+    /// The node that answered.
+    pub node_id: String,
+    pub records: Vec<Record>,
+}
+
+impl From<v1::QueryResponse> for QueryResult {
+    fn from(r: v1::QueryResponse) -> Self {
+        QueryResult {
+            node_id: r.node_id,
+            records: r
+                .records
+                .into_iter()
+                .map(|rec| Record {
+                    key: non_empty(rec.range_key),
+                    fields: rec.fields.as_ref().map(struct_to_map).unwrap_or_default(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Kind of mutation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MutationKind {
+    Create,
+    Update,
+    Delete,
+}
+
+impl MutationKind {
+    pub(crate) fn to_proto(self) -> v1::MutationType {
+        match self {
+            MutationKind::Create => v1::MutationType::Create,
+            MutationKind::Update => v1::MutationType::Update,
+            MutationKind::Delete => v1::MutationType::Delete,
+        }
+    }
+
+    fn from_i32(v: i32) -> Option<Self> {
+        match v1::MutationType::try_from(v).ok()? {
+            v1::MutationType::Create => Some(MutationKind::Create),
+            v1::MutationType::Update => Some(MutationKind::Update),
+            v1::MutationType::Delete => Some(MutationKind::Delete),
+            v1::MutationType::Unspecified => None,
+        }
+    }
+}
+
+impl FromStr for MutationKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s.to_ascii_lowercase().as_str() {
+            "create" => Ok(MutationKind::Create),
+            "update" => Ok(MutationKind::Update),
+            "delete" => Ok(MutationKind::Delete),
+            other => Err(Error::Input(format!(
+                "unknown mutation `{other}` (create, update, delete)"
+            ))),
+        }
+    }
+}
+
+/// A mutation: schema, kind, data (a JSON object) and optional target node.
+///
+/// ```
+/// use fold_client::{Mutation, MutationKind};
+/// let m = Mutation::new(
+///     "SensorReadings",
+///     MutationKind::Create,
+///     serde_json::json!({"sensor_id": "greenhouse-1", "celsius": 21.5}),
+/// )
+/// .unwrap();
+/// assert_eq!(m.data.len(), 2);
+/// ```
+#[derive(Clone, Debug)]
+pub struct Mutation {
+    pub schema: String,
+    pub kind: MutationKind,
+    pub data: Map<String, Json>,
+    pub node: Option<String>,
+}
+
+impl Mutation {
+    /// `data` must be a JSON object (field -> value).
+    pub fn new(schema: impl Into<String>, kind: MutationKind, data: Json) -> Result<Self, Error> {
+        let Json::Object(data) = data else {
+            return Err(Error::Input(
+                "mutation data must be a JSON object of field -> value".into(),
+            ));
+        };
+        Ok(Mutation {
+            schema: schema.into(),
+            kind,
+            data,
+            node: None,
+        })
+    }
+
+    pub fn node(mut self, id: impl Into<String>) -> Self {
+        self.node = Some(id.into());
+        self
+    }
+}
+
+/// A mutation's answer.
+#[derive(Clone, Debug, Serialize)]
+pub struct MutateResult {
+    pub node_id: String,
+    /// The range key written (Range schemas), `null` otherwise.
+    pub key: Option<String>,
+    pub fields: Vec<String>,
+    /// New version id of each field, same order as `fields`.
+    pub version_ids: Vec<String>,
+}
+
+impl From<v1::MutateResponse> for MutateResult {
+    fn from(r: v1::MutateResponse) -> Self {
+        MutateResult {
+            node_id: r.node_id,
+            key: non_empty(r.range_key),
+            fields: r.fields,
+            version_ids: r.version_ids,
+        }
+    }
+}
+
+/// One version of a field.
+#[derive(Clone, Debug, Serialize)]
+pub struct Version {
+    pub version_id: String,
+    pub value: Json,
+    pub deleted: bool,
+    /// RFC 3339 time, `null` if the node sent none.
+    pub written_at: Option<String>,
+    pub writer: String,
+    pub previous_version_id: Option<String>,
+    pub mutation: Option<MutationKind>,
+}
+
+impl From<v1::FieldVersion> for Version {
+    fn from(v: v1::FieldVersion) -> Self {
+        Version {
+            version_id: v.version_id,
+            value: v.value.as_ref().map(value_to_json).unwrap_or(Json::Null),
+            deleted: v.deleted,
+            written_at: v.written_at.map(|t| t.to_string()),
+            writer: v.writer,
+            previous_version_id: non_empty(v.previous_version_id),
+            mutation: MutationKind::from_i32(v.mutation_type),
+        }
+    }
+}
+
+/// The node's place in the mesh.
+#[derive(Clone, Debug, Serialize)]
+pub struct NetworkStatus {
+    pub node_id: String,
+    pub listen_addrs: Vec<String>,
+    pub external_addrs: Vec<String>,
+    pub connected_peers: u32,
+    pub known_peers: u32,
+    pub mdns_enabled: bool,
+    pub provided_schemas: Vec<String>,
+}
+
+impl From<v1::NetworkStatusResponse> for NetworkStatus {
+    fn from(s: v1::NetworkStatusResponse) -> Self {
+        NetworkStatus {
+            node_id: s.node_id,
+            listen_addrs: s.listen_addrs,
+            external_addrs: s.external_addrs,
+            connected_peers: s.connected_peers,
+            known_peers: s.known_peers,
+            mdns_enabled: s.mdns_enabled,
+            provided_schemas: s.provided_schemas,
+        }
+    }
+}
+
+/// A peer as this node sees it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Peer {
+    pub node_id: String,
+    pub addrs: Vec<String>,
+    pub connected: bool,
+    /// Last ping round trip in microseconds, `null` when not measured yet.
+    pub rtt_micros: Option<u64>,
+    pub agent: String,
+    pub protocols: Vec<String>,
+    /// How the peer was found: mdns, kad, dial, inbound, bootstrap.
+    pub source: String,
+    /// The trust distance this node gives the peer, `null` when denied.
+    pub trust_distance: Option<u32>,
+    pub denied: bool,
+}
+
+impl From<v1::PeerInfo> for Peer {
+    fn from(p: v1::PeerInfo) -> Self {
+        Peer {
+            node_id: p.node_id,
+            addrs: p.addrs,
+            connected: p.connected,
+            rtt_micros: (p.rtt_micros > 0).then_some(p.rtt_micros),
+            agent: p.agent_version,
+            protocols: p.protocols,
+            source: p.source,
+            trust_distance: u32::try_from(p.trust_distance).ok(),
+            denied: p.trust_distance < 0,
+        }
+    }
+}
+
+/// A trust table entry.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct TrustEntry {
+    pub node_id: String,
+    pub distance: u32,
+    pub denied: bool,
+}
+
+impl From<v1::TrustEntry> for TrustEntry {
+    fn from(e: v1::TrustEntry) -> Self {
+        TrustEntry {
+            node_id: e.node_id,
+            distance: e.distance,
+            denied: e.denied,
+        }
+    }
+}
+
+/// The trust table.
+#[derive(Clone, Debug, Serialize)]
+pub struct TrustTable {
+    pub entries: Vec<TrustEntry>,
+    /// What an unknown peer gets.
+    pub default: Option<TrustEntry>,
+}
+
+/// A trust setting: a distance, or deny.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trust {
+    Distance(u32),
+    Deny,
+}
+
+impl FromStr for Trust {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        if s.eq_ignore_ascii_case("deny") {
+            return Ok(Trust::Deny);
+        }
+        s.parse::<u32>().map(Trust::Distance).map_err(|_| {
+            Error::Input(format!(
+                "trust must be a distance (0, 1, …) or `deny`, not `{s}`"
+            ))
+        })
+    }
+}
+
+/// Result of a dial.
+#[derive(Clone, Debug, Serialize)]
+pub struct Dialed {
+    pub node_id: String,
+    pub address: String,
+}
+
+/// Which of the asked schemas a peer has approved.
+#[derive(Clone, Debug, Serialize)]
+pub struct SchemaCheck {
+    pub node_id: String,
+    pub approved: Vec<String>,
+}
+
+/// This node and its peers.
+#[derive(Clone, Debug, Serialize)]
+pub struct Topology {
+    pub node_id: String,
+    pub peers: Vec<Peer>,
+}
+
+/// grpc.health.v1 serving status of one service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    Serving,
+    NotServing,
+    Unknown,
+}
+
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_inputs() {
+        assert_eq!("deny".parse::<Trust>().unwrap(), Trust::Deny);
+        assert_eq!("3".parse::<Trust>().unwrap(), Trust::Distance(3));
+        assert!("-1".parse::<Trust>().is_err());
+        assert_eq!(
+            "Approved".parse::<SchemaState>().unwrap(),
+            SchemaState::Approved
+        );
+        assert!(Mutation::new("S", MutationKind::Create, serde_json::json!([1])).is_err());
+    }
+
+    #[test]
+    fn peers_map_denied_trust() {
+        let p = Peer::from(v1::PeerInfo {
+            trust_distance: -1,
+            ..Default::default()
+        });
+        assert!(p.denied);
+        assert_eq!(p.trust_distance, None);
+        assert_eq!(p.rtt_micros, None);
+    }
+}

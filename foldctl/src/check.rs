@@ -1,0 +1,521 @@
+//! `foldctl check`: diagnose a node and say what to fix. Each check asks the node (or its admin
+//! port) one real question; every finding has a severity, what is wrong, and how to fix it.
+//! Exit code 4 when any finding is a warning or an error.
+
+use fold_client::{Client, Error, Health, NETWORK_SERVICE, SchemaState, Target};
+use serde::Serialize;
+
+use crate::cli::{Global, Output};
+use crate::metrics::{Sample, get_metrics, parse};
+use crate::{Failure, Out, builder};
+
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Ok,
+    Info,
+    Warning,
+    Error,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Finding {
+    pub severity: Severity,
+    /// Stable id of the check, e.g. `sidecar-link`.
+    pub check: &'static str,
+    pub what: String,
+    /// Empty when nothing needs fixing.
+    pub fix: String,
+}
+
+fn finding(
+    severity: Severity,
+    check: &'static str,
+    what: impl Into<String>,
+    fix: impl Into<String>,
+) -> Finding {
+    Finding {
+        severity,
+        check,
+        what: what.into(),
+        fix: fix.into(),
+    }
+}
+
+pub async fn run(
+    g: &Global,
+    metrics_addr: &str,
+    sidecar_metrics_addr: &str,
+) -> Result<Out, Failure> {
+    let mut findings = Vec::new();
+    match builder(g).connect().await {
+        Ok(client) => node_checks(&client, &mut findings).await,
+        Err(e) => findings.push(connect_finding(g, &e)),
+    }
+    admin_checks(metrics_addr, sidecar_metrics_addr, &mut findings).await;
+    let problems = findings.iter().any(|f| f.severity >= Severity::Warning);
+    let json = serde_json::json!({"ok": !problems, "findings": findings});
+    let mut text = String::new();
+    for f in &findings {
+        let sev = format!("{:?}", f.severity).to_uppercase();
+        text.push_str(&format!("[{sev}] {}: {}\n", f.check, f.what));
+        if !f.fix.is_empty() {
+            text.push_str(&format!("        fix: {}\n", f.fix));
+        }
+    }
+    text.push_str(if problems {
+        "problems found\n"
+    } else {
+        "no problems found\n"
+    });
+    if problems {
+        // The report is the output; print it here since the exit is non-zero.
+        match g.output {
+            Output::Json => println!(
+                "{}",
+                serde_json::to_string_pretty(&json)
+                    .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+            ),
+            Output::Table => print!("{text}"),
+        }
+        return Err(Failure::Problems);
+    }
+    Ok(Out { json, text })
+}
+
+fn connect_finding(g: &Global, e: &Error) -> Finding {
+    let target = builder(g)
+        .target()
+        .map(|t| t.to_string())
+        .unwrap_or_else(|_| g.addr.clone());
+    let plaintext = matches!(builder(g).target(), Ok(Target::Tcp { tls: false, .. }));
+    match e {
+        Error::Config(m) => finding(
+            Severity::Error,
+            "config",
+            m.clone(),
+            "fix the flag named above (foldctl --help)",
+        ),
+        Error::Connect { detail, .. } if e.is_tls() => {
+            let d = detail.to_ascii_lowercase();
+            let fix = if d.contains("unknownissuer")
+                || d.contains("unknown issuer")
+                || d.contains("invalid peer certificate") && d.contains("issuer")
+            {
+                "the node's certificate is not signed by the CA given with --tls-ca: pass the CA that signed the node's --tls-cert"
+            } else if d.contains("notvalidforname") || d.contains("not valid for name") {
+                "the certificate does not name the host in --addr: pass --tls-server-name with a name the certificate lists (e.g. localhost)"
+            } else if d.contains("corrupt message")
+                || d.contains("invalidcontenttype")
+                || d.contains("invalid content type")
+            {
+                "the node does not speak TLS on this port: use http:// (no --tls-ca), or start fold-node with --tls-cert and --tls-key"
+            } else if d.contains("certificate required") || d.contains("certificaterequired") {
+                "the node requires a client certificate (mutual TLS): pass --tls-cert and --tls-key signed by the node's --tls-client-ca"
+            } else {
+                "check --tls-ca (the CA that signed the node's certificate), --tls-server-name, and --tls-cert/--tls-key for mutual TLS"
+            };
+            finding(
+                Severity::Error,
+                "tls",
+                format!("TLS handshake with {target} failed: {detail}"),
+                fix,
+            )
+        }
+        Error::Connect { detail, .. } => {
+            let d = detail.to_ascii_lowercase();
+            if plaintext
+                && !d.contains("refused")
+                && !d.contains("no such")
+                && !d.contains("timed out")
+            {
+                finding(
+                    Severity::Error,
+                    "tls",
+                    format!(
+                        "{target} accepted the connection but did not speak plaintext gRPC: {detail}"
+                    ),
+                    "the node probably serves TLS: use https://HOST:PORT with --tls-ca (and --tls-cert/--tls-key for mutual TLS)",
+                )
+            } else {
+                finding(
+                    Severity::Error,
+                    "reachable",
+                    format!("cannot connect to {target}: {detail}"),
+                    "start fold-node (scripts/run.sh), or point --addr / FOLD_ADDR at its gRPC port",
+                )
+            }
+        }
+        other => finding(
+            Severity::Error,
+            "reachable",
+            other.to_string(),
+            "see the message above",
+        ),
+    }
+}
+
+async fn node_checks(c: &Client, out: &mut Vec<Finding>) {
+    // The node itself.
+    match c.health("").await {
+        Ok(Health::Serving) => out.push(finding(
+            Severity::Ok,
+            "reachable",
+            format!("{} answers and is SERVING", c.target()),
+            "",
+        )),
+        Ok(h) => out.push(finding(
+            Severity::Error,
+            "reachable",
+            format!("{} reports {h:?}", c.target()),
+            "see the fold-node log",
+        )),
+        Err(e) => {
+            let plaintext = matches!(c.target(), Target::Tcp { tls: false, .. });
+            let msg = e.to_string().to_ascii_lowercase();
+            let spoke_else = [
+                "connection error",
+                "broken pipe",
+                "connection reset",
+                "frame",
+                "h2 protocol",
+            ]
+            .iter()
+            .any(|w| msg.contains(w));
+            if plaintext && spoke_else {
+                out.push(finding(
+                    Severity::Error,
+                    "tls",
+                    format!("{} accepted the connection but did not speak plaintext gRPC: {e}", c.target()),
+                    "the node probably serves TLS: use https://HOST:PORT with --tls-ca (and --tls-cert/--tls-key for mutual TLS)",
+                ));
+                return;
+            }
+            let tls = e.is_tls();
+            out.push(finding(
+                Severity::Error,
+                if tls { "tls" } else { "reachable" },
+                format!("health check failed: {e}"),
+                if tls {
+                    "the node refused this client's TLS identity: pass --tls-cert/--tls-key signed by the node's --tls-client-ca"
+                } else {
+                    "check that --addr is a fold-node gRPC port"
+                },
+            ));
+            return;
+        }
+    }
+    // The link to the sidecar: health first, then the Network API itself.
+    let health = c.health(NETWORK_SERVICE).await;
+    let status = c.status().await;
+    let link_down = matches!(health, Ok(Health::NotServing))
+        || matches!(&status, Err(e) if e.code() == Some(tonic::Code::Unavailable));
+    match (&status, link_down) {
+        (Ok(s), false) => {
+            out.push(finding(
+                Severity::Ok,
+                "sidecar-link",
+                format!("linked to its p2p-sidecar; node id {}", s.node_id),
+                "",
+            ));
+            if s.connected_peers == 0 {
+                out.push(finding(
+                    Severity::Warning,
+                    "peers",
+                    format!("no connected peers ({} known)", s.known_peers),
+                    "dial one (foldctl dial /ip4/HOST/tcp/PORT/p2p/NODE_ID), start the sidecar with --bootstrap, or listen on a LAN address so mDNS finds peers",
+                ));
+            } else {
+                out.push(finding(
+                    Severity::Ok,
+                    "peers",
+                    format!("{} connected peer(s)", s.connected_peers),
+                    "",
+                ));
+            }
+        }
+        _ => {
+            let why = match (&health, &status) {
+                (Ok(Health::NotServing), _) => {
+                    "grpc.health.v1 reports fold.v1.Network NOT_SERVING".to_string()
+                }
+                (_, Err(e)) => format!("Network.Status: {e}"),
+                _ => "unknown".to_string(),
+            };
+            out.push(finding(
+                Severity::Error,
+                "sidecar-link",
+                format!("the node's link to its p2p-sidecar is down ({why}); mesh calls fail with UNAVAILABLE"),
+                "start p2p-sidecar with the same --data-dir as fold-node (scripts/run.sh starts both), or fix --sidecar-addr / FOLD_SIDECAR_ADDR",
+            ));
+        }
+    }
+    if let Err(e) = &status
+        && e.code() != Some(tonic::Code::Unavailable)
+    {
+        out.push(finding(
+            Severity::Warning,
+            "network-api",
+            format!("Network.Status refused: {e}"),
+            "this client may lack the rights to see the mesh",
+        ));
+    }
+    // Peers this node denies while connected to them.
+    if status.is_ok()
+        && let Ok(peers) = c.peers(false).await
+    {
+        for p in peers.iter().filter(|p| p.connected && p.denied) {
+            out.push(finding(
+                Severity::Warning,
+                "peer-denied",
+                format!("connected peer {} is denied by this node's trust table: its requests are refused", p.node_id),
+                format!("if it should be allowed: foldctl trust set {} 1", p.node_id),
+            ));
+        }
+    }
+    // Schemas loaded but not approved.
+    match c.list_schemas(None).await {
+        Ok(list) => {
+            let pending: Vec<_> = list
+                .iter()
+                .filter(|s| s.state == SchemaState::Available)
+                .collect();
+            for s in &pending {
+                out.push(finding(
+                    Severity::Warning,
+                    "schema-approval",
+                    format!("schema {} is loaded but not approved: queries and mutations are refused (FAILED_PRECONDITION)", s.name),
+                    format!("foldctl schema approve {}", s.name),
+                ));
+            }
+            for s in list.iter().filter(|s| s.state == SchemaState::Blocked) {
+                out.push(finding(
+                    Severity::Info,
+                    "schema-approval",
+                    format!("schema {} is blocked: requests for it are refused", s.name),
+                    format!("if that is not intended: foldctl schema approve {}", s.name),
+                ));
+            }
+            if pending.is_empty() {
+                out.push(finding(
+                    Severity::Ok,
+                    "schema-approval",
+                    format!("{} schema(s), none waiting for approval", list.len()),
+                    "",
+                ));
+            }
+        }
+        Err(e) => out.push(finding(
+            Severity::Warning,
+            "schema-approval",
+            format!("cannot list schemas: {e}"),
+            "",
+        )),
+    }
+}
+
+/// The admin ports: reachable, and what their counters say about the mesh.
+async fn admin_checks(node_addr: &str, sidecar_addr: &str, out: &mut Vec<Finding>) {
+    match get_metrics(node_addr).await {
+        Ok((200, body)) if body.contains("# TYPE") => {
+            out.push(finding(
+                Severity::Ok,
+                "metrics",
+                format!("http://{node_addr}/metrics answers"),
+                "",
+            ));
+            out.extend(node_metric_findings(&parse(&body)));
+        }
+        Ok((code, _)) => out.push(finding(
+            Severity::Warning,
+            "metrics",
+            format!("http://{node_addr}/metrics answered HTTP {code}, not Prometheus metrics"),
+            "pass the node's admin port (fold-node --admin-listen / FOLD_ADMIN_LISTEN) as --metrics-addr",
+        )),
+        Err(e) => out.push(finding(
+            Severity::Warning,
+            "metrics",
+            format!("metrics port http://{node_addr}/metrics cannot be reached: {e}"),
+            "pass the node's admin port (fold-node --admin-listen / FOLD_ADMIN_LISTEN, default 127.0.0.1:9464) as --metrics-addr",
+        )),
+    }
+    match get_metrics(sidecar_addr).await {
+        Ok((200, body)) if body.contains("# TYPE") => {
+            out.push(finding(
+                Severity::Ok,
+                "sidecar-metrics",
+                format!("http://{sidecar_addr}/metrics answers"),
+                "",
+            ));
+            out.extend(sidecar_metric_findings(&parse(&body)));
+        }
+        Ok((code, _)) => out.push(finding(
+            Severity::Warning,
+            "sidecar-metrics",
+            format!("http://{sidecar_addr}/metrics answered HTTP {code}, not Prometheus metrics"),
+            "pass the sidecar's admin port (p2p-sidecar --admin-listen / FOLD_SIDECAR_ADMIN_LISTEN) as --sidecar-metrics-addr",
+        )),
+        Err(e) => out.push(finding(
+            Severity::Warning,
+            "sidecar-metrics",
+            format!("sidecar metrics port http://{sidecar_addr}/metrics cannot be reached: {e}"),
+            "pass the sidecar's admin port (p2p-sidecar --admin-listen / FOLD_SIDECAR_ADMIN_LISTEN, default 127.0.0.1:9465) as --sidecar-metrics-addr",
+        )),
+    }
+}
+
+fn sum(samples: &[Sample], name: &str, label: Option<(&str, &str)>) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.name == name)
+        .filter(|s| label.is_none_or(|(k, v)| s.labels.get(k).is_some_and(|x| x == v)))
+        .map(|s| s.value)
+        .sum()
+}
+
+/// What the node's counters say: rate-limited clients, open circuit breakers, forwards the
+/// remote refused.
+pub fn node_metric_findings(samples: &[Sample]) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let limited: f64 = samples
+        .iter()
+        .filter(|s| s.name.ends_with("_rate_limited_total"))
+        .map(|s| s.value)
+        .sum();
+    out.push(if limited > 0.0 {
+        finding(
+            Severity::Warning,
+            "rate-limit",
+            format!("{limited} request(s) were refused by the per-client rate limit (RESOURCE_EXHAUSTED)"),
+            "slow the client down, or raise fold-node --rate-limit-per-client / --rate-limit-burst",
+        )
+    } else {
+        finding(Severity::Ok, "rate-limit", "no request refused by the rate limit", "")
+    });
+    for s in samples
+        .iter()
+        .filter(|s| s.name == "fold_circuit_breaker_state" && s.value == 1.0)
+    {
+        let target = s.labels.get("target").cloned().unwrap_or_default();
+        out.push(finding(
+            Severity::Warning,
+            "breaker-open",
+            format!("the circuit breaker to {target} is open: requests to it fail fast with UNAVAILABLE"),
+            "check that it is running and reachable (foldctl peers --all; foldctl dial ADDR); the breaker retries on its own",
+        ));
+    }
+    let denied = sum(
+        samples,
+        "fold_forwards_total",
+        Some(("outcome", "PermissionDenied")),
+    );
+    if denied > 0.0 {
+        out.push(finding(
+            Severity::Warning,
+            "remote-denies",
+            format!("{denied} forwarded request(s) were refused PERMISSION_DENIED by the remote node: it denies this node (or the fields)"),
+            "on the remote node: foldctl trust set THIS_NODE_ID DIST (foldctl status shows this node's id)",
+        ));
+    }
+    let unauth = sum(
+        samples,
+        "fold_forwards_total",
+        Some(("outcome", "Unauthenticated")),
+    );
+    if unauth > 0.0 {
+        out.push(finding(
+            Severity::Warning,
+            "remote-unauthenticated",
+            format!("{unauth} forwarded request(s) were refused UNAUTHENTICATED by the remote sidecar (signature, clock skew or replay)"),
+            "check both hosts' clocks (NTP); the remote's `foldctl check` names the reason",
+        ));
+    }
+    out
+}
+
+/// What the sidecar's counters say about requests from peers.
+pub fn sidecar_metric_findings(samples: &[Sample]) -> Vec<Finding> {
+    let name = "fold_sidecar_inbound_requests_total";
+    let mut out = Vec::new();
+    let stale = sum(samples, name, Some(("outcome", "stale")));
+    out.push(if stale > 0.0 {
+        finding(
+            Severity::Warning,
+            "clock-skew",
+            format!("{stale} request(s) from peers were refused: their timestamps were outside the signature window (clock skew)"),
+            "synchronise the clocks of this host and its peers (NTP), or widen p2p-sidecar's allowed clock skew",
+        )
+    } else {
+        finding(Severity::Ok, "clock-skew", "no peer request refused for clock skew", "")
+    });
+    let limited = sum(samples, name, Some(("outcome", "rate_limited")));
+    if limited > 0.0 {
+        out.push(finding(
+            Severity::Warning,
+            "peer-rate-limit",
+            format!("{limited} request(s) from peers were refused by the per-peer rate limit"),
+            "a peer sends too much: find it in the sidecar log, or raise the sidecar's per-peer limit",
+        ));
+    }
+    let forged: f64 = ["wrong_origin", "bad_signature", "replayed"]
+        .iter()
+        .map(|o| sum(samples, name, Some(("outcome", o))))
+        .sum();
+    if forged > 0.0 {
+        out.push(finding(
+            Severity::Warning,
+            "peer-auth",
+            format!("{forged} request(s) from peers failed authentication (wrong origin, bad signature or replay)"),
+            "a peer misbehaves or is misconfigured: the sidecar log names it; deny it with foldctl trust set ID deny",
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checks(f: &[Finding]) -> Vec<(&'static str, Severity)> {
+        f.iter().map(|f| (f.check, f.severity)).collect()
+    }
+
+    #[test]
+    fn node_counters_become_findings() {
+        let body = "grpc_server_rate_limited_total 3\n\
+                    fold_circuit_breaker_state{target=\"12D3KooWX\"} 1\n\
+                    fold_circuit_breaker_state{target=\"12D3KooWY\"} 0\n\
+                    fold_forwards_total{op=\"query\",outcome=\"PermissionDenied\"} 2\n\
+                    fold_forwards_total{op=\"query\",outcome=\"OK\"} 5\n";
+        let f = node_metric_findings(&parse(body));
+        assert_eq!(
+            checks(&f),
+            [
+                ("rate-limit", Severity::Warning),
+                ("breaker-open", Severity::Warning),
+                ("remote-denies", Severity::Warning)
+            ]
+        );
+        assert!(f[1].what.contains("12D3KooWX"));
+        let quiet = node_metric_findings(&parse(
+            "fold_forwards_total{op=\"query\",outcome=\"OK\"} 5\n",
+        ));
+        assert_eq!(checks(&quiet), [("rate-limit", Severity::Ok)]);
+    }
+
+    #[test]
+    fn sidecar_counters_become_findings() {
+        let body = "fold_sidecar_inbound_requests_total{protocol=\"forward\",outcome=\"stale\"} 4\n\
+                    fold_sidecar_inbound_requests_total{protocol=\"forward\",outcome=\"accepted\"} 9\n\
+                    fold_sidecar_inbound_requests_total{protocol=\"schema\",outcome=\"rate_limited\"} 1\n";
+        let f = sidecar_metric_findings(&parse(body));
+        assert_eq!(
+            checks(&f),
+            [
+                ("clock-skew", Severity::Warning),
+                ("peer-rate-limit", Severity::Warning)
+            ]
+        );
+        assert!(f[0].what.starts_with("4 request(s)"));
+    }
+}

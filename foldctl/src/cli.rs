@@ -1,0 +1,285 @@
+//! foldctl's command line (clap derive): the global connection flags with their environment
+//! twins, the output mode, and every command.
+
+use std::path::PathBuf;
+
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "foldctl",
+    version,
+    about = "Drive a fold-node and see its mesh: schemas, queries, mutations, history, peers, trust, diagnostics",
+    after_help = "Exit codes: 0 ok; 1 usage or local error; 2 the node could not be reached \
+                  (connection failure, TLS failure, UNAVAILABLE); 3 the node refused \
+                  (any other gRPC code); 4 `check` found problems. See docs/FOLDCTL.md."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Connection and output (every command)")]
+pub struct Global {
+    /// The node: host:port, http://host:port, https://host:port (TLS), unix:/path or a socket path.
+    #[arg(
+        long,
+        global = true,
+        env = "FOLD_ADDR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub addr: String,
+    /// PEM CA certificate that signed the node's TLS certificate (turns TLS on).
+    #[arg(long, global = true, env = "FOLD_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (with --tls-key).
+    #[arg(long, global = true, env = "FOLD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, global = true, env = "FOLD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Name to verify the node's certificate against (default: the host of --addr).
+    #[arg(long, global = true, env = "FOLD_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
+    /// Deadline of each call: `500ms`, `5s`, `2m` or plain seconds.
+    #[arg(long, global = true, env = "FOLD_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub timeout: std::time::Duration,
+    /// Output: a table for people, or stable JSON for scripts.
+    #[arg(short = 'o', long = "output", global = true, env = "FOLD_OUTPUT", value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Load, list, inspect and change the state of schemas.
+    #[command(subcommand)]
+    Schema(SchemaCmd),
+    /// Read fields of an approved schema (here or on another node).
+    Query(QueryArgs),
+    /// Create, update or delete field values.
+    Mutate(MutateArgs),
+    /// Versions of one field, newest first.
+    History(HistoryArgs),
+    /// This node in the mesh: id, addresses, peer counts, provided schemas.
+    Status,
+    /// Peers: id, addresses, connected, RTT, agent, trust (and circuit breaker state).
+    Peers {
+        /// Also peers known from discovery but not connected.
+        #[arg(long)]
+        all: bool,
+        /// Also show each peer's circuit breaker state, read from the node's admin port
+        /// (host:port, e.g. 127.0.0.1:9464).
+        #[arg(long, value_name = "HOST:PORT")]
+        metrics_addr: Option<String>,
+    },
+    /// Nodes that announce they serve a schema.
+    Providers { schema: String },
+    /// Read or change the trust table.
+    #[command(subcommand)]
+    Trust(TrustCmd),
+    /// Connect to a peer by multiaddr (or a node id known to discovery).
+    Dial { address: String },
+    /// Ask a peer which of these schemas it has approved.
+    CheckSchemas {
+        node: String,
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Diagnose the node and print what to fix.
+    Check {
+        /// The node's admin (metrics) address, host:port.
+        #[arg(long, env = "FOLD_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+        metrics_addr: String,
+        /// The sidecar's admin (metrics) address, host:port.
+        #[arg(
+            long,
+            env = "FOLD_SIDECAR_METRICS_ADDR",
+            default_value = "127.0.0.1:9465"
+        )]
+        sidecar_metrics_addr: String,
+    },
+    /// This node and its peers as a tree, JSON, Graphviz DOT or an SVG picture.
+    Topology {
+        /// Picture format (overrides -o): text tree, dot, or svg.
+        #[arg(long, value_enum)]
+        format: Option<TopologyFormat>,
+        /// Also peers known but not connected.
+        #[arg(long)]
+        all: bool,
+        /// Also ask these nodes (same flags as --addr; repeat) and merge their views into one
+        /// picture of the mesh.
+        #[arg(long, value_name = "ADDR")]
+        also: Vec<String>,
+    },
+    /// Per-method request rate, success rate and p50/p99 latency from the node's and its
+    /// sidecar's /metrics, refreshed live in a terminal (one sample otherwise).
+    Top {
+        /// Admin (metrics) addresses to read, host:port; repeat for several processes.
+        #[arg(long = "metrics-addr", default_values = ["127.0.0.1:9464", "127.0.0.1:9465"])]
+        metrics_addrs: Vec<String>,
+        /// Time between samples.
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        interval: std::time::Duration,
+        /// Stop after this many samples (default: until Ctrl-C in a terminal, else 1).
+        #[arg(long)]
+        iterations: Option<u32>,
+    },
+    /// Print a shell completion script.
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TopologyFormat {
+    Text,
+    Json,
+    Dot,
+    Svg,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SchemaCmd {
+    /// Load a schema from a fold_db JSON file (`-` reads stdin).
+    Load {
+        file: PathBuf,
+        /// Approve it right away.
+        #[arg(long)]
+        approve: bool,
+    },
+    /// List schemas.
+    List {
+        /// Only schemas in this state.
+        #[arg(long, value_parser = ["available", "approved", "blocked"])]
+        state: Option<String>,
+    },
+    /// One schema with its definition.
+    Get { name: String },
+    /// Approve a schema (queries and mutations allowed; announced to the mesh).
+    Approve { name: String },
+    /// Block a schema (refused).
+    Block { name: String },
+    /// Unload a schema (back to `available`).
+    Unload { name: String },
+}
+
+#[derive(Args, Debug)]
+#[command(group(ArgGroup::new("filter").args(["key", "prefix", "range", "keys", "pattern"])))]
+pub struct QueryArgs {
+    /// Schema name.
+    pub schema: String,
+    /// Fields to read (default: every field of the schema).
+    pub fields: Vec<String>,
+    /// Exactly this range key.
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Range keys starting with this prefix.
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// Range keys in [START, END) (an empty END is unbounded).
+    #[arg(long, num_args = 2, value_names = ["START", "END"])]
+    pub range: Option<Vec<String>>,
+    /// Any of these range keys (comma separated).
+    #[arg(long, value_delimiter = ',')]
+    pub keys: Option<Vec<String>>,
+    /// Glob over range keys: `*` any run, `?` one character.
+    #[arg(long)]
+    pub pattern: Option<String>,
+    /// Run on this node of the mesh (forwarded).
+    #[arg(long)]
+    pub node: Option<String>,
+}
+
+#[derive(Args, Debug)]
+#[command(group(ArgGroup::new("input").args(["data", "batch"]).required(true)))]
+pub struct MutateArgs {
+    /// Schema name.
+    pub schema: String,
+    /// What to do with the fields in the data.
+    #[arg(value_parser = ["create", "update", "delete"])]
+    pub kind: String,
+    /// Field values as a JSON object, `@file` to read it from a file, `@-` from stdin.
+    #[arg(long)]
+    pub data: Option<String>,
+    /// A JSONL file (`-` = stdin): one JSON object per line, one mutation each, in order;
+    /// progress on stderr; stops at the first refusal.
+    #[arg(long)]
+    pub batch: Option<PathBuf>,
+    /// Apply on this node of the mesh (forwarded).
+    #[arg(long)]
+    pub node: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct HistoryArgs {
+    /// Schema name.
+    pub schema: String,
+    /// Field name.
+    pub field: String,
+    /// The range key (Range schemas).
+    pub key: Option<String>,
+    /// At most this many versions (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub limit: u32,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TrustCmd {
+    /// The whole table, or one node's entry.
+    Get { node: Option<String> },
+    /// Give a node a distance (0 = owner, larger = less trusted) or `deny`.
+    Set { node: String, trust: String },
+    /// Remove a node's entry (it gets the default again).
+    Remove { node: String },
+}
+
+/// `500ms`, `5s`, `2m`, or a number of seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, mult_ms) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1000.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60_000.0)
+    } else {
+        (s, 1000.0)
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (e.g. 500ms, 5s, 2m)"))?;
+    if !v.is_finite() || v <= 0.0 || v * mult_ms > 86_400_000.0 {
+        return Err(format!("`{s}` is not a duration between 1ms and 24h"));
+    }
+    Ok(std::time::Duration::from_secs_f64(v * mult_ms / 1000.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("-1").is_err());
+        assert!(parse_duration("x").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

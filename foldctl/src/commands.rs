@@ -1,0 +1,501 @@
+//! Every foldctl command except `check` and `topology`'s rendering: call the node through
+//! fold-client, and shape the answer as JSON (the client's serde types, unchanged) and a table.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+
+use fold_client::{
+    Client, Filter, Mutation, MutationKind, Peer, Query, SchemaInfo, SchemaState, StateChange,
+    Trust, TrustEntry,
+};
+use serde::Serialize;
+use serde_json::{Value as Json, json};
+
+use crate::cli::{Command, Global, HistoryArgs, MutateArgs, QueryArgs, SchemaCmd, TrustCmd};
+use crate::metrics::{get_metrics, parse};
+use crate::table::{Table, cell, kv};
+use crate::{Failure, Out, topology};
+
+fn to_json<T: Serialize>(v: &T) -> Result<Json, Failure> {
+    serde_json::to_value(v).map_err(|e| Failure::Local(format!("cannot render JSON: {e}")))
+}
+
+pub async fn run(c: &Client, g: &Global, cmd: Command) -> Result<Out, Failure> {
+    match cmd {
+        Command::Schema(s) => schema(c, s).await,
+        Command::Query(q) => query(c, q).await,
+        Command::Mutate(m) => mutate(c, m).await,
+        Command::History(h) => history(c, h).await,
+        Command::Status => {
+            let s = c.status().await?;
+            let text = kv(&[
+                ("node id", s.node_id.clone()),
+                ("listen", s.listen_addrs.join(", ")),
+                ("external", or_dash(s.external_addrs.join(", "))),
+                ("connected peers", s.connected_peers.to_string()),
+                ("known peers", s.known_peers.to_string()),
+                ("mdns", on_off(s.mdns_enabled).into()),
+                ("provided schemas", or_dash(s.provided_schemas.join(", "))),
+            ]);
+            Ok(Out {
+                json: to_json(&s)?,
+                text,
+            })
+        }
+        Command::Peers { all, metrics_addr } => {
+            let peers = c.peers(all).await?;
+            let Some(addr) = metrics_addr else {
+                return Ok(Out {
+                    json: to_json(&peers)?,
+                    text: peers_table(&peers, None),
+                });
+            };
+            let breakers = breaker_states(&addr).await?;
+            let mut json = to_json(&peers)?;
+            if let Json::Array(list) = &mut json {
+                for (p, j) in peers.iter().zip(list.iter_mut()) {
+                    if let Json::Object(o) = j {
+                        let state = breakers.get(&p.node_id).cloned();
+                        o.insert(
+                            "breaker".into(),
+                            state.map(Json::String).unwrap_or(Json::Null),
+                        );
+                    }
+                }
+            }
+            Ok(Out {
+                json,
+                text: peers_table(&peers, Some(&breakers)),
+            })
+        }
+        Command::Providers { schema } => {
+            let ids = c.providers(&schema).await?;
+            let mut t = Table::new(["NODE_ID"]).keep(0);
+            for id in &ids {
+                t.row([id.as_str()]);
+            }
+            let text = if ids.is_empty() {
+                format!("no node announces schema {schema}\n")
+            } else {
+                t.render()
+            };
+            Ok(Out {
+                json: json!({"schema": schema, "node_ids": ids}),
+                text,
+            })
+        }
+        Command::Trust(t) => trust(c, t).await,
+        Command::Dial { address } => {
+            let d = c.dial(&address).await?;
+            Ok(Out {
+                json: to_json(&d)?,
+                text: format!("connected to {} at {}\n", d.node_id, d.address),
+            })
+        }
+        Command::CheckSchemas { node, names } => {
+            let r = c.check_schemas(&node, &names).await?;
+            let mut t = Table::new(["SCHEMA", "APPROVED_ON_NODE"]);
+            for n in &names {
+                t.row([n.clone(), yes_no(r.approved.contains(n)).into()]);
+            }
+            Ok(Out {
+                json: to_json(&r)?,
+                text: format!("node {}\n{}", r.node_id, t.render()),
+            })
+        }
+        Command::Topology { format, all, also } => topology::run(c, g, format, all, &also).await,
+        Command::Check { .. } | Command::Top { .. } | Command::Completions { .. } => {
+            Err(Failure::Local("not a node command".into()))
+        }
+    }
+}
+
+async fn schema(c: &Client, cmd: SchemaCmd) -> Result<Out, Failure> {
+    match cmd {
+        SchemaCmd::Load { file, approve } => {
+            let text = read_input(&file.to_string_lossy())?;
+            let r = c.load_schema(&text, approve).await?;
+            let verb = if r.created {
+                "loaded"
+            } else {
+                "already loaded (identical)"
+            };
+            Ok(Out {
+                json: to_json(&r)?,
+                text: format!(
+                    "schema {} {verb}: state {}, hash {}\n",
+                    r.name, r.state, r.hash
+                ),
+            })
+        }
+        SchemaCmd::List { state } => {
+            let state = match state {
+                Some(s) => Some(s.parse::<SchemaState>()?),
+                None => None,
+            };
+            let list = c.list_schemas(state).await?;
+            Ok(Out {
+                json: to_json(&list)?,
+                text: schemas_table(&list),
+            })
+        }
+        SchemaCmd::Get { name } => {
+            let d = c.get_schema(&name).await?;
+            let mut text = schemas_table(std::slice::from_ref(&d.info));
+            text.push('\n');
+            text.push_str(&serde_json::to_string_pretty(&d.definition).unwrap_or_default());
+            text.push('\n');
+            Ok(Out {
+                json: to_json(&d)?,
+                text,
+            })
+        }
+        SchemaCmd::Approve { name } => state_change(c, &name, SchemaState::Approved).await,
+        SchemaCmd::Block { name } => state_change(c, &name, SchemaState::Blocked).await,
+        SchemaCmd::Unload { name } => state_change(c, &name, SchemaState::Available).await,
+    }
+}
+
+async fn state_change(c: &Client, name: &str, state: SchemaState) -> Result<Out, Failure> {
+    let r: StateChange = c.set_schema_state(name, state).await?;
+    Ok(Out {
+        json: to_json(&r)?,
+        text: format!("schema {}: {} -> {}\n", r.name, r.previous_state, r.state),
+    })
+}
+
+fn schemas_table(list: &[SchemaInfo]) -> String {
+    let mut t = Table::new(["NAME", "STATE", "TYPE", "RANGE_KEY", "FIELDS", "HASH"]);
+    for s in list {
+        t.row([
+            s.name.clone(),
+            s.state.to_string(),
+            s.schema_type.clone(),
+            s.range_key.clone().unwrap_or_else(|| "-".into()),
+            s.fields.join(","),
+            s.hash.chars().take(12).collect(),
+        ]);
+    }
+    t.render()
+}
+
+async fn query(c: &Client, a: QueryArgs) -> Result<Out, Failure> {
+    let filter = if let Some(k) = a.key {
+        Some(Filter::Key(k))
+    } else if let Some(p) = a.prefix {
+        Some(Filter::Prefix(p))
+    } else if let Some(r) = a.range {
+        match r.as_slice() {
+            [start, end] => Some(Filter::Range {
+                start: start.clone(),
+                end: end.clone(),
+            }),
+            _ => return Err(Failure::Local("--range takes START END".into())),
+        }
+    } else if let Some(k) = a.keys {
+        Some(Filter::Keys(k))
+    } else {
+        a.pattern.map(Filter::Pattern)
+    };
+    let fields = if a.fields.is_empty() {
+        // Every field of the schema (asked from the node that will answer).
+        c.get_schema(&a.schema).await?.info.fields
+    } else {
+        a.fields
+    };
+    let mut q = Query::new(a.schema, fields.clone());
+    q.filter = filter;
+    q.node = a.node;
+    let r = c.query(q).await?;
+    let mut t = Table::new(std::iter::once("KEY".to_string()).chain(fields.iter().cloned()));
+    for rec in &r.records {
+        let mut row = vec![rec.key.clone().unwrap_or_else(|| "-".into())];
+        for f in &fields {
+            row.push(rec.fields.get(f).map(cell).unwrap_or_else(|| "-".into()));
+        }
+        t.row(row);
+    }
+    let text = format!(
+        "{}{} record(s) from {}\n",
+        t.render(),
+        r.records.len(),
+        node_name(&r.node_id)
+    );
+    Ok(Out {
+        json: to_json(&r)?,
+        text,
+    })
+}
+
+async fn mutate(c: &Client, a: MutateArgs) -> Result<Out, Failure> {
+    let kind: MutationKind = a.kind.parse()?;
+    if let Some(batch) = &a.batch {
+        return mutate_batch(
+            c,
+            &a.schema,
+            kind,
+            &batch.to_string_lossy(),
+            a.node.as_deref(),
+        )
+        .await;
+    }
+    let data = a.data.unwrap_or_default();
+    let raw = match data.strip_prefix('@') {
+        Some(path) => read_input(path)?,
+        None => data,
+    };
+    let data: Json = serde_json::from_str(&raw)
+        .map_err(|e| Failure::Local(format!("--data is not valid JSON: {e}")))?;
+    let mut m = Mutation::new(a.schema, kind, data)?;
+    m.node = a.node;
+    let r = c.mutate(m).await?;
+    let mut t = Table::new(["FIELD", "VERSION_ID"]);
+    for (f, v) in r.fields.iter().zip(r.version_ids.iter()) {
+        t.row([f.as_str(), v.as_str()]);
+    }
+    let key = r
+        .key
+        .as_deref()
+        .map(|k| format!(" key {k}"))
+        .unwrap_or_default();
+    let verb = match kind {
+        MutationKind::Create => "created",
+        MutationKind::Update => "updated",
+        MutationKind::Delete => "deleted",
+    };
+    Ok(Out {
+        json: to_json(&r)?,
+        text: format!("{verb}{key} on {}\n{}", node_name(&r.node_id), t.render()),
+    })
+}
+
+/// One mutation per JSONL line, in order; stops at the first failure, naming its line.
+async fn mutate_batch(
+    c: &Client,
+    schema: &str,
+    kind: MutationKind,
+    path: &str,
+    node: Option<&str>,
+) -> Result<Out, Failure> {
+    use std::io::{IsTerminal, Write};
+    let text = read_input(path)?;
+    let lines: Vec<(usize, &str)> = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| (i + 1, l.trim()))
+        .filter(|(_, l)| !l.is_empty())
+        .collect();
+    let total = lines.len();
+    let progress = std::io::stderr().is_terminal();
+    let mut applied = 0usize;
+    for (n, line) in lines {
+        let data: Json = serde_json::from_str(line).map_err(|e| {
+            Failure::Local(format!(
+                "{path} line {n}: not valid JSON: {e} ({applied} applied before it)"
+            ))
+        })?;
+        let mut m = Mutation::new(schema, kind, data).map_err(|e| {
+            Failure::Local(format!(
+                "{path} line {n}: {e} ({applied} applied before it)"
+            ))
+        })?;
+        m.node = node.map(str::to_string);
+        if let Err(e) = c.mutate(m).await {
+            if progress {
+                eprintln!();
+            }
+            eprintln!(
+                "foldctl: {path} line {n} failed; {applied} of {total} mutation(s) applied before it"
+            );
+            return Err(Failure::Client(e));
+        }
+        applied += 1;
+        if progress && (applied.is_multiple_of(50) || applied == total) {
+            eprint!("\r{applied}/{total} mutations applied");
+            let _ = std::io::stderr().flush();
+        }
+    }
+    if progress {
+        eprintln!();
+    }
+    Ok(Out {
+        json: json!({"applied": applied}),
+        text: format!("{applied} mutation(s) applied\n"),
+    })
+}
+
+async fn history(c: &Client, a: HistoryArgs) -> Result<Out, Failure> {
+    let versions = c
+        .history(&a.schema, &a.field, a.key.as_deref(), a.limit)
+        .await?;
+    let mut t = Table::new(["WRITTEN_AT", "MUTATION", "VALUE", "WRITER", "VERSION_ID"]);
+    for v in &versions {
+        t.row([
+            v.written_at.clone().unwrap_or_else(|| "-".into()),
+            v.mutation
+                .map(|m| format!("{m:?}").to_lowercase())
+                .unwrap_or_else(|| "-".into()),
+            if v.deleted {
+                "(deleted)".into()
+            } else {
+                cell(&v.value)
+            },
+            v.writer.clone(),
+            v.version_id.clone(),
+        ]);
+    }
+    Ok(Out {
+        json: to_json(&versions)?,
+        text: t.render(),
+    })
+}
+
+async fn trust(c: &Client, cmd: TrustCmd) -> Result<Out, Failure> {
+    match cmd {
+        TrustCmd::Get { node } => {
+            let table = c.get_trust(node.as_deref()).await?;
+            let mut t = Table::new(["NODE_ID", "TRUST"]).keep(0);
+            for e in &table.entries {
+                t.row([e.node_id.clone(), trust_text(e)]);
+            }
+            if let Some(d) = &table.default {
+                t.row(["(default)".to_string(), trust_text(d)]);
+            }
+            Ok(Out {
+                json: to_json(&table)?,
+                text: t.render(),
+            })
+        }
+        TrustCmd::Set { node, trust } => {
+            let trust: Trust = trust.parse()?;
+            let e = c.set_trust(&node, trust).await?;
+            Ok(Out {
+                json: to_json(&e)?,
+                text: format!("{}: trust {}\n", e.node_id, trust_text(&e)),
+            })
+        }
+        TrustCmd::Remove { node } => {
+            let e = c.remove_trust(&node).await?;
+            Ok(Out {
+                json: to_json(&e)?,
+                text: format!("{node}: entry removed (the default applies)\n"),
+            })
+        }
+    }
+}
+
+fn trust_text(e: &TrustEntry) -> String {
+    if e.denied {
+        "deny".into()
+    } else {
+        e.distance.to_string()
+    }
+}
+
+pub fn peer_trust(p: &Peer) -> String {
+    match (p.denied, p.trust_distance) {
+        (true, _) | (_, None) => "deny".into(),
+        (false, Some(d)) => d.to_string(),
+    }
+}
+
+pub fn rtt_text(p: &Peer) -> String {
+    p.rtt_micros
+        .map(|us| format!("{:.2} ms", us as f64 / 1000.0))
+        .unwrap_or_else(|| "-".into())
+}
+
+/// Circuit breaker state per remote node id, from the node's `fold_circuit_breaker_state`
+/// gauge (0 closed, 1 open, 2 half-open). A node never forwarded to has no breaker yet.
+async fn breaker_states(addr: &str) -> Result<BTreeMap<String, String>, Failure> {
+    let body = match get_metrics(addr).await {
+        Ok((200, body)) => body,
+        Ok((code, _)) => {
+            return Err(Failure::Local(format!(
+                "http://{addr}/metrics answered HTTP {code}"
+            )));
+        }
+        Err(detail) => {
+            return Err(Failure::Client(fold_client::Error::Connect {
+                addr: format!("http://{addr}/metrics"),
+                detail,
+            }));
+        }
+    };
+    Ok(parse(&body)
+        .into_iter()
+        .filter(|s| s.name == "fold_circuit_breaker_state")
+        .filter_map(|s| {
+            let state = match s.value as i64 {
+                0 => "closed",
+                1 => "open",
+                2 => "half-open",
+                _ => return None,
+            };
+            Some((s.labels.get("target")?.clone(), state.to_string()))
+        })
+        .collect())
+}
+
+pub fn peers_table(peers: &[Peer], breakers: Option<&BTreeMap<String, String>>) -> String {
+    if peers.is_empty() {
+        return "no peers\n".into();
+    }
+    let mut headers = vec!["NODE_ID", "CONNECTED", "RTT", "TRUST"];
+    if breakers.is_some() {
+        headers.push("BREAKER");
+    }
+    headers.extend(["SOURCE", "AGENT", "ADDRESSES"]);
+    let mut t = Table::new(headers).keep(0);
+    for p in peers {
+        let mut row = vec![
+            p.node_id.clone(),
+            yes_no(p.connected).into(),
+            rtt_text(p),
+            peer_trust(p),
+        ];
+        if let Some(b) = breakers {
+            row.push(b.get(&p.node_id).cloned().unwrap_or_else(|| "-".into()));
+        }
+        row.extend([
+            or_dash(p.source.clone()),
+            or_dash(p.agent.clone()),
+            or_dash(p.addrs.join(",")),
+        ]);
+        t.row(row);
+    }
+    t.render()
+}
+
+/// Read a file, or stdin for `-`.
+fn read_input(path: &str) -> Result<String, Failure> {
+    if path == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| Failure::Local(format!("cannot read stdin: {e}")))?;
+        return Ok(s);
+    }
+    std::fs::read_to_string(path).map_err(|e| Failure::Local(format!("cannot read {path}: {e}")))
+}
+
+fn or_dash(s: String) -> String {
+    if s.is_empty() { "-".into() } else { s }
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b { "on" } else { "off" }
+}
+
+/// `node ID`, or `this node` when the node does not know its id yet (sidecar never reached).
+fn node_name(id: &str) -> String {
+    if id.is_empty() {
+        "this node".into()
+    } else {
+        format!("node {id}")
+    }
+}
