@@ -39,7 +39,7 @@ fn ctl(addr: &str, args: &[&str]) -> Run {
         .env("COLUMNS", "200")
         .env_remove("FOLD_ADDR")
         .env_remove("FOLD_OUTPUT")
-        .env_remove("FOLD_TLS_CA")
+        .env_remove("FOLDCTL_TLS_CA")
         .output()
         .expect("run foldctl");
     Run {
@@ -503,8 +503,10 @@ fn every_command_in_both_output_modes() {
     let j = ok(addr, &["trust", "get", "-o", "json"]).json();
     assert_eq!(j["entries"], json!([]));
 
-    // b approves the schema; a asks b which are approved, and finds b as a provider.
+    // b approves the schema and trusts a (denied peers learn nothing); a asks b which are
+    // approved, and finds b as a provider.
     ok(&b.node.grpc, &["schema", "load", SENSORS, "--approve"]);
+    ok(&b.node.grpc, &["trust", "set", &a.node_id, "1"]);
     let (t, j) = both(
         addr,
         &["check-schemas", &b.node_id, "SensorReadings", "Missing"],
@@ -528,6 +530,7 @@ fn every_command_in_both_output_modes() {
     let (t, j) = both(addr, &["providers", "SensorReadings"]);
     assert!(t.starts_with("NODE_ID") && t.contains(&b.node_id), "{t}");
     assert_eq!(j["schema"], "SensorReadings");
+    ok(&b.node.grpc, &["trust", "remove", &a.node_id]);
 
     // Forwarded query and mutation (--node): b must trust a first.
     // Seeded: b denies a (unknown peers are denied by default). a's forwarded query is refused,
@@ -934,6 +937,9 @@ fn tls_and_mutual_tls_and_their_misconfigurations() {
             &key,
             "--tls-client-ca",
             &ca,
+            // The client certificate "ops" is the node's owner (and so may manage it).
+            "--trust",
+            "ops=0",
         ],
     )
     .unwrap();

@@ -33,16 +33,16 @@ pub struct Global {
     )]
     pub addr: String,
     /// PEM CA certificate that signed the node's TLS certificate (turns TLS on).
-    #[arg(long, global = true, env = "FOLD_TLS_CA")]
+    #[arg(long, global = true, env = "FOLDCTL_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
     /// PEM client certificate for mutual TLS (with --tls-key).
-    #[arg(long, global = true, env = "FOLD_TLS_CERT", requires = "tls_key")]
+    #[arg(long, global = true, env = "FOLDCTL_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of --tls-cert.
-    #[arg(long, global = true, env = "FOLD_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, global = true, env = "FOLDCTL_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     /// Name to verify the node's certificate against (default: the host of --addr).
-    #[arg(long, global = true, env = "FOLD_TLS_SERVER_NAME")]
+    #[arg(long, global = true, env = "FOLDCTL_TLS_SERVER_NAME")]
     pub tls_server_name: Option<String>,
     /// Deadline of each call: `500ms`, `5s`, `2m` or plain seconds.
     #[arg(long, global = true, env = "FOLD_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
