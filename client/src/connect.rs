@@ -232,7 +232,7 @@ impl ClientBuilder {
             let _ = rustls::crypto::ring::default_provider().install_default();
             let Some(ca) = &self.ca else {
                 return Err(Error::Config(format!(
-                    "`{uri}` is TLS: give the CA that signed the node's certificate (--tls-ca / FOLD_TLS_CA)"
+                    "`{uri}` is TLS: give the CA that signed the node's certificate (--tls-ca / FOLDCTL_TLS_CA)"
                 )));
             };
             let mut cfg = ClientTlsConfig::new()
