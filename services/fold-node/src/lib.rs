@@ -7,6 +7,7 @@
 //! node leave through [`mesh`] (the link to the p2p-sidecar).
 
 pub mod api;
+pub mod commit;
 pub mod config;
 pub mod data;
 pub mod filter;
