@@ -762,6 +762,63 @@ mod tests {
     }
 
     #[test]
+    fn a_write_group_applies_sets_all_or_nothing_on_a_single_schema() {
+        let f = json!({
+            "permission_policy": {"read_policy": {"Distance": 0}, "write_policy": {"Distance": 0}},
+            "payment_config": {"base_multiplier": 1.0, "trust_distance_scaling": "None", "min_payment": null},
+            "field_type": "Single", "field_mappers": {}
+        });
+        let s = schema::from_json(json!({
+            "name": "S", "schema_type": "Single",
+            "payment_config": {"base_multiplier": 1.0, "min_payment_threshold": 0},
+            "fields": {"a": f.clone(), "b": f}
+        }))
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let st = Store::open(&dir.path().join("fold.redb")).unwrap();
+        st.load_schema(s.clone(), true).unwrap();
+        let p = |kind, field: &str, v: Json| MutationPlan {
+            kind,
+            range_key: String::new(),
+            writes: vec![(field.to_string(), v)],
+            writer: "client:local".into(),
+        };
+        let mut g = st.begin_group().unwrap();
+        // UPDATE needs a value somewhere in the record: the CREATE before it in the set counts.
+        let w = g
+            .apply(
+                &s,
+                &[
+                    p(MutationKind::Create, "a", json!(1)),
+                    p(MutationKind::Update, "b", json!(2)),
+                ],
+            )
+            .unwrap();
+        assert_eq!(w.len(), 2);
+        // Refused at its second mutation: the first (a new value of `a`) is not written either.
+        let e = g
+            .apply(
+                &s,
+                &[
+                    p(MutationKind::Update, "a", json!(3)),
+                    p(MutationKind::Create, "b", json!(4)),
+                ],
+            )
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            ApplyError::Refused {
+                index: 1,
+                error: MutationError::AlreadyExists { .. }
+            }
+        ));
+        g.commit().unwrap();
+        let vals = st.read_values("S", "", &["a".into(), "b".into()]).unwrap();
+        assert_eq!(vals, vec![Some(json!(1)), Some(json!(2))]);
+        assert_eq!(st.history("S", "a", "", 0).unwrap().len(), 1);
+    }
+
+    #[test]
     fn versions_rows_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("fold.redb");
