@@ -38,6 +38,53 @@ pub struct WriteResults {
     pub batch_records_per_s: f64,
     pub read_idle: Option<Lat>,
     pub read_under_writes: Option<Lat>,
+    /// Upper bound (µs) of the node's storage-time histogram bucket holding the p99 of the
+    /// point reads' storage operation (the redb read), idle and under the write load: shows
+    /// whether reads wait for a write group inside storage.
+    pub read_storage_p99_bound_us_idle: Option<f64>,
+    pub read_storage_p99_bound_us_under_writes: Option<f64>,
+}
+
+/// The node's storage-time histogram of point reads (`op="query"`): (bucket bound in seconds,
+/// cumulative count).
+fn read_buckets(admin: &str) -> Vec<(f64, f64)> {
+    let text = foldmesh_e2e::http::get(admin, "/metrics")
+        .map(|(_, body)| body)
+        .unwrap_or_default();
+    text.lines()
+        .filter(|l| {
+            l.starts_with("fold_storage_operation_seconds_bucket{") && l.contains("op=\"query\"")
+        })
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, l.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The bound (µs) of the bucket holding the 99th percentile of what was observed between two
+/// snapshots of [`read_buckets`].
+fn p99_bound_us(before: &[(f64, f64)], after: &[(f64, f64)]) -> Option<f64> {
+    let delta: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(le, c)| {
+            let was = before.iter().find(|(l, _)| l == le).map_or(0.0, |x| x.1);
+            (*le, c - was)
+        })
+        .collect();
+    let total = delta.iter().map(|x| x.1).fold(0.0, f64::max);
+    if total == 0.0 {
+        return None;
+    }
+    delta
+        .iter()
+        .find(|(_, c)| *c >= 0.99 * total)
+        .map(|(le, _)| le * 1e6)
 }
 
 fn mutate(kind: MutationType, key: &str, value: &str) -> MutateRequest {
@@ -219,6 +266,7 @@ pub async fn measure(secs: u64, n: usize) -> anyhow::Result<WriteResults> {
     eprintln!("  BatchMutate, {BATCH} records per call: {batch:>8.0} records/s");
     r.batch_records_per_s = batch;
 
+    let before = read_buckets(&node.node_admin);
     let idle = {
         let c = FoldNodeClient::new(channel(&node.grpc));
         sequential(n, || {
@@ -231,10 +279,19 @@ pub async fn measure(secs: u64, n: usize) -> anyhow::Result<WriteResults> {
         .await?
     };
     r.read_idle = Some(lat("point read (Query one key), idle", idle));
+    let mid = read_buckets(&node.node_admin);
     let (rate, reads) = write_load(&node.grpc, "probe", 128, secs, true).await?;
     r.read_under_writes = Some(lat(
         &format!("point read during 128-in-flight writes ({rate:.0} writes/s)"),
         reads,
     ));
+    let after = read_buckets(&node.node_admin);
+    r.read_storage_p99_bound_us_idle = p99_bound_us(&before, &mid);
+    r.read_storage_p99_bound_us_under_writes = p99_bound_us(&mid, &after);
+    eprintln!(
+        "  point reads' storage time in the node (redb read), p99 within the bucket ≤ {:.0} µs idle, ≤ {:.0} µs under the write load",
+        r.read_storage_p99_bound_us_idle.unwrap_or(f64::NAN),
+        r.read_storage_p99_bound_us_under_writes.unwrap_or(f64::NAN)
+    );
     Ok(r)
 }

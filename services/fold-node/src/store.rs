@@ -599,7 +599,11 @@ impl WriteGroup {
                 let prev = heads
                     .get((name, f.as_str(), rk))?
                     .map(|g| g.value().to_string());
-                let id = uuid::Uuid::new_v4().to_string();
+                // Time-ordered (UUIDv7): the versions written together land side by side in
+                // the `versions` B-tree, so a group commit rewrites a few leaf pages instead of
+                // one random page per version (random v4 ids made the commit write and fsync
+                // ~4 KiB per version; measured in docs/BENCHMARKS.md).
+                let id = uuid::Uuid::now_v7().to_string();
                 let deleted = plan.kind == MutationKind::Delete;
                 let rec = VersionRecord {
                     id: id.clone(),
