@@ -65,8 +65,9 @@ pub enum JobError {
     /// Storage failed for the job's whole group; nothing of it was committed.
     #[error("storage error: {0}")]
     Storage(String),
-    /// The writer thread is gone (the node is stopping, or a group panicked).
-    #[error("the storage writer stopped before the write was committed")]
+    /// No answer from the writer: the node is stopping, or the job's group failed
+    /// unexpectedly (a panic). Nothing of the job was committed.
+    #[error("the write was not committed: the storage writer is stopping or failed")]
     Stopped,
 }
 
