@@ -17,7 +17,7 @@ use fold_proto::v1::{BatchMutateRequest, BatchMutation, MutateRequest, MutationT
 use serde_json::json;
 use tonic::transport::Channel;
 
-use crate::{Lat, channel, lat, prepare, query, sequential, start_node};
+use crate::{Lat, channel, lat, prepare, query, start_node};
 
 /// Bytes of the value each write carries.
 const VALUE: usize = 128;
@@ -133,6 +133,44 @@ fn group_stats(admin: &str) -> (f64, f64) {
     )
 }
 
+/// Sequential point reads until `end` or `max` reads, as another client: its own connection and
+/// its own runtime on its own thread, so its requests do not queue behind the writers' tasks
+/// inside this process. Each read's latency.
+fn read_probe(
+    addr: &str,
+    end: Instant,
+    max: usize,
+) -> std::thread::JoinHandle<anyhow::Result<Vec<Duration>>> {
+    let addr = addr.to_string();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let mut c = FoldNodeClient::new(channel(&addr));
+            // Warm up the connection first.
+            for _ in 0..10 {
+                c.query(query("")).await?;
+            }
+            let mut v = Vec::new();
+            while Instant::now() < end && v.len() < max {
+                let t = Instant::now();
+                c.query(query("")).await?;
+                v.push(t.elapsed());
+            }
+            Ok(v)
+        })
+    })
+}
+
+async fn join_probe(
+    probe: std::thread::JoinHandle<anyhow::Result<Vec<Duration>>>,
+) -> anyhow::Result<Vec<Duration>> {
+    tokio::task::spawn_blocking(move || probe.join())
+        .await?
+        .map_err(|_| anyhow!("the read probe thread panicked"))?
+}
+
 /// `concurrency` writers, each UPDATEing its own record (keys `<tag>-<i>`) in a loop for `secs`;
 /// acknowledged writes/s. With `probe`, one more task reads one record sequentially meanwhile.
 async fn write_load(
@@ -170,24 +208,13 @@ async fn write_load(
             anyhow::Ok(())
         }));
     }
-    let reader = probe.then(|| {
-        let mut c = FoldNodeClient::new(channel(addr));
-        tokio::spawn(async move {
-            let mut v = Vec::new();
-            while Instant::now() < end && (v.len() as u64) < MAX_OPS {
-                let t = Instant::now();
-                c.query(query("")).await?;
-                v.push(t.elapsed());
-            }
-            anyhow::Ok(v)
-        })
-    });
+    let reader = probe.then(|| read_probe(addr, end, MAX_OPS as usize));
     for t in tasks {
         t.await??;
     }
     let rate = done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
     let reads = match reader {
-        Some(r) => r.await??,
+        Some(r) => join_probe(r).await?,
         None => Vec::new(),
     };
     Ok((rate, reads))
@@ -267,17 +294,12 @@ pub async fn measure(secs: u64, n: usize) -> anyhow::Result<WriteResults> {
     r.batch_records_per_s = batch;
 
     let before = read_buckets(&node.node_admin);
-    let idle = {
-        let c = FoldNodeClient::new(channel(&node.grpc));
-        sequential(n, || {
-            let mut c = c.clone();
-            async move {
-                c.query(query("")).await?;
-                Ok(())
-            }
-        })
-        .await?
-    };
+    let idle = join_probe(read_probe(
+        &node.grpc,
+        Instant::now() + Duration::from_secs(secs),
+        n,
+    ))
+    .await?;
     r.read_idle = Some(lat("point read (Query one key), idle", idle));
     let mid = read_buckets(&node.node_admin);
     let (rate, reads) = write_load(&node.grpc, "probe", 128, secs, true).await?;
