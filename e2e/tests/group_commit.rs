@@ -66,6 +66,17 @@ async fn values(c: &mut FoldNodeClient<Channel>, p: &str) -> HashMap<String, Jso
         .collect()
 }
 
+/// Groups the node's writer has taken so far (`fold_commit_group_requests` observations).
+async fn group_commits(admin: &str) -> f64 {
+    let admin = admin.to_string();
+    let (_, text) =
+        tokio::task::spawn_blocking(move || foldmesh_e2e::http::get(&admin, "/metrics"))
+            .await
+            .unwrap()
+            .unwrap();
+    foldmesh_e2e::http::sample(&text, "fold_commit_group_requests_count", &[]).unwrap_or(0.0)
+}
+
 async fn start_with_schema(dir: &std::path::Path, extra: &[&str]) -> NodeProc {
     let node = NodeProc::start(dir, extra).expect("fold-node starts");
     fold(&node.grpc)
@@ -247,6 +258,7 @@ async fn in_a_group_an_invalid_mutation_fails_alone() {
         .await
         .unwrap();
     }
+    let groups_before = group_commits(&node.admin).await;
     let chans: Vec<Channel> = (0..4).map(|_| channel(&node.grpc)).collect();
     // 96 at once: every third is invalid, alternately a CREATE of an existing record
     // (ALREADY_EXISTS) and an UPDATE of a missing one (NOT_FOUND).
@@ -299,6 +311,10 @@ async fn in_a_group_an_invalid_mutation_fails_alone() {
         }
     }
     assert_eq!(ok, 64);
+    // They went through shared groups (one transaction holding several of them), not one by
+    // one: fewer groups than requests.
+    let groups = group_commits(&node.admin).await - groups_before;
+    assert!(groups < 96.0, "{groups} groups for 96 concurrent mutations");
     let got = values(&mut c, "ok-").await;
     assert_eq!(got.len(), 64);
     for (k, v) in &got {
