@@ -315,6 +315,16 @@ async fn in_a_group_an_invalid_mutation_fails_alone() {
     // one: fewer groups than requests.
     let groups = group_commits(&node.admin).await - groups_before;
     assert!(groups < 96.0, "{groups} groups for 96 concurrent mutations");
+
+    // (Same node, default message size.) More than 10,000 mutations in one batch is refused
+    // before anything is tried, even when the request is small enough.
+    let many: Vec<BatchMutation> = (0..10_001)
+        .map(|r| bm(MutationType::Create, json!({"id": format!("m{r}"), "n": 1})))
+        .collect();
+    let e = c.batch_mutate(batch(many)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("at most 10000"), "{}", e.message());
+    assert!(values(&mut c, "m").await.is_empty());
     let got = values(&mut c, "ok-").await;
     assert_eq!(got.len(), 64);
     for (k, v) in &got {
