@@ -440,5 +440,5 @@ async fn a_batch_with_one_invalid_record_is_refused_whole_and_names_it() {
     let mut remote = batch(vec![bm(MutationType::Create, json!({"id": "r", "n": 1}))]);
     remote.target_node_id = "12D3KooWSomeOtherNode".into();
     let e = c.batch_mutate(remote).await.unwrap_err();
-    assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
+    assert_eq!(e.code(), Code::InvalidArgument, "not a node id: {e:?}");
 }

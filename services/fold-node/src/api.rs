@@ -225,6 +225,7 @@ impl FoldNode for FoldNodeApi {
         &self,
         request: Request<BatchMutateRequest>,
     ) -> Result<Response<BatchMutateResponse>, Status> {
+        let deadline = grpc_timeout(request.metadata());
         let principal = principal_of(&request);
         let req = request.into_inner();
         let span = tracing::info_span!(
@@ -236,10 +237,8 @@ impl FoldNode for FoldNodeApi {
         );
         traced(span, async move {
             if !self.mesh.is_local(&req.target_node_id) {
-                return Err(Status::unimplemented(format!(
-                    "BatchMutate runs only on the node it is sent to: forwarding a batch to another node ({}) is not implemented yet; send it to that node directly, or use Mutate per record",
-                    req.target_node_id
-                )));
+                let requester = self.data.forwardable_requester(&principal)?;
+                return self.mesh.forward_batch(req, requester, deadline).await;
             }
             let mut resp = self.data.batch_mutate(&principal, req).await?;
             resp.node_id = self.mesh.node_id_or_empty();

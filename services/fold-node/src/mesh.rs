@@ -301,6 +301,29 @@ impl MeshLink {
         }
     }
 
+    pub async fn forward_batch(
+        &self,
+        req: fold_proto::v1::BatchMutateRequest,
+        requester: Requester,
+        deadline: Option<Duration>,
+    ) -> Result<fold_proto::v1::BatchMutateResponse, Status> {
+        let target = req.target_node_id.clone();
+        match self
+            .forward(
+                target.clone(),
+                operation::Kind::BatchMutate(req),
+                requester,
+                deadline,
+            )
+            .await?
+        {
+            forward_response::Result::BatchMutate(m) => Ok(m),
+            _ => Err(Status::internal(format!(
+                "node {target} answered a batch with a different kind of response"
+            ))),
+        }
+    }
+
     async fn forward(
         &self,
         target: String,
@@ -312,6 +335,7 @@ impl MeshLink {
         let kind = match op {
             operation::Kind::Query(_) => "query",
             operation::Kind::Mutate(_) => "mutate",
+            operation::Kind::BatchMutate(_) => "batch_mutate",
         };
         let result = self.forward_inner(target, op, requester, deadline).await;
         let outcome = match &result {

@@ -102,6 +102,7 @@ impl PeerRequests for PeerRequestsApi {
         let (op_name, schema) = match &op {
             Some(operation::Kind::Query(q)) => ("query", q.schema.clone()),
             Some(operation::Kind::Mutate(m)) => ("mutate", m.schema.clone()),
+            Some(operation::Kind::BatchMutate(b)) => ("batch_mutate", b.schema.clone()),
             None => ("none", String::new()),
         };
         let span = tracing::info_span!(
@@ -219,6 +220,12 @@ impl PeerRequestsApi {
                 self.data.mutate(who, m, deadline).await.map(|mut r| {
                     r.node_id = me.clone();
                     forward_response::Result::Mutate(r)
+                })
+            }
+            Some(operation::Kind::BatchMutate(b)) => {
+                self.data.batch_mutate(who, b).await.map(|mut r| {
+                    r.node_id = me.clone();
+                    forward_response::Result::BatchMutate(r)
                 })
             }
             None => Err(Status::invalid_argument(
