@@ -284,6 +284,8 @@ mod tests {
             source: "dial".into(),
             trust_distance: Some(1),
             denied: false,
+            connection: connected.then(|| "direct".to_string()),
+            transport: connected.then(|| "tcp".to_string()),
         };
         Topology {
             node_id: "12D3KooWSelf".into(),
