@@ -195,9 +195,14 @@ async fn node_checks(c: &Client, out: &mut Vec<Finding>) {
             // client certificate, so a refused certificate shows up as the connection closing
             // under the first call.
             let tls_target = matches!(c.target(), Target::Tcp { tls: true, .. });
-            let closed = ["connection closed", "canceled", "cancelled", "connection reset"]
-                .iter()
-                .any(|w| msg.contains(w));
+            let closed = [
+                "connection closed",
+                "canceled",
+                "cancelled",
+                "connection reset",
+            ]
+            .iter()
+            .any(|w| msg.contains(w));
             let tls = e.is_tls() || (tls_target && closed);
             out.push(finding(
                 Severity::Error,
