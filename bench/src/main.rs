@@ -204,6 +204,7 @@ fn schema() -> Json {
 
 pub fn query(target: &str) -> QueryRequest {
     QueryRequest {
+        json_values: false,
         schema: "Bench".into(),
         fields: vec!["payload".into()],
         filter: Some(RangeFilter {
@@ -222,6 +223,7 @@ async fn prepare(node: &Node) -> anyhow::Result<()> {
     .await?;
     let data = json!({"k": "r1", "payload": "x".repeat(PAYLOAD)});
     c.mutate(MutateRequest {
+        data_json: String::new(),
         idempotency_key: String::new(),
         schema: "Bench".into(),
         mutation_type: MutationType::Create as i32,

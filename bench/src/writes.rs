@@ -90,6 +90,7 @@ fn p99_bound_us(before: &[(f64, f64)], after: &[(f64, f64)]) -> Option<f64> {
 fn mutate(kind: MutationType, key: &str, value: &str) -> MutateRequest {
     let data = json!({"k": key, "payload": value});
     MutateRequest {
+        data_json: String::new(),
         idempotency_key: String::new(),
         schema: "Bench".into(),
         mutation_type: kind as i32,
@@ -234,6 +235,7 @@ async fn batch_load(addr: &str, secs: u64) -> anyhow::Result<f64> {
             .map(|r| {
                 let data = json!({"k": format!("b{j}-{r}"), "payload": value});
                 BatchMutation {
+                    data_json: String::new(),
                     mutation_type: MutationType::Create as i32,
                     data: data.as_object().map(map_to_struct),
                 }

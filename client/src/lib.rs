@@ -185,6 +185,7 @@ impl Client {
         let r = self
             .fold()
             .query(self.req(pb::QueryRequest {
+                json_values: false,
                 schema: q.schema,
                 fields: q.fields,
                 filter: q.filter.as_ref().map(Filter::to_proto),
@@ -201,6 +202,7 @@ impl Client {
             .fold()
             .mutate(self.req(pb::MutateRequest {
                 idempotency_key: String::new(),
+                data_json: String::new(),
                 schema: m.schema,
                 mutation_type: m.kind.to_proto() as i32,
                 data: Some(map_to_struct(&m.data)),
@@ -229,6 +231,7 @@ impl Client {
                     mutations: mutations
                         .into_iter()
                         .map(|(kind, data)| pb::BatchMutation {
+                            data_json: String::new(),
                             mutation_type: kind.to_proto() as i32,
                             data: Some(map_to_struct(&data)),
                         })
@@ -261,6 +264,7 @@ impl Client {
         let r = self
             .fold()
             .history(self.req(pb::HistoryRequest {
+                json_values: false,
                 schema: schema.into(),
                 field: field.into(),
                 range_key: key.unwrap_or_default().into(),

@@ -63,6 +63,7 @@ pub fn load_req(schema: &Json, approve: bool) -> LoadSchemaRequest {
 pub fn mutate_req(schema: &str, kind: MutationType, data: Json) -> MutateRequest {
     MutateRequest {
         idempotency_key: String::new(),
+        data_json: String::new(),
         schema: schema.into(),
         mutation_type: kind as i32,
         data: Some(map_to_struct(data.as_object().expect("data is an object"))),
@@ -72,6 +73,7 @@ pub fn mutate_req(schema: &str, kind: MutationType, data: Json) -> MutateRequest
 
 pub fn query_req(schema: &str, fields: &[&str], filter: Option<RangeFilter>) -> QueryRequest {
     QueryRequest {
+        json_values: false,
         schema: schema.into(),
         fields: fields.iter().map(|f| f.to_string()).collect(),
         filter,

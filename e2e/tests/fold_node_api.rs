@@ -414,6 +414,7 @@ async fn mutations_queries_filters_and_history() {
     // History: newest first, linked, with writer and time.
     let h = c
         .history(HistoryRequest {
+            json_values: false,
             schema: "Notes".into(),
             field: "title".into(),
             range_key: "a1".into(),
@@ -439,6 +440,7 @@ async fn mutations_queries_filters_and_history() {
     assert!(h[0].written_at.as_ref().unwrap().seconds > 1_700_000_000);
     let h = c
         .history(HistoryRequest {
+            json_values: false,
             schema: "Notes".into(),
             field: "title".into(),
             range_key: "c".into(),
@@ -457,6 +459,7 @@ async fn mutations_queries_filters_and_history() {
     );
     let e = c
         .history(HistoryRequest {
+            json_values: false,
             schema: "Notes".into(),
             field: "title".into(),
             range_key: String::new(),
@@ -579,6 +582,7 @@ async fn permissions_by_distance_and_explicit_policy() {
     // History is a read too.
     let e = c
         .history(HistoryRequest {
+            json_values: false,
             schema: "Mixed".into(),
             field: "owner".into(),
             range_key: String::new(),
@@ -716,6 +720,7 @@ async fn acknowledged_writes_survive_kill_9() {
     assert!(!keys(&r).contains(&"k01".to_string()));
     let h = c
         .history(HistoryRequest {
+            json_values: false,
             schema: "Notes".into(),
             field: "title".into(),
             range_key: "k00".into(),
@@ -729,6 +734,7 @@ async fn acknowledged_writes_survive_kill_9() {
     assert_eq!(h[0].previous_version_id, h[1].version_id);
     let h = c
         .history(HistoryRequest {
+            json_values: false,
             schema: "Notes".into(),
             field: "title".into(),
             range_key: "k01".into(),

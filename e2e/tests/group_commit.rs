@@ -34,6 +34,7 @@ fn log_schema() -> Json {
 
 fn bm(kind: MutationType, data: Json) -> BatchMutation {
     BatchMutation {
+        data_json: String::new(),
         mutation_type: kind as i32,
         data: data.as_object().map(map_to_struct),
     }

@@ -23,6 +23,7 @@ async fn versions(
     key: &str,
 ) -> usize {
     c.history(HistoryRequest {
+        json_values: false,
         schema: "Counter".into(),
         field: "n".into(),
         range_key: key.into(),
@@ -72,6 +73,7 @@ async fn a_retried_mutation_is_applied_once() {
     let batch = || BatchMutateRequest {
         schema: "Counter".into(),
         mutations: vec![BatchMutation {
+            data_json: String::new(),
             mutation_type: MutationType::Create as i32,
             data: Some(fold_proto::json::map_to_struct(
                 json!({"id": "b", "n": 1}).as_object().unwrap(),

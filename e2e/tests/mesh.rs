@@ -208,6 +208,7 @@ async fn query_and_mutation_forwarded_to_another_host() {
     // And B's history names A as the writer.
     let h = fold(&b.grpc())
         .history(HistoryRequest {
+            json_values: false,
             schema: "Notes".into(),
             field: "body".into(),
             range_key: "n2".into(),

@@ -175,6 +175,7 @@ async fn ask(
 fn mutate_op(id: &str, body: &str, target: &str) -> Operation {
     Operation {
         kind: Some(operation::Kind::Mutate(MutateRequest {
+            data_json: String::new(),
             idempotency_key: String::new(),
             schema: "Notes".into(),
             mutation_type: MutationType::Create as i32,
@@ -371,6 +372,7 @@ async fn hostile_peer_is_refused_counted_and_changes_nothing() {
     // Nothing of the refused requests reached the data; the accepted ones did, once.
     let rows = fold(&node.grpc)
         .query(QueryRequest {
+            json_values: false,
             schema: "Notes".into(),
             fields: vec!["body".into()],
             filter: None,
@@ -382,6 +384,7 @@ async fn hostile_peer_is_refused_counted_and_changes_nothing() {
     assert_eq!(keys(&rows), vec!["m1", "m2", "m8"]);
     let h = fold(&node.grpc)
         .history(HistoryRequest {
+            json_values: false,
             schema: "Notes".into(),
             field: "body".into(),
             range_key: "m2".into(),
@@ -696,6 +699,7 @@ async fn mtls_identities_map_to_trust_distances() {
     // History records who wrote.
     let h = trusted
         .history(HistoryRequest {
+            json_values: false,
             schema: "Private".into(),
             field: "secret".into(),
             range_key: String::new(),
@@ -1050,6 +1054,7 @@ async fn a_flooding_peer_is_throttled_and_others_are_not() {
     let t = &sc.node_id;
     let query_op = || Operation {
         kind: Some(operation::Kind::Query(QueryRequest {
+            json_values: false,
             schema: "Notes".into(),
             fields: vec!["id".into()],
             filter: None,

@@ -215,6 +215,7 @@ async fn forwarded_requests_are_checked_with_the_path_distance() {
         .node
         .owner_fold()
         .history(HistoryRequest {
+            json_values: false,
             schema: "Ledger".into(),
             field: "open".into(),
             range_key: "k1".into(),
@@ -357,6 +358,7 @@ async fn path_distance_applies_to_mtls_identities() {
         .node
         .owner_fold()
         .history(HistoryRequest {
+            json_values: false,
             schema: "Ledger".into(),
             field: "open".into(),
             range_key: "k1".into(),
@@ -654,6 +656,7 @@ async fn a_batch_is_forwarded_atomically_with_the_path_distance() {
     seed_b(&b).await;
     a.dial(&b).await;
     let m = |data: Json| BatchMutation {
+        data_json: String::new(),
         mutation_type: MutationType::Create as i32,
         data: Some(fold_proto::json::map_to_struct(data.as_object().unwrap())),
     };
@@ -702,6 +705,7 @@ async fn a_batch_is_forwarded_atomically_with_the_path_distance() {
         .node
         .owner_fold()
         .history(HistoryRequest {
+            json_values: false,
             schema: "Ledger".into(),
             field: "open".into(),
             range_key: "b1".into(),

@@ -312,6 +312,7 @@ mod tests {
             }),
             operation: Some(Operation {
                 kind: Some(operation::Kind::Query(QueryRequest {
+                    json_values: false,
                     schema: "Notes".into(),
                     fields: vec!["body".into()],
                     filter: None,

@@ -31,6 +31,7 @@ fn envelope(origin: String, id: String, fields: Vec<String>, ts: u64) -> Forward
         }),
         operation: Some(Operation {
             kind: Some(operation::Kind::Query(QueryRequest {
+                json_values: false,
                 schema: "S".into(),
                 fields,
                 filter: None,

@@ -121,6 +121,7 @@ fn envelope(from: &Keypair, target: &PeerId, id: &str) -> fold_proto::wire::Sign
         }),
         operation: Some(Operation {
             kind: Some(operation::Kind::Query(QueryRequest {
+                json_values: false,
                 schema: "Notes".into(),
                 fields: vec!["body".into()],
                 filter: None,

@@ -301,6 +301,7 @@ impl Data {
         };
         let store = self.store.clone();
         let fields = req.fields.clone();
+        let json_values = req.json_values;
         // A Single schema or one key reads one record; anything else scans.
         let runs = match (schema.range_key(), &filter) {
             (None, _) | (Some(_), KeyFilter::Key(_)) => Runs::Inline,
@@ -325,9 +326,18 @@ impl Data {
                 for (f, v) in fields.iter().zip(values) {
                     m.insert(f.clone(), v.unwrap_or(Json::Null));
                 }
-                records.push(Record {
-                    range_key: key,
-                    fields: Some(map_to_struct(&m)),
+                records.push(if json_values {
+                    Record {
+                        range_key: key,
+                        fields: None,
+                        fields_json: Json::Object(m).to_string(),
+                    }
+                } else {
+                    Record {
+                        range_key: key,
+                        fields: Some(map_to_struct(&m)),
+                        fields_json: String::new(),
+                    }
                 });
             }
             Ok(records)
@@ -352,7 +362,8 @@ impl Data {
     ) -> Result<MutateResponse, Status> {
         let requester = self.requester(who)?;
         let schema = self.usable_schema(&req.schema)?;
-        let plan = mutation_plan(&schema, &requester, req.mutation_type, req.data.as_ref())?;
+        let data = request_data(req.data.as_ref(), &req.data_json)?;
+        let plan = mutation_plan(&schema, &requester, req.mutation_type, data)?;
         let range_key = plan.range_key.clone();
         let bytes = req.data.as_ref().map_or(0, Message::encoded_len);
         let plans = vec![plan];
@@ -410,7 +421,8 @@ impl Data {
         let mut plans = Vec::with_capacity(req.mutations.len());
         let mut bytes = 0;
         for (i, m) in req.mutations.iter().enumerate() {
-            let plan = mutation_plan(&schema, &requester, m.mutation_type, m.data.as_ref())
+            let plan = request_data(m.data.as_ref(), &m.data_json)
+                .and_then(|data| mutation_plan(&schema, &requester, m.mutation_type, data))
                 .map_err(|s| record_status(i, &s))?;
             bytes += m.data.as_ref().map_or(0, Message::encoded_len);
             plans.push(plan);
@@ -493,6 +505,7 @@ impl Data {
             )));
         }
         let store = self.store.clone();
+        let json_values = req.json_values;
         let versions = storage(&self.metrics, "history", Runs::InPlace, move || {
             store
                 .history(&schema.name, &req.field, &req.range_key, req.limit as usize)
@@ -500,7 +513,10 @@ impl Data {
         })
         .await?;
         Ok(HistoryResponse {
-            versions: versions.into_iter().map(version_to_proto).collect(),
+            versions: versions
+                .into_iter()
+                .map(|v| version_to_proto(v, json_values))
+                .collect(),
         })
     }
 
@@ -544,11 +560,36 @@ fn range_key_value(schema: &str, rk: &str, v: Option<&Json>) -> Result<String, S
 
 /// Check one mutation against the schema and the requester's permissions and say which fields
 /// it touches.
+/// A mutation's data, from the `data` Struct (numbers are doubles; NaN and ±Infinity refused)
+/// or from `data_json` text (exact: integers of any size, decimals as written).
+fn request_data(
+    data: Option<&prost_types::Struct>,
+    data_json: &str,
+) -> Result<Map<String, Json>, Status> {
+    match (data, data_json.is_empty()) {
+        (Some(d), true) => struct_to_map_checked(d).map_err(Status::invalid_argument),
+        (None, true) => Ok(Map::new()),
+        (None, false) => match serde_json::from_str::<Json>(data_json) {
+            Ok(Json::Object(m)) => Ok(m),
+            Ok(_) => Err(Status::invalid_argument(
+                "'data_json' must be a JSON object of field -> value",
+            )),
+            Err(e) => Err(Status::invalid_argument(format!(
+                "'data_json' is not valid JSON: {e}"
+            ))),
+        },
+        (Some(d), false) if d.fields.is_empty() => request_data(None, data_json),
+        (Some(_), false) => Err(Status::invalid_argument(
+            "give the values either as 'data' or as 'data_json', not both",
+        )),
+    }
+}
+
 fn mutation_plan(
     schema: &Schema,
     requester: &Requester,
     mutation_type: i32,
-    data: Option<&prost_types::Struct>,
+    data: Map<String, Json>,
 ) -> Result<MutationPlan, Status> {
     let kind = match MutationType::try_from(mutation_type) {
         Ok(MutationType::Create) => MutationKind::Create,
@@ -559,10 +600,6 @@ fn mutation_plan(
                 "'mutation_type' must be MUTATION_TYPE_CREATE, MUTATION_TYPE_UPDATE or MUTATION_TYPE_DELETE",
             ));
         }
-    };
-    let data = match data {
-        Some(d) => struct_to_map_checked(d).map_err(Status::invalid_argument)?,
-        None => Default::default(),
     };
     if data.is_empty() {
         return Err(Status::invalid_argument(
@@ -650,12 +687,18 @@ fn record_status(index: usize, status: &Status) -> Status {
     )
 }
 
-fn version_to_proto(v: VersionRecord) -> FieldVersion {
+fn version_to_proto(v: VersionRecord, json_values: bool) -> FieldVersion {
     let secs = (v.written_at_ms / 1000) as i64;
     let nanos = ((v.written_at_ms % 1000) * 1_000_000) as i32;
+    let (value, value_json) = if json_values {
+        (None, v.value.to_string())
+    } else {
+        (Some(json_to_value(&v.value)), String::new())
+    };
     FieldVersion {
         version_id: v.id,
-        value: Some(json_to_value(&v.value)),
+        value,
+        value_json,
         deleted: v.deleted,
         written_at: Some(prost_types::Timestamp {
             seconds: secs,
