@@ -60,6 +60,7 @@ impl FoldNode for Echo {
 pub async fn serve() -> anyhow::Result<()> {
     let fields = json!({"payload": "x".repeat(super::PAYLOAD)});
     let answer = QueryResponse {
+        next_page_token: String::new(),
         records: vec![Record {
             fields_json: String::new(),
             range_key: "r1".into(),

@@ -204,6 +204,8 @@ fn schema() -> Json {
 
 pub fn query(target: &str) -> QueryRequest {
     QueryRequest {
+        page_size: 0,
+        page_token: String::new(),
         json_values: false,
         schema: "Bench".into(),
         fields: vec!["payload".into()],

@@ -185,6 +185,8 @@ impl Client {
         let r = self
             .fold()
             .query(self.req(pb::QueryRequest {
+                page_size: 0,
+                page_token: String::new(),
                 json_values: false,
                 schema: q.schema,
                 fields: q.fields,

@@ -372,6 +372,8 @@ async fn hostile_peer_is_refused_counted_and_changes_nothing() {
     // Nothing of the refused requests reached the data; the accepted ones did, once.
     let rows = fold(&node.grpc)
         .query(QueryRequest {
+            page_size: 0,
+            page_token: String::new(),
             json_values: false,
             schema: "Notes".into(),
             fields: vec!["body".into()],
@@ -1054,6 +1056,8 @@ async fn a_flooding_peer_is_throttled_and_others_are_not() {
     let t = &sc.node_id;
     let query_op = || Operation {
         kind: Some(operation::Kind::Query(QueryRequest {
+            page_size: 0,
+            page_token: String::new(),
             json_values: false,
             schema: "Notes".into(),
             fields: vec!["id".into()],

@@ -312,6 +312,8 @@ mod tests {
             }),
             operation: Some(Operation {
                 kind: Some(operation::Kind::Query(QueryRequest {
+                    page_size: 0,
+                    page_token: String::new(),
                     json_values: false,
                     schema: "Notes".into(),
                     fields: vec!["body".into()],

@@ -38,6 +38,7 @@ impl NodeHandler for FakeNode {
         ForwardResponse {
             request_id: env.request_id,
             result: Some(forward_response::Result::Query(QueryResponse {
+                next_page_token: String::new(),
                 records: vec![],
                 node_id: self.name.clone(),
             })),
@@ -121,6 +122,8 @@ fn envelope(from: &Keypair, target: &PeerId, id: &str) -> fold_proto::wire::Sign
         }),
         operation: Some(Operation {
             kind: Some(operation::Kind::Query(QueryRequest {
+                page_size: 0,
+                page_token: String::new(),
                 json_values: false,
                 schema: "Notes".into(),
                 fields: vec!["body".into()],

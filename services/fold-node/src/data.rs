@@ -33,6 +33,11 @@ pub const MAX_BATCH_MUTATIONS: usize = 10_000;
 /// Trailer of a refused BatchMutate naming the failing record's index.
 pub const FAILED_RECORD_TRAILER: &str = "fold-failed-record";
 
+/// Records per page when a paged query names no size.
+const DEFAULT_PAGE_SIZE: usize = 1000;
+/// Most records per page.
+const MAX_PAGE_SIZE: usize = 10_000;
+
 /// Longest idempotency key accepted.
 const MAX_IDEMPOTENCY_KEY: usize = 128;
 /// How long applied idempotency keys are remembered unless configured.
@@ -49,6 +54,7 @@ pub struct Data {
     /// The group-commit writer every mutation goes through.
     commits: Committer,
     idempotency_window_ms: u64,
+    pager: crate::paging::Pager,
 }
 
 pub fn store_status(e: StoreError) -> Status {
@@ -143,7 +149,9 @@ impl Data {
         metrics: Arc<NodeMetrics>,
     ) -> std::io::Result<Self> {
         let commits = Committer::start(store.clone(), metrics.clone(), Limits::default())?;
+        let pager = crate::paging::Pager::load(&store).map_err(std::io::Error::other)?;
         Ok(Data {
+            pager,
             store,
             identities,
             metrics,
@@ -299,6 +307,30 @@ impl Data {
             }
             (_, f) => KeyFilter::from_proto(f).map_err(Status::invalid_argument)?,
         };
+        // Paging: keyset, after the key a token names (see paging.rs).
+        let paged = req.page_size > 0 || !req.page_token.is_empty();
+        let scope = format!("{}|{}|{:?}", schema.name, schema.hash, filter);
+        let after = match (paged, schema.range_key()) {
+            (false, _) => None,
+            (true, None) if !req.page_token.is_empty() => {
+                return Err(Status::invalid_argument(format!(
+                    "schema '{}' is a Single schema: its one record needs no paging",
+                    schema.name
+                )));
+            }
+            (true, None) => None,
+            (true, Some(_)) if req.page_token.is_empty() => None,
+            (true, Some(_)) => Some(
+                self.pager
+                    .open(&scope, &req.page_token)
+                    .map_err(Status::invalid_argument)?,
+            ),
+        };
+        let page_size = match req.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n => (n as usize).min(MAX_PAGE_SIZE),
+        };
+        let pager = self.pager.clone();
         let store = self.store.clone();
         let fields = req.fields.clone();
         let json_values = req.json_values;
@@ -307,13 +339,25 @@ impl Data {
             (None, _) | (Some(_), KeyFilter::Key(_)) => Runs::Inline,
             _ => Runs::InPlace,
         };
-        let records = storage(&self.metrics, "query", runs, move || {
+        let (records, next_page_token) = storage(&self.metrics, "query", runs, move || {
+            let mut next = String::new();
             let keys = match schema.range_key() {
                 None => vec![String::new()],
+                Some(rk) if paged => {
+                    let (keys, more) = store
+                        .range_rows_page(&schema.name, rk, &filter, after.as_deref(), page_size)
+                        .map_err(store_status)?;
+                    if more && let Some(last) = keys.last() {
+                        next = pager.token(&scope, last);
+                    }
+                    keys
+                }
                 Some(rk) => store
                     .range_rows(&schema.name, rk, &filter)
                     .map_err(|e| match e {
-                        RowsError::TooMany => Status::resource_exhausted(e.to_string()),
+                        RowsError::TooMany => Status::resource_exhausted(format!(
+                            "{e}; or page through them with 'page_size'"
+                        )),
                         RowsError::Store(e) => store_status(e),
                     })?,
             };
@@ -340,12 +384,13 @@ impl Data {
                     }
                 });
             }
-            Ok(records)
+            Ok((records, next))
         })
         .await?;
         Ok(QueryResponse {
             records,
             node_id: String::new(),
+            next_page_token,
         })
     }
 

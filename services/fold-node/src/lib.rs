@@ -15,6 +15,7 @@ pub mod filter;
 pub mod identity;
 pub mod mesh;
 pub mod metrics;
+pub mod paging;
 pub mod peer_requests;
 pub mod permissions;
 pub mod schema;

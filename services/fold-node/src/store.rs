@@ -363,49 +363,66 @@ impl Store {
         range_field: &str,
         filter: &KeyFilter,
     ) -> Result<Vec<String>, RowsError> {
+        let (keys, more) =
+            self.range_rows_page(schema, range_field, filter, None, MAX_QUERY_RECORDS)?;
+        if more {
+            return Err(RowsError::TooMany);
+        }
+        Ok(keys)
+    }
+
+    /// At most `limit` live range keys matching `filter`, in key order, strictly after `after`;
+    /// and whether more follow.
+    pub fn range_rows_page(
+        &self,
+        schema: &str,
+        range_field: &str,
+        filter: &KeyFilter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<String>, bool), StoreError> {
         let r = self.inner.db.begin_read()?;
-        let live = r.open_table(LIVE).map_err(StoreError::from)?;
+        let live = r.open_table(LIVE)?;
         let mut out = Vec::new();
-        let mut push = |k: &str| -> Result<(), RowsError> {
-            if out.len() >= MAX_QUERY_RECORDS {
-                return Err(RowsError::TooMany);
-            }
-            out.push(k.to_string());
-            Ok(())
-        };
+        let beyond = |k: &str| after.is_none_or(|a| k > a);
         match filter {
             KeyFilter::Keys(keys) => {
                 let mut keys: Vec<&String> = keys.iter().collect();
                 keys.sort();
                 keys.dedup();
-                for k in keys {
-                    if live
-                        .get((schema, range_field, k.as_str()))
-                        .map_err(StoreError::from)?
-                        .is_some()
-                    {
-                        push(k)?;
+                for k in keys.into_iter().filter(|k| beyond(k)) {
+                    if live.get((schema, range_field, k.as_str()))?.is_some() {
+                        if out.len() == limit {
+                            return Ok((out, true));
+                        }
+                        out.push(k.clone());
                     }
                 }
             }
             _ => {
-                let start = filter.scan_start();
-                let iter = live
-                    .range((schema, range_field, start.as_str())..)
-                    .map_err(StoreError::from)?;
+                let mut start = filter.scan_start();
+                if let Some(a) = after
+                    && a > start.as_str()
+                {
+                    start = a.to_string();
+                }
+                let iter = live.range((schema, range_field, start.as_str())..)?;
                 for row in iter {
-                    let (key, _) = row.map_err(StoreError::from)?;
+                    let (key, _) = row?;
                     let (s, f, k) = key.value();
                     if s != schema || f != range_field || filter.past_end(k) {
                         break;
                     }
-                    if filter.matches(k) {
-                        push(k)?;
+                    if beyond(k) && filter.matches(k) {
+                        if out.len() == limit {
+                            return Ok((out, true));
+                        }
+                        out.push(k.to_string());
                     }
                 }
             }
         }
-        Ok(out)
+        Ok((out, false))
     }
 
     /// Live values of `fields` at `range_key` ("" for Single schemas); `None` where a field has
