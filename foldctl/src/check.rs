@@ -2,7 +2,7 @@
 //! port) one real question; every finding has a severity, what is wrong, and how to fix it.
 //! Exit code 4 when any finding is a warning or an error.
 
-use fold_client::{Client, Error, Health, NETWORK_SERVICE, SchemaState, Target};
+use fold_client::{BootstrapState, Client, Error, Health, NETWORK_SERVICE, SchemaState, Target};
 use serde::Serialize;
 
 use crate::cli::{Global, Output};
@@ -233,6 +233,7 @@ async fn node_checks(c: &Client, out: &mut Vec<Finding>) {
                     "",
                 ));
             }
+            out.extend(bootstrap_findings(&s.bootstrap));
         }
         _ => {
             let why = match (&health, &status) {
@@ -375,6 +376,59 @@ fn sum(samples: &[Sample], name: &str, label: Option<(&str, &str)>) -> f64 {
 
 /// What the node's counters say: rate-limited clients, open circuit breakers, forwards the
 /// remote refused.
+/// One finding per configured bootstrap address that failed its last dial, naming the address,
+/// the error, and what to fix (a name that does not resolve is called out as such).
+pub fn bootstrap_findings(bootstrap: &[BootstrapState]) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for b in bootstrap {
+        match b.state.as_str() {
+            "failed" => {
+                let error = b.last_error.as_deref().unwrap_or("no error text");
+                let lower = error.to_ascii_lowercase();
+                let (what, fix) = if lower.contains("resolve")
+                    || lower.contains("dns")
+                    || lower.contains("no record")
+                    || lower.contains("nxdomain")
+                {
+                    (
+                        format!("bootstrap address {} does not resolve: {error}", b.address),
+                        "fix the name in the sidecar's --bootstrap (FOLD_SIDECAR_BOOTSTRAP): check its spelling and that this host's DNS (or /etc/hosts) knows it, or use an /ip4/… address",
+                    )
+                } else {
+                    (
+                        format!("bootstrap address {} cannot be dialed: {error}", b.address),
+                        "check that the bootstrap node is running and listening on that address and port, that the /p2p/ id matches it, and that nothing blocks the connection; or fix the sidecar's --bootstrap",
+                    )
+                };
+                out.push(finding(Severity::Error, "bootstrap", what, fix));
+            }
+            "connected" => out.push(finding(
+                Severity::Ok,
+                "bootstrap",
+                format!(
+                    "bootstrap address {} connected{}",
+                    b.address,
+                    b.node_id
+                        .as_deref()
+                        .map(|id| format!(" to {id}"))
+                        .unwrap_or_default()
+                ),
+                "",
+            )),
+            _ => out.push(finding(
+                Severity::Info,
+                "bootstrap",
+                format!(
+                    "bootstrap address {}: first dial not finished yet",
+                    b.address
+                ),
+                "",
+            )),
+        }
+    }
+    out
+}
+
 pub fn node_metric_findings(samples: &[Sample]) -> Vec<Finding> {
     let mut out = Vec::new();
     let limited: f64 = samples
@@ -478,6 +532,41 @@ mod tests {
 
     fn checks(f: &[Finding]) -> Vec<(&'static str, Severity)> {
         f.iter().map(|f| (f.check, f.severity)).collect()
+    }
+
+    #[test]
+    fn failed_bootstrap_addresses_are_errors_naming_them() {
+        let b = |address: &str, state: &str, err: Option<&str>| BootstrapState {
+            address: address.into(),
+            state: state.into(),
+            last_error: err.map(String::from),
+            node_id: None,
+        };
+        let f = bootstrap_findings(&[
+            b(
+                "/dns4/nope.invalid/tcp/4001",
+                "failed",
+                Some(
+                    "Failed to negotiate transport protocol(s): [(/dns4/nope.invalid/tcp/4001: : Failed to resolve DNS address)]",
+                ),
+            ),
+            b("/ip4/127.0.0.1/tcp/9", "failed", Some("Connection refused")),
+            b("/ip4/127.0.0.1/tcp/4001", "connected", None),
+        ]);
+        assert_eq!(
+            checks(&f),
+            [
+                ("bootstrap", Severity::Error),
+                ("bootstrap", Severity::Error),
+                ("bootstrap", Severity::Ok)
+            ]
+        );
+        assert!(
+            f[0].what
+                .contains("/dns4/nope.invalid/tcp/4001 does not resolve")
+        );
+        assert!(f[0].fix.contains("--bootstrap"));
+        assert!(f[1].what.contains("cannot be dialed: Connection refused"));
     }
 
     #[test]

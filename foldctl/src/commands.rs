@@ -103,7 +103,12 @@ pub async fn run(c: &Client, g: &Global, cmd: Command) -> Result<Out, Failure> {
                 text: format!("node {}\n{}", r.node_id, t.render()),
             })
         }
-        Command::Topology { format, all, also } => topology::run(c, g, format, all, &also).await,
+        Command::Topology {
+            format,
+            all,
+            also,
+            hops,
+        } => topology::run(c, g, format, all, &also, hops).await,
         Command::Check { .. } | Command::Top { .. } | Command::Completions { .. } => {
             Err(Failure::Local("not a node command".into()))
         }

@@ -18,9 +18,9 @@ use fold_middleware::metrics::{GrpcMetrics, GrpcMetricsLayer, GrpcMetricsService
 
 use fold_proto::sidecar as sc;
 use fold_proto::sidecar::mesh_client::MeshClient;
-use fold_proto::v1::{MutateRequest, MutateResponse, QueryRequest, QueryResponse};
+use fold_proto::v1::{MutateRequest, MutateResponse, PeerInfo, QueryRequest, QueryResponse};
 use fold_proto::wire::forward_response;
-use fold_proto::wire::{Operation, Requester, operation};
+use fold_proto::wire::{Operation, PeersRequest, Requester, operation};
 use local_link::LinkAddr;
 use local_link::token::{TokenLayer, WithToken};
 use tokio::sync::Notify;
@@ -301,6 +301,32 @@ impl MeshLink {
         }
     }
 
+    /// Ask node `target` for its connected peers (a read-only `peers` operation; the target
+    /// refuses it with PERMISSION_DENIED when it denies this node). With `via`, `target` relays
+    /// the request along those nodes and the answer is the last one's peers.
+    pub async fn forward_peers(
+        &self,
+        target: String,
+        via: Vec<String>,
+        requester: Requester,
+        deadline: Option<Duration>,
+    ) -> Result<Vec<PeerInfo>, Status> {
+        match self
+            .forward(
+                target.clone(),
+                operation::Kind::Peers(PeersRequest { via }),
+                requester,
+                deadline,
+            )
+            .await?
+        {
+            forward_response::Result::Peers(p) => Ok(p.peers),
+            _ => Err(Status::internal(format!(
+                "node {target} answered a peers request with a different kind of response"
+            ))),
+        }
+    }
+
     async fn forward(
         &self,
         target: String,
@@ -312,6 +338,7 @@ impl MeshLink {
         let kind = match op {
             operation::Kind::Query(_) => "query",
             operation::Kind::Mutate(_) => "mutate",
+            operation::Kind::Peers(_) => "peers",
         };
         let result = self.forward_inner(target, op, requester, deadline).await;
         let outcome = match &result {
