@@ -401,4 +401,12 @@ fn check_names_a_bootstrap_name_that_does_not_resolve() {
     let b = &j["bootstrap"][0];
     assert_eq!(b["address"], BAD, "{j}");
     assert_eq!(b["state"], "failed", "{j}");
+    let (code, table, err) = ctl(addr, &["status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("bootstrap") && l.contains(&format!("{BAD} failed: "))),
+        "{table}"
+    );
 }

@@ -36,6 +36,21 @@ pub async fn run(c: &Client, g: &Global, cmd: Command) -> Result<Out, Failure> {
                 ("known peers", s.known_peers.to_string()),
                 ("mdns", on_off(s.mdns_enabled).into()),
                 ("provided schemas", or_dash(s.provided_schemas.join(", "))),
+                (
+                    "bootstrap",
+                    or_dash(
+                        s.bootstrap
+                            .iter()
+                            .map(|b| match &b.last_error {
+                                Some(e) if b.state == "failed" => {
+                                    format!("{} failed: {e}", b.address)
+                                }
+                                _ => format!("{} {}", b.address, b.state),
+                            })
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                    ),
+                ),
             ]);
             Ok(Out {
                 json: to_json(&s)?,

@@ -7,6 +7,10 @@
 //! origin plus the requester's distance at the origin — never anything more. A request whose
 //! deadline has passed does no work. Failures are answered as a typed `WireError` for the sender
 //! to relay.
+//!
+//! Besides queries and mutations, a peer may ask for this node's connected peers (the `peers`
+//! operation, read-only, for any origin not denied), or have it relay that question to one of its
+//! connected peers (`via`): how `Network.Topology` reaches nodes further away.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
