@@ -364,6 +364,7 @@ impl MeshLink {
         }
         // Fail fast while the sidecar is away.
         self.client()?;
+        let relayed = matches!(&op, operation::Kind::Peers(p) if !p.via.is_empty());
         // Answer before the client gives up: keep a margin of its deadline for the way back,
         // so the client hears DEADLINE_EXCEEDED from us rather than timing out blind.
         let timeout = deadline
@@ -389,11 +390,29 @@ impl MeshLink {
         // backoff one probe decides. A call dropped before it completes releases its probe.
         let result = {
             use tower::ServiceExt;
-            self.inner
-                .forward_svc
-                .clone()
-                .oneshot((target.clone(), request))
-                .await
+            if relayed {
+                // A relayed peers request fails when a node *behind* the target does: that says
+                // nothing about the target, so it bypasses (and never trips) its breaker.
+                ForwardCall(self.inner.client.clone())
+                    .oneshot((target.clone(), request))
+                    .await
+                    .map_err(|s| {
+                        if link_failed(&s) {
+                            Status::unavailable(format!(
+                                "the p2p-sidecar link failed: {}",
+                                s.message()
+                            ))
+                        } else {
+                            s
+                        }
+                    })
+            } else {
+                self.inner
+                    .forward_svc
+                    .clone()
+                    .oneshot((target.clone(), request))
+                    .await
+            }
         };
         let resp = result.map_err(|s| {
             if s.code() == Code::Cancelled || s.code() == Code::DeadlineExceeded {
