@@ -410,3 +410,51 @@ fn check_names_a_bootstrap_name_that_does_not_resolve() {
         "{table}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_cannot_answer_is_marked_not_left_out() {
+    // A - B - C, everyone trusting unknown peers; C's fold-node is stopped (its sidecar stays),
+    // so nobody can answer for C.
+    let open = ["--unknown-peer-distance", "1"];
+    let a = loopback::start(&open);
+    let b = loopback::start(&open);
+    let mut c = loopback::start(&open);
+    a.dial(&b).await;
+    b.dial(&c).await;
+    c.node.proc.kill9();
+    let addr = a.node.grpc.as_str();
+    let mut j = Json::Null;
+    wait_for(
+        || {
+            j = json(
+                addr,
+                &["topology", "--hops", "2", "--timeout", "10s", "-o", "json"],
+            );
+            j["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["node_id"] == c.id.as_str() && !n["error"].is_null())
+        },
+        "C to show as not answering",
+        30,
+    );
+    let node_c = j["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node_id"] == c.id.as_str())
+        .unwrap();
+    assert_eq!(node_c["asked"], false, "{j}");
+    let code = node_c["error"]["code"].as_str().unwrap();
+    assert!(
+        code == "UNAVAILABLE" || code == "DEADLINE_EXCEEDED",
+        "{code}: {j}"
+    );
+    // B answered, and the link B-C is shown from B's view.
+    assert!(asked(&j).iter().any(|(id, _)| id == &b.id), "{j}");
+    assert!(links(&j).contains(&pair(&b.id, &c.id)), "{j}");
+    let (code, tree, err) = ctl(addr, &["topology", "--hops", "2", "--timeout", "10s"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(tree.contains(&format!("✗ {}", c.id)), "{tree}");
+}
