@@ -49,7 +49,7 @@ pub async fn run(
 ) -> Result<Out, Failure> {
     let mut findings = Vec::new();
     match builder(g).connect().await {
-        Ok(client) => node_checks(&client, &mut findings).await,
+        Ok(client) => node_checks(&client, g.tls_cert.is_some(), &mut findings).await,
         Err(e) => findings.push(connect_finding(g, &e)),
     }
     admin_checks(metrics_addr, sidecar_metrics_addr, &mut findings).await;
@@ -155,7 +155,8 @@ fn connect_finding(g: &Global, e: &Error) -> Finding {
     }
 }
 
-async fn node_checks(c: &Client, out: &mut Vec<Finding>) {
+/// `mutual`: this client presents a certificate (mutual TLS).
+async fn node_checks(c: &Client, mutual: bool, out: &mut Vec<Finding>) {
     // The node itself.
     match c.health("").await {
         Ok(Health::Serving) => out.push(finding(
@@ -191,7 +192,10 @@ async fn node_checks(c: &Client, out: &mut Vec<Finding>) {
                 ));
                 return;
             }
-            let tls = e.is_tls();
+            // Under TLS 1.3 a node that refuses the client's certificate may close the connection
+            // only after the client considers the handshake done: the first call then sees a
+            // broken pipe or a reset instead of the TLS alert.
+            let tls = e.is_tls() || (mutual && spoke_else);
             out.push(finding(
                 Severity::Error,
                 if tls { "tls" } else { "reachable" },
