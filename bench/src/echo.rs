@@ -43,6 +43,12 @@ impl FoldNode for Echo {
     async fn mutate(&self, _: Request<MutateRequest>) -> Result<Response<MutateResponse>, Status> {
         Err(Status::unimplemented("echo"))
     }
+    async fn batch_mutate(
+        &self,
+        _: Request<BatchMutateRequest>,
+    ) -> Result<Response<BatchMutateResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
     async fn history(
         &self,
         _: Request<HistoryRequest>,

@@ -22,6 +22,7 @@ use tonic::transport::Channel;
 
 mod dht;
 mod echo;
+mod writes;
 
 #[derive(Parser)]
 #[command(
@@ -52,6 +53,9 @@ enum Cmd {
     EchoServer,
     /// Only the DHT scaling phase.
     Dht,
+    /// Only the write phase: durable Mutate writes/s at 1, 32 and 128 in flight against a plain
+    /// fsync reference, BatchMutate records/s, point reads idle vs. under write load.
+    Writes,
     /// Two nodes and forwarded queries for `--secs` seconds, printing the process ids first (for
     /// profiling the forwarded path, e.g. `perf record -p`), then the rate and each hop's mean
     /// time from the processes' own metrics.
@@ -574,6 +578,7 @@ struct Results {
     memory_kib: HashMap<String, u64>,
     mdns_convergence_s: Vec<(usize, f64, f64)>,
     dht_lookup: Vec<dht::DhtResult>,
+    writes: Option<writes::WriteResults>,
 }
 
 fn machine() -> String {
@@ -823,6 +828,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         r.dht_lookup.push(d);
     }
 
+    eprintln!(
+        "== writes: durable Mutate at 1/32/128 in flight, BatchMutate, reads under write load ({} s each)",
+        cli.secs
+    );
+    r.writes = Some(writes::measure(cli.secs, n).await?);
+
     std::fs::create_dir_all(&cli.out)?;
     let file = cli.out.join("results.json");
     std::fs::write(&file, serde_json::to_string_pretty(&r)?)?;
@@ -995,6 +1006,15 @@ fn main() -> std::process::ExitCode {
         Some(Cmd::ForwardLoop { concurrency, local }) => {
             rt.block_on(forward_loop(cli.secs, concurrency, local))
         }
+        Some(Cmd::Writes) => rt.block_on(async {
+            eprintln!("fold-bench on {}", machine());
+            let w = writes::measure(cli.secs, cli.n).await?;
+            std::fs::create_dir_all(&cli.out)?;
+            let file = cli.out.join("writes.json");
+            std::fs::write(&file, serde_json::to_string_pretty(&w)?)?;
+            eprintln!("== wrote {}", file.display());
+            Ok(())
+        }),
         Some(Cmd::Dht) => rt.block_on(async {
             for nodes in [50, 100, 200] {
                 let d = dht::measure(nodes, 20).await?;

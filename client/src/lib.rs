@@ -210,6 +210,44 @@ impl Client {
         Ok(r.into())
     }
 
+    /// Many mutations of one schema, applied atomically (all or none) in one transaction, in
+    /// order, on this node or (with `node`) forwarded to another. Returns one result per mutation.
+    /// A refusal's message names the record (`record N: …`); see [`failed_record`].
+    pub async fn batch_mutate(
+        &self,
+        schema: &str,
+        mutations: Vec<(MutationKind, serde_json::Map<String, serde_json::Value>)>,
+        node: Option<&str>,
+    ) -> Result<Vec<MutateResult>> {
+        let r = self
+            .fold()
+            .batch_mutate(
+                self.req(pb::BatchMutateRequest {
+                    schema: schema.into(),
+                    mutations: mutations
+                        .into_iter()
+                        .map(|(kind, data)| pb::BatchMutation {
+                            mutation_type: kind.to_proto() as i32,
+                            data: Some(map_to_struct(&data)),
+                        })
+                        .collect(),
+                    target_node_id: node.unwrap_or_default().into(),
+                }),
+            )
+            .await?
+            .into_inner();
+        let node_id = r.node_id;
+        Ok(r.results
+            .into_iter()
+            .map(|x| MutateResult {
+                node_id: node_id.clone(),
+                key: (!x.range_key.is_empty()).then_some(x.range_key),
+                fields: x.fields,
+                version_ids: x.version_ids,
+            })
+            .collect())
+    }
+
     /// Versions of a field, newest first (`key` for Range schemas; `limit` 0 = all).
     pub async fn history(
         &self,
@@ -400,4 +438,11 @@ impl Client {
             _ => Health::Unknown,
         })
     }
+}
+
+/// The index of the record a refused batch names in its message (`record N: …`), if any.
+pub fn failed_record(message: &str) -> Option<usize> {
+    let rest = message.split("record ").nth(1)?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
 }

@@ -412,6 +412,10 @@ pub struct Peer {
     /// The trust distance this node gives the peer, `null` when denied.
     pub trust_distance: Option<u32>,
     pub denied: bool,
+    /// "direct" or "relayed" while connected, `null` otherwise.
+    pub connection: Option<String>,
+    /// "tcp", "quic" or "memory" while connected, `null` otherwise.
+    pub transport: Option<String>,
 }
 
 impl From<v1::PeerInfo> for Peer {
@@ -426,6 +430,8 @@ impl From<v1::PeerInfo> for Peer {
             source: p.source,
             trust_distance: u32::try_from(p.trust_distance).ok(),
             denied: p.trust_distance < 0,
+            connection: (!p.connection.is_empty()).then_some(p.connection),
+            transport: (!p.transport.is_empty()).then_some(p.transport),
         }
     }
 }

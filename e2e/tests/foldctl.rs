@@ -284,6 +284,35 @@ fn every_command_in_both_output_modes() {
     .json();
     assert_eq!(j["records"].as_array().unwrap().len(), 120);
     assert_eq!(j["records"][119]["fields"]["celsius"], 119);
+    // A batch (one BatchMutate, all or nothing) where line 3 repeats an existing key: refused
+    // whole, the line named, nothing written.
+    let mixed = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        mixed.path(),
+        "{\"sensor_id\": \"zmixed-1\", \"celsius\": 1}\n{\"sensor_id\": \"zmixed-2\", \"celsius\": 2}\n{\"sensor_id\": \"zbatch-000\", \"celsius\": 3}\n",
+    )
+    .unwrap();
+    let mp = mixed.path().display().to_string();
+    let r = ctl(
+        addr,
+        &["mutate", "SensorReadings", "create", "--batch", &mp],
+    );
+    assert_eq!(r.code, 3, "{}", r.err);
+    assert!(r.err.contains("at line 3"), "{}", r.err);
+    let j = ok(
+        addr,
+        &[
+            "query",
+            "SensorReadings",
+            "celsius",
+            "--prefix",
+            "zmixed-",
+            "-o",
+            "json",
+        ],
+    )
+    .json();
+    assert_eq!(j["records"].as_array().unwrap().len(), 0, "all or nothing");
     // Creating them again: the first line is refused (ALREADY_EXISTS), nothing after it runs.
     let r = ctl(
         addr,
@@ -299,7 +328,7 @@ fn every_command_in_both_output_modes() {
     );
     assert_eq!(r.code, 3, "{}", r.err);
     assert!(
-        r.err.contains("line 1 failed; 0 of 120") && r.err.contains("ALREADY_EXISTS"),
+        r.err.contains("at line 1; 0 of 120") && r.err.contains("ALREADY_EXISTS"),
         "{}",
         r.err
     );
@@ -475,6 +504,8 @@ fn every_command_in_both_output_modes() {
         .unwrap()
         .clone();
     assert_eq!(peer["connected"], true);
+    assert_eq!(peer["connection"], "direct");
+    assert_eq!(peer["transport"], "tcp");
     assert_eq!(peer["denied"], true);
     assert_eq!(peer["trust_distance"], Json::Null);
     let (t, j) = both(addr, &["peers", "--all"]);

@@ -644,3 +644,71 @@ async fn denied_peers_cannot_probe_approved_schemas() {
         .into_inner();
     assert_eq!(r.approved, vec!["Ledger".to_string()]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_forwarded_atomically_with_the_path_distance() {
+    use fold_proto::v1::{BatchMutateRequest, BatchMutation};
+    let a = start(&["--client-trust-distance", "3"]);
+    let b = start(&[]);
+    b.trust(&a.id, 1).await;
+    seed_b(&b).await;
+    a.dial(&b).await;
+    let m = |data: Json| BatchMutation {
+        mutation_type: MutationType::Create as i32,
+        data: Some(fold_proto::json::map_to_struct(data.as_object().unwrap())),
+    };
+    let batch = |mutations: Vec<BatchMutation>| BatchMutateRequest {
+        schema: "Ledger".into(),
+        mutations,
+        target_node_id: b.id.clone(),
+    };
+    let mut client = fold(&a.node.grpc);
+    // Path distance 4: the Distance(5) fields are writable.
+    let r = client
+        .batch_mutate(batch(vec![
+            m(json!({"id": "b1", "open": "one"})),
+            m(json!({"id": "b2", "open": "two"})),
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.node_id, b.id);
+    assert_eq!(r.results.len(), 2);
+    // One bad record refuses the whole batch on B, and the message names it.
+    let e = client
+        .batch_mutate(batch(vec![
+            m(json!({"id": "b3", "open": "three"})),
+            m(json!({"id": "b4", "nope": 1})),
+        ]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().contains("record 1"), "{e:?}");
+    let rows = b
+        .node
+        .owner_fold()
+        .query(query_req("Ledger", &["open"], None))
+        .await
+        .unwrap()
+        .into_inner();
+    let ks = keys(&rows);
+    assert!(ks.contains(&"b1".to_string()) && ks.contains(&"b2".to_string()));
+    assert!(
+        !ks.contains(&"b3".to_string()),
+        "a refused batch wrote nothing"
+    );
+    let h = b
+        .node
+        .owner_fold()
+        .history(HistoryRequest {
+            schema: "Ledger".into(),
+            field: "open".into(),
+            range_key: "b1".into(),
+            limit: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .versions;
+    assert_eq!(h[0].writer, format!("peer:{}/client:local", a.id));
+}

@@ -192,10 +192,20 @@ async fn node_checks(c: &Client, mutual: bool, out: &mut Vec<Finding>) {
                 ));
                 return;
             }
-            // Under TLS 1.3 a node that refuses the client's certificate may close the connection
-            // only after the client considers the handshake done: the first call then sees a
-            // broken pipe or a reset instead of the TLS alert.
-            let tls = e.is_tls() || (mutual && spoke_else);
+            // TLS 1.3: the client's half of the handshake completes before the node checks the
+            // client certificate, so a refused certificate shows up as the connection closing
+            // under the first call (closed, cancelled, reset, or a broken pipe when a client
+            // certificate was sent).
+            let tls_target = matches!(c.target(), Target::Tcp { tls: true, .. });
+            let closed = [
+                "connection closed",
+                "canceled",
+                "cancelled",
+                "connection reset",
+            ]
+            .iter()
+            .any(|w| msg.contains(w));
+            let tls = e.is_tls() || (tls_target && closed) || (mutual && spoke_else);
             out.push(finding(
                 Severity::Error,
                 if tls { "tls" } else { "reachable" },

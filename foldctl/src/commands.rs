@@ -289,7 +289,11 @@ async fn mutate(c: &Client, a: MutateArgs) -> Result<Out, Failure> {
     })
 }
 
-/// One mutation per JSONL line, in order; stops at the first failure, naming its line.
+/// Mutations per BatchMutate call of `mutate --batch`.
+const BATCH_CHUNK: usize = 1000;
+
+/// One mutation per JSONL line, in order, sent as BatchMutate calls of up to [`BATCH_CHUNK`]
+/// lines, each applied atomically; stops at the first refused chunk, naming its line.
 async fn mutate_batch(
     c: &Client,
     schema: &str,
@@ -299,38 +303,51 @@ async fn mutate_batch(
 ) -> Result<Out, Failure> {
     use std::io::{IsTerminal, Write};
     let text = read_input(path)?;
-    let lines: Vec<(usize, &str)> = text
-        .lines()
-        .enumerate()
-        .map(|(i, l)| (i + 1, l.trim()))
-        .filter(|(_, l)| !l.is_empty())
-        .collect();
+    let mut lines: Vec<(usize, serde_json::Map<String, Json>)> = Vec::new();
+    for (i, l) in text.lines().enumerate() {
+        let l = l.trim();
+        if l.is_empty() {
+            continue;
+        }
+        let data: Json = serde_json::from_str(l).map_err(|e| {
+            Failure::Local(format!(
+                "{path} line {}: not valid JSON: {e} (nothing applied)",
+                i + 1
+            ))
+        })?;
+        let Json::Object(data) = data else {
+            return Err(Failure::Local(format!(
+                "{path} line {}: not a JSON object of field -> value (nothing applied)",
+                i + 1
+            )));
+        };
+        lines.push((i + 1, data));
+    }
     let total = lines.len();
     let progress = std::io::stderr().is_terminal();
     let mut applied = 0usize;
-    for (n, line) in lines {
-        let data: Json = serde_json::from_str(line).map_err(|e| {
-            Failure::Local(format!(
-                "{path} line {n}: not valid JSON: {e} ({applied} applied before it)"
-            ))
-        })?;
-        let mut m = Mutation::new(schema, kind, data).map_err(|e| {
-            Failure::Local(format!(
-                "{path} line {n}: {e} ({applied} applied before it)"
-            ))
-        })?;
-        m.node = node.map(str::to_string);
-        if let Err(e) = c.mutate(m).await {
+    for chunk in lines.chunks(BATCH_CHUNK) {
+        let mutations = chunk.iter().map(|(_, d)| (kind, d.clone())).collect();
+        if let Err(e) = c.batch_mutate(schema, mutations, node).await {
             if progress {
                 eprintln!();
             }
+            let line = match &e {
+                fold_client::Error::Status { message, .. } => fold_client::failed_record(message)
+                    .and_then(|r| chunk.get(r))
+                    .map(|(n, _)| format!("line {n}")),
+                _ => None,
+            };
             eprintln!(
-                "foldctl: {path} line {n} failed; {applied} of {total} mutation(s) applied before it"
+                "foldctl: {path}: the batch of lines {}–{} was refused{}; {applied} of {total} mutation(s) applied before it",
+                chunk.first().map_or(0, |(n, _)| *n),
+                chunk.last().map_or(0, |(n, _)| *n),
+                line.map(|l| format!(" at {l}")).unwrap_or_default()
             );
             return Err(Failure::Client(e));
         }
-        applied += 1;
-        if progress && (applied.is_multiple_of(50) || applied == total) {
+        applied += chunk.len();
+        if progress {
             eprint!("\r{applied}/{total} mutations applied");
             let _ = std::io::stderr().flush();
         }
@@ -461,7 +478,7 @@ pub fn peers_table(peers: &[Peer], breakers: Option<&BTreeMap<String, String>>) 
     if peers.is_empty() {
         return "no peers\n".into();
     }
-    let mut headers = vec!["NODE_ID", "CONNECTED", "RTT", "TRUST"];
+    let mut headers = vec!["NODE_ID", "CONNECTED", "VIA", "RTT", "TRUST"];
     if breakers.is_some() {
         headers.push("BREAKER");
     }
@@ -471,6 +488,11 @@ pub fn peers_table(peers: &[Peer], breakers: Option<&BTreeMap<String, String>>) 
         let mut row = vec![
             p.node_id.clone(),
             yes_no(p.connected).into(),
+            match (&p.connection, &p.transport) {
+                (Some(c), Some(t)) => format!("{c}/{t}"),
+                (Some(c), None) => c.clone(),
+                _ => "-".into(),
+            },
             rtt_text(p),
             peer_trust(p),
         ];

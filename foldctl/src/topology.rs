@@ -404,6 +404,8 @@ mod tests {
             source: "dial".into(),
             trust_distance: Some(1),
             denied: false,
+            connection: connected.then(|| "direct".to_string()),
+            transport: connected.then(|| "tcp".to_string()),
         }
     }
 

@@ -15,6 +15,9 @@ pub struct Client {
     tx: mpsc::Sender<Command>,
     local_peer_id: PeerId,
     events: broadcast::Sender<PeerEvent>,
+    /// The per-peer forward streams: a request to a peer whose stream is open goes straight to
+    /// it, without a hop through the event loop.
+    streams: Option<std::sync::Arc<crate::forward::Outbound>>,
 }
 
 fn gone() -> MeshError {
@@ -31,7 +34,14 @@ impl Client {
             tx,
             local_peer_id,
             events,
+            streams: None,
         }
+    }
+
+    /// Send forwards to peers with an open stream directly on it.
+    pub fn with_streams(mut self, streams: std::sync::Arc<crate::forward::Outbound>) -> Client {
+        self.streams = Some(streams);
+        self
     }
 
     pub fn local_peer_id(&self) -> PeerId {
@@ -79,6 +89,14 @@ impl Client {
         peer: PeerId,
         request: SignedEnvelope,
     ) -> Result<ForwardResponse, MeshError> {
+        // Fast path: the peer's stream is open, so its connection is up.
+        let request = match &self.streams {
+            Some(s) => match s.try_send(peer, request) {
+                Ok(answer) => return answer.await.map_err(|_| gone())?,
+                Err(request) => request,
+            },
+            None => request,
+        };
         self.ask(|reply| Command::Forward {
             peer,
             request: Box::new(request),

@@ -518,8 +518,11 @@ impl EventLoop {
                 let dialed = endpoint.is_dialer();
                 let remote = endpoint.get_remote_address().clone();
                 let source = if dialed { "dial" } else { "inbound" };
+                let (connection, transport) = crate::peer_book::connection_kind(&remote);
                 let e = self.entry(peer_id, source);
                 e.connections = num_established.get();
+                e.connection = connection;
+                e.transport = transport;
                 if dialed {
                     e.add_addr(remote.clone());
                 }

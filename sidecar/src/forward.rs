@@ -102,6 +102,33 @@ impl Outbound {
         ))));
     }
 
+    /// Queue `envelope` on `peer`'s stream if one is open; otherwise hand it back (the caller
+    /// goes through the event loop, which connects first).
+    pub fn try_send(
+        &self,
+        peer: PeerId,
+        envelope: SignedEnvelope,
+    ) -> Result<oneshot::Receiver<Result<ForwardResponse, MeshError>>, SignedEnvelope> {
+        let peers = self
+            .peers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(tx) = peers.get(&peer).filter(|tx| !tx.is_closed()) else {
+            return Err(envelope);
+        };
+        let (reply, rx) = oneshot::channel();
+        match tx.try_send(Job { envelope, reply }) {
+            Ok(()) => Ok(rx),
+            Err(mpsc::error::TrySendError::Full(j)) => {
+                let _ = j.reply.send(Err(MeshError::Unavailable(format!(
+                    "{MAX_QUEUED_PER_PEER} requests are already waiting for node {peer}; retry"
+                ))));
+                Ok(rx)
+            }
+            Err(mpsc::error::TrySendError::Closed(j)) => Err(j.envelope),
+        }
+    }
+
     /// Forget the stream to a peer that disconnected (its tasks end with the connection).
     pub fn disconnected(&self, peer: &PeerId) {
         self.peers

@@ -23,6 +23,25 @@ pub struct PeerEntry {
     pub agent: String,
     pub source: &'static str,
     pub last_seen: Option<Instant>,
+    /// "direct" or "relayed", and the transport, of the latest connection.
+    pub connection: &'static str,
+    pub transport: &'static str,
+}
+
+/// How a connection to `remote` runs: ("direct" | "relayed", "tcp" | "quic" | "memory" | "").
+pub fn connection_kind(remote: &Multiaddr) -> (&'static str, &'static str) {
+    let relayed = remote.iter().any(|p| matches!(p, Protocol::P2pCircuit));
+    // The transport of a relayed connection is the one to the relay (the first hop).
+    let transport = remote
+        .iter()
+        .find_map(|p| match p {
+            Protocol::QuicV1 | Protocol::Quic => Some("quic"),
+            Protocol::Tcp(_) => Some("tcp"),
+            Protocol::Memory(_) => Some("memory"),
+            _ => None,
+        })
+        .unwrap_or("");
+    (if relayed { "relayed" } else { "direct" }, transport)
 }
 
 impl PeerEntry {
@@ -118,6 +137,8 @@ impl PeerBook {
                 agent_version: e.agent.clone(),
                 source: e.source.to_string(),
                 trust_distance: 0,
+                connection: if e.connections > 0 { e.connection } else { "" }.to_string(),
+                transport: if e.connections > 0 { e.transport } else { "" }.to_string(),
             })
             .collect();
         peers.sort_by(|a, b| a.node_id.cmp(&b.node_id));
@@ -154,6 +175,19 @@ mod tests {
         }
         assert_eq!(book.get(&p).unwrap().addrs.len(), MAX_ADDRS_PER_PEER);
         assert_eq!(book.get(&p).unwrap().source, "dial");
+    }
+
+    #[test]
+    fn connections_are_direct_or_relayed() {
+        let direct: Multiaddr = "/ip4/127.0.0.1/tcp/4001".parse().unwrap();
+        assert_eq!(connection_kind(&direct), ("direct", "tcp"));
+        let quic: Multiaddr = "/ip4/127.0.0.1/udp/4001/quic-v1".parse().unwrap();
+        assert_eq!(connection_kind(&quic), ("direct", "quic"));
+        let relay = peer();
+        let relayed: Multiaddr = format!("/ip4/127.0.0.1/tcp/4001/p2p/{relay}/p2p-circuit")
+            .parse()
+            .unwrap();
+        assert_eq!(connection_kind(&relayed), ("relayed", "tcp"));
     }
 
     #[test]

@@ -101,7 +101,8 @@ pub fn assemble(
     ));
     let (tx, rx) = mpsc::channel(1024);
     let (events, _) = broadcast::channel(256);
-    let client = Client::new(tx.clone(), local_peer_id, events.clone());
+    let client = Client::new(tx.clone(), local_peer_id, events.clone())
+        .with_streams(forward_streams.clone());
     let event_loop = EventLoop::new(EventLoopParts {
         swarm,
         commands: rx,

@@ -1,7 +1,8 @@
 //! The public gRPC API: `fold.v1.FoldNode` (data) and `fold.v1.Network` (the mesh, as seen from
 //! this node). Requests on this port come from clients: anonymous ([`Principal::LocalClient`]) or,
 //! under mutual TLS, identified by their certificate ([`Principal::CertClient`]).
-//! Query and Mutate for another node go to the sidecar ([`MeshLink`]); everything else runs here.
+//! Query and Mutate for another node go to the sidecar ([`MeshLink`]); everything else runs here
+//! (BatchMutate for another node is refused as UNIMPLEMENTED for now).
 
 use fold_middleware::metrics::code_name;
 use fold_proto::json::map_to_struct;
@@ -215,6 +216,33 @@ impl FoldNode for FoldNodeApi {
                 return self.mesh.forward_mutate(req, requester, deadline).await;
             }
             let mut resp = self.data.mutate(&principal, req, None).await?;
+            resp.node_id = self.mesh.node_id_or_empty();
+            Ok(resp)
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn batch_mutate(
+        &self,
+        request: Request<BatchMutateRequest>,
+    ) -> Result<Response<BatchMutateResponse>, Status> {
+        let deadline = grpc_timeout(request.metadata());
+        let principal = principal_of(&request);
+        let req = request.into_inner();
+        let span = tracing::info_span!(
+            "fold.batch_mutate",
+            schema = %req.schema,
+            mutations = req.mutations.len(),
+            target_node = %req.target_node_id,
+            outcome = tracing::field::Empty,
+        );
+        traced(span, async move {
+            if !self.mesh.is_local(&req.target_node_id) {
+                let requester = self.data.forwardable_requester(&principal)?;
+                return self.mesh.forward_batch(req, requester, deadline).await;
+            }
+            let mut resp = self.data.batch_mutate(&principal, req).await?;
             resp.node_id = self.mesh.node_id_or_empty();
             Ok(resp)
         })

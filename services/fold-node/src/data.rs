@@ -8,12 +8,15 @@ use std::sync::Arc;
 
 use fold_proto::json::{json_to_value, map_to_struct, struct_to_map_checked};
 use fold_proto::v1::{
-    self, FieldVersion, HistoryRequest, HistoryResponse, MutateRequest, MutateResponse,
-    MutationType, QueryRequest, QueryResponse, Record,
+    self, BatchMutateRequest, BatchMutateResponse, BatchMutationResult, FieldVersion,
+    HistoryRequest, HistoryResponse, MutateRequest, MutateResponse, MutationType, QueryRequest,
+    QueryResponse, Record,
 };
+use prost::Message;
 use serde_json::{Map, Value as Json};
 use tonic::Status;
 
+use crate::commit::{Committer, JobError, Limits};
 use crate::filter::KeyFilter;
 use crate::identity::{Identities, Principal, Requester};
 use crate::metrics::NodeMetrics;
@@ -24,6 +27,12 @@ use crate::store::{
     Store, StoreError, VersionRecord,
 };
 
+/// Most mutations one BatchMutate call may carry.
+pub const MAX_BATCH_MUTATIONS: usize = 10_000;
+
+/// Trailer of a refused BatchMutate naming the failing record's index.
+pub const FAILED_RECORD_TRAILER: &str = "fold-failed-record";
+
 /// Longest range key accepted.
 const MAX_RANGE_KEY_LEN: usize = 1024;
 
@@ -32,6 +41,8 @@ pub struct Data {
     store: Store,
     identities: Identities,
     metrics: Arc<NodeMetrics>,
+    /// The group-commit writer every mutation goes through.
+    commits: Committer,
 }
 
 pub fn store_status(e: StoreError) -> Status {
@@ -119,12 +130,19 @@ pub fn summary(schema: &Schema, state: SchemaState) -> v1::SchemaSummary {
 }
 
 impl Data {
-    pub fn new(store: Store, identities: Identities, metrics: Arc<NodeMetrics>) -> Self {
-        Data {
+    /// Starts the group-commit writer thread (the error is the OS refusing a thread).
+    pub fn new(
+        store: Store,
+        identities: Identities,
+        metrics: Arc<NodeMetrics>,
+    ) -> std::io::Result<Self> {
+        let commits = Committer::start(store.clone(), metrics.clone(), Limits::default())?;
+        Ok(Data {
             store,
             identities,
             metrics,
-        }
+            commits,
+        })
     }
 
     pub fn store(&self) -> &Store {
@@ -292,87 +310,106 @@ impl Data {
     ) -> Result<MutateResponse, Status> {
         let requester = self.requester(who)?;
         let schema = self.usable_schema(&req.schema)?;
-        let kind = match MutationType::try_from(req.mutation_type) {
-            Ok(MutationType::Create) => MutationKind::Create,
-            Ok(MutationType::Update) => MutationKind::Update,
-            Ok(MutationType::Delete) => MutationKind::Delete,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "'mutation_type' must be MUTATION_TYPE_CREATE, MUTATION_TYPE_UPDATE or MUTATION_TYPE_DELETE",
-                ));
-            }
-        };
-        let data = match req.data.as_ref() {
-            Some(d) => struct_to_map_checked(d).map_err(Status::invalid_argument)?,
-            None => Default::default(),
-        };
-        if data.is_empty() {
-            return Err(Status::invalid_argument(
-                "'data' is empty: no fields to write",
-            ));
-        }
-        for f in data.keys() {
-            if schema.field(f).is_none() {
-                return Err(Status::not_found(format!(
-                    "field '{f}' not found in schema '{}'",
-                    schema.name
-                )));
+        let plan = mutation_plan(&schema, &requester, req.mutation_type, req.data.as_ref())?;
+        let range_key = plan.range_key.clone();
+        let bytes = req.data.as_ref().map_or(0, Message::encoded_len);
+        let commit = self.commit("mutate", schema, vec![plan], bytes);
+        let written = match deadline {
+            None => commit.await,
+            // A forwarded request's deadline: past it, the write is not started (a job whose
+            // caller has gone is skipped by the writer), and nothing is written.
+            Some(d) => {
+                let left = d
+                    .duration_since(std::time::SystemTime::now())
+                    .unwrap_or_default();
+                match tokio::time::timeout(left, commit).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        return Err(Status::deadline_exceeded(
+                            "the request's deadline passed before the write was committed",
+                        ));
+                    }
+                }
             }
         }
-        let range_key = match schema.range_key() {
-            None => String::new(),
-            Some(rk) => range_key_value(&schema.name, rk, data.get(rk))?,
-        };
-        // Which fields this mutation touches.
-        let mut writes: Vec<(String, Json)> = data.into_iter().collect();
-        if kind == MutationKind::Delete
-            && let Some(rk) = schema.range_key()
-        {
-            if writes.len() == 1 {
-                // Only the key: delete the whole record.
-                writes = schema
-                    .fields
-                    .keys()
-                    .map(|f| (f.clone(), Json::Null))
-                    .collect();
-            } else {
-                writes.retain(|(f, _)| f != rk);
-            }
-        }
-        for (f, _) in &writes {
-            if let Some(def) = schema.field(f) {
-                permissions::check(def, Access::Write, &requester).map_err(denied_status)?;
-            }
-        }
-        let plan = MutationPlan {
-            kind,
-            range_key: range_key.clone(),
-            writes,
-            writer: requester.label.clone(),
-        };
-        let store = self.store.clone();
-        let written = storage(&self.metrics, "mutate", Runs::Pool, move || {
-            if let Some(d) = deadline
-                && std::time::SystemTime::now() >= d
-            {
-                return Err(Status::deadline_exceeded(
-                    "the request's deadline passed before the write started; nothing was written",
-                ));
-            }
-            store.mutate(&schema, &plan).map_err(|e| match e {
-                MutationError::AlreadyExists { .. } => Status::already_exists(e.to_string()),
-                MutationError::Missing(_) => Status::not_found(e.to_string()),
-                MutationError::Store(e) => store_status(e),
-            })
-        })
-        .await?;
-        let (fields, version_ids) = written.into_iter().unzip();
+        .map_err(commit_status)?;
+        let (fields, version_ids) = written.into_iter().flatten().unzip();
         Ok(MutateResponse {
             fields,
             range_key,
             node_id: String::new(),
             version_ids,
         })
+    }
+
+    /// Many mutations of one schema, all or none in one transaction. A refusal names the first
+    /// failing record: message `record N: ...` and trailer [`FAILED_RECORD_TRAILER`].
+    pub async fn batch_mutate(
+        &self,
+        who: &Principal,
+        req: BatchMutateRequest,
+    ) -> Result<BatchMutateResponse, Status> {
+        let requester = self.requester(who)?;
+        let schema = self.usable_schema(&req.schema)?;
+        if req.mutations.is_empty() {
+            return Err(Status::invalid_argument(
+                "'mutations' is empty: nothing to write",
+            ));
+        }
+        if req.mutations.len() > MAX_BATCH_MUTATIONS {
+            return Err(Status::resource_exhausted(format!(
+                "the batch has {} mutations; at most {MAX_BATCH_MUTATIONS} per call",
+                req.mutations.len()
+            )));
+        }
+        let mut plans = Vec::with_capacity(req.mutations.len());
+        let mut bytes = 0;
+        for (i, m) in req.mutations.iter().enumerate() {
+            let plan = mutation_plan(&schema, &requester, m.mutation_type, m.data.as_ref())
+                .map_err(|s| record_status(i, &s))?;
+            bytes += m.data.as_ref().map_or(0, Message::encoded_len);
+            plans.push(plan);
+        }
+        let keys: Vec<String> = plans.iter().map(|p| p.range_key.clone()).collect();
+        let written = self
+            .commit("batch_mutate", schema, plans, bytes)
+            .await
+            .map_err(|e| match e {
+                JobError::Refused { index, error } => record_status(index, &refusal_status(error)),
+                e => commit_status(e),
+            })?;
+        let results = written
+            .into_iter()
+            .zip(keys)
+            .map(|(w, range_key)| {
+                let (fields, version_ids) = w.into_iter().unzip();
+                BatchMutationResult {
+                    fields,
+                    range_key,
+                    version_ids,
+                }
+            })
+            .collect();
+        Ok(BatchMutateResponse {
+            results,
+            node_id: String::new(),
+        })
+    }
+
+    /// Hand validated mutations to the group-commit writer, measured as storage operation `op`.
+    async fn commit(
+        &self,
+        op: &'static str,
+        schema: Arc<Schema>,
+        plans: Vec<MutationPlan>,
+        bytes: usize,
+    ) -> Result<Vec<crate::commit::Written>, JobError> {
+        let started = std::time::Instant::now();
+        let r = self.commits.submit(schema, plans, bytes).await;
+        // Refusals by the data (ALREADY_EXISTS, NOT_FOUND) are answers, not storage failures.
+        let ok = !matches!(r, Err(JobError::Storage(_) | JobError::Stopped));
+        self.metrics.storage(op, ok, started);
+        r
     }
 
     // ---- history -----------------------------------------------------------------------------
@@ -451,6 +488,113 @@ fn range_key_value(schema: &str, rk: &str, v: Option<&Json>) -> Result<String, S
         )));
     }
     Ok(key)
+}
+
+/// Check one mutation against the schema and the requester's permissions and say which fields
+/// it touches.
+fn mutation_plan(
+    schema: &Schema,
+    requester: &Requester,
+    mutation_type: i32,
+    data: Option<&prost_types::Struct>,
+) -> Result<MutationPlan, Status> {
+    let kind = match MutationType::try_from(mutation_type) {
+        Ok(MutationType::Create) => MutationKind::Create,
+        Ok(MutationType::Update) => MutationKind::Update,
+        Ok(MutationType::Delete) => MutationKind::Delete,
+        _ => {
+            return Err(Status::invalid_argument(
+                "'mutation_type' must be MUTATION_TYPE_CREATE, MUTATION_TYPE_UPDATE or MUTATION_TYPE_DELETE",
+            ));
+        }
+    };
+    let data = match data {
+        Some(d) => struct_to_map_checked(d).map_err(Status::invalid_argument)?,
+        None => Default::default(),
+    };
+    if data.is_empty() {
+        return Err(Status::invalid_argument(
+            "'data' is empty: no fields to write",
+        ));
+    }
+    for f in data.keys() {
+        if schema.field(f).is_none() {
+            return Err(Status::not_found(format!(
+                "field '{f}' not found in schema '{}'",
+                schema.name
+            )));
+        }
+    }
+    let range_key = match schema.range_key() {
+        None => String::new(),
+        Some(rk) => range_key_value(&schema.name, rk, data.get(rk))?,
+    };
+    // Which fields this mutation touches.
+    let mut writes: Vec<(String, Json)> = data.into_iter().collect();
+    if kind == MutationKind::Delete
+        && let Some(rk) = schema.range_key()
+    {
+        if writes.len() == 1 {
+            // Only the key: delete the whole record.
+            writes = schema
+                .fields
+                .keys()
+                .map(|f| (f.clone(), Json::Null))
+                .collect();
+        } else {
+            writes.retain(|(f, _)| f != rk);
+        }
+    }
+    for (f, _) in &writes {
+        if let Some(def) = schema.field(f) {
+            permissions::check(def, Access::Write, requester).map_err(denied_status)?;
+        }
+    }
+    Ok(MutationPlan {
+        kind,
+        range_key,
+        writes,
+        writer: requester.label.clone(),
+    })
+}
+
+/// The status of a mutation the data refused.
+fn refusal_status(e: MutationError) -> Status {
+    match e {
+        MutationError::AlreadyExists { .. } => Status::already_exists(e.to_string()),
+        MutationError::Missing(_) => Status::not_found(e.to_string()),
+        MutationError::Store(e) => store_status(e),
+    }
+}
+
+/// The status of a write the group-commit writer could not commit.
+fn commit_status(e: JobError) -> Status {
+    match e {
+        JobError::Refused { error, .. } => refusal_status(error),
+        JobError::Storage(msg) => {
+            tracing::error!(error = %msg, "storage failure");
+            Status::internal(msg)
+        }
+        JobError::Stopped => Status::unavailable(e.to_string()),
+    }
+}
+
+/// `status` as the refusal of a whole batch at record `index`: same code, the message prefixed
+/// `record N: ` and the index in the [`FAILED_RECORD_TRAILER`] trailer.
+fn record_status(index: usize, status: &Status) -> Status {
+    let mut meta = tonic::metadata::MetadataMap::new();
+    meta.insert(
+        FAILED_RECORD_TRAILER,
+        tonic::metadata::MetadataValue::from(index as u64),
+    );
+    Status::with_metadata(
+        status.code(),
+        format!(
+            "record {index}: {}; nothing of the batch was written",
+            status.message()
+        ),
+        meta,
+    )
 }
 
 fn version_to_proto(v: VersionRecord) -> FieldVersion {

@@ -3,10 +3,12 @@
 //! Where a request enters: [`api`] (public gRPC: `fold.v1.FoldNode`, `fold.v1.Network`) and
 //! [`peer_requests`] (requests from other nodes, via the sidecar). Where it is checked:
 //! [`identity`] (who is asking → trust distance), [`permissions`] (field policies) and [`data`]
-//! (schema state, fields, filters). Where it is stored: [`store`] (redb). Requests for another
-//! node leave through [`mesh`] (the link to the p2p-sidecar).
+//! (schema state, fields, filters). Where it is stored: [`store`] (redb); mutations are written
+//! in groups, one transaction and one fsync each, by [`commit`] (the group-commit writer).
+//! Requests for another node leave through [`mesh`] (the link to the p2p-sidecar).
 
 pub mod api;
+pub mod commit;
 pub mod config;
 pub mod data;
 pub mod filter;

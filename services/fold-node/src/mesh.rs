@@ -327,6 +327,29 @@ impl MeshLink {
         }
     }
 
+    pub async fn forward_batch(
+        &self,
+        req: fold_proto::v1::BatchMutateRequest,
+        requester: Requester,
+        deadline: Option<Duration>,
+    ) -> Result<fold_proto::v1::BatchMutateResponse, Status> {
+        let target = req.target_node_id.clone();
+        match self
+            .forward(
+                target.clone(),
+                operation::Kind::BatchMutate(req),
+                requester,
+                deadline,
+            )
+            .await?
+        {
+            forward_response::Result::BatchMutate(m) => Ok(m),
+            _ => Err(Status::internal(format!(
+                "node {target} answered a batch with a different kind of response"
+            ))),
+        }
+    }
+
     async fn forward(
         &self,
         target: String,
@@ -339,6 +362,7 @@ impl MeshLink {
             operation::Kind::Query(_) => "query",
             operation::Kind::Mutate(_) => "mutate",
             operation::Kind::Peers(_) => "peers",
+            operation::Kind::BatchMutate(_) => "batch_mutate",
         };
         let result = self.forward_inner(target, op, requester, deadline).await;
         let outcome = match &result {

@@ -1,5 +1,6 @@
 //! fold-node's own metrics (beside the gRPC RED metrics of the middleware): storage operations,
-//! forwards through the mesh, circuit breakers, and the sidecar link. Every label has a bounded
+//! group commit (group sizes, commit latency, write queue depth), forwards through the mesh,
+//! circuit breakers, and the sidecar link. Every label has a bounded
 //! set of values (peer ids are capped, see [`BoundedLabelValues`]).
 
 use std::sync::Arc;
@@ -41,6 +42,13 @@ pub struct TransitionLabels {
 
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
+/// Buckets of the group-size histograms: 1, 2, 4, … 8192.
+fn group_size_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        1.0, 2.0, 14,
+    ))
+}
+
 pub struct NodeMetrics {
     storage_ops: Family<OpOutcomeLabels, Counter>,
     storage_seconds: Histograms<OpLabels>,
@@ -50,6 +58,11 @@ pub struct NodeMetrics {
     breaker_transitions: Family<TransitionLabels, Counter>,
     sidecar_link_up: Gauge,
     peers: BoundedLabelValues,
+    commit_group_requests: Histogram,
+    commit_group_records: Histogram,
+    commit_seconds: Histogram,
+    commit_failures: Counter,
+    write_queue_depth: Gauge,
 }
 
 impl NodeMetrics {
@@ -63,6 +76,11 @@ impl NodeMetrics {
             breaker_transitions: Family::default(),
             sidecar_link_up: Gauge::default(),
             peers: BoundedLabelValues::new(MAX_PEER_LABELS),
+            commit_group_requests: group_size_histogram(),
+            commit_group_records: group_size_histogram(),
+            commit_seconds: latency_histogram(),
+            commit_failures: Counter::default(),
+            write_queue_depth: Gauge::default(),
         };
         reg.register(
             "fold_storage_operations",
@@ -99,7 +117,47 @@ impl NodeMetrics {
             "1 while the p2p-sidecar link is up",
             m.sidecar_link_up.clone(),
         );
+        reg.register(
+            "fold_commit_group_requests",
+            "Write requests (Mutate or BatchMutate calls) per group commit",
+            m.commit_group_requests.clone(),
+        );
+        reg.register(
+            "fold_commit_group_records",
+            "Mutations (records) per group commit",
+            m.commit_group_records.clone(),
+        );
+        reg.register(
+            "fold_commit_seconds",
+            "Latency of one group commit (applying the group and the durable commit), in seconds",
+            m.commit_seconds.clone(),
+        );
+        reg.register(
+            "fold_commit_failures",
+            "Group commits that failed in storage (every request of the group got INTERNAL)",
+            m.commit_failures.clone(),
+        );
+        reg.register(
+            "fold_write_queue_depth",
+            "Write requests waiting for the group-commit writer",
+            m.write_queue_depth.clone(),
+        );
         Arc::new(m)
+    }
+
+    /// One group commit: its size and how long applying and committing took.
+    pub fn commit_group(&self, requests: usize, records: usize, ok: bool, started: Instant) {
+        self.commit_group_requests.observe(requests as f64);
+        self.commit_group_records.observe(records as f64);
+        self.commit_seconds.observe(started.elapsed().as_secs_f64());
+        if !ok {
+            self.commit_failures.inc();
+        }
+    }
+
+    /// Write requests entered (`+n`) or left (`-n`) the group-commit queue.
+    pub fn write_queue(&self, delta: i64) {
+        self.write_queue_depth.inc_by(delta);
     }
 
     pub fn storage(&self, op: &'static str, ok: bool, started: Instant) {

@@ -113,6 +113,7 @@ impl PeerRequests for PeerRequestsApi {
             Some(operation::Kind::Query(q)) => ("query", q.schema.clone()),
             Some(operation::Kind::Mutate(m)) => ("mutate", m.schema.clone()),
             Some(operation::Kind::Peers(_)) => ("peers", String::new()),
+            Some(operation::Kind::BatchMutate(b)) => ("batch_mutate", b.schema.clone()),
             None => ("none", String::new()),
         };
         let span = tracing::info_span!(
@@ -233,8 +234,14 @@ impl PeerRequestsApi {
                 })
             }
             Some(operation::Kind::Peers(p)) => self.peers(who, p, deadline).await,
+            Some(operation::Kind::BatchMutate(b)) => {
+                self.data.batch_mutate(who, b).await.map(|mut r| {
+                    r.node_id = me.clone();
+                    forward_response::Result::BatchMutate(r)
+                })
+            }
             None => Err(Status::invalid_argument(
-                "forwarded request carries no query, mutation or peers request",
+                "forwarded request carries no operation (query, mutation, batch or peers request)",
             )),
         };
         result.unwrap_or_else(|s| forward_response::Result::Error(to_wire(&s)))

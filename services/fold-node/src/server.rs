@@ -210,7 +210,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             RefusalMetrics::register(&mut reg, "fold"),
         )
     };
-    let data = Data::new(store.clone(), identities, node_metrics.clone());
+    let data = Data::new(store.clone(), identities, node_metrics.clone())
+        .context("cannot start the group-commit writer thread")?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<FoldNodeServer<FoldNodeApi>>().await;
