@@ -571,7 +571,7 @@ impl From<v1::TopologyResponse> for MeshTopology {
 #[derive(Clone, Debug, Serialize)]
 pub struct BootstrapState {
     pub address: String,
-    /// `dialing`, `connected` or `failed`.
+    /// `dialing`, `connected`, `failed`, or `self` (this node's own address).
     pub state: String,
     /// The last dial error (`null` when none failed yet).
     pub last_error: Option<String>,
@@ -586,6 +586,7 @@ impl From<v1::BootstrapStatus> for BootstrapState {
             Ok(State::Connected) => "connected",
             Ok(State::Failed) => "failed",
             Ok(State::Dialing) => "dialing",
+            Ok(State::SelfAddress) => "self",
             _ => "unknown",
         };
         BootstrapState {

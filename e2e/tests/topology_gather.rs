@@ -345,7 +345,22 @@ async fn a_node_that_denies_the_asker_is_a_per_node_error() {
 #[test]
 fn check_names_a_bootstrap_name_that_does_not_resolve() {
     const BAD: &str = "/dns4/does-not-exist.invalid/tcp/4001";
-    let n = loopback::start_with(&["--bootstrap", BAD], &[]);
+    // A shared bootstrap list names this node too: that address is not a problem (and is never
+    // dialed).
+    let keys_dir = tempfile::tempdir().unwrap();
+    let (key, id) = identities(keys_dir.path(), 1).remove(0);
+    let own = format!("/ip4/127.0.0.1/tcp/1/p2p/{id}");
+    let n = loopback::start_with(
+        &[
+            "--identity-key",
+            &key,
+            "--bootstrap",
+            BAD,
+            "--bootstrap",
+            &own,
+        ],
+        &[],
+    );
     let addr = n.node.grpc.as_str();
     let args = [
         "check",
@@ -380,6 +395,14 @@ fn check_names_a_bootstrap_name_that_does_not_resolve() {
     assert!(what.contains("does not resolve"), "{f}");
     assert!(f["fix"].as_str().unwrap().contains("--bootstrap"), "{f}");
     assert_eq!(last["ok"], false);
+    let mine = last["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["check"] == "bootstrap" && f["what"].as_str().unwrap().contains(&own))
+        .unwrap();
+    assert_eq!(mine["severity"], "ok", "{mine}");
+    assert!(mine["what"].as_str().unwrap().contains("this node itself"));
     // The table names it too, and the exit code says a problem was found.
     let (code, out, _) = ctl(
         addr,
@@ -401,6 +424,8 @@ fn check_names_a_bootstrap_name_that_does_not_resolve() {
     let b = &j["bootstrap"][0];
     assert_eq!(b["address"], BAD, "{j}");
     assert_eq!(b["state"], "failed", "{j}");
+    assert_eq!(j["bootstrap"][1]["address"], own.as_str(), "{j}");
+    assert_eq!(j["bootstrap"][1]["state"], "self", "{j}");
     let (code, table, err) = ctl(addr, &["status"]);
     assert_eq!(code, 0, "{err}");
     assert!(

@@ -429,6 +429,12 @@ pub fn bootstrap_findings(bootstrap: &[BootstrapState]) -> Vec<Finding> {
                 ),
                 "",
             )),
+            "self" => out.push(finding(
+                Severity::Ok,
+                "bootstrap",
+                format!("bootstrap address {} is this node itself", b.address),
+                "",
+            )),
             _ => out.push(finding(
                 Severity::Info,
                 "bootstrap",
@@ -566,12 +572,14 @@ mod tests {
             ),
             b("/ip4/127.0.0.1/tcp/9", "failed", Some("Connection refused")),
             b("/ip4/127.0.0.1/tcp/4001", "connected", None),
+            b("/dns4/me/tcp/4001", "self", None),
         ]);
         assert_eq!(
             checks(&f),
             [
                 ("bootstrap", Severity::Error),
                 ("bootstrap", Severity::Error),
+                ("bootstrap", Severity::Ok),
                 ("bootstrap", Severity::Ok)
             ]
         );

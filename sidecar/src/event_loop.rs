@@ -19,7 +19,7 @@ use futures::StreamExt;
 use libp2p::metrics::{Metrics, Recorder};
 use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::swarm::{ConnectionId, DialError, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, identify, kad, mdns, ping};
 use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
 use tonic::Code;
@@ -206,6 +206,7 @@ impl EventLoop {
         for (i, addr) in self.bootstrap.clone().into_iter().enumerate() {
             if let Some(peer) = peer_of(&addr) {
                 if peer == self.local() {
+                    self.bootstrap_self(i);
                     continue;
                 }
                 self.entry(peer, "bootstrap").add_addr(addr.clone());
@@ -218,8 +219,12 @@ impl EventLoop {
                     continue;
                 }
             }
-            // One dial per address at a time: its outcome is what the status reports.
-            if self.bootstrap_dials.values().any(|&j| j == i) {
+            // One dial per address at a time: its outcome is what the status reports. An
+            // address found to be this node's own is not dialed again.
+            if self.bootstrap_dials.values().any(|&j| j == i)
+                || self.bootstrap_status.get(i).map(|b| b.state)
+                    == Some(bootstrap_status::State::SelfAddress as i32)
+            {
                 continue;
             }
             let opts: DialOpts = addr.clone().into();
@@ -233,6 +238,15 @@ impl EventLoop {
                     self.bootstrap_outcome(i, Err(e.to_string()));
                 }
             }
+        }
+    }
+
+    /// A bootstrap address that names this node itself.
+    fn bootstrap_self(&mut self, i: usize) {
+        if let Some(st) = self.bootstrap_status.get_mut(i) {
+            st.state = bootstrap_status::State::SelfAddress as i32;
+            st.node_id = self.swarm.local_peer_id().to_string();
+            st.last_attempt_unix_ms = now_ms();
         }
     }
 
@@ -573,7 +587,11 @@ impl EventLoop {
             } => {
                 tracing::debug!(?peer_id, error = %error, "outgoing connection failed");
                 if let Some(i) = self.bootstrap_dials.remove(&connection_id) {
-                    self.bootstrap_outcome(i, Err(error.to_string()));
+                    if matches!(error, DialError::LocalPeerId { .. }) {
+                        self.bootstrap_self(i);
+                    } else {
+                        self.bootstrap_outcome(i, Err(error.to_string()));
+                    }
                 }
                 if let Some(reply) = self.pending_dial.remove(&connection_id) {
                     let _ =
