@@ -222,6 +222,7 @@ async fn prepare(node: &Node) -> anyhow::Result<()> {
     .await?;
     let data = json!({"k": "r1", "payload": "x".repeat(PAYLOAD)});
     c.mutate(MutateRequest {
+        idempotency_key: String::new(),
         schema: "Bench".into(),
         mutation_type: MutationType::Create as i32,
         data: data.as_object().map(map_to_struct),

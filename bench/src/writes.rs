@@ -90,6 +90,7 @@ fn p99_bound_us(before: &[(f64, f64)], after: &[(f64, f64)]) -> Option<f64> {
 fn mutate(kind: MutationType, key: &str, value: &str) -> MutateRequest {
     let data = json!({"k": key, "payload": value});
     MutateRequest {
+        idempotency_key: String::new(),
         schema: "Bench".into(),
         mutation_type: kind as i32,
         data: data.as_object().map(map_to_struct),
@@ -240,6 +241,7 @@ async fn batch_load(addr: &str, secs: u64) -> anyhow::Result<f64> {
             .collect();
         let resp = c
             .batch_mutate(BatchMutateRequest {
+                idempotency_key: String::new(),
                 schema: "Bench".into(),
                 mutations,
                 target_node_id: String::new(),

@@ -200,6 +200,7 @@ impl Client {
         let r = self
             .fold()
             .mutate(self.req(pb::MutateRequest {
+                idempotency_key: String::new(),
                 schema: m.schema,
                 mutation_type: m.kind.to_proto() as i32,
                 data: Some(map_to_struct(&m.data)),
@@ -223,6 +224,7 @@ impl Client {
             .fold()
             .batch_mutate(
                 self.req(pb::BatchMutateRequest {
+                    idempotency_key: String::new(),
                     schema: schema.into(),
                     mutations: mutations
                         .into_iter()

@@ -62,6 +62,7 @@ pub fn load_req(schema: &Json, approve: bool) -> LoadSchemaRequest {
 
 pub fn mutate_req(schema: &str, kind: MutationType, data: Json) -> MutateRequest {
     MutateRequest {
+        idempotency_key: String::new(),
         schema: schema.into(),
         mutation_type: kind as i32,
         data: Some(map_to_struct(data.as_object().expect("data is an object"))),

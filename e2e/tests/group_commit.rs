@@ -41,6 +41,7 @@ fn bm(kind: MutationType, data: Json) -> BatchMutation {
 
 fn batch(mutations: Vec<BatchMutation>) -> BatchMutateRequest {
     BatchMutateRequest {
+        idempotency_key: String::new(),
         schema: "Log".into(),
         mutations,
         target_node_id: String::new(),

@@ -175,6 +175,7 @@ async fn ask(
 fn mutate_op(id: &str, body: &str, target: &str) -> Operation {
     Operation {
         kind: Some(operation::Kind::Mutate(MutateRequest {
+            idempotency_key: String::new(),
             schema: "Notes".into(),
             mutation_type: MutationType::Create as i32,
             data: Some(map_to_struct(

@@ -658,6 +658,7 @@ async fn a_batch_is_forwarded_atomically_with_the_path_distance() {
         data: Some(fold_proto::json::map_to_struct(data.as_object().unwrap())),
     };
     let batch = |mutations: Vec<BatchMutation>| BatchMutateRequest {
+        idempotency_key: String::new(),
         schema: "Ledger".into(),
         mutations,
         target_node_id: b.id.clone(),

@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::NodeMetrics;
 use crate::schema::Schema;
-use crate::store::{ApplyError, MutationError, MutationPlan, Store, StoreError};
+use crate::store::{ApplyError, Idempotency, MutationError, MutationPlan, Store, StoreError};
 
 /// The written fields of one mutation and their new version ids.
 pub type Written = Vec<(String, String)>;
@@ -76,7 +76,16 @@ struct Job {
     schema: Arc<Schema>,
     plans: Vec<MutationPlan>,
     bytes: usize,
-    reply: oneshot::Sender<Result<Vec<Written>, JobError>>,
+    idempotency: Option<Idempotency>,
+    reply: oneshot::Sender<Result<Committed, JobError>>,
+}
+
+/// What a job wrote, and whether it was a replay of an idempotency key applied before (then
+/// nothing new was written and `written` is the first application's).
+#[derive(Debug)]
+pub struct Committed {
+    pub written: Vec<Written>,
+    pub replayed: bool,
 }
 
 /// The submitting side of the group-commit writer. Cheap to clone; the writer thread ends when
@@ -111,6 +120,20 @@ impl Committer {
         plans: Vec<MutationPlan>,
         bytes: usize,
     ) -> Result<Vec<Written>, JobError> {
+        self.submit_once(schema, plans, bytes, None)
+            .await
+            .map(|c| c.written)
+    }
+
+    /// [`submit`](Committer::submit), at most once per idempotency key (see
+    /// `WriteGroup::apply_idempotent`).
+    pub async fn submit_once(
+        &self,
+        schema: Arc<Schema>,
+        plans: Vec<MutationPlan>,
+        bytes: usize,
+        idempotency: Option<Idempotency>,
+    ) -> Result<Committed, JobError> {
         let (reply, answer) = oneshot::channel();
         // Waiting for room is the backpressure; it is cancel-safe, and the gauge is raised
         // before the job becomes visible to the writer, which lowers it.
@@ -120,6 +143,7 @@ impl Committer {
             schema,
             plans,
             bytes,
+            idempotency,
             reply,
         });
         answer.await.map_err(|_| JobError::Stopped)?
@@ -187,19 +211,28 @@ fn write_group(store: &Store, jobs: Vec<Job>, metrics: &NodeMetrics) {
         return;
     }
     let records: usize = jobs.iter().map(|j| j.plans.len()).sum();
-    let mut results: Vec<Result<Vec<Written>, JobError>> = Vec::with_capacity(jobs.len());
+    let mut results: Vec<Result<Committed, JobError>> = Vec::with_capacity(jobs.len());
     let outcome = (|| -> Result<(), StoreError> {
         let mut group = store.begin_group()?;
+        let mut window = None;
         for job in &jobs {
-            match group.apply(&job.schema, &job.plans) {
-                Ok(w) => results.push(Ok(w)),
+            if let Some(i) = &job.idempotency {
+                window = Some(window.unwrap_or(0).max(i.window_ms));
+            }
+            match group.apply_idempotent(&job.schema, &job.plans, job.idempotency.as_ref()) {
+                Ok((written, replayed)) => results.push(Ok(Committed { written, replayed })),
                 Err(ApplyError::Refused { index, error }) => {
                     results.push(Err(JobError::Refused { index, error }))
                 }
                 Err(ApplyError::Store(e)) => return Err(e),
             }
         }
-        if results.iter().any(Result::is_ok) {
+        if results.iter().any(|r| matches!(r, Ok(c) if !c.replayed)) {
+            // Keys past their window are forgotten a few at a time, with the groups that add
+            // new ones.
+            if let Some(w) = window {
+                group.prune_idempotency(w)?;
+            }
             group.commit()?;
         }
         // Otherwise every job was refused and the transaction holds no change: dropping it
@@ -277,7 +310,7 @@ mod tests {
         (reg, m)
     }
 
-    type Answer = oneshot::Receiver<Result<Vec<Written>, JobError>>;
+    type Answer = oneshot::Receiver<Result<Committed, JobError>>;
 
     fn job(schema: &Arc<Schema>, plans: Vec<MutationPlan>, bytes: usize) -> (Job, Answer) {
         let (reply, rx) = oneshot::channel();
@@ -286,6 +319,7 @@ mod tests {
                 schema: schema.clone(),
                 plans,
                 bytes,
+                idempotency: None,
                 reply,
             },
             rx,
@@ -391,7 +425,7 @@ mod tests {
         let (j4, a4) = job(&s, vec![plan(MutationKind::Update, "a", Some(json!(4)))], 0);
         let (j5, a5) = job(&s, vec![plan(MutationKind::Create, "b", Some(json!(5)))], 0);
         write_group(&st, vec![j1, j2, j3, j4, j5], &m);
-        let ok = |a: Answer| a.blocking_recv().unwrap();
+        let ok = |a: Answer| a.blocking_recv().unwrap().map(|c| c.written);
         assert_eq!(ok(a1).unwrap()[0].len(), 2);
         assert!(matches!(
             ok(a2),
@@ -457,7 +491,7 @@ mod tests {
             }) => assert_eq!(field, "v"),
             other => panic!("batch should be refused at record 2: {other:?}"),
         }
-        assert_eq!(a3.blocking_recv().unwrap().unwrap().len(), 4);
+        assert_eq!(a3.blocking_recv().unwrap().unwrap().written.len(), 4);
         a4.blocking_recv().unwrap().unwrap();
         assert_eq!(value(&st, "c"), Some(json!(0)));
         assert_eq!(value(&st, "d"), None);

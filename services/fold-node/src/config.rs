@@ -168,6 +168,12 @@ pub struct Config {
     #[arg(long, env = "FOLD_FORWARD_TIMEOUT_MS", default_value_t = 10_000)]
     pub forward_timeout_ms: u64,
 
+    /// How long an applied idempotency key (MutateRequest.idempotency_key) is remembered, in
+    /// seconds: a retry with the same key within it is answered with the first result and
+    /// writes nothing.
+    #[arg(long, env = "FOLD_IDEMPOTENCY_WINDOW_SECS", default_value_t = 86_400)]
+    pub idempotency_window_secs: u64,
+
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish before exit.
     #[arg(long, env = "FOLD_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,

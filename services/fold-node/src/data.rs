@@ -23,8 +23,8 @@ use crate::metrics::NodeMetrics;
 use crate::permissions::{self, Access, Denied};
 use crate::schema::{self, Schema};
 use crate::store::{
-    LoadError, LoadOutcome, MutationError, MutationKind, MutationPlan, RowsError, SchemaState,
-    Store, StoreError, VersionRecord,
+    Idempotency, LoadError, LoadOutcome, MutationError, MutationKind, MutationPlan, RowsError,
+    SchemaState, Store, StoreError, VersionRecord,
 };
 
 /// Most mutations one BatchMutate call may carry.
@@ -32,6 +32,11 @@ pub const MAX_BATCH_MUTATIONS: usize = 10_000;
 
 /// Trailer of a refused BatchMutate naming the failing record's index.
 pub const FAILED_RECORD_TRAILER: &str = "fold-failed-record";
+
+/// Longest idempotency key accepted.
+const MAX_IDEMPOTENCY_KEY: usize = 128;
+/// How long applied idempotency keys are remembered unless configured.
+pub const DEFAULT_IDEMPOTENCY_WINDOW_MS: u64 = 24 * 3600 * 1000;
 
 /// Longest range key accepted.
 const MAX_RANGE_KEY_LEN: usize = 1024;
@@ -43,6 +48,7 @@ pub struct Data {
     metrics: Arc<NodeMetrics>,
     /// The group-commit writer every mutation goes through.
     commits: Committer,
+    idempotency_window_ms: u64,
 }
 
 pub fn store_status(e: StoreError) -> Status {
@@ -142,7 +148,43 @@ impl Data {
             identities,
             metrics,
             commits,
+            idempotency_window_ms: DEFAULT_IDEMPOTENCY_WINDOW_MS,
         })
+    }
+
+    /// How long applied idempotency keys are remembered.
+    pub fn with_idempotency_window(mut self, window: std::time::Duration) -> Self {
+        self.idempotency_window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+        self
+    }
+
+    /// The idempotency of a request with `key` and these plans, if it has a key.
+    fn idempotency(
+        &self,
+        key: &str,
+        plans: &[MutationPlan],
+    ) -> Result<Option<Idempotency>, Status> {
+        if key.is_empty() {
+            return Ok(None);
+        }
+        if key.len() > MAX_IDEMPOTENCY_KEY {
+            return Err(Status::invalid_argument(format!(
+                "'idempotency_key' is {} bytes; at most {MAX_IDEMPOTENCY_KEY}",
+                key.len()
+            )));
+        }
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for p in plans {
+            h.update(format!("{:?}\0{}\0", p.kind, p.range_key));
+            h.update(serde_json::to_vec(&p.writes).unwrap_or_default());
+            h.update([0xff]);
+        }
+        Ok(Some(Idempotency {
+            key: key.to_string(),
+            fingerprint: hex::encode(h.finalize()),
+            window_ms: self.idempotency_window_ms,
+        }))
     }
 
     pub fn store(&self) -> &Store {
@@ -313,8 +355,10 @@ impl Data {
         let plan = mutation_plan(&schema, &requester, req.mutation_type, req.data.as_ref())?;
         let range_key = plan.range_key.clone();
         let bytes = req.data.as_ref().map_or(0, Message::encoded_len);
-        let commit = self.commit("mutate", schema, vec![plan], bytes);
-        let written = match deadline {
+        let plans = vec![plan];
+        let idem = self.idempotency(&req.idempotency_key, &plans)?;
+        let commit = self.commit("mutate", schema, plans, bytes, idem);
+        let committed = match deadline {
             None => commit.await,
             // A forwarded request's deadline: past it, the write is not started (a job whose
             // caller has gone is skipped by the writer), and nothing is written.
@@ -333,12 +377,13 @@ impl Data {
             }
         }
         .map_err(commit_status)?;
-        let (fields, version_ids) = written.into_iter().flatten().unzip();
+        let (fields, version_ids) = committed.written.into_iter().flatten().unzip();
         Ok(MutateResponse {
             fields,
             range_key,
             node_id: String::new(),
             version_ids,
+            replayed: committed.replayed,
         })
     }
 
@@ -371,14 +416,16 @@ impl Data {
             plans.push(plan);
         }
         let keys: Vec<String> = plans.iter().map(|p| p.range_key.clone()).collect();
-        let written = self
-            .commit("batch_mutate", schema, plans, bytes)
+        let idem = self.idempotency(&req.idempotency_key, &plans)?;
+        let committed = self
+            .commit("batch_mutate", schema, plans, bytes, idem)
             .await
             .map_err(|e| match e {
                 JobError::Refused { index, error } => record_status(index, &refusal_status(error)),
                 e => commit_status(e),
             })?;
-        let results = written
+        let results = committed
+            .written
             .into_iter()
             .zip(keys)
             .map(|(w, range_key)| {
@@ -393,6 +440,7 @@ impl Data {
         Ok(BatchMutateResponse {
             results,
             node_id: String::new(),
+            replayed: committed.replayed,
         })
     }
 
@@ -403,9 +451,13 @@ impl Data {
         schema: Arc<Schema>,
         plans: Vec<MutationPlan>,
         bytes: usize,
-    ) -> Result<Vec<crate::commit::Written>, JobError> {
+        idempotency: Option<Idempotency>,
+    ) -> Result<crate::commit::Committed, JobError> {
         let started = std::time::Instant::now();
-        let r = self.commits.submit(schema, plans, bytes).await;
+        let r = self
+            .commits
+            .submit_once(schema, plans, bytes, idempotency)
+            .await;
         // Refusals by the data (ALREADY_EXISTS, NOT_FOUND) are answers, not storage failures.
         let ok = !matches!(r, Err(JobError::Storage(_) | JobError::Stopped));
         self.metrics.storage(op, ok, started);
@@ -564,6 +616,7 @@ fn refusal_status(e: MutationError) -> Status {
         MutationError::AlreadyExists { .. } => Status::already_exists(e.to_string()),
         MutationError::Missing(_) => Status::not_found(e.to_string()),
         MutationError::Store(e) => store_status(e),
+        MutationError::KeyReused(_) => Status::failed_precondition(e.to_string()),
     }
 }
 

@@ -211,7 +211,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         )
     };
     let data = Data::new(store.clone(), identities, node_metrics.clone())
-        .context("cannot start the group-commit writer thread")?;
+        .context("cannot start the group-commit writer thread")?
+        .with_idempotency_window(Duration::from_secs(config.idempotency_window_secs));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<FoldNodeServer<FoldNodeApi>>().await;

@@ -34,6 +34,33 @@ const HEADS: TableDefinition<Cell<'static>, &str> = TableDefinition::new("heads"
 const LIVE: TableDefinition<Cell<'static>, &str> = TableDefinition::new("live");
 const TRUST: TableDefinition<&str, &str> = TableDefinition::new("trust");
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+/// Applied idempotency keys: "<writer>\0<schema>\0<key>" → [`IdemRecord`] (JSON).
+const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
+/// The same keys by time, for pruning: (applied at ms, key).
+const IDEM_BY_TIME: TableDefinition<(u64, &str), ()> = TableDefinition::new("idempotency_by_time");
+/// Expired idempotency keys removed per group (pruning keeps pace without long transactions).
+const IDEM_PRUNE_PER_GROUP: usize = 256;
+
+/// Per plan, the written fields and their new version ids.
+pub type Applied = Vec<Vec<(String, String)>>;
+
+/// An idempotency key of a mutation request, scoped to its writer and schema.
+#[derive(Debug, Clone)]
+pub struct Idempotency {
+    /// The client's key (bounded by the API).
+    pub key: String,
+    /// What the request asked for (a hash): the same key with a different request is refused.
+    pub fingerprint: String,
+    /// How long an applied key is remembered.
+    pub window_ms: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct IdemRecord {
+    at_ms: u64,
+    fingerprint: String,
+    written: Vec<Vec<(String, String)>>,
+}
 
 /// Most records one query may return; more is an error asking for a narrower filter.
 pub const MAX_QUERY_RECORDS: usize = 10_000;
@@ -141,6 +168,8 @@ pub enum MutationError {
     Missing(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("idempotency key '{0}' was already used for a different mutation; use a new key")]
+    KeyReused(String),
 }
 
 /// Data and schema errors of loading.
@@ -190,6 +219,8 @@ impl Store {
             txn.open_table(LIVE)?;
             txn.open_table(TRUST)?;
             txn.open_table(META)?;
+            txn.open_table(IDEMPOTENCY)?;
+            txn.open_table(IDEM_BY_TIME)?;
         }
         txn.commit()?;
         let mut cache = HashMap::new();
@@ -627,6 +658,85 @@ impl WriteGroup {
             out.push(written);
         }
         Ok(out)
+    }
+
+    /// Like [`apply`](WriteGroup::apply), at most once per idempotency key: a key applied within
+    /// its window returns the first application's result (`true` = replayed) and writes
+    /// nothing; the same key with a different request is refused. The key is recorded in the
+    /// same transaction as the writes, so it is applied exactly when they are.
+    pub fn apply_idempotent(
+        &mut self,
+        schema: &Schema,
+        plans: &[MutationPlan],
+        idem: Option<&Idempotency>,
+    ) -> Result<(Applied, bool), ApplyError> {
+        let Some(idem) = idem else {
+            return self.apply(schema, plans).map(|w| (w, false));
+        };
+        let writer = plans.first().map(|p| p.writer.as_str()).unwrap_or_default();
+        let key = format!("{writer}\0{}\0{}", schema.name, idem.key);
+        let now = now_ms();
+        {
+            let t = self.txn.open_table(IDEMPOTENCY).map_err(StoreError::from)?;
+            let found = t
+                .get(key.as_str())
+                .map_err(StoreError::from)?
+                .map(|g| serde_json::from_slice::<IdemRecord>(g.value()));
+            if let Some(rec) = found {
+                let rec = rec.map_err(corrupt)?;
+                if now.saturating_sub(rec.at_ms) <= idem.window_ms {
+                    if rec.fingerprint != idem.fingerprint {
+                        return Err(ApplyError::Refused {
+                            index: 0,
+                            error: MutationError::KeyReused(idem.key.clone()),
+                        });
+                    }
+                    return Ok((rec.written, true));
+                }
+            }
+        }
+        let written = self.apply(schema, plans)?;
+        let rec = IdemRecord {
+            at_ms: now,
+            fingerprint: idem.fingerprint.clone(),
+            written: written.clone(),
+        };
+        let bytes = serde_json::to_vec(&rec).map_err(corrupt)?;
+        let mut t = self.txn.open_table(IDEMPOTENCY).map_err(StoreError::from)?;
+        t.insert(key.as_str(), bytes.as_slice())
+            .map_err(StoreError::from)?;
+        let mut by_time = self
+            .txn
+            .open_table(IDEM_BY_TIME)
+            .map_err(StoreError::from)?;
+        by_time
+            .insert((now, key.as_str()), ())
+            .map_err(StoreError::from)?;
+        Ok((written, false))
+    }
+
+    /// Forget idempotency keys applied longer than `window_ms` ago (a bounded number per call).
+    pub fn prune_idempotency(&mut self, window_ms: u64) -> Result<usize, StoreError> {
+        let cutoff = now_ms().saturating_sub(window_ms);
+        let mut by_time = self.txn.open_table(IDEM_BY_TIME)?;
+        let mut keys = self.txn.open_table(IDEMPOTENCY)?;
+        let expired: Vec<(u64, String)> = by_time
+            .range::<(u64, &str)>(..(cutoff, ""))?
+            .take(IDEM_PRUNE_PER_GROUP)
+            .map(|r| r.map(|(k, _)| (k.value().0, k.value().1.to_string())))
+            .collect::<Result<_, _>>()?;
+        for (at, key) in &expired {
+            by_time.remove((*at, key.as_str()))?;
+            // A key re-applied since has a newer record: keep that one.
+            let newer = keys
+                .get(key.as_str())?
+                .and_then(|g| serde_json::from_slice::<IdemRecord>(g.value()).ok())
+                .is_some_and(|r| r.at_ms > *at);
+            if !newer {
+                keys.remove(key.as_str())?;
+            }
+        }
+        Ok(expired.len())
     }
 
     /// Commit the group with immediate durability (fsync): when this returns `Ok`, every
