@@ -405,13 +405,31 @@ impl Client {
     pub async fn topology(&self) -> Result<Topology> {
         let r = self
             .network()
-            .topology(self.req(pb::TopologyRequest {}))
+            .topology(self.req(pb::TopologyRequest {
+                max_hops: 0,
+                timeout_ms: 0,
+            }))
             .await?
             .into_inner();
         Ok(Topology {
             node_id: r.node_id,
             peers: r.peers.into_iter().map(Peer::from).collect(),
         })
+    }
+
+    /// The mesh around this node: the node asks every node up to `max_hops` hops away (at most
+    /// 4) for its peers, over the mesh, within `budget` (at most 60 s). Nodes that could not be
+    /// asked carry their error. The call's deadline is at least `budget` plus a second.
+    pub async fn mesh_topology(&self, max_hops: u32, budget: Duration) -> Result<MeshTopology> {
+        let timeout_ms = u32::try_from(budget.as_millis()).unwrap_or(u32::MAX).max(1);
+        let mut req = self.req(pb::TopologyRequest {
+            max_hops,
+            timeout_ms,
+        });
+        let wait = budget.saturating_add(Duration::from_secs(1));
+        req.set_timeout(self.timeout.map_or(wait, |t| t.max(wait)));
+        let r = self.network().topology(req).await?.into_inner();
+        Ok(MeshTopology::from(r))
     }
 
     /// `grpc.health.v1` status of a service (`""` is the whole server).

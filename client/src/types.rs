@@ -378,6 +378,8 @@ pub struct NetworkStatus {
     pub known_peers: u32,
     pub mdns_enabled: bool,
     pub provided_schemas: Vec<String>,
+    /// Each configured bootstrap address and its last dial's outcome.
+    pub bootstrap: Vec<BootstrapState>,
 }
 
 impl From<v1::NetworkStatusResponse> for NetworkStatus {
@@ -390,6 +392,7 @@ impl From<v1::NetworkStatusResponse> for NetworkStatus {
             known_peers: s.known_peers,
             mdns_enabled: s.mdns_enabled,
             provided_schemas: s.provided_schemas,
+            bootstrap: s.bootstrap.into_iter().map(BootstrapState::from).collect(),
         }
     }
 }
@@ -499,6 +502,100 @@ pub struct SchemaCheck {
 pub struct Topology {
     pub node_id: String,
     pub peers: Vec<Peer>,
+}
+
+/// The mesh around a node, gathered by asking nodes for their peers
+/// ([`Client::mesh_topology`](crate::Client::mesh_topology)).
+#[derive(Clone, Debug, Serialize)]
+pub struct MeshTopology {
+    /// The node that gathered.
+    pub node_id: String,
+    /// Every node asked, the gathering node first (hops 0).
+    pub nodes: Vec<MeshNodeView>,
+    /// Nodes found within the hops but not asked because of the node limit.
+    pub nodes_not_asked: u32,
+}
+
+/// One node asked while gathering a topology.
+#[derive(Clone, Debug, Serialize)]
+pub struct MeshNodeView {
+    pub node_id: String,
+    /// Hops from the gathering node.
+    pub hops: u32,
+    /// Its connected peers as it reports them (`trust_distance` is its trust in each).
+    pub peers: Vec<Peer>,
+    /// Why it could not be asked (`null` when it answered).
+    pub error: Option<NodeError>,
+}
+
+/// A node's failure to answer: the gRPC code name and message.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct NodeError {
+    pub code: String,
+    pub message: String,
+}
+
+impl From<v1::TopologyResponse> for MeshTopology {
+    fn from(r: v1::TopologyResponse) -> Self {
+        let mut nodes: Vec<MeshNodeView> = r
+            .nodes
+            .into_iter()
+            .map(|n| MeshNodeView {
+                node_id: n.node_id,
+                hops: n.hops,
+                peers: n.peers.into_iter().map(Peer::from).collect(),
+                error: n.error.map(|e| NodeError {
+                    code: crate::code_name(tonic::Code::from_i32(e.code)).to_string(),
+                    message: e.message,
+                }),
+            })
+            .collect();
+        // A node that gathered nothing (max_hops 0) is still one node with its peers.
+        if nodes.is_empty() {
+            nodes.push(MeshNodeView {
+                node_id: r.node_id.clone(),
+                hops: 0,
+                peers: r.peers.into_iter().map(Peer::from).collect(),
+                error: None,
+            });
+        }
+        MeshTopology {
+            node_id: r.node_id,
+            nodes,
+            nodes_not_asked: r.nodes_not_asked,
+        }
+    }
+}
+
+/// The last outcome of a bootstrap address's dial.
+#[derive(Clone, Debug, Serialize)]
+pub struct BootstrapState {
+    pub address: String,
+    /// `dialing`, `connected`, `failed`, or `self` (this node's own address).
+    pub state: String,
+    /// The last dial error (`null` when none failed yet).
+    pub last_error: Option<String>,
+    /// The node that answered the last successful dial.
+    pub node_id: Option<String>,
+}
+
+impl From<v1::BootstrapStatus> for BootstrapState {
+    fn from(b: v1::BootstrapStatus) -> Self {
+        use v1::bootstrap_status::State;
+        let state = match State::try_from(b.state) {
+            Ok(State::Connected) => "connected",
+            Ok(State::Failed) => "failed",
+            Ok(State::Dialing) => "dialing",
+            Ok(State::SelfAddress) => "self",
+            _ => "unknown",
+        };
+        BootstrapState {
+            address: b.address,
+            state: state.to_string(),
+            last_error: non_empty(b.last_error),
+            node_id: non_empty(b.node_id),
+        }
+    }
 }
 
 /// grpc.health.v1 serving status of one service.

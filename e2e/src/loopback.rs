@@ -21,6 +21,11 @@ pub struct Node {
 
 /// Start a node with `node_flags` for its fold-node (panics when it cannot: test support).
 pub fn start(node_flags: &[&str]) -> Node {
+    start_with(&[], node_flags)
+}
+
+/// Start a node with `sidecar_flags` for its p2p-sidecar and `node_flags` for its fold-node.
+pub fn start_with(sidecar_flags: &[&str], node_flags: &[&str]) -> Node {
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(bin_path("p2p-sidecar"));
     cmd.arg("--data-dir").arg(dir.path()).args([
@@ -29,6 +34,7 @@ pub fn start(node_flags: &[&str]) -> Node {
         "--admin-listen",
         "127.0.0.1:0",
     ]);
+    cmd.args(sidecar_flags);
     let (sidecar, line) = Proc::spawn(cmd, "p2p-sidecar ready", Duration::from_secs(20)).unwrap();
     let id = parse_kv(&line, "node_id").unwrap();
     let p2p = format!("{}/p2p/{id}", parse_kv(&line, "listen").unwrap());

@@ -2,7 +2,7 @@
 //! port) one real question; every finding has a severity, what is wrong, and how to fix it.
 //! Exit code 4 when any finding is a warning or an error.
 
-use fold_client::{Client, Error, Health, NETWORK_SERVICE, SchemaState, Target};
+use fold_client::{BootstrapState, Client, Error, Health, NETWORK_SERVICE, SchemaState, Target};
 use serde::Serialize;
 
 use crate::cli::{Global, Output};
@@ -49,7 +49,7 @@ pub async fn run(
 ) -> Result<Out, Failure> {
     let mut findings = Vec::new();
     match builder(g).connect().await {
-        Ok(client) => node_checks(&client, &mut findings).await,
+        Ok(client) => node_checks(&client, g.tls_cert.is_some(), &mut findings).await,
         Err(e) => findings.push(connect_finding(g, &e)),
     }
     admin_checks(metrics_addr, sidecar_metrics_addr, &mut findings).await;
@@ -155,7 +155,8 @@ fn connect_finding(g: &Global, e: &Error) -> Finding {
     }
 }
 
-async fn node_checks(c: &Client, out: &mut Vec<Finding>) {
+/// `mutual`: this client presents a certificate (mutual TLS).
+async fn node_checks(c: &Client, mutual: bool, out: &mut Vec<Finding>) {
     // The node itself.
     match c.health("").await {
         Ok(Health::Serving) => out.push(finding(
@@ -193,7 +194,8 @@ async fn node_checks(c: &Client, out: &mut Vec<Finding>) {
             }
             // TLS 1.3: the client's half of the handshake completes before the node checks the
             // client certificate, so a refused certificate shows up as the connection closing
-            // under the first call.
+            // under the first call (closed, cancelled, reset, or a broken pipe when a client
+            // certificate was sent).
             let tls_target = matches!(c.target(), Target::Tcp { tls: true, .. });
             let closed = [
                 "connection closed",
@@ -203,7 +205,7 @@ async fn node_checks(c: &Client, out: &mut Vec<Finding>) {
             ]
             .iter()
             .any(|w| msg.contains(w));
-            let tls = e.is_tls() || (tls_target && closed);
+            let tls = e.is_tls() || (tls_target && closed) || (mutual && spoke_else);
             out.push(finding(
                 Severity::Error,
                 if tls { "tls" } else { "reachable" },
@@ -245,6 +247,7 @@ async fn node_checks(c: &Client, out: &mut Vec<Finding>) {
                     "",
                 ));
             }
+            out.extend(bootstrap_findings(&s.bootstrap));
         }
         _ => {
             let why = match (&health, &status) {
@@ -387,6 +390,65 @@ fn sum(samples: &[Sample], name: &str, label: Option<(&str, &str)>) -> f64 {
 
 /// What the node's counters say: rate-limited clients, open circuit breakers, forwards the
 /// remote refused.
+/// One finding per configured bootstrap address that failed its last dial, naming the address,
+/// the error, and what to fix (a name that does not resolve is called out as such).
+pub fn bootstrap_findings(bootstrap: &[BootstrapState]) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for b in bootstrap {
+        match b.state.as_str() {
+            "failed" => {
+                let error = b.last_error.as_deref().unwrap_or("no error text");
+                let lower = error.to_ascii_lowercase();
+                let (what, fix) = if lower.contains("resolve")
+                    || lower.contains("dns")
+                    || lower.contains("no record")
+                    || lower.contains("nxdomain")
+                {
+                    (
+                        format!("bootstrap address {} does not resolve: {error}", b.address),
+                        "fix the name in the sidecar's --bootstrap (FOLD_SIDECAR_BOOTSTRAP): check its spelling and that this host's DNS (or /etc/hosts) knows it, or use an /ip4/… address",
+                    )
+                } else {
+                    (
+                        format!("bootstrap address {} cannot be dialed: {error}", b.address),
+                        "check that the bootstrap node is running and listening on that address and port, that the /p2p/ id matches it, and that nothing blocks the connection; or fix the sidecar's --bootstrap",
+                    )
+                };
+                out.push(finding(Severity::Error, "bootstrap", what, fix));
+            }
+            "connected" => out.push(finding(
+                Severity::Ok,
+                "bootstrap",
+                format!(
+                    "bootstrap address {} connected{}",
+                    b.address,
+                    b.node_id
+                        .as_deref()
+                        .map(|id| format!(" to {id}"))
+                        .unwrap_or_default()
+                ),
+                "",
+            )),
+            "self" => out.push(finding(
+                Severity::Ok,
+                "bootstrap",
+                format!("bootstrap address {} is this node itself", b.address),
+                "",
+            )),
+            _ => out.push(finding(
+                Severity::Info,
+                "bootstrap",
+                format!(
+                    "bootstrap address {}: first dial not finished yet",
+                    b.address
+                ),
+                "",
+            )),
+        }
+    }
+    out
+}
+
 pub fn node_metric_findings(samples: &[Sample]) -> Vec<Finding> {
     let mut out = Vec::new();
     let limited: f64 = samples
@@ -490,6 +552,43 @@ mod tests {
 
     fn checks(f: &[Finding]) -> Vec<(&'static str, Severity)> {
         f.iter().map(|f| (f.check, f.severity)).collect()
+    }
+
+    #[test]
+    fn failed_bootstrap_addresses_are_errors_naming_them() {
+        let b = |address: &str, state: &str, err: Option<&str>| BootstrapState {
+            address: address.into(),
+            state: state.into(),
+            last_error: err.map(String::from),
+            node_id: None,
+        };
+        let f = bootstrap_findings(&[
+            b(
+                "/dns4/nope.invalid/tcp/4001",
+                "failed",
+                Some(
+                    "Failed to negotiate transport protocol(s): [(/dns4/nope.invalid/tcp/4001: : Failed to resolve DNS address)]",
+                ),
+            ),
+            b("/ip4/127.0.0.1/tcp/9", "failed", Some("Connection refused")),
+            b("/ip4/127.0.0.1/tcp/4001", "connected", None),
+            b("/dns4/me/tcp/4001", "self", None),
+        ]);
+        assert_eq!(
+            checks(&f),
+            [
+                ("bootstrap", Severity::Error),
+                ("bootstrap", Severity::Error),
+                ("bootstrap", Severity::Ok),
+                ("bootstrap", Severity::Ok)
+            ]
+        );
+        assert!(
+            f[0].what
+                .contains("/dns4/nope.invalid/tcp/4001 does not resolve")
+        );
+        assert!(f[0].fix.contains("--bootstrap"));
+        assert!(f[1].what.contains("cannot be dialed: Connection refused"));
     }
 
     #[test]

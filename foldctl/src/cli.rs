@@ -107,8 +107,12 @@ pub enum Command {
         )]
         sidecar_metrics_addr: String,
     },
-    /// This node and its peers as a tree, JSON, Graphviz DOT or an SVG picture.
+    /// The mesh around this node, gathered by asking peers for their peers (up to --hops, within
+    /// --timeout), as a tree, JSON, Graphviz DOT or an SVG picture.
     Topology {
+        /// How many hops away to ask (0 = this node and its peers only; at most 4).
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=4))]
+        hops: u32,
         /// Picture format (overrides -o): text tree, dot, or svg.
         #[arg(long, value_enum)]
         format: Option<TopologyFormat>,

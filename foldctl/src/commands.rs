@@ -36,6 +36,21 @@ pub async fn run(c: &Client, g: &Global, cmd: Command) -> Result<Out, Failure> {
                 ("known peers", s.known_peers.to_string()),
                 ("mdns", on_off(s.mdns_enabled).into()),
                 ("provided schemas", or_dash(s.provided_schemas.join(", "))),
+                (
+                    "bootstrap",
+                    or_dash(
+                        s.bootstrap
+                            .iter()
+                            .map(|b| match &b.last_error {
+                                Some(e) if b.state == "failed" => {
+                                    format!("{} failed: {e}", b.address)
+                                }
+                                _ => format!("{} {}", b.address, b.state),
+                            })
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                    ),
+                ),
             ]);
             Ok(Out {
                 json: to_json(&s)?,
@@ -103,7 +118,12 @@ pub async fn run(c: &Client, g: &Global, cmd: Command) -> Result<Out, Failure> {
                 text: format!("node {}\n{}", r.node_id, t.render()),
             })
         }
-        Command::Topology { format, all, also } => topology::run(c, g, format, all, &also).await,
+        Command::Topology {
+            format,
+            all,
+            also,
+            hops,
+        } => topology::run(c, g, format, all, &also, hops).await,
         Command::Check { .. } | Command::Top { .. } | Command::Completions { .. } => {
             Err(Failure::Local("not a node command".into()))
         }

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fold_middleware::rate_limit::KeyedLimiter;
 use fold_proto::sidecar::{PeerEvent, peer_event::Kind};
-use fold_proto::v1::NetworkStatusResponse;
+use fold_proto::v1::{BootstrapStatus, NetworkStatusResponse, bootstrap_status};
 use fold_proto::wire::{
     CheckSchemasRequest, CheckSchemasResponse, ForwardResponse, SchemaNames, SignedEnvelope,
     WireError, check_schemas_response,
@@ -19,7 +19,7 @@ use futures::StreamExt;
 use libp2p::metrics::{Metrics, Recorder};
 use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::swarm::{ConnectionId, DialError, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, identify, kad, mdns, ping};
 use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
 use tonic::Code;
@@ -138,7 +138,14 @@ pub struct EventLoop {
     provided: BTreeSet<String>,
     reprovide_due: bool,
     kad_bootstrapped: bool,
+    /// The outcome of each bootstrap address's last dial (same order as `bootstrap`).
+    bootstrap_status: Vec<BootstrapStatus>,
+    /// Bootstrap dials under way: connection → index in `bootstrap` (at most one per address).
+    bootstrap_dials: HashMap<ConnectionId, usize>,
 }
+
+/// Longest dial error kept per bootstrap address.
+const MAX_BOOTSTRAP_ERROR: usize = 1024;
 
 impl EventLoop {
     pub fn new(p: EventLoopParts) -> EventLoop {
@@ -149,7 +156,6 @@ impl EventLoop {
             events: p.events,
             node: p.node,
             mdns_enabled: p.mdns_enabled,
-            bootstrap: p.bootstrap,
             limiter: p.limiter,
             forward: p.forward,
             schema_slots: Arc::new(Semaphore::new(p.inbound_queue.max(1))),
@@ -165,6 +171,17 @@ impl EventLoop {
             provided: BTreeSet::new(),
             reprovide_due: false,
             kad_bootstrapped: false,
+            bootstrap_status: p
+                .bootstrap
+                .iter()
+                .map(|a| BootstrapStatus {
+                    address: a.to_string(),
+                    state: bootstrap_status::State::Dialing as i32,
+                    ..Default::default()
+                })
+                .collect(),
+            bootstrap_dials: HashMap::new(),
+            bootstrap: p.bootstrap,
         }
     }
 
@@ -186,9 +203,10 @@ impl EventLoop {
     }
 
     fn dial_bootstrap(&mut self) {
-        for addr in self.bootstrap.clone() {
+        for (i, addr) in self.bootstrap.clone().into_iter().enumerate() {
             if let Some(peer) = peer_of(&addr) {
                 if peer == self.local() {
+                    self.bootstrap_self(i);
                     continue;
                 }
                 self.entry(peer, "bootstrap").add_addr(addr.clone());
@@ -197,11 +215,58 @@ impl EventLoop {
                     .kad
                     .add_address(&peer, strip_p2p(addr.clone()));
                 if self.swarm.is_connected(&peer) {
+                    self.bootstrap_outcome(i, Ok(peer));
                     continue;
                 }
             }
-            if let Err(e) = self.swarm.dial(addr.clone()) {
-                tracing::debug!(%addr, error = %e, "bootstrap dial not started");
+            // One dial per address at a time: its outcome is what the status reports. An
+            // address found to be this node's own is not dialed again.
+            if self.bootstrap_dials.values().any(|&j| j == i)
+                || self.bootstrap_status.get(i).map(|b| b.state)
+                    == Some(bootstrap_status::State::SelfAddress as i32)
+            {
+                continue;
+            }
+            let opts: DialOpts = addr.clone().into();
+            let id = opts.connection_id();
+            match self.swarm.dial(opts) {
+                Ok(()) => {
+                    self.bootstrap_dials.insert(id, i);
+                }
+                Err(e) => {
+                    tracing::debug!(%addr, error = %e, "bootstrap dial not started");
+                    self.bootstrap_outcome(i, Err(e.to_string()));
+                }
+            }
+        }
+    }
+
+    /// A bootstrap address that names this node itself.
+    fn bootstrap_self(&mut self, i: usize) {
+        if let Some(st) = self.bootstrap_status.get_mut(i) {
+            st.state = bootstrap_status::State::SelfAddress as i32;
+            st.node_id = self.swarm.local_peer_id().to_string();
+            st.last_attempt_unix_ms = now_ms();
+        }
+    }
+
+    /// Record how a bootstrap address's dial ended.
+    fn bootstrap_outcome(&mut self, i: usize, outcome: Result<PeerId, String>) {
+        let Some(st) = self.bootstrap_status.get_mut(i) else {
+            return;
+        };
+        st.last_attempt_unix_ms = now_ms();
+        match outcome {
+            Ok(peer) => {
+                st.state = bootstrap_status::State::Connected as i32;
+                st.node_id = peer.to_string();
+            }
+            Err(e) => {
+                if st.state != bootstrap_status::State::Failed as i32 {
+                    tracing::warn!(addr = %st.address, error = %e, "bootstrap dial failed");
+                }
+                st.state = bootstrap_status::State::Failed as i32;
+                st.last_error = e.chars().take(MAX_BOOTSTRAP_ERROR).collect();
             }
         }
     }
@@ -256,6 +321,7 @@ impl EventLoop {
                     known_peers: self.peers.len() as u32,
                     mdns_enabled: self.mdns_enabled,
                     provided_schemas: self.provided.iter().cloned().collect(),
+                    bootstrap: self.bootstrap_status.clone(),
                 });
             }
             Command::ListPeers {
@@ -477,6 +543,9 @@ impl EventLoop {
                 if let Some(reply) = self.pending_dial.remove(&connection_id) {
                     let _ = reply.send(Ok(peer_id));
                 }
+                if let Some(i) = self.bootstrap_dials.remove(&connection_id) {
+                    self.bootstrap_outcome(i, Ok(peer_id));
+                }
                 if dialed {
                     // A dialed address is a listen address of the peer: good for the DHT.
                     self.swarm
@@ -517,6 +586,13 @@ impl EventLoop {
                 error,
             } => {
                 tracing::debug!(?peer_id, error = %error, "outgoing connection failed");
+                if let Some(i) = self.bootstrap_dials.remove(&connection_id) {
+                    if matches!(error, DialError::LocalPeerId { .. }) {
+                        self.bootstrap_self(i);
+                    } else {
+                        self.bootstrap_outcome(i, Err(error.to_string()));
+                    }
+                }
                 if let Some(reply) = self.pending_dial.remove(&connection_id) {
                     let _ =
                         reply.send(Err(MeshError::Unavailable(format!("dial failed: {error}"))));

@@ -121,7 +121,9 @@ impl Mesh for MeshApi {
             .and_then(|o| o.kind.as_ref())
             .is_none()
         {
-            return Err(Status::invalid_argument("no query or mutation to forward"));
+            return Err(Status::invalid_argument(
+                "no operation (query, mutation or peers request) to forward",
+            ));
         }
         // Answer before the node's own deadline fires: keep a small margin for the way back.
         let timeout = deadline.map_or(self.default_timeout, |d| {

@@ -16,6 +16,8 @@ use crate::data::{self, Data};
 use crate::identity::{CertIdentity, Principal};
 use crate::mesh::{MeshLink, grpc_timeout};
 use crate::store::{SchemaState, TrustRecord};
+use crate::topology;
+use std::time::Duration;
 
 /// Run `fut` inside `span` and record its gRPC outcome on the span.
 pub async fn traced<T>(
@@ -437,12 +439,61 @@ impl Network for NetworkApi {
 
     async fn topology(
         &self,
-        _request: Request<TopologyRequest>,
+        request: Request<TopologyRequest>,
     ) -> Result<Response<TopologyResponse>, Status> {
+        let deadline = grpc_timeout(request.metadata());
+        let principal = principal_of(&request);
+        let req = request.into_inner();
+        if req.max_hops > topology::MAX_HOPS {
+            return Err(Status::invalid_argument(format!(
+                "'max_hops' is {}; at most {} hops are gathered",
+                req.max_hops,
+                topology::MAX_HOPS
+            )));
+        }
         let peers = self.peers(false).await?;
+        let node_id = self.mesh.node_id_or_empty();
+        if req.max_hops == 0 {
+            return Ok(Response::new(TopologyResponse {
+                node_id,
+                peers,
+                nodes: Vec::new(),
+                nodes_not_asked: 0,
+            }));
+        }
+        // The peers of other nodes are asked for this client: a client this node denies is
+        // refused here, and the others see it with the path distance.
+        let requester = self.data.forwardable_requester(&principal)?;
+        let mut budget = match req.timeout_ms {
+            0 => topology::DEFAULT_TIMEOUT,
+            ms => Duration::from_millis(u64::from(ms)).min(topology::MAX_TIMEOUT),
+        };
+        // Answer before the client gives up, with a margin for the way back.
+        if let Some(d) = deadline {
+            budget = budget.min(d.saturating_sub((d / 10).min(Duration::from_millis(300))));
+        }
+        let span = tracing::info_span!(
+            "fold.topology",
+            max_hops = req.max_hops,
+            budget_ms = budget.as_millis() as u64,
+            nodes = tracing::field::Empty,
+        );
+        let g = topology::gather(
+            &self.mesh,
+            node_id.clone(),
+            peers.clone(),
+            requester,
+            req.max_hops,
+            budget,
+        )
+        .instrument(span.clone())
+        .await;
+        span.record("nodes", g.nodes.len());
         Ok(Response::new(TopologyResponse {
-            node_id: self.mesh.node_id_or_empty(),
+            node_id,
             peers,
+            nodes: g.nodes,
+            nodes_not_asked: g.not_asked,
         }))
     }
 }

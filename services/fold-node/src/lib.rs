@@ -21,3 +21,4 @@ pub mod permissions;
 pub mod schema;
 pub mod server;
 pub mod store;
+pub mod topology;

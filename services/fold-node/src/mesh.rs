@@ -18,9 +18,9 @@ use fold_middleware::metrics::{GrpcMetrics, GrpcMetricsLayer, GrpcMetricsService
 
 use fold_proto::sidecar as sc;
 use fold_proto::sidecar::mesh_client::MeshClient;
-use fold_proto::v1::{MutateRequest, MutateResponse, QueryRequest, QueryResponse};
+use fold_proto::v1::{MutateRequest, MutateResponse, PeerInfo, QueryRequest, QueryResponse};
 use fold_proto::wire::forward_response;
-use fold_proto::wire::{Operation, Requester, operation};
+use fold_proto::wire::{Operation, PeersRequest, Requester, operation};
 use local_link::LinkAddr;
 use local_link::token::{TokenLayer, WithToken};
 use tokio::sync::Notify;
@@ -301,6 +301,32 @@ impl MeshLink {
         }
     }
 
+    /// Ask node `target` for its connected peers (a read-only `peers` operation; the target
+    /// refuses it with PERMISSION_DENIED when it denies this node). With `via`, `target` relays
+    /// the request along those nodes and the answer is the last one's peers.
+    pub async fn forward_peers(
+        &self,
+        target: String,
+        via: Vec<String>,
+        requester: Requester,
+        deadline: Option<Duration>,
+    ) -> Result<Vec<PeerInfo>, Status> {
+        match self
+            .forward(
+                target.clone(),
+                operation::Kind::Peers(PeersRequest { via }),
+                requester,
+                deadline,
+            )
+            .await?
+        {
+            forward_response::Result::Peers(p) => Ok(p.peers),
+            _ => Err(Status::internal(format!(
+                "node {target} answered a peers request with a different kind of response"
+            ))),
+        }
+    }
+
     pub async fn forward_batch(
         &self,
         req: fold_proto::v1::BatchMutateRequest,
@@ -335,6 +361,7 @@ impl MeshLink {
         let kind = match op {
             operation::Kind::Query(_) => "query",
             operation::Kind::Mutate(_) => "mutate",
+            operation::Kind::Peers(_) => "peers",
             operation::Kind::BatchMutate(_) => "batch_mutate",
         };
         let result = self.forward_inner(target, op, requester, deadline).await;
@@ -361,6 +388,7 @@ impl MeshLink {
         }
         // Fail fast while the sidecar is away.
         self.client()?;
+        let relayed = matches!(&op, operation::Kind::Peers(p) if !p.via.is_empty());
         // Answer before the client gives up: keep a margin of its deadline for the way back,
         // so the client hears DEADLINE_EXCEEDED from us rather than timing out blind.
         let timeout = deadline
@@ -386,11 +414,29 @@ impl MeshLink {
         // backoff one probe decides. A call dropped before it completes releases its probe.
         let result = {
             use tower::ServiceExt;
-            self.inner
-                .forward_svc
-                .clone()
-                .oneshot((target.clone(), request))
-                .await
+            if relayed {
+                // A relayed peers request fails when a node *behind* the target does: that says
+                // nothing about the target, so it bypasses (and never trips) its breaker.
+                ForwardCall(self.inner.client.clone())
+                    .oneshot((target.clone(), request))
+                    .await
+                    .map_err(|s| {
+                        if link_failed(&s) {
+                            Status::unavailable(format!(
+                                "the p2p-sidecar link failed: {}",
+                                s.message()
+                            ))
+                        } else {
+                            s
+                        }
+                    })
+            } else {
+                self.inner
+                    .forward_svc
+                    .clone()
+                    .oneshot((target.clone(), request))
+                    .await
+            }
         };
         let resp = result.map_err(|s| {
             if s.code() == Code::Cancelled || s.code() == Code::DeadlineExceeded {

@@ -7,6 +7,10 @@
 //! origin plus the requester's distance at the origin — never anything more. A request whose
 //! deadline has passed does no work. Failures are answered as a typed `WireError` for the sender
 //! to relay.
+//!
+//! Besides queries and mutations, a peer may ask for this node's connected peers (the `peers`
+//! operation, read-only, for any origin not denied), or have it relay that question to one of its
+//! connected peers (`via`): how `Network.Topology` reaches nodes further away.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -14,19 +18,25 @@ use fold_middleware::metrics::code_name;
 use fold_proto::sidecar::peer_requests_server::PeerRequests;
 use fold_proto::sidecar::{InboundForward, ServedSchemasRequest, ServedSchemasResponse};
 use fold_proto::status::to_wire;
+use fold_proto::v1::{ListPeersRequest, ListPeersResponse};
 use fold_proto::wire::{ForwardEnvelope, ForwardResponse, forward_response, operation};
+use fold_proto::wire::{PeersRequest, Requester};
 use prost::Message;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::data::Data;
 use crate::identity::{Forwarded, Principal};
-use crate::mesh::{MAX_NODE_ID_BYTES, MeshLink};
+use crate::mesh::{MAX_NODE_ID_BYTES, MeshLink, valid_node_id};
 
 /// Longest requester identity or proven key accepted (the sidecar enforces the same).
 const MAX_REQUESTER_BYTES: usize = 128;
 /// Most schema names one schema check may ask about.
 const MAX_CHECKED_NAMES: usize = 1024;
+/// Most relays one peers request may ask for (`via`): a topology reaches 4 hops.
+const MAX_RELAY_HOPS: usize = 3;
+/// Most peers one peers request is answered with.
+const MAX_PEERS_SHOWN: usize = 512;
 
 #[derive(Clone)]
 pub struct PeerRequestsApi {
@@ -102,6 +112,7 @@ impl PeerRequests for PeerRequestsApi {
         let (op_name, schema) = match &op {
             Some(operation::Kind::Query(q)) => ("query", q.schema.clone()),
             Some(operation::Kind::Mutate(m)) => ("mutate", m.schema.clone()),
+            Some(operation::Kind::Peers(_)) => ("peers", String::new()),
             Some(operation::Kind::BatchMutate(b)) => ("batch_mutate", b.schema.clone()),
             None => ("none", String::new()),
         };
@@ -222,6 +233,7 @@ impl PeerRequestsApi {
                     forward_response::Result::Mutate(r)
                 })
             }
+            Some(operation::Kind::Peers(p)) => self.peers(who, p, deadline).await,
             Some(operation::Kind::BatchMutate(b)) => {
                 self.data.batch_mutate(who, b).await.map(|mut r| {
                     r.node_id = me.clone();
@@ -229,9 +241,105 @@ impl PeerRequestsApi {
                 })
             }
             None => Err(Status::invalid_argument(
-                "forwarded request carries no query or mutation",
+                "forwarded request carries no operation (query, mutation, batch or peers request)",
             )),
         };
         result.unwrap_or_else(|s| forward_response::Result::Error(to_wire(&s)))
     }
+
+    /// A peers request: this node's connected peers, from its own sidecar — a read-only view of
+    /// the mesh for any origin this node does not deny (a denied one learns nothing); each peer
+    /// carries this node's trust in it, as `Network.ListPeers` shows it to this node's clients.
+    /// With `via`, the request is relayed to `via[0]` (a connected peer of this node), for the
+    /// same requester at its path distance here.
+    async fn peers(
+        &self,
+        who: &Principal,
+        req: PeersRequest,
+        deadline: Option<SystemTime>,
+    ) -> Result<forward_response::Result, Status> {
+        let r = self
+            .data
+            .identities()
+            .resolve(who)
+            .map_err(crate::data::store_status)?;
+        let Some(distance) = r.distance else {
+            return Err(Status::permission_denied(format!(
+                "{} is not trusted by this node; its peers are not shown",
+                r.label
+            )));
+        };
+        if req.via.len() > MAX_RELAY_HOPS {
+            return Err(Status::invalid_argument(format!(
+                "a peers request is relayed at most {MAX_RELAY_HOPS} times; 'via' names {}",
+                req.via.len()
+            )));
+        }
+        if let Some(bad) = req.via.iter().find(|v| !valid_node_id(v)) {
+            return Err(Status::invalid_argument(format!(
+                "'via' holds '{}', which is not a node id",
+                bad.chars().take(80).collect::<String>()
+            )));
+        }
+        let mut peers = self
+            .mesh
+            .client()?
+            .list_peers(ListPeersRequest {
+                include_disconnected: false,
+            })
+            .await?
+            .into_inner()
+            .peers;
+        let Some((next, rest)) = req.via.split_first() else {
+            peers.truncate(MAX_PEERS_SHOWN);
+            for p in &mut peers {
+                let (d, _) = self
+                    .data
+                    .identities()
+                    .peer_distance(&p.node_id)
+                    .map_err(crate::data::store_status)?;
+                p.trust_distance = d
+                    .map(|d| i32::try_from(d).unwrap_or(i32::MAX))
+                    .unwrap_or(-1);
+            }
+            return Ok(forward_response::Result::Peers(ListPeersResponse { peers }));
+        };
+        // Relayed only to a node this one is connected to: a peer cannot make it dial anyone.
+        if !peers.iter().any(|p| p.connected && &p.node_id == next) {
+            return Err(Status::not_found(format!(
+                "node {next} is not connected to this node; peers requests are relayed only to connected peers"
+            )));
+        }
+        let proven_key = match who {
+            Principal::Forwarded(f) => f
+                .requester
+                .as_ref()
+                .map(|q| q.proven_key.clone())
+                .unwrap_or_default(),
+            _ => String::new(),
+        };
+        let requester = Requester {
+            distance,
+            identity: truncate_bytes(&r.label, MAX_REQUESTER_BYTES),
+            proven_key,
+        };
+        let left = deadline.map(|d| {
+            d.duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO)
+        });
+        let peers = self
+            .mesh
+            .forward_peers(next.clone(), rest.to_vec(), requester, left)
+            .await?;
+        Ok(forward_response::Result::Peers(ListPeersResponse { peers }))
+    }
+}
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+fn truncate_bytes(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
 }
