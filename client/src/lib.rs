@@ -54,6 +54,9 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 pub use connect::{ClientBuilder, Target};
+
+/// Records per page when a query is read page by page.
+const PAGE_SIZE: u32 = 1000;
 pub use error::{CodeName, Error, Result, code_name, error_chain};
 pub use types::*;
 
@@ -182,20 +185,48 @@ impl Client {
 
     /// Read fields, locally or on another node.
     pub async fn query(&self, q: Query) -> Result<QueryResult> {
-        let r = self
-            .fold()
-            .query(self.req(pb::QueryRequest {
-                page_size: 0,
-                page_token: String::new(),
-                json_values: false,
-                schema: q.schema,
-                fields: q.fields,
-                filter: q.filter.as_ref().map(Filter::to_proto),
-                target_node_id: q.node.unwrap_or_default(),
-            }))
-            .await?
-            .into_inner();
-        Ok(r.into())
+        self.query_with_progress(q, |_| {}).await
+    }
+
+    /// [`query`](Client::query), calling `progress` with the number of records received after
+    /// each page. Large results are read page by page (1,000 records each, exact values), so no
+    /// query is refused for its size.
+    pub async fn query_with_progress(
+        &self,
+        q: Query,
+        mut progress: impl FnMut(usize),
+    ) -> Result<QueryResult> {
+        let mut all = QueryResult {
+            node_id: String::new(),
+            records: Vec::new(),
+        };
+        let mut token = String::new();
+        // Bounded: a token never repeats, and the node refuses forged ones; this only guards a
+        // misbehaving server.
+        for _ in 0..1_000_000 {
+            let r = self
+                .fold()
+                .query(self.req(pb::QueryRequest {
+                    page_size: PAGE_SIZE,
+                    page_token: std::mem::take(&mut token),
+                    json_values: true,
+                    schema: q.schema.clone(),
+                    fields: q.fields.clone(),
+                    filter: q.filter.as_ref().map(Filter::to_proto),
+                    target_node_id: q.node.clone().unwrap_or_default(),
+                }))
+                .await?
+                .into_inner();
+            token = r.next_page_token.clone();
+            let page: QueryResult = r.into();
+            all.node_id = page.node_id;
+            all.records.extend(page.records);
+            progress(all.records.len());
+            if token.is_empty() {
+                break;
+            }
+        }
+        Ok(all)
     }
 
     /// Create, update or delete field values, locally or on another node.

@@ -228,7 +228,11 @@ impl From<v1::QueryResponse> for QueryResult {
                 .into_iter()
                 .map(|rec| Record {
                     key: non_empty(rec.range_key),
-                    fields: rec.fields.as_ref().map(struct_to_map).unwrap_or_default(),
+                    // Exact JSON text when asked for (`json_values`), else the Struct.
+                    fields: match serde_json::from_str::<Json>(&rec.fields_json) {
+                        Ok(Json::Object(m)) if !rec.fields_json.is_empty() => m,
+                        _ => rec.fields.as_ref().map(struct_to_map).unwrap_or_default(),
+                    },
                 })
                 .collect(),
         }

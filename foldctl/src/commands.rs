@@ -226,7 +226,22 @@ async fn query(c: &Client, a: QueryArgs) -> Result<Out, Failure> {
     let mut q = Query::new(a.schema, fields.clone());
     q.filter = filter;
     q.node = a.node;
-    let r = c.query(q).await?;
+    let r = {
+        use std::io::{IsTerminal, Write};
+        let tty = std::io::stderr().is_terminal();
+        let r = c
+            .query_with_progress(q, |n| {
+                if tty && n >= 1000 {
+                    eprint!("\r{n} records read");
+                    let _ = std::io::stderr().flush();
+                }
+            })
+            .await?;
+        if tty && r.records.len() >= 1000 {
+            eprintln!();
+        }
+        r
+    };
     let mut t = Table::new(std::iter::once("KEY".to_string()).chain(fields.iter().cloned()));
     for rec in &r.records {
         let mut row = vec![rec.key.clone().unwrap_or_else(|| "-".into())];
