@@ -92,6 +92,13 @@ fn python_example_runs_against_a_real_node() {
     assert_eq!(history[1]["value"], 20.5);
     assert_eq!(history[0]["writer"], "client:local");
     assert_eq!(step("error")[0]["code"], "NOT_FOUND");
+    // Paged: 7 records, two a page, each once and in order.
+    let pages = &step("pages")[0];
+    assert_eq!(pages["pages"], 4, "{pages}");
+    assert_eq!(
+        pages["keys"],
+        json!(["py-1", "py-2", "py-3", "py-4", "py-5", "py-6", "py-7"])
+    );
 
     // What Python wrote, foldctl reads.
     let out = Command::new(bin_path("foldctl"))

@@ -270,13 +270,16 @@ async fn hostile_peer_is_refused_counted_and_changes_nothing() {
     // Wait for the node to have found its sidecar, then one honest request.
     let mut first = None;
     for _ in 0..50 {
-        let r = ask(
+        // A first request racing the connection on a loaded machine is simply retried.
+        let Ok(r) = ask(
             &mut swarm,
             target,
             signed(&key, t, mutate_op("m1", "once", t), now_ms()),
         )
         .await
-        .unwrap();
+        else {
+            continue;
+        };
         if error_code(&r) != Some(Code::Unavailable as i32) {
             first = Some(r);
             break;
@@ -432,8 +435,18 @@ async fn oversized_request_ids_are_refused_and_memory_stays_flat() {
         env.request_id = format!("{i:08}{}", "x".repeat(32 * 1024));
         seal(&key, &env)
     };
-    // Warm up (connection, buffers), then measure across the flood.
-    for i in 0..20 {
+    // Warm up (connection, buffers), then measure across the flood. The first request may
+    // race the connection on a loaded machine: retry it (bounded).
+    let mut first = Err(String::new());
+    for _ in 0..5 {
+        first = ask(&mut swarm, target, flood(0)).await;
+        if first.is_ok() {
+            break;
+        }
+    }
+    let r = first.unwrap();
+    assert_eq!(error_code(&r), Some(Code::InvalidArgument as i32), "{r:?}");
+    for i in 1..20 {
         let r = ask(&mut swarm, target, flood(i)).await.unwrap();
         assert_eq!(error_code(&r), Some(Code::InvalidArgument as i32), "{r:?}");
     }
@@ -451,7 +464,7 @@ async fn oversized_request_ids_are_refused_and_memory_stays_flat() {
         "sidecar RSS grew from {before} KiB to {after} KiB over {N} oversized requests"
     );
     let (_, m) = http::get(&sc.admin, "/metrics").unwrap();
-    assert_eq!(inbound(&m, "oversized_field"), N as u64, "{m}");
+    assert!(inbound(&m, "oversized_field") >= N as u64, "{m}");
     let held = http::sample(&m, "fold_sidecar_replay_cache_bytes", &[]).unwrap_or(0.0);
     assert!(held < 1024.0 * 1024.0, "replay cache holds {held} bytes");
 }

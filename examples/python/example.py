@@ -36,6 +36,12 @@ def main():
     show("query", client.query("SensorReadings", ["celsius", "location"], prefix="py-"))
     show("history", client.history("SensorReadings", "celsius", key="py-1"))
 
+    # Page through a larger result, two records a page.
+    for i in range(3, 8):
+        client.mutate("SensorReadings", "create", {"sensor_id": f"py-{i}", "celsius": i})
+    pages = list(client.query_pages("SensorReadings", ["celsius"], page_size=2, prefix="py-"))
+    show("pages", {"pages": len(pages), "keys": [r["key"] for p in pages for r in p]})
+
     try:
         client.query("NoSuchSchema", ["x"])
     except FoldError as e:

@@ -136,6 +136,24 @@ class FoldClient:
         return [{"key": rec.range_key or None,
                  "fields": _plain(json_format.MessageToDict(rec.fields))} for rec in r.records]
 
+    def query_pages(self, schema, fields, page_size=1000, **filters):
+        """Yield pages (lists of records) of a large result, following next_page_token; values
+        come as exact JSON (json_values), so big integers are not rounded to doubles."""
+        f = None
+        if filters.get("prefix") is not None:
+            f = pb.RangeFilter(key_prefix=filters["prefix"])
+        token = ""
+        while True:
+            r = _call(self.fold.Query,
+                      pb.QueryRequest(schema=schema, fields=list(fields), filter=f,
+                                      page_size=page_size, page_token=token, json_values=True),
+                      self.timeout)
+            yield [{"key": rec.range_key or None, "fields": json.loads(rec.fields_json)}
+                   for rec in r.records]
+            token = r.next_page_token
+            if not token:
+                return
+
     def history(self, schema, field, key=None, limit=0):
         """Versions of a field, newest first."""
         r = _call(self.fold.History,
