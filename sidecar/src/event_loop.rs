@@ -5,8 +5,9 @@
 //! checked here (rate limit, queue room) and handed to the node on a separate task.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fold_middleware::rate_limit::KeyedLimiter;
 use fold_proto::sidecar::{PeerEvent, peer_event::Kind};
@@ -19,7 +20,7 @@ use futures::StreamExt;
 use libp2p::metrics::{Metrics, Recorder};
 use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::swarm::{ConnectionId, DialError, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, identify, kad, mdns, ping};
 use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
 use tonic::Code;
@@ -29,7 +30,10 @@ use crate::command::{Command, MeshError};
 use crate::forward::Outbound as ForwardStreams;
 use crate::metrics::SidecarMetrics;
 use crate::node_link::NodeHandler;
-use crate::peer_book::{PeerBook, peer_of, strip_p2p};
+use crate::peer_book::{
+    DIAL_GUARD, MAX_REDIALS_PER_TICK, PeerBook, SavedBook, backoff, peer_of, random_unit,
+    strip_p2p, with_jitter,
+};
 use fold_proto::status::wire_error;
 
 /// A request waiting for a connection to its peer.
@@ -102,6 +106,20 @@ pub struct EventLoopParts {
     pub metrics: Arc<SidecarMetrics>,
     /// The per-peer forward streams.
     pub forward: Arc<ForwardStreams>,
+    /// The peer book file (read at start, written when the book changes and at shutdown).
+    pub peers_path: Option<PathBuf>,
+}
+
+/// The peers file is written at most this often (and at shutdown).
+const SAVE_EVERY: Duration = Duration::from_secs(5);
+
+/// A bootstrap address without a peer id (e.g. a DNS name): redialled on its own backoff until
+/// the peer it reaches is known to the peer book.
+struct AnonBootstrap {
+    addr: Multiaddr,
+    peer: Option<PeerId>,
+    failures: u32,
+    next_dial: Option<Instant>,
 }
 
 type ProviderQuery = (
@@ -138,11 +156,17 @@ pub struct EventLoop {
     provided: BTreeSet<String>,
     reprovide_due: bool,
     kad_bootstrapped: bool,
+    peers_path: Option<PathBuf>,
+    /// What the peers file holds (as last written or read).
+    saved: Option<SavedBook>,
+    last_save: Option<Instant>,
+    anon_bootstrap: Vec<AnonBootstrap>,
+    anon_dials: HashMap<ConnectionId, usize>,
 }
 
 impl EventLoop {
     pub fn new(p: EventLoopParts) -> EventLoop {
-        EventLoop {
+        let mut el = EventLoop {
             swarm: p.swarm,
             commands: p.commands,
             self_tx: p.self_tx,
@@ -165,6 +189,62 @@ impl EventLoop {
             provided: BTreeSet::new(),
             reprovide_due: false,
             kad_bootstrapped: false,
+            peers_path: p.peers_path,
+            saved: None,
+            last_save: None,
+            anon_bootstrap: Vec::new(),
+            anon_dials: HashMap::new(),
+        };
+        el.load_peers();
+        el.add_bootstrap();
+        el
+    }
+
+    /// Read the peers file into the book (and the DHT's routing table). A bad file is a
+    /// warning (in [`crate::peer_book::load_file`]) and an empty book.
+    fn load_peers(&mut self) {
+        let Some(path) = self.peers_path.clone() else {
+            return;
+        };
+        let saved = crate::peer_book::load_file(&path);
+        let local = self.local();
+        let n = self.peers.restore(&saved, &local);
+        if n > 0 {
+            tracing::info!(peers = n, path = %path.display(), "peer book loaded; redialling known peers");
+        }
+        for sp in &saved.peers {
+            if let Ok(peer) = sp.id.parse::<PeerId>()
+                && let Some(e) = self.peers.get(&peer)
+            {
+                for a in e.addrs.clone() {
+                    self.swarm.behaviour_mut().kad.add_address(&peer, a);
+                }
+            }
+        }
+        self.saved = Some(self.peers.saved(&local));
+    }
+
+    /// Write the peers file if the known peers changed since it was last written. Returns
+    /// false only when a write failed.
+    fn save_peers(&mut self) -> bool {
+        let Some(path) = self.peers_path.clone() else {
+            return true;
+        };
+        let now = self.peers.saved(&self.local());
+        if self.saved.as_ref() == Some(&now) {
+            return true;
+        }
+        self.last_save = Some(Instant::now());
+        match crate::peer_book::save_file(&path, &now) {
+            Ok(()) => {
+                tracing::debug!(peers = now.peers.len(), "peer book written");
+                self.saved = Some(now);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot write the peer book");
+                false
+            }
         }
     }
 
@@ -185,29 +265,104 @@ impl EventLoop {
         self.peers.entry(peer, source)
     }
 
-    fn dial_bootstrap(&mut self) {
+    /// Put the configured bootstrap peers in the book (redialled, never forgotten) and the DHT.
+    fn add_bootstrap(&mut self) {
         for addr in self.bootstrap.clone() {
-            if let Some(peer) = peer_of(&addr) {
-                if peer == self.local() {
-                    continue;
+            match peer_of(&addr) {
+                Some(peer) if peer == self.local() => {}
+                Some(peer) => {
+                    self.peers.add_bootstrap(peer, addr.clone());
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, strip_p2p(addr));
                 }
-                self.entry(peer, "bootstrap").add_addr(addr.clone());
-                self.swarm
-                    .behaviour_mut()
-                    .kad
-                    .add_address(&peer, strip_p2p(addr.clone()));
-                if self.swarm.is_connected(&peer) {
-                    continue;
-                }
-            }
-            if let Err(e) = self.swarm.dial(addr.clone()) {
-                tracing::debug!(%addr, error = %e, "bootstrap dial not started");
+                None => self.anon_bootstrap.push(AnonBootstrap {
+                    addr,
+                    peer: None,
+                    failures: 0,
+                    next_dial: None,
+                }),
             }
         }
     }
 
+    /// Dial the known and bootstrap peers that are not connected and whose backoff has passed.
+    fn redial(&mut self) {
+        let now = Instant::now();
+        let local = self.local();
+        for (peer, addrs) in self.peers.due_redials(now, &local, MAX_REDIALS_PER_TICK) {
+            if self.swarm.is_connected(&peer) {
+                continue;
+            }
+            tracing::debug!(%peer, addrs = addrs.len(), "redialling");
+            let opts = DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build();
+            if let Err(e) = self.swarm.dial(opts) {
+                tracing::debug!(%peer, error = %e, "redial not started");
+            }
+        }
+        for i in 0..self.anon_bootstrap.len() {
+            let b = &self.anon_bootstrap[i];
+            let covered = b.peer.is_some_and(|p| {
+                self.swarm.is_connected(&p)
+                    || self.peers.get(&p).is_some_and(|e| !e.addrs.is_empty())
+            });
+            if covered || b.next_dial.is_some_and(|t| t > now) {
+                continue;
+            }
+            let opts = DialOpts::unknown_peer_id().address(b.addr.clone()).build();
+            let id = opts.connection_id();
+            let addr = b.addr.clone();
+            self.anon_bootstrap[i].next_dial = Some(now + DIAL_GUARD);
+            match self.swarm.dial(opts) {
+                Ok(()) => {
+                    self.anon_dials.insert(id, i);
+                }
+                Err(e) => tracing::debug!(%addr, error = %e, "bootstrap dial not started"),
+            }
+        }
+    }
+
+    /// A failed outgoing connection: the peer backs off, its failing addresses count.
+    fn dial_failed(
+        &mut self,
+        connection_id: ConnectionId,
+        peer: Option<PeerId>,
+        error: &DialError,
+    ) {
+        let now = Instant::now();
+        if let Some(i) = self.anon_dials.remove(&connection_id)
+            && let Some(b) = self.anon_bootstrap.get_mut(i)
+        {
+            b.failures = b.failures.saturating_add(1);
+            b.next_dial = Some(now + with_jitter(backoff(b.failures), random_unit()));
+        }
+        let Some(peer) = peer else {
+            return;
+        };
+        if self.swarm.is_connected(&peer) {
+            return;
+        }
+        let failed: Vec<Multiaddr> = match error {
+            DialError::Transport(list) => list.iter().map(|(a, _)| a.clone()).collect(),
+            DialError::WrongPeerId { address, .. } => vec![address.clone()],
+            _ => Vec::new(),
+        };
+        let out = self.peers.dial_failed(&peer, &failed, now, random_unit());
+        for a in &out.dropped {
+            tracing::info!(%peer, addr = %a, "address dropped after repeated failed dials");
+            self.swarm.behaviour_mut().kad.remove_address(&peer, a);
+        }
+        if out.forgotten {
+            tracing::info!(%peer, "peer forgotten: no address left");
+        }
+    }
+
     pub async fn run(mut self) {
-        self.dial_bootstrap();
+        self.redial();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut ticks: u64 = 0;
         loop {
@@ -223,9 +378,10 @@ impl EventLoop {
                         self.reprovide_due = false;
                         self.reprovide();
                     }
-                    // Keep trying bootstrap peers while we know nobody (they may start later).
-                    if ticks.is_multiple_of(5) && self.swarm.connected_peers().next().is_none() {
-                        self.dial_bootstrap();
+                    // Known and bootstrap peers, each on its own backoff.
+                    self.redial();
+                    if self.last_save.is_none_or(|t| t.elapsed() >= SAVE_EVERY) {
+                        self.save_peers();
                     }
                     if ticks.is_multiple_of(300) {
                         let _ = self.swarm.behaviour_mut().kad.bootstrap();
@@ -233,6 +389,7 @@ impl EventLoop {
                 }
             }
         }
+        self.save_peers();
         tracing::info!("swarm event loop stopped");
     }
 
@@ -299,6 +456,8 @@ impl EventLoop {
                 }
             }
             Command::Disconnect { peer, reply } => {
+                // Disconnected on purpose: no redial for a while.
+                self.peers.hold_off(&peer, Instant::now());
                 let _ = reply.send(self.swarm.disconnect_peer_id(peer).is_ok());
             }
             Command::Forward {
@@ -350,6 +509,9 @@ impl EventLoop {
                     .kad
                     .get_providers(schema_key(&schema));
                 self.pending_providers.insert(q, (schema, found, reply));
+            }
+            Command::SavePeers { reply } => {
+                let _ = reply.send(self.save_peers());
             }
             Command::RespondSchema { channel, response } => {
                 if self
@@ -474,6 +636,14 @@ impl EventLoop {
                 if dialed {
                     e.add_addr(remote.clone());
                 }
+                self.peers.connected(&peer_id, dialed.then_some(&remote));
+                if let Some(i) = self.anon_dials.remove(&connection_id)
+                    && let Some(b) = self.anon_bootstrap.get_mut(i)
+                {
+                    b.peer = Some(peer_id);
+                    b.failures = 0;
+                    b.next_dial = None;
+                }
                 if let Some(reply) = self.pending_dial.remove(&connection_id) {
                     let _ = reply.send(Ok(peer_id));
                 }
@@ -517,6 +687,7 @@ impl EventLoop {
                 error,
             } => {
                 tracing::debug!(?peer_id, error = %error, "outgoing connection failed");
+                self.dial_failed(connection_id, peer_id, &error);
                 if let Some(reply) = self.pending_dial.remove(&connection_id) {
                     let _ =
                         reply.send(Err(MeshError::Unavailable(format!("dial failed: {error}"))));
