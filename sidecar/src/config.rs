@@ -164,6 +164,17 @@ pub struct Config {
     #[arg(long, env = "FOLD_SIDECAR_MAX_PENDING_OUTGOING", default_value_t = 64)]
     pub max_pending_outgoing: u32,
 
+    /// Refuse new connections while this process uses more than this many bytes of physical
+    /// memory (libp2p memory-connection-limits; 0 = no limit). Takes precedence over
+    /// --max-memory-percent.
+    #[arg(long, env = "FOLD_SIDECAR_MAX_MEMORY_BYTES", default_value_t = 0)]
+    pub max_memory_bytes: u64,
+
+    /// Refuse new connections while this process uses more than this percentage of the
+    /// machine's total memory (0 = no limit; at most 100).
+    #[arg(long, env = "FOLD_SIDECAR_MAX_MEMORY_PERCENT", default_value_t = 0.0)]
+    pub max_memory_percent: f64,
+
     /// Largest /fold/forward/1.0.0 message, in bytes.
     #[arg(long, env = "FOLD_SIDECAR_MAX_FORWARD_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_forward_bytes: usize,

@@ -636,7 +636,8 @@ impl EventLoop {
                 if dialed {
                     e.add_addr(remote.clone());
                 }
-                self.peers.connected(&peer_id, dialed.then_some(&remote));
+                self.peers
+                    .connected(&peer_id, dialed.then_some(&remote), Instant::now());
                 if let Some(i) = self.anon_dials.remove(&connection_id)
                     && let Some(b) = self.anon_bootstrap.get_mut(i)
                 {
@@ -676,6 +677,8 @@ impl EventLoop {
                     e.connections = num_established;
                 }
                 if num_established == 0 {
+                    self.peers
+                        .disconnected(&peer_id, Instant::now(), random_unit());
                     self.forward.disconnected(&peer_id);
                     tracing::info!(peer = %peer_id, "disconnected");
                     self.emit(Kind::Disconnected, peer_id, vec![]);
@@ -778,7 +781,10 @@ impl EventLoop {
             }
             BehaviourEvent::Stream(()) => {}
             BehaviourEvent::Schema(ev) => self.on_schema_event(ev),
-            BehaviourEvent::Limits(_) | BehaviourEvent::Deny(_) | BehaviourEvent::Allow(_) => {}
+            BehaviourEvent::Limits(_)
+            | BehaviourEvent::Memory(_)
+            | BehaviourEvent::Deny(_)
+            | BehaviourEvent::Allow(_) => {}
         }
     }
 

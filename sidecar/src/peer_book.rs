@@ -40,6 +40,9 @@ pub const JITTER: f64 = 0.2;
 pub const DIAL_GUARD: Duration = Duration::from_secs(30);
 /// Redials started per call of [`PeerBook::due_redials`] (the event loop calls it every second).
 pub const MAX_REDIALS_PER_TICK: usize = 16;
+/// A connection that stayed up this long resets its peer's backoff; one that closed sooner
+/// counts as a failed dial (a peer that accepts and then drops us is not redialled every second).
+pub const STABLE_AFTER: Duration = Duration::from_secs(10);
 /// The file's format version.
 const FILE_VERSION: u32 = 1;
 
@@ -97,6 +100,8 @@ pub struct PeerEntry {
     pub next_dial: Option<Instant>,
     /// Consecutive failed dials per address (only addresses in `addrs`).
     pub addr_failures: HashMap<Multiaddr, u32>,
+    /// When the latest connection came up.
+    pub connected_at: Option<Instant>,
 }
 
 /// How a connection to `remote` runs: ("direct" | "relayed", "tcp" | "quic" | "memory" | "").
@@ -221,15 +226,34 @@ impl PeerBook {
         e.add_addr(addr);
     }
 
-    /// A connection to `peer` is up: its backoff is reset, and a dialled address proved good.
-    pub fn connected(&mut self, peer: &PeerId, dialled: Option<&Multiaddr>) {
+    /// A connection to `peer` is up: it becomes a known peer and a dialled address proved good.
+    /// Its backoff is reset when the connection ends after [`STABLE_AFTER`] ([`Self::disconnected`]).
+    pub fn connected(&mut self, peer: &PeerId, dialled: Option<&Multiaddr>, now: Instant) {
         if let Some(e) = self.peers.get_mut(peer) {
             e.known = true;
-            e.dial_failures = 0;
             e.next_dial = None;
+            e.connected_at = Some(now);
             if let Some(a) = dialled {
                 e.addr_failures.remove(&strip_p2p(a.clone()));
             }
+        }
+    }
+
+    /// The last connection to `peer` closed: a stable one resets the backoff (redial after about
+    /// [`BACKOFF_BASE`]), a short-lived one counts as a failure and backs off further.
+    pub fn disconnected(&mut self, peer: &PeerId, now: Instant, unit: f64) {
+        if let Some(e) = self.peers.get_mut(peer) {
+            let stable = e
+                .connected_at
+                .is_some_and(|t| now.saturating_duration_since(t) >= STABLE_AFTER);
+            e.dial_failures = if stable {
+                0
+            } else {
+                e.dial_failures.saturating_add(1)
+            };
+            let next = now + with_jitter(backoff(e.dial_failures.max(1)), unit);
+            // A hold-off (Network.Disconnect) stays in force.
+            e.next_dial = Some(e.next_dial.map_or(next, |t| t.max(next)));
         }
     }
 
@@ -580,12 +604,15 @@ mod tests {
             assert_eq!(e.dial_failures, i);
             assert_eq!(e.next_dial, Some(now + backoff(i)));
         }
-        // A success resets the peer's backoff but not the other address's count.
+        // A stable connection resets the peer's backoff but not the other address's count.
         book.get_mut(&p).unwrap().connections = 1;
-        book.connected(&p, Some(&good));
-        assert_eq!(book.get(&p).unwrap().dial_failures, 0);
+        book.connected(&p, Some(&good), now);
         assert_eq!(book.get(&p).unwrap().next_dial, None);
         book.get_mut(&p).unwrap().connections = 0;
+        let later = now + STABLE_AFTER;
+        book.disconnected(&p, later, 0.5);
+        assert_eq!(book.get(&p).unwrap().dial_failures, 0);
+        assert_eq!(book.get(&p).unwrap().next_dial, Some(later + BACKOFF_BASE));
         let r = book.dial_failed(&p, std::slice::from_ref(&bad), now, 0.5);
         assert_eq!(r.dropped, vec![bad.clone()]);
         assert!(!r.forgotten);
@@ -680,7 +707,7 @@ mod tests {
         let e = book.entry(known, "dial");
         e.add_addr("/ip4/127.0.0.1/tcp/7".parse().unwrap());
         e.add_addr("/ip4/127.0.0.1/udp/7/quic-v1".parse().unwrap());
-        book.connected(&known, None);
+        book.connected(&known, None, Instant::now());
         book.entry(peer(), "dht")
             .add_addr("/ip4/127.0.0.1/tcp/8".parse().unwrap());
         let saved = book.saved(&local);
@@ -728,8 +755,28 @@ mod tests {
             let p = peer();
             book.entry(p, "dial")
                 .add_addr("/ip4/127.0.0.1/tcp/1".parse().unwrap());
-            book.connected(&p, None);
+            book.connected(&p, None, Instant::now());
         }
         assert_eq!(book.saved(&local).peers.len(), MAX_SAVED_PEERS);
+    }
+
+    #[test]
+    fn a_connection_dropped_at_once_backs_off_like_a_failure() {
+        let mut book = PeerBook::default();
+        let p = peer();
+        book.entry(p, "dial")
+            .add_addr("/ip4/127.0.0.1/tcp/1".parse().unwrap());
+        let mut now = Instant::now();
+        for i in 1..=12u32 {
+            book.connected(&p, None, now);
+            now += Duration::from_millis(50);
+            book.disconnected(&p, now, 0.5);
+            let e = book.get(&p).unwrap();
+            assert_eq!(e.dial_failures, i);
+            assert_eq!(e.next_dial, Some(now + backoff(i)));
+        }
+        assert_eq!(book.get(&p).unwrap().next_dial, Some(now + BACKOFF_CAP));
+        // The address stays: it connects, the peer just does not keep us.
+        assert_eq!(book.get(&p).unwrap().addrs.len(), 1);
     }
 }
