@@ -7,8 +7,8 @@ use libp2p::kad::store::MemoryStore;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{
-    StreamProtocol, allow_block_list, connection_limits, identify, identity, kad, mdns, ping,
-    request_response,
+    StreamProtocol, allow_block_list, connection_limits, identify, identity, kad, mdns,
+    memory_connection_limits, ping, request_response,
 };
 
 use crate::codec::{ProstCodec, SCHEMA_PROTOCOL};
@@ -26,6 +26,8 @@ pub struct Behaviour {
     /// With an allowlist, nobody else can.
     pub allow: Toggle<allow_block_list::Behaviour<allow_block_list::AllowedPeers>>,
     pub limits: connection_limits::Behaviour,
+    /// New connections refused while the process uses too much memory (when configured).
+    pub memory: Toggle<memory_connection_limits::Behaviour>,
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
     pub mdns: Toggle<mdns::tokio::Behaviour>,
@@ -41,8 +43,31 @@ impl Behaviour {
         let limits = connection_limits::Behaviour::new(
             connection_limits::ConnectionLimits::default()
                 .with_max_established(Some(config.max_connections))
-                .with_max_established_per_peer(Some(config.max_connections_per_peer)),
+                .with_max_established_per_peer(Some(config.max_connections_per_peer))
+                .with_max_pending_incoming(Some(config.max_pending_incoming))
+                .with_max_pending_outgoing(Some(config.max_pending_outgoing)),
         );
+        let memory = if config.max_memory_bytes > 0 {
+            let bytes = usize::try_from(config.max_memory_bytes).unwrap_or(usize::MAX);
+            Some(memory_connection_limits::Behaviour::with_max_bytes(bytes))
+        } else if config.max_memory_percent > 0.0 {
+            if !config.max_memory_percent.is_finite() || config.max_memory_percent > 100.0 {
+                anyhow::bail!(
+                    "--max-memory-percent must be a number above 0 and at most 100, not {}",
+                    config.max_memory_percent
+                );
+            }
+            Some(memory_connection_limits::Behaviour::with_max_percentage(
+                config.max_memory_percent / 100.0,
+            ))
+        } else if config.max_memory_percent < 0.0 || config.max_memory_percent.is_nan() {
+            anyhow::bail!(
+                "--max-memory-percent must be a number above 0 and at most 100, not {}",
+                config.max_memory_percent
+            );
+        } else {
+            None
+        };
         let identify = identify::Behaviour::new(
             identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())
                 .with_agent_version(format!("p2p-sidecar/{}", env!("CARGO_PKG_VERSION"))),
@@ -94,6 +119,7 @@ impl Behaviour {
             deny,
             allow: allow.into(),
             limits,
+            memory: memory.into(),
             identify,
             ping,
             mdns: mdns.into(),
@@ -101,5 +127,35 @@ impl Behaviour {
             schema,
             stream: libp2p_stream::Behaviour::new(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn config(args: &[&str]) -> Config {
+        let mut v = vec!["p2p-sidecar", "--mdns", "off"];
+        v.extend_from_slice(args);
+        crate::config::Cli::parse_from(v).config
+    }
+
+    #[tokio::test]
+    async fn memory_limits_come_from_configuration() {
+        let key = identity::Keypair::generate_ed25519();
+        let b = Behaviour::new(&key, &config(&[])).unwrap();
+        assert!(!b.memory.is_enabled(), "off by default");
+        let b = Behaviour::new(&key, &config(&["--max-memory-bytes", "1000000000"])).unwrap();
+        assert_eq!(
+            b.memory.as_ref().map(|m| m.max_allowed_bytes()),
+            Some(1_000_000_000)
+        );
+        let b = Behaviour::new(&key, &config(&["--max-memory-percent", "50"])).unwrap();
+        assert!(b.memory.as_ref().is_some_and(|m| m.max_allowed_bytes() > 0));
+        for bad in ["--max-memory-percent=150", "--max-memory-percent=-1"] {
+            let e = Behaviour::new(&key, &config(&[bad])).err().unwrap();
+            assert!(e.to_string().contains("--max-memory-percent"), "{e}");
+        }
     }
 }

@@ -114,6 +114,11 @@ impl Client {
             .await?
     }
 
+    /// Write the peer book file now (the event loop also writes it when it changes).
+    pub async fn save_peers(&self) -> Result<bool, MeshError> {
+        self.ask(|reply| Command::SavePeers { reply }).await
+    }
+
     /// Replace the set of schemas announced as provider records; returns the new set.
     pub async fn provide(&self, schemas: Vec<String>) -> Result<Vec<String>, MeshError> {
         self.ask(|reply| Command::Provide { schemas, reply }).await

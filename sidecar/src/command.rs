@@ -74,6 +74,8 @@ pub enum Command {
         /// The providers found (possibly none), or why the lookup failed.
         reply: oneshot::Sender<Result<Vec<PeerId>, MeshError>>,
     },
+    /// Write the peer book file now (at shutdown); answers whether it was written.
+    SavePeers { reply: oneshot::Sender<bool> },
     /// The node's answer to an inbound schema check.
     RespondSchema {
         channel: ResponseChannel<CheckSchemasResponse>,

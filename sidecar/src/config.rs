@@ -155,6 +155,26 @@ pub struct Config {
     )]
     pub max_connections_per_peer: u32,
 
+    /// Most connections being set up at once that other nodes dialled (before the handshake
+    /// completes); beyond it, new inbound connections are refused.
+    #[arg(long, env = "FOLD_SIDECAR_MAX_PENDING_INCOMING", default_value_t = 64)]
+    pub max_pending_incoming: u32,
+
+    /// Most connections this node is dialling at once; beyond it, new dials fail at once.
+    #[arg(long, env = "FOLD_SIDECAR_MAX_PENDING_OUTGOING", default_value_t = 64)]
+    pub max_pending_outgoing: u32,
+
+    /// Refuse new connections while this process uses more than this many bytes of physical
+    /// memory (libp2p memory-connection-limits; 0 = no limit). Takes precedence over
+    /// --max-memory-percent.
+    #[arg(long, env = "FOLD_SIDECAR_MAX_MEMORY_BYTES", default_value_t = 0)]
+    pub max_memory_bytes: u64,
+
+    /// Refuse new connections while this process uses more than this percentage of the
+    /// machine's total memory (0 = no limit; at most 100).
+    #[arg(long, env = "FOLD_SIDECAR_MAX_MEMORY_PERCENT", default_value_t = 0.0)]
+    pub max_memory_percent: f64,
+
     /// Largest /fold/forward/1.0.0 message, in bytes.
     #[arg(long, env = "FOLD_SIDECAR_MAX_FORWARD_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_forward_bytes: usize,
@@ -231,6 +251,11 @@ pub struct Config {
 }
 
 impl Config {
+    /// The peer book file: known peers and their addresses, redialled after a restart.
+    pub fn peers_path(&self) -> PathBuf {
+        self.data_dir.join("peers.json")
+    }
+
     pub fn identity_path(&self) -> PathBuf {
         self.identity_key
             .clone()

@@ -5,8 +5,9 @@
 //! checked here (rate limit, queue room) and handed to the node on a separate task.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fold_middleware::rate_limit::KeyedLimiter;
 use fold_proto::sidecar::{PeerEvent, peer_event::Kind};
@@ -29,7 +30,10 @@ use crate::command::{Command, MeshError};
 use crate::forward::Outbound as ForwardStreams;
 use crate::metrics::SidecarMetrics;
 use crate::node_link::NodeHandler;
-use crate::peer_book::{PeerBook, peer_of, strip_p2p};
+use crate::peer_book::{
+    DIAL_GUARD, MAX_REDIALS_PER_TICK, PeerBook, SavedBook, backoff, peer_of, random_unit,
+    strip_p2p, with_jitter,
+};
 use fold_proto::status::wire_error;
 
 /// A request waiting for a connection to its peer.
@@ -102,6 +106,20 @@ pub struct EventLoopParts {
     pub metrics: Arc<SidecarMetrics>,
     /// The per-peer forward streams.
     pub forward: Arc<ForwardStreams>,
+    /// The peer book file (read at start, written when the book changes and at shutdown).
+    pub peers_path: Option<PathBuf>,
+}
+
+/// The peers file is written at most this often (and at shutdown).
+const SAVE_EVERY: Duration = Duration::from_secs(5);
+
+/// A bootstrap address without a peer id (e.g. a DNS name): redialled on its own backoff until
+/// the peer it reaches is known to the peer book.
+struct AnonBootstrap {
+    addr: Multiaddr,
+    peer: Option<PeerId>,
+    failures: u32,
+    next_dial: Option<Instant>,
 }
 
 type ProviderQuery = (
@@ -142,6 +160,12 @@ pub struct EventLoop {
     bootstrap_status: Vec<BootstrapStatus>,
     /// Bootstrap dials under way: connection → index in `bootstrap` (at most one per address).
     bootstrap_dials: HashMap<ConnectionId, usize>,
+    peers_path: Option<PathBuf>,
+    /// What the peers file holds (as last written or read).
+    saved: Option<SavedBook>,
+    last_save: Option<Instant>,
+    anon_bootstrap: Vec<AnonBootstrap>,
+    anon_dials: HashMap<ConnectionId, usize>,
 }
 
 /// Longest dial error kept per bootstrap address.
@@ -149,7 +173,7 @@ const MAX_BOOTSTRAP_ERROR: usize = 1024;
 
 impl EventLoop {
     pub fn new(p: EventLoopParts) -> EventLoop {
-        EventLoop {
+        let mut el = EventLoop {
             swarm: p.swarm,
             commands: p.commands,
             self_tx: p.self_tx,
@@ -182,6 +206,62 @@ impl EventLoop {
                 .collect(),
             bootstrap_dials: HashMap::new(),
             bootstrap: p.bootstrap,
+            peers_path: p.peers_path,
+            saved: None,
+            last_save: None,
+            anon_bootstrap: Vec::new(),
+            anon_dials: HashMap::new(),
+        };
+        el.load_peers();
+        el.add_bootstrap();
+        el
+    }
+
+    /// Read the peers file into the book (and the DHT's routing table). A bad file is a
+    /// warning (in [`crate::peer_book::load_file`]) and an empty book.
+    fn load_peers(&mut self) {
+        let Some(path) = self.peers_path.clone() else {
+            return;
+        };
+        let saved = crate::peer_book::load_file(&path);
+        let local = self.local();
+        let n = self.peers.restore(&saved, &local);
+        if n > 0 {
+            tracing::info!(peers = n, path = %path.display(), "peer book loaded; redialling known peers");
+        }
+        for sp in &saved.peers {
+            if let Ok(peer) = sp.id.parse::<PeerId>()
+                && let Some(e) = self.peers.get(&peer)
+            {
+                for a in e.addrs.clone() {
+                    self.swarm.behaviour_mut().kad.add_address(&peer, a);
+                }
+            }
+        }
+        self.saved = Some(self.peers.saved(&local));
+    }
+
+    /// Write the peers file if the known peers changed since it was last written. Returns
+    /// false only when a write failed.
+    fn save_peers(&mut self) -> bool {
+        let Some(path) = self.peers_path.clone() else {
+            return true;
+        };
+        let now = self.peers.saved(&self.local());
+        if self.saved.as_ref() == Some(&now) {
+            return true;
+        }
+        self.last_save = Some(Instant::now());
+        match crate::peer_book::save_file(&path, &now) {
+            Ok(()) => {
+                tracing::debug!(peers = now.peers.len(), "peer book written");
+                self.saved = Some(now);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot write the peer book");
+                false
+            }
         }
     }
 
@@ -202,43 +282,14 @@ impl EventLoop {
         self.peers.entry(peer, source)
     }
 
-    fn dial_bootstrap(&mut self) {
-        for (i, addr) in self.bootstrap.clone().into_iter().enumerate() {
-            if let Some(peer) = peer_of(&addr) {
-                if peer == self.local() {
-                    self.bootstrap_self(i);
-                    continue;
-                }
-                self.entry(peer, "bootstrap").add_addr(addr.clone());
-                self.swarm
-                    .behaviour_mut()
-                    .kad
-                    .add_address(&peer, strip_p2p(addr.clone()));
-                if self.swarm.is_connected(&peer) {
-                    self.bootstrap_outcome(i, Ok(peer));
-                    continue;
-                }
-            }
-            // One dial per address at a time: its outcome is what the status reports. An
-            // address found to be this node's own is not dialed again.
-            if self.bootstrap_dials.values().any(|&j| j == i)
-                || self.bootstrap_status.get(i).map(|b| b.state)
-                    == Some(bootstrap_status::State::SelfAddress as i32)
-            {
-                continue;
-            }
-            let opts: DialOpts = addr.clone().into();
-            let id = opts.connection_id();
-            match self.swarm.dial(opts) {
-                Ok(()) => {
-                    self.bootstrap_dials.insert(id, i);
-                }
-                Err(e) => {
-                    tracing::debug!(%addr, error = %e, "bootstrap dial not started");
-                    self.bootstrap_outcome(i, Err(e.to_string()));
-                }
-            }
-        }
+    /// The bootstrap addresses that name `peer` (`/p2p/<id>`).
+    fn bootstrap_indexes(&self, peer: &PeerId) -> Vec<usize> {
+        self.bootstrap
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| peer_of(a).as_ref() == Some(peer))
+            .map(|(i, _)| i)
+            .collect()
     }
 
     /// A bootstrap address that names this node itself.
@@ -271,8 +322,114 @@ impl EventLoop {
         }
     }
 
+    /// Put the configured bootstrap peers in the book (redialled, never forgotten) and the DHT.
+    fn add_bootstrap(&mut self) {
+        for (i, addr) in self.bootstrap.clone().into_iter().enumerate() {
+            match peer_of(&addr) {
+                Some(peer) if peer == self.local() => self.bootstrap_self(i),
+                Some(peer) => {
+                    self.peers.add_bootstrap(peer, addr.clone());
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, strip_p2p(addr));
+                }
+                None => self.anon_bootstrap.push(AnonBootstrap {
+                    addr,
+                    peer: None,
+                    failures: 0,
+                    next_dial: None,
+                }),
+            }
+        }
+    }
+
+    /// Dial the known and bootstrap peers that are not connected and whose backoff has passed.
+    fn redial(&mut self) {
+        let now = Instant::now();
+        let local = self.local();
+        for (peer, addrs) in self.peers.due_redials(now, &local, MAX_REDIALS_PER_TICK) {
+            if self.swarm.is_connected(&peer) {
+                continue;
+            }
+            tracing::debug!(%peer, addrs = addrs.len(), "redialling");
+            let opts = DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build();
+            if let Err(e) = self.swarm.dial(opts) {
+                tracing::debug!(%peer, error = %e, "redial not started");
+            }
+        }
+        for i in 0..self.anon_bootstrap.len() {
+            let b = &self.anon_bootstrap[i];
+            let covered = b.peer.is_some_and(|p| {
+                self.swarm.is_connected(&p)
+                    || self.peers.get(&p).is_some_and(|e| !e.addrs.is_empty())
+            });
+            if covered || b.next_dial.is_some_and(|t| t > now) {
+                continue;
+            }
+            let opts = DialOpts::unknown_peer_id().address(b.addr.clone()).build();
+            let id = opts.connection_id();
+            let addr = b.addr.clone();
+            self.anon_bootstrap[i].next_dial = Some(now + DIAL_GUARD);
+            // Its outcome is also what Network.Status reports for this bootstrap address.
+            let j = self.bootstrap.iter().position(|a| *a == addr);
+            match self.swarm.dial(opts) {
+                Ok(()) => {
+                    self.anon_dials.insert(id, i);
+                    if let Some(j) = j {
+                        self.bootstrap_dials.insert(id, j);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(%addr, error = %e, "bootstrap dial not started");
+                    if let Some(j) = j {
+                        self.bootstrap_outcome(j, Err(e.to_string()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// A failed outgoing connection: the peer backs off, its failing addresses count.
+    fn dial_failed(
+        &mut self,
+        connection_id: ConnectionId,
+        peer: Option<PeerId>,
+        error: &DialError,
+    ) {
+        let now = Instant::now();
+        if let Some(i) = self.anon_dials.remove(&connection_id)
+            && let Some(b) = self.anon_bootstrap.get_mut(i)
+        {
+            b.failures = b.failures.saturating_add(1);
+            b.next_dial = Some(now + with_jitter(backoff(b.failures), random_unit()));
+        }
+        let Some(peer) = peer else {
+            return;
+        };
+        if self.swarm.is_connected(&peer) {
+            return;
+        }
+        let failed: Vec<Multiaddr> = match error {
+            DialError::Transport(list) => list.iter().map(|(a, _)| a.clone()).collect(),
+            DialError::WrongPeerId { address, .. } => vec![address.clone()],
+            _ => Vec::new(),
+        };
+        let out = self.peers.dial_failed(&peer, &failed, now, random_unit());
+        for a in &out.dropped {
+            tracing::info!(%peer, addr = %a, "address dropped after repeated failed dials");
+            self.swarm.behaviour_mut().kad.remove_address(&peer, a);
+        }
+        if out.forgotten {
+            tracing::info!(%peer, "peer forgotten: no address left");
+        }
+    }
+
     pub async fn run(mut self) {
-        self.dial_bootstrap();
+        self.redial();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut ticks: u64 = 0;
         loop {
@@ -288,9 +445,10 @@ impl EventLoop {
                         self.reprovide_due = false;
                         self.reprovide();
                     }
-                    // Keep trying bootstrap peers while we know nobody (they may start later).
-                    if ticks.is_multiple_of(5) && self.swarm.connected_peers().next().is_none() {
-                        self.dial_bootstrap();
+                    // Known and bootstrap peers, each on its own backoff.
+                    self.redial();
+                    if self.last_save.is_none_or(|t| t.elapsed() >= SAVE_EVERY) {
+                        self.save_peers();
                     }
                     if ticks.is_multiple_of(300) {
                         let _ = self.swarm.behaviour_mut().kad.bootstrap();
@@ -298,6 +456,7 @@ impl EventLoop {
                 }
             }
         }
+        self.save_peers();
         tracing::info!("swarm event loop stopped");
     }
 
@@ -365,6 +524,8 @@ impl EventLoop {
                 }
             }
             Command::Disconnect { peer, reply } => {
+                // Disconnected on purpose: no redial for a while.
+                self.peers.hold_off(&peer, Instant::now());
                 let _ = reply.send(self.swarm.disconnect_peer_id(peer).is_ok());
             }
             Command::Forward {
@@ -416,6 +577,9 @@ impl EventLoop {
                     .kad
                     .get_providers(schema_key(&schema));
                 self.pending_providers.insert(q, (schema, found, reply));
+            }
+            Command::SavePeers { reply } => {
+                let _ = reply.send(self.save_peers());
             }
             Command::RespondSchema { channel, response } => {
                 if self
@@ -540,11 +704,23 @@ impl EventLoop {
                 if dialed {
                     e.add_addr(remote.clone());
                 }
+                self.peers
+                    .connected(&peer_id, dialed.then_some(&remote), Instant::now());
+                if let Some(i) = self.anon_dials.remove(&connection_id)
+                    && let Some(b) = self.anon_bootstrap.get_mut(i)
+                {
+                    b.peer = Some(peer_id);
+                    b.failures = 0;
+                    b.next_dial = None;
+                }
                 if let Some(reply) = self.pending_dial.remove(&connection_id) {
                     let _ = reply.send(Ok(peer_id));
                 }
                 if let Some(i) = self.bootstrap_dials.remove(&connection_id) {
                     self.bootstrap_outcome(i, Ok(peer_id));
+                }
+                for j in self.bootstrap_indexes(&peer_id) {
+                    self.bootstrap_outcome(j, Ok(peer_id));
                 }
                 if dialed {
                     // A dialed address is a listen address of the peer: good for the DHT.
@@ -575,6 +751,8 @@ impl EventLoop {
                     e.connections = num_established;
                 }
                 if num_established == 0 {
+                    self.peers
+                        .disconnected(&peer_id, Instant::now(), random_unit());
                     self.forward.disconnected(&peer_id);
                     tracing::info!(peer = %peer_id, "disconnected");
                     self.emit(Kind::Disconnected, peer_id, vec![]);
@@ -593,6 +771,14 @@ impl EventLoop {
                         self.bootstrap_outcome(i, Err(error.to_string()));
                     }
                 }
+                if let Some(p) = peer_id
+                    && !self.swarm.is_connected(&p)
+                {
+                    for j in self.bootstrap_indexes(&p) {
+                        self.bootstrap_outcome(j, Err(error.to_string()));
+                    }
+                }
+                self.dial_failed(connection_id, peer_id, &error);
                 if let Some(reply) = self.pending_dial.remove(&connection_id) {
                     let _ =
                         reply.send(Err(MeshError::Unavailable(format!("dial failed: {error}"))));
@@ -683,7 +869,10 @@ impl EventLoop {
             }
             BehaviourEvent::Stream(()) => {}
             BehaviourEvent::Schema(ev) => self.on_schema_event(ev),
-            BehaviourEvent::Limits(_) | BehaviourEvent::Deny(_) | BehaviourEvent::Allow(_) => {}
+            BehaviourEvent::Limits(_)
+            | BehaviourEvent::Memory(_)
+            | BehaviourEvent::Deny(_)
+            | BehaviourEvent::Allow(_) => {}
         }
     }
 

@@ -1,8 +1,19 @@
 //! The peer book: what this sidecar knows about other nodes (addresses, connections, round-trip
-//! time, what identify reported, how it was found). Bounded: at most [`MAX_PEERS`] peers (the
-//! longest-unseen disconnected one is forgotten first) and [`MAX_ADDRS_PER_PEER`] addresses each.
+//! time, what identify reported, how it was found), when to redial them, and its file.
+//!
+//! Bounded: at most [`MAX_PEERS`] peers (the longest-unseen disconnected one is forgotten first)
+//! and [`MAX_ADDRS_PER_PEER`] addresses each. Peers this node has been connected to ("known"
+//! peers) and bootstrap peers are redialled while disconnected, each on its own exponential
+//! backoff with jitter ([`backoff`], [`with_jitter`]); an address that fails
+//! [`MAX_ADDR_FAILURES`] dials in a row is dropped, and a peer left with no address is forgotten
+//! unless it is a bootstrap peer. Known peers are saved to `<data-dir>/peers.json`
+//! ([`save_file`], [`load_file`]) and redialled after a restart.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use fold_proto::v1::PeerInfo;
@@ -13,6 +24,59 @@ use libp2p::{Multiaddr, PeerId};
 pub const MAX_ADDRS_PER_PEER: usize = 16;
 /// Peers remembered (connected ones are never forgotten).
 pub const MAX_PEERS: usize = 4096;
+/// Known peers written to the peers file (the most recently seen first).
+pub const MAX_SAVED_PEERS: usize = 1024;
+/// Largest peers file read at start; a larger one is ignored (with a warning).
+pub const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
+/// Consecutive failed dials after which an address is dropped.
+pub const MAX_ADDR_FAILURES: u32 = 10;
+/// The first redial delay after a failure; it doubles with each further failure...
+pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
+/// ...up to this cap.
+pub const BACKOFF_CAP: Duration = Duration::from_secs(300);
+/// Each delay is spread by up to this fraction either way, so peers do not redial in step.
+pub const JITTER: f64 = 0.2;
+/// A redial in flight is not repeated for this long (its outcome reschedules it sooner).
+pub const DIAL_GUARD: Duration = Duration::from_secs(30);
+/// Redials started per call of [`PeerBook::due_redials`] (the event loop calls it every second).
+pub const MAX_REDIALS_PER_TICK: usize = 16;
+/// A connection that stayed up this long resets its peer's backoff; one that closed sooner
+/// counts as a failed dial (a peer that accepts and then drops us is not redialled every second).
+pub const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// The file's format version.
+const FILE_VERSION: u32 = 1;
+
+/// The redial delay after `failures` consecutive failures (none: no delay): 1 s, 2 s, 4 s, …
+/// capped at [`BACKOFF_CAP`].
+pub fn backoff(failures: u32) -> Duration {
+    if failures == 0 {
+        return Duration::ZERO;
+    }
+    let shift = (failures - 1).min(20);
+    BACKOFF_BASE
+        .checked_mul(1u32 << shift)
+        .unwrap_or(BACKOFF_CAP)
+        .min(BACKOFF_CAP)
+}
+
+/// `d` spread by ±[`JITTER`]: `unit` in [0, 1) picks the point (0.5 is `d` itself).
+pub fn with_jitter(d: Duration, unit: f64) -> Duration {
+    let unit = if unit.is_finite() {
+        unit.clamp(0.0, 1.0)
+    } else {
+        0.5
+    };
+    d.mul_f64(1.0 + JITTER * (2.0 * unit - 1.0))
+}
+
+/// A random number in [0, 1) for jitter (std's randomly keyed hasher over a counter: no
+/// dependency, and plenty for spreading timers).
+pub fn random_unit() -> f64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let h = std::collections::hash_map::RandomState::new().hash_one(n);
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
 
 #[derive(Default)]
 pub struct PeerEntry {
@@ -26,6 +90,18 @@ pub struct PeerEntry {
     /// "direct" or "relayed", and the transport, of the latest connection.
     pub connection: &'static str,
     pub transport: &'static str,
+    /// Connected to at some time (or read from the peers file): redialled, and saved.
+    pub known: bool,
+    /// Configured with --bootstrap: redialled, never forgotten.
+    pub bootstrap: bool,
+    /// Consecutive failed dials of this peer (0 after a connection).
+    pub dial_failures: u32,
+    /// No redial before this time.
+    pub next_dial: Option<Instant>,
+    /// Consecutive failed dials per address (only addresses in `addrs`).
+    pub addr_failures: HashMap<Multiaddr, u32>,
+    /// When the latest connection came up.
+    pub connected_at: Option<Instant>,
 }
 
 /// How a connection to `remote` runs: ("direct" | "relayed", "tcp" | "quic" | "memory" | "").
@@ -49,11 +125,31 @@ impl PeerEntry {
         let a = strip_p2p(a);
         if !self.addrs.contains(&a) {
             if self.addrs.len() >= MAX_ADDRS_PER_PEER {
-                self.addrs.remove(0);
+                let old = self.addrs.remove(0);
+                self.addr_failures.remove(&old);
             }
             self.addrs.push(a);
         }
     }
+
+    pub fn remove_addr(&mut self, a: &Multiaddr) {
+        self.addrs.retain(|x| x != a);
+        self.addr_failures.remove(a);
+    }
+
+    /// Whether the event loop keeps this peer connected.
+    pub fn redialled(&self) -> bool {
+        self.known || self.bootstrap
+    }
+}
+
+/// What [`PeerBook::dial_failed`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct DialFailure {
+    /// Addresses dropped after too many failures.
+    pub dropped: Vec<Multiaddr>,
+    /// The peer was forgotten (no address left, not a bootstrap peer).
+    pub forgotten: bool,
 }
 
 pub fn strip_p2p(mut a: Multiaddr) -> Multiaddr {
@@ -74,6 +170,8 @@ pub fn peer_of(a: &Multiaddr) -> Option<PeerId> {
 #[derive(Default)]
 pub struct PeerBook {
     peers: HashMap<PeerId, PeerEntry>,
+    /// Configured bootstrap addresses (stripped): never dropped.
+    pinned: HashSet<Multiaddr>,
 }
 
 impl PeerBook {
@@ -119,6 +217,178 @@ impl PeerBook {
         self.peers.is_empty()
     }
 
+    /// Remember a configured bootstrap peer: redialled, its address never dropped.
+    pub fn add_bootstrap(&mut self, peer: PeerId, addr: Multiaddr) {
+        let addr = strip_p2p(addr);
+        self.pinned.insert(addr.clone());
+        let e = self.entry(peer, "bootstrap");
+        e.bootstrap = true;
+        e.add_addr(addr);
+    }
+
+    /// A connection to `peer` is up: it becomes a known peer and a dialled address proved good.
+    /// Its backoff is reset when the connection ends after [`STABLE_AFTER`] ([`Self::disconnected`]).
+    pub fn connected(&mut self, peer: &PeerId, dialled: Option<&Multiaddr>, now: Instant) {
+        if let Some(e) = self.peers.get_mut(peer) {
+            e.known = true;
+            e.next_dial = None;
+            e.connected_at = Some(now);
+            if let Some(a) = dialled {
+                e.addr_failures.remove(&strip_p2p(a.clone()));
+            }
+        }
+    }
+
+    /// The last connection to `peer` closed: a stable one resets the backoff (redial after about
+    /// [`BACKOFF_BASE`]), a short-lived one counts as a failure and backs off further.
+    pub fn disconnected(&mut self, peer: &PeerId, now: Instant, unit: f64) {
+        if let Some(e) = self.peers.get_mut(peer) {
+            let stable = e
+                .connected_at
+                .is_some_and(|t| now.saturating_duration_since(t) >= STABLE_AFTER);
+            e.dial_failures = if stable {
+                0
+            } else {
+                e.dial_failures.saturating_add(1)
+            };
+            let next = now + with_jitter(backoff(e.dial_failures.max(1)), unit);
+            // A hold-off (Network.Disconnect) stays in force.
+            e.next_dial = Some(e.next_dial.map_or(next, |t| t.max(next)));
+        }
+    }
+
+    /// A dial of `peer` failed (on `addrs`, those the transport tried): the peer backs off
+    /// (`unit` picks the jitter, see [`with_jitter`]), each failed address counts one more failure
+    /// and is dropped at [`MAX_ADDR_FAILURES`] (configured bootstrap addresses never are), and a
+    /// disconnected peer left with no address is forgotten unless it is a bootstrap peer.
+    pub fn dial_failed(
+        &mut self,
+        peer: &PeerId,
+        addrs: &[Multiaddr],
+        now: Instant,
+        unit: f64,
+    ) -> DialFailure {
+        let mut out = DialFailure::default();
+        let Some(e) = self.peers.get_mut(peer) else {
+            return out;
+        };
+        if e.connections > 0 {
+            return out;
+        }
+        e.dial_failures = e.dial_failures.saturating_add(1);
+        e.next_dial = Some(now + with_jitter(backoff(e.dial_failures), unit));
+        for a in addrs {
+            let a = strip_p2p(a.clone());
+            if !e.addrs.contains(&a) {
+                continue;
+            }
+            let n = e.addr_failures.entry(a.clone()).or_insert(0);
+            *n = n.saturating_add(1);
+            if *n >= MAX_ADDR_FAILURES && !self.pinned.contains(&a) {
+                e.remove_addr(&a);
+                out.dropped.push(a);
+            }
+        }
+        if e.addrs.is_empty() && !e.bootstrap {
+            self.peers.remove(peer);
+            out.forgotten = true;
+        }
+        out
+    }
+
+    /// Disconnected known and bootstrap peers whose backoff has passed (at most `limit`), with
+    /// their addresses; each is marked as being dialled ([`DIAL_GUARD`]).
+    pub fn due_redials(
+        &mut self,
+        now: Instant,
+        local: &PeerId,
+        limit: usize,
+    ) -> Vec<(PeerId, Vec<Multiaddr>)> {
+        let mut due: Vec<(PeerId, Vec<Multiaddr>)> = Vec::new();
+        for (p, e) in self.peers.iter_mut() {
+            if due.len() >= limit {
+                break;
+            }
+            if p == local
+                || !e.redialled()
+                || e.connections > 0
+                || e.addrs.is_empty()
+                || e.next_dial.is_some_and(|t| t > now)
+            {
+                continue;
+            }
+            e.next_dial = Some(now + DIAL_GUARD);
+            due.push((*p, e.addrs.clone()));
+        }
+        due
+    }
+
+    /// Do not redial `peer` for a while (the owner disconnected it on purpose).
+    pub fn hold_off(&mut self, peer: &PeerId, now: Instant) {
+        if let Some(e) = self.peers.get_mut(peer) {
+            e.next_dial = Some(now + BACKOFF_CAP);
+        }
+    }
+
+    /// The known peers to save, sorted by id: at most [`MAX_SAVED_PEERS`] (the most recently
+    /// seen), each with its addresses.
+    pub fn saved(&self, local: &PeerId) -> SavedBook {
+        let mut known: Vec<(&PeerId, &PeerEntry)> = self
+            .peers
+            .iter()
+            .filter(|(p, e)| e.known && *p != local && !e.addrs.is_empty())
+            .collect();
+        // Connected first, then the most recently seen.
+        known.sort_by(|a, b| {
+            (b.1.connections > 0, b.1.last_seen).cmp(&(a.1.connections > 0, a.1.last_seen))
+        });
+        known.truncate(MAX_SAVED_PEERS);
+        let mut peers: Vec<SavedPeer> = known
+            .into_iter()
+            .map(|(p, e)| SavedPeer {
+                id: p.to_string(),
+                addrs: e.addrs.iter().map(|a| a.to_string()).collect(),
+            })
+            .collect();
+        peers.sort_by(|a, b| a.id.cmp(&b.id));
+        SavedBook {
+            version: FILE_VERSION,
+            peers,
+        }
+    }
+
+    /// Add the peers of a saved book as known peers (due for a redial now). Entries that do not
+    /// parse are skipped; returns how many peers were added.
+    pub fn restore(&mut self, saved: &SavedBook, local: &PeerId) -> usize {
+        let mut n = 0;
+        for sp in saved.peers.iter().take(MAX_SAVED_PEERS) {
+            let Ok(peer) = sp.id.parse::<PeerId>() else {
+                tracing::warn!(id = %sp.id, "peers file: not a peer id; skipped");
+                continue;
+            };
+            if &peer == local {
+                continue;
+            }
+            let addrs: Vec<Multiaddr> = sp
+                .addrs
+                .iter()
+                .take(MAX_ADDRS_PER_PEER)
+                .filter_map(|a| a.parse::<Multiaddr>().ok())
+                .filter(|a| peer_of(a).is_none_or(|p| p == peer))
+                .collect();
+            if addrs.is_empty() {
+                continue;
+            }
+            let e = self.entry(peer, "book");
+            e.known = true;
+            for a in addrs {
+                e.add_addr(a);
+            }
+            n += 1;
+        }
+        n
+    }
+
     /// The peers as the node's API shows them, sorted by id.
     pub fn infos(&self, include_disconnected: bool, local: &PeerId) -> Vec<PeerInfo> {
         let mut peers: Vec<PeerInfo> = self
@@ -144,6 +414,83 @@ impl PeerBook {
         peers.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         peers
     }
+}
+
+/// The peers file: known peers and their addresses.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedBook {
+    pub version: u32,
+    pub peers: Vec<SavedPeer>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedPeer {
+    pub id: String,
+    pub addrs: Vec<String>,
+}
+
+/// Read the peers file. A missing file is an empty book; an unreadable, oversized or corrupt one
+/// is an empty book and a warning (the sidecar then starts from its bootstrap peers).
+pub fn load_file(path: &Path) -> SavedBook {
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return SavedBook::default(),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the peers file; starting with an empty peer book");
+            return SavedBook::default();
+        }
+    };
+    let mut text = String::new();
+    if let Err(e) = file.take(MAX_FILE_BYTES + 1).read_to_string(&mut text) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot read the peers file; starting with an empty peer book");
+        return SavedBook::default();
+    }
+    if text.len() as u64 > MAX_FILE_BYTES {
+        tracing::warn!(path = %path.display(), max_bytes = MAX_FILE_BYTES, "the peers file is too large; starting with an empty peer book");
+        return SavedBook::default();
+    }
+    match serde_json::from_str::<SavedBook>(&text) {
+        Ok(b) if b.version == FILE_VERSION => b,
+        Ok(b) => {
+            tracing::warn!(path = %path.display(), version = b.version, "the peers file has an unknown version; starting with an empty peer book");
+            SavedBook::default()
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "the peers file is corrupt; starting with an empty peer book");
+            SavedBook::default()
+        }
+    }
+}
+
+/// Write the peers file atomically: a temporary file (mode 0600) beside it, synced, then renamed
+/// over it.
+pub fn save_file(path: &Path, book: &SavedBook) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let bytes = serde_json::to_vec_pretty(book).map_err(std::io::Error::other)?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    // An older temporary file may have other permissions: set them explicitly.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    f.write_all(&bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent()
+        && let Ok(d) = std::fs::File::open(dir)
+    {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -203,5 +550,233 @@ mod tests {
         let local = peer();
         assert_eq!(book.infos(false, &local).len(), 1);
         assert_eq!(book.infos(true, &local).len(), MAX_PEERS);
+    }
+
+    #[test]
+    fn backoff_doubles_from_one_second_to_the_cap() {
+        assert_eq!(backoff(0), Duration::ZERO);
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(2), Duration::from_secs(2));
+        assert_eq!(backoff(5), Duration::from_secs(16));
+        assert_eq!(backoff(9), Duration::from_secs(256));
+        assert_eq!(backoff(10), BACKOFF_CAP);
+        assert_eq!(backoff(u32::MAX), BACKOFF_CAP);
+        let mut last = Duration::ZERO;
+        for f in 0..100 {
+            assert!(backoff(f) >= last, "never shrinks");
+            last = backoff(f);
+        }
+    }
+
+    #[test]
+    fn jitter_stays_within_twenty_percent() {
+        let d = Duration::from_secs(10);
+        assert_eq!(with_jitter(d, 0.5), d);
+        assert_eq!(with_jitter(d, 0.0), Duration::from_secs(8));
+        assert_eq!(with_jitter(d, 1.0), Duration::from_secs(12));
+        assert_eq!(with_jitter(d, f64::NAN), d);
+        assert_eq!(with_jitter(d, 7.0), Duration::from_secs(12));
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..1000 {
+            let u = random_unit();
+            assert!((0.0..1.0).contains(&u));
+            let j = with_jitter(d, u);
+            assert!(j >= Duration::from_secs(8) && j <= Duration::from_secs(12));
+            seen.insert(j.as_millis() / 100);
+        }
+        assert!(seen.len() > 10, "spread, not one value: {seen:?}");
+    }
+
+    #[test]
+    fn failing_addresses_are_dropped_and_an_addressless_peer_forgotten() {
+        let mut book = PeerBook::default();
+        let p = peer();
+        let good: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().unwrap();
+        let bad: Multiaddr = "/ip4/127.0.0.1/tcp/2".parse().unwrap();
+        let e = book.entry(p, "dial");
+        e.add_addr(good.clone());
+        e.add_addr(bad.clone());
+        let now = Instant::now();
+        for i in 1..MAX_ADDR_FAILURES {
+            let r = book.dial_failed(&p, std::slice::from_ref(&bad), now, 0.5);
+            assert_eq!(r, DialFailure::default());
+            let e = book.get(&p).unwrap();
+            assert_eq!(e.dial_failures, i);
+            assert_eq!(e.next_dial, Some(now + backoff(i)));
+        }
+        // A stable connection resets the peer's backoff but not the other address's count.
+        book.get_mut(&p).unwrap().connections = 1;
+        book.connected(&p, Some(&good), now);
+        assert_eq!(book.get(&p).unwrap().next_dial, None);
+        book.get_mut(&p).unwrap().connections = 0;
+        let later = now + STABLE_AFTER;
+        book.disconnected(&p, later, 0.5);
+        assert_eq!(book.get(&p).unwrap().dial_failures, 0);
+        assert_eq!(book.get(&p).unwrap().next_dial, Some(later + BACKOFF_BASE));
+        let r = book.dial_failed(&p, std::slice::from_ref(&bad), now, 0.5);
+        assert_eq!(r.dropped, vec![bad.clone()]);
+        assert!(!r.forgotten);
+        assert_eq!(book.get(&p).unwrap().addrs, vec![good.clone()]);
+        // The last address goes too: the peer is forgotten.
+        let mut last = DialFailure::default();
+        for _ in 0..MAX_ADDR_FAILURES {
+            last = book.dial_failed(&p, std::slice::from_ref(&good), now, 0.5);
+        }
+        assert!(last.forgotten);
+        assert!(!book.contains_key(&p));
+    }
+
+    #[test]
+    fn bootstrap_peers_keep_their_address_and_connected_peers_do_not_back_off() {
+        let mut book = PeerBook::default();
+        let b = peer();
+        let addr: Multiaddr = format!("/ip4/127.0.0.1/tcp/9/p2p/{b}").parse().unwrap();
+        book.add_bootstrap(b, addr);
+        for _ in 0..3 * MAX_ADDR_FAILURES {
+            let r = book.dial_failed(
+                &b,
+                &["/ip4/127.0.0.1/tcp/9".parse().unwrap()],
+                Instant::now(),
+                0.5,
+            );
+            assert!(r.dropped.is_empty() && !r.forgotten);
+        }
+        assert_eq!(
+            book.get(&b).unwrap().next_dial.map(|t| t > Instant::now()),
+            Some(true)
+        );
+        let c = peer();
+        book.entry(c, "dial").connections = 1;
+        book.dial_failed(&c, &[], Instant::now(), 0.5);
+        assert_eq!(book.get(&c).unwrap().dial_failures, 0);
+    }
+
+    #[test]
+    fn redials_are_due_after_the_backoff_and_bounded() {
+        let mut book = PeerBook::default();
+        let local = peer();
+        let now = Instant::now();
+        let mut ids = Vec::new();
+        for i in 0..40 {
+            let p = peer();
+            let e = book.entry(p, "book");
+            e.known = true;
+            e.add_addr(format!("/ip4/127.0.0.1/tcp/{}", i + 1).parse().unwrap());
+            ids.push(p);
+        }
+        // Not redialled: unknown, connected, or without an address.
+        book.entry(peer(), "dht")
+            .add_addr("/ip4/127.0.0.1/tcp/99".parse().unwrap());
+        let connected = peer();
+        let e = book.entry(connected, "dial");
+        e.known = true;
+        e.connections = 1;
+        e.add_addr("/ip4/127.0.0.1/tcp/98".parse().unwrap());
+        book.entry(peer(), "book").known = true;
+
+        let first = book.due_redials(now, &local, MAX_REDIALS_PER_TICK);
+        assert_eq!(first.len(), MAX_REDIALS_PER_TICK);
+        let mut all: HashSet<PeerId> = first.iter().map(|(p, _)| *p).collect();
+        for _ in 0..10 {
+            all.extend(
+                book.due_redials(now, &local, MAX_REDIALS_PER_TICK)
+                    .iter()
+                    .map(|(p, _)| *p),
+            );
+        }
+        assert_eq!(
+            all,
+            ids.iter().copied().collect(),
+            "each known peer once, in flight"
+        );
+        assert!(book.due_redials(now, &local, 100).is_empty());
+        // A failure reschedules after the backoff, not the guard.
+        book.dial_failed(&ids[0], &[], now, 0.0);
+        assert!(book.due_redials(now, &local, 100).is_empty());
+        let later = now + Duration::from_millis(800);
+        assert_eq!(book.due_redials(later, &local, 100).len(), 1);
+    }
+
+    #[test]
+    fn the_book_file_round_trips_and_bad_files_are_empty_books() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("peers.json");
+        let local = peer();
+        let mut book = PeerBook::default();
+        let known = peer();
+        let e = book.entry(known, "dial");
+        e.add_addr("/ip4/127.0.0.1/tcp/7".parse().unwrap());
+        e.add_addr("/ip4/127.0.0.1/udp/7/quic-v1".parse().unwrap());
+        book.connected(&known, None, Instant::now());
+        book.entry(peer(), "dht")
+            .add_addr("/ip4/127.0.0.1/tcp/8".parse().unwrap());
+        let saved = book.saved(&local);
+        assert_eq!(saved.peers.len(), 1, "only known peers are saved");
+        save_file(&path, &saved).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(!dir.path().join("peers.json.tmp").exists());
+        let loaded = load_file(&path);
+        assert_eq!(loaded, saved);
+        let mut fresh = PeerBook::default();
+        assert_eq!(fresh.restore(&loaded, &local), 1);
+        let e = fresh.get(&known).unwrap();
+        assert!(e.known && e.addrs.len() == 2 && e.next_dial.is_none());
+        assert_eq!(fresh.saved(&local), saved);
+
+        // Missing, corrupt, wrong version, oversized: empty, never a panic.
+        assert_eq!(
+            load_file(&dir.path().join("nope.json")),
+            SavedBook::default()
+        );
+        std::fs::write(&path, b"{not json").unwrap();
+        assert_eq!(load_file(&path), SavedBook::default());
+        std::fs::write(&path, br#"{"version":99,"peers":[]}"#).unwrap();
+        assert_eq!(load_file(&path), SavedBook::default());
+        std::fs::write(&path, vec![b' '; MAX_FILE_BYTES as usize + 10]).unwrap();
+        assert_eq!(load_file(&path), SavedBook::default());
+        // Bad entries are skipped, good ones kept.
+        let text = format!(
+            r#"{{"version":1,"peers":[{{"id":"nope","addrs":["/ip4/1.2.3.4/tcp/1"]}},{{"id":"{known}","addrs":["garbage","/ip4/127.0.0.1/tcp/7"]}},{{"id":"{local}","addrs":["/ip4/127.0.0.1/tcp/1"]}}]}}"#
+        );
+        std::fs::write(&path, text).unwrap();
+        let mut b = PeerBook::default();
+        assert_eq!(b.restore(&load_file(&path), &local), 1);
+        assert_eq!(b.get(&known).unwrap().addrs.len(), 1);
+        assert!(!b.contains_key(&local));
+    }
+
+    #[test]
+    fn the_saved_book_is_bounded() {
+        let mut book = PeerBook::default();
+        let local = peer();
+        for _ in 0..MAX_SAVED_PEERS + 50 {
+            let p = peer();
+            book.entry(p, "dial")
+                .add_addr("/ip4/127.0.0.1/tcp/1".parse().unwrap());
+            book.connected(&p, None, Instant::now());
+        }
+        assert_eq!(book.saved(&local).peers.len(), MAX_SAVED_PEERS);
+    }
+
+    #[test]
+    fn a_connection_dropped_at_once_backs_off_like_a_failure() {
+        let mut book = PeerBook::default();
+        let p = peer();
+        book.entry(p, "dial")
+            .add_addr("/ip4/127.0.0.1/tcp/1".parse().unwrap());
+        let mut now = Instant::now();
+        for i in 1..=12u32 {
+            book.connected(&p, None, now);
+            now += Duration::from_millis(50);
+            book.disconnected(&p, now, 0.5);
+            let e = book.get(&p).unwrap();
+            assert_eq!(e.dial_failures, i);
+            assert_eq!(e.next_dial, Some(now + backoff(i)));
+        }
+        assert_eq!(book.get(&p).unwrap().next_dial, Some(now + BACKOFF_CAP));
+        // The address stays: it connects, the peer just does not keep us.
+        assert_eq!(book.get(&p).unwrap().addrs.len(), 1);
     }
 }

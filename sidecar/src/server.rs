@@ -37,6 +37,11 @@ pub struct Running {
 impl Running {
     /// Stop serving and wait (bounded) for the servers to finish.
     pub async fn shutdown(self) {
+        // Keep what the peer book learned since its last write.
+        match tokio::time::timeout(Duration::from_secs(2), self.client.save_peers()).await {
+            Ok(Ok(true)) => {}
+            _ => tracing::warn!("the peer book was not written at shutdown"),
+        }
         let _ = self.stop.send(true);
         for t in self.tasks {
             t.abort();
@@ -119,6 +124,7 @@ pub fn assemble(
         libp2p_metrics,
         metrics: metrics.clone(),
         forward: forward_streams,
+        peers_path: Some(config.peers_path()),
     });
     let tasks = vec![
         tokio::spawn(event_loop.run()),
