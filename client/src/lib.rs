@@ -297,6 +297,8 @@ impl Client {
         let r = self
             .fold()
             .history(self.req(pb::HistoryRequest {
+                page_size: 0,
+                page_token: String::new(),
                 json_values: false,
                 schema: schema.into(),
                 field: field.into(),

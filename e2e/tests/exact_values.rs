@@ -101,6 +101,8 @@ async fn values_round_trip_exactly() {
     // History, exact too.
     let h = fold(&a.node.grpc)
         .history(HistoryRequest {
+            page_size: 0,
+            page_token: String::new(),
             schema: "Bag".into(),
             field: "big".into(),
             range_key: "v1".into(),

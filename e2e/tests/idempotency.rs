@@ -23,6 +23,8 @@ async fn versions(
     key: &str,
 ) -> usize {
     c.history(HistoryRequest {
+        page_size: 0,
+        page_token: String::new(),
         json_values: false,
         schema: "Counter".into(),
         field: "n".into(),

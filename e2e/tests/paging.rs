@@ -153,3 +153,81 @@ async fn paging_returns_every_record_once_while_writes_continue() {
         "no key skipped"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_pages_return_every_version_once_while_writes_continue() {
+    use fold_proto::v1::HistoryRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProc::start(dir.path(), &[]).unwrap();
+    let mut c = fold(&node.grpc);
+    let s = schema(
+        "Counter",
+        Some("id"),
+        json!({"id": field(json!("NoRequirement"), json!("NoRequirement")),
+               "n": field(json!("NoRequirement"), json!("NoRequirement"))}),
+    );
+    c.load_schema(load_req(&s, true)).await.unwrap();
+    c.mutate(mutate_req(
+        "Counter",
+        MutationType::Create,
+        json!({"id": "a", "n": 0}),
+    ))
+    .await
+    .unwrap();
+    for n in 1..25 {
+        c.mutate(mutate_req(
+            "Counter",
+            MutationType::Update,
+            json!({"id": "a", "n": n}),
+        ))
+        .await
+        .unwrap();
+    }
+    let req = |token: String| HistoryRequest {
+        schema: "Counter".into(),
+        field: "n".into(),
+        range_key: "a".into(),
+        limit: 0,
+        json_values: false,
+        page_size: 10,
+        page_token: token,
+    };
+    let first = c.history(req(String::new())).await.unwrap().into_inner();
+    assert_eq!(first.versions.len(), 10);
+    // New versions arrive between pages: they are before the cursor.
+    for n in 100..105 {
+        c.mutate(mutate_req(
+            "Counter",
+            MutationType::Update,
+            json!({"id": "a", "n": n}),
+        ))
+        .await
+        .unwrap();
+    }
+    let mut ids: Vec<String> = first
+        .versions
+        .iter()
+        .map(|v| v.version_id.clone())
+        .collect();
+    let mut token = first.next_page_token;
+    while !token.is_empty() {
+        let page = c.history(req(token)).await.unwrap().into_inner();
+        ids.extend(page.versions.iter().map(|v| v.version_id.clone()));
+        token = page.next_page_token;
+    }
+    assert_eq!(ids.len(), 25, "the 25 versions that existed, each once");
+    let unique: HashSet<&String> = ids.iter().collect();
+    assert_eq!(unique.len(), 25);
+    // A token of another key's history is refused.
+    let other = HistoryRequest {
+        range_key: "b".into(),
+        ..req(c
+            .history(req(String::new()))
+            .await
+            .unwrap()
+            .into_inner()
+            .next_page_token)
+    };
+    let e = c.history(other).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+}

@@ -389,6 +389,8 @@ async fn hostile_peer_is_refused_counted_and_changes_nothing() {
     assert_eq!(keys(&rows), vec!["m1", "m2", "m8"]);
     let h = fold(&node.grpc)
         .history(HistoryRequest {
+            page_size: 0,
+            page_token: String::new(),
             json_values: false,
             schema: "Notes".into(),
             field: "body".into(),
@@ -714,6 +716,8 @@ async fn mtls_identities_map_to_trust_distances() {
     // History records who wrote.
     let h = trusted
         .history(HistoryRequest {
+            page_size: 0,
+            page_token: String::new(),
             json_values: false,
             schema: "Private".into(),
             field: "secret".into(),

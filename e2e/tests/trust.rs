@@ -215,6 +215,8 @@ async fn forwarded_requests_are_checked_with_the_path_distance() {
         .node
         .owner_fold()
         .history(HistoryRequest {
+            page_size: 0,
+            page_token: String::new(),
             json_values: false,
             schema: "Ledger".into(),
             field: "open".into(),
@@ -358,6 +360,8 @@ async fn path_distance_applies_to_mtls_identities() {
         .node
         .owner_fold()
         .history(HistoryRequest {
+            page_size: 0,
+            page_token: String::new(),
             json_values: false,
             schema: "Ledger".into(),
             field: "open".into(),
@@ -705,6 +709,8 @@ async fn a_batch_is_forwarded_atomically_with_the_path_distance() {
         .node
         .owner_fold()
         .history(HistoryRequest {
+            page_size: 0,
+            page_token: String::new(),
             json_values: false,
             schema: "Ledger".into(),
             field: "open".into(),

@@ -551,17 +551,61 @@ impl Data {
         }
         let store = self.store.clone();
         let json_values = req.json_values;
-        let versions = storage(&self.metrics, "history", Runs::InPlace, move || {
-            store
-                .history(&schema.name, &req.field, &req.range_key, req.limit as usize)
-                .map_err(store_status)
-        })
-        .await?;
+        // Paging: after the last version a token names (see paging.rs).
+        let paged = req.page_size > 0 || !req.page_token.is_empty();
+        let scope = format!(
+            "history|{}|{}|{}|{}",
+            schema.name, schema.hash, req.field, req.range_key
+        );
+        let after = if req.page_token.is_empty() {
+            None
+        } else {
+            Some(
+                self.pager
+                    .open(&scope, &req.page_token)
+                    .map_err(Status::invalid_argument)?,
+            )
+        };
+        let page_size = match req.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n => (n as usize).min(MAX_PAGE_SIZE),
+        };
+        let pager = self.pager.clone();
+        let (versions, next_page_token) =
+            storage(&self.metrics, "history", Runs::InPlace, move || {
+                if !paged {
+                    let v = store
+                        .history(&schema.name, &req.field, &req.range_key, req.limit as usize)
+                        .map_err(store_status)?;
+                    return Ok((v, String::new()));
+                }
+                let (v, more) = store
+                    .history_page(
+                        &schema.name,
+                        &req.field,
+                        &req.range_key,
+                        after.as_deref(),
+                        page_size,
+                    )
+                    .map_err(|e| match e {
+                        StoreError::Corrupt(_) if after.is_some() => Status::invalid_argument(
+                            "'page_token' names a version this history does not have",
+                        ),
+                        e => store_status(e),
+                    })?;
+                let next = match v.last() {
+                    Some(last) if more => pager.token(&scope, &last.id),
+                    _ => String::new(),
+                };
+                Ok((v, next))
+            })
+            .await?;
         Ok(HistoryResponse {
             versions: versions
                 .into_iter()
                 .map(|v| version_to_proto(v, json_values))
                 .collect(),
+            next_page_token,
         })
     }
 

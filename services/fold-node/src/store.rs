@@ -473,6 +473,38 @@ impl Store {
         Ok(out)
     }
 
+    /// At most `limit` versions, newest first, starting after version `after` (the last one a
+    /// previous page returned) or at the head; and whether more follow. Versions written since
+    /// paging began are before the cursor, so each version is returned exactly once.
+    pub fn history_page(
+        &self,
+        schema: &str,
+        field: &str,
+        range_key: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<VersionRecord>, bool), StoreError> {
+        let r = self.inner.db.begin_read()?;
+        let heads = r.open_table(HEADS)?;
+        let versions = r.open_table(VERSIONS)?;
+        let mut next = match after {
+            Some(id) => read_version(&versions, id)?.prev,
+            None => heads
+                .get((schema, field, range_key))?
+                .map(|g| g.value().to_string()),
+        };
+        let mut out = Vec::new();
+        while let Some(id) = next {
+            if out.len() == limit {
+                return Ok((out, true));
+            }
+            let v = read_version(&versions, &id)?;
+            next = v.prev.clone();
+            out.push(v);
+        }
+        Ok((out, false))
+    }
+
     /// Apply a mutation atomically: existence checks and all new versions in one transaction.
     /// Returns the written fields and their new version ids.
     pub fn mutate(
