@@ -45,7 +45,6 @@ mod types;
 
 use std::time::Duration;
 
-use fold_proto::json::map_to_struct;
 use fold_proto::v1::fold_node_client::FoldNodeClient;
 use fold_proto::v1::network_client::NetworkClient;
 use fold_proto::v1::{self as pb};
@@ -234,11 +233,12 @@ impl Client {
         let r = self
             .fold()
             .mutate(self.req(pb::MutateRequest {
-                idempotency_key: String::new(),
-                data_json: String::new(),
+                idempotency_key: m.idempotency_key.unwrap_or_default(),
+                // As JSON text: exact for every value (the Struct's numbers are doubles).
+                data_json: serde_json::Value::Object(m.data).to_string(),
                 schema: m.schema,
                 mutation_type: m.kind.to_proto() as i32,
-                data: Some(map_to_struct(&m.data)),
+                data: None,
                 target_node_id: m.node.unwrap_or_default(),
             }))
             .await?
@@ -264,9 +264,10 @@ impl Client {
                     mutations: mutations
                         .into_iter()
                         .map(|(kind, data)| pb::BatchMutation {
-                            data_json: String::new(),
+                            // Exact JSON text (the Struct's numbers are doubles).
+                            data_json: serde_json::Value::Object(data).to_string(),
                             mutation_type: kind.to_proto() as i32,
-                            data: Some(map_to_struct(&data)),
+                            data: None,
                         })
                         .collect(),
                     target_node_id: node.unwrap_or_default().into(),
@@ -275,6 +276,7 @@ impl Client {
             .await?
             .into_inner();
         let node_id = r.node_id;
+        let replayed = r.replayed;
         Ok(r.results
             .into_iter()
             .map(|x| MutateResult {
@@ -282,6 +284,7 @@ impl Client {
                 key: (!x.range_key.is_empty()).then_some(x.range_key),
                 fields: x.fields,
                 version_ids: x.version_ids,
+                replayed,
             })
             .collect())
     }

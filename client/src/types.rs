@@ -299,6 +299,9 @@ pub struct Mutation {
     pub kind: MutationKind,
     pub data: Map<String, Json>,
     pub node: Option<String>,
+    /// Applied at most once by the node for this key (a retry returns the first result, with
+    /// `replayed` set).
+    pub idempotency_key: Option<String>,
 }
 
 impl Mutation {
@@ -314,11 +317,18 @@ impl Mutation {
             kind,
             data,
             node: None,
+            idempotency_key: None,
         })
     }
 
     pub fn node(mut self, id: impl Into<String>) -> Self {
         self.node = Some(id.into());
+        self
+    }
+
+    /// Make the mutation safe to retry: the node applies it once for this key.
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
         self
     }
 }
@@ -332,6 +342,8 @@ pub struct MutateResult {
     pub fields: Vec<String>,
     /// New version id of each field, same order as `fields`.
     pub version_ids: Vec<String>,
+    /// The node had applied this idempotency key before: nothing new was written.
+    pub replayed: bool,
 }
 
 impl From<v1::MutateResponse> for MutateResult {
@@ -341,6 +353,7 @@ impl From<v1::MutateResponse> for MutateResult {
             key: non_empty(r.range_key),
             fields: r.fields,
             version_ids: r.version_ids,
+            replayed: r.replayed,
         }
     }
 }

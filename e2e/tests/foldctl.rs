@@ -257,6 +257,42 @@ fn every_command_in_both_output_modes() {
     );
     assert!(r.out.starts_with("deleted key shed-1"), "{}", r.out);
 
+    // --idempotency-key: a retry is applied once and says so.
+    let retry = [
+        "mutate",
+        "SensorReadings",
+        "create",
+        "--data",
+        r#"{"sensor_id": "retry-1", "celsius": 9007199254740993}"#,
+        "--idempotency-key",
+        "retry-1-create",
+    ];
+    let first = ok(addr, &retry);
+    assert!(!first.out.contains("replayed"), "{}", first.out);
+    let again = ok(addr, &retry);
+    assert!(again.out.contains("replayed"), "{}", again.out);
+    let mut json_retry = retry.to_vec();
+    json_retry.extend(["-o", "json"]);
+    assert_eq!(ok(addr, &json_retry).json()["replayed"], true);
+    // Values are sent and read exactly (JSON text, not doubles).
+    let j = ok(
+        addr,
+        &[
+            "query",
+            "SensorReadings",
+            "celsius",
+            "--key",
+            "retry-1",
+            "-o",
+            "json",
+        ],
+    )
+    .json();
+    assert_eq!(
+        j["records"][0]["fields"]["celsius"].to_string(),
+        "9007199254740993"
+    );
+
     // mutate --batch: one mutation per JSONL line; a failure names its line.
     let batch = tempfile::NamedTempFile::new().unwrap();
     let lines: Vec<String> = (0..120)

@@ -219,6 +219,10 @@ pub struct MutateArgs {
     /// Apply on this node of the mesh (forwarded).
     #[arg(long)]
     pub node: Option<String>,
+    /// Make the mutation safe to retry: the node applies it once for this key (a retry prints
+    /// "replayed" and writes nothing). At most 128 bytes.
+    #[arg(long, conflicts_with = "batch")]
+    pub idempotency_key: Option<String>,
 }
 
 #[derive(Args, Debug)]

@@ -283,6 +283,7 @@ async fn mutate(c: &Client, a: MutateArgs) -> Result<Out, Failure> {
         .map_err(|e| Failure::Local(format!("--data is not valid JSON: {e}")))?;
     let mut m = Mutation::new(a.schema, kind, data)?;
     m.node = a.node;
+    m.idempotency_key = a.idempotency_key;
     let r = c.mutate(m).await?;
     let mut t = Table::new(["FIELD", "VERSION_ID"]);
     for (f, v) in r.fields.iter().zip(r.version_ids.iter()) {
@@ -300,7 +301,16 @@ async fn mutate(c: &Client, a: MutateArgs) -> Result<Out, Failure> {
     };
     Ok(Out {
         json: to_json(&r)?,
-        text: format!("{verb}{key} on {}\n{}", node_name(&r.node_id), t.render()),
+        text: format!(
+            "{verb}{key} on {}{}\n{}",
+            node_name(&r.node_id),
+            if r.replayed {
+                " (replayed: this idempotency key was applied before; nothing new written)"
+            } else {
+                ""
+            },
+            t.render()
+        ),
     })
 }
 
