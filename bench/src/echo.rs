@@ -55,6 +55,10 @@ impl FoldNode for Echo {
     ) -> Result<Response<HistoryResponse>, Status> {
         Err(Status::unimplemented("echo"))
     }
+    type ScanStream = tokio_stream::Empty<Result<Record, Status>>;
+    async fn scan(&self, _: Request<QueryRequest>) -> Result<Response<Self::ScanStream>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
 }
 
 pub async fn serve() -> anyhow::Result<()> {

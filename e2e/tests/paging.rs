@@ -231,3 +231,58 @@ async fn history_pages_return_every_version_once_while_writes_continue() {
     let e = c.history(other).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_streams_every_record_in_key_order() {
+    use tokio_stream::StreamExt;
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProc::start(dir.path(), &[]).unwrap();
+    let mut c = fold(&node.grpc);
+    let s = schema(
+        "Export",
+        Some("id"),
+        json!({"id": field(json!("NoRequirement"), json!("NoRequirement")),
+               "n": field(json!("NoRequirement"), json!("NoRequirement"))}),
+    );
+    c.load_schema(load_req(&s, true)).await.unwrap();
+    const M: usize = 12_500;
+    for chunk in 0..M / 2500 {
+        let mutations = (chunk * 2500..(chunk + 1) * 2500)
+            .map(|i| BatchMutation {
+                mutation_type: MutationType::Create as i32,
+                data: None,
+                data_json: format!(r#"{{"id": "e{i:06}", "n": {i}}}"#),
+            })
+            .collect();
+        c.batch_mutate(BatchMutateRequest {
+            schema: "Export".into(),
+            mutations,
+            target_node_id: String::new(),
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap();
+    }
+    // More than the unpaged limit, streamed whole, in order, with exact values.
+    let mut q = query_req("Export", &["n"], None);
+    q.json_values = true;
+    q.page_size = 1000;
+    let mut stream = c.scan(q.clone()).await.unwrap().into_inner();
+    let mut n = 0;
+    while let Some(rec) = stream.next().await {
+        let rec = rec.unwrap();
+        assert_eq!(rec.range_key, format!("e{n:06}"));
+        assert_eq!(rec.fields_json, format!(r#"{{"n":{n}}}"#));
+        n += 1;
+    }
+    assert_eq!(n, M);
+    // Bad requests fail the call itself.
+    let e = c.scan(query_req("Nope", &["n"], None)).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let mut remote = q.clone();
+    remote.target_node_id = "12D3KooWGzBjzYtuhmFRXbBqsCP5Xv6TUgaWbeoGTHYEdRW6HNm3".into();
+    assert_eq!(
+        c.scan(remote).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+}

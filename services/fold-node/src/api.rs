@@ -250,6 +250,54 @@ impl FoldNode for FoldNodeApi {
         .map(Response::new)
     }
 
+    type ScanStream = tokio_stream::wrappers::ReceiverStream<Result<Record, Status>>;
+
+    async fn scan(
+        &self,
+        request: Request<QueryRequest>,
+    ) -> Result<Response<Self::ScanStream>, Status> {
+        let principal = principal_of(&request);
+        let mut req = request.into_inner();
+        if !self.mesh.is_local(&req.target_node_id) {
+            return Err(Status::invalid_argument(
+                "Scan reads this node only; for another node, page through it with Query (page_size, page_token)",
+            ));
+        }
+        if req.page_size == 0 {
+            req.page_size = 1000;
+        }
+        req.page_token.clear();
+        // The first page runs before the stream starts, so a bad request fails the call itself.
+        let first = self.data.query(&principal, req.clone()).await?;
+        // A small buffer: a slow reader slows the scan, never the node.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let data = self.data.clone();
+        tokio::spawn(async move {
+            let mut page = first;
+            loop {
+                for r in page.records {
+                    if tx.send(Ok(r)).await.is_err() {
+                        return; // The client went away.
+                    }
+                }
+                if page.next_page_token.is_empty() {
+                    return;
+                }
+                req.page_token = std::mem::take(&mut page.next_page_token);
+                page = match data.query(&principal, req.clone()).await {
+                    Ok(p) => p,
+                    Err(s) => {
+                        let _ = tx.send(Err(s)).await;
+                        return;
+                    }
+                };
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
     async fn history(
         &self,
         request: Request<HistoryRequest>,
