@@ -7,3 +7,4 @@ pub mod loopback;
 pub mod mesh;
 pub mod netns;
 pub mod process;
+pub mod tls;

@@ -154,6 +154,16 @@ impl Proc {
         self.signal(libc::SIGTERM);
     }
 
+    /// SIGSTOP: the process hangs (its sockets stay open) until [`Proc::resume`].
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`Proc::pause`].
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
     /// SIGKILL, then reap.
     pub fn kill9(&mut self) {
         self.signal(libc::SIGKILL);

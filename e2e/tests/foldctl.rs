@@ -945,30 +945,9 @@ fn check_names_seeded_problems() {
 
 /// (CA PEM, server cert PEM, server key PEM, client cert PEM, client key PEM)
 fn tls_material() -> (String, String, String, String, String) {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "foldctl test CA");
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let server_key = KeyPair::generate().unwrap();
-    let mut sp = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-    sp.distinguished_name.push(DnType::CommonName, "localhost");
-    let server = sp.signed_by(&server_key, &ca, &ca_key).unwrap();
-    let client_key = KeyPair::generate().unwrap();
-    let mut cp = CertificateParams::new(vec!["ops.example".to_string()]).unwrap();
-    cp.distinguished_name.push(DnType::CommonName, "ops");
-    cp.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-    let client = cp.signed_by(&client_key, &ca, &ca_key).unwrap();
-    (
-        ca.pem(),
-        server.pem(),
-        server_key.serialize_pem(),
-        client.pem(),
-        client_key.serialize_pem(),
-    )
+    let (ca, (cert, key), mut clients) = foldmesh_e2e::tls::material(&["ops"]);
+    let (_, ccert, ckey) = clients.remove(0);
+    (ca, cert, key, ccert, ckey)
 }
 
 #[test]

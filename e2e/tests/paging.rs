@@ -14,18 +14,26 @@ use tonic::Code;
 
 const N: usize = 50_000;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn paging_returns_every_record_once_while_writes_continue() {
-    let dir = tempfile::tempdir().unwrap();
-    let node = NodeProc::start(dir.path(), &["--max-message-bytes", "16777216"]).unwrap();
-    let mut c = fold(&node.grpc);
+/// Load and approve a Range schema `name` with an open `id` key and an `n` field.
+async fn open_schema(
+    c: &mut fold_proto::v1::fold_node_client::FoldNodeClient<tonic::transport::Channel>,
+    name: &str,
+) {
     let s = schema(
-        "Items",
+        name,
         Some("id"),
         json!({"id": field(json!("NoRequirement"), json!("NoRequirement")),
                "n": field(json!("NoRequirement"), json!("NoRequirement"))}),
     );
     c.load_schema(load_req(&s, true)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paging_returns_every_record_once_while_writes_continue() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProc::start(dir.path(), &["--max-message-bytes", "16777216"]).unwrap();
+    let mut c = fold(&node.grpc);
+    open_schema(&mut c, "Items").await;
     for chunk in 0..N / 5000 {
         let mutations = (chunk * 5000..(chunk + 1) * 5000)
             .map(|i| BatchMutation {
@@ -160,13 +168,7 @@ async fn history_pages_return_every_version_once_while_writes_continue() {
     let dir = tempfile::tempdir().unwrap();
     let node = NodeProc::start(dir.path(), &[]).unwrap();
     let mut c = fold(&node.grpc);
-    let s = schema(
-        "Counter",
-        Some("id"),
-        json!({"id": field(json!("NoRequirement"), json!("NoRequirement")),
-               "n": field(json!("NoRequirement"), json!("NoRequirement"))}),
-    );
-    c.load_schema(load_req(&s, true)).await.unwrap();
+    open_schema(&mut c, "Counter").await;
     c.mutate(mutate_req(
         "Counter",
         MutationType::Create,
@@ -238,13 +240,7 @@ async fn scan_streams_every_record_in_key_order() {
     let dir = tempfile::tempdir().unwrap();
     let node = NodeProc::start(dir.path(), &[]).unwrap();
     let mut c = fold(&node.grpc);
-    let s = schema(
-        "Export",
-        Some("id"),
-        json!({"id": field(json!("NoRequirement"), json!("NoRequirement")),
-               "n": field(json!("NoRequirement"), json!("NoRequirement"))}),
-    );
-    c.load_schema(load_req(&s, true)).await.unwrap();
+    open_schema(&mut c, "Export").await;
     const M: usize = 12_500;
     for chunk in 0..M / 2500 {
         let mutations = (chunk * 2500..(chunk + 1) * 2500)

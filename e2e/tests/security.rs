@@ -577,36 +577,8 @@ async fn denied_peers_and_peers_without_the_network_key_cannot_connect() {
     drop(member);
 }
 
-/// (CA PEM, (server cert PEM, server key PEM), [(client CN, cert PEM, key PEM)])
-type TlsMaterial = (String, (String, String), Vec<(String, String, String)>);
-
-fn tls_material() -> TlsMaterial {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "foldmesh test CA");
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let server_key = KeyPair::generate().unwrap();
-    let mut sp = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-    sp.distinguished_name.push(DnType::CommonName, "localhost");
-    let server = sp.signed_by(&server_key, &ca, &ca_key).unwrap();
-    let mut clients = Vec::new();
-    for cn in ["trusted-client", "far-client", "listed-client"] {
-        let k = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::new(vec![format!("{cn}.example")]).unwrap();
-        p.distinguished_name.push(DnType::CommonName, cn);
-        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-        let c = p.signed_by(&k, &ca, &ca_key).unwrap();
-        clients.push((cn.to_string(), c.pem(), k.serialize_pem()));
-    }
-    (
-        ca.pem(),
-        (server.pem(), server_key.serialize_pem()),
-        clients,
-    )
+fn tls_material() -> foldmesh_e2e::tls::TlsMaterial {
+    foldmesh_e2e::tls::material(&["trusted-client", "far-client", "listed-client"])
 }
 
 fn install_crypto() {

@@ -6,7 +6,6 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fold_proto::sidecar::InboundForward;
@@ -20,7 +19,7 @@ use foldmesh_e2e::client::*;
 use foldmesh_e2e::http;
 use foldmesh_e2e::loopback::{Node, start};
 use foldmesh_e2e::mesh::eventually;
-use foldmesh_e2e::process::{NodeProc, Proc};
+use foldmesh_e2e::process::NodeProc;
 use prost::Message;
 use serde_json::{Value as Json, json};
 use tonic::Code;
@@ -41,6 +40,27 @@ fn ledger() -> Json {
 fn remote(mut q: fold_proto::v1::QueryRequest, target: &str) -> fold_proto::v1::QueryRequest {
     q.target_node_id = target.into();
     q
+}
+
+/// Who wrote the newest version of B's `Ledger.open` at `key`, as B's history records it.
+async fn newest_writer(b: &Node, key: &str) -> String {
+    let h = b
+        .node
+        .owner_fold()
+        .history(HistoryRequest {
+            page_size: 0,
+            page_token: String::new(),
+            json_values: false,
+            schema: "Ledger".into(),
+            field: "open".into(),
+            range_key: key.into(),
+            limit: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .versions;
+    h[0].writer.clone()
 }
 
 async fn seed_b(b: &Node) {
@@ -211,23 +231,10 @@ async fn forwarded_requests_are_checked_with_the_path_distance() {
     );
     m.target_node_id = b.id.clone();
     client.mutate(m).await.unwrap();
-    let h = b
-        .node
-        .owner_fold()
-        .history(HistoryRequest {
-            page_size: 0,
-            page_token: String::new(),
-            json_values: false,
-            schema: "Ledger".into(),
-            field: "open".into(),
-            range_key: "k1".into(),
-            limit: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .versions;
-    assert_eq!(h[0].writer, format!("peer:{}/client:local", a.id));
+    assert_eq!(
+        newest_writer(&b, "k1").await,
+        format!("peer:{}/client:local", a.id)
+    );
 
     // A requester that A denies is refused at A, before anything is sent.
     let deny_all = start(&["--client-trust-distance", "deny"]);
@@ -236,38 +243,6 @@ async fn forwarded_requests_are_checked_with_the_path_distance() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
-}
-
-/// (CA PEM, server (cert, key), clients [(CN, cert, key)])
-type Tls = (String, (String, String), Vec<(String, String, String)>);
-
-fn tls_material() -> Tls {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "trust test CA");
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let server_key = KeyPair::generate().unwrap();
-    let mut sp = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-    sp.distinguished_name.push(DnType::CommonName, "localhost");
-    let server = sp.signed_by(&server_key, &ca, &ca_key).unwrap();
-    let mut clients = Vec::new();
-    for cn in ["ops", "partner"] {
-        let k = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::new(vec![format!("{cn}.example")]).unwrap();
-        p.distinguished_name.push(DnType::CommonName, cn);
-        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-        let c = p.signed_by(&k, &ca, &ca_key).unwrap();
-        clients.push((cn.to_string(), c.pem(), k.serialize_pem()));
-    }
-    (
-        ca.pem(),
-        (server.pem(), server_key.serialize_pem()),
-        clients,
-    )
 }
 
 async fn tls_client(
@@ -293,7 +268,7 @@ async fn tls_client(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn path_distance_applies_to_mtls_identities() {
-    let (ca, (cert, key), clients) = tls_material();
+    let (ca, (cert, key), clients) = foldmesh_e2e::tls::material(&["ops", "partner"]);
     let files = tempfile::tempdir().unwrap();
     let w = |name: &str, text: &str| {
         let p = files.path().join(name);
@@ -356,33 +331,10 @@ async fn path_distance_applies_to_mtls_identities() {
     );
     m.target_node_id = b.id.clone();
     partner.mutate(m).await.unwrap();
-    let h = b
-        .node
-        .owner_fold()
-        .history(HistoryRequest {
-            page_size: 0,
-            page_token: String::new(),
-            json_values: false,
-            schema: "Ledger".into(),
-            field: "open".into(),
-            range_key: "k1".into(),
-            limit: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .versions;
-    assert_eq!(h[0].writer, format!("peer:{}/client:partner", a.id));
-}
-
-fn signal(p: &Proc, sig: &str) {
-    let pid = p.pid().expect("running").to_string();
-    let ok = Command::new("kill")
-        .args([sig, &pid])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig} {pid}");
+    assert_eq!(
+        newest_writer(&b, "k1").await,
+        format!("peer:{}/client:partner", a.id)
+    );
 }
 
 fn sample(admin: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
@@ -408,7 +360,7 @@ async fn the_breaker_recovers_after_a_hung_peer_and_cancelled_probes() {
     fold(&a.node.grpc).query(q()).await.unwrap();
 
     // 1. Hang B's sidecar: forwards time out and open A's breaker toward B.
-    signal(&b.sidecar, "-STOP");
+    b.sidecar.pause();
     for _ in 0..2 {
         let mut r = tonic::Request::new(q());
         r.set_timeout(Duration::from_millis(400));
@@ -429,7 +381,7 @@ async fn the_breaker_recovers_after_a_hung_peer_and_cancelled_probes() {
         assert!(call.await.is_err(), "the probe should still be in flight");
     }
     // 3. B resumes.
-    signal(&b.sidecar, "-CONT");
+    b.sidecar.resume();
     // 4. Forwarding recovers: a later probe succeeds and the breaker closes.
     eventually(
         "forwarding to recover after the peer resumed",
@@ -466,12 +418,12 @@ async fn a_request_past_its_deadline_does_no_work() {
     fold(&a.node.grpc).mutate(write("warm")).await.unwrap();
 
     // B's sidecar is hung while the request is on its way; it reads it after the deadline.
-    signal(&b.sidecar, "-STOP");
+    b.sidecar.pause();
     let mut r = tonic::Request::new(write("late-1"));
     r.set_timeout(Duration::from_millis(500));
     let e = fold(&a.node.grpc).mutate(r).await.unwrap_err();
     assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
-    signal(&b.sidecar, "-CONT");
+    b.sidecar.resume();
     eventually(
         "B's sidecar to refuse the late request",
         Duration::from_secs(10),
@@ -705,21 +657,8 @@ async fn a_batch_is_forwarded_atomically_with_the_path_distance() {
         !ks.contains(&"b3".to_string()),
         "a refused batch wrote nothing"
     );
-    let h = b
-        .node
-        .owner_fold()
-        .history(HistoryRequest {
-            page_size: 0,
-            page_token: String::new(),
-            json_values: false,
-            schema: "Ledger".into(),
-            field: "open".into(),
-            range_key: "b1".into(),
-            limit: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .versions;
-    assert_eq!(h[0].writer, format!("peer:{}/client:local", a.id));
+    assert_eq!(
+        newest_writer(&b, "b1").await,
+        format!("peer:{}/client:local", a.id)
+    );
 }

@@ -26,4 +26,5 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/fold_descriptor.bin"));
 
 pub mod json;
+pub mod limits;
 pub mod status;

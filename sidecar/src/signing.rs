@@ -19,10 +19,7 @@ use prost::Message;
 use tonic::Code;
 
 const DOMAIN: &[u8] = b"fold-forward-v2\0";
-/// Longest request id, origin or target id accepted (a PeerId is 52 characters, a UUID 36).
-pub const MAX_ID_BYTES: usize = 64;
-/// Longest requester identity or proven key accepted.
-pub const MAX_REQUESTER_BYTES: usize = 128;
+pub use fold_proto::limits::{MAX_ID_BYTES, MAX_REQUESTER_BYTES};
 
 /// Encode `envelope` once and sign the bytes with `key`.
 pub fn seal(
@@ -104,35 +101,14 @@ impl Rejection {
     }
 }
 
-/// Check the length limits of an envelope header: every id and string a peer sends is bounded.
+/// Check the length limits of an envelope header (`fold_proto::limits`, shared with the node).
 pub fn check_bounds(h: &ForwardEnvelopeHeader) -> Result<(), String> {
-    let ids = [
-        ("request_id", &h.request_id),
-        ("origin_node_id", &h.origin_node_id),
-        ("target_node_id", &h.target_node_id),
-    ];
-    for (name, v) in ids {
-        if v.len() > MAX_ID_BYTES {
-            return Err(format!(
-                "'{name}' is {} bytes; at most {MAX_ID_BYTES} are accepted",
-                v.len()
-            ));
-        }
-    }
-    if let Some(r) = &h.requester {
-        for (name, v) in [
-            ("requester.identity", &r.identity),
-            ("requester.proven_key", &r.proven_key),
-        ] {
-            if v.len() > MAX_REQUESTER_BYTES {
-                return Err(format!(
-                    "'{name}' is {} bytes; at most {MAX_REQUESTER_BYTES} are accepted",
-                    v.len()
-                ));
-            }
-        }
-    }
-    Ok(())
+    fold_proto::limits::check_envelope(
+        &h.request_id,
+        &h.origin_node_id,
+        &h.target_node_id,
+        h.requester.as_ref(),
+    )
 }
 
 /// Remembered request ids, bounded in bytes. An id is kept while a replay of it could still pass

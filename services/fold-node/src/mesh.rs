@@ -40,7 +40,7 @@ const NODE_ID_KEY: &str = "node_id";
 const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Longest node id accepted anywhere (a PeerId is 52 characters).
-pub const MAX_NODE_ID_BYTES: usize = 64;
+pub const MAX_NODE_ID_BYTES: usize = fold_proto::limits::MAX_ID_BYTES;
 /// Most per-peer breakers kept; closed ones are pruned first.
 const MAX_BREAKERS: usize = 1024;
 

@@ -29,8 +29,6 @@ use crate::data::Data;
 use crate::identity::{Forwarded, Principal};
 use crate::mesh::{MAX_NODE_ID_BYTES, MeshLink, valid_node_id};
 
-/// Longest requester identity or proven key accepted (the sidecar enforces the same).
-const MAX_REQUESTER_BYTES: usize = 128;
 /// Most schema names one schema check may ask about.
 const MAX_CHECKED_NAMES: usize = 1024;
 /// Most relays one peers request may ask for (`via`): a topology reaches 4 hops.
@@ -58,25 +56,13 @@ fn unix_ms(t: SystemTime) -> u64 {
 
 /// Length limits of the envelope's strings (defence in depth: the sidecar checks them first).
 fn check_bounds(env: &ForwardEnvelope) -> Result<(), Status> {
-    for (name, v) in [
-        ("request_id", &env.request_id),
-        ("origin_node_id", &env.origin_node_id),
-        ("target_node_id", &env.target_node_id),
-    ] {
-        if v.len() > MAX_NODE_ID_BYTES {
-            return Err(Status::invalid_argument(format!(
-                "'{name}' is longer than {MAX_NODE_ID_BYTES} bytes"
-            )));
-        }
-    }
-    if let Some(r) = &env.requester
-        && (r.identity.len() > MAX_REQUESTER_BYTES || r.proven_key.len() > MAX_REQUESTER_BYTES)
-    {
-        return Err(Status::invalid_argument(format!(
-            "the requester's identity and key are limited to {MAX_REQUESTER_BYTES} bytes"
-        )));
-    }
-    Ok(())
+    fold_proto::limits::check_envelope(
+        &env.request_id,
+        &env.origin_node_id,
+        &env.target_node_id,
+        env.requester.as_ref(),
+    )
+    .map_err(Status::invalid_argument)
 }
 
 #[tonic::async_trait]
@@ -320,7 +306,7 @@ impl PeerRequestsApi {
         };
         let requester = Requester {
             distance,
-            identity: truncate_bytes(&r.label, MAX_REQUESTER_BYTES),
+            identity: truncate_bytes(&r.label, fold_proto::limits::MAX_REQUESTER_BYTES),
             proven_key,
         };
         let left = deadline.map(|d| {
