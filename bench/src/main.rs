@@ -204,6 +204,7 @@ fn schema() -> Json {
 
 pub fn query(target: &str) -> QueryRequest {
     QueryRequest {
+        route: 0,
         page_size: 0,
         page_token: String::new(),
         json_values: false,

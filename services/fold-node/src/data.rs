@@ -388,6 +388,8 @@ impl Data {
         })
         .await?;
         Ok(QueryResponse {
+            answers: Vec::new(),
+            attempts: 0,
             records,
             node_id: String::new(),
             next_page_token,
@@ -601,6 +603,9 @@ impl Data {
             })
             .await?;
         Ok(HistoryResponse {
+            node_id: String::new(),
+            answers: Vec::new(),
+            attempts: 0,
             versions: versions
                 .into_iter()
                 .map(|v| version_to_proto(v, json_values))

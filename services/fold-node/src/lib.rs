@@ -8,6 +8,7 @@
 //! Requests for another node leave through [`mesh`] (the link to the p2p-sidecar).
 
 pub mod api;
+pub mod balance;
 pub mod commit;
 pub mod config;
 pub mod data;
@@ -18,6 +19,7 @@ pub mod metrics;
 pub mod paging;
 pub mod peer_requests;
 pub mod permissions;
+pub mod route;
 pub mod schema;
 pub mod server;
 pub mod store;

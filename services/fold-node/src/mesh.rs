@@ -7,18 +7,23 @@
 //! breaks the link is down: `fold.v1.Network` health goes NOT_SERVING and remote requests fail
 //! fast with `UNAVAILABLE` until the sidecar is back. Either process may start first.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use fold_middleware::breaker::{
-    Breaker, BreakerConfig, BreakerError, BreakerLayer, Breakers, Observer, Transition, Verdict,
+    Breaker, BreakerConfig, BreakerError, BreakerLayer, BreakerState, Breakers, Observer,
+    Transition, Verdict,
 };
 use fold_middleware::metrics::{GrpcMetrics, GrpcMetricsLayer, GrpcMetricsService, code_name};
 
 use fold_proto::sidecar as sc;
 use fold_proto::sidecar::mesh_client::MeshClient;
-use fold_proto::v1::{MutateRequest, MutateResponse, PeerInfo, QueryRequest, QueryResponse};
+use fold_proto::v1::{
+    HistoryRequest, HistoryResponse, MutateRequest, MutateResponse, PeerInfo, QueryRequest,
+    QueryResponse,
+};
 use fold_proto::wire::forward_response;
 use fold_proto::wire::{Operation, PeersRequest, Requester, operation};
 use local_link::LinkAddr;
@@ -69,6 +74,11 @@ struct Inner {
     /// Forwards through the sidecar, behind two breaker layers: one breaker per target node,
     /// and one for the link to the sidecar.
     forward_svc: ForwardSvc,
+    /// The per-target breakers of `forward_svc`, read by routing to leave open ones out.
+    peer_breakers: Arc<Breakers<String>>,
+    /// Peers the sidecar reported disconnected (and not connected since): routing leaves them
+    /// out until they are back. At most MAX_BREAKERS entries.
+    disconnected: Mutex<HashSet<String>>,
 }
 
 /// A forward as a tower service: (target node, request) → the sidecar's answer.
@@ -111,6 +121,7 @@ fn link_failed(s: &Status) -> bool {
 fn forward_stack(
     client: MeshClient<MeshSvc>,
     config: BreakerConfig,
+    peer_breakers: Arc<Breakers<String>>,
     metrics: Arc<NodeMetrics>,
 ) -> ForwardSvc {
     let observer = |metrics: Arc<NodeMetrics>| -> Observer<String> {
@@ -127,7 +138,7 @@ fn forward_stack(
         })
     };
     let peers = BreakerLayer::new(
-        Arc::new(Breakers::bounded(config, MAX_BREAKERS)),
+        peer_breakers,
         "node",
         |r: &(String, tonic::Request<sc::ForwardRequest>)| r.0.clone(),
         |r: &Result<tonic::Response<fold_proto::wire::ForwardResponse>, BreakerError<Status>>| {
@@ -200,7 +211,13 @@ impl MeshLink {
             .max_decoding_message_size(opts.max_message_bytes)
             .max_encoding_message_size(opts.max_message_bytes);
         let node_id = store.meta_get(NODE_ID_KEY).ok().flatten();
-        let forward_svc = forward_stack(client.clone(), opts.breaker, metrics.clone());
+        let peer_breakers = Arc::new(Breakers::bounded(opts.breaker, MAX_BREAKERS));
+        let forward_svc = forward_stack(
+            client.clone(),
+            opts.breaker,
+            peer_breakers.clone(),
+            metrics.clone(),
+        );
         MeshLink {
             inner: Arc::new(Inner {
                 addr,
@@ -213,6 +230,8 @@ impl MeshLink {
                 schemas_changed: Notify::new(),
                 forward_timeout: opts.forward_timeout,
                 forward_svc,
+                peer_breakers,
+                disconnected: Mutex::new(HashSet::new()),
             }),
         }
     }
@@ -248,6 +267,55 @@ impl MeshLink {
             )));
         }
         Ok(self.inner.client.clone())
+    }
+
+    /// The longest a forward may take when the caller set no deadline (--forward-timeout-ms).
+    pub fn forward_timeout(&self) -> Duration {
+        self.inner.forward_timeout
+    }
+
+    /// May routing send to `node` now? Not while the sidecar reports it disconnected, nor while
+    /// its breaker is open (it is again once the breaker's backoff is over: the next request is
+    /// the probe).
+    pub fn routable(&self, node: &str) -> bool {
+        if self.disconnected().contains(node) {
+            return false;
+        }
+        self.inner
+            .peer_breakers
+            .peek(&node.to_string())
+            .is_none_or(|b| b.available(Instant::now()))
+    }
+
+    /// The state of this node's breaker toward `node`, if a request was forwarded to it.
+    pub fn breaker_state(&self, node: &str) -> Option<BreakerState> {
+        self.inner
+            .peer_breakers
+            .peek(&node.to_string())
+            .map(|b| b.state())
+    }
+
+    fn disconnected(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.inner
+            .disconnected
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn peer_event(&self, ev: &sc::PeerEvent) {
+        use sc::peer_event::Kind;
+        match Kind::try_from(ev.kind) {
+            Ok(Kind::Connected) => {
+                self.disconnected().remove(&ev.node_id);
+            }
+            Ok(Kind::Disconnected) if valid_node_id(&ev.node_id) => {
+                let mut d = self.disconnected();
+                if d.len() < MAX_BREAKERS {
+                    d.insert(ev.node_id.clone());
+                }
+            }
+            _ => {}
+        }
     }
 
     /// Ask the monitor to re-announce the approved schemas.
@@ -350,6 +418,29 @@ impl MeshLink {
         }
     }
 
+    pub async fn forward_history(
+        &self,
+        req: HistoryRequest,
+        requester: Requester,
+        deadline: Option<Duration>,
+    ) -> Result<HistoryResponse, Status> {
+        let target = req.target_node_id.clone();
+        match self
+            .forward(
+                target.clone(),
+                operation::Kind::History(req),
+                requester,
+                deadline,
+            )
+            .await?
+        {
+            forward_response::Result::History(h) => Ok(h),
+            _ => Err(Status::internal(format!(
+                "node {target} answered a history request with a different kind of response"
+            ))),
+        }
+    }
+
     async fn forward(
         &self,
         target: String,
@@ -363,6 +454,7 @@ impl MeshLink {
             operation::Kind::Mutate(_) => "mutate",
             operation::Kind::Peers(_) => "peers",
             operation::Kind::BatchMutate(_) => "batch_mutate",
+            operation::Kind::History(_) => "history",
         };
         let result = self.forward_inner(target, op, requester, deadline).await;
         let outcome = match &result {
@@ -544,12 +636,17 @@ impl MeshLink {
                 }
             };
             self.provide(&mut client).await;
+            // Disconnections missed while the link was down are not replayed: start afresh.
+            self.disconnected().clear();
             self.set_up(true).await;
             let mut events = events;
             loop {
                 tokio::select! {
                     msg = events.message() => match msg {
-                        Ok(Some(ev)) => tracing::debug!(kind = ev.kind, peer = %ev.node_id, "peer event"),
+                        Ok(Some(ev)) => {
+                            tracing::debug!(kind = ev.kind, peer = %ev.node_id, "peer event");
+                            self.peer_event(&ev);
+                        }
                         Ok(None) => break,
                         Err(e) => {
                             tracing::debug!(error = %e, "peer event stream ended");
