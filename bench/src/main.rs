@@ -22,6 +22,7 @@ use tonic::transport::Channel;
 
 mod dht;
 mod echo;
+mod route;
 mod writes;
 
 #[derive(Parser)]
@@ -53,6 +54,10 @@ enum Cmd {
     EchoServer,
     /// Only the DHT scaling phase.
     Dht,
+    /// Only the routing phase: route-any reads over three providers on loopback — spread,
+    /// shift time off a provider slowed by a CPU quota (root), errors after a provider is
+    /// killed, and failover under 10% injected failures.
+    Route,
     /// Only the write phase: durable Mutate writes/s at 1, 32 and 128 in flight against a plain
     /// fsync reference, BatchMutate records/s, point reads idle vs. under write load.
     Writes,
@@ -1018,6 +1023,15 @@ fn main() -> std::process::ExitCode {
             std::fs::create_dir_all(&cli.out)?;
             let file = cli.out.join("writes.json");
             std::fs::write(&file, serde_json::to_string_pretty(&w)?)?;
+            eprintln!("== wrote {}", file.display());
+            Ok(())
+        }),
+        Some(Cmd::Route) => rt.block_on(async {
+            eprintln!("fold-bench on {}", machine());
+            let r = route::measure(cli.secs).await?;
+            std::fs::create_dir_all(&cli.out)?;
+            let file = cli.out.join("route.json");
+            std::fs::write(&file, serde_json::to_string_pretty(&r)?)?;
             eprintln!("== wrote {}", file.display());
             Ok(())
         }),

@@ -293,6 +293,22 @@ async fn any_spreads_shifts_off_slow_fails_over_and_all_reports_each_node() {
         "a dead provider answered"
     );
 
+    // "All" still lists the dead provider, with its failure: partial results are never silent.
+    let r = fold(&c).query(all.clone()).await.unwrap().into_inner();
+    assert_eq!(r.answers.len(), 3, "{r:?}");
+    for a in &r.answers {
+        if a.node_id == ids[1] {
+            assert!(
+                a.code == Code::Unavailable as i32 || a.code == Code::DeadlineExceeded as i32,
+                "the dead provider's answer: {a:?}"
+            );
+            assert!(a.records.is_empty());
+        } else {
+            assert_eq!(a.code, 0, "{a:?}");
+            assert_eq!(a.records.len(), 1, "{a:?}");
+        }
+    }
+
     // It comes back (same identity, same data): it gets traffic again.
     let p = &mut providers[1];
     p.start_sidecar(&net, &flags(SIDECAR))

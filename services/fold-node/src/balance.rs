@@ -187,6 +187,14 @@ impl Balancer {
         }
     }
 
+    /// Forget what was learnt of `node`'s latency (it came back after a disconnection): it is
+    /// tried again at once, like a new endpoint. Its counters stay.
+    pub fn reset_estimate(&self, node: &str) {
+        if let Some(e) = self.lock().get_mut(node) {
+            e.rtt_ns = None;
+        }
+    }
+
     pub fn stats(&self, node: &str, now: Instant) -> Option<EndpointStats> {
         self.lock().get(node).map(|e| EndpointStats {
             latency: Duration::from_nanos(e.decayed(now, self.config.decay) as u64),
@@ -365,6 +373,18 @@ mod tests {
         drop(pending);
         assert_eq!(b.stats("node-0", t).unwrap().in_flight, 0);
         assert_eq!(b.pick(&nodes, t, cycling()).as_deref(), Some("node-0"));
+    }
+
+    #[test]
+    fn a_returning_endpoint_starts_afresh() {
+        let b = Balancer::new(BalanceConfig::default());
+        let t = Instant::now();
+        serve(&b, "node-0", t, Duration::from_millis(1), true);
+        serve(&b, "node-1", t, Duration::from_millis(1), false);
+        assert_eq!(b.pick(&ids(2), t, cycling()).as_deref(), Some("node-0"));
+        b.reset_estimate("node-1");
+        assert_eq!(b.pick(&ids(2), t, cycling()).as_deref(), Some("node-1"));
+        assert_eq!(b.stats("node-1", t).unwrap().failures, 1);
     }
 
     #[test]

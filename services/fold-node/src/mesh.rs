@@ -79,6 +79,9 @@ struct Inner {
     /// Peers the sidecar reported disconnected (and not connected since): routing leaves them
     /// out until they are back. At most MAX_BREAKERS entries.
     disconnected: Mutex<HashSet<String>>,
+    /// Called with a peer's id when it connects again after a disconnection (routing forgets
+    /// what it learnt of the peer's latency before: a returning provider starts afresh).
+    on_reconnect: std::sync::OnceLock<Box<dyn Fn(&str) + Send + Sync>>,
 }
 
 /// A forward as a tower service: (target node, request) → the sidecar's answer.
@@ -232,6 +235,7 @@ impl MeshLink {
                 forward_svc,
                 peer_breakers,
                 disconnected: Mutex::new(HashSet::new()),
+                on_reconnect: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -302,11 +306,19 @@ impl MeshLink {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Set (once) what to do when a peer connects again after a disconnection.
+    pub fn on_reconnect(&self, f: impl Fn(&str) + Send + Sync + 'static) {
+        let _ = self.inner.on_reconnect.set(Box::new(f));
+    }
+
     fn peer_event(&self, ev: &sc::PeerEvent) {
         use sc::peer_event::Kind;
         match Kind::try_from(ev.kind) {
             Ok(Kind::Connected) => {
-                self.disconnected().remove(&ev.node_id);
+                let was_gone = self.disconnected().remove(&ev.node_id);
+                if was_gone && let Some(f) = self.inner.on_reconnect.get() {
+                    f(&ev.node_id);
+                }
             }
             Ok(Kind::Disconnected) if valid_node_id(&ev.node_id) => {
                 let mut d = self.disconnected();

@@ -37,6 +37,9 @@ const MAX_PROVIDERS: usize = 32;
 const MAX_CACHED_SCHEMAS: usize = 1024;
 /// An empty provider set is looked up again after this long at most.
 const EMPTY_SET_TTL: Duration = Duration::from_secs(5);
+/// How long a provider that stopped answering schema checks stays in its set (reported failing
+/// by ROUTE_ALL, left out of ROUTE_ANY while disconnected or its breaker is open).
+const KEEP_UNREACHABLE: Duration = Duration::from_secs(300);
 /// After a failed background refresh, the next one waits at least this long.
 const REFRESH_RETRY: Duration = Duration::from_secs(1);
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -94,6 +97,47 @@ struct Cached {
     /// When the last lookup (successful or not) started.
     last_attempt: Instant,
     refreshing: bool,
+    /// Members that could not be reached by the last schema checks, since when: kept (and
+    /// reported by ROUTE_ALL as failing) for KEEP_UNREACHABLE, then dropped.
+    unreachable_since: HashMap<String, Instant>,
+}
+
+/// What one lookup found: providers confirmed by a schema check, and provider records whose
+/// node could not be asked.
+struct Looked {
+    confirmed: Vec<String>,
+    unreachable: Vec<String>,
+}
+
+impl Cached {
+    /// The set after a lookup: the confirmed providers, plus earlier members that could not be
+    /// reached now (a dead provider stays visible as failing for a while instead of vanishing).
+    fn after(prev: Option<&Cached>, looked: Looked) -> Cached {
+        let now = Instant::now();
+        let mut nodes = looked.confirmed;
+        let mut unreachable_since = HashMap::new();
+        if let Some(prev) = prev {
+            for n in looked.unreachable {
+                if !prev.nodes.contains(&n) {
+                    continue;
+                }
+                let since = prev.unreachable_since.get(&n).copied().unwrap_or(now);
+                if now.saturating_duration_since(since) < KEEP_UNREACHABLE {
+                    unreachable_since.insert(n.clone(), since);
+                    nodes.push(n);
+                }
+            }
+        }
+        nodes.sort();
+        nodes.dedup();
+        Cached {
+            nodes,
+            fetched: now,
+            last_attempt: now,
+            refreshing: false,
+            unreachable_since,
+        }
+    }
 }
 
 /// One read, routed: a query or a history request.
@@ -150,12 +194,17 @@ impl Router {
             opts.retry_min_per_sec,
             opts.retry_ratio,
         );
+        let balancer = Balancer::new(opts.balance);
+        {
+            let balancer = balancer.clone();
+            mesh.on_reconnect(move |node| balancer.reset_estimate(node));
+        }
         Router {
             inner: Arc::new(Inner {
                 data,
                 mesh,
                 metrics,
-                balancer: Balancer::new(opts.balance),
+                balancer,
                 budget,
                 opts,
                 cache: Mutex::new(HashMap::new()),
@@ -562,13 +611,10 @@ impl Router {
             ))),
         };
         match looked_up {
-            Ok(nodes) => {
-                *entry = Some(Cached {
-                    nodes: nodes.clone(),
-                    fetched: Instant::now(),
-                    last_attempt: Instant::now(),
-                    refreshing: false,
-                });
+            Ok(looked) => {
+                let next = Cached::after(entry.as_ref(), looked);
+                let nodes = next.nodes.clone();
+                *entry = Some(next);
                 not_empty(schema, nodes)
             }
             Err(e) => match entry.as_ref() {
@@ -589,13 +635,9 @@ impl Router {
             let r = router.lookup(&schema).await;
             let mut g = slot.lock().await;
             match r {
-                Ok(nodes) => {
-                    *g = Some(Cached {
-                        nodes,
-                        fetched: Instant::now(),
-                        last_attempt: Instant::now(),
-                        refreshing: false,
-                    })
+                Ok(looked) => {
+                    let next = Cached::after(g.as_ref(), looked);
+                    *g = Some(next);
                 }
                 Err(e) => {
                     tracing::warn!(schema = %schema, error = %e.message(), "refreshing a provider set failed; keeping the last one");
@@ -608,7 +650,7 @@ impl Router {
     }
 
     /// Ask the DHT for providers of `schema` and confirm each with a schema check.
-    async fn lookup(&self, schema: &str) -> Result<Vec<String>, Status> {
+    async fn lookup(&self, schema: &str) -> Result<Looked, Status> {
         let inner = &self.inner;
         let me = inner.mesh.node_id_or_empty();
         let local = !inner.data.served(&[schema.to_string()]).is_empty();
@@ -620,7 +662,12 @@ impl Router {
             Ok(c) => c,
             // The mesh is away: this node alone, if it serves the schema.
             Err(e) if !local => return Err(e),
-            Err(_) => return Ok(nodes),
+            Err(_) => {
+                return Ok(Looked {
+                    confirmed: nodes,
+                    unreachable: Vec::new(),
+                });
+            }
         };
         let mut req = tonic::Request::new(FindProvidersRequest {
             schema: schema.to_string(),
@@ -632,7 +679,10 @@ impl Router {
                 inner.metrics.provider_lookup("failed");
                 if local {
                     tracing::warn!(schema = %schema, error = %e.message(), "provider lookup failed; only this node is known to serve it");
-                    return Ok(nodes);
+                    return Ok(Looked {
+                        confirmed: nodes,
+                        unreachable: Vec::new(),
+                    });
                 }
                 return Err(Status::new(
                     e.code(),
@@ -657,29 +707,37 @@ impl Router {
                     });
                     req.set_timeout(CHECK_TIMEOUT);
                     match client.check_schemas(req).await {
-                        Ok(r) if r.get_ref().approved.contains(&schema) => Some(node),
+                        Ok(r) if r.get_ref().approved.contains(&schema) => (node, Some(true)),
                         Ok(_) => {
                             tracing::debug!(node = %node, schema = %schema, "provider record not confirmed: the schema is not approved there");
-                            None
+                            (node, Some(false))
                         }
                         Err(e) => {
-                            tracing::debug!(node = %node, schema = %schema, error = %e.message(), "provider could not be confirmed");
-                            None
+                            tracing::debug!(node = %node, schema = %schema, error = %e.message(), "provider could not be asked");
+                            (node, None)
                         }
                     }
                 }
             })
             .collect();
-        let confirmed: Vec<String> = checks.filter_map(|n| async { n }).collect().await;
-        nodes.extend(confirmed);
-        nodes.sort();
-        nodes.dedup();
+        let answers: Vec<(String, Option<bool>)> = checks.collect().await;
+        let mut unreachable = Vec::new();
+        for (node, approved) in answers {
+            match approved {
+                Some(true) => nodes.push(node),
+                Some(false) => {}
+                None => unreachable.push(node),
+            }
+        }
         inner.metrics.provider_lookup(if nodes.is_empty() {
             "none_found"
         } else {
             "found"
         });
-        Ok(nodes)
+        Ok(Looked {
+            confirmed: nodes,
+            unreachable,
+        })
     }
 }
 
@@ -751,6 +809,35 @@ mod tests {
             check_route(7, "", "").unwrap_err().code(),
             Code::InvalidArgument
         );
+    }
+
+    #[test]
+    fn unreachable_members_stay_for_a_while_new_ones_never_join() {
+        let looked = |c: &[&str], u: &[&str]| Looked {
+            confirmed: c.iter().map(|s| s.to_string()).collect(),
+            unreachable: u.iter().map(|s| s.to_string()).collect(),
+        };
+        let first = Cached::after(None, looked(&["a", "b"], &["x"]));
+        // x was never confirmed: an unreachable stranger does not join.
+        assert_eq!(first.nodes, ["a", "b"]);
+        // b stops answering: it stays (reported failing by ROUTE_ALL), marked since now.
+        let second = Cached::after(Some(&first), looked(&["a"], &["b"]));
+        assert_eq!(second.nodes, ["a", "b"]);
+        assert!(second.unreachable_since.contains_key("b"));
+        // Long unreachable: dropped.
+        let mut old = second.clone();
+        old.unreachable_since.insert(
+            "b".into(),
+            Instant::now()
+                .checked_sub(KEEP_UNREACHABLE + Duration::from_secs(1))
+                .unwrap(),
+        );
+        let third = Cached::after(Some(&old), looked(&["a"], &["b"]));
+        assert_eq!(third.nodes, ["a"]);
+        // Back and confirmed: a member again, no longer marked.
+        let back = Cached::after(Some(&second), looked(&["a", "b"], &[]));
+        assert_eq!(back.nodes, ["a", "b"]);
+        assert!(back.unreachable_since.is_empty());
     }
 
     #[test]
