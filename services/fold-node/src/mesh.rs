@@ -81,8 +81,10 @@ struct Inner {
     disconnected: Mutex<HashSet<String>>,
     /// Called with a peer's id when it connects again after a disconnection (routing forgets
     /// what it learnt of the peer's latency before: a returning provider starts afresh).
-    on_reconnect: std::sync::OnceLock<Box<dyn Fn(&str) + Send + Sync>>,
+    on_reconnect: std::sync::OnceLock<ReconnectHook>,
 }
+
+type ReconnectHook = Box<dyn Fn(&str) + Send + Sync>;
 
 /// A forward as a tower service: (target node, request) → the sidecar's answer.
 type ForwardSvc = tower::util::BoxCloneSyncService<
