@@ -35,6 +35,13 @@ pub struct RouteResults {
     pub shift_secs: Option<f64>,
     /// Its share of the traffic from 5 s after the slowdown on.
     pub slow_share_after_5s: Option<f64>,
+    /// Its share in [0, 0.5 s), [0.5 s, 1 s), [1 s, 5 s) after the slowdown.
+    pub slow_share_windows: Vec<f64>,
+    /// Requests it answered after the slowdown, and their p50 latency (µs).
+    pub slow_requests: usize,
+    pub slow_p50_us: Option<f64>,
+    /// The slowed provider asked by name (sequential, while slowed): how slow it was.
+    pub slow_named: Option<Lat>,
     /// (requests, failed) in the first second after the kill, and after it.
     pub kill_first_second: (usize, usize),
     pub kill_after: (usize, usize),
@@ -46,14 +53,15 @@ pub struct RouteResults {
 }
 
 fn notes() -> String {
-    json!({
-        "name": "Notes",
-        "schema_type": {"Range": {"range_key": "id"}},
-        "fields": {
-            "id": {"permission_policy": {"read_policy": "NoRequirement", "write_policy": {"Distance": 1}}},
-            "body": {"permission_policy": {"read_policy": {"Distance": 1}, "write_policy": {"Distance": 1}}},
-        }
-    })
+    use foldmesh_e2e::client::{field, schema};
+    schema(
+        "Notes",
+        Some("id"),
+        json!({
+            "id": field(json!("NoRequirement"), json!({"Distance": 1})),
+            "body": field(json!({"Distance": 1}), json!({"Distance": 1})),
+        }),
+    )
     .to_string()
 }
 
@@ -73,12 +81,25 @@ struct Mesh {
 }
 
 async fn mesh(provider_flags: [&[&str]; 3]) -> anyhow::Result<Mesh> {
-    let client = loopback::start(&["--provider-ttl-secs", "4"]);
+    // The client node's per-client rate limit (1,000/s) is raised: this measures routing.
+    let client = loopback::start(&[
+        "--provider-ttl-secs",
+        "4",
+        "--rate-limit-per-client",
+        "1000000",
+        "--rate-limit-burst",
+        "1000000",
+    ]);
     let mut providers = Vec::new();
     for (i, extra) in provider_flags.iter().enumerate() {
         let mut flags = vec!["--unknown-peer-distance", "1"];
         flags.extend_from_slice(extra);
-        let p = loopback::start(&flags);
+        // The sidecar's per-peer inbound rate limit (200/s by default) would refuse the bench's
+        // load; raised here, this measures routing.
+        let p = loopback::start_with(
+            &["--peer-rate-limit", "100000", "--peer-rate-burst", "100000"],
+            &flags,
+        );
         let mut owner = p.node.owner_fold();
         owner
             .load_schema(LoadSchemaRequest {
@@ -116,6 +137,10 @@ async fn mesh(provider_flags: [&[&str]; 3]) -> anyhow::Result<Mesh> {
 /// (when it ended, answering node or None on failure, nodes asked, latency)
 type Sample = (Instant, Option<String>, u32, Duration);
 
+fn failure_codes(samples: &[Sample]) -> usize {
+    samples.iter().filter(|s| s.1.is_none()).count()
+}
+
 async fn load(
     addr: &str,
     dur: Duration,
@@ -147,7 +172,16 @@ async fn load(
                             t.elapsed(),
                         ))
                     }
-                    Err(_) => out.push((Instant::now(), None, 1, t.elapsed())),
+                    Err(e) => {
+                        if out.iter().all(|s: &Sample| s.1.is_some()) {
+                            eprintln!(
+                                "  (first failure of a client: {:?} {})",
+                                e.code(),
+                                e.message()
+                            );
+                        }
+                        out.push((Instant::now(), None, 1, t.elapsed()))
+                    }
                 }
             }
             out
@@ -202,7 +236,12 @@ pub async fn measure(secs: u64) -> anyhow::Result<RouteResults> {
 
     let warm = load(&addr, Duration::from_secs(secs), Route::Any, "").await?;
     r.spread = ids.iter().map(|id| share(&warm, id)).collect();
-    eprintln!("  spread over equal providers: {:?}", r.spread);
+    eprintln!(
+        "  spread over equal providers: {:?} ({} requests, {} failed)",
+        r.spread,
+        warm.len(),
+        failure_codes(&warm)
+    );
     r.any_latency = Some(lat(
         "route any (3 providers)",
         warm.iter().filter(|s| s.1.is_some()).map(|s| s.3).collect(),
@@ -222,7 +261,7 @@ pub async fn measure(secs: u64) -> anyhow::Result<RouteResults> {
         .into_iter()
         .flatten()
         .collect();
-    match foldmesh_e2e::cgroup::CpuLimit::new("bench-slow", 2_000, 100_000) {
+    match foldmesh_e2e::cgroup::CpuLimit::new("bench-slow", 1_000, 100_000) {
         Ok(limit) => {
             for pid in &slow_pids {
                 limit.add(*pid)?;
@@ -236,12 +275,54 @@ pub async fn measure(secs: u64) -> anyhow::Result<RouteResults> {
                 .cloned()
                 .collect();
             r.slow_share_after_5s = Some(share(&late, &ids[2]));
+            let window = |a: u64, b: u64| -> Vec<Sample> {
+                slowed
+                    .iter()
+                    .filter(|s| {
+                        s.0 >= from + Duration::from_millis(a)
+                            && s.0 < from + Duration::from_millis(b)
+                    })
+                    .cloned()
+                    .collect()
+            };
+            r.slow_share_windows = [(0, 500), (500, 1000), (1000, 5000)]
+                .iter()
+                .map(|(a, b)| share(&window(*a, *b), &ids[2]))
+                .collect();
+            let mut on_slow: Vec<Duration> = slowed
+                .iter()
+                .filter(|s| s.1.as_deref() == Some(ids[2].as_str()))
+                .map(|s| s.3)
+                .collect();
+            on_slow.sort();
+            r.slow_requests = on_slow.len();
+            r.slow_p50_us = on_slow
+                .get(on_slow.len() / 2)
+                .map(|d| d.as_secs_f64() * 1e6);
+            eprintln!(
+                "  slow provider: {} requests after the slowdown (p50 {:.1} ms); share in [0,0.5 s) {:.3}, [0.5,1 s) {:.3}, [1,5 s) {:.3}",
+                r.slow_requests,
+                r.slow_p50_us.unwrap_or(0.0) / 1000.0,
+                r.slow_share_windows[0],
+                r.slow_share_windows[1],
+                r.slow_share_windows[2]
+            );
             eprintln!(
                 "  slowed one provider: shift complete after {:.2} s; its share from 5 s on {:.3}; errors {}",
                 r.shift_secs.unwrap_or(f64::NAN),
                 r.slow_share_after_5s.unwrap_or(f64::NAN),
                 slowed.iter().filter(|s| s.1.is_none()).count()
             );
+            let mut c = FoldNodeClient::new(channel(&addr));
+            let mut v = Vec::new();
+            let probe_started = Instant::now();
+            while v.len() < 100 && probe_started.elapsed() < Duration::from_secs(20) {
+                let t = Instant::now();
+                if c.query(any_query(Route::Default, &ids[2])).await.is_ok() {
+                    v.push(t.elapsed());
+                }
+            }
+            r.slow_named = Some(lat("slowed provider by name (sequential)", v));
             drop(limit);
         }
         Err(e) => eprintln!("  (no slow-provider measurement: {e:#})"),

@@ -492,7 +492,7 @@ pub struct Peer {
     pub connection: Option<String>,
     /// "tcp", "quic" or "memory" while connected, `null` otherwise.
     pub transport: Option<String>,
-    /// This node's circuit breaker toward the peer ("closed", "open", "half_open"); `null`
+    /// This node's circuit breaker toward the peer ("closed", "open", "half-open"); `null`
     /// before anything was forwarded to it.
     pub breaker: Option<String>,
     /// Routing (`--any` reads): the peak-EWMA latency estimate in microseconds (`null` before

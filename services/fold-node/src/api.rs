@@ -379,7 +379,7 @@ impl NetworkApi {
                 p.route_failures = s.failures;
             }
             if let Some(b) = self.mesh.breaker_state(&p.node_id) {
-                p.breaker = b.as_str().to_string();
+                p.breaker = b.as_str().replace('_', "-");
             }
         }
         Ok(peers)
