@@ -393,3 +393,73 @@ async fn injected_failures_on_one_provider_are_absorbed_by_failover() {
     let e = fold(&c).query(q).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
 }
+
+/// Hedging (`--hedge-after-ms`): with one provider hung (SIGSTOP: its connection stays open, so
+/// nothing tells the client node it is gone), a route-any read still unanswered after 50 ms is
+/// also sent to the other provider, and that answer wins. Counted, not timed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hedged_reads_answer_around_a_hung_provider() {
+    use foldmesh_e2e::loopback::start;
+    let client = start(&["--hedge-after-ms", "50", "--provider-ttl-secs", "60"]);
+    let mut providers = Vec::new();
+    for i in 0..2 {
+        let p = start(&["--unknown-peer-distance", "1"]);
+        p.node
+            .owner_fold()
+            .load_schema(load_req(&notes(), true))
+            .await
+            .unwrap();
+        p.node
+            .owner_fold()
+            .mutate(mutate_req(
+                "Notes",
+                MutationType::Create,
+                json!({"id": format!("from-{i}"), "body": "x"}),
+            ))
+            .await
+            .unwrap();
+        client.dial(&p).await;
+        providers.push(p);
+    }
+    let c = client.node.grpc.clone();
+    // Both providers are known (the set is cached for 60 s from here on).
+    let both: Vec<String> = providers.iter().map(|p| p.id.clone()).collect();
+    eventually(
+        "route-any reads to reach both providers",
+        Duration::from_secs(60),
+        || {
+            let c = c.clone();
+            let both = both.clone();
+            async move {
+                let o = load(&c, 1, 20, Duration::from_secs(5)).await;
+                let s = shares(&o);
+                both.iter().all(|b| s.contains_key(b)).then_some(())
+            }
+        },
+    )
+    .await
+    .unwrap();
+
+    providers[0].node.proc.pause();
+    let outcomes = load(&c, 2, 400, Duration::from_secs(3)).await;
+    providers[0].node.proc.resume();
+    assert_eq!(
+        failures(&outcomes),
+        vec![],
+        "reads failed with a hung provider"
+    );
+    assert!(
+        outcomes
+            .iter()
+            .all(|(_, o)| o.as_ref().is_ok_and(|(n, _)| n == &providers[1].id)),
+        "every answer came from the provider that was not hung"
+    );
+    let (_, metrics) = foldmesh_e2e::http::get(&client.node.admin, "/metrics").unwrap();
+    let hedged: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("fold_route_retries_total{") && l.contains("outcome=\"hedged\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(hedged >= 1.0, "no hedged read was counted:\n{metrics}");
+}

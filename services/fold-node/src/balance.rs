@@ -219,14 +219,21 @@ impl Balancer {
                 let sample = took.max(self.config.failure_penalty).as_nanos() as f64;
                 e.observe(sample, now, self.config.decay);
             }
-            // Cancelled (the caller went away or a hedge won): no sample.
-            None => {}
+            // Cancelled (the caller went away or a hedge won): it took at least this long, so
+            // the estimate rises to it if it was lower (peak only; never lowered).
+            None => {
+                let lower_bound = now.saturating_duration_since(started).as_nanos() as f64;
+                if lower_bound > e.decayed(now, self.config.decay) {
+                    e.observe(lower_bound, now, self.config.decay);
+                }
+            }
         }
     }
 }
 
 /// One request in flight to an endpoint. `finish` records its outcome; dropping it unfinished
-/// (cancelled) only ends the in-flight count.
+/// (cancelled) ends the in-flight count and raises the estimate to the time it had taken, if
+/// that is more (a hung endpoint whose requests keep losing to hedges must not look fast).
 #[derive(Debug)]
 pub struct InFlight {
     balancer: Arc<Balancer>,
@@ -367,12 +374,14 @@ mod tests {
         serve(&b, "node-0", t, Duration::from_millis(1), true);
         serve(&b, "node-1", t, Duration::from_millis(2), true);
         // Three requests pending on node-0: cost 1 ms × 4 > 2 ms × 1.
+        let t = Instant::now();
         let pending: Vec<_> = (0..3).map(|_| b.start("node-0", t)).collect();
         assert_eq!(b.stats("node-0", t).unwrap().in_flight, 3);
         assert_eq!(b.pick(&nodes, t, cycling()).as_deref(), Some("node-1"));
         drop(pending);
-        assert_eq!(b.stats("node-0", t).unwrap().in_flight, 0);
-        assert_eq!(b.pick(&nodes, t, cycling()).as_deref(), Some("node-0"));
+        let now = Instant::now();
+        assert_eq!(b.stats("node-0", now).unwrap().in_flight, 0);
+        assert_eq!(b.pick(&nodes, now, cycling()).as_deref(), Some("node-0"));
     }
 
     #[test]
@@ -385,6 +394,19 @@ mod tests {
         b.reset_estimate("node-1");
         assert_eq!(b.pick(&ids(2), t, cycling()).as_deref(), Some("node-1"));
         assert_eq!(b.stats("node-1", t).unwrap().failures, 1);
+    }
+
+    #[test]
+    fn a_cancelled_request_raises_the_estimate_to_its_age() {
+        let b = Balancer::new(BalanceConfig::default());
+        let t = Instant::now();
+        serve(&b, "node-0", t, Duration::from_millis(1), true);
+        let hung = b.start("node-0", t);
+        std::thread::sleep(Duration::from_millis(30));
+        drop(hung);
+        let s = b.stats("node-0", Instant::now()).unwrap();
+        assert!(s.latency >= Duration::from_millis(25), "{s:?}");
+        assert_eq!((s.in_flight, s.failures), (0, 0));
     }
 
     #[test]
