@@ -265,9 +265,9 @@ impl FoldNode for FoldNodeApi {
     ) -> Result<Response<Self::ScanStream>, Status> {
         let principal = principal_of(&request);
         let mut req = request.into_inner();
-        if !self.mesh.is_local(&req.target_node_id) {
+        if !self.mesh.is_local(&req.target_node_id) || req.route != 0 {
             return Err(Status::invalid_argument(
-                "Scan reads this node only; for another node, page through it with Query (page_size, page_token)",
+                "Scan reads this node only (no target_node_id, no route); for other nodes, page through them with Query (page_size, page_token)",
             ));
         }
         if req.page_size == 0 {
