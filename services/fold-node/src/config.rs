@@ -164,6 +164,12 @@ pub struct Config {
     #[arg(long, env = "FOLD_LINK_TOKEN_FILE")]
     pub link_token_file: Option<PathBuf>,
 
+    /// How forwards travel to the sidecar: "stream" (one long-lived bidirectional gRPC stream
+    /// carrying every forward, each tagged with an id) or "unary" (one Mesh.Forward call each;
+    /// what sidecars without ForwardStream get anyway).
+    #[arg(long, env = "FOLD_LINK_FORWARD", default_value = "stream", value_parser = ["stream", "unary"])]
+    pub link_forward: String,
+
     /// Longest a forwarded request may take, in milliseconds (a shorter client deadline wins).
     #[arg(long, env = "FOLD_FORWARD_TIMEOUT_MS", default_value_t = 10_000)]
     pub forward_timeout_ms: u64,

@@ -13,6 +13,7 @@ pub mod commit;
 pub mod config;
 pub mod data;
 pub mod filter;
+pub mod forward_stream;
 pub mod identity;
 pub mod mesh;
 pub mod metrics;

@@ -34,6 +34,7 @@ use tonic::{Code, Status};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::forward_stream::{LinkForward, StreamLink};
 use crate::metrics::NodeMetrics;
 use crate::store::Store;
 
@@ -74,6 +75,8 @@ struct Inner {
     /// Forwards through the sidecar, behind two breaker layers: one breaker per target node,
     /// and one for the link to the sidecar.
     forward_svc: ForwardSvc,
+    /// The forward stream to the sidecar (also used, without breakers, by relayed requests).
+    stream_link: Arc<StreamLink<MeshSvc>>,
     /// The per-target breakers of `forward_svc`, read by routing to leave open ones out.
     peer_breakers: Arc<Breakers<String>>,
     /// Peers the sidecar reported disconnected (and not connected since): routing leaves them
@@ -93,9 +96,10 @@ type ForwardSvc = tower::util::BoxCloneSyncService<
     Status,
 >;
 
-/// The innermost service: one `Mesh.Forward` call.
+/// The innermost service: one forward to the sidecar, on the long-lived forward stream (or a
+/// unary `Mesh.Forward` call; `--link-forward`).
 #[derive(Clone)]
-struct ForwardCall(MeshClient<MeshSvc>);
+struct ForwardCall(Arc<StreamLink<MeshSvc>>);
 
 impl tower::Service<(String, tonic::Request<sc::ForwardRequest>)> for ForwardCall {
     type Response = tonic::Response<fold_proto::wire::ForwardResponse>;
@@ -111,8 +115,22 @@ impl tower::Service<(String, tonic::Request<sc::ForwardRequest>)> for ForwardCal
     }
 
     fn call(&mut self, (_, req): (String, tonic::Request<sc::ForwardRequest>)) -> Self::Future {
-        let mut client = self.0.clone();
-        Box::pin(async move { client.forward(req).await })
+        let link = self.0.clone();
+        Box::pin(async move {
+            // The deadline and trace context ride in the request's metadata (as for a unary
+            // call); on the stream they travel in the message.
+            let timeout = grpc_timeout(req.metadata()).unwrap_or(Duration::from_secs(10));
+            let trace: std::collections::HashMap<String, String> = ["traceparent", "tracestate"]
+                .into_iter()
+                .filter_map(|k| {
+                    let v = req.metadata().get(k)?.to_str().ok()?;
+                    Some((k.to_string(), v.to_string()))
+                })
+                .collect();
+            link.forward(req.into_inner(), timeout, trace)
+                .await
+                .map(tonic::Response::new)
+        })
     }
 }
 
@@ -124,7 +142,7 @@ fn link_failed(s: &Status) -> bool {
 /// The forward stack: the per-target breaker (mesh failures count: unreachable, too slow, link
 /// down; a remote refusal such as PERMISSION_DENIED does not), then the sidecar-link breaker.
 fn forward_stack(
-    client: MeshClient<MeshSvc>,
+    link: Arc<StreamLink<MeshSvc>>,
     config: BreakerConfig,
     peer_breakers: Arc<Breakers<String>>,
     metrics: Arc<NodeMetrics>,
@@ -165,7 +183,7 @@ fn forward_stack(
         },
     )
     .observe(observer(metrics.clone()));
-    let link = BreakerLayer::new(
+    let link_breaker = BreakerLayer::new(
         Arc::new(Breakers::bounded(config, 1)),
         "the p2p-sidecar link:",
         |_: &(String, tonic::Request<sc::ForwardRequest>)| "sidecar-link".to_string(),
@@ -183,8 +201,8 @@ fn forward_stack(
             BreakerError::Inner(BreakerError::Inner(s)) => s,
         })
         .layer(peers)
-        .layer(link)
-        .service(ForwardCall(client));
+        .layer(link_breaker)
+        .service(ForwardCall(link));
     tower::util::BoxCloneSyncService::new(svc)
 }
 
@@ -196,6 +214,8 @@ pub struct MeshOptions {
     pub breaker: BreakerConfig,
     /// Shared secret sent on every call to the sidecar (TCP links).
     pub token: Option<local_link::token::LinkToken>,
+    /// Forwards on one long-lived stream, or a unary call each.
+    pub link_forward: LinkForward,
 }
 
 impl MeshLink {
@@ -217,8 +237,9 @@ impl MeshLink {
             .max_encoding_message_size(opts.max_message_bytes);
         let node_id = store.meta_get(NODE_ID_KEY).ok().flatten();
         let peer_breakers = Arc::new(Breakers::bounded(opts.breaker, MAX_BREAKERS));
+        let stream_link = Arc::new(StreamLink::new(client.clone(), opts.link_forward));
         let forward_svc = forward_stack(
-            client.clone(),
+            stream_link.clone(),
             opts.breaker,
             peer_breakers.clone(),
             metrics.clone(),
@@ -235,6 +256,7 @@ impl MeshLink {
                 schemas_changed: Notify::new(),
                 forward_timeout: opts.forward_timeout,
                 forward_svc,
+                stream_link,
                 peer_breakers,
                 disconnected: Mutex::new(HashSet::new()),
                 on_reconnect: std::sync::OnceLock::new(),
@@ -523,7 +545,7 @@ impl MeshLink {
             if relayed {
                 // A relayed peers request fails when a node *behind* the target does: that says
                 // nothing about the target, so it bypasses (and never trips) its breaker.
-                ForwardCall(self.inner.client.clone())
+                ForwardCall(self.inner.stream_link.clone())
                     .oneshot((target.clone(), request))
                     .await
                     .map_err(|s| {

@@ -246,6 +246,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 max_backoff: Duration::from_secs(30)
                     .max(Duration::from_millis(config.breaker_backoff_ms)),
             },
+            link_forward: config
+                .link_forward
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("--link-forward: {e}"))?,
             token: token.clone(),
         },
         node_metrics.clone(),
