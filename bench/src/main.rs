@@ -982,31 +982,34 @@ async fn forward_loop(secs: u64, concurrency: usize, local: bool) -> anyhow::Res
             let name = format!("grpc_{side}_handling_seconds_{suffix}");
             foldmesh_e2e::http::sample(text, &name, &labels)
         };
-        // On the forward stream (fold-node --link-forward stream, the default) there is no
-        // per-request gRPC call to the sidecar: node A's own forward histogram stands in for
-        // its wait, and the sidecar's side has no per-request server metric.
-        let node_forward = || {
-            let l = [("op", "query")];
+        // On the node ⇄ sidecar streams (--link-forward stream, the default) there is no
+        // per-request gRPC call: each process's own per-request histogram stands in.
+        let fallback = match (side, method) {
+            ("client", "Forward") => Some(("fold_forward_seconds", Some(("op", "query")))),
+            ("server", "Forward") => Some(("fold_sidecar_outbound_forward_seconds", None)),
+            ("server", "HandleForward") => {
+                Some(("fold_peer_request_seconds", Some(("op", "query"))))
+            }
+            _ => None,
+        };
+        let own = |name: &str, label: Option<(&str, &str)>| {
+            let l: Vec<(&str, &str)> = label.into_iter().collect();
             Some((
-                foldmesh_e2e::http::sample(text, "fold_forward_seconds_sum", &l)?,
-                foldmesh_e2e::http::sample(text, "fold_forward_seconds_count", &l)?,
+                foldmesh_e2e::http::sample(text, &format!("{name}_sum"), &l)?,
+                foldmesh_e2e::http::sample(text, &format!("{name}_count"), &l)?,
             ))
         };
         match (value("sum"), value("count")) {
             (Some(sum), Some(count)) if count > 0.0 => {
                 println!("  {what:<36} mean {:>6.0} µs", sum / count * 1e6)
             }
-            _ if method == "Forward" && side == "client" => match node_forward() {
-                Some((sum, count)) if count > 0.0 => println!(
-                    "  {what:<36} mean {:>6.0} µs (fold_forward_seconds: on the forward stream)",
+            _ => match fallback.and_then(|(name, l)| Some((name, own(name, l)?))) {
+                Some((name, (sum, count))) if count > 0.0 => println!(
+                    "  {what:<36} mean {:>6.0} µs ({name}: on the stream)",
                     sum / count * 1e6
                 ),
-                _ => println!("  {what:<36} (no fold_forward_seconds)"),
+                _ => println!("  {what:<36} (on the stream: no per-request metric)"),
             },
-            _ if method == "Forward" => {
-                println!("  {what:<36} (on the forward stream: no per-request gRPC metric)")
-            }
-            _ => println!("  {what:<36} (no grpc_{side}_handling_seconds for {service}/{method})"),
         }
     }
     Ok(())

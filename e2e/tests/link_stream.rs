@@ -23,14 +23,30 @@ fn notes() -> serde_json::Value {
 
 /// How many `Mesh.<method>` calls node `n` started toward its sidecar.
 fn started(n: &Node, method: &str) -> f64 {
-    let (_, text) = foldmesh_e2e::http::get(&n.node.admin, "/metrics").unwrap();
+    metric(
+        &n.node.admin,
+        "grpc_client_started_total",
+        "fold.sidecar.v1.Mesh",
+        method,
+    )
+}
+
+/// How many `PeerRequests.<method>` calls node `n`'s sidecar started toward it.
+fn inbound_started(n: &Node, method: &str) -> f64 {
+    metric(
+        &n.node.admin,
+        "grpc_server_started_total",
+        "fold.sidecar.v1.PeerRequests",
+        method,
+    )
+}
+
+fn metric(admin: &str, name: &str, service: &str, method: &str) -> f64 {
+    let (_, text) = foldmesh_e2e::http::get(admin, "/metrics").unwrap();
     foldmesh_e2e::http::sample(
         &text,
-        "grpc_client_started_total",
-        &[
-            ("grpc_service", "fold.sidecar.v1.Mesh"),
-            ("grpc_method", method),
-        ],
+        name,
+        &[("grpc_service", service), ("grpc_method", method)],
     )
     .unwrap_or(0.0)
 }
@@ -102,6 +118,38 @@ async fn forwards_share_one_stream_that_is_reopened_after_a_sidecar_restart() {
         2.0,
         "a new stream after the restart"
     );
+}
+
+/// B's fold-node restarts: B's sidecar's inbound stream ends, and the next forward opens a new
+/// one to the new node process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inbound_stream_is_reopened_after_the_node_restarts() {
+    let (a, mut b) = serving_pair(&[]).await;
+    let mut c = fold(&a.node.grpc);
+    for _ in 0..5 {
+        c.query(forwarded(&b)).await.unwrap();
+    }
+    b.node.proc.kill9();
+    let dir = b.data_dir().to_path_buf();
+    b.node =
+        foldmesh_e2e::process::NodeProc::start(&dir, &["--unknown-peer-distance", "1"]).unwrap();
+    eventually(
+        "forwards to B to work again after its node restarted",
+        Duration::from_secs(30),
+        || {
+            let mut c = c.clone();
+            let q = forwarded(&b);
+            async move { c.query(q).await.ok() }
+        },
+    )
+    .await
+    .unwrap();
+    for _ in 0..5 {
+        let r = c.query(forwarded(&b)).await.unwrap().into_inner();
+        assert_eq!(r.records.len(), 1, "B's data survived");
+    }
+    // The new node process saw exactly one stream from its sidecar.
+    assert_eq!(inbound_started(&b, "HandleForwardStream"), 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -191,6 +191,12 @@ pub struct Config {
     )]
     pub max_concurrent_streams: usize,
 
+    /// How inbound forwards travel to the node: "stream" (one long-lived bidirectional gRPC
+    /// stream, PeerRequests.HandleForwardStream) or "unary" (one HandleForward call each; what
+    /// older nodes get anyway).
+    #[arg(long, env = "FOLD_SIDECAR_LINK_FORWARD", default_value = "stream", value_parser = ["stream", "unary"])]
+    pub link_forward: String,
+
     /// Forwards in flight at once on one node ⇄ sidecar forward stream (Mesh.ForwardStream);
     /// further ones are answered RESOURCE_EXHAUSTED.
     #[arg(long, env = "FOLD_SIDECAR_MAX_STREAM_FORWARDS", default_value_t = crate::mesh_api::DEFAULT_MAX_STREAM_FORWARDS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]

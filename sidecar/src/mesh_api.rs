@@ -27,8 +27,6 @@ use tracing::Instrument;
 
 use crate::client::Client;
 
-/// Answers buffered per forward stream before the sidecar waits for the node to read.
-const STREAM_ANSWER_BUFFER: usize = 1024;
 /// Default of --max-stream-forwards.
 pub const DEFAULT_MAX_STREAM_FORWARDS: usize = 4096;
 
@@ -241,41 +239,20 @@ impl Mesh for MeshApi {
         &self,
         request: Request<tonic::Streaming<ForwardStreamRequest>>,
     ) -> Result<Response<Self::ForwardStreamStream>, Status> {
-        let mut inbound = request.into_inner();
-        // Answers wait here for the node to read them; a node that stops reading stops this
-        // stream's requests from being taken (the send below waits), never the sidecar.
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<ForwardStreamResponse, Status>>(
-            STREAM_ANSWER_BUFFER,
-        );
         let forwarder = self.forwarder.clone();
-        let slots = Arc::new(tokio::sync::Semaphore::new(self.max_stream_forwards));
-        tokio::spawn(async move {
-            loop {
-                let msg = match inbound.message().await {
-                    Ok(Some(m)) => m,
-                    // The node closed its side, or the stream broke: nothing more to take.
-                    Ok(None) | Err(_) => return,
-                };
-                let id = msg.id;
-                let Ok(permit) = slots.clone().try_acquire_owned() else {
-                    let refused = ForwardStreamResponse {
-                        id,
-                        result: Some(forward_stream_response::Result::Error(
-                            fold_proto::status::wire_error(
-                                tonic::Code::ResourceExhausted,
-                                "too many forwards in flight on this stream (--max-stream-forwards)",
-                            ),
-                        )),
-                    };
-                    if tx.send(Ok(refused)).await.is_err() {
-                        return;
-                    }
-                    continue;
-                };
+        let answers = local_link::mux::serve_stream(
+            request.into_inner(),
+            self.max_stream_forwards,
+            |r: &ForwardStreamRequest| r.id,
+            |id, s| ForwardStreamResponse {
+                id,
+                result: Some(forward_stream_response::Result::Error(
+                    fold_proto::status::to_wire(&s),
+                )),
+            },
+            move |msg: ForwardStreamRequest| {
                 let forwarder = forwarder.clone();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let _permit = permit;
+                async move {
                     let parent = fold_telemetry::otel::extract_map(&msg.trace_context);
                     let deadline =
                         (msg.timeout_ms > 0).then(|| Duration::from_millis(msg.timeout_ms.into()));
@@ -285,23 +262,19 @@ impl Mesh for MeshApi {
                             "a stream request without 'request'",
                         )),
                     };
-                    let answer = ForwardStreamResponse {
-                        id,
+                    ForwardStreamResponse {
+                        id: msg.id,
                         result: Some(match result {
                             Ok(r) => forward_stream_response::Result::Response(r),
                             Err(s) => forward_stream_response::Result::Error(
                                 fold_proto::status::to_wire(&s),
                             ),
                         }),
-                    };
-                    // The node went away: its answer has nowhere to go.
-                    let _ = tx.send(Ok(answer)).await;
-                });
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+                    }
+                }
+            },
+        );
+        Ok(Response::new(Box::pin(answers)))
     }
 
     async fn check_schemas(

@@ -240,6 +240,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         config.max_forward_bytes,
         client_metrics,
     );
+    let node = if config.link_forward == "unary" {
+        node.unary()
+    } else {
+        node
+    };
     let (client, mut tasks) = assemble(
         swarm,
         &config,

@@ -81,6 +81,8 @@ pub struct NodeMetrics {
     route_peer_latency: Family<TargetLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     route_peer_in_flight: Family<TargetLabels, Gauge>,
     injected_faults: Counter,
+    peer_requests: Family<OpOutcomeLabels, Counter>,
+    peer_request_seconds: Histograms<OpLabels>,
 }
 
 impl NodeMetrics {
@@ -106,7 +108,21 @@ impl NodeMetrics {
             route_peer_latency: Family::default(),
             route_peer_in_flight: Family::default(),
             injected_faults: Counter::default(),
+            peer_requests: Family::default(),
+            peer_request_seconds: Family::new_with_constructor(
+                latency_histogram as fn() -> Histogram,
+            ),
         };
+        reg.register(
+            "fold_peer_requests",
+            "Requests from other nodes (handed over by the sidecar), by operation and gRPC outcome",
+            m.peer_requests.clone(),
+        );
+        reg.register(
+            "fold_peer_request_seconds",
+            "Time this node took to serve a request from another node, in seconds",
+            m.peer_request_seconds.clone(),
+        );
         reg.register(
             "fold_injected_faults",
             "Requests from peers refused with UNAVAILABLE by fault injection (--fault-percent)",
@@ -292,6 +308,15 @@ impl NodeMetrics {
         self.route_peer_in_flight
             .get_or_create(&labels)
             .set(i64::from(stats.in_flight));
+    }
+
+    pub fn peer_request(&self, op: &'static str, outcome: &'static str, started: Instant) {
+        self.peer_requests
+            .get_or_create(&OpOutcomeLabels { op, outcome })
+            .inc();
+        self.peer_request_seconds
+            .get_or_create(&OpLabels { op })
+            .observe(started.elapsed().as_secs_f64());
     }
 
     pub fn injected_fault(&self) {

@@ -16,7 +16,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fold_middleware::metrics::code_name;
 use fold_proto::sidecar::peer_requests_server::PeerRequests;
-use fold_proto::sidecar::{InboundForward, ServedSchemasRequest, ServedSchemasResponse};
+use fold_proto::sidecar::{
+    InboundForward, InboundStreamRequest, InboundStreamResponse, ServedSchemasRequest,
+    ServedSchemasResponse, inbound_stream_response,
+};
 use fold_proto::status::to_wire;
 use fold_proto::v1::{ListPeersRequest, ListPeersResponse};
 use fold_proto::wire::{ForwardEnvelope, ForwardResponse, forward_response, operation};
@@ -35,6 +38,9 @@ use std::sync::Arc;
 const MAX_CHECKED_NAMES: usize = 1024;
 /// Most relays one peers request may ask for (`via`): a topology reaches 4 hops.
 const MAX_RELAY_HOPS: usize = 3;
+/// Inbound forwards in flight at once on one sidecar stream (beyond: RESOURCE_EXHAUSTED; the
+/// sidecar's own --inbound-queue is far smaller).
+const MAX_STREAM_IN_FLIGHT: usize = 4096;
 /// Most peers one peers request is answered with.
 const MAX_PEERS_SHOWN: usize = 512;
 
@@ -45,6 +51,7 @@ pub struct PeerRequestsApi {
     /// Fault injection (--fault-percent): this share of requests from peers is refused with
     /// UNAVAILABLE before any work, for resilience drills.
     faults: Option<(f64, Arc<NodeMetrics>)>,
+    metrics: Option<Arc<NodeMetrics>>,
 }
 
 impl PeerRequestsApi {
@@ -53,7 +60,14 @@ impl PeerRequestsApi {
             data,
             mesh,
             faults: None,
+            metrics: None,
         }
+    }
+
+    /// Count each request from a peer (operation, outcome, time) in these metrics.
+    pub fn with_metrics(mut self, metrics: Arc<NodeMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Refuse `percent` % of requests from peers with UNAVAILABLE (0 = none).
@@ -105,7 +119,79 @@ impl PeerRequests for PeerRequestsApi {
     ) -> Result<Response<ForwardResponse>, Status> {
         // The trace context arrives once, as gRPC metadata from the sidecar's span.
         let parent = fold_telemetry::otel::extract_metadata(request.metadata());
-        let inbound = request.into_inner();
+        self.serve(request.into_inner(), parent)
+            .await
+            .map(Response::new)
+    }
+
+    type HandleForwardStreamStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<InboundStreamResponse, Status>> + Send>,
+    >;
+
+    async fn handle_forward_stream(
+        &self,
+        request: Request<tonic::Streaming<InboundStreamRequest>>,
+    ) -> Result<Response<Self::HandleForwardStreamStream>, Status> {
+        let api = self.clone();
+        let answers = local_link::mux::serve_stream(
+            request.into_inner(),
+            MAX_STREAM_IN_FLIGHT,
+            |r: &InboundStreamRequest| r.id,
+            |id, s| InboundStreamResponse {
+                id,
+                result: Some(inbound_stream_response::Result::Error(to_wire(&s))),
+            },
+            move |msg: InboundStreamRequest| {
+                let api = api.clone();
+                async move {
+                    let parent = fold_telemetry::otel::extract_map(&msg.trace_context);
+                    let result = match msg.forward {
+                        Some(f) => {
+                            let work = api.serve(f, parent);
+                            match msg.timeout_ms {
+                                0 => work.await,
+                                ms => tokio::time::timeout(Duration::from_millis(ms.into()), work)
+                                    .await
+                                    .unwrap_or_else(|_| {
+                                        Err(Status::deadline_exceeded(
+                                            "the request's deadline passed while this node worked on it",
+                                        ))
+                                    }),
+                            }
+                        }
+                        None => Err(Status::invalid_argument(
+                            "a stream request without 'forward'",
+                        )),
+                    };
+                    InboundStreamResponse {
+                        id: msg.id,
+                        result: Some(match result {
+                            Ok(r) => inbound_stream_response::Result::Response(r),
+                            Err(s) => inbound_stream_response::Result::Error(to_wire(&s)),
+                        }),
+                    }
+                }
+            },
+        );
+        Ok(Response::new(Box::pin(answers)))
+    }
+
+    async fn served_schemas(
+        &self,
+        request: Request<ServedSchemasRequest>,
+    ) -> Result<Response<ServedSchemasResponse>, Status> {
+        self.served_schemas_impl(request).await
+    }
+}
+
+impl PeerRequestsApi {
+    /// One inbound forward (unary or on the stream): decode the envelope once, resolve the
+    /// requester by path distance, run the operation within the origin's deadline.
+    async fn serve(
+        &self,
+        inbound: InboundForward,
+        parent: opentelemetry::Context,
+    ) -> Result<ForwardResponse, Status> {
         if inbound.origin_node_id.is_empty() || inbound.origin_node_id.len() > MAX_NODE_ID_BYTES {
             return Err(Status::invalid_argument(
                 "'origin_node_id' is required (a node id of at most 64 bytes)",
@@ -150,6 +236,7 @@ impl PeerRequests for PeerRequestsApi {
             0 => None,
             ms => Some(UNIX_EPOCH + Duration::from_millis(ms)),
         };
+        let started = std::time::Instant::now();
         let result = async {
             let work = self.execute(&who, &env.target_node_id, op, deadline);
             // The origin's deadline travelled in the signed envelope: past it, the work is
@@ -181,25 +268,26 @@ impl PeerRequests for PeerRequestsApi {
         }
         .instrument(span.clone())
         .await;
-        span.record(
-            "outcome",
-            match &result {
-                forward_response::Result::Error(e) => code_name(tonic::Code::from_i32(e.code)),
-                _ => "OK",
-            },
-        );
+        let outcome = match &result {
+            forward_response::Result::Error(e) => code_name(tonic::Code::from_i32(e.code)),
+            _ => "OK",
+        };
+        span.record("outcome", outcome);
+        if let Some(m) = &self.metrics {
+            m.peer_request(op_name, outcome, started);
+        }
         if let forward_response::Result::Error(e) = &result {
             tracing::info!(peer = %inbound.origin_node_id, request_id = %env.request_id, code = e.code, error = %e.message, "inbound request refused");
         } else {
             tracing::debug!(peer = %inbound.origin_node_id, request_id = %env.request_id, "inbound request served");
         }
-        Ok(Response::new(ForwardResponse {
+        Ok(ForwardResponse {
             request_id: env.request_id,
             result: Some(result),
-        }))
+        })
     }
 
-    async fn served_schemas(
+    async fn served_schemas_impl(
         &self,
         request: Request<ServedSchemasRequest>,
     ) -> Result<Response<ServedSchemasResponse>, Status> {

@@ -282,6 +282,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .max_encoding_message_size(max);
     let peer_service = PeerRequestsServer::new(
         PeerRequestsApi::new(data.clone(), mesh.clone())
+            .with_metrics(node_metrics.clone())
             .with_faults(config.fault_percent, node_metrics.clone()),
     )
     .max_decoding_message_size(max)

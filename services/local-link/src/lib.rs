@@ -6,6 +6,7 @@
 //! streams, accepted or dialed, get `TCP_NODELAY` (without it every unary call waits ~44 ms on
 //! Nagle + delayed ACK).
 
+pub mod mux;
 pub mod token;
 
 use std::fmt;
