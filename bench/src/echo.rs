@@ -59,6 +59,13 @@ impl FoldNode for Echo {
     async fn scan(&self, _: Request<QueryRequest>) -> Result<Response<Self::ScanStream>, Status> {
         Err(Status::unimplemented("echo"))
     }
+    type SubscribeStream = tokio_stream::Empty<Result<SubscribeResponse, Status>>;
+    async fn subscribe(
+        &self,
+        _: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
 }
 
 pub async fn serve() -> anyhow::Result<()> {

@@ -298,6 +298,30 @@ impl FoldNode for FoldNodeApi {
         )))
     }
 
+    type SubscribeStream = crate::subscribe::SubscriptionStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let principal = principal_of(&request);
+        let req = request.into_inner();
+        if !self.mesh.is_local(&req.target_node_id) {
+            return Err(Status::invalid_argument(
+                "Subscribe streams this node's changes only; connect to the other node, or follow its schema (fold-node --follow)",
+            ));
+        }
+        let span = tracing::info_span!(
+            "fold.subscribe",
+            schema = %req.schema,
+            from_sequence = req.from_sequence,
+            outcome = tracing::field::Empty,
+        );
+        traced(span, self.data.subscribe(&principal, req))
+            .await
+            .map(Response::new)
+    }
+
     async fn history(
         &self,
         request: Request<HistoryRequest>,

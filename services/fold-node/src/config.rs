@@ -174,6 +174,20 @@ pub struct Config {
     #[arg(long, env = "FOLD_IDEMPOTENCY_WINDOW_SECS", default_value_t = 86_400)]
     pub idempotency_window_secs: u64,
 
+    /// Change log entries kept per schema (0: all). The change log is what FoldNode.Subscribe
+    /// catches up from; a subscription from before the oldest kept entry is OUT_OF_RANGE.
+    #[arg(long, env = "FOLD_CHANGE_LOG_RETENTION", default_value_t = 0)]
+    pub change_log_retention: u64,
+
+    /// Live changes one subscriber (FoldNode.Subscribe) may fall behind before its stream is
+    /// ended with RESOURCE_EXHAUSTED (it then resumes from the last sequence it received).
+    #[arg(long, env = "FOLD_SUBSCRIPTION_BUFFER", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub subscription_buffer: u64,
+
+    /// Subscriptions (FoldNode.Subscribe streams) open at once; more are RESOURCE_EXHAUSTED.
+    #[arg(long, env = "FOLD_MAX_SUBSCRIPTIONS", default_value_t = 256)]
+    pub max_subscriptions: usize,
+
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish before exit.
     #[arg(long, env = "FOLD_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,

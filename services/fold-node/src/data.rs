@@ -55,6 +55,10 @@ pub struct Data {
     commits: Committer,
     idempotency_window_ms: u64,
     pager: crate::paging::Pager,
+    /// Live changes for subscribers, published by the group-commit writer.
+    hub: crate::subscribe::ChangeHub,
+    /// One permit per open subscription (--max-subscriptions).
+    subscriptions: Arc<tokio::sync::Semaphore>,
 }
 
 pub fn store_status(e: StoreError) -> Status {
@@ -147,10 +151,19 @@ impl Data {
         store: Store,
         identities: Identities,
         metrics: Arc<NodeMetrics>,
+        subscribe: crate::subscribe::SubscribeLimits,
     ) -> std::io::Result<Self> {
-        let commits = Committer::start(store.clone(), metrics.clone(), Limits::default())?;
+        let hub = crate::subscribe::ChangeHub::new(subscribe.buffer);
+        let commits = Committer::start(
+            store.clone(),
+            metrics.clone(),
+            Limits::default(),
+            hub.clone(),
+        )?;
         let pager = crate::paging::Pager::load(&store).map_err(std::io::Error::other)?;
         Ok(Data {
+            hub,
+            subscriptions: Arc::new(tokio::sync::Semaphore::new(subscribe.max_subscriptions)),
             pager,
             store,
             identities,
@@ -433,6 +446,7 @@ impl Data {
             }
         }
         .map_err(commit_status)?;
+        let sequence = committed.sequences.first().copied().unwrap_or(0);
         let (fields, version_ids) = committed.written.into_iter().flatten().unzip();
         Ok(MutateResponse {
             fields,
@@ -440,6 +454,7 @@ impl Data {
             node_id: String::new(),
             version_ids,
             replayed: committed.replayed,
+            sequence,
         })
     }
 
@@ -481,6 +496,7 @@ impl Data {
                 JobError::Refused { index, error } => record_status(index, &refusal_status(error)),
                 e => commit_status(e),
             })?;
+        let mut sequences = committed.sequences.into_iter();
         let results = committed
             .written
             .into_iter()
@@ -491,6 +507,7 @@ impl Data {
                     fields,
                     range_key,
                     version_ids,
+                    sequence: sequences.next().unwrap_or(0),
                 }
             })
             .collect();
@@ -609,6 +626,87 @@ impl Data {
         })
     }
 
+    // ---- subscriptions ------------------------------------------------------------------------
+
+    /// Open a subscription to the changes of a schema of this node (FoldNode.Subscribe).
+    pub async fn subscribe(
+        &self,
+        who: &Principal,
+        req: v1::SubscribeRequest,
+    ) -> Result<crate::subscribe::SubscriptionStream, Status> {
+        use crate::subscribe::{self, Selection};
+        let requester = self.requester(who)?;
+        let schema = self.usable_schema(&req.schema)?;
+        let fields = readable_fields(&schema, &requester, &req.fields)?;
+        let filter = match (schema.range_key(), req.filter.as_ref()) {
+            (None, Some(f)) if f.filter.is_some() => {
+                return Err(Status::invalid_argument(format!(
+                    "schema '{}' is a Single schema; range filters apply only to Range schemas",
+                    schema.name
+                )));
+            }
+            (_, f) => KeyFilter::from_proto(f).map_err(Status::invalid_argument)?,
+        };
+        let Ok(permit) = self.subscriptions.clone().try_acquire_owned() else {
+            self.metrics.subscription_end("full");
+            return Err(Status::resource_exhausted(
+                "this node serves as many subscriptions as it allows (--max-subscriptions); close one or try again later",
+            ));
+        };
+        // Registered before the log is read: nothing committed from here on can be missed.
+        let rx = self.hub.listen(&schema.name);
+        let store = self.store.clone();
+        let name = schema.name.clone();
+        let bounds = storage(&self.metrics, "subscribe", Runs::Inline, move || {
+            store.log_bounds(&name).map_err(store_status)
+        })
+        .await?;
+        if req.from_sequence.saturating_add(1) < bounds.oldest {
+            self.metrics.subscription_end("out_of_range");
+            return Err(subscribe::out_of_range(
+                &schema.name,
+                req.from_sequence,
+                bounds.oldest,
+            ));
+        }
+        if req.from_sequence > bounds.head {
+            return Err(Status::out_of_range(format!(
+                "from_sequence {} is beyond the head of schema '{}' on this node ({}): this node never assigned it; subscribe from at most the head",
+                req.from_sequence, schema.name, bounds.head
+            )));
+        }
+        let recheck = {
+            let identities = self.identities.clone();
+            let who = who.clone();
+            let schema = schema.clone();
+            let fields = fields.clone();
+            Box::new(move || -> Result<(), Status> {
+                let r = identities.resolve(&who).map_err(store_status)?;
+                for f in &fields {
+                    if let Some(def) = schema.field(f) {
+                        permissions::check(def, Access::Read, &r).map_err(denied_status)?;
+                    }
+                }
+                Ok(())
+            })
+        };
+        Ok(subscribe::start(
+            self.store.clone(),
+            self.metrics.clone(),
+            self.hub.clone(),
+            Selection {
+                schema,
+                fields,
+                filter,
+                json_values: req.json_values,
+            },
+            req.from_sequence,
+            rx,
+            permit,
+            recheck,
+        ))
+    }
+
     /// Which of `names` are approved schemas here.
     pub fn served(&self, names: &[String]) -> Vec<String> {
         names
@@ -617,6 +715,45 @@ impl Data {
             .cloned()
             .collect()
     }
+}
+
+/// The fields a subscription sends: each named one (must exist and be readable, as for Query),
+/// or, when none is named, every field `requester` may read. In schema order.
+fn readable_fields(
+    schema: &Schema,
+    requester: &Requester,
+    named: &[String],
+) -> Result<Vec<String>, Status> {
+    if named.is_empty() {
+        let fields: Vec<String> = schema
+            .fields
+            .iter()
+            .filter(|(_, def)| permissions::check(def, Access::Read, requester).is_ok())
+            .map(|(f, _)| f.clone())
+            .collect();
+        if fields.is_empty() {
+            return Err(Status::permission_denied(format!(
+                "{} may read no field of schema '{}'",
+                requester.label, schema.name
+            )));
+        }
+        return Ok(fields);
+    }
+    for f in named {
+        let Some(def) = schema.field(f) else {
+            return Err(Status::not_found(format!(
+                "field '{f}' not found in schema '{}'",
+                schema.name
+            )));
+        };
+        permissions::check(def, Access::Read, requester).map_err(denied_status)?;
+    }
+    Ok(schema
+        .fields
+        .keys()
+        .filter(|f| named.contains(f))
+        .cloned()
+        .collect())
 }
 
 fn range_key_value(schema: &str, rk: &str, v: Option<&Json>) -> Result<String, Status> {
@@ -795,6 +932,7 @@ fn version_to_proto(v: VersionRecord, json_values: bool) -> FieldVersion {
         }),
         writer: v.writer,
         previous_version_id: v.prev.unwrap_or_default(),
+        sequence: v.seq,
         mutation_type: match v.mutation {
             MutationKind::Create => MutationType::Create,
             MutationKind::Update => MutationType::Update,

@@ -21,4 +21,5 @@ pub mod permissions;
 pub mod schema;
 pub mod server;
 pub mod store;
+pub mod subscribe;
 pub mod topology;

@@ -63,6 +63,14 @@ pub struct NodeMetrics {
     commit_seconds: Histogram,
     commit_failures: Counter,
     write_queue_depth: Gauge,
+    subscribers: Gauge,
+    subscription_changes: Counter,
+    subscription_ends: Family<ReasonLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
 }
 
 impl NodeMetrics {
@@ -81,6 +89,9 @@ impl NodeMetrics {
             commit_seconds: latency_histogram(),
             commit_failures: Counter::default(),
             write_queue_depth: Gauge::default(),
+            subscribers: Gauge::default(),
+            subscription_changes: Counter::default(),
+            subscription_ends: Family::default(),
         };
         reg.register(
             "fold_storage_operations",
@@ -142,7 +153,39 @@ impl NodeMetrics {
             "Write requests waiting for the group-commit writer",
             m.write_queue_depth.clone(),
         );
+        reg.register(
+            "fold_subscribers",
+            "Open FoldNode.Subscribe streams",
+            m.subscribers.clone(),
+        );
+        reg.register(
+            "fold_subscription_changes_sent",
+            "Changes sent to subscribers",
+            m.subscription_changes.clone(),
+        );
+        reg.register(
+            "fold_subscription_ends",
+            "Subscriptions ended by the node, by reason (overflow: the subscriber fell behind its buffer; full: --max-subscriptions reached; out_of_range: history no longer kept)",
+            m.subscription_ends.clone(),
+        );
         Arc::new(m)
+    }
+
+    /// A subscription stream opened (`+1`) or closed (`-1`).
+    pub fn subscribers(&self, delta: i64) {
+        self.subscribers.inc_by(delta);
+    }
+
+    /// `n` changes sent to a subscriber.
+    pub fn subscription_sent(&self, n: u64) {
+        self.subscription_changes.inc_by(n);
+    }
+
+    /// A subscription refused or cut by the node.
+    pub fn subscription_end(&self, reason: &'static str) {
+        self.subscription_ends
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     /// One group commit: its size and how long applying and committing took.

@@ -210,9 +210,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             RefusalMetrics::register(&mut reg, "fold"),
         )
     };
-    let data = Data::new(store.clone(), identities, node_metrics.clone())
-        .context("cannot start the group-commit writer thread")?
-        .with_idempotency_window(Duration::from_secs(config.idempotency_window_secs));
+    store.set_change_log_retention(config.change_log_retention);
+    let data = Data::new(
+        store.clone(),
+        identities,
+        node_metrics.clone(),
+        crate::subscribe::SubscribeLimits {
+            buffer: usize::try_from(config.subscription_buffer).unwrap_or(usize::MAX),
+            max_subscriptions: config.max_subscriptions,
+        },
+    )
+    .context("cannot start the group-commit writer thread")?
+    .with_idempotency_window(Duration::from_secs(config.idempotency_window_secs));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<FoldNodeServer<FoldNodeApi>>().await;

@@ -1,0 +1,495 @@
+//! `FoldNode.Subscribe`: the changes of one schema, catch-up from the change log and then live.
+//!
+//! Every committed mutation has a dense per-schema sequence number and a change log entry
+//! (store.rs). The group-commit writer publishes each durable group's changes to the
+//! [`ChangeHub`]: one `tokio::sync::broadcast` ring per schema, of `--subscription-buffer`
+//! changes. A subscription:
+//!
+//! 1. registers with the hub (before reading anything, so no change committed from then on can
+//!    be missed), checks `from_sequence` against the log's bounds (OUT_OF_RANGE when the changes
+//!    after it are no longer kept, naming the oldest kept);
+//! 2. catches up from the change log in pages, at the subscriber's pace (the broadcast ring may
+//!    overflow meanwhile: that is not an error, the log has everything);
+//! 3. registers afresh and reads the log once more up to the head (anything committed while
+//!    registering again is there);
+//! 4. goes live: changes from the ring, duplicates (sequence <= last sent) dropped, a gap
+//!    (which cannot happen while the ring holds everything, but costs nothing to check) filled
+//!    from the log.
+//!
+//! Live, a subscriber that does not keep up falls behind the ring: when more than
+//! `--subscription-buffer` changes are waiting for it, the stream ends with RESOURCE_EXHAUSTED
+//! saying from which sequence to resume. Publishing never waits for subscribers, so a slow
+//! subscriber costs the node nothing but its ring slots. Every second a progress message
+//! carries the last sequence considered and the head.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use fold_proto::json::json_to_value;
+use fold_proto::v1::{
+    Change, ChangedField, MutationType, Progress, SubscribeResponse, subscribe_response,
+};
+use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc, oneshot};
+use tonic::Status;
+
+use crate::filter::KeyFilter;
+use crate::metrics::NodeMetrics;
+use crate::schema::Schema;
+use crate::store::{ChangeEvent, MutationKind, Store};
+
+/// Changes read from the log per step of a catch-up.
+const CATCH_UP_PAGE: usize = 256;
+/// Messages waiting in a stream between the subscription task and the transport.
+const STREAM_QUEUE: usize = 16;
+/// How often a progress message is sent.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// How often a blocked live send checks whether its subscriber overflowed.
+const OVERFLOW_CHECK: Duration = Duration::from_millis(50);
+
+/// Bounds of subscriptions.
+#[derive(Debug, Clone, Copy)]
+pub struct SubscribeLimits {
+    /// Live changes one subscriber may be behind before its stream is cut.
+    pub buffer: usize,
+    /// Open subscriptions at once; more are RESOURCE_EXHAUSTED.
+    pub max_subscriptions: usize,
+}
+
+impl Default for SubscribeLimits {
+    fn default() -> Self {
+        SubscribeLimits {
+            buffer: 4096,
+            max_subscriptions: 256,
+        }
+    }
+}
+
+type Ring = broadcast::Sender<Arc<ChangeEvent>>;
+
+/// Where committed changes are published to live subscribers: one broadcast ring per schema
+/// with subscribers (schemas are few and loaded by admins; the map is bounded by them).
+#[derive(Clone)]
+pub struct ChangeHub {
+    inner: Arc<HubInner>,
+}
+
+struct HubInner {
+    capacity: usize,
+    rings: Mutex<HashMap<String, Ring>>,
+}
+
+impl ChangeHub {
+    /// A hub whose rings hold `capacity` changes each.
+    pub fn new(capacity: usize) -> ChangeHub {
+        ChangeHub {
+            inner: Arc::new(HubInner {
+                capacity: capacity.max(1),
+                rings: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.inner.capacity
+    }
+
+    fn rings(&self) -> std::sync::MutexGuard<'_, HashMap<String, Ring>> {
+        // A poisoned lock only means a panic elsewhere; the map itself is always consistent.
+        self.inner
+            .rings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Receive every change of `schema` published from now on.
+    pub fn listen(&self, schema: &str) -> broadcast::Receiver<Arc<ChangeEvent>> {
+        let mut rings = self.rings();
+        if let Some(tx) = rings.get(schema) {
+            return tx.subscribe();
+        }
+        let (tx, rx) = broadcast::channel(self.inner.capacity);
+        rings.insert(schema.to_string(), tx);
+        rx
+    }
+
+    /// Publish committed changes (in commit order). Never waits.
+    pub fn publish(&self, events: Vec<ChangeEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        let rings = self.rings();
+        for e in events {
+            if let Some(tx) = rings.get(&e.schema)
+                && tx.receiver_count() > 0
+            {
+                let _ = tx.send(Arc::new(e));
+            }
+        }
+    }
+}
+
+/// What one subscription selects, already checked against the schema and the permissions.
+pub struct Selection {
+    pub schema: Arc<Schema>,
+    /// The fields to send, in schema order.
+    pub fields: Vec<String>,
+    pub filter: KeyFilter,
+    pub json_values: bool,
+}
+
+impl Selection {
+    /// The change as this subscription sees it: `None` when it selects nothing of it.
+    fn view(&self, e: &ChangeEvent) -> Option<Change> {
+        if self.schema.range_key().is_some() && !self.filter.matches(&e.range_key) {
+            return None;
+        }
+        let mut fields = Vec::new();
+        for f in &self.fields {
+            if let Some((_, v)) = e.versions.iter().find(|(name, _)| name == f) {
+                let (value, value_json) = if self.json_values {
+                    (None, v.value.to_string())
+                } else {
+                    (Some(json_to_value(&v.value)), String::new())
+                };
+                fields.push(ChangedField {
+                    field: f.clone(),
+                    version_id: v.id.clone(),
+                    previous_version_id: v.prev.clone().unwrap_or_default(),
+                    deleted: v.deleted,
+                    value,
+                    value_json,
+                });
+            }
+        }
+        if fields.is_empty() {
+            return None;
+        }
+        let first = e.versions.first().map(|(_, v)| v);
+        let ms = first.map_or(0, |v| v.written_at_ms);
+        Some(Change {
+            sequence: e.sequence,
+            range_key: e.range_key.clone(),
+            mutation_type: match e.kind() {
+                MutationKind::Create => MutationType::Create,
+                MutationKind::Update => MutationType::Update,
+                MutationKind::Delete => MutationType::Delete,
+            } as i32,
+            writer: first.map(|v| v.writer.clone()).unwrap_or_default(),
+            written_at: Some(prost_types::Timestamp {
+                seconds: (ms / 1000) as i64,
+                nanos: ((ms % 1000) * 1_000_000) as i32,
+            }),
+            fields,
+        })
+    }
+}
+
+/// The response stream of one subscription: the queued messages, unless the node ended the
+/// stream with a status, which then goes first (queued changes are dropped: the subscriber
+/// resumes from the last sequence it received).
+pub struct SubscriptionStream {
+    rx: mpsc::Receiver<SubscribeResponse>,
+    end: Option<oneshot::Receiver<Status>>,
+    done: bool,
+    metrics: Arc<NodeMetrics>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for SubscriptionStream {
+    fn drop(&mut self) {
+        self.metrics.subscribers(-1);
+    }
+}
+
+impl futures::Stream for SubscriptionStream {
+    type Item = Result<SubscribeResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if let Some(end) = self.end.as_mut()
+            && let Poll::Ready(r) = Pin::new(end).poll(cx)
+        {
+            self.end = None;
+            if let Ok(status) = r {
+                self.done = true;
+                return Poll::Ready(Some(Err(status)));
+            }
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(m)) => Poll::Ready(Some(Ok(m))),
+            Poll::Ready(None) => {
+                // The task ended; a status it sent last is still to be delivered.
+                if let Some(end) = self.end.as_mut()
+                    && let Ok(status) = end.try_recv()
+                {
+                    self.done = true;
+                    return Poll::Ready(Some(Err(status)));
+                }
+                self.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// Why a subscription task stopped.
+enum Stop {
+    /// The subscriber went away.
+    Gone,
+    /// End the stream with this status.
+    Status(Status),
+}
+
+impl From<Status> for Stop {
+    fn from(s: Status) -> Self {
+        Stop::Status(s)
+    }
+}
+
+struct Task {
+    store: Store,
+    metrics: Arc<NodeMetrics>,
+    hub: ChangeHub,
+    sel: Selection,
+    out: mpsc::Sender<SubscribeResponse>,
+    /// The last sequence sent or skipped.
+    last: u64,
+    ticker: tokio::time::Interval,
+    /// Re-checks the subscriber's permissions (trust may change while it is subscribed).
+    recheck: Box<dyn Fn() -> Result<(), Status> + Send + Sync>,
+}
+
+/// Start a subscription: `rx` must have been registered (ChangeHub::listen) before the caller
+/// checked `from` against the log's bounds.
+#[allow(clippy::too_many_arguments)]
+pub fn start(
+    store: Store,
+    metrics: Arc<NodeMetrics>,
+    hub: ChangeHub,
+    sel: Selection,
+    from: u64,
+    rx: broadcast::Receiver<Arc<ChangeEvent>>,
+    permit: OwnedSemaphorePermit,
+    recheck: Box<dyn Fn() -> Result<(), Status> + Send + Sync>,
+) -> SubscriptionStream {
+    let (out, out_rx) = mpsc::channel(STREAM_QUEUE);
+    let (end_tx, end_rx) = oneshot::channel();
+    metrics.subscribers(1);
+    let mut ticker = tokio::time::interval(PROGRESS_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let task = Task {
+        store,
+        metrics: metrics.clone(),
+        hub,
+        sel,
+        out,
+        last: from,
+        ticker,
+        recheck,
+    };
+    tokio::spawn(async move {
+        if let Err(Stop::Status(s)) = task.run(rx).await {
+            let _ = end_tx.send(s);
+        }
+    });
+    SubscriptionStream {
+        rx: out_rx,
+        end: Some(end_rx),
+        done: false,
+        metrics,
+        _permit: permit,
+    }
+}
+
+impl Task {
+    async fn run(mut self, rx: broadcast::Receiver<Arc<ChangeEvent>>) -> Result<(), Stop> {
+        // Catch-up while the first registration collects live changes (it may overflow: the
+        // log has them all).
+        self.catch_up().await?;
+        // Register afresh, then read what was committed meanwhile.
+        let mut rx = rx.resubscribe();
+        self.catch_up().await?;
+        self.progress().await?;
+        loop {
+            tokio::select! {
+                r = rx.recv() => match r {
+                    Ok(e) => self.live(&rx, e).await?,
+                    Err(broadcast::error::RecvError::Lagged(_)) => return Err(self.overflow()),
+                    Err(broadcast::error::RecvError::Closed) => {
+                        return Err(Stop::Status(Status::unavailable(
+                            "the node is stopping; resume the subscription from the last sequence received",
+                        )));
+                    }
+                },
+                _ = self.ticker.tick() => self.progress().await?,
+                _ = self.out.closed() => return Err(Stop::Gone),
+            }
+        }
+    }
+
+    fn overflow(&self) -> Stop {
+        self.metrics.subscription_end("overflow");
+        Stop::Status(Status::resource_exhausted(format!(
+            "this subscriber fell more than {} changes behind the live changes of schema '{}' (the node's --subscription-buffer) and was cut off; read faster, or subscribe again with from_sequence = {} (the last sequence considered) to resume",
+            self.hub.capacity(),
+            self.sel.schema.name,
+            self.last
+        )))
+    }
+
+    /// Send everything in the log after `last`, up to the head.
+    async fn catch_up(&mut self) -> Result<(), Stop> {
+        loop {
+            let page = self.read_after(self.last, CATCH_UP_PAGE).await?;
+            let n = page.len();
+            for e in page {
+                self.emit(&e, None).await?;
+            }
+            if n < CATCH_UP_PAGE {
+                return Ok(());
+            }
+            if self.ticker_ready() {
+                self.progress().await?;
+            }
+        }
+    }
+
+    fn ticker_ready(&mut self) -> bool {
+        use futures::FutureExt;
+        self.ticker.tick().now_or_never().is_some()
+    }
+
+    /// A change from the ring.
+    async fn live(
+        &mut self,
+        rx: &broadcast::Receiver<Arc<ChangeEvent>>,
+        e: Arc<ChangeEvent>,
+    ) -> Result<(), Stop> {
+        if e.sequence <= self.last {
+            return Ok(()); // already sent from the log
+        }
+        while self.last + 1 < e.sequence {
+            // A gap: fill it from the log (everything before a published change is durable).
+            let want = usize::try_from(e.sequence - 1 - self.last)
+                .unwrap_or(usize::MAX)
+                .min(CATCH_UP_PAGE);
+            let page = self.read_after(self.last, want).await?;
+            if page.is_empty() {
+                return Err(Stop::Status(Status::internal(format!(
+                    "change {} of schema '{}' is missing from the change log",
+                    self.last + 1,
+                    self.sel.schema.name
+                ))));
+            }
+            for p in page {
+                self.emit(&p, Some(rx)).await?;
+            }
+        }
+        self.emit(&e, Some(rx)).await
+    }
+
+    async fn read_after(&self, after: u64, limit: usize) -> Result<Vec<ChangeEvent>, Stop> {
+        let store = self.store.clone();
+        let schema = self.sel.schema.name.clone();
+        let (page, bounds) = tokio::task::spawn_blocking(move || {
+            let b = store.log_bounds(&schema)?;
+            let page = store.changes_after(&schema, after, limit)?;
+            Ok::<_, crate::store::StoreError>((page, b))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("storage task failed: {e}")))?
+        .map_err(crate::data::store_status)?;
+        if after + 1 < bounds.oldest {
+            // Pruned while catching up.
+            self.metrics.subscription_end("out_of_range");
+            return Err(Stop::Status(out_of_range(
+                &self.sel.schema.name,
+                after,
+                bounds.oldest,
+            )));
+        }
+        Ok(page)
+    }
+
+    /// Send one change (or skip it when the subscription does not select it). Live (`rx`
+    /// given), a send that waits while the subscriber's ring fills up ends the stream.
+    async fn emit(
+        &mut self,
+        e: &ChangeEvent,
+        rx: Option<&broadcast::Receiver<Arc<ChangeEvent>>>,
+    ) -> Result<(), Stop> {
+        if e.sequence <= self.last {
+            return Ok(());
+        }
+        if let Some(change) = self.sel.view(e) {
+            let msg = SubscribeResponse {
+                event: Some(subscribe_response::Event::Change(change)),
+            };
+            self.send(msg, rx).await?;
+            self.metrics.subscription_sent(1);
+        }
+        self.last = e.sequence;
+        Ok(())
+    }
+
+    async fn send(
+        &mut self,
+        msg: SubscribeResponse,
+        rx: Option<&broadcast::Receiver<Arc<ChangeEvent>>>,
+    ) -> Result<(), Stop> {
+        let Some(rx) = rx else {
+            let permit = self.out.reserve().await.map_err(|_| Stop::Gone)?;
+            permit.send(msg);
+            return Ok(());
+        };
+        loop {
+            tokio::select! {
+                p = self.out.reserve() => {
+                    let permit = p.map_err(|_| Stop::Gone)?;
+                    permit.send(msg);
+                    return Ok(());
+                }
+                _ = tokio::time::sleep(OVERFLOW_CHECK) => {
+                    if rx.len() >= self.hub.capacity() {
+                        return Err(self.overflow());
+                    }
+                }
+            }
+        }
+    }
+
+    async fn progress(&mut self) -> Result<(), Stop> {
+        (self.recheck)()?;
+        let store = self.store.clone();
+        let schema = self.sel.schema.name.clone();
+        let b = tokio::task::spawn_blocking(move || store.log_bounds(&schema))
+            .await
+            .map_err(|e| Status::internal(format!("storage task failed: {e}")))?
+            .map_err(crate::data::store_status)?;
+        let msg = SubscribeResponse {
+            event: Some(subscribe_response::Event::Progress(Progress {
+                sequence: self.last,
+                head_sequence: b.head,
+                oldest_sequence: b.oldest,
+            })),
+        };
+        // Progress is best effort: a full queue already tells the subscriber plenty.
+        match self.out.try_send(msg) {
+            Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Stop::Gone),
+        }
+    }
+}
+
+/// The refusal of a subscription from `from` when the log keeps only `oldest` onwards.
+pub fn out_of_range(schema: &str, from: u64, oldest: u64) -> Status {
+    Status::out_of_range(format!(
+        "the changes of schema '{schema}' after sequence {from} are no longer kept: the oldest kept is {oldest} (--change-log-retention); read the current data with Query (or Scan), then subscribe from its head"
+    ))
+}
