@@ -78,6 +78,7 @@ pub async fn serve() -> anyhow::Result<()> {
             fields: fields.as_object().map(map_to_struct),
         }],
         node_id: String::new(),
+        replica: None,
     };
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = l.local_addr()?;

@@ -386,11 +386,12 @@ impl Network for NetworkApi {
         &self,
         _request: Request<NetworkStatusRequest>,
     ) -> Result<Response<NetworkStatusResponse>, Status> {
-        let resp = self
+        let mut resp = self
             .mesh
             .client()?
             .status(fold_proto::sidecar::MeshStatusRequest {})
             .await?;
+        resp.get_mut().replicas = self.data.replicas().status();
         Ok(resp)
     }
 

@@ -179,6 +179,14 @@ pub struct Config {
     #[arg(long, env = "FOLD_CHANGE_LOG_RETENTION", default_value_t = 0)]
     pub change_log_retention: u64,
 
+    /// Follow a schema of another node and keep a read-only replica of it here: SCHEMA@NODE_ID
+    /// (repeatable; the env variable takes a comma-separated list; at most 64). The schema must
+    /// be loaded and approved here with the same definition, and the source node must let this
+    /// node read every field. Writes to it here are refused with FAILED_PRECONDITION naming the
+    /// owner; Network.Status shows each replica's lag.
+    #[arg(long = "follow", env = "FOLD_FOLLOW", value_delimiter = ',')]
+    pub follow: Vec<crate::follow::FollowSpec>,
+
     /// Live changes one subscriber (FoldNode.Subscribe) may fall behind before its stream is
     /// ended with RESOURCE_EXHAUSTED (it then resumes from the last sequence it received).
     #[arg(long, env = "FOLD_SUBSCRIPTION_BUFFER", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]

@@ -59,6 +59,8 @@ pub struct Data {
     hub: crate::subscribe::ChangeHub,
     /// One permit per open subscription (--max-subscriptions).
     subscriptions: Arc<tokio::sync::Semaphore>,
+    /// The schemas this node follows (read-only replicas of another node's).
+    replicas: crate::follow::Replicas,
 }
 
 pub fn store_status(e: StoreError) -> Status {
@@ -162,6 +164,7 @@ impl Data {
         )?;
         let pager = crate::paging::Pager::load(&store).map_err(std::io::Error::other)?;
         Ok(Data {
+            replicas: crate::follow::Replicas::default(),
             hub,
             subscriptions: Arc::new(tokio::sync::Semaphore::new(subscribe.max_subscriptions)),
             pager,
@@ -210,6 +213,22 @@ impl Data {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    pub fn replicas(&self) -> &crate::follow::Replicas {
+        &self.replicas
+    }
+
+    pub fn hub(&self) -> &crate::subscribe::ChangeHub {
+        &self.hub
+    }
+
+    /// Refuse writes to a schema this node follows.
+    fn writable(&self, schema: &str) -> Result<(), Status> {
+        match self.replicas.source_of(schema) {
+            Some(source) => Err(crate::follow::read_only(schema, &source)),
+            None => Ok(()),
+        }
     }
 
     pub fn identities(&self) -> &Identities {
@@ -347,6 +366,19 @@ impl Data {
         let store = self.store.clone();
         let fields = req.fields.clone();
         let json_values = req.json_values;
+        // A replica says so, and as of which sequence: every change up to the head read here is
+        // in what the query reads next.
+        let replica = match self.replicas.source_of(&schema.name) {
+            None => None,
+            Some(source_node_id) => Some(v1::ReplicaInfo {
+                source_node_id,
+                as_of_sequence: self
+                    .store
+                    .log_bounds(&schema.name)
+                    .map_err(store_status)?
+                    .head,
+            }),
+        };
         // A Single schema or one key reads one record; anything else scans.
         let runs = match (schema.range_key(), &filter) {
             (None, _) | (Some(_), KeyFilter::Key(_)) => Runs::Inline,
@@ -404,6 +436,7 @@ impl Data {
             records,
             node_id: String::new(),
             next_page_token,
+            replica,
         })
     }
 
@@ -420,6 +453,7 @@ impl Data {
     ) -> Result<MutateResponse, Status> {
         let requester = self.requester(who)?;
         let schema = self.usable_schema(&req.schema)?;
+        self.writable(&schema.name)?;
         let data = request_data(req.data.as_ref(), &req.data_json)?;
         let plan = mutation_plan(&schema, &requester, req.mutation_type, data)?;
         let range_key = plan.range_key.clone();
@@ -467,6 +501,7 @@ impl Data {
     ) -> Result<BatchMutateResponse, Status> {
         let requester = self.requester(who)?;
         let schema = self.usable_schema(&req.schema)?;
+        self.writable(&schema.name)?;
         if req.mutations.is_empty() {
             return Err(Status::invalid_argument(
                 "'mutations' is empty: nothing to write",
@@ -705,6 +740,103 @@ impl Data {
             permit,
             recheck,
         ))
+    }
+
+    /// The changes of a schema after a sequence, for a node that follows it (the `changes`
+    /// operation). Every field must be readable by the requester: a replica copies whole
+    /// records. With nothing new, waits up to `wait_ms` (at most 5 s, within `deadline`) for
+    /// the next change.
+    pub async fn changes(
+        &self,
+        who: &Principal,
+        req: fold_proto::wire::ChangesRequest,
+        deadline: Option<std::time::SystemTime>,
+    ) -> Result<fold_proto::wire::ChangesResponse, Status> {
+        const MAX_CHANGES: usize = 1000;
+        const MAX_WAIT_MS: u32 = 5000;
+        const MAX_BYTES: usize = 1024 * 1024;
+        let requester = self.requester(who)?;
+        let schema = self.usable_schema(&req.schema)?;
+        if !req.schema_hash.is_empty() && req.schema_hash != schema.hash {
+            return Err(Status::failed_precondition(format!(
+                "schema '{}' here has hash {}, the follower's has {}: a replica needs the same definition",
+                schema.name, schema.hash, req.schema_hash
+            )));
+        }
+        let all: Vec<String> = schema.fields.keys().cloned().collect();
+        let fields = readable_fields(&schema, &requester, &all)?;
+        let limit = match req.limit {
+            0 => 500,
+            n => (n as usize).min(MAX_CHANGES),
+        };
+        // Registered before the head is read: a change committed from here on wakes the wait.
+        let mut rx = self.hub.listen(&schema.name);
+        let store = self.store.clone();
+        let name = schema.name.clone();
+        let mut bounds =
+            tokio::task::block_in_place(|| store.log_bounds(&name)).map_err(store_status)?;
+        if req.after_sequence.saturating_add(1) < bounds.oldest {
+            return Err(crate::subscribe::out_of_range(
+                &schema.name,
+                req.after_sequence,
+                bounds.oldest,
+            ));
+        }
+        if req.after_sequence > bounds.head {
+            return Err(Status::out_of_range(format!(
+                "after_sequence {} is beyond the head of schema '{}' on this node ({}): this node never assigned it",
+                req.after_sequence, schema.name, bounds.head
+            )));
+        }
+        if req.after_sequence == bounds.head && req.wait_ms > 0 {
+            let mut wait =
+                std::time::Duration::from_millis(u64::from(req.wait_ms.min(MAX_WAIT_MS)));
+            if let Some(d) = deadline {
+                // Answer (with nothing) before the requester gives up.
+                let left = d
+                    .duration_since(std::time::SystemTime::now())
+                    .unwrap_or_default();
+                wait = wait.min(left.saturating_sub(left / 4));
+            }
+            // Any outcome (a change, a lag, the wait over) is followed by reading the log.
+            let _ = tokio::time::timeout(wait, rx.recv()).await;
+            bounds =
+                tokio::task::block_in_place(|| store.log_bounds(&name)).map_err(store_status)?;
+        }
+        drop(rx);
+        let after = req.after_sequence;
+        let page = storage(&self.metrics, "changes", Runs::InPlace, move || {
+            store
+                .changes_after(&name, after, limit)
+                .map_err(store_status)
+        })
+        .await?;
+        let sel = crate::subscribe::Selection {
+            schema: schema.clone(),
+            fields,
+            filter: KeyFilter::All,
+            json_values: true,
+        };
+        let mut changes = Vec::with_capacity(page.len());
+        let mut bytes = 0;
+        for e in &page {
+            let Some(c) = sel.view(e) else {
+                return Err(Status::internal(format!(
+                    "change {} of schema '{}' wrote no field",
+                    e.sequence, schema.name
+                )));
+            };
+            bytes += c.encoded_len();
+            changes.push(c);
+            if bytes >= MAX_BYTES {
+                break;
+            }
+        }
+        Ok(fold_proto::wire::ChangesResponse {
+            changes,
+            head_sequence: bounds.head.max(page.last().map_or(0, |e| e.sequence)),
+            oldest_sequence: bounds.oldest,
+        })
     }
 
     /// Which of `names` are approved schemas here.

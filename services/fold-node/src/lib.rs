@@ -12,6 +12,7 @@ pub mod commit;
 pub mod config;
 pub mod data;
 pub mod filter;
+pub mod follow;
 pub mod identity;
 pub mod mesh;
 pub mod metrics;

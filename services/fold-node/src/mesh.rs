@@ -350,6 +350,30 @@ impl MeshLink {
         }
     }
 
+    /// Ask node `target` for the changes of a schema after a sequence (a replica following it).
+    pub async fn forward_changes(
+        &self,
+        target: String,
+        req: fold_proto::wire::ChangesRequest,
+        requester: Requester,
+        deadline: Option<Duration>,
+    ) -> Result<fold_proto::wire::ChangesResponse, Status> {
+        match self
+            .forward(
+                target.clone(),
+                operation::Kind::Changes(req),
+                requester,
+                deadline,
+            )
+            .await?
+        {
+            forward_response::Result::Changes(c) => Ok(c),
+            _ => Err(Status::internal(format!(
+                "node {target} answered a changes request with a different kind of response"
+            ))),
+        }
+    }
+
     async fn forward(
         &self,
         target: String,
@@ -363,6 +387,7 @@ impl MeshLink {
             operation::Kind::Mutate(_) => "mutate",
             operation::Kind::Peers(_) => "peers",
             operation::Kind::BatchMutate(_) => "batch_mutate",
+            operation::Kind::Changes(_) => "changes",
         };
         let result = self.forward_inner(target, op, requester, deadline).await;
         let outcome = match &result {

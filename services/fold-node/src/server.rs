@@ -260,6 +260,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         client_metrics,
     );
 
+    // Followed schemas are read-only from the first request on.
+    crate::follow::start(
+        &config.follow,
+        data.replicas(),
+        store.clone(),
+        data.hub().clone(),
+        mesh.clone(),
+    )
+    .map_err(|e| anyhow::anyhow!("--follow: {e}"))?;
+
     let (reflection_v1, reflection_v1alpha) = reflection()?;
     let owner_reflection = reflection()?;
     let max = config.max_message_bytes;

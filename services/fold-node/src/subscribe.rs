@@ -142,13 +142,13 @@ pub struct Selection {
 
 impl Selection {
     /// The change as this subscription sees it: `None` when it selects nothing of it.
-    fn view(&self, e: &ChangeEvent) -> Option<Change> {
+    pub(crate) fn view(&self, e: &ChangeEvent) -> Option<Change> {
         if self.schema.range_key().is_some() && !self.filter.matches(&e.range_key) {
             return None;
         }
         let mut fields = Vec::new();
-        for f in &self.fields {
-            if let Some((_, v)) = e.versions.iter().find(|(name, _)| name == f) {
+        for (f, v) in &e.versions {
+            if self.fields.contains(f) {
                 let (value, value_json) = if self.json_values {
                     (None, v.value.to_string())
                 } else {
