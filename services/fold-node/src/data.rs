@@ -715,7 +715,14 @@ impl Data {
             let who = who.clone();
             let schema = schema.clone();
             let fields = fields.clone();
+            let store = self.store.clone();
             Box::new(move || -> Result<(), Status> {
+                if !matches!(store.schema(&schema.name), Some((_, SchemaState::Approved))) {
+                    return Err(Status::failed_precondition(format!(
+                        "schema '{}' is no longer approved on this node; the subscription ended",
+                        schema.name
+                    )));
+                }
                 let r = identities.resolve(&who).map_err(store_status)?;
                 for f in &fields {
                     if let Some(def) = schema.field(f) {

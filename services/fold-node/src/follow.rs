@@ -241,11 +241,10 @@ impl Follower {
         };
         let store = self.store.clone();
         let name = self.schema.clone();
-        let head = tokio::task::spawn_blocking(move || store.log_bounds(&name))
+        let source = self.source.clone();
+        let head = tokio::task::spawn_blocking(move || claim(&store, &name, &source))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?
-            .head;
+            .map_err(|e| e.to_string())??;
         let requester = fold_proto::wire::Requester {
             distance: 0,
             identity: "replica".into(),
@@ -292,6 +291,27 @@ impl Follower {
             ));
         }
         Ok(())
+    }
+}
+
+/// The replica's head, once `schema` here is known to hold only `source`'s changes: a schema
+/// that has data of its own, or was a replica of another node, cannot become a replica (its
+/// sequence numbers would mean something else).
+fn claim(store: &Store, schema: &str, source: &str) -> Result<u64, String> {
+    let key = format!("replica_of:{schema}");
+    let head = store.log_bounds(schema).map_err(|e| e.to_string())?.head;
+    match store.meta_get(&key).map_err(|e| e.to_string())? {
+        Some(s) if s == source => Ok(head),
+        Some(other) => Err(format!(
+            "schema '{schema}' here is a replica of node {other}, not {source}; follow it from {other}, or load the schema into an empty node"
+        )),
+        None if head > 0 => Err(format!(
+            "schema '{schema}' here already has {head} changes of its own; a replica starts empty (follow it on a node where the schema has no data)"
+        )),
+        None => {
+            store.meta_set(&key, source).map_err(|e| e.to_string())?;
+            Ok(head)
+        }
     }
 }
 
