@@ -316,6 +316,7 @@ impl Task {
         let mut rx = rx.resubscribe();
         self.catch_up().await?;
         self.progress().await?;
+        self.ticker.reset();
         loop {
             tokio::select! {
                 r = rx.recv() => match r {
