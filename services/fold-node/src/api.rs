@@ -306,17 +306,29 @@ impl FoldNode for FoldNodeApi {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let principal = principal_of(&request);
         let req = request.into_inner();
-        if !self.mesh.is_local(&req.target_node_id) {
-            return Err(Status::invalid_argument(
-                "Subscribe streams this node's changes only; connect to the other node, or follow its schema (fold-node --follow)",
-            ));
-        }
         let span = tracing::info_span!(
             "fold.subscribe",
             schema = %req.schema,
             from_sequence = req.from_sequence,
+            target_node = %req.target_node_id,
             outcome = tracing::field::Empty,
         );
+        if !self.mesh.is_local(&req.target_node_id) {
+            let requester = self.data.forwardable_requester(&principal)?;
+            let permit = self.data.subscription_permit()?;
+            return traced(
+                span,
+                crate::subscribe::start_remote(
+                    self.mesh.clone(),
+                    self.data.metrics().clone(),
+                    req,
+                    requester,
+                    permit,
+                ),
+            )
+            .await
+            .map(Response::new);
+        }
         traced(span, self.data.subscribe(&principal, req))
             .await
             .map(Response::new)

@@ -663,6 +663,20 @@ impl Data {
 
     // ---- subscriptions ------------------------------------------------------------------------
 
+    /// A slot for one more open subscription (--max-subscriptions).
+    pub fn subscription_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        self.subscriptions.clone().try_acquire_owned().map_err(|_| {
+            self.metrics.subscription_end("full");
+            Status::resource_exhausted(
+                "this node serves as many subscriptions as it allows (--max-subscriptions); close one or try again later",
+            )
+        })
+    }
+
+    pub fn metrics(&self) -> &Arc<NodeMetrics> {
+        &self.metrics
+    }
+
     /// Open a subscription to the changes of a schema of this node (FoldNode.Subscribe).
     pub async fn subscribe(
         &self,
@@ -682,12 +696,7 @@ impl Data {
             }
             (_, f) => KeyFilter::from_proto(f).map_err(Status::invalid_argument)?,
         };
-        let Ok(permit) = self.subscriptions.clone().try_acquire_owned() else {
-            self.metrics.subscription_end("full");
-            return Err(Status::resource_exhausted(
-                "this node serves as many subscriptions as it allows (--max-subscriptions); close one or try again later",
-            ));
-        };
+        let permit = self.subscription_permit()?;
         // Registered before the log is read: nothing committed from here on can be missed.
         let rx = self.hub.listen(&schema.name);
         let store = self.store.clone();
@@ -770,8 +779,21 @@ impl Data {
                 schema.name, schema.hash, req.schema_hash
             )));
         }
-        let all: Vec<String> = schema.fields.keys().cloned().collect();
-        let fields = readable_fields(&schema, &requester, &all)?;
+        let fields = if !req.fields.is_empty() || req.readable_only {
+            readable_fields(&schema, &requester, &req.fields)?
+        } else {
+            let all: Vec<String> = schema.fields.keys().cloned().collect();
+            readable_fields(&schema, &requester, &all)?
+        };
+        let filter = match (schema.range_key(), req.filter.as_ref()) {
+            (None, Some(f)) if f.filter.is_some() => {
+                return Err(Status::invalid_argument(format!(
+                    "schema '{}' is a Single schema; range filters apply only to Range schemas",
+                    schema.name
+                )));
+            }
+            (_, f) => KeyFilter::from_proto(f).map_err(Status::invalid_argument)?,
+        };
         let limit = match req.limit {
             0 => 500,
             n => (n as usize).min(MAX_CHANGES),
@@ -821,28 +843,27 @@ impl Data {
         let sel = crate::subscribe::Selection {
             schema: schema.clone(),
             fields,
-            filter: KeyFilter::All,
+            filter,
             json_values: true,
         };
         let mut changes = Vec::with_capacity(page.len());
         let mut bytes = 0;
+        let mut through = after;
         for e in &page {
-            let Some(c) = sel.view(e) else {
-                return Err(Status::internal(format!(
-                    "change {} of schema '{}' wrote no field",
-                    e.sequence, schema.name
-                )));
-            };
-            bytes += c.encoded_len();
-            changes.push(c);
+            if let Some(c) = sel.view(e) {
+                bytes += c.encoded_len();
+                changes.push(c);
+            }
+            through = e.sequence;
             if bytes >= MAX_BYTES {
                 break;
             }
         }
         Ok(fold_proto::wire::ChangesResponse {
             changes,
-            head_sequence: bounds.head.max(page.last().map_or(0, |e| e.sequence)),
+            head_sequence: bounds.head.max(through),
             oldest_sequence: bounds.oldest,
+            through_sequence: through,
         })
     }
 

@@ -39,7 +39,7 @@ use crate::subscribe::ChangeHub;
 /// Most schemas one node may follow.
 pub const MAX_FOLLOWED: usize = 64;
 /// Changes asked for per request.
-const PAGE: u32 = 500;
+const PAGE: u32 = 1000;
 /// How long the source may wait for a new change before answering with none.
 const WAIT_MS: u32 = 2000;
 /// The deadline of one request (above the wait, below the forward timeout's default).
@@ -260,6 +260,9 @@ impl Follower {
                     limit: PAGE,
                     wait_ms: WAIT_MS,
                     schema_hash: schema.hash.clone(),
+                    fields: Vec::new(),
+                    filter: None,
+                    readable_only: false,
                 },
                 requester,
                 Some(REQUEST_TIMEOUT),

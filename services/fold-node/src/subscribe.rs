@@ -36,6 +36,7 @@ use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc, oneshot};
 use tonic::Status;
 
 use crate::filter::KeyFilter;
+use crate::mesh::MeshLink;
 use crate::metrics::NodeMetrics;
 use crate::schema::Schema;
 use crate::store::{ChangeEvent, MutationKind, Store};
@@ -278,9 +279,7 @@ pub fn start(
     permit: OwnedSemaphorePermit,
     recheck: Box<dyn Fn() -> Result<(), Status> + Send + Sync>,
 ) -> SubscriptionStream {
-    let (out, out_rx) = mpsc::channel(STREAM_QUEUE);
-    let (end_tx, end_rx) = oneshot::channel();
-    metrics.subscribers(1);
+    let (stream, out, end_tx) = stream(metrics.clone(), permit);
     let mut ticker = tokio::time::interval(PROGRESS_EVERY);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let task = Task {
@@ -298,13 +297,32 @@ pub fn start(
             let _ = end_tx.send(s);
         }
     });
-    SubscriptionStream {
-        rx: out_rx,
-        end: Some(end_rx),
-        done: false,
-        metrics,
-        _permit: permit,
-    }
+    stream
+}
+
+/// A response stream and the ends its task feeds: messages, and the status that ends it.
+fn stream(
+    metrics: Arc<NodeMetrics>,
+    permit: OwnedSemaphorePermit,
+) -> (
+    SubscriptionStream,
+    mpsc::Sender<SubscribeResponse>,
+    oneshot::Sender<Status>,
+) {
+    let (out, out_rx) = mpsc::channel(STREAM_QUEUE);
+    let (end_tx, end_rx) = oneshot::channel();
+    metrics.subscribers(1);
+    (
+        SubscriptionStream {
+            rx: out_rx,
+            end: Some(end_rx),
+            done: false,
+            metrics,
+            _permit: permit,
+        },
+        out,
+        end_tx,
+    )
 }
 
 impl Task {
@@ -493,4 +511,145 @@ pub fn out_of_range(schema: &str, from: u64, oldest: u64) -> Status {
     Status::out_of_range(format!(
         "the changes of schema '{schema}' after sequence {from} are no longer kept: the oldest kept is {oldest} (--change-log-retention); read the current data with Query (or Scan), then subscribe from its head"
     ))
+}
+
+/// Changes asked for per request of a remote subscription.
+const REMOTE_PAGE: u32 = 256;
+/// How long the other node may wait for a new change before answering with none (so a progress
+/// message follows at least about every second).
+const REMOTE_WAIT_MS: u32 = 1000;
+/// The deadline of one request of a remote subscription.
+const REMOTE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest pause between attempts after transient failures.
+const REMOTE_MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// A subscription to a schema of another node (`SubscribeRequest.target_node_id`): repeated
+/// forwarded `changes` requests, each after the last change received, with the requester at its
+/// path distance there (the other node checks its fields and filter as for a local subscription).
+/// The next request goes out only once the previous answer's changes are queued for the
+/// subscriber, so a slow subscriber slows only its own requests. Transient failures (the other
+/// node or a link away, a partition) are retried with backoff, resuming after the last sequence
+/// sent; other refusals end the stream with the other node's status. The first request is made
+/// before the stream starts, so a bad request fails the call itself.
+pub async fn start_remote(
+    mesh: MeshLink,
+    metrics: Arc<NodeMetrics>,
+    req: fold_proto::v1::SubscribeRequest,
+    requester: fold_proto::wire::Requester,
+    permit: OwnedSemaphorePermit,
+) -> Result<SubscriptionStream, Status> {
+    let target = req.target_node_id.clone();
+    let ask = move |after: u64, wait_ms: u32| fold_proto::wire::ChangesRequest {
+        schema: req.schema.clone(),
+        after_sequence: after,
+        limit: REMOTE_PAGE,
+        wait_ms,
+        schema_hash: String::new(),
+        fields: req.fields.clone(),
+        filter: req.filter.clone(),
+        readable_only: req.fields.is_empty(),
+    };
+    let json_values = req.json_values;
+    let from = req.from_sequence;
+    let first = mesh
+        .forward_changes(
+            target.clone(),
+            ask(from, 0),
+            requester.clone(),
+            Some(REMOTE_TIMEOUT),
+        )
+        .await?;
+    let (stream, out, end_tx) = stream(metrics.clone(), permit);
+    tokio::spawn(async move {
+        let mut last = from;
+        let mut answer = Some(first);
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let resp = match answer.take() {
+                Some(r) => r,
+                None => {
+                    let r = tokio::select! {
+                        r = mesh.forward_changes(
+                            target.clone(),
+                            ask(last, REMOTE_WAIT_MS),
+                            requester.clone(),
+                            Some(REMOTE_TIMEOUT),
+                        ) => r,
+                        _ = out.closed() => return,
+                    };
+                    match r {
+                        Ok(r) => r,
+                        Err(s) if transient(s.code()) => {
+                            tracing::debug!(node = %target, error = %s, "remote subscription: retrying");
+                            tokio::select! {
+                                _ = tokio::time::sleep(backoff) => {}
+                                _ = out.closed() => return,
+                            }
+                            backoff = (backoff * 2).min(REMOTE_MAX_BACKOFF);
+                            continue;
+                        }
+                        Err(s) => {
+                            let _ = end_tx.send(s);
+                            return;
+                        }
+                    }
+                }
+            };
+            backoff = Duration::from_millis(200);
+            for mut c in resp.changes {
+                if c.sequence <= last {
+                    continue;
+                }
+                if !json_values {
+                    for f in &mut c.fields {
+                        let v: serde_json::Value = match serde_json::from_str(&f.value_json) {
+                            Ok(v) => v,
+                            Err(e) => {
+                                let _ = end_tx.send(Status::internal(format!(
+                                    "node {target} sent change {} with a value that is not JSON: {e}",
+                                    c.sequence
+                                )));
+                                return;
+                            }
+                        };
+                        f.value = Some(json_to_value(&v));
+                        f.value_json.clear();
+                    }
+                }
+                last = c.sequence;
+                let msg = SubscribeResponse {
+                    event: Some(subscribe_response::Event::Change(c)),
+                };
+                let Ok(permit) = out.reserve().await else {
+                    return;
+                };
+                permit.send(msg);
+                metrics.subscription_sent(1);
+            }
+            last = last.max(resp.through_sequence);
+            let progress = SubscribeResponse {
+                event: Some(subscribe_response::Event::Progress(Progress {
+                    sequence: last,
+                    head_sequence: resp.head_sequence,
+                    oldest_sequence: resp.oldest_sequence,
+                })),
+            };
+            if let Err(mpsc::error::TrySendError::Closed(_)) = out.try_send(progress) {
+                return;
+            }
+        }
+    });
+    Ok(stream)
+}
+
+/// Failures a remote subscription retries: the other node, its link or the path is away for now.
+fn transient(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled
+            | tonic::Code::Aborted
+            | tonic::Code::ResourceExhausted
+    )
 }
