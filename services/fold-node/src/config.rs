@@ -187,8 +187,10 @@ pub struct Config {
     #[arg(long = "follow", env = "FOLD_FOLLOW", value_delimiter = ',')]
     pub follow: Vec<crate::follow::FollowSpec>,
 
-    /// Live changes one subscriber (FoldNode.Subscribe) may fall behind before its stream is
-    /// ended with RESOURCE_EXHAUSTED (it then resumes from the last sequence it received).
+    /// How many changes a live subscriber (FoldNode.Subscribe) that does not keep up may fall
+    /// behind the schema's head before its stream is ended with RESOURCE_EXHAUSTED (it then
+    /// resumes from the last sequence it received). Costs no memory: changes are read from the
+    /// change log.
     #[arg(long, env = "FOLD_SUBSCRIPTION_BUFFER", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub subscription_buffer: u64,
 

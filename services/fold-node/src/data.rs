@@ -698,7 +698,7 @@ impl Data {
         };
         let permit = self.subscription_permit()?;
         // Registered before the log is read: nothing committed from here on can be missed.
-        let rx = self.hub.listen(&schema.name);
+        let listener = self.hub.listen(&schema.name);
         let store = self.store.clone();
         let name = schema.name.clone();
         let bounds = storage(&self.metrics, "subscribe", Runs::Inline, move || {
@@ -752,7 +752,7 @@ impl Data {
                 json_values: req.json_values,
             },
             req.from_sequence,
-            rx,
+            listener,
             permit,
             recheck,
         ))
@@ -799,7 +799,7 @@ impl Data {
             n => (n as usize).min(MAX_CHANGES),
         };
         // Registered before the head is read: a change committed from here on wakes the wait.
-        let mut rx = self.hub.listen(&schema.name);
+        let mut rx = self.hub.listen(&schema.name).rx;
         let store = self.store.clone();
         let name = schema.name.clone();
         let mut bounds =

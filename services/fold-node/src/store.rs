@@ -668,7 +668,7 @@ impl Store {
                 .inner
                 .retention
                 .load(std::sync::atomic::Ordering::Relaxed),
-            events: Vec::new(),
+            committed: Vec::new(),
         })
     }
 
@@ -772,8 +772,9 @@ pub struct WriteGroup {
     txn: redb::WriteTransaction,
     /// Change log entries kept per schema (0: all).
     retention: u64,
-    /// The changes applied so far, published once the group is committed.
-    events: Vec<ChangeEvent>,
+    /// (schema, sequence) of the changes applied so far, in order: announced to subscribers
+    /// once the group is committed.
+    committed: Vec<(String, u64)>,
 }
 
 impl WriteGroup {
@@ -824,12 +825,7 @@ impl WriteGroup {
             let ts = now_ms();
             seq += 1;
             let mut written = Vec::with_capacity(targets.len());
-            let mut event = ChangeEvent {
-                schema: name.to_string(),
-                sequence: seq,
-                range_key: rk.to_string(),
-                versions: Vec::with_capacity(targets.len()),
-            };
+
             for (f, value) in targets {
                 let prev = heads
                     .get((name, f.as_str(), rk))?
@@ -858,7 +854,6 @@ impl WriteGroup {
                 } else {
                     live.insert((name, f.as_str(), rk), id.as_str())?;
                 }
-                event.versions.push((f.clone(), rec));
                 written.push((f, id));
             }
             let entry = serde_json::to_vec(&LogEntry {
@@ -867,7 +862,7 @@ impl WriteGroup {
             })
             .map_err(corrupt)?;
             changes.insert((name, seq), entry.as_slice())?;
-            self.events.push(event);
+            self.committed.push((name.to_string(), seq));
             out.written.push(written);
             out.sequences.push(seq);
         }
@@ -926,7 +921,7 @@ impl WriteGroup {
         .map_err(corrupt)?;
         changes.insert((name, change.sequence), entry.as_slice())?;
         sequences.insert(name, change.sequence)?;
-        self.events.push(change.clone());
+        self.committed.push((name.to_string(), change.sequence));
         Ok(())
     }
 
@@ -1017,11 +1012,11 @@ impl WriteGroup {
     }
 
     /// Commit the group with immediate durability (fsync): when this returns `Ok`, every
-    /// applied mutation survives `kill -9`. Returns the committed changes in sequence order
-    /// (per schema), for live subscribers.
-    pub fn commit(self) -> Result<Vec<ChangeEvent>, StoreError> {
+    /// applied mutation survives `kill -9`. Returns (schema, sequence) of the committed changes
+    /// in commit order, for live subscribers.
+    pub fn commit(self) -> Result<Vec<(String, u64)>, StoreError> {
         self.txn.commit()?;
-        Ok(self.events)
+        Ok(self.committed)
     }
 
     /// The head sequence of `schema` as this transaction sees it.
@@ -1253,7 +1248,7 @@ mod tests {
             assert_eq!(b.sequences, vec![2, 3]);
             let events = g.commit().unwrap();
             assert_eq!(
-                events.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+                events.iter().map(|e| e.1).collect::<Vec<_>>(),
                 vec![1, 2, 3]
             );
             // A group that is never committed assigns nothing.

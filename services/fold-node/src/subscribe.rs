@@ -1,29 +1,29 @@
 //! `FoldNode.Subscribe`: the changes of one schema, catch-up from the change log and then live.
 //!
 //! Every committed mutation has a dense per-schema sequence number and a change log entry
-//! (store.rs). The group-commit writer publishes each durable group's changes to the
-//! [`ChangeHub`]: one `tokio::sync::broadcast` ring per schema, of `--subscription-buffer`
-//! changes. A subscription:
+//! (store.rs). The log is the only source of what a subscriber receives; what is live is only
+//! *that* something new was committed: the group-commit writer (and a replica's applier)
+//! announce each durable group's new head per schema to the [`ChangeHub`] (a small
+//! `tokio::sync::broadcast` ring of sequence numbers per schema, and the latest head). No change
+//! content is held in memory for subscribers, whatever their number or speed. A subscription:
 //!
-//! 1. registers with the hub (before reading anything, so no change committed from then on can
-//!    be missed), checks `from_sequence` against the log's bounds (OUT_OF_RANGE when the changes
+//! 1. registers with the hub (before reading anything, so no commit from then on can go
+//!    unnoticed), checks `from_sequence` against the log's bounds (OUT_OF_RANGE when the changes
 //!    after it are no longer kept, naming the oldest kept);
-//! 2. catches up from the change log in pages, at the subscriber's pace (the broadcast ring may
-//!    overflow meanwhile: that is not an error, the log has everything);
-//! 3. registers afresh and reads the log once more up to the head (anything committed while
-//!    registering again is there);
-//! 4. goes live: changes from the ring, duplicates (sequence <= last sent) dropped, a gap
-//!    (which cannot happen while the ring holds everything, but costs nothing to check) filled
-//!    from the log.
+//! 2. catches up from the change log in pages, at the subscriber's pace;
+//! 3. goes live: on each announcement (or when it missed some: any is enough) it reads the log
+//!    after the last sequence it sent, up to the head. Reading strictly after the last sequence
+//!    sent is what makes the hand-over exact: nothing is skipped, nothing sent twice.
 //!
-//! Live, a subscriber that does not keep up falls behind the ring: when more than
-//! `--subscription-buffer` changes are waiting for it, the stream ends with RESOURCE_EXHAUSTED
-//! saying from which sequence to resume. Publishing never waits for subscribers, so a slow
-//! subscriber costs the node nothing but its ring slots. Every second a progress message
-//! carries the last sequence considered and the head.
+//! Live, a subscriber that does not keep up falls behind the head: when a send to it has to wait
+//! while the schema's head is more than `--subscription-buffer` changes past what it was sent,
+//! the stream ends with RESOURCE_EXHAUSTED saying from which sequence to resume. Announcing never
+//! waits for subscribers, so a slow subscriber costs the node nothing but its own task. Every
+//! second a progress message carries the last sequence considered and the head.
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -47,13 +47,15 @@ const CATCH_UP_PAGE: usize = 256;
 const STREAM_QUEUE: usize = 16;
 /// How often a progress message is sent.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
-/// How often a blocked live send checks whether its subscriber overflowed.
+/// How often a blocked live send checks whether its subscriber fell too far behind.
 const OVERFLOW_CHECK: Duration = Duration::from_millis(50);
+/// Announcements a listener may miss before it is told it lagged (harmless: it reads the log).
+const ANNOUNCEMENTS: usize = 64;
 
 /// Bounds of subscriptions.
 #[derive(Debug, Clone, Copy)]
 pub struct SubscribeLimits {
-    /// Live changes one subscriber may be behind before its stream is cut.
+    /// Live changes one subscriber may be behind the head before its stream is cut.
     pub buffer: usize,
     /// Open subscriptions at once; more are RESOURCE_EXHAUSTED.
     pub max_subscriptions: usize,
@@ -68,65 +70,88 @@ impl Default for SubscribeLimits {
     }
 }
 
-type Ring = broadcast::Sender<Arc<ChangeEvent>>;
+/// One schema's announcements: a ring of new heads, and the latest head.
+struct Channel {
+    ring: broadcast::Sender<u64>,
+    head: Arc<AtomicU64>,
+}
 
-/// Where committed changes are published to live subscribers: one broadcast ring per schema
-/// with subscribers (schemas are few and loaded by admins; the map is bounded by them).
+/// Where commits are announced to live subscribers: per schema with listeners (schemas are few
+/// and loaded by admins; the map is bounded by them).
 #[derive(Clone)]
 pub struct ChangeHub {
     inner: Arc<HubInner>,
 }
 
 struct HubInner {
-    capacity: usize,
-    rings: Mutex<HashMap<String, Ring>>,
+    /// How far behind the head a live subscriber may fall (--subscription-buffer).
+    buffer: usize,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+/// A registration with the hub for one schema.
+pub struct Listener {
+    pub rx: broadcast::Receiver<u64>,
+    /// The latest head announced (0 before the first announcement since registering).
+    pub head: Arc<AtomicU64>,
 }
 
 impl ChangeHub {
-    /// A hub whose rings hold `capacity` changes each.
-    pub fn new(capacity: usize) -> ChangeHub {
+    /// A hub whose live subscribers may fall `buffer` changes behind the head.
+    pub fn new(buffer: usize) -> ChangeHub {
         ChangeHub {
             inner: Arc::new(HubInner {
-                capacity: capacity.max(1),
-                rings: Mutex::new(HashMap::new()),
+                buffer: buffer.max(1),
+                channels: Mutex::new(HashMap::new()),
             }),
         }
     }
 
-    pub fn capacity(&self) -> usize {
-        self.inner.capacity
+    pub fn buffer(&self) -> usize {
+        self.inner.buffer
     }
 
-    fn rings(&self) -> std::sync::MutexGuard<'_, HashMap<String, Ring>> {
+    fn channels(&self) -> std::sync::MutexGuard<'_, HashMap<String, Channel>> {
         // A poisoned lock only means a panic elsewhere; the map itself is always consistent.
         self.inner
-            .rings
+            .channels
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Receive every change of `schema` published from now on.
-    pub fn listen(&self, schema: &str) -> broadcast::Receiver<Arc<ChangeEvent>> {
-        let mut rings = self.rings();
-        if let Some(tx) = rings.get(schema) {
-            return tx.subscribe();
+    /// Be told of every commit to `schema` from now on.
+    pub fn listen(&self, schema: &str) -> Listener {
+        let mut channels = self.channels();
+        let c = channels
+            .entry(schema.to_string())
+            .or_insert_with(|| Channel {
+                ring: broadcast::channel(ANNOUNCEMENTS).0,
+                head: Arc::new(AtomicU64::new(0)),
+            });
+        Listener {
+            rx: c.ring.subscribe(),
+            head: c.head.clone(),
         }
-        let (tx, rx) = broadcast::channel(self.inner.capacity);
-        rings.insert(schema.to_string(), tx);
-        rx
     }
 
-    /// Publish committed changes (in commit order). Never waits.
-    pub fn publish(&self, events: Vec<ChangeEvent>) {
-        if events.is_empty() {
+    /// Announce committed changes ((schema, sequence), in commit order). Never waits.
+    pub fn publish(&self, committed: Vec<(String, u64)>) {
+        if committed.is_empty() {
             return;
         }
-        let rings = self.rings();
-        for e in events {
-            if let Some(tx) = rings.get(&e.schema)
-                && tx.receiver_count() > 0
-            {
-                let _ = tx.send(Arc::new(e));
+        // The last sequence per schema is enough: listeners read the log up to it.
+        let mut heads: HashMap<String, u64> = HashMap::new();
+        for (schema, seq) in committed {
+            let h = heads.entry(schema).or_insert(0);
+            *h = (*h).max(seq);
+        }
+        let channels = self.channels();
+        for (schema, head) in heads {
+            if let Some(c) = channels.get(&schema) {
+                c.head.fetch_max(head, Ordering::AcqRel);
+                if c.ring.receiver_count() > 0 {
+                    let _ = c.ring.send(head);
+                }
             }
         }
     }
@@ -261,13 +286,15 @@ struct Task {
     out: mpsc::Sender<SubscribeResponse>,
     /// The last sequence sent or skipped.
     last: u64,
+    /// The schema's latest announced head.
+    head: Arc<AtomicU64>,
     ticker: tokio::time::Interval,
     /// Re-checks the subscriber's permissions (trust may change while it is subscribed).
     recheck: Box<dyn Fn() -> Result<(), Status> + Send + Sync>,
 }
 
-/// Start a subscription: `rx` must have been registered (ChangeHub::listen) before the caller
-/// checked `from` against the log's bounds.
+/// Start a subscription: `listener` must have been registered (ChangeHub::listen) before the
+/// caller checked `from` against the log's bounds.
 #[allow(clippy::too_many_arguments)]
 pub fn start(
     store: Store,
@@ -275,7 +302,7 @@ pub fn start(
     hub: ChangeHub,
     sel: Selection,
     from: u64,
-    rx: broadcast::Receiver<Arc<ChangeEvent>>,
+    listener: Listener,
     permit: OwnedSemaphorePermit,
     recheck: Box<dyn Fn() -> Result<(), Status> + Send + Sync>,
 ) -> SubscriptionStream {
@@ -289,11 +316,12 @@ pub fn start(
         sel,
         out,
         last: from,
+        head: listener.head,
         ticker,
         recheck,
     };
     tokio::spawn(async move {
-        if let Err(Stop::Status(s)) = task.run(rx).await {
+        if let Err(Stop::Status(s)) = task.run(listener.rx).await {
             let _ = end_tx.send(s);
         }
     });
@@ -326,20 +354,19 @@ fn stream(
 }
 
 impl Task {
-    async fn run(mut self, rx: broadcast::Receiver<Arc<ChangeEvent>>) -> Result<(), Stop> {
-        // Catch-up while the first registration collects live changes (it may overflow: the
-        // log has them all).
-        self.catch_up().await?;
-        // Register afresh, then read what was committed meanwhile.
-        let mut rx = rx.resubscribe();
-        self.catch_up().await?;
+    async fn run(mut self, mut rx: broadcast::Receiver<u64>) -> Result<(), Stop> {
+        // Catch-up, at the subscriber's pace: commits meanwhile are announced on `rx`.
+        self.read_log(false).await?;
         self.progress().await?;
         self.ticker.reset();
         loop {
             tokio::select! {
                 r = rx.recv() => match r {
-                    Ok(e) => self.live(&rx, e).await?,
-                    Err(broadcast::error::RecvError::Lagged(_)) => return Err(self.overflow()),
+                    // Something was committed (a missed announcement says the same): send what
+                    // the log has after the last sequence sent.
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        self.read_log(true).await?
+                    }
                     Err(broadcast::error::RecvError::Closed) => {
                         return Err(Stop::Status(Status::unavailable(
                             "the node is stopping; resume the subscription from the last sequence received",
@@ -355,20 +382,21 @@ impl Task {
     fn overflow(&self) -> Stop {
         self.metrics.subscription_end("overflow");
         Stop::Status(Status::resource_exhausted(format!(
-            "this subscriber fell more than {} changes behind the live changes of schema '{}' (the node's --subscription-buffer) and was cut off; read faster, or subscribe again with from_sequence = {} (the last sequence considered) to resume",
-            self.hub.capacity(),
+            "this subscriber fell more than {} changes behind the head of schema '{}' (the node's --subscription-buffer) and was cut off; read faster, or subscribe again with from_sequence = {} (the last sequence considered) to resume",
+            self.hub.buffer(),
             self.sel.schema.name,
             self.last
         )))
     }
 
-    /// Send everything in the log after `last`, up to the head.
-    async fn catch_up(&mut self) -> Result<(), Stop> {
+    /// Send everything in the log after `last`, up to the head. `live`: the subscriber is
+    /// expected to keep up (a send that waits while it is too far behind ends the stream).
+    async fn read_log(&mut self, live: bool) -> Result<(), Stop> {
         loop {
             let page = self.read_after(self.last, CATCH_UP_PAGE).await?;
             let n = page.len();
             for e in page {
-                self.emit(&e, None).await?;
+                self.emit(&e, live).await?;
             }
             if n < CATCH_UP_PAGE {
                 return Ok(());
@@ -384,35 +412,6 @@ impl Task {
         self.ticker.tick().now_or_never().is_some()
     }
 
-    /// A change from the ring.
-    async fn live(
-        &mut self,
-        rx: &broadcast::Receiver<Arc<ChangeEvent>>,
-        e: Arc<ChangeEvent>,
-    ) -> Result<(), Stop> {
-        if e.sequence <= self.last {
-            return Ok(()); // already sent from the log
-        }
-        while self.last + 1 < e.sequence {
-            // A gap: fill it from the log (everything before a published change is durable).
-            let want = usize::try_from(e.sequence - 1 - self.last)
-                .unwrap_or(usize::MAX)
-                .min(CATCH_UP_PAGE);
-            let page = self.read_after(self.last, want).await?;
-            if page.is_empty() {
-                return Err(Stop::Status(Status::internal(format!(
-                    "change {} of schema '{}' is missing from the change log",
-                    self.last + 1,
-                    self.sel.schema.name
-                ))));
-            }
-            for p in page {
-                self.emit(&p, Some(rx)).await?;
-            }
-        }
-        self.emit(&e, Some(rx)).await
-    }
-
     async fn read_after(&self, after: u64, limit: usize) -> Result<Vec<ChangeEvent>, Stop> {
         let store = self.store.clone();
         let schema = self.sel.schema.name.clone();
@@ -425,7 +424,7 @@ impl Task {
         .map_err(|e| Status::internal(format!("storage task failed: {e}")))?
         .map_err(crate::data::store_status)?;
         if after + 1 < bounds.oldest {
-            // Pruned while catching up.
+            // Pruned while this subscriber was behind.
             self.metrics.subscription_end("out_of_range");
             return Err(Stop::Status(out_of_range(
                 &self.sel.schema.name,
@@ -433,16 +432,20 @@ impl Task {
                 bounds.oldest,
             )));
         }
+        if let Some(first) = page.first()
+            && first.sequence != after + 1
+        {
+            return Err(Stop::Status(Status::internal(format!(
+                "change {} of schema '{}' is missing from the change log",
+                after + 1,
+                self.sel.schema.name
+            ))));
+        }
         Ok(page)
     }
 
-    /// Send one change (or skip it when the subscription does not select it). Live (`rx`
-    /// given), a send that waits while the subscriber's ring fills up ends the stream.
-    async fn emit(
-        &mut self,
-        e: &ChangeEvent,
-        rx: Option<&broadcast::Receiver<Arc<ChangeEvent>>>,
-    ) -> Result<(), Stop> {
+    /// Send one change (or skip it when the subscription does not select it).
+    async fn emit(&mut self, e: &ChangeEvent, live: bool) -> Result<(), Stop> {
         if e.sequence <= self.last {
             return Ok(());
         }
@@ -450,23 +453,19 @@ impl Task {
             let msg = SubscribeResponse {
                 event: Some(subscribe_response::Event::Change(change)),
             };
-            self.send(msg, rx).await?;
+            self.send(msg, live).await?;
             self.metrics.subscription_sent(1);
         }
         self.last = e.sequence;
         Ok(())
     }
 
-    async fn send(
-        &mut self,
-        msg: SubscribeResponse,
-        rx: Option<&broadcast::Receiver<Arc<ChangeEvent>>>,
-    ) -> Result<(), Stop> {
-        let Some(rx) = rx else {
+    async fn send(&mut self, msg: SubscribeResponse, live: bool) -> Result<(), Stop> {
+        if !live {
             let permit = self.out.reserve().await.map_err(|_| Stop::Gone)?;
             permit.send(msg);
             return Ok(());
-        };
+        }
         loop {
             tokio::select! {
                 p = self.out.reserve() => {
@@ -475,7 +474,8 @@ impl Task {
                     return Ok(());
                 }
                 _ = tokio::time::sleep(OVERFLOW_CHECK) => {
-                    if rx.len() >= self.hub.capacity() {
+                    let head = self.head.load(Ordering::Acquire);
+                    if head.saturating_sub(self.last) > self.hub.buffer() as u64 {
                         return Err(self.overflow());
                     }
                 }
