@@ -258,7 +258,7 @@ async fn a_replica_equals_its_owner_through_kill_9_of_both() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_subscription_gets_what_the_other_node_lets_it_read() {
     let a = start(&[]);
-    let b = start(&[]);
+    let mut b = start(&["--breaker-backoff-ms", "200"]);
     a.trust(&b.id, 1).await;
     b.dial(&a).await;
     let mut owner = a.node.owner_fold();
@@ -303,26 +303,42 @@ async fn a_remote_subscription_gets_what_the_other_node_lets_it_read() {
     // Values as Struct values when json_values is off, as for a local subscription.
     let n = first.fields.iter().find(|f| f.field == "n").unwrap();
     assert!(n.value.is_some() && n.value_json.is_empty(), "{n:?}");
-    // Live: a new write on A arrives.
-    let seq = owner
-        .mutate(mutate_req(
-            "Items",
-            MutationType::Update,
-            json!({"id": "a", "n": 2}),
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .sequence;
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(20), s.message())
-            .await
-            .expect("the live change arrives")
-            .unwrap()
-            .unwrap();
-        if let Some(Event::Change(ch)) = m.event {
-            assert_eq!(ch.sequence, seq);
-            break;
+    // Live: new writes on A arrive, also across a restart of B's sidecar (the stream's way to
+    // A), with no gap.
+    let mut want = Vec::new();
+    for round in 0..2 {
+        for i in 0..20 {
+            want.push(
+                owner
+                    .mutate(mutate_req(
+                        "Items",
+                        MutationType::Update,
+                        json!({"id": "a", "n": round * 100 + i}),
+                    ))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .sequence,
+            );
+        }
+        if round == 0 {
+            b.restart_sidecar(&["--listen", "/ip4/127.0.0.1/tcp/0"]);
         }
     }
+    let mut got = Vec::new();
+    while got.len() < want.len() {
+        let m = tokio::time::timeout(Duration::from_secs(30), s.message())
+            .await
+            .expect("the live changes arrive")
+            .expect("the stream continues")
+            .expect("the stream continues");
+        if let Some(Event::Change(ch)) = m.event {
+            got.push(ch.sequence);
+        }
+    }
+    assert_eq!(
+        got, want,
+        "every change once, in order, across the sidecar restart"
+    );
+    assert_eq!(want, (2..=41).collect::<Vec<_>>());
 }
