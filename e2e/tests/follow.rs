@@ -342,3 +342,83 @@ async fn a_remote_subscription_gets_what_the_other_node_lets_it_read() {
     );
     assert_eq!(want, (2..=41).collect::<Vec<_>>());
 }
+
+/// A replica whose copy was written to while it did not follow (restarted without `--follow`)
+/// refuses to mix the two histories once it follows again: Network.Status says it diverged,
+/// and nothing more is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_diverged_says_so_and_applies_nothing() {
+    let a = start(&[]);
+    let follow = format!("Items@{}", a.id);
+    let b_flags = ["--follow", follow.as_str()];
+    let mut b = start(&b_flags);
+    a.trust(&b.id, 0).await;
+    b.dial(&a).await;
+    let mut owner = a.node.owner_fold();
+    for n in [&a, &b] {
+        n.node
+            .owner_fold()
+            .load_schema(load_req(&items(), true))
+            .await
+            .unwrap();
+    }
+    let create = |id: &str| mutate_req("Items", MutationType::Create, json!({"id": id, "n": 1}));
+    owner.mutate(create("a1")).await.unwrap();
+    let replica_at = |n: &Node, seq: u64| {
+        let addr = n.node.grpc.clone();
+        async move {
+            let s = network(&addr)
+                .status(NetworkStatusRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            s.replicas.into_iter().find(|r| r.applied_sequence == seq)
+        }
+    };
+    eventually("the replica at 1", Duration::from_secs(20), || {
+        replica_at(&b, 1)
+    })
+    .await
+    .unwrap();
+    // Without --follow, the copy is writable: a change of its own becomes its sequence 2.
+    restart(&mut b, &[]);
+    b.node.owner_fold().mutate(create("b-local")).await.unwrap();
+    // The owner's sequence 2 is another change.
+    owner.mutate(create("a2")).await.unwrap();
+    restart(&mut b, &b_flags);
+    let st = eventually(
+        "the replica to report the divergence",
+        Duration::from_secs(20),
+        || {
+            let addr = b.node.grpc.clone();
+            async move {
+                let s = network(&addr)
+                    .status(NetworkStatusRequest {})
+                    .await
+                    .ok()?
+                    .into_inner();
+                s.replicas
+                    .into_iter()
+                    .find(|r| r.last_error.contains("diverged"))
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(st.applied_sequence, 2, "{st:?}");
+    owner.mutate(create("a3")).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let keys = keys(
+        &b.node
+            .owner_fold()
+            .query(query_req("Items", &["n"], None))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(
+        keys,
+        vec!["a1", "b-local"],
+        "nothing of the owner's applied on top"
+    );
+}

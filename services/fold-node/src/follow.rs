@@ -194,6 +194,7 @@ pub fn start(
             store: store.clone(),
             hub: hub.clone(),
             mesh: mesh.clone(),
+            verified: false,
         };
         tokio::spawn(async move { f.run().await });
     }
@@ -207,10 +208,12 @@ struct Follower {
     store: Store,
     hub: ChangeHub,
     mesh: MeshLink,
+    /// Whether the local head was checked against the source since this process started.
+    verified: bool,
 }
 
 impl Follower {
-    async fn run(self) {
+    async fn run(mut self) {
         let mut backoff = Duration::from_millis(200);
         loop {
             match self.step().await {
@@ -226,7 +229,7 @@ impl Follower {
     }
 
     /// One request to the source and the application of its answer.
-    async fn step(&self) -> Result<(), String> {
+    async fn step(&mut self) -> Result<(), String> {
         if !self.mesh.is_up() {
             return Err("the p2p-sidecar link is down".into());
         }
@@ -250,6 +253,10 @@ impl Follower {
             identity: "replica".into(),
             proven_key: String::new(),
         };
+        if !self.verified && head > 0 {
+            self.verify(&schema, head, requester.clone()).await?;
+        }
+        self.verified = true;
         let resp = self
             .mesh
             .forward_changes(
@@ -291,6 +298,64 @@ impl Follower {
             return Err(format!(
                 "node {} has changes up to {} but sent none after {applied}",
                 self.source, resp.head_sequence
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Follower {
+    /// Check, once per process, that the replica's newest change is the source's change of the
+    /// same sequence (same versions): a replica whose schema was written to locally (while not
+    /// following) or a source restored from an older backup would otherwise mix two histories.
+    async fn verify(
+        &self,
+        schema: &Schema,
+        head: u64,
+        requester: fold_proto::wire::Requester,
+    ) -> Result<(), String> {
+        let theirs = self
+            .mesh
+            .forward_changes(
+                self.source.clone(),
+                ChangesRequest {
+                    schema: self.schema.clone(),
+                    after_sequence: head - 1,
+                    limit: 1,
+                    wait_ms: 0,
+                    schema_hash: schema.hash.clone(),
+                    fields: Vec::new(),
+                    filter: None,
+                    readable_only: false,
+                },
+                requester,
+                Some(REQUEST_TIMEOUT),
+            )
+            .await
+            .map_err(|s| format!("node {}: {}", self.source, s.message()))?;
+        let store = self.store.clone();
+        let name = self.schema.clone();
+        let ours = tokio::task::spawn_blocking(move || store.changes_after(&name, head - 1, 1))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let ids = |v: Vec<String>| {
+            let mut v = v;
+            v.sort();
+            v
+        };
+        let theirs = theirs
+            .changes
+            .first()
+            .filter(|c| c.sequence == head)
+            .map(|c| ids(c.fields.iter().map(|f| f.version_id.clone()).collect()));
+        let ours = ours
+            .first()
+            .map(|c| ids(c.versions.iter().map(|(_, v)| v.id.clone()).collect()));
+        if theirs.is_none() || theirs != ours {
+            return Err(format!(
+                "this replica of schema '{}' has diverged from node {}: its change {head} is not the source's (written here while not following, or the source's data was replaced); follow it into a node where the schema is empty",
+                self.schema, self.source
             ));
         }
         Ok(())
