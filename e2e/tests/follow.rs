@@ -250,6 +250,14 @@ async fn a_replica_equals_its_owner_through_kill_9_of_both() {
     assert_eq!(st.source_node_id, a.id);
     assert_eq!(st.lag, 0);
     assert!(st.last_error.is_empty(), "{st:?}");
+    let (_, metrics) = foldmesh_e2e::http::get(&b.node.admin, "/metrics").unwrap();
+    let sample = |name: &str| foldmesh_e2e::http::sample(&metrics, name, &[("schema", "Items")]);
+    assert_eq!(
+        sample("fold_replica_applied_sequence"),
+        Some(10_001.0),
+        "{metrics}"
+    );
+    assert_eq!(sample("fold_replica_lag"), Some(0.0), "{metrics}");
 }
 
 /// A subscription to another node's schema through the mesh: that node applies its trust in

@@ -162,6 +162,7 @@ pub fn start(
     store: Store,
     hub: ChangeHub,
     mesh: MeshLink,
+    metrics: Arc<crate::metrics::NodeMetrics>,
 ) -> Result<(), String> {
     if specs.len() > MAX_FOLLOWED {
         return Err(format!(
@@ -194,6 +195,7 @@ pub fn start(
             store: store.clone(),
             hub: hub.clone(),
             mesh: mesh.clone(),
+            metrics: metrics.clone(),
             verified: false,
         };
         tokio::spawn(async move { f.run().await });
@@ -208,6 +210,7 @@ struct Follower {
     store: Store,
     hub: ChangeHub,
     mesh: MeshLink,
+    metrics: Arc<crate::metrics::NodeMetrics>,
     /// Whether the local head was checked against the source since this process started.
     verified: bool,
 }
@@ -288,12 +291,15 @@ impl Follower {
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
         let applied = applied.unwrap_or(head);
+        let source_head = resp.head_sequence.max(applied);
         self.replicas.update(&self.schema, |s| {
             s.applied = applied;
-            s.source_head = resp.head_sequence.max(applied);
+            s.source_head = source_head;
             s.last_contact_ms = now_ms();
             s.last_error.clear();
         });
+        self.metrics
+            .replica(&self.schema, applied, source_head - applied);
         if applied < resp.head_sequence && resp.changes.is_empty() {
             return Err(format!(
                 "node {} has changes up to {} but sent none after {applied}",

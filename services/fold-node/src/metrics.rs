@@ -66,6 +66,14 @@ pub struct NodeMetrics {
     subscribers: Gauge,
     subscription_changes: Counter,
     subscription_ends: Family<ReasonLabels, Counter>,
+    replica_applied: Family<SchemaLabels, Gauge>,
+    replica_lag: Family<SchemaLabels, Gauge>,
+}
+
+/// A followed schema (at most `follow::MAX_FOLLOWED`, from the node's own flags).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SchemaLabels {
+    pub schema: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -92,6 +100,8 @@ impl NodeMetrics {
             subscribers: Gauge::default(),
             subscription_changes: Counter::default(),
             subscription_ends: Family::default(),
+            replica_applied: Family::default(),
+            replica_lag: Family::default(),
         };
         reg.register(
             "fold_storage_operations",
@@ -168,7 +178,30 @@ impl NodeMetrics {
             "Subscriptions ended by the node, by reason (overflow: the subscriber fell behind its buffer; full: --max-subscriptions reached; out_of_range: history no longer kept)",
             m.subscription_ends.clone(),
         );
+        reg.register(
+            "fold_replica_applied_sequence",
+            "Per followed schema (--follow): the last change applied to the replica",
+            m.replica_applied.clone(),
+        );
+        reg.register(
+            "fold_replica_lag",
+            "Per followed schema (--follow): changes the source had at its last answer that the replica has not applied",
+            m.replica_lag.clone(),
+        );
         Arc::new(m)
+    }
+
+    /// A replica's progress.
+    pub fn replica(&self, schema: &str, applied: u64, lag: u64) {
+        let l = SchemaLabels {
+            schema: schema.to_string(),
+        };
+        self.replica_applied
+            .get_or_create(&l)
+            .set(i64::try_from(applied).unwrap_or(i64::MAX));
+        self.replica_lag
+            .get_or_create(&l)
+            .set(i64::try_from(lag).unwrap_or(i64::MAX));
     }
 
     /// A subscription stream opened (`+1`) or closed (`-1`).

@@ -267,6 +267,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         store.clone(),
         data.hub().clone(),
         mesh.clone(),
+        node_metrics.clone(),
     )
     .map_err(|e| anyhow::anyhow!("--follow: {e}"))?;
 
