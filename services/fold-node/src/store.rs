@@ -867,22 +867,32 @@ impl WriteGroup {
             out.sequences.push(seq);
         }
         sequences.insert(name, seq)?;
-        if self.retention > 0 {
-            let mut oldest_t = self
-                .txn
-                .open_table(CHANGES_OLDEST)
-                .map_err(StoreError::from)?;
-            let oldest = oldest_t.get(name)?.map_or(1, |g| g.value());
-            let keep_from = seq.saturating_sub(self.retention - 1).max(1);
-            let until = keep_from.min(oldest.saturating_add(CHANGES_PRUNE_PER_SET));
-            if until > oldest {
-                for s in oldest..until {
-                    changes.remove((name, s))?;
-                }
-                oldest_t.insert(name, until)?;
-            }
-        }
+        self.prune_changes(&mut changes, name, seq)?;
         Ok(out)
+    }
+
+    /// With a retention, remove (a bounded number of) the oldest change log entries of `name`
+    /// beyond it, now that its head is `head`.
+    fn prune_changes(
+        &self,
+        changes: &mut redb::Table<(&'static str, u64), &'static [u8]>,
+        name: &str,
+        head: u64,
+    ) -> Result<(), StoreError> {
+        if self.retention == 0 {
+            return Ok(());
+        }
+        let mut oldest_t = self.txn.open_table(CHANGES_OLDEST)?;
+        let oldest = oldest_t.get(name)?.map_or(1, |g| g.value());
+        let keep_from = head.saturating_sub(self.retention - 1).max(1);
+        let until = keep_from.min(oldest.saturating_add(CHANGES_PRUNE_PER_SET));
+        if until > oldest {
+            for s in oldest..until {
+                changes.remove((name, s))?;
+            }
+            oldest_t.insert(name, until)?;
+        }
+        Ok(())
     }
 
     /// Record a change of a followed schema exactly as its owner wrote it: the owner's sequence
@@ -921,6 +931,7 @@ impl WriteGroup {
         .map_err(corrupt)?;
         changes.insert((name, change.sequence), entry.as_slice())?;
         sequences.insert(name, change.sequence)?;
+        self.prune_changes(&mut changes, name, change.sequence)?;
         self.committed.push((name.to_string(), change.sequence));
         Ok(())
     }
