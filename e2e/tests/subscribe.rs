@@ -406,8 +406,23 @@ async fn out_of_range_when_the_change_log_no_longer_keeps_it() {
         assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
         assert!(e.message().contains("oldest kept is 41"), "{e:?}");
     }
+    // An open subscription does not hold up a graceful stop: it ends saying where to resume.
+    let mut open = c.subscribe(sub(45, &[])).await.unwrap().into_inner();
+    changes_until(&mut open, 50).await;
     node.proc.sigterm();
-    node.proc.wait_exit(Duration::from_secs(10));
+    let ended = loop {
+        match next(&mut open).await {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    assert!(ended.message().contains("from_sequence = 50"), "{ended:?}");
+    assert!(
+        node.proc.wait_exit(Duration::from_secs(5)).is_some(),
+        "the node stops without waiting out its grace period"
+    );
     node = NodeProc::start(dir.path(), &["--change-log-retention", "10"]).unwrap();
     let mut c = fold(&node.grpc);
     let e = c.subscribe(sub(0, &[])).await.unwrap_err();

@@ -320,6 +320,7 @@ impl FoldNode for FoldNodeApi {
                 span,
                 crate::subscribe::start_remote(
                     self.mesh.clone(),
+                    self.data.hub().clone(),
                     self.data.metrics().clone(),
                     req,
                     requester,

@@ -485,6 +485,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
     let _ = stop_tx.send(true);
+    // Streams that would never end on their own.
+    data.hub().stop();
     admin.abort();
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let drained = tokio::time::timeout(grace, async {

@@ -87,6 +87,8 @@ struct HubInner {
     /// How far behind the head a live subscriber may fall (--subscription-buffer).
     buffer: usize,
     channels: Mutex<HashMap<String, Channel>>,
+    /// Set when the node stops: open subscriptions end, saying where to resume.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// A registration with the hub for one schema.
@@ -103,8 +105,19 @@ impl ChangeHub {
             inner: Arc::new(HubInner {
                 buffer: buffer.max(1),
                 channels: Mutex::new(HashMap::new()),
+                stopping: tokio::sync::watch::channel(false).0,
             }),
         }
+    }
+
+    /// The node is stopping: end every open subscription (UNAVAILABLE, naming the sequence to
+    /// resume from), so a graceful shutdown does not wait for streams that never end.
+    pub fn stop(&self) {
+        self.inner.stopping.send_replace(true);
+    }
+
+    fn stopping(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.stopping.subscribe()
     }
 
     pub fn buffer(&self) -> usize {
@@ -354,7 +367,25 @@ fn stream(
 }
 
 impl Task {
-    async fn run(mut self, mut rx: broadcast::Receiver<u64>) -> Result<(), Stop> {
+    async fn run(mut self, rx: broadcast::Receiver<u64>) -> Result<(), Stop> {
+        let mut stopping = self.hub.stopping();
+        if *stopping.borrow_and_update() {
+            return Err(self.stop());
+        }
+        tokio::select! {
+            r = self.serve(rx) => r,
+            _ = stopping.changed() => Err(self.stop()),
+        }
+    }
+
+    fn stop(&self) -> Stop {
+        Stop::Status(Status::unavailable(format!(
+            "the node is stopping; subscribe again (here once it is back, or elsewhere) with from_sequence = {} to resume",
+            self.last
+        )))
+    }
+
+    async fn serve(&mut self, mut rx: broadcast::Receiver<u64>) -> Result<(), Stop> {
         // Catch-up, at the subscriber's pace: commits meanwhile are announced on `rx`.
         self.read_log(false).await?;
         self.progress().await?;
@@ -533,6 +564,7 @@ const REMOTE_MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// before the stream starts, so a bad request fails the call itself.
 pub async fn start_remote(
     mesh: MeshLink,
+    hub: ChangeHub,
     metrics: Arc<NodeMetrics>,
     req: fold_proto::v1::SubscribeRequest,
     requester: fold_proto::wire::Requester,
@@ -560,7 +592,13 @@ pub async fn start_remote(
         )
         .await?;
     let (stream, out, end_tx) = stream(metrics.clone(), permit);
+    let mut stopping = hub.stopping();
     tokio::spawn(async move {
+        let stopped = |last: u64| {
+            Status::unavailable(format!(
+                "the node is stopping; subscribe again with from_sequence = {last} to resume"
+            ))
+        };
         let mut last = from;
         let mut answer = Some(first);
         let mut backoff = Duration::from_millis(200);
@@ -576,6 +614,10 @@ pub async fn start_remote(
                             Some(REMOTE_TIMEOUT),
                         ) => r,
                         _ = out.closed() => return,
+                        _ = stopping.changed() => {
+                            let _ = end_tx.send(stopped(last));
+                            return;
+                        }
                     };
                     match r {
                         Ok(r) => r,
@@ -584,6 +626,10 @@ pub async fn start_remote(
                             tokio::select! {
                                 _ = tokio::time::sleep(backoff) => {}
                                 _ = out.closed() => return,
+                                _ = stopping.changed() => {
+                                    let _ = end_tx.send(stopped(last));
+                                    return;
+                                }
                             }
                             backoff = (backoff * 2).min(REMOTE_MAX_BACKOFF);
                             continue;
