@@ -27,3 +27,7 @@ target/release/fold-bench --out target/bench "$@"
 echo "==> forwarded path breakdown (fold-bench forward-loop)" >&2
 target/release/fold-bench --secs 5 forward-loop | tee target/bench/forward-breakdown.txt
 target/release/fold-bench --secs 5 forward-loop --local | tee -a target/bench/forward-breakdown.txt
+
+# Schema-addressed reads (route any): spread, shift off a slowed provider, kill, injected faults.
+echo "==> routing (fold-bench route)" >&2
+target/release/fold-bench --secs 8 --out target/bench route

@@ -71,6 +71,8 @@ impl FoldNode for Echo {
 pub async fn serve() -> anyhow::Result<()> {
     let fields = json!({"payload": "x".repeat(super::PAYLOAD)});
     let answer = QueryResponse {
+        answers: Vec::new(),
+        attempts: 0,
         next_page_token: String::new(),
         records: vec![Record {
             fields_json: String::new(),

@@ -23,6 +23,7 @@ use tonic::transport::Channel;
 mod changes;
 mod dht;
 mod echo;
+mod route;
 mod writes;
 
 #[derive(Parser)]
@@ -54,6 +55,10 @@ enum Cmd {
     EchoServer,
     /// Only the DHT scaling phase.
     Dht,
+    /// Only the routing phase: route-any reads over three providers on loopback — spread,
+    /// shift time off a provider slowed by a CPU quota (root), errors after a provider is
+    /// killed, and failover under 10% injected failures.
+    Route,
     /// Only the write phase: durable Mutate writes/s at 1, 32 and 128 in flight against a plain
     /// fsync reference, BatchMutate records/s, point reads idle vs. under write load.
     Writes,
@@ -215,6 +220,7 @@ fn schema() -> Json {
 
 pub fn query(target: &str) -> QueryRequest {
     QueryRequest {
+        route: 0,
         page_size: 0,
         page_token: String::new(),
         json_values: false,
@@ -987,9 +993,29 @@ async fn forward_loop(secs: u64, concurrency: usize, local: bool) -> anyhow::Res
             let name = format!("grpc_{side}_handling_seconds_{suffix}");
             foldmesh_e2e::http::sample(text, &name, &labels)
         };
+        // On the forward stream (fold-node --link-forward stream, the default) there is no
+        // per-request gRPC call to the sidecar: node A's own forward histogram stands in for
+        // its wait, and the sidecar's side has no per-request server metric.
+        let node_forward = || {
+            let l = [("op", "query")];
+            Some((
+                foldmesh_e2e::http::sample(text, "fold_forward_seconds_sum", &l)?,
+                foldmesh_e2e::http::sample(text, "fold_forward_seconds_count", &l)?,
+            ))
+        };
         match (value("sum"), value("count")) {
             (Some(sum), Some(count)) if count > 0.0 => {
                 println!("  {what:<36} mean {:>6.0} µs", sum / count * 1e6)
+            }
+            _ if method == "Forward" && side == "client" => match node_forward() {
+                Some((sum, count)) if count > 0.0 => println!(
+                    "  {what:<36} mean {:>6.0} µs (fold_forward_seconds: on the forward stream)",
+                    sum / count * 1e6
+                ),
+                _ => println!("  {what:<36} (no fold_forward_seconds)"),
+            },
+            _ if method == "Forward" => {
+                println!("  {what:<36} (on the forward stream: no per-request gRPC metric)")
             }
             _ => println!("  {what:<36} (no grpc_{side}_handling_seconds for {service}/{method})"),
         }
@@ -1028,6 +1054,15 @@ fn main() -> std::process::ExitCode {
             std::fs::create_dir_all(&cli.out)?;
             let file = cli.out.join("writes.json");
             std::fs::write(&file, serde_json::to_string_pretty(&w)?)?;
+            eprintln!("== wrote {}", file.display());
+            Ok(())
+        }),
+        Some(Cmd::Route) => rt.block_on(async {
+            eprintln!("fold-bench on {}", machine());
+            let r = route::measure(cli.secs).await?;
+            std::fs::create_dir_all(&cli.out)?;
+            let file = cli.out.join("route.json");
+            std::fs::write(&file, serde_json::to_string_pretty(&r)?)?;
             eprintln!("== wrote {}", file.display());
             Ok(())
         }),

@@ -200,12 +200,91 @@ impl Client {
             records: Vec::new(),
         };
         let mut token = String::new();
+        // With `any`, the first page picks the node; the rest come from the same node (a page
+        // token belongs to the node that gave it).
+        let mut route = if q.any {
+            pb::Route::Any
+        } else {
+            pb::Route::Default
+        };
+        let mut target = q.node.clone().unwrap_or_default();
         // Bounded: a token never repeats, and the node refuses forged ones; this only guards a
         // misbehaving server.
         for _ in 0..1_000_000 {
             let r = self
                 .fold()
                 .query(self.req(pb::QueryRequest {
+                    route: route as i32,
+                    page_size: PAGE_SIZE,
+                    page_token: std::mem::take(&mut token),
+                    json_values: true,
+                    schema: q.schema.clone(),
+                    fields: q.fields.clone(),
+                    filter: q.filter.as_ref().map(Filter::to_proto),
+                    target_node_id: target.clone(),
+                }))
+                .await?
+                .into_inner();
+            token = r.next_page_token.clone();
+            if route == pb::Route::Any {
+                route = pb::Route::Default;
+                target = r.node_id.clone();
+            }
+            let page: QueryResult = r.into();
+            all.node_id = page.node_id;
+            all.records.extend(page.records);
+            progress(all.records.len());
+            if token.is_empty() {
+                break;
+            }
+        }
+        Ok(all)
+    }
+
+    /// Ask every node serving the schema (`q.node` and `q.any` are ignored): one answer per
+    /// node, with its records (every page of them) or its failure. Nothing is dropped silently.
+    pub async fn query_all(&self, q: Query) -> Result<Vec<NodeAnswer>> {
+        let r = self
+            .fold()
+            .query(self.req(pb::QueryRequest {
+                route: pb::Route::All as i32,
+                page_size: PAGE_SIZE,
+                page_token: String::new(),
+                json_values: true,
+                schema: q.schema.clone(),
+                fields: q.fields.clone(),
+                filter: q.filter.as_ref().map(Filter::to_proto),
+                target_node_id: String::new(),
+            }))
+            .await?
+            .into_inner();
+        let mut out = Vec::with_capacity(r.answers.len());
+        for a in r.answers {
+            let token = a.next_page_token.clone();
+            let node = a.node_id.clone();
+            let mut answer = NodeAnswer::from(a);
+            if !token.is_empty() {
+                // The rest of that node's records, from that node.
+                let mut rest = Query::new(q.schema.clone(), q.fields.clone()).node(node);
+                rest.filter = q.filter.clone();
+                let more = self.query_pages_from(rest, token).await?;
+                answer.records.extend(more);
+            }
+            out.push(answer);
+        }
+        Ok(out)
+    }
+
+    async fn query_pages_from(&self, q: Query, mut token: String) -> Result<Vec<Record>> {
+        let mut records = Vec::new();
+        for _ in 0..1_000_000 {
+            if token.is_empty() {
+                break;
+            }
+            let r = self
+                .fold()
+                .query(self.req(pb::QueryRequest {
+                    route: 0,
                     page_size: PAGE_SIZE,
                     page_token: std::mem::take(&mut token),
                     json_values: true,
@@ -217,15 +296,9 @@ impl Client {
                 .await?
                 .into_inner();
             token = r.next_page_token.clone();
-            let page: QueryResult = r.into();
-            all.node_id = page.node_id;
-            all.records.extend(page.records);
-            progress(all.records.len());
-            if token.is_empty() {
-                break;
-            }
+            records.extend(QueryResult::from(r).records);
         }
-        Ok(all)
+        Ok(records)
     }
 
     /// Create, update or delete field values, locally or on another node.
@@ -298,9 +371,32 @@ impl Client {
         key: Option<&str>,
         limit: u32,
     ) -> Result<Vec<Version>> {
+        Ok(self
+            .history_at(schema, field, key, limit, At::Here)
+            .await?
+            .1)
+    }
+
+    /// [`history`](Client::history) on another node or any node serving the schema; returns
+    /// the node that answered and its versions.
+    pub async fn history_at(
+        &self,
+        schema: &str,
+        field: &str,
+        key: Option<&str>,
+        limit: u32,
+        at: At,
+    ) -> Result<(String, Vec<Version>)> {
+        let (route, target) = match at {
+            At::Here => (pb::Route::Default, String::new()),
+            At::Node(n) => (pb::Route::Default, n),
+            At::Any => (pb::Route::Any, String::new()),
+        };
         let r = self
             .fold()
             .history(self.req(pb::HistoryRequest {
+                target_node_id: target,
+                route: route as i32,
                 page_size: 0,
                 page_token: String::new(),
                 json_values: false,
@@ -311,7 +407,37 @@ impl Client {
             }))
             .await?
             .into_inner();
-        Ok(r.versions.into_iter().map(Version::from).collect())
+        Ok((
+            r.node_id,
+            r.versions.into_iter().map(Version::from).collect(),
+        ))
+    }
+
+    /// A field's history on every node serving the schema: one answer per node (at most
+    /// `limit` versions each, 0 = all), with its versions or its failure.
+    pub async fn history_all(
+        &self,
+        schema: &str,
+        field: &str,
+        key: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<NodeAnswer>> {
+        let r = self
+            .fold()
+            .history(self.req(pb::HistoryRequest {
+                target_node_id: String::new(),
+                route: pb::Route::All as i32,
+                page_size: 0,
+                page_token: String::new(),
+                json_values: false,
+                schema: schema.into(),
+                field: field.into(),
+                range_key: key.unwrap_or_default().into(),
+                limit,
+            }))
+            .await?
+            .into_inner();
+        Ok(r.answers.into_iter().map(NodeAnswer::from).collect())
     }
 
     // ---- network ----

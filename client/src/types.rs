@@ -174,6 +174,8 @@ pub struct Query {
     pub filter: Option<Filter>,
     /// Node to run on (None: the connected node).
     pub node: Option<String>,
+    /// Run on any node serving the schema (balanced, failing over), instead of `node`.
+    pub any: bool,
 }
 
 impl Query {
@@ -187,6 +189,7 @@ impl Query {
             fields: fields.into_iter().map(Into::into).collect(),
             filter: None,
             node: None,
+            any: false,
         }
     }
 
@@ -199,6 +202,62 @@ impl Query {
     pub fn node(mut self, id: impl Into<String>) -> Self {
         self.node = Some(id.into());
         self
+    }
+
+    /// Run on any node serving the schema: the connected node picks one (power-of-two-choices
+    /// over latency) and fails over to another when it cannot answer.
+    pub fn any(mut self) -> Self {
+        self.any = true;
+        self
+    }
+}
+
+/// Where a history read runs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum At {
+    /// The connected node.
+    #[default]
+    Here,
+    /// This node of the mesh (forwarded).
+    Node(String),
+    /// Any node serving the schema (balanced, failing over).
+    Any,
+}
+
+/// One node's part of an "all nodes serving the schema" read.
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeAnswer {
+    pub node_id: String,
+    /// Why this node gave nothing (its gRPC code name and message); `null` when it answered.
+    pub error: Option<NodeError>,
+    /// Query: its records.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub records: Vec<Record>,
+    /// History: its versions, newest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub versions: Vec<Version>,
+    /// How long the node took, microseconds.
+    pub latency_micros: u64,
+}
+
+impl From<v1::NodeAnswer> for NodeAnswer {
+    fn from(a: v1::NodeAnswer) -> Self {
+        let error = (a.code != 0).then(|| NodeError {
+            code: crate::error::code_name(tonic::Code::from(a.code)).to_string(),
+            message: a.message,
+        });
+        let records = QueryResult::from(v1::QueryResponse {
+            records: a.records,
+            ..Default::default()
+        })
+        .records;
+        NodeAnswer {
+            node_id: a.node_id,
+            error,
+            records,
+            versions: a.versions.into_iter().map(Version::from).collect(),
+            latency_micros: a.latency_micros,
+        }
     }
 }
 
@@ -436,6 +495,15 @@ pub struct Peer {
     pub connection: Option<String>,
     /// "tcp", "quic" or "memory" while connected, `null` otherwise.
     pub transport: Option<String>,
+    /// This node's circuit breaker toward the peer ("closed", "open", "half-open"); `null`
+    /// before anything was forwarded to it.
+    pub breaker: Option<String>,
+    /// Routing (`--any` reads): the peak-EWMA latency estimate in microseconds (`null` before
+    /// the first routed request), requests in flight, sent, and failed.
+    pub route_latency_micros: Option<u64>,
+    pub route_in_flight: u32,
+    pub route_requests: u64,
+    pub route_failures: u64,
 }
 
 impl From<v1::PeerInfo> for Peer {
@@ -452,6 +520,11 @@ impl From<v1::PeerInfo> for Peer {
             denied: p.trust_distance < 0,
             connection: (!p.connection.is_empty()).then_some(p.connection),
             transport: (!p.transport.is_empty()).then_some(p.transport),
+            breaker: (!p.breaker.is_empty()).then_some(p.breaker),
+            route_latency_micros: (p.route_requests > 0).then_some(p.route_latency_micros),
+            route_in_flight: p.route_in_flight,
+            route_requests: p.route_requests,
+            route_failures: p.route_failures,
         }
     }
 }

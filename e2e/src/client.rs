@@ -73,6 +73,7 @@ pub fn mutate_req(schema: &str, kind: MutationType, data: Json) -> MutateRequest
 
 pub fn query_req(schema: &str, fields: &[&str], filter: Option<RangeFilter>) -> QueryRequest {
     QueryRequest {
+        route: 0,
         page_size: 0,
         page_token: String::new(),
         json_values: false,

@@ -1,6 +1,7 @@
 //! End-to-end test support: start the real foldmesh binaries as processes (on loopback or inside
 //! Linux network namespaces made by [`netns`]) and talk to them with real clients.
 
+pub mod cgroup;
 pub mod client;
 pub mod http;
 pub mod loopback;

@@ -101,6 +101,8 @@ async fn values_round_trip_exactly() {
     // History, exact too.
     let h = fold(&a.node.grpc)
         .history(HistoryRequest {
+            target_node_id: String::new(),
+            route: 0,
             page_size: 0,
             page_token: String::new(),
             schema: "Bag".into(),

@@ -414,6 +414,8 @@ async fn mutations_queries_filters_and_history() {
     // History: newest first, linked, with writer and time.
     let h = c
         .history(HistoryRequest {
+            target_node_id: String::new(),
+            route: 0,
             page_size: 0,
             page_token: String::new(),
             json_values: false,
@@ -442,6 +444,8 @@ async fn mutations_queries_filters_and_history() {
     assert!(h[0].written_at.as_ref().unwrap().seconds > 1_700_000_000);
     let h = c
         .history(HistoryRequest {
+            target_node_id: String::new(),
+            route: 0,
             page_size: 0,
             page_token: String::new(),
             json_values: false,
@@ -463,6 +467,8 @@ async fn mutations_queries_filters_and_history() {
     );
     let e = c
         .history(HistoryRequest {
+            target_node_id: String::new(),
+            route: 0,
             page_size: 0,
             page_token: String::new(),
             json_values: false,
@@ -588,6 +594,8 @@ async fn permissions_by_distance_and_explicit_policy() {
     // History is a read too.
     let e = c
         .history(HistoryRequest {
+            target_node_id: String::new(),
+            route: 0,
             page_size: 0,
             page_token: String::new(),
             json_values: false,
@@ -728,6 +736,8 @@ async fn acknowledged_writes_survive_kill_9() {
     assert!(!keys(&r).contains(&"k01".to_string()));
     let h = c
         .history(HistoryRequest {
+            target_node_id: String::new(),
+            route: 0,
             page_size: 0,
             page_token: String::new(),
             json_values: false,
@@ -744,6 +754,8 @@ async fn acknowledged_writes_survive_kill_9() {
     assert_eq!(h[0].previous_version_id, h[1].version_id);
     let h = c
         .history(HistoryRequest {
+            target_node_id: String::new(),
+            route: 0,
             page_size: 0,
             page_token: String::new(),
             json_values: false,

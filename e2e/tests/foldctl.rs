@@ -685,6 +685,66 @@ fn every_command_in_both_output_modes() {
         "{t}"
     );
     assert_eq!(keys(&j), ["remote-1"]);
+    // By schema instead of by node: --all asks every node serving SensorReadings (a and b),
+    // each row tagged with its node; --any asks one of them.
+    let (t, j) = both(addr, &["query", "SensorReadings", "celsius", "--all"]);
+    assert!(t.lines().next().unwrap().starts_with("NODE"), "{t}");
+    assert!(t.contains("2 of 2 node(s) serving the schema"), "{t}");
+    let row = t
+        .lines()
+        .find(|l| l.contains("remote-1"))
+        .expect("b's record in --all");
+    assert!(row.starts_with(&b.node_id), "{t}");
+    let answers = j.as_array().expect("one answer per node");
+    let mut nodes: Vec<&str> = answers
+        .iter()
+        .map(|a| a["node_id"].as_str().unwrap())
+        .collect();
+    nodes.sort();
+    let mut both_ids = vec![a.node_id.as_str(), b.node_id.as_str()];
+    both_ids.sort();
+    assert_eq!(nodes, both_ids, "{j}");
+    assert!(answers.iter().all(|a| a["error"].is_null()), "{j}");
+    let j = ok(
+        addr,
+        &["query", "SensorReadings", "celsius", "--any", "-o", "json"],
+    )
+    .json();
+    assert!(both_ids.contains(&j["node_id"].as_str().unwrap()), "{j}");
+    let r = ctl(
+        addr,
+        &["query", "SensorReadings", "--any", "--node", &b.node_id],
+    );
+    assert_eq!(r.code, 1, "--any and --node together: {}", r.err);
+    // History on b by name, and on every node.
+    let (t, _) = both(
+        addr,
+        &[
+            "history",
+            "SensorReadings",
+            "celsius",
+            "remote-1",
+            "--node",
+            &b.node_id,
+        ],
+    );
+    assert!(
+        t.contains("peer:"),
+        "b wrote remote-1 for a forwarded request: {t}"
+    );
+    let (t, j) = both(
+        addr,
+        &["history", "SensorReadings", "celsius", "remote-1", "--all"],
+    );
+    assert!(t.contains("2 of 2 node(s)"), "{t}");
+    let with_versions: Vec<&Json> = j
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["versions"].as_array().is_some_and(|v| !v.is_empty()))
+        .collect();
+    assert_eq!(with_versions.len(), 1, "{j}");
+    assert_eq!(with_versions[0]["node_id"], b.node_id.as_str());
     // After forwarding to b, the node keeps a circuit breaker for it: closed.
     let (t, j) = both(addr, &["peers", "--metrics-addr", &a.node.admin]);
     let row = t

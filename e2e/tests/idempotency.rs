@@ -23,6 +23,8 @@ async fn versions(
     key: &str,
 ) -> usize {
     c.history(HistoryRequest {
+        target_node_id: String::new(),
+        route: 0,
         page_size: 0,
         page_token: String::new(),
         json_values: false,

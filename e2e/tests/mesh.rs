@@ -208,6 +208,8 @@ async fn query_and_mutation_forwarded_to_another_host() {
     // And B's history names A as the writer.
     let h = fold(&b.grpc())
         .history(HistoryRequest {
+            target_node_id: String::new(),
+            route: 0,
             page_size: 0,
             page_token: String::new(),
             json_values: false,

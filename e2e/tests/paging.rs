@@ -186,6 +186,8 @@ async fn history_pages_return_every_version_once_while_writes_continue() {
         .unwrap();
     }
     let req = |token: String| HistoryRequest {
+        target_node_id: String::new(),
+        route: 0,
         schema: "Counter".into(),
         field: "n".into(),
         range_key: "a".into(),

@@ -375,6 +375,7 @@ async fn hostile_peer_is_refused_counted_and_changes_nothing() {
     // Nothing of the refused requests reached the data; the accepted ones did, once.
     let rows = fold(&node.grpc)
         .query(QueryRequest {
+            route: 0,
             page_size: 0,
             page_token: String::new(),
             json_values: false,
@@ -389,6 +390,8 @@ async fn hostile_peer_is_refused_counted_and_changes_nothing() {
     assert_eq!(keys(&rows), vec!["m1", "m2", "m8"]);
     let h = fold(&node.grpc)
         .history(HistoryRequest {
+            target_node_id: String::new(),
+            route: 0,
             page_size: 0,
             page_token: String::new(),
             json_values: false,
@@ -688,6 +691,8 @@ async fn mtls_identities_map_to_trust_distances() {
     // History records who wrote.
     let h = trusted
         .history(HistoryRequest {
+            target_node_id: String::new(),
+            route: 0,
             page_size: 0,
             page_token: String::new(),
             json_values: false,
@@ -1045,6 +1050,7 @@ async fn a_flooding_peer_is_throttled_and_others_are_not() {
     let t = &sc.node_id;
     let query_op = || Operation {
         kind: Some(operation::Kind::Query(QueryRequest {
+            route: 0,
             page_size: 0,
             page_token: String::new(),
             json_values: false,

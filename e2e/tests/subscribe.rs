@@ -211,6 +211,7 @@ async fn sequences_are_dense_and_survive_kill_9() {
             json_values: false,
             page_size: 0,
             page_token: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()

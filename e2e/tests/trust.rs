@@ -48,6 +48,8 @@ async fn newest_writer(b: &Node, key: &str) -> String {
         .node
         .owner_fold()
         .history(HistoryRequest {
+            target_node_id: String::new(),
+            route: 0,
             page_size: 0,
             page_token: String::new(),
             json_values: false,

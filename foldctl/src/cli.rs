@@ -197,8 +197,16 @@ pub struct QueryArgs {
     #[arg(long)]
     pub pattern: Option<String>,
     /// Run on this node of the mesh (forwarded).
-    #[arg(long)]
+    #[arg(long, group = "where")]
     pub node: Option<String>,
+    /// Run on any node serving the schema: the connected node picks one (balanced by latency)
+    /// and fails over to another if it cannot answer.
+    #[arg(long, group = "where")]
+    pub any: bool,
+    /// Ask every node serving the schema: records are shown per node (a NODE column), and a
+    /// node that failed is reported on stderr (exit 0 when at least one answered).
+    #[arg(long, group = "where")]
+    pub all: bool,
 }
 
 #[derive(Args, Debug)]
@@ -236,6 +244,15 @@ pub struct HistoryArgs {
     /// At most this many versions (0 = all).
     #[arg(long, default_value_t = 0)]
     pub limit: u32,
+    /// Read it on this node of the mesh (forwarded).
+    #[arg(long, group = "where")]
+    pub node: Option<String>,
+    /// Read it on any node serving the schema (balanced, failing over).
+    #[arg(long, group = "where")]
+    pub any: bool,
+    /// Read it on every node serving the schema (a NODE column; failures on stderr).
+    #[arg(long, group = "where")]
+    pub all: bool,
 }
 
 #[derive(Subcommand, Debug)]

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::io::Read;
 
 use fold_client::{
-    Client, Filter, Mutation, MutationKind, Peer, Query, SchemaInfo, SchemaState, StateChange,
-    Trust, TrustEntry,
+    At, Client, Filter, Mutation, MutationKind, NodeAnswer, Peer, Query, SchemaInfo, SchemaState,
+    StateChange, Trust, TrustEntry,
 };
 use serde::Serialize;
 use serde_json::{Value as Json, json};
@@ -218,14 +218,59 @@ async fn query(c: &Client, a: QueryArgs) -> Result<Out, Failure> {
         a.pattern.map(Filter::Pattern)
     };
     let fields = if a.fields.is_empty() {
-        // Every field of the schema (asked from the node that will answer).
-        c.get_schema(&a.schema).await?.info.fields
+        // Every field of the schema, as the connected node knows it.
+        match c.get_schema(&a.schema).await {
+            Ok(s) => s.info.fields,
+            Err(e) if a.node.is_some() || a.any || a.all => {
+                return Err(Failure::Local(format!(
+                    "name the fields to read: the connected node cannot list the fields of schema '{}' ({})",
+                    a.schema,
+                    match &e {
+                        fold_client::Error::Status { message, .. } => message.clone(),
+                        other => other.to_string(),
+                    }
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        }
     } else {
         a.fields
     };
     let mut q = Query::new(a.schema, fields.clone());
     q.filter = filter;
     q.node = a.node;
+    q.any = a.any;
+    if a.all {
+        let answers = c.query_all(q).await?;
+        let mut t = Table::new(
+            ["NODE".to_string(), "KEY".to_string()]
+                .into_iter()
+                .chain(fields.iter().cloned()),
+        );
+        let mut n = 0;
+        for ans in &answers {
+            for rec in &ans.records {
+                let mut row = vec![
+                    ans.node_id.clone(),
+                    rec.key.clone().unwrap_or_else(|| "-".into()),
+                ];
+                for f in &fields {
+                    row.push(rec.fields.get(f).map(cell).unwrap_or_else(|| "-".into()));
+                }
+                t.row(row);
+                n += 1;
+            }
+        }
+        let text = format!(
+            "{}{n} record(s) from {}\n",
+            t.render(),
+            answered_summary(&answers)?
+        );
+        return Ok(Out {
+            json: to_json(&answers)?,
+            text,
+        });
+    }
     let r = {
         use std::io::{IsTerminal, Write};
         let tty = std::io::stderr().is_terminal();
@@ -386,9 +431,73 @@ async fn mutate_batch(
     })
 }
 
+/// "2 of 3 nodes" — and each node that failed, on stderr. Every node failing is an error.
+fn answered_summary(answers: &[NodeAnswer]) -> Result<String, Failure> {
+    let failed: Vec<&NodeAnswer> = answers.iter().filter(|a| a.error.is_some()).collect();
+    for a in &failed {
+        if let Some(e) = &a.error {
+            eprintln!("node {}: {} {}", a.node_id, e.code, e.message);
+        }
+    }
+    if !answers.is_empty() && failed.len() == answers.len() {
+        return Err(Failure::Local(format!(
+            "none of the {} nodes serving the schema answered (see above)",
+            answers.len()
+        )));
+    }
+    Ok(format!(
+        "{} of {} node(s) serving the schema",
+        answers.len() - failed.len(),
+        answers.len()
+    ))
+}
+
 async fn history(c: &Client, a: HistoryArgs) -> Result<Out, Failure> {
-    let versions = c
-        .history(&a.schema, &a.field, a.key.as_deref(), a.limit)
+    if a.all {
+        let answers = c
+            .history_all(&a.schema, &a.field, a.key.as_deref(), a.limit)
+            .await?;
+        let mut t = Table::new([
+            "NODE",
+            "WRITTEN_AT",
+            "MUTATION",
+            "VALUE",
+            "WRITER",
+            "VERSION_ID",
+        ]);
+        for ans in &answers {
+            for v in &ans.versions {
+                t.row([
+                    ans.node_id.clone(),
+                    v.written_at.clone().unwrap_or_else(|| "-".into()),
+                    v.mutation
+                        .map(|m| format!("{m:?}").to_lowercase())
+                        .unwrap_or_else(|| "-".into()),
+                    if v.deleted {
+                        "(deleted)".into()
+                    } else {
+                        cell(&v.value)
+                    },
+                    v.writer.clone(),
+                    v.version_id.clone(),
+                ]);
+            }
+        }
+        let text = format!("{}from {}\n", t.render(), answered_summary(&answers)?);
+        return Ok(Out {
+            json: to_json(&answers)?,
+            text,
+        });
+    }
+    let at = if a.any {
+        At::Any
+    } else if let Some(n) = a.node {
+        At::Node(n)
+    } else {
+        At::Here
+    };
+    let (_, versions) = c
+        .history_at(&a.schema, &a.field, a.key.as_deref(), a.limit, at)
         .await?;
     let mut t = Table::new(["WRITTEN_AT", "MUTATION", "VALUE", "WRITER", "VERSION_ID"]);
     for v in &versions {
@@ -503,7 +612,7 @@ pub fn peers_table(peers: &[Peer], breakers: Option<&BTreeMap<String, String>>) 
     if peers.is_empty() {
         return "no peers\n".into();
     }
-    let mut headers = vec!["NODE_ID", "CONNECTED", "VIA", "RTT", "TRUST"];
+    let mut headers = vec!["NODE_ID", "CONNECTED", "VIA", "RTT", "TRUST", "ROUTE_EWMA"];
     if breakers.is_some() {
         headers.push("BREAKER");
     }
@@ -520,9 +629,17 @@ pub fn peers_table(peers: &[Peer], breakers: Option<&BTreeMap<String, String>>) 
             },
             rtt_text(p),
             peer_trust(p),
+            p.route_latency_micros
+                .map(|us| format!("{:.1}ms", us as f64 / 1000.0))
+                .unwrap_or_else(|| "-".into()),
         ];
         if let Some(b) = breakers {
-            row.push(b.get(&p.node_id).cloned().unwrap_or_else(|| "-".into()));
+            row.push(
+                b.get(&p.node_id)
+                    .cloned()
+                    .or_else(|| p.breaker.clone())
+                    .unwrap_or_else(|| "-".into()),
+            );
         }
         row.extend([
             or_dash(p.source.clone()),

@@ -406,6 +406,11 @@ mod tests {
             denied: false,
             connection: connected.then(|| "direct".to_string()),
             transport: connected.then(|| "tcp".to_string()),
+            breaker: None,
+            route_latency_micros: None,
+            route_in_flight: 0,
+            route_requests: 0,
+            route_failures: 0,
         }
     }
 

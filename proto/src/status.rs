@@ -20,6 +20,16 @@ pub fn wire_error(code: Code, message: impl Into<String>) -> WireError {
     }
 }
 
+/// A wire error produced by the local link itself (not a remote node's), as a status with the
+/// same code and message (OK or an unknown number becomes UNKNOWN).
+pub fn from_wire_local(e: WireError) -> Status {
+    let code = match Code::from_i32(e.code) {
+        Code::Ok => Code::Unknown,
+        c => c,
+    };
+    Status::new(code, e.message)
+}
+
 /// A wire error from node `node` as a status with the same code (OK or an unknown number, which
 /// would be a lie or a bug, becomes UNKNOWN), its message prefixed with the node.
 pub fn from_wire(node: &str, e: WireError) -> Status {

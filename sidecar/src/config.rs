@@ -191,6 +191,11 @@ pub struct Config {
     )]
     pub max_concurrent_streams: usize,
 
+    /// Forwards in flight at once on one node ⇄ sidecar forward stream (Mesh.ForwardStream);
+    /// further ones are answered RESOURCE_EXHAUSTED.
+    #[arg(long, env = "FOLD_SIDECAR_MAX_STREAM_FORWARDS", default_value_t = crate::mesh_api::DEFAULT_MAX_STREAM_FORWARDS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    pub max_stream_forwards: usize,
+
     /// Requests per second one peer may send us (0 = no limit); beyond it, RESOURCE_EXHAUSTED.
     #[arg(long, env = "FOLD_SIDECAR_PEER_RATE_LIMIT", default_value_t = 200)]
     pub peer_rate_limit: u32,

@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fold_proto::sidecar::mesh_server::Mesh;
 use fold_proto::sidecar::{
-    ForwardRequest, MeshStatusRequest, PeerEvent, PeerEventsRequest, ProvideRequest,
-    ProvideResponse,
+    ForwardRequest, ForwardStreamRequest, ForwardStreamResponse, MeshStatusRequest, PeerEvent,
+    PeerEventsRequest, ProvideRequest, ProvideResponse, forward_stream_response,
 };
 use fold_proto::v1::{
     CheckSchemasRequest, CheckSchemasResponse, DialRequest, DialResponse, DisconnectRequest,
@@ -27,7 +27,22 @@ use tracing::Instrument;
 
 use crate::client::Client;
 
+/// Answers buffered per forward stream before the sidecar waits for the node to read.
+const STREAM_ANSWER_BUFFER: usize = 1024;
+/// Default of --max-stream-forwards.
+pub const DEFAULT_MAX_STREAM_FORWARDS: usize = 4096;
+
 pub struct MeshApi {
+    client: Client,
+    default_timeout: Duration,
+    forwarder: Forwarder,
+    max_stream_forwards: usize,
+}
+
+/// One forward: seal the envelope and send it through the swarm (shared by the unary call and
+/// the stream).
+#[derive(Clone)]
+struct Forwarder {
     client: Client,
     default_timeout: Duration,
     key: Arc<Keypair>,
@@ -36,10 +51,89 @@ pub struct MeshApi {
 impl MeshApi {
     pub fn new(client: Client, default_timeout: Duration, key: Arc<Keypair>) -> Self {
         MeshApi {
+            forwarder: Forwarder {
+                client: client.clone(),
+                default_timeout,
+                key,
+            },
             client,
             default_timeout,
-            key,
+            max_stream_forwards: DEFAULT_MAX_STREAM_FORWARDS,
         }
+    }
+
+    /// At most this many forwards in flight per ForwardStream (further ones are refused).
+    pub fn with_max_stream_forwards(mut self, n: usize) -> Self {
+        self.max_stream_forwards = n.max(1);
+        self
+    }
+}
+
+impl Forwarder {
+    async fn forward(
+        &self,
+        req: ForwardRequest,
+        deadline: Option<Duration>,
+        parent: opentelemetry::Context,
+    ) -> Result<wire::ForwardResponse, Status> {
+        let peer = parse_peer(&req.target_node_id)?;
+        if peer == self.client.local_peer_id() {
+            return Err(Status::invalid_argument(
+                "the target is this node itself; the node runs such requests locally",
+            ));
+        }
+        if req
+            .operation
+            .as_ref()
+            .and_then(|o| o.kind.as_ref())
+            .is_none()
+        {
+            return Err(Status::invalid_argument(
+                "no operation (query, mutation or peers request) to forward",
+            ));
+        }
+        // Answer before the node's own deadline fires: keep a small margin for the way back.
+        let timeout = deadline.map_or(self.default_timeout, |d| {
+            d.saturating_sub((d / 20).min(Duration::from_millis(50)))
+                .min(self.default_timeout)
+        });
+        let span = tracing::info_span!(
+            "sidecar.forward",
+            otel.kind = "client",
+            target_node = %peer,
+        );
+        fold_telemetry::otel::set_parent(&span, parent);
+        let client = self.client.clone();
+        let key = self.key.clone();
+        async move {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                .unwrap_or(0);
+            let envelope = wire::ForwardEnvelope {
+                request_id: uuid::Uuid::new_v4().to_string(),
+                origin_node_id: client.local_peer_id().to_string(),
+                target_node_id: peer.to_string(),
+                timestamp_unix_ms: now,
+                deadline_unix_ms: now
+                    .saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
+                requester: req.requester,
+                operation: req.operation,
+            };
+            let sealed =
+                crate::signing::seal(&key, &envelope, fold_telemetry::otel::inject_current())
+                    .map_err(Status::internal)?;
+            match tokio::time::timeout(timeout, client.forward(peer, sealed)).await {
+                Ok(Ok(resp)) => Ok(resp),
+                Ok(Err(e)) => Err(Status::from(e)),
+                Err(_) => Err(Status::deadline_exceeded(format!(
+                    "node {peer} did not answer within {} ms",
+                    timeout.as_millis()
+                ))),
+            }
+        }
+        .instrument(span)
+        .await
     }
 }
 
@@ -108,65 +202,80 @@ impl Mesh for MeshApi {
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(fold_middleware::deadline::parse_grpc_timeout);
-        let req = request.into_inner();
-        let peer = parse_peer(&req.target_node_id)?;
-        if peer == self.client.local_peer_id() {
-            return Err(Status::invalid_argument(
-                "the target is this node itself; the node runs such requests locally",
-            ));
-        }
-        if req
-            .operation
-            .as_ref()
-            .and_then(|o| o.kind.as_ref())
-            .is_none()
-        {
-            return Err(Status::invalid_argument(
-                "no operation (query, mutation or peers request) to forward",
-            ));
-        }
-        // Answer before the node's own deadline fires: keep a small margin for the way back.
-        let timeout = deadline.map_or(self.default_timeout, |d| {
-            d.saturating_sub((d / 20).min(Duration::from_millis(50)))
-                .min(self.default_timeout)
-        });
-        let span = tracing::info_span!(
-            "sidecar.forward",
-            otel.kind = "client",
-            target_node = %peer,
+        self.forwarder
+            .forward(request.into_inner(), deadline, parent)
+            .await
+            .map(Response::new)
+    }
+
+    type ForwardStreamStream =
+        Pin<Box<dyn Stream<Item = Result<ForwardStreamResponse, Status>> + Send>>;
+
+    async fn forward_stream(
+        &self,
+        request: Request<tonic::Streaming<ForwardStreamRequest>>,
+    ) -> Result<Response<Self::ForwardStreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        // Answers wait here for the node to read them; a node that stops reading stops this
+        // stream's requests from being taken (the send below waits), never the sidecar.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<ForwardStreamResponse, Status>>(
+            STREAM_ANSWER_BUFFER,
         );
-        fold_telemetry::otel::set_parent(&span, parent);
-        let client = self.client.clone();
-        let key = self.key.clone();
-        async move {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-                .unwrap_or(0);
-            let envelope = wire::ForwardEnvelope {
-                request_id: uuid::Uuid::new_v4().to_string(),
-                origin_node_id: client.local_peer_id().to_string(),
-                target_node_id: peer.to_string(),
-                timestamp_unix_ms: now,
-                deadline_unix_ms: now
-                    .saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
-                requester: req.requester,
-                operation: req.operation,
-            };
-            let sealed =
-                crate::signing::seal(&key, &envelope, fold_telemetry::otel::inject_current())
-                    .map_err(Status::internal)?;
-            match tokio::time::timeout(timeout, client.forward(peer, sealed)).await {
-                Ok(Ok(resp)) => Ok(Response::new(resp)),
-                Ok(Err(e)) => Err(Status::from(e)),
-                Err(_) => Err(Status::deadline_exceeded(format!(
-                    "node {peer} did not answer within {} ms",
-                    timeout.as_millis()
-                ))),
+        let forwarder = self.forwarder.clone();
+        let slots = Arc::new(tokio::sync::Semaphore::new(self.max_stream_forwards));
+        tokio::spawn(async move {
+            loop {
+                let msg = match inbound.message().await {
+                    Ok(Some(m)) => m,
+                    // The node closed its side, or the stream broke: nothing more to take.
+                    Ok(None) | Err(_) => return,
+                };
+                let id = msg.id;
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    let refused = ForwardStreamResponse {
+                        id,
+                        result: Some(forward_stream_response::Result::Error(
+                            fold_proto::status::wire_error(
+                                tonic::Code::ResourceExhausted,
+                                "too many forwards in flight on this stream (--max-stream-forwards)",
+                            ),
+                        )),
+                    };
+                    if tx.send(Ok(refused)).await.is_err() {
+                        return;
+                    }
+                    continue;
+                };
+                let forwarder = forwarder.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let parent = fold_telemetry::otel::extract_map(&msg.trace_context);
+                    let deadline =
+                        (msg.timeout_ms > 0).then(|| Duration::from_millis(msg.timeout_ms.into()));
+                    let result = match msg.request {
+                        Some(req) => forwarder.forward(req, deadline, parent).await,
+                        None => Err(Status::invalid_argument(
+                            "a stream request without 'request'",
+                        )),
+                    };
+                    let answer = ForwardStreamResponse {
+                        id,
+                        result: Some(match result {
+                            Ok(r) => forward_stream_response::Result::Response(r),
+                            Err(s) => forward_stream_response::Result::Error(
+                                fold_proto::status::to_wire(&s),
+                            ),
+                        }),
+                    };
+                    // The node went away: its answer has nowhere to go.
+                    let _ = tx.send(Ok(answer)).await;
+                });
             }
-        }
-        .instrument(span)
-        .await
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn check_schemas(

@@ -396,6 +396,11 @@ impl PeerBook {
             .iter()
             .filter(|(p, e)| (include_disconnected || e.connections > 0) && *p != local)
             .map(|(p, e)| PeerInfo {
+                route_latency_micros: 0,
+                route_in_flight: 0,
+                route_requests: 0,
+                route_failures: 0,
+                breaker: String::new(),
                 node_id: p.to_string(),
                 addrs: e.addrs.iter().map(|a| a.to_string()).collect(),
                 connected: e.connections > 0,

@@ -244,9 +244,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<MeshServer<MeshApi>>().await;
-    let mesh = MeshServer::new(MeshApi::new(client.clone(), timeout, signing_key))
-        .max_decoding_message_size(config.max_forward_bytes)
-        .max_encoding_message_size(config.max_forward_bytes);
+    let mesh = MeshServer::new(
+        MeshApi::new(client.clone(), timeout, signing_key)
+            .with_max_stream_forwards(config.max_stream_forwards),
+    )
+    .max_decoding_message_size(config.max_forward_bytes)
+    .max_encoding_message_size(config.max_forward_bytes);
     let mesh = tonic::service::interceptor::InterceptedService::new(mesh, {
         let token = token.clone();
         move |req: tonic::Request<()>| match &token {

@@ -288,6 +288,7 @@ mod tests {
             }),
             operation: Some(Operation {
                 kind: Some(operation::Kind::Query(QueryRequest {
+                    route: 0,
                     page_size: 0,
                     page_token: String::new(),
                     json_values: false,

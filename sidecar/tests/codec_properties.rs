@@ -31,6 +31,7 @@ fn envelope(origin: String, id: String, fields: Vec<String>, ts: u64) -> Forward
         }),
         operation: Some(Operation {
             kind: Some(operation::Kind::Query(QueryRequest {
+                route: 0,
                 page_size: 0,
                 page_token: String::new(),
                 json_values: false,

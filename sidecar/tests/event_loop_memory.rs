@@ -38,6 +38,8 @@ impl NodeHandler for FakeNode {
         ForwardResponse {
             request_id: env.request_id,
             result: Some(forward_response::Result::Query(QueryResponse {
+                answers: Vec::new(),
+                attempts: 0,
                 next_page_token: String::new(),
                 records: vec![],
                 node_id: self.name.clone(),
@@ -123,6 +125,7 @@ fn envelope(from: &Keypair, target: &PeerId, id: &str) -> fold_proto::wire::Sign
         }),
         operation: Some(Operation {
             kind: Some(operation::Kind::Query(QueryRequest {
+                route: 0,
                 page_size: 0,
                 page_token: String::new(),
                 json_values: false,

@@ -1,8 +1,9 @@
 //! The public gRPC API: `fold.v1.FoldNode` (data) and `fold.v1.Network` (the mesh, as seen from
 //! this node). Requests on this port come from clients: anonymous ([`Principal::LocalClient`]) or,
 //! under mutual TLS, identified by their certificate ([`Principal::CertClient`]).
-//! Query and Mutate for another node go to the sidecar ([`MeshLink`]); everything else runs here
-//! (BatchMutate for another node is refused as UNIMPLEMENTED for now).
+//! Query, History, Mutate and BatchMutate for another node go to the sidecar ([`MeshLink`]);
+//! reads addressed by schema (route any/all) go through the [`Router`]; everything else runs
+//! here.
 
 use fold_middleware::metrics::code_name;
 use fold_proto::json::map_to_struct;
@@ -15,6 +16,7 @@ use tracing::Instrument;
 use crate::data::{self, Data};
 use crate::identity::{CertIdentity, Principal};
 use crate::mesh::{MeshLink, grpc_timeout};
+use crate::route::Router;
 use crate::store::{SchemaState, TrustRecord};
 use crate::topology;
 use std::time::Duration;
@@ -81,11 +83,12 @@ pub fn require_admin<T>(data: &Data, request: &Request<T>, action: &str) -> Resu
 pub struct FoldNodeApi {
     data: Data,
     mesh: MeshLink,
+    router: Router,
 }
 
 impl FoldNodeApi {
-    pub fn new(data: Data, mesh: MeshLink) -> Self {
-        FoldNodeApi { data, mesh }
+    pub fn new(data: Data, mesh: MeshLink, router: Router) -> Self {
+        FoldNodeApi { data, mesh, router }
     }
 }
 
@@ -181,9 +184,13 @@ impl FoldNode for FoldNodeApi {
             schema = %req.schema,
             target_node = %req.target_node_id,
             forwarded = !self.mesh.is_local(&req.target_node_id),
+            route = req.route,
             outcome = tracing::field::Empty,
         );
         traced(span, async move {
+            if req.route != 0 {
+                return self.router.query(&principal, req, deadline).await;
+            }
             if !self.mesh.is_local(&req.target_node_id) {
                 let requester = self.data.forwardable_requester(&principal)?;
                 return self.mesh.forward_query(req, requester, deadline).await;
@@ -258,9 +265,9 @@ impl FoldNode for FoldNodeApi {
     ) -> Result<Response<Self::ScanStream>, Status> {
         let principal = principal_of(&request);
         let mut req = request.into_inner();
-        if !self.mesh.is_local(&req.target_node_id) {
+        if !self.mesh.is_local(&req.target_node_id) || req.route != 0 {
             return Err(Status::invalid_argument(
-                "Scan reads this node only; for another node, page through it with Query (page_size, page_token)",
+                "Scan reads this node only (no target_node_id, no route); for other nodes, page through them with Query (page_size, page_token)",
             ));
         }
         if req.page_size == 0 {
@@ -339,9 +346,30 @@ impl FoldNode for FoldNodeApi {
         &self,
         request: Request<HistoryRequest>,
     ) -> Result<Response<HistoryResponse>, Status> {
+        let deadline = grpc_timeout(request.metadata());
         let principal = principal_of(&request);
-        let resp = self.data.history(&principal, request.into_inner()).await?;
-        Ok(Response::new(resp))
+        let req = request.into_inner();
+        let span = tracing::info_span!(
+            "fold.history",
+            schema = %req.schema,
+            target_node = %req.target_node_id,
+            route = req.route,
+            outcome = tracing::field::Empty,
+        );
+        traced(span, async move {
+            if req.route != 0 {
+                return self.router.history(&principal, req, deadline).await;
+            }
+            if !self.mesh.is_local(&req.target_node_id) {
+                let requester = self.data.forwardable_requester(&principal)?;
+                return self.mesh.forward_history(req, requester, deadline).await;
+            }
+            let mut resp = self.data.history(&principal, req).await?;
+            resp.node_id = self.mesh.node_id_or_empty();
+            Ok(resp)
+        })
+        .await
+        .map(Response::new)
     }
 }
 
@@ -350,11 +378,12 @@ impl FoldNode for FoldNodeApi {
 pub struct NetworkApi {
     data: Data,
     mesh: MeshLink,
+    router: Router,
 }
 
 impl NetworkApi {
-    pub fn new(data: Data, mesh: MeshLink) -> Self {
-        NetworkApi { data, mesh }
+    pub fn new(data: Data, mesh: MeshLink, router: Router) -> Self {
+        NetworkApi { data, mesh, router }
     }
 
     /// The distance this node gives a peer: -1 when denied.
@@ -380,6 +409,15 @@ impl NetworkApi {
             .peers;
         for p in &mut peers {
             p.trust_distance = self.trust_of(&p.node_id)?;
+            if let Some(s) = self.router.stats(&p.node_id) {
+                p.route_latency_micros = u64::try_from(s.latency.as_micros()).unwrap_or(u64::MAX);
+                p.route_in_flight = s.in_flight;
+                p.route_requests = s.requests;
+                p.route_failures = s.failures;
+            }
+            if let Some(b) = self.mesh.breaker_state(&p.node_id) {
+                p.breaker = b.as_str().replace('_', "-");
+            }
         }
         Ok(peers)
     }

@@ -164,6 +164,12 @@ pub struct Config {
     #[arg(long, env = "FOLD_LINK_TOKEN_FILE")]
     pub link_token_file: Option<PathBuf>,
 
+    /// How forwards travel to the sidecar: "stream" (one long-lived bidirectional gRPC stream
+    /// carrying every forward, each tagged with an id) or "unary" (one Mesh.Forward call each;
+    /// what sidecars without ForwardStream get anyway).
+    #[arg(long, env = "FOLD_LINK_FORWARD", default_value = "stream", value_parser = ["stream", "unary"])]
+    pub link_forward: String,
+
     /// Longest a forwarded request may take, in milliseconds (a shorter client deadline wins).
     #[arg(long, env = "FOLD_FORWARD_TIMEOUT_MS", default_value_t = 10_000)]
     pub forward_timeout_ms: u64,
@@ -197,6 +203,32 @@ pub struct Config {
     /// Subscriptions (FoldNode.Subscribe streams) open at once; more are RESOURCE_EXHAUSTED.
     #[arg(long, env = "FOLD_MAX_SUBSCRIPTIONS", default_value_t = 256)]
     pub max_subscriptions: usize,
+    /// Schema-addressed reads (route any/all): how long a schema's provider set (DHT provider
+    /// records confirmed by a schema check) is used before it is looked up again, in seconds.
+    /// After half of it, the set is refreshed in the background.
+    #[arg(long, env = "FOLD_PROVIDER_TTL_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub provider_ttl_secs: u64,
+
+    /// Retry budget of schema-addressed reads: failovers allowed as a percentage of recent
+    /// routed reads (on top of --retry-min-per-sec). 0 allows only the per-second floor.
+    #[arg(long, env = "FOLD_RETRY_BUDGET_PERCENT", default_value_t = 20, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub retry_budget_percent: u32,
+
+    /// Retry budget of schema-addressed reads: failovers allowed per second whatever the traffic.
+    #[arg(long, env = "FOLD_RETRY_MIN_PER_SEC", default_value_t = 5)]
+    pub retry_min_per_sec: u32,
+
+    /// Hedge route-any reads: one still unanswered after this many milliseconds is also sent to
+    /// a second provider (from the retry budget); the first answer wins. 0 = no hedging.
+    #[arg(long, env = "FOLD_HEDGE_AFTER_MS", default_value_t = 0)]
+    pub hedge_after_ms: u64,
+
+    /// Fault injection, for resilience drills (like Envoy's fault filter): this percentage of
+    /// requests arriving from other nodes is refused with UNAVAILABLE ("injected fault") before
+    /// any work. Counted in fold_injected_faults_total. 0 (the default) injects nothing; never
+    /// set it in production.
+    #[arg(long, env = "FOLD_FAULT_PERCENT", default_value_t = 0.0, value_parser = parse_percent)]
+    pub fault_percent: f64,
 
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish before exit.
     #[arg(long, env = "FOLD_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
@@ -211,6 +243,16 @@ pub struct Config {
     /// Log format on stderr: "text" or "json".
     #[arg(long, env = "FOLD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+}
+
+fn parse_percent(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number (a percentage from 0 to 100)"))?;
+    if !(0.0..=100.0).contains(&v) {
+        return Err(format!("{v} is not a percentage from 0 to 100"));
+    }
+    Ok(v)
 }
 
 impl Config {

@@ -433,6 +433,8 @@ impl Data {
         })
         .await?;
         Ok(QueryResponse {
+            answers: Vec::new(),
+            attempts: 0,
             records,
             node_id: String::new(),
             next_page_token,
@@ -653,6 +655,9 @@ impl Data {
             })
             .await?;
         Ok(HistoryResponse {
+            node_id: String::new(),
+            answers: Vec::new(),
+            attempts: 0,
             versions: versions
                 .into_iter()
                 .map(|v| version_to_proto(v, json_values))

@@ -8,17 +8,20 @@
 //! Requests for another node leave through [`mesh`] (the link to the p2p-sidecar).
 
 pub mod api;
+pub mod balance;
 pub mod commit;
 pub mod config;
 pub mod data;
 pub mod filter;
 pub mod follow;
+pub mod forward_stream;
 pub mod identity;
 pub mod mesh;
 pub mod metrics;
 pub mod paging;
 pub mod peer_requests;
 pub mod permissions;
+pub mod route;
 pub mod schema;
 pub mod server;
 pub mod store;

@@ -7,18 +7,23 @@
 //! breaks the link is down: `fold.v1.Network` health goes NOT_SERVING and remote requests fail
 //! fast with `UNAVAILABLE` until the sidecar is back. Either process may start first.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use fold_middleware::breaker::{
-    Breaker, BreakerConfig, BreakerError, BreakerLayer, Breakers, Observer, Transition, Verdict,
+    Breaker, BreakerConfig, BreakerError, BreakerLayer, BreakerState, Breakers, Observer,
+    Transition, Verdict,
 };
 use fold_middleware::metrics::{GrpcMetrics, GrpcMetricsLayer, GrpcMetricsService, code_name};
 
 use fold_proto::sidecar as sc;
 use fold_proto::sidecar::mesh_client::MeshClient;
-use fold_proto::v1::{MutateRequest, MutateResponse, PeerInfo, QueryRequest, QueryResponse};
+use fold_proto::v1::{
+    HistoryRequest, HistoryResponse, MutateRequest, MutateResponse, PeerInfo, QueryRequest,
+    QueryResponse,
+};
 use fold_proto::wire::forward_response;
 use fold_proto::wire::{Operation, PeersRequest, Requester, operation};
 use local_link::LinkAddr;
@@ -29,6 +34,7 @@ use tonic::{Code, Status};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::forward_stream::{LinkForward, StreamLink};
 use crate::metrics::NodeMetrics;
 use crate::store::Store;
 
@@ -69,7 +75,19 @@ struct Inner {
     /// Forwards through the sidecar, behind two breaker layers: one breaker per target node,
     /// and one for the link to the sidecar.
     forward_svc: ForwardSvc,
+    /// The forward stream to the sidecar (also used, without breakers, by relayed requests).
+    stream_link: Arc<StreamLink<MeshSvc>>,
+    /// The per-target breakers of `forward_svc`, read by routing to leave open ones out.
+    peer_breakers: Arc<Breakers<String>>,
+    /// Peers the sidecar reported disconnected (and not connected since): routing leaves them
+    /// out until they are back. At most MAX_BREAKERS entries.
+    disconnected: Mutex<HashSet<String>>,
+    /// Called with a peer's id when it connects again after a disconnection (routing forgets
+    /// what it learnt of the peer's latency before: a returning provider starts afresh).
+    on_reconnect: std::sync::OnceLock<ReconnectHook>,
 }
+
+type ReconnectHook = Box<dyn Fn(&str) + Send + Sync>;
 
 /// A forward as a tower service: (target node, request) → the sidecar's answer.
 type ForwardSvc = tower::util::BoxCloneSyncService<
@@ -78,9 +96,10 @@ type ForwardSvc = tower::util::BoxCloneSyncService<
     Status,
 >;
 
-/// The innermost service: one `Mesh.Forward` call.
+/// The innermost service: one forward to the sidecar, on the long-lived forward stream (or a
+/// unary `Mesh.Forward` call; `--link-forward`).
 #[derive(Clone)]
-struct ForwardCall(MeshClient<MeshSvc>);
+struct ForwardCall(Arc<StreamLink<MeshSvc>>);
 
 impl tower::Service<(String, tonic::Request<sc::ForwardRequest>)> for ForwardCall {
     type Response = tonic::Response<fold_proto::wire::ForwardResponse>;
@@ -96,8 +115,22 @@ impl tower::Service<(String, tonic::Request<sc::ForwardRequest>)> for ForwardCal
     }
 
     fn call(&mut self, (_, req): (String, tonic::Request<sc::ForwardRequest>)) -> Self::Future {
-        let mut client = self.0.clone();
-        Box::pin(async move { client.forward(req).await })
+        let link = self.0.clone();
+        Box::pin(async move {
+            // The deadline and trace context ride in the request's metadata (as for a unary
+            // call); on the stream they travel in the message.
+            let timeout = grpc_timeout(req.metadata()).unwrap_or(Duration::from_secs(10));
+            let trace: std::collections::HashMap<String, String> = ["traceparent", "tracestate"]
+                .into_iter()
+                .filter_map(|k| {
+                    let v = req.metadata().get(k)?.to_str().ok()?;
+                    Some((k.to_string(), v.to_string()))
+                })
+                .collect();
+            link.forward(req.into_inner(), timeout, trace)
+                .await
+                .map(tonic::Response::new)
+        })
     }
 }
 
@@ -109,8 +142,9 @@ fn link_failed(s: &Status) -> bool {
 /// The forward stack: the per-target breaker (mesh failures count: unreachable, too slow, link
 /// down; a remote refusal such as PERMISSION_DENIED does not), then the sidecar-link breaker.
 fn forward_stack(
-    client: MeshClient<MeshSvc>,
+    link: Arc<StreamLink<MeshSvc>>,
     config: BreakerConfig,
+    peer_breakers: Arc<Breakers<String>>,
     metrics: Arc<NodeMetrics>,
 ) -> ForwardSvc {
     let observer = |metrics: Arc<NodeMetrics>| -> Observer<String> {
@@ -127,7 +161,7 @@ fn forward_stack(
         })
     };
     let peers = BreakerLayer::new(
-        Arc::new(Breakers::bounded(config, MAX_BREAKERS)),
+        peer_breakers,
         "node",
         |r: &(String, tonic::Request<sc::ForwardRequest>)| r.0.clone(),
         |r: &Result<tonic::Response<fold_proto::wire::ForwardResponse>, BreakerError<Status>>| {
@@ -149,7 +183,7 @@ fn forward_stack(
         },
     )
     .observe(observer(metrics.clone()));
-    let link = BreakerLayer::new(
+    let link_breaker = BreakerLayer::new(
         Arc::new(Breakers::bounded(config, 1)),
         "the p2p-sidecar link:",
         |_: &(String, tonic::Request<sc::ForwardRequest>)| "sidecar-link".to_string(),
@@ -167,8 +201,8 @@ fn forward_stack(
             BreakerError::Inner(BreakerError::Inner(s)) => s,
         })
         .layer(peers)
-        .layer(link)
-        .service(ForwardCall(client));
+        .layer(link_breaker)
+        .service(ForwardCall(link));
     tower::util::BoxCloneSyncService::new(svc)
 }
 
@@ -180,6 +214,8 @@ pub struct MeshOptions {
     pub breaker: BreakerConfig,
     /// Shared secret sent on every call to the sidecar (TCP links).
     pub token: Option<local_link::token::LinkToken>,
+    /// Forwards on one long-lived stream, or a unary call each.
+    pub link_forward: LinkForward,
 }
 
 impl MeshLink {
@@ -200,7 +236,14 @@ impl MeshLink {
             .max_decoding_message_size(opts.max_message_bytes)
             .max_encoding_message_size(opts.max_message_bytes);
         let node_id = store.meta_get(NODE_ID_KEY).ok().flatten();
-        let forward_svc = forward_stack(client.clone(), opts.breaker, metrics.clone());
+        let peer_breakers = Arc::new(Breakers::bounded(opts.breaker, MAX_BREAKERS));
+        let stream_link = Arc::new(StreamLink::new(client.clone(), opts.link_forward));
+        let forward_svc = forward_stack(
+            stream_link.clone(),
+            opts.breaker,
+            peer_breakers.clone(),
+            metrics.clone(),
+        );
         MeshLink {
             inner: Arc::new(Inner {
                 addr,
@@ -213,6 +256,10 @@ impl MeshLink {
                 schemas_changed: Notify::new(),
                 forward_timeout: opts.forward_timeout,
                 forward_svc,
+                stream_link,
+                peer_breakers,
+                disconnected: Mutex::new(HashSet::new()),
+                on_reconnect: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -248,6 +295,63 @@ impl MeshLink {
             )));
         }
         Ok(self.inner.client.clone())
+    }
+
+    /// The longest a forward may take when the caller set no deadline (--forward-timeout-ms).
+    pub fn forward_timeout(&self) -> Duration {
+        self.inner.forward_timeout
+    }
+
+    /// May routing send to `node` now? Not while the sidecar reports it disconnected, nor while
+    /// its breaker is open (it is again once the breaker's backoff is over: the next request is
+    /// the probe).
+    pub fn routable(&self, node: &str) -> bool {
+        if self.disconnected().contains(node) {
+            return false;
+        }
+        self.inner
+            .peer_breakers
+            .peek(&node.to_string())
+            .is_none_or(|b| b.available(Instant::now()))
+    }
+
+    /// The state of this node's breaker toward `node`, if a request was forwarded to it.
+    pub fn breaker_state(&self, node: &str) -> Option<BreakerState> {
+        self.inner
+            .peer_breakers
+            .peek(&node.to_string())
+            .map(|b| b.state())
+    }
+
+    fn disconnected(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.inner
+            .disconnected
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Set (once) what to do when a peer connects again after a disconnection.
+    pub fn on_reconnect(&self, f: impl Fn(&str) + Send + Sync + 'static) {
+        let _ = self.inner.on_reconnect.set(Box::new(f));
+    }
+
+    fn peer_event(&self, ev: &sc::PeerEvent) {
+        use sc::peer_event::Kind;
+        match Kind::try_from(ev.kind) {
+            Ok(Kind::Connected) => {
+                let was_gone = self.disconnected().remove(&ev.node_id);
+                if was_gone && let Some(f) = self.inner.on_reconnect.get() {
+                    f(&ev.node_id);
+                }
+            }
+            Ok(Kind::Disconnected) if valid_node_id(&ev.node_id) => {
+                let mut d = self.disconnected();
+                if d.len() < MAX_BREAKERS {
+                    d.insert(ev.node_id.clone());
+                }
+            }
+            _ => {}
+        }
     }
 
     /// Ask the monitor to re-announce the approved schemas.
@@ -350,7 +454,31 @@ impl MeshLink {
         }
     }
 
-    /// Ask node `target` for the changes of a schema after a sequence (a replica following it).
+    pub async fn forward_history(
+        &self,
+        req: HistoryRequest,
+        requester: Requester,
+        deadline: Option<Duration>,
+    ) -> Result<HistoryResponse, Status> {
+        let target = req.target_node_id.clone();
+        match self
+            .forward(
+                target.clone(),
+                operation::Kind::History(req),
+                requester,
+                deadline,
+            )
+            .await?
+        {
+            forward_response::Result::History(h) => Ok(h),
+            _ => Err(Status::internal(format!(
+                "node {target} answered a history request with a different kind of response"
+            ))),
+        }
+    }
+
+    /// Ask node `target` for the changes of a schema after a sequence (a replica following it,
+    /// or a subscription to another node's schema).
     pub async fn forward_changes(
         &self,
         target: String,
@@ -387,6 +515,7 @@ impl MeshLink {
             operation::Kind::Mutate(_) => "mutate",
             operation::Kind::Peers(_) => "peers",
             operation::Kind::BatchMutate(_) => "batch_mutate",
+            operation::Kind::History(_) => "history",
             operation::Kind::Changes(_) => "changes",
         };
         let result = self.forward_inner(target, op, requester, deadline).await;
@@ -442,7 +571,7 @@ impl MeshLink {
             if relayed {
                 // A relayed peers request fails when a node *behind* the target does: that says
                 // nothing about the target, so it bypasses (and never trips) its breaker.
-                ForwardCall(self.inner.client.clone())
+                ForwardCall(self.inner.stream_link.clone())
                     .oneshot((target.clone(), request))
                     .await
                     .map_err(|s| {
@@ -569,12 +698,17 @@ impl MeshLink {
                 }
             };
             self.provide(&mut client).await;
+            // Disconnections missed while the link was down are not replayed: start afresh.
+            self.disconnected().clear();
             self.set_up(true).await;
             let mut events = events;
             loop {
                 tokio::select! {
                     msg = events.message() => match msg {
-                        Ok(Some(ev)) => tracing::debug!(kind = ev.kind, peer = %ev.node_id, "peer event"),
+                        Ok(Some(ev)) => {
+                            tracing::debug!(kind = ev.kind, peer = %ev.node_id, "peer event");
+                            self.peer_event(&ev);
+                        }
                         Ok(None) => break,
                         Err(e) => {
                             tracing::debug!(error = %e, "peer event stream ended");

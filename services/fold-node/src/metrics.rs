@@ -40,6 +40,17 @@ pub struct TransitionLabels {
     pub to: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: &'static str,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Buckets of the group-size histograms: 1, 2, 4, … 8192.
@@ -63,6 +74,13 @@ pub struct NodeMetrics {
     commit_seconds: Histogram,
     commit_failures: Counter,
     write_queue_depth: Gauge,
+    route_requests: Family<RouteLabels, Counter>,
+    route_attempts: Family<OpLabels, Counter>,
+    route_retries: Family<OutcomeLabels, Counter>,
+    provider_lookups: Family<OutcomeLabels, Counter>,
+    route_peer_latency: Family<TargetLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    route_peer_in_flight: Family<TargetLabels, Gauge>,
+    injected_faults: Counter,
     subscribers: Gauge,
     subscription_changes: Counter,
     subscription_ends: Family<ReasonLabels, Counter>,
@@ -97,12 +115,54 @@ impl NodeMetrics {
             commit_seconds: latency_histogram(),
             commit_failures: Counter::default(),
             write_queue_depth: Gauge::default(),
+            route_requests: Family::default(),
+            route_attempts: Family::default(),
+            route_retries: Family::default(),
+            provider_lookups: Family::default(),
+            route_peer_latency: Family::default(),
+            route_peer_in_flight: Family::default(),
+            injected_faults: Counter::default(),
             subscribers: Gauge::default(),
             subscription_changes: Counter::default(),
             subscription_ends: Family::default(),
             replica_applied: Family::default(),
             replica_lag: Family::default(),
         };
+        reg.register(
+            "fold_injected_faults",
+            "Requests from peers refused with UNAVAILABLE by fault injection (--fault-percent)",
+            m.injected_faults.clone(),
+        );
+        reg.register(
+            "fold_route_requests",
+            "Schema-addressed reads (route any/all) by outcome (all: OK, partial, all_failed)",
+            m.route_requests.clone(),
+        );
+        reg.register(
+            "fold_route_attempts",
+            "Nodes asked by schema-addressed reads (first tries, failovers and hedges)",
+            m.route_attempts.clone(),
+        );
+        reg.register(
+            "fold_route_retries",
+            "Failovers of schema-addressed reads: retried, hedged, or budget_exhausted (not retried)",
+            m.route_retries.clone(),
+        );
+        reg.register(
+            "fold_provider_lookups",
+            "Provider set lookups (DHT + schema checks): found, none_found, failed",
+            m.provider_lookups.clone(),
+        );
+        reg.register(
+            "fold_route_peer_latency_seconds",
+            "Peak-EWMA latency estimate per provider, as of its last routed request, in seconds",
+            m.route_peer_latency.clone(),
+        );
+        reg.register(
+            "fold_route_peer_in_flight",
+            "Routed requests in flight per provider",
+            m.route_peer_in_flight.clone(),
+        );
         reg.register(
             "fold_storage_operations",
             "Storage operations by kind and outcome",
@@ -270,6 +330,48 @@ impl NodeMetrics {
                 })
                 .inc();
         }
+    }
+
+    pub fn route_request(&self, route: &'static str, outcome: &'static str) {
+        self.route_requests
+            .get_or_create(&RouteLabels { route, outcome })
+            .inc();
+    }
+
+    pub fn route_attempt(&self, op: &'static str) {
+        self.route_attempts.get_or_create(&OpLabels { op }).inc();
+    }
+
+    pub fn route_retry(&self, outcome: &'static str) {
+        self.route_retries
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    pub fn provider_lookup(&self, outcome: &'static str) {
+        self.provider_lookups
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    pub fn route_peer(&self, node: &str, stats: &crate::balance::EndpointStats) {
+        let labels = TargetLabels {
+            target: if node.is_empty() {
+                "self".to_string()
+            } else {
+                self.peers.get(node)
+            },
+        };
+        self.route_peer_latency
+            .get_or_create(&labels)
+            .set(stats.latency.as_secs_f64());
+        self.route_peer_in_flight
+            .get_or_create(&labels)
+            .set(i64::from(stats.in_flight));
+    }
+
+    pub fn injected_fault(&self) {
+        self.injected_faults.inc();
     }
 
     pub fn sidecar_link(&self, up: bool) {

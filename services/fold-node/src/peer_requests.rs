@@ -28,6 +28,8 @@ use tracing::Instrument;
 use crate::data::Data;
 use crate::identity::{Forwarded, Principal};
 use crate::mesh::{MAX_NODE_ID_BYTES, MeshLink, valid_node_id};
+use crate::metrics::NodeMetrics;
+use std::sync::Arc;
 
 /// Most schema names one schema check may ask about.
 const MAX_CHECKED_NAMES: usize = 1024;
@@ -40,11 +42,41 @@ const MAX_PEERS_SHOWN: usize = 512;
 pub struct PeerRequestsApi {
     data: Data,
     mesh: MeshLink,
+    /// Fault injection (--fault-percent): this share of requests from peers is refused with
+    /// UNAVAILABLE before any work, for resilience drills.
+    faults: Option<(f64, Arc<NodeMetrics>)>,
 }
 
 impl PeerRequestsApi {
     pub fn new(data: Data, mesh: MeshLink) -> Self {
-        PeerRequestsApi { data, mesh }
+        PeerRequestsApi {
+            data,
+            mesh,
+            faults: None,
+        }
+    }
+
+    /// Refuse `percent` % of requests from peers with UNAVAILABLE (0 = none).
+    pub fn with_faults(mut self, percent: f64, metrics: Arc<NodeMetrics>) -> Self {
+        if percent > 0.0 {
+            tracing::warn!(
+                percent,
+                "fault injection is on: this share of requests from other nodes is refused with UNAVAILABLE (--fault-percent)"
+            );
+            self.faults = Some((percent, metrics));
+        }
+        self
+    }
+
+    fn inject_fault(&self) -> Option<Status> {
+        let (percent, metrics) = self.faults.as_ref()?;
+        if fastrand::f64() * 100.0 >= *percent {
+            return None;
+        }
+        metrics.injected_fault();
+        Some(Status::unavailable(
+            "injected fault: this node refuses a share of requests from peers (--fault-percent)",
+        ))
     }
 }
 
@@ -100,6 +132,7 @@ impl PeerRequests for PeerRequestsApi {
             Some(operation::Kind::Mutate(m)) => ("mutate", m.schema.clone()),
             Some(operation::Kind::Peers(_)) => ("peers", String::new()),
             Some(operation::Kind::BatchMutate(b)) => ("batch_mutate", b.schema.clone()),
+            Some(operation::Kind::History(h)) => ("history", h.schema.clone()),
             Some(operation::Kind::Changes(c)) => ("changes", c.schema.clone()),
             None => ("none", String::new()),
         };
@@ -195,6 +228,12 @@ impl PeerRequests for PeerRequestsApi {
     }
 }
 
+fn not_routable() -> Status {
+    Status::invalid_argument(
+        "a forwarded request runs on the node it was sent to: its route must be ROUTE_DEFAULT",
+    )
+}
+
 impl PeerRequestsApi {
     async fn execute(
         &self,
@@ -209,10 +248,20 @@ impl PeerRequestsApi {
                 "request is for node {target}, this is node {me}"
             ))));
         }
+        if let Some(fault) = self.inject_fault() {
+            return forward_response::Result::Error(to_wire(&fault));
+        }
         let result = match op {
+            // A forwarded read runs here: routing ("any", "all") is the origin's to do, once.
+            Some(operation::Kind::Query(q)) if q.route != 0 => Err(not_routable()),
+            Some(operation::Kind::History(h)) if h.route != 0 => Err(not_routable()),
             Some(operation::Kind::Query(q)) => self.data.query(who, q).await.map(|mut r| {
                 r.node_id = me.clone();
                 forward_response::Result::Query(r)
+            }),
+            Some(operation::Kind::History(h)) => self.data.history(who, h).await.map(|mut r| {
+                r.node_id = me.clone();
+                forward_response::Result::History(r)
             }),
             Some(operation::Kind::Mutate(m)) => {
                 self.data.mutate(who, m, deadline).await.map(|mut r| {
@@ -233,7 +282,7 @@ impl PeerRequestsApi {
                 .await
                 .map(forward_response::Result::Changes),
             None => Err(Status::invalid_argument(
-                "forwarded request carries no operation (query, mutation, batch, peers or changes request)",
+                "forwarded request carries no operation (query, history, mutation, batch, peers or changes request)",
             )),
         };
         result.unwrap_or_else(|s| forward_response::Result::Error(to_wire(&s)))

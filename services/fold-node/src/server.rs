@@ -31,6 +31,7 @@ use crate::identity::{CertIdentity, Identities};
 use crate::mesh::{MeshLink, MeshOptions, NETWORK_SERVICE};
 use crate::metrics::NodeMetrics;
 use crate::peer_requests::PeerRequestsApi;
+use crate::route::{RouteOptions, Router};
 use crate::store::Store;
 
 /// Resolves when SIGTERM or SIGINT arrives.
@@ -254,6 +255,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 max_backoff: Duration::from_secs(30)
                     .max(Duration::from_millis(config.breaker_backoff_ms)),
             },
+            link_forward: config
+                .link_forward
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("--link-forward: {e}"))?,
             token: token.clone(),
         },
         node_metrics.clone(),
@@ -274,15 +279,33 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (reflection_v1, reflection_v1alpha) = reflection()?;
     let owner_reflection = reflection()?;
     let max = config.max_message_bytes;
-    let fold_service = FoldNodeServer::new(FoldNodeApi::new(data.clone(), mesh.clone()))
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
-    let network_service = NetworkServer::new(NetworkApi::new(data.clone(), mesh.clone()))
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
-    let peer_service = PeerRequestsServer::new(PeerRequestsApi::new(data.clone(), mesh.clone()))
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
+    let router = Router::new(
+        data.clone(),
+        mesh.clone(),
+        node_metrics.clone(),
+        RouteOptions {
+            provider_ttl: Duration::from_secs(config.provider_ttl_secs),
+            retry_ratio: config.retry_budget_percent as f32 / 100.0,
+            retry_min_per_sec: config.retry_min_per_sec,
+            hedge_after: (config.hedge_after_ms > 0)
+                .then(|| Duration::from_millis(config.hedge_after_ms)),
+            ..RouteOptions::default()
+        },
+    );
+    let fold_service =
+        FoldNodeServer::new(FoldNodeApi::new(data.clone(), mesh.clone(), router.clone()))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
+    let network_service =
+        NetworkServer::new(NetworkApi::new(data.clone(), mesh.clone(), router.clone()))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
+    let peer_service = PeerRequestsServer::new(
+        PeerRequestsApi::new(data.clone(), mesh.clone())
+            .with_faults(config.fault_percent, node_metrics.clone()),
+    )
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -392,13 +415,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             Ok(req)
         };
         let fold_owner = tonic::service::interceptor::InterceptedService::new(
-            FoldNodeServer::new(FoldNodeApi::new(data.clone(), mesh.clone()))
+            FoldNodeServer::new(FoldNodeApi::new(data.clone(), mesh.clone(), router.clone()))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
             mark,
         );
         let network_owner = tonic::service::interceptor::InterceptedService::new(
-            NetworkServer::new(NetworkApi::new(data.clone(), mesh.clone()))
+            NetworkServer::new(NetworkApi::new(data.clone(), mesh.clone(), router.clone()))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
             mark,

@@ -123,6 +123,17 @@ impl Breaker {
         state_of(&self.lock())
     }
 
+    /// Would a call be let through now (closed, or open with its backoff over so the call
+    /// would be the probe)? A balancer asks this to leave open targets out of its choice
+    /// without taking the probe itself.
+    pub fn available(&self, now: Instant) -> bool {
+        match *self.lock() {
+            Inner::Closed { .. } => true,
+            Inner::Open { until, .. } => now >= until,
+            Inner::HalfOpen { .. } => false,
+        }
+    }
+
     /// May a call go ahead now? While open, no; once the backoff has passed exactly one caller
     /// gets through as the probe (the breaker is half-open until it reports or is dropped).
     pub fn admit(
@@ -304,6 +315,15 @@ impl<K: Eq + Hash + Clone> Breakers<K> {
             m.insert(key.clone(), b.clone());
         }
         b
+    }
+
+    /// The breaker for `key` if one is kept (never creates one).
+    pub fn peek(&self, key: &K) -> Option<Arc<Breaker>> {
+        self.map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(key)
+            .cloned()
     }
 
     /// How many breakers are kept.

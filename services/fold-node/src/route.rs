@@ -1,0 +1,853 @@
+//! Schema-addressed reads (`ROUTE_ANY`, `ROUTE_ALL`; docs/ROUTING.md).
+//!
+//! - **Provider set**: the schema's DHT provider records (the sidecar's `FindProviders`), each
+//!   confirmed by the schema-check protocol (approved there), plus this node when it serves the
+//!   schema. Cached per schema for `--provider-ttl-secs`, refreshed in the background once half
+//!   of that has passed; a failed refresh keeps serving the last good set. Peers the sidecar
+//!   reports disconnected, or whose breaker is open, are left out of "any" until they are back.
+//! - **Balancing**: [`crate::balance`] (P2C over peak-EWMA with a failure penalty).
+//! - **Retries**: a read failing with UNAVAILABLE or DEADLINE_EXCEEDED is retried on another
+//!   provider, within the caller's deadline and a retry budget (tower's `TpsBudget`: a share of
+//!   recent requests plus a floor per second). Other codes are answered as they are.
+//! - **Hedging** (`--hedge-after-ms`, off by default): a read still unanswered after that long
+//!   is also sent to a second provider, paid from the same budget; the first answer wins.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fold_proto::v1::{
+    CheckSchemasRequest, FindProvidersRequest, HistoryRequest, HistoryResponse, NodeAnswer,
+    QueryRequest, QueryResponse, Route,
+};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use tonic::{Code, Status};
+use tower::retry::budget::{Budget, TpsBudget};
+
+use crate::balance::{BalanceConfig, Balancer, EndpointStats};
+use crate::data::Data;
+use crate::identity::Principal;
+use crate::mesh::{MeshLink, valid_node_id};
+use crate::metrics::NodeMetrics;
+
+/// Most providers of one schema confirmed and kept (the DHT may return more).
+const MAX_PROVIDERS: usize = 32;
+/// Most schemas whose provider sets are cached; the oldest is dropped first.
+const MAX_CACHED_SCHEMAS: usize = 1024;
+/// An empty provider set is looked up again after this long at most.
+const EMPTY_SET_TTL: Duration = Duration::from_secs(5);
+/// How long a provider that stopped answering schema checks stays in its set (reported failing
+/// by ROUTE_ALL, left out of ROUTE_ANY while disconnected or its breaker is open).
+const KEEP_UNREACHABLE: Duration = Duration::from_secs(300);
+/// After a failed background refresh, the next one waits at least this long.
+const REFRESH_RETRY: Duration = Duration::from_secs(1);
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+/// Most nodes asked by one read under ROUTE_ANY (the first try plus failovers).
+const MAX_ATTEMPTS: usize = 3;
+/// Below this much time left, no further attempt starts.
+const MIN_ATTEMPT: Duration = Duration::from_millis(5);
+
+/// Tuning of routing (command-line flags of fold-node).
+#[derive(Debug, Clone)]
+pub struct RouteOptions {
+    /// How long a schema's confirmed provider set is used before it is looked up again.
+    pub provider_ttl: Duration,
+    /// Retries allowed as a share of recent routed requests (0.2 = 20%).
+    pub retry_ratio: f32,
+    /// Retries allowed per second on top of the ratio.
+    pub retry_min_per_sec: u32,
+    /// Send a second copy of a read still unanswered after this long (None = no hedging).
+    pub hedge_after: Option<Duration>,
+    pub balance: BalanceConfig,
+}
+
+impl Default for RouteOptions {
+    fn default() -> Self {
+        RouteOptions {
+            provider_ttl: Duration::from_secs(30),
+            retry_ratio: 0.2,
+            retry_min_per_sec: 5,
+            hedge_after: None,
+            balance: BalanceConfig::default(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Router {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    data: Data,
+    mesh: MeshLink,
+    metrics: Arc<NodeMetrics>,
+    opts: RouteOptions,
+    balancer: Arc<Balancer>,
+    budget: TpsBudget,
+    cache: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Cached>>>>>,
+}
+
+#[derive(Debug, Clone)]
+struct Cached {
+    nodes: Vec<String>,
+    fetched: Instant,
+    /// When the last lookup (successful or not) started.
+    last_attempt: Instant,
+    refreshing: bool,
+    /// Members that could not be reached by the last schema checks, since when: kept (and
+    /// reported by ROUTE_ALL as failing) for KEEP_UNREACHABLE, then dropped.
+    unreachable_since: HashMap<String, Instant>,
+}
+
+/// What one lookup found: providers confirmed by a schema check, and provider records whose
+/// node could not be asked.
+struct Looked {
+    confirmed: Vec<String>,
+    unreachable: Vec<String>,
+}
+
+impl Cached {
+    /// The set after a lookup: the confirmed providers, plus earlier members that could not be
+    /// reached now (a dead provider stays visible as failing for a while instead of vanishing).
+    fn after(prev: Option<&Cached>, looked: Looked) -> Cached {
+        let now = Instant::now();
+        let mut nodes = looked.confirmed;
+        let mut unreachable_since = HashMap::new();
+        if let Some(prev) = prev {
+            for n in looked.unreachable {
+                if !prev.nodes.contains(&n) {
+                    continue;
+                }
+                let since = prev.unreachable_since.get(&n).copied().unwrap_or(now);
+                if now.saturating_duration_since(since) < KEEP_UNREACHABLE {
+                    unreachable_since.insert(n.clone(), since);
+                    nodes.push(n);
+                }
+            }
+        }
+        nodes.sort();
+        nodes.dedup();
+        Cached {
+            nodes,
+            fetched: now,
+            last_attempt: now,
+            refreshing: false,
+            unreachable_since,
+        }
+    }
+}
+
+/// One read, routed: a query or a history request.
+#[derive(Clone)]
+enum Read {
+    Query(QueryRequest),
+    History(HistoryRequest),
+}
+
+enum Answer {
+    Query(QueryResponse),
+    History(HistoryResponse),
+}
+
+impl Read {
+    fn schema(&self) -> &str {
+        match self {
+            Read::Query(q) => &q.schema,
+            Read::History(h) => &h.schema,
+        }
+    }
+    fn for_node(&self, node: &str) -> Read {
+        let mut r = self.clone();
+        match &mut r {
+            Read::Query(q) => {
+                q.route = 0;
+                q.target_node_id = node.to_string();
+            }
+            Read::History(h) => {
+                h.route = 0;
+                h.target_node_id = node.to_string();
+            }
+        }
+        r
+    }
+    fn op(&self) -> &'static str {
+        match self {
+            Read::Query(_) => "query",
+            Read::History(_) => "history",
+        }
+    }
+}
+
+/// May a read that failed with this code be tried on another provider? Only when the provider
+/// could not answer (unreachable, too slow); never when it answered with a refusal.
+pub fn retryable(code: Code) -> bool {
+    matches!(code, Code::Unavailable | Code::DeadlineExceeded)
+}
+
+impl Router {
+    pub fn new(data: Data, mesh: MeshLink, metrics: Arc<NodeMetrics>, opts: RouteOptions) -> Self {
+        let budget = TpsBudget::new(
+            Duration::from_secs(10),
+            opts.retry_min_per_sec,
+            opts.retry_ratio,
+        );
+        let balancer = Balancer::new(opts.balance);
+        {
+            let balancer = balancer.clone();
+            mesh.on_reconnect(move |node| balancer.reset_estimate(node));
+        }
+        Router {
+            inner: Arc::new(Inner {
+                data,
+                mesh,
+                metrics,
+                balancer,
+                budget,
+                opts,
+                cache: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// What routing knows of `node`, for `Network.ListPeers`.
+    pub fn stats(&self, node: &str) -> Option<EndpointStats> {
+        self.inner.balancer.stats(node, Instant::now())
+    }
+
+    pub async fn query(
+        &self,
+        who: &Principal,
+        req: QueryRequest,
+        deadline: Option<Duration>,
+    ) -> Result<QueryResponse, Status> {
+        let route = check_route(req.route, &req.target_node_id, &req.page_token)?;
+        let read = Read::Query(req);
+        let me = self.inner.mesh.node_id_or_empty();
+        match route {
+            Route::All => {
+                let answers = self.all(who, &read, deadline).await?;
+                Ok(QueryResponse {
+                    node_id: me,
+                    answers,
+                    ..Default::default()
+                })
+            }
+            _ => match self.any(who, &read, deadline).await? {
+                (Answer::Query(mut q), attempts) => {
+                    q.attempts = attempts;
+                    Ok(q)
+                }
+                (Answer::History(_), _) => Err(Status::internal("a query was answered as history")),
+            },
+        }
+    }
+
+    pub async fn history(
+        &self,
+        who: &Principal,
+        req: HistoryRequest,
+        deadline: Option<Duration>,
+    ) -> Result<HistoryResponse, Status> {
+        let route = check_route(req.route, &req.target_node_id, &req.page_token)?;
+        let read = Read::History(req);
+        let me = self.inner.mesh.node_id_or_empty();
+        match route {
+            Route::All => {
+                let answers = self.all(who, &read, deadline).await?;
+                Ok(HistoryResponse {
+                    node_id: me,
+                    answers,
+                    ..Default::default()
+                })
+            }
+            _ => match self.any(who, &read, deadline).await? {
+                (Answer::History(mut h), attempts) => {
+                    h.attempts = attempts;
+                    Ok(h)
+                }
+                (Answer::Query(_), _) => Err(Status::internal("history was answered as a query")),
+            },
+        }
+    }
+
+    /// Run `read` on `node` (this node or through the mesh) within `timeout`.
+    async fn run_on(
+        &self,
+        who: &Principal,
+        node: &str,
+        read: &Read,
+        timeout: Duration,
+    ) -> Result<Answer, Status> {
+        let inner = &self.inner;
+        let local = node.is_empty() || inner.mesh.is_local(node);
+        if local {
+            let me = inner.mesh.node_id_or_empty();
+            return match read.for_node("") {
+                Read::Query(q) => inner.data.query(who, q).await.map(|mut r| {
+                    r.node_id = me;
+                    Answer::Query(r)
+                }),
+                Read::History(h) => inner.data.history(who, h).await.map(|mut r| {
+                    r.node_id = me;
+                    Answer::History(r)
+                }),
+            };
+        }
+        let requester = inner.data.forwardable_requester(who)?;
+        let fut = async {
+            match read.for_node(node) {
+                Read::Query(q) => inner
+                    .mesh
+                    .forward_query(q, requester, Some(timeout))
+                    .await
+                    .map(Answer::Query),
+                Read::History(h) => inner
+                    .mesh
+                    .forward_history(h, requester, Some(timeout))
+                    .await
+                    .map(Answer::History),
+            }
+        };
+        match tokio::time::timeout(timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "node {node} did not answer within {} ms",
+                timeout.as_millis()
+            ))),
+        }
+    }
+
+    /// One attempt on `node`, measured by the balancer.
+    async fn attempt(
+        &self,
+        who: &Principal,
+        node: &str,
+        read: &Read,
+        timeout: Duration,
+    ) -> Result<Answer, Status> {
+        let guard = self.inner.balancer.start(node, Instant::now());
+        self.inner.metrics.route_attempt(read.op());
+        let r = self.run_on(who, node, read, timeout).await;
+        // Only failures to answer count against the provider: a refusal (PERMISSION_DENIED,
+        // NOT_FOUND, ...) was answered, as fast as it was.
+        let ok = !matches!(&r, Err(s) if retryable(s.code()));
+        guard.finish(ok, Instant::now());
+        if let Some(s) = self.inner.balancer.stats(node, Instant::now()) {
+            self.inner.metrics.route_peer(node, &s);
+        }
+        r
+    }
+
+    /// ROUTE_ANY: one provider, balanced, failing over within the deadline and the budget.
+    async fn any(
+        &self,
+        who: &Principal,
+        read: &Read,
+        deadline: Option<Duration>,
+    ) -> Result<(Answer, u32), Status> {
+        let started = Instant::now();
+        let total = deadline.unwrap_or_else(|| self.inner.mesh.forward_timeout());
+        let providers = self.providers(read.schema(), started + total).await?;
+        self.inner.budget.deposit();
+        let mut tried: Vec<String> = Vec::new();
+        let mut last: Option<Status> = None;
+        let outcome = loop {
+            let left = total.saturating_sub(started.elapsed());
+            let candidates = self.candidates(&providers, &tried);
+            let Some(node) = self
+                .inner
+                .balancer
+                .pick(&candidates, Instant::now(), |n| fastrand::usize(..n))
+            else {
+                break None;
+            };
+            if left < MIN_ATTEMPT || tried.len() >= MAX_ATTEMPTS {
+                break None;
+            }
+            if !tried.is_empty() {
+                if !self.inner.budget.withdraw() {
+                    self.inner.metrics.route_retry("budget_exhausted");
+                    break None;
+                }
+                self.inner.metrics.route_retry("retried");
+            }
+            // Leave time for a failover when there is another provider to fail over to.
+            let more = candidates.len() > 1 && tried.len() + 1 < MAX_ATTEMPTS;
+            let timeout = if more { left / 2 } else { left };
+            tried.push(node.clone());
+            let r = match self.inner.opts.hedge_after {
+                Some(after) if more && after < timeout => {
+                    self.hedged(who, &node, read, timeout, after, &providers, &mut tried)
+                        .await
+                }
+                _ => self.attempt(who, &node, read, timeout).await,
+            };
+            match r {
+                Ok(a) => break Some(Ok(a)),
+                Err(s) if retryable(s.code()) => {
+                    tracing::debug!(node = %node, code = ?s.code(), "routed read failed; trying another provider");
+                    last = Some(s);
+                }
+                Err(s) => break Some(Err(s)),
+            }
+        };
+        let attempts = tried.len() as u32;
+        let result = match outcome {
+            Some(r) => r,
+            None => Err(match last {
+                Some(s) => Status::new(
+                    s.code(),
+                    format!(
+                        "no provider of schema '{}' answered ({} asked: {}); last error: {}",
+                        read.schema(),
+                        attempts,
+                        tried.join(", "),
+                        s.message()
+                    ),
+                ),
+                None => Status::unavailable(format!(
+                    "no provider of schema '{}' can be reached now (known: {})",
+                    read.schema(),
+                    providers.join(", ")
+                )),
+            }),
+        };
+        self.inner.metrics.route_request(
+            "any",
+            match &result {
+                Ok(_) => "OK",
+                Err(s) => fold_middleware::metrics::code_name(s.code()),
+            },
+        );
+        result.map(|a| (a, attempts))
+    }
+
+    /// The first try on `node`; if it is still unanswered after `after`, a second on another
+    /// provider (paid from the retry budget). The first answer wins, the other is cancelled.
+    #[allow(clippy::too_many_arguments)]
+    async fn hedged(
+        &self,
+        who: &Principal,
+        node: &str,
+        read: &Read,
+        timeout: Duration,
+        after: Duration,
+        providers: &[String],
+        tried: &mut Vec<String>,
+    ) -> Result<Answer, Status> {
+        let first = self.attempt(who, node, read, timeout);
+        tokio::pin!(first);
+        tokio::select! {
+            r = &mut first => return r,
+            _ = tokio::time::sleep(after) => {}
+        }
+        let candidates = self.candidates(providers, tried);
+        let second = match self
+            .inner
+            .balancer
+            .pick(&candidates, Instant::now(), |n| fastrand::usize(..n))
+        {
+            Some(n) if self.inner.budget.withdraw() => n,
+            _ => return first.await,
+        };
+        self.inner.metrics.route_retry("hedged");
+        tried.push(second.clone());
+        let hedge = self.attempt(who, &second, read, timeout.saturating_sub(after));
+        tokio::pin!(hedge);
+        // The first *answer* wins; a failure waits for the other.
+        tokio::select! {
+            r = &mut first => match r {
+                Ok(a) => Ok(a),
+                Err(_) => hedge.await,
+            },
+            r = &mut hedge => match r {
+                Ok(a) => Ok(a),
+                Err(_) => first.await,
+            },
+        }
+    }
+
+    /// Providers routing may send to now, minus those already tried. When every untried
+    /// provider is left out (disconnected, breaker open), they are all candidates again: a
+    /// request the mesh may still carry beats a certain failure.
+    fn candidates(&self, providers: &[String], tried: &[String]) -> Vec<String> {
+        let untried: Vec<String> = providers
+            .iter()
+            .filter(|p| !tried.contains(p))
+            .cloned()
+            .collect();
+        let healthy: Vec<String> = untried
+            .iter()
+            .filter(|p| p.is_empty() || self.inner.mesh.is_local(p) || self.inner.mesh.routable(p))
+            .cloned()
+            .collect();
+        if healthy.is_empty() { untried } else { healthy }
+    }
+
+    /// ROUTE_ALL: every provider at once, each answering on its own.
+    async fn all(
+        &self,
+        who: &Principal,
+        read: &Read,
+        deadline: Option<Duration>,
+    ) -> Result<Vec<NodeAnswer>, Status> {
+        let started = Instant::now();
+        let total = deadline.unwrap_or_else(|| self.inner.mesh.forward_timeout());
+        // Keep a margin of the caller's deadline for the answer itself.
+        let budget = total.saturating_sub((total / 10).min(Duration::from_millis(200)));
+        let providers = self.providers(read.schema(), started + budget).await?;
+        let mut pending: FuturesUnordered<_> = providers
+            .iter()
+            .map(|node| {
+                let node = node.clone();
+                async move {
+                    let t = Instant::now();
+                    let left = budget.saturating_sub(started.elapsed());
+                    let r = if left < MIN_ATTEMPT {
+                        Err(Status::deadline_exceeded(
+                            "no time was left to ask this node",
+                        ))
+                    } else {
+                        self.attempt(who, &node, read, left).await
+                    };
+                    (node, r, t.elapsed())
+                }
+            })
+            .collect();
+        let mut answers = Vec::with_capacity(providers.len());
+        while let Some((node, r, took)) = pending.next().await {
+            let mut a = NodeAnswer {
+                node_id: node,
+                latency_micros: took.as_micros() as u64,
+                ..Default::default()
+            };
+            match r {
+                Ok(Answer::Query(q)) => {
+                    a.records = q.records;
+                    a.next_page_token = q.next_page_token;
+                }
+                Ok(Answer::History(h)) => {
+                    a.versions = h.versions;
+                    a.next_page_token = h.next_page_token;
+                }
+                Err(s) => {
+                    a.code = s.code() as i32;
+                    a.message = s.message().to_string();
+                }
+            }
+            answers.push(a);
+        }
+        answers.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        let failed = answers.iter().filter(|a| a.code != 0).count();
+        self.inner.metrics.route_request(
+            "all",
+            if failed == 0 {
+                "OK"
+            } else if failed == answers.len() {
+                "all_failed"
+            } else {
+                "partial"
+            },
+        );
+        Ok(answers)
+    }
+
+    /// The confirmed providers of `schema` (this node's id among them when it serves it; the
+    /// empty string for this node while its id is not known yet).
+    async fn providers(&self, schema: &str, until: Instant) -> Result<Vec<String>, Status> {
+        let slot = {
+            let mut cache = self
+                .inner
+                .cache
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !cache.contains_key(schema) && cache.len() >= MAX_CACHED_SCHEMAS {
+                // Drop one entry not in use (bounded memory for many schema names).
+                if let Some(k) = cache
+                    .iter()
+                    .find(|(_, v)| Arc::strong_count(v) == 1)
+                    .map(|(k, _)| k.clone())
+                {
+                    cache.remove(&k);
+                }
+            }
+            cache.entry(schema.to_string()).or_default().clone()
+        };
+        let ttl = self.inner.opts.provider_ttl;
+        // Callers wait here for a lookup another caller started: one lookup per schema at once.
+        let wait = until.saturating_duration_since(Instant::now());
+        let mut entry = match tokio::time::timeout(wait, slot.clone().lock_owned()).await {
+            Ok(g) => g,
+            Err(_) => {
+                return Err(Status::deadline_exceeded(format!(
+                    "the providers of schema '{schema}' were still being looked up when the deadline passed"
+                )));
+            }
+        };
+        if let Some(c) = entry.as_mut() {
+            let age = c.fetched.elapsed();
+            // A known set is used at once (stale-while-revalidate): from half its TTL on, a
+            // background lookup replaces it; while lookups fail, the last good set stays. An
+            // empty set ("none found") is looked up again inline once EMPTY_SET_TTL has passed.
+            if !c.nodes.is_empty() || age < ttl.min(EMPTY_SET_TTL) {
+                let due =
+                    age >= ttl / 2 && !c.refreshing && c.last_attempt.elapsed() >= REFRESH_RETRY;
+                if due && !c.nodes.is_empty() {
+                    c.refreshing = true;
+                    c.last_attempt = Instant::now();
+                    self.refresh_in_background(schema, slot.clone());
+                }
+                return not_empty(schema, c.nodes.clone());
+            }
+        }
+        let wait = until.saturating_duration_since(Instant::now());
+        let looked_up = match tokio::time::timeout(wait, self.lookup(schema)).await {
+            Ok(r) => r,
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "looking up the providers of schema '{schema}' did not finish within the deadline"
+            ))),
+        };
+        match looked_up {
+            Ok(looked) => {
+                let next = Cached::after(entry.as_ref(), looked);
+                let nodes = next.nodes.clone();
+                *entry = Some(next);
+                not_empty(schema, nodes)
+            }
+            Err(e) => match entry.as_ref() {
+                // Serve the last good set while lookups fail.
+                Some(c) if !c.nodes.is_empty() => {
+                    tracing::warn!(schema = %schema, error = %e.message(), "provider lookup failed; using the last known set");
+                    Ok(c.nodes.clone())
+                }
+                _ => Err(e),
+            },
+        }
+    }
+
+    fn refresh_in_background(&self, schema: &str, slot: Arc<tokio::sync::Mutex<Option<Cached>>>) {
+        let router = self.clone();
+        let schema = schema.to_string();
+        tokio::spawn(async move {
+            let r = router.lookup(&schema).await;
+            let mut g = slot.lock().await;
+            match r {
+                Ok(looked) => {
+                    let next = Cached::after(g.as_ref(), looked);
+                    *g = Some(next);
+                }
+                Err(e) => {
+                    tracing::warn!(schema = %schema, error = %e.message(), "refreshing a provider set failed; keeping the last one");
+                    if let Some(c) = g.as_mut() {
+                        c.refreshing = false;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Ask the DHT for providers of `schema` and confirm each with a schema check.
+    async fn lookup(&self, schema: &str) -> Result<Looked, Status> {
+        let inner = &self.inner;
+        let me = inner.mesh.node_id_or_empty();
+        let local = !inner.data.served(&[schema.to_string()]).is_empty();
+        let mut nodes = Vec::new();
+        if local {
+            nodes.push(me.clone());
+        }
+        let client = match inner.mesh.client() {
+            Ok(c) => c,
+            // The mesh is away: this node alone, if it serves the schema.
+            Err(e) if !local => return Err(e),
+            Err(_) => {
+                return Ok(Looked {
+                    confirmed: nodes,
+                    unreachable: Vec::new(),
+                });
+            }
+        };
+        let mut req = tonic::Request::new(FindProvidersRequest {
+            schema: schema.to_string(),
+        });
+        req.set_timeout(LOOKUP_TIMEOUT);
+        let found = match client.clone().find_providers(req).await {
+            Ok(r) => r.into_inner().node_ids,
+            Err(e) => {
+                inner.metrics.provider_lookup("failed");
+                if local {
+                    tracing::warn!(schema = %schema, error = %e.message(), "provider lookup failed; only this node is known to serve it");
+                    return Ok(Looked {
+                        confirmed: nodes,
+                        unreachable: Vec::new(),
+                    });
+                }
+                return Err(Status::new(
+                    e.code(),
+                    format!(
+                        "looking up the providers of schema '{schema}' failed: {}",
+                        e.message()
+                    ),
+                ));
+            }
+        };
+        let checks: FuturesUnordered<_> = found
+            .into_iter()
+            .filter(|n| valid_node_id(n) && *n != me)
+            .take(MAX_PROVIDERS)
+            .map(|node| {
+                let mut client = client.clone();
+                let schema = schema.to_string();
+                async move {
+                    let mut req = tonic::Request::new(CheckSchemasRequest {
+                        node_id: node.clone(),
+                        names: vec![schema.clone()],
+                    });
+                    req.set_timeout(CHECK_TIMEOUT);
+                    match client.check_schemas(req).await {
+                        Ok(r) if r.get_ref().approved.contains(&schema) => (node, Some(true)),
+                        Ok(_) => {
+                            tracing::debug!(node = %node, schema = %schema, "provider record not confirmed: the schema is not approved there");
+                            (node, Some(false))
+                        }
+                        Err(e) => {
+                            tracing::debug!(node = %node, schema = %schema, error = %e.message(), "provider could not be asked");
+                            (node, None)
+                        }
+                    }
+                }
+            })
+            .collect();
+        let answers: Vec<(String, Option<bool>)> = checks.collect().await;
+        let mut unreachable = Vec::new();
+        for (node, approved) in answers {
+            match approved {
+                Some(true) => nodes.push(node),
+                Some(false) => {}
+                None => unreachable.push(node),
+            }
+        }
+        inner.metrics.provider_lookup(if nodes.is_empty() {
+            "none_found"
+        } else {
+            "found"
+        });
+        Ok(Looked {
+            confirmed: nodes,
+            unreachable,
+        })
+    }
+}
+
+fn not_empty(schema: &str, nodes: Vec<String>) -> Result<Vec<String>, Status> {
+    if nodes.is_empty() {
+        return Err(Status::not_found(format!(
+            "no node serving schema '{schema}' was found (DHT provider records confirmed by a schema check; this node does not serve it either)"
+        )));
+    }
+    Ok(nodes)
+}
+
+/// Validate the routing part of a read: ANY and ALL choose the nodes themselves.
+fn check_route(route: i32, target: &str, page_token: &str) -> Result<Route, Status> {
+    let r = Route::try_from(route).map_err(|_| {
+        Status::invalid_argument(format!(
+            "'route' {route} is not a route (0 ROUTE_DEFAULT, 1 ROUTE_ANY, 2 ROUTE_ALL)"
+        ))
+    })?;
+    if r != Route::Default {
+        if !target.is_empty() {
+            return Err(Status::invalid_argument(
+                "give either 'target_node_id' or a 'route' of ROUTE_ANY/ROUTE_ALL, not both",
+            ));
+        }
+        if !page_token.is_empty() {
+            return Err(Status::invalid_argument(
+                "a page token belongs to the node that gave it: continue with 'target_node_id' set to that answer's node id, and no route",
+            ));
+        }
+    }
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_failures_to_answer_are_retried() {
+        assert!(retryable(Code::Unavailable));
+        assert!(retryable(Code::DeadlineExceeded));
+        for c in [
+            Code::PermissionDenied,
+            Code::NotFound,
+            Code::InvalidArgument,
+            Code::FailedPrecondition,
+            Code::ResourceExhausted,
+            Code::Internal,
+        ] {
+            assert!(!retryable(c), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn routes_are_checked() {
+        assert_eq!(check_route(0, "x", "t").unwrap(), Route::Default);
+        assert_eq!(check_route(1, "", "").unwrap(), Route::Any);
+        assert_eq!(check_route(2, "", "").unwrap(), Route::All);
+        assert_eq!(
+            check_route(1, "12D3Koo", "").unwrap_err().code(),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            check_route(2, "", "tok").unwrap_err().code(),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            check_route(7, "", "").unwrap_err().code(),
+            Code::InvalidArgument
+        );
+    }
+
+    #[test]
+    fn unreachable_members_stay_for_a_while_new_ones_never_join() {
+        let looked = |c: &[&str], u: &[&str]| Looked {
+            confirmed: c.iter().map(|s| s.to_string()).collect(),
+            unreachable: u.iter().map(|s| s.to_string()).collect(),
+        };
+        let first = Cached::after(None, looked(&["a", "b"], &["x"]));
+        // x was never confirmed: an unreachable stranger does not join.
+        assert_eq!(first.nodes, ["a", "b"]);
+        // b stops answering: it stays (reported failing by ROUTE_ALL), marked since now.
+        let second = Cached::after(Some(&first), looked(&["a"], &["b"]));
+        assert_eq!(second.nodes, ["a", "b"]);
+        assert!(second.unreachable_since.contains_key("b"));
+        // Long unreachable: dropped.
+        let mut old = second.clone();
+        old.unreachable_since.insert(
+            "b".into(),
+            Instant::now()
+                .checked_sub(KEEP_UNREACHABLE + Duration::from_secs(1))
+                .unwrap(),
+        );
+        let third = Cached::after(Some(&old), looked(&["a"], &["b"]));
+        assert_eq!(third.nodes, ["a"]);
+        // Back and confirmed: a member again, no longer marked.
+        let back = Cached::after(Some(&second), looked(&["a", "b"], &[]));
+        assert_eq!(back.nodes, ["a", "b"]);
+        assert!(back.unreachable_since.is_empty());
+    }
+
+    #[test]
+    fn the_budget_allows_a_share_of_requests_as_retries() {
+        // 20% of requests plus 0 per second: 100 requests allow about 20 retries.
+        let b = TpsBudget::new(Duration::from_secs(10), 0, 0.2);
+        for _ in 0..100 {
+            b.deposit();
+        }
+        let allowed = (0..100).filter(|_| b.withdraw()).count();
+        assert!((15..=25).contains(&allowed), "{allowed}");
+    }
+}
