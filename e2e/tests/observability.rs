@@ -291,7 +291,14 @@ async fn prometheus_scrapes_node_and_sidecar() {
     }
     let (_, node_metrics) = http::get(&na.admin, "/metrics").unwrap();
     assert!(node_metrics.contains("grpc_server_handled_total{grpc_type=\"unary\",grpc_service=\"fold.v1.FoldNode\",grpc_method=\"Query\",grpc_code=\"NotFound\"}"), "{node_metrics}");
-    assert!(node_metrics.contains("grpc_client_handled_total{grpc_type=\"unary\",grpc_service=\"fold.sidecar.v1.Mesh\",grpc_method=\"Forward\",grpc_code=\"OK\"}"));
+    // The forwards share one long-lived stream to the sidecar (Mesh.ForwardStream); the sidecar
+    // counts each of them.
+    assert!(node_metrics.contains("grpc_client_started_total{grpc_type=\"bidi_stream\",grpc_service=\"fold.sidecar.v1.Mesh\",grpc_method=\"ForwardStream\"} 1"), "{node_metrics}");
+    let (_, sidecar_metrics) = http::get(&sa.admin, "/metrics").unwrap();
+    assert!(
+        sidecar_metrics.contains("fold_sidecar_outbound_forwards_total{outcome=\"OK\"} 20"),
+        "{sidecar_metrics}"
+    );
     assert!(node_metrics.contains("fold_forwards_total{op=\"query\",outcome=\"OK\"} 20"));
     let (status, ready) = http::get(&na.admin, "/readyz").unwrap();
     assert_eq!(status, 200, "{ready}");
@@ -333,7 +340,7 @@ async fn prometheus_scrapes_node_and_sidecar() {
         "grpc_server_handled_total{job=\"fold-node\",grpc_method=\"Query\"}",
         "grpc_client_started_total{job=\"fold-node\"}",
         "fold_forwards_total{job=\"fold-node\",outcome=\"OK\"}",
-        "grpc_server_handled_total{job=\"p2p-sidecar\",grpc_method=\"Forward\"}",
+        "fold_sidecar_outbound_forwards_total{job=\"p2p-sidecar\",outcome=\"OK\"}",
         "libp2p_swarm_new_listen_addr_total{job=\"p2p-sidecar\"}",
         "libp2p_identify_received_total{job=\"p2p-sidecar\"}",
         "up{job=\"p2p-sidecar\"} == 1",

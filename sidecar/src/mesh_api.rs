@@ -46,6 +46,7 @@ struct Forwarder {
     client: Client,
     default_timeout: Duration,
     key: Arc<Keypair>,
+    metrics: Option<Arc<crate::metrics::SidecarMetrics>>,
 }
 
 impl MeshApi {
@@ -55,11 +56,18 @@ impl MeshApi {
                 client: client.clone(),
                 default_timeout,
                 key,
+                metrics: None,
             },
             client,
             default_timeout,
             max_stream_forwards: DEFAULT_MAX_STREAM_FORWARDS,
         }
+    }
+
+    /// Count each forward (outcome, latency) in these metrics.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::SidecarMetrics>) -> Self {
+        self.forwarder.metrics = Some(metrics);
+        self
     }
 
     /// At most this many forwards in flight per ForwardStream (further ones are refused).
@@ -71,6 +79,24 @@ impl MeshApi {
 
 impl Forwarder {
     async fn forward(
+        &self,
+        req: ForwardRequest,
+        deadline: Option<Duration>,
+        parent: opentelemetry::Context,
+    ) -> Result<wire::ForwardResponse, Status> {
+        let started = std::time::Instant::now();
+        let r = self.forward_inner(req, deadline, parent).await;
+        if let Some(m) = &self.metrics {
+            let outcome = match &r {
+                Ok(_) => "OK",
+                Err(s) => fold_middleware::metrics::code_name(s.code()),
+            };
+            m.outbound(outcome, started.elapsed().as_secs_f64());
+        }
+        r
+    }
+
+    async fn forward_inner(
         &self,
         req: ForwardRequest,
         deadline: Option<Duration>,

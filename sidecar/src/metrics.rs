@@ -1,7 +1,9 @@
 //! The sidecar's own metrics, beside libp2p's swarm metrics and the gRPC RED metrics: inbound
 //! requests from peers by protocol and outcome (accepted, rate limited, queue full, forged
 //! origin, bad signature, stale, replayed, oversized field, deadline exceeded, replay cache full,
-//! wrong target, failed), and the replay cache's size. Both labels have fixed value sets.
+//! wrong target, failed), forwards the node asked for (by outcome, with their latency: the
+//! per-request view of the node ⇄ sidecar forward stream), and the replay cache's size. Every
+//! label has a fixed value set.
 
 use std::sync::Arc;
 
@@ -22,8 +24,15 @@ pub struct DirectionLabels {
     pub direction: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
 pub struct SidecarMetrics {
     inbound: Family<InboundLabels, Counter>,
+    outbound: Family<OutcomeLabels, Counter>,
+    outbound_seconds: prometheus_client::metrics::histogram::Histogram,
     forward_streams: Family<DirectionLabels, Counter>,
     replay_cache_bytes: Gauge,
 }
@@ -32,6 +41,8 @@ impl SidecarMetrics {
     pub fn register(reg: &mut Registry) -> Arc<SidecarMetrics> {
         let m = SidecarMetrics {
             inbound: Family::default(),
+            outbound: Family::default(),
+            outbound_seconds: fold_middleware::metrics::latency_histogram(),
             replay_cache_bytes: Gauge::default(),
             forward_streams: Family::default(),
         };
@@ -39,6 +50,16 @@ impl SidecarMetrics {
             "fold_sidecar_forward_streams_opened",
             "Long-lived /fold/forward/2.0.0 streams opened, by direction (outbound: to a peer; inbound: from one)",
             m.forward_streams.clone(),
+        );
+        reg.register(
+            "fold_sidecar_outbound_forwards",
+            "Forwards the node asked for (Mesh.Forward or one request on Mesh.ForwardStream), by gRPC outcome of the mesh hop (a remote node's own refusal is OK here)",
+            m.outbound.clone(),
+        );
+        reg.register(
+            "fold_sidecar_outbound_forward_seconds",
+            "Time from the node's forward request to the remote node's answer, in seconds",
+            m.outbound_seconds.clone(),
         );
         reg.register(
             "fold_sidecar_replay_cache_bytes",
@@ -57,6 +78,14 @@ impl SidecarMetrics {
         self.forward_streams
             .get_or_create(&DirectionLabels { direction })
             .inc();
+    }
+
+    /// One forward asked by the node: its mesh outcome (a gRPC code name) and how long it took.
+    pub fn outbound(&self, outcome: &'static str, seconds: f64) {
+        self.outbound
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+        self.outbound_seconds.observe(seconds);
     }
 
     pub fn replay_cache_bytes(&self, bytes: usize) {

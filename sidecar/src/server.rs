@@ -240,13 +240,20 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         config.max_forward_bytes,
         client_metrics,
     );
-    let (client, mut tasks) = assemble(swarm, &config, Arc::new(node), libp2p_metrics, metrics)?;
+    let (client, mut tasks) = assemble(
+        swarm,
+        &config,
+        Arc::new(node),
+        libp2p_metrics,
+        metrics.clone(),
+    )?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<MeshServer<MeshApi>>().await;
     let mesh = MeshServer::new(
         MeshApi::new(client.clone(), timeout, signing_key)
-            .with_max_stream_forwards(config.max_stream_forwards),
+            .with_max_stream_forwards(config.max_stream_forwards)
+            .with_metrics(metrics),
     )
     .max_decoding_message_size(config.max_forward_bytes)
     .max_encoding_message_size(config.max_forward_bytes);
