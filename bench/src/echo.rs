@@ -59,6 +59,13 @@ impl FoldNode for Echo {
     async fn scan(&self, _: Request<QueryRequest>) -> Result<Response<Self::ScanStream>, Status> {
         Err(Status::unimplemented("echo"))
     }
+    type SubscribeStream = tokio_stream::Empty<Result<SubscribeResponse, Status>>;
+    async fn subscribe(
+        &self,
+        _: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
 }
 
 pub async fn serve() -> anyhow::Result<()> {
@@ -73,6 +80,7 @@ pub async fn serve() -> anyhow::Result<()> {
             fields: fields.as_object().map(map_to_struct),
         }],
         node_id: String::new(),
+        replica: None,
     };
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = l.local_addr()?;

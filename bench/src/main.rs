@@ -20,6 +20,7 @@ use serde_json::{Value as Json, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 
+mod changes;
 mod dht;
 mod echo;
 mod route;
@@ -61,6 +62,10 @@ enum Cmd {
     /// Only the write phase: durable Mutate writes/s at 1, 32 and 128 in flight against a plain
     /// fsync reference, BatchMutate records/s, point reads idle vs. under write load.
     Writes,
+    /// Only the data-that-moves phase: live propagation latency of a change to a subscriber,
+    /// locally and to a replica across the mesh (`--follow`), catch-up rates, and replica lag
+    /// under a steady write load.
+    Changes,
     /// Two nodes and forwarded queries for `--secs` seconds, printing the process ids first (for
     /// profiling the forwarded path, e.g. `perf record -p`), then the rate and each hop's mean
     /// time from the processes' own metrics.
@@ -145,6 +150,11 @@ struct Node {
 }
 
 fn start_node() -> anyhow::Result<Node> {
+    start_node_with(&[])
+}
+
+/// A node whose fold-node also gets `extra` flags.
+fn start_node_with(extra: &[&str]) -> anyhow::Result<Node> {
     let dir = tempfile::tempdir()?;
     let data = dir.path().to_path_buf();
     let mut sc = Command::new(bin("p2p-sidecar"));
@@ -172,6 +182,7 @@ fn start_node() -> anyhow::Result<Node> {
             "--unknown-peer-distance",
             "0",
         ])
+        .args(extra)
         .env("RUST_LOG", "warn");
     let (node, line) = Proc::spawn(nd, "fold-node ready", Duration::from_secs(20))?;
     let grpc = parse_kv(&line, "grpc").ok_or_else(|| anyhow!("no grpc"))?;
@@ -1054,6 +1065,15 @@ fn main() -> std::process::ExitCode {
             let r = route::measure(cli.secs).await?;
             std::fs::create_dir_all(&cli.out)?;
             let file = cli.out.join("route.json");
+            std::fs::write(&file, serde_json::to_string_pretty(&r)?)?;
+            eprintln!("== wrote {}", file.display());
+            Ok(())
+        }),
+        Some(Cmd::Changes) => rt.block_on(async {
+            eprintln!("fold-bench on {}", machine());
+            let r = changes::measure(cli.secs, cli.n).await?;
+            std::fs::create_dir_all(&cli.out)?;
+            let file = cli.out.join("changes.json");
             std::fs::write(&file, serde_json::to_string_pretty(&r)?)?;
             eprintln!("== wrote {}", file.display());
             Ok(())

@@ -358,6 +358,7 @@ impl Client {
                 fields: x.fields,
                 version_ids: x.version_ids,
                 replayed,
+                sequence: x.sequence,
             })
             .collect())
     }

@@ -403,6 +403,8 @@ pub struct MutateResult {
     pub version_ids: Vec<String>,
     /// The node had applied this idempotency key before: nothing new was written.
     pub replayed: bool,
+    /// The schema's sequence number of this write (dense per schema; see FoldNode.Subscribe).
+    pub sequence: u64,
 }
 
 impl From<v1::MutateResponse> for MutateResult {
@@ -413,6 +415,7 @@ impl From<v1::MutateResponse> for MutateResult {
             fields: r.fields,
             version_ids: r.version_ids,
             replayed: r.replayed,
+            sequence: r.sequence,
         }
     }
 }

@@ -481,6 +481,8 @@ impl EventLoop {
                     mdns_enabled: self.mdns_enabled,
                     provided_schemas: self.provided.iter().cloned().collect(),
                     bootstrap: self.bootstrap_status.clone(),
+                    // Filled in by the fold-node, which follows schemas.
+                    replicas: Vec::new(),
                 });
             }
             Command::ListPeers {

@@ -43,6 +43,7 @@ impl NodeHandler for FakeNode {
                 next_page_token: String::new(),
                 records: vec![],
                 node_id: self.name.clone(),
+                replica: None,
             })),
         }
     }

@@ -305,6 +305,43 @@ impl FoldNode for FoldNodeApi {
         )))
     }
 
+    type SubscribeStream = crate::subscribe::SubscriptionStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let principal = principal_of(&request);
+        let req = request.into_inner();
+        let span = tracing::info_span!(
+            "fold.subscribe",
+            schema = %req.schema,
+            from_sequence = req.from_sequence,
+            target_node = %req.target_node_id,
+            outcome = tracing::field::Empty,
+        );
+        if !self.mesh.is_local(&req.target_node_id) {
+            let requester = self.data.forwardable_requester(&principal)?;
+            let permit = self.data.subscription_permit()?;
+            return traced(
+                span,
+                crate::subscribe::start_remote(
+                    self.mesh.clone(),
+                    self.data.hub().clone(),
+                    self.data.metrics().clone(),
+                    req,
+                    requester,
+                    permit,
+                ),
+            )
+            .await
+            .map(Response::new);
+        }
+        traced(span, self.data.subscribe(&principal, req))
+            .await
+            .map(Response::new)
+    }
+
     async fn history(
         &self,
         request: Request<HistoryRequest>,
@@ -400,11 +437,12 @@ impl Network for NetworkApi {
         &self,
         _request: Request<NetworkStatusRequest>,
     ) -> Result<Response<NetworkStatusResponse>, Status> {
-        let resp = self
+        let mut resp = self
             .mesh
             .client()?
             .status(fold_proto::sidecar::MeshStatusRequest {})
             .await?;
+        resp.get_mut().replicas = self.data.replicas().status();
         Ok(resp)
     }
 

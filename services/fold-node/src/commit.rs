@@ -14,8 +14,10 @@
 //! the write side is naturally one owner; what is needed (drain a bounded queue without waiting,
 //! cap the group, reply after commit) is a few lines on `tokio::sync::mpsc` and `oneshot`.
 //!
-//! Jobs are applied in queue order inside the transaction, which is commit order: a per-schema
-//! sequence number assigned in [`WriteGroup::apply`] would be dense and ordered like the commits.
+//! Jobs are applied in queue order inside the transaction, which is commit order: the
+//! per-schema sequence numbers assigned in [`WriteGroup::apply`] are dense and ordered like the
+//! commits. Once a group is durable its changes are published to live subscribers
+//! ([`ChangeHub`]), in sequence order.
 //!
 //! Backpressure: when the queue is full, callers wait for room (bounded by their request
 //! deadline; the public port's admission layer bounds how many can wait). A caller that gave up
@@ -30,6 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::metrics::NodeMetrics;
 use crate::schema::Schema;
 use crate::store::{ApplyError, Idempotency, MutationError, MutationPlan, Store, StoreError};
+use crate::subscribe::ChangeHub;
 
 /// The written fields of one mutation and their new version ids.
 pub type Written = Vec<(String, String)>;
@@ -85,6 +88,8 @@ struct Job {
 #[derive(Debug)]
 pub struct Committed {
     pub written: Vec<Written>,
+    /// Each mutation's sequence number, as `written`.
+    pub sequences: Vec<u64>,
     pub replayed: bool,
 }
 
@@ -102,12 +107,13 @@ impl Committer {
         store: Store,
         metrics: Arc<NodeMetrics>,
         limits: Limits,
+        hub: ChangeHub,
     ) -> std::io::Result<Committer> {
         let (tx, rx) = mpsc::channel(limits.queue.max(1));
         let m = metrics.clone();
         std::thread::Builder::new()
             .name("fold-commit".into())
-            .spawn(move || writer(store, rx, m, limits))?;
+            .spawn(move || writer(store, rx, m, limits, hub))?;
         Ok(Committer { tx, metrics })
     }
 
@@ -151,7 +157,13 @@ impl Committer {
 }
 
 /// The writer thread: take a group, write it, repeat until every [`Committer`] is gone.
-fn writer(store: Store, mut rx: mpsc::Receiver<Job>, metrics: Arc<NodeMetrics>, limits: Limits) {
+fn writer(
+    store: Store,
+    mut rx: mpsc::Receiver<Job>,
+    metrics: Arc<NodeMetrics>,
+    limits: Limits,
+    hub: ChangeHub,
+) {
     let mut held: Option<Job> = None;
     loop {
         let first = match held.take() {
@@ -170,7 +182,7 @@ fn writer(store: Store, mut rx: mpsc::Receiver<Job>, metrics: Arc<NodeMetrics>, 
         // A panic while writing fails this group (its callers' reply channels are dropped,
         // which they see as `Stopped`); the writer goes on with the next one.
         let written = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            write_group(&store, group, &metrics);
+            write_group(&store, group, &metrics, &hub);
         }));
         if written.is_err() {
             tracing::error!("a group commit panicked; its requests failed");
@@ -203,7 +215,7 @@ fn take_group(
 }
 
 /// Apply each job of the group in order, commit once, then answer every caller.
-fn write_group(store: &Store, jobs: Vec<Job>, metrics: &NodeMetrics) {
+fn write_group(store: &Store, jobs: Vec<Job>, metrics: &NodeMetrics, hub: &ChangeHub) {
     let started = Instant::now();
     // Callers that gave up before their turn are not written.
     let jobs: Vec<Job> = jobs.into_iter().filter(|j| !j.reply.is_closed()).collect();
@@ -220,7 +232,11 @@ fn write_group(store: &Store, jobs: Vec<Job>, metrics: &NodeMetrics) {
                 window = Some(window.unwrap_or(0).max(i.window_ms));
             }
             match group.apply_idempotent(&job.schema, &job.plans, job.idempotency.as_ref()) {
-                Ok((written, replayed)) => results.push(Ok(Committed { written, replayed })),
+                Ok((applied, replayed)) => results.push(Ok(Committed {
+                    written: applied.written,
+                    sequences: applied.sequences,
+                    replayed,
+                })),
                 Err(ApplyError::Refused { index, error }) => {
                     results.push(Err(JobError::Refused { index, error }))
                 }
@@ -233,7 +249,9 @@ fn write_group(store: &Store, jobs: Vec<Job>, metrics: &NodeMetrics) {
             if let Some(w) = window {
                 group.prune_idempotency(w)?;
             }
-            group.commit()?;
+            let events = group.commit()?;
+            // Durable now: live subscribers may see it.
+            hub.publish(events);
         }
         // Otherwise every job was refused and the transaction holds no change: dropping it
         // aborts it, without a commit to wait for.
@@ -424,7 +442,7 @@ mod tests {
         // Sees the uncommitted CREATE of the same group.
         let (j4, a4) = job(&s, vec![plan(MutationKind::Update, "a", Some(json!(4)))], 0);
         let (j5, a5) = job(&s, vec![plan(MutationKind::Create, "b", Some(json!(5)))], 0);
-        write_group(&st, vec![j1, j2, j3, j4, j5], &m);
+        write_group(&st, vec![j1, j2, j3, j4, j5], &m, &ChangeHub::new(16));
         let ok = |a: Answer| a.blocking_recv().unwrap().map(|c| c.written);
         assert_eq!(ok(a1).unwrap()[0].len(), 2);
         assert!(matches!(
@@ -456,7 +474,7 @@ mod tests {
         let (_d, st, s) = store();
         let (_reg, m) = metrics();
         let (before, a0) = job(&s, vec![plan(MutationKind::Create, "c", Some(json!(0)))], 0);
-        write_group(&st, vec![before], &m);
+        write_group(&st, vec![before], &m, &ChangeHub::new(16));
         a0.blocking_recv().unwrap().unwrap();
 
         let (single, a1) = job(&s, vec![plan(MutationKind::Create, "e", Some(json!(1)))], 0);
@@ -482,7 +500,12 @@ mod tests {
             0,
         );
         let (after, a4) = job(&s, vec![plan(MutationKind::Create, "f", Some(json!(5)))], 0);
-        write_group(&st, vec![single, batch, chain, after], &m);
+        write_group(
+            &st,
+            vec![single, batch, chain, after],
+            &m,
+            &ChangeHub::new(16),
+        );
         a1.blocking_recv().unwrap().unwrap();
         match a2.blocking_recv().unwrap() {
             Err(JobError::Refused {
@@ -514,7 +537,7 @@ mod tests {
         let (gone, a) = job(&s, vec![plan(MutationKind::Create, "g", Some(json!(1)))], 0);
         drop(a);
         let (kept, b) = job(&s, vec![plan(MutationKind::Create, "h", Some(json!(1)))], 0);
-        write_group(&st, vec![gone, kept], &m);
+        write_group(&st, vec![gone, kept], &m, &ChangeHub::new(16));
         b.blocking_recv().unwrap().unwrap();
         assert_eq!(value(&st, "g"), None);
         assert_eq!(value(&st, "h"), Some(json!(1)));
@@ -524,7 +547,7 @@ mod tests {
     async fn concurrent_submissions_each_get_their_own_answer() {
         let (_d, st, s) = store();
         let (reg, m) = metrics();
-        let c = Committer::start(st.clone(), m, Limits::default()).unwrap();
+        let c = Committer::start(st.clone(), m, Limits::default(), ChangeHub::new(16)).unwrap();
         let mut tasks = Vec::new();
         for i in 0..64 {
             let c = c.clone();

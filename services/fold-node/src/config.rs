@@ -180,6 +180,29 @@ pub struct Config {
     #[arg(long, env = "FOLD_IDEMPOTENCY_WINDOW_SECS", default_value_t = 86_400)]
     pub idempotency_window_secs: u64,
 
+    /// Change log entries kept per schema (0: all). The change log is what FoldNode.Subscribe
+    /// catches up from; a subscription from before the oldest kept entry is OUT_OF_RANGE.
+    #[arg(long, env = "FOLD_CHANGE_LOG_RETENTION", default_value_t = 0)]
+    pub change_log_retention: u64,
+
+    /// Follow a schema of another node and keep a read-only replica of it here: SCHEMA@NODE_ID
+    /// (repeatable; the env variable takes a comma-separated list; at most 64). The schema must
+    /// be loaded and approved here with the same definition, and the source node must let this
+    /// node read every field. Writes to it here are refused with FAILED_PRECONDITION naming the
+    /// owner; Network.Status shows each replica's lag.
+    #[arg(long = "follow", env = "FOLD_FOLLOW", value_delimiter = ',')]
+    pub follow: Vec<crate::follow::FollowSpec>,
+
+    /// How many changes a live subscriber (FoldNode.Subscribe) that does not keep up may fall
+    /// behind the schema's head before its stream is ended with RESOURCE_EXHAUSTED (it then
+    /// resumes from the last sequence it received). Costs no memory: changes are read from the
+    /// change log.
+    #[arg(long, env = "FOLD_SUBSCRIPTION_BUFFER", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub subscription_buffer: u64,
+
+    /// Subscriptions (FoldNode.Subscribe streams) open at once; more are RESOURCE_EXHAUSTED.
+    #[arg(long, env = "FOLD_MAX_SUBSCRIPTIONS", default_value_t = 256)]
+    pub max_subscriptions: usize,
     /// Schema-addressed reads (route any/all): how long a schema's provider set (DHT provider
     /// records confirmed by a schema check) is used before it is looked up again, in seconds.
     /// After half of it, the set is refreshed in the background.

@@ -55,6 +55,12 @@ pub struct Data {
     commits: Committer,
     idempotency_window_ms: u64,
     pager: crate::paging::Pager,
+    /// Live changes for subscribers, published by the group-commit writer.
+    hub: crate::subscribe::ChangeHub,
+    /// One permit per open subscription (--max-subscriptions).
+    subscriptions: Arc<tokio::sync::Semaphore>,
+    /// The schemas this node follows (read-only replicas of another node's).
+    replicas: crate::follow::Replicas,
 }
 
 pub fn store_status(e: StoreError) -> Status {
@@ -147,10 +153,20 @@ impl Data {
         store: Store,
         identities: Identities,
         metrics: Arc<NodeMetrics>,
+        subscribe: crate::subscribe::SubscribeLimits,
     ) -> std::io::Result<Self> {
-        let commits = Committer::start(store.clone(), metrics.clone(), Limits::default())?;
+        let hub = crate::subscribe::ChangeHub::new(subscribe.buffer);
+        let commits = Committer::start(
+            store.clone(),
+            metrics.clone(),
+            Limits::default(),
+            hub.clone(),
+        )?;
         let pager = crate::paging::Pager::load(&store).map_err(std::io::Error::other)?;
         Ok(Data {
+            replicas: crate::follow::Replicas::default(),
+            hub,
+            subscriptions: Arc::new(tokio::sync::Semaphore::new(subscribe.max_subscriptions)),
             pager,
             store,
             identities,
@@ -197,6 +213,22 @@ impl Data {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    pub fn replicas(&self) -> &crate::follow::Replicas {
+        &self.replicas
+    }
+
+    pub fn hub(&self) -> &crate::subscribe::ChangeHub {
+        &self.hub
+    }
+
+    /// Refuse writes to a schema this node follows.
+    fn writable(&self, schema: &str) -> Result<(), Status> {
+        match self.replicas.source_of(schema) {
+            Some(source) => Err(crate::follow::read_only(schema, &source)),
+            None => Ok(()),
+        }
     }
 
     pub fn identities(&self) -> &Identities {
@@ -334,6 +366,19 @@ impl Data {
         let store = self.store.clone();
         let fields = req.fields.clone();
         let json_values = req.json_values;
+        // A replica says so, and as of which sequence: every change up to the head read here is
+        // in what the query reads next.
+        let replica = match self.replicas.source_of(&schema.name) {
+            None => None,
+            Some(source_node_id) => Some(v1::ReplicaInfo {
+                source_node_id,
+                as_of_sequence: self
+                    .store
+                    .log_bounds(&schema.name)
+                    .map_err(store_status)?
+                    .head,
+            }),
+        };
         // A Single schema or one key reads one record; anything else scans.
         let runs = match (schema.range_key(), &filter) {
             (None, _) | (Some(_), KeyFilter::Key(_)) => Runs::Inline,
@@ -393,6 +438,7 @@ impl Data {
             records,
             node_id: String::new(),
             next_page_token,
+            replica,
         })
     }
 
@@ -409,6 +455,7 @@ impl Data {
     ) -> Result<MutateResponse, Status> {
         let requester = self.requester(who)?;
         let schema = self.usable_schema(&req.schema)?;
+        self.writable(&schema.name)?;
         let data = request_data(req.data.as_ref(), &req.data_json)?;
         let plan = mutation_plan(&schema, &requester, req.mutation_type, data)?;
         let range_key = plan.range_key.clone();
@@ -435,6 +482,7 @@ impl Data {
             }
         }
         .map_err(commit_status)?;
+        let sequence = committed.sequences.first().copied().unwrap_or(0);
         let (fields, version_ids) = committed.written.into_iter().flatten().unzip();
         Ok(MutateResponse {
             fields,
@@ -442,6 +490,7 @@ impl Data {
             node_id: String::new(),
             version_ids,
             replayed: committed.replayed,
+            sequence,
         })
     }
 
@@ -454,6 +503,7 @@ impl Data {
     ) -> Result<BatchMutateResponse, Status> {
         let requester = self.requester(who)?;
         let schema = self.usable_schema(&req.schema)?;
+        self.writable(&schema.name)?;
         if req.mutations.is_empty() {
             return Err(Status::invalid_argument(
                 "'mutations' is empty: nothing to write",
@@ -483,6 +533,7 @@ impl Data {
                 JobError::Refused { index, error } => record_status(index, &refusal_status(error)),
                 e => commit_status(e),
             })?;
+        let mut sequences = committed.sequences.into_iter();
         let results = committed
             .written
             .into_iter()
@@ -493,6 +544,7 @@ impl Data {
                     fields,
                     range_key,
                     version_ids,
+                    sequence: sequences.next().unwrap_or(0),
                 }
             })
             .collect();
@@ -614,6 +666,212 @@ impl Data {
         })
     }
 
+    // ---- subscriptions ------------------------------------------------------------------------
+
+    /// A slot for one more open subscription (--max-subscriptions).
+    pub fn subscription_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        self.subscriptions.clone().try_acquire_owned().map_err(|_| {
+            self.metrics.subscription_end("full");
+            Status::resource_exhausted(
+                "this node serves as many subscriptions as it allows (--max-subscriptions); close one or try again later",
+            )
+        })
+    }
+
+    pub fn metrics(&self) -> &Arc<NodeMetrics> {
+        &self.metrics
+    }
+
+    /// Open a subscription to the changes of a schema of this node (FoldNode.Subscribe).
+    pub async fn subscribe(
+        &self,
+        who: &Principal,
+        req: v1::SubscribeRequest,
+    ) -> Result<crate::subscribe::SubscriptionStream, Status> {
+        use crate::subscribe::{self, Selection};
+        let requester = self.requester(who)?;
+        let schema = self.usable_schema(&req.schema)?;
+        let fields = readable_fields(&schema, &requester, &req.fields)?;
+        let filter = match (schema.range_key(), req.filter.as_ref()) {
+            (None, Some(f)) if f.filter.is_some() => {
+                return Err(Status::invalid_argument(format!(
+                    "schema '{}' is a Single schema; range filters apply only to Range schemas",
+                    schema.name
+                )));
+            }
+            (_, f) => KeyFilter::from_proto(f).map_err(Status::invalid_argument)?,
+        };
+        let permit = self.subscription_permit()?;
+        // Registered before the log is read: nothing committed from here on can be missed.
+        let listener = self.hub.listen(&schema.name);
+        let store = self.store.clone();
+        let name = schema.name.clone();
+        let bounds = storage(&self.metrics, "subscribe", Runs::Inline, move || {
+            store.log_bounds(&name).map_err(store_status)
+        })
+        .await?;
+        if req.from_sequence.saturating_add(1) < bounds.oldest {
+            self.metrics.subscription_end("out_of_range");
+            return Err(subscribe::out_of_range(
+                &schema.name,
+                req.from_sequence,
+                bounds.oldest,
+            ));
+        }
+        if req.from_sequence > bounds.head {
+            return Err(Status::out_of_range(format!(
+                "from_sequence {} is beyond the head of schema '{}' on this node ({}): this node never assigned it; subscribe from at most the head",
+                req.from_sequence, schema.name, bounds.head
+            )));
+        }
+        let recheck = {
+            let identities = self.identities.clone();
+            let who = who.clone();
+            let schema = schema.clone();
+            let fields = fields.clone();
+            let store = self.store.clone();
+            Box::new(move || -> Result<(), Status> {
+                if !matches!(store.schema(&schema.name), Some((_, SchemaState::Approved))) {
+                    return Err(Status::failed_precondition(format!(
+                        "schema '{}' is no longer approved on this node; the subscription ended",
+                        schema.name
+                    )));
+                }
+                let r = identities.resolve(&who).map_err(store_status)?;
+                for f in &fields {
+                    if let Some(def) = schema.field(f) {
+                        permissions::check(def, Access::Read, &r).map_err(denied_status)?;
+                    }
+                }
+                Ok(())
+            })
+        };
+        Ok(subscribe::start(
+            self.store.clone(),
+            self.metrics.clone(),
+            self.hub.clone(),
+            Selection {
+                schema,
+                fields,
+                filter,
+                json_values: req.json_values,
+            },
+            req.from_sequence,
+            listener,
+            permit,
+            recheck,
+        ))
+    }
+
+    /// The changes of a schema after a sequence, for a node that follows it (the `changes`
+    /// operation). Every field must be readable by the requester: a replica copies whole
+    /// records. With nothing new, waits up to `wait_ms` (at most 5 s, within `deadline`) for
+    /// the next change.
+    pub async fn changes(
+        &self,
+        who: &Principal,
+        req: fold_proto::wire::ChangesRequest,
+        deadline: Option<std::time::SystemTime>,
+    ) -> Result<fold_proto::wire::ChangesResponse, Status> {
+        const MAX_CHANGES: usize = 1000;
+        const MAX_WAIT_MS: u32 = 5000;
+        const MAX_BYTES: usize = 1024 * 1024;
+        let requester = self.requester(who)?;
+        let schema = self.usable_schema(&req.schema)?;
+        if !req.schema_hash.is_empty() && req.schema_hash != schema.hash {
+            return Err(Status::failed_precondition(format!(
+                "schema '{}' here has hash {}, the follower's has {}: a replica needs the same definition",
+                schema.name, schema.hash, req.schema_hash
+            )));
+        }
+        let fields = if !req.fields.is_empty() || req.readable_only {
+            readable_fields(&schema, &requester, &req.fields)?
+        } else {
+            let all: Vec<String> = schema.fields.keys().cloned().collect();
+            readable_fields(&schema, &requester, &all)?
+        };
+        let filter = match (schema.range_key(), req.filter.as_ref()) {
+            (None, Some(f)) if f.filter.is_some() => {
+                return Err(Status::invalid_argument(format!(
+                    "schema '{}' is a Single schema; range filters apply only to Range schemas",
+                    schema.name
+                )));
+            }
+            (_, f) => KeyFilter::from_proto(f).map_err(Status::invalid_argument)?,
+        };
+        let limit = match req.limit {
+            0 => 500,
+            n => (n as usize).min(MAX_CHANGES),
+        };
+        // Registered before the head is read: a change committed from here on wakes the wait.
+        let mut rx = self.hub.listen(&schema.name).rx;
+        let store = self.store.clone();
+        let name = schema.name.clone();
+        let mut bounds =
+            tokio::task::block_in_place(|| store.log_bounds(&name)).map_err(store_status)?;
+        if req.after_sequence.saturating_add(1) < bounds.oldest {
+            return Err(crate::subscribe::out_of_range(
+                &schema.name,
+                req.after_sequence,
+                bounds.oldest,
+            ));
+        }
+        if req.after_sequence > bounds.head {
+            return Err(Status::out_of_range(format!(
+                "after_sequence {} is beyond the head of schema '{}' on this node ({}): this node never assigned it",
+                req.after_sequence, schema.name, bounds.head
+            )));
+        }
+        if req.after_sequence == bounds.head && req.wait_ms > 0 {
+            let mut wait =
+                std::time::Duration::from_millis(u64::from(req.wait_ms.min(MAX_WAIT_MS)));
+            if let Some(d) = deadline {
+                // Answer (with nothing) before the requester gives up.
+                let left = d
+                    .duration_since(std::time::SystemTime::now())
+                    .unwrap_or_default();
+                wait = wait.min(left.saturating_sub(left / 4));
+            }
+            // Any outcome (a change, a lag, the wait over) is followed by reading the log.
+            let _ = tokio::time::timeout(wait, rx.recv()).await;
+            bounds =
+                tokio::task::block_in_place(|| store.log_bounds(&name)).map_err(store_status)?;
+        }
+        drop(rx);
+        let after = req.after_sequence;
+        let page = storage(&self.metrics, "changes", Runs::InPlace, move || {
+            store
+                .changes_after(&name, after, limit)
+                .map_err(store_status)
+        })
+        .await?;
+        let sel = crate::subscribe::Selection {
+            schema: schema.clone(),
+            fields,
+            filter,
+            json_values: true,
+        };
+        let mut changes = Vec::with_capacity(page.len());
+        let mut bytes = 0;
+        let mut through = after;
+        for e in &page {
+            if let Some(c) = sel.view(e) {
+                bytes += c.encoded_len();
+                changes.push(c);
+            }
+            through = e.sequence;
+            if bytes >= MAX_BYTES {
+                break;
+            }
+        }
+        Ok(fold_proto::wire::ChangesResponse {
+            changes,
+            head_sequence: bounds.head.max(through),
+            oldest_sequence: bounds.oldest,
+            through_sequence: through,
+        })
+    }
+
     /// Which of `names` are approved schemas here.
     pub fn served(&self, names: &[String]) -> Vec<String> {
         names
@@ -622,6 +880,45 @@ impl Data {
             .cloned()
             .collect()
     }
+}
+
+/// The fields a subscription sends: each named one (must exist and be readable, as for Query),
+/// or, when none is named, every field `requester` may read. In schema order.
+fn readable_fields(
+    schema: &Schema,
+    requester: &Requester,
+    named: &[String],
+) -> Result<Vec<String>, Status> {
+    if named.is_empty() {
+        let fields: Vec<String> = schema
+            .fields
+            .iter()
+            .filter(|(_, def)| permissions::check(def, Access::Read, requester).is_ok())
+            .map(|(f, _)| f.clone())
+            .collect();
+        if fields.is_empty() {
+            return Err(Status::permission_denied(format!(
+                "{} may read no field of schema '{}'",
+                requester.label, schema.name
+            )));
+        }
+        return Ok(fields);
+    }
+    for f in named {
+        let Some(def) = schema.field(f) else {
+            return Err(Status::not_found(format!(
+                "field '{f}' not found in schema '{}'",
+                schema.name
+            )));
+        };
+        permissions::check(def, Access::Read, requester).map_err(denied_status)?;
+    }
+    Ok(schema
+        .fields
+        .keys()
+        .filter(|f| named.contains(f))
+        .cloned()
+        .collect())
 }
 
 fn range_key_value(schema: &str, rk: &str, v: Option<&Json>) -> Result<String, Status> {
@@ -800,6 +1097,7 @@ fn version_to_proto(v: VersionRecord, json_values: bool) -> FieldVersion {
         }),
         writer: v.writer,
         previous_version_id: v.prev.unwrap_or_default(),
+        sequence: v.seq,
         mutation_type: match v.mutation {
             MutationKind::Create => MutationType::Create,
             MutationKind::Update => MutationType::Update,

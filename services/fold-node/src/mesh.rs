@@ -477,6 +477,31 @@ impl MeshLink {
         }
     }
 
+    /// Ask node `target` for the changes of a schema after a sequence (a replica following it,
+    /// or a subscription to another node's schema).
+    pub async fn forward_changes(
+        &self,
+        target: String,
+        req: fold_proto::wire::ChangesRequest,
+        requester: Requester,
+        deadline: Option<Duration>,
+    ) -> Result<fold_proto::wire::ChangesResponse, Status> {
+        match self
+            .forward(
+                target.clone(),
+                operation::Kind::Changes(req),
+                requester,
+                deadline,
+            )
+            .await?
+        {
+            forward_response::Result::Changes(c) => Ok(c),
+            _ => Err(Status::internal(format!(
+                "node {target} answered a changes request with a different kind of response"
+            ))),
+        }
+    }
+
     async fn forward(
         &self,
         target: String,
@@ -491,6 +516,7 @@ impl MeshLink {
             operation::Kind::Peers(_) => "peers",
             operation::Kind::BatchMutate(_) => "batch_mutate",
             operation::Kind::History(_) => "history",
+            operation::Kind::Changes(_) => "changes",
         };
         let result = self.forward_inner(target, op, requester, deadline).await;
         let outcome = match &result {

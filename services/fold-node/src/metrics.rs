@@ -83,6 +83,22 @@ pub struct NodeMetrics {
     injected_faults: Counter,
     peer_requests: Family<OpOutcomeLabels, Counter>,
     peer_request_seconds: Histograms<OpLabels>,
+    subscribers: Gauge,
+    subscription_changes: Counter,
+    subscription_ends: Family<ReasonLabels, Counter>,
+    replica_applied: Family<SchemaLabels, Gauge>,
+    replica_lag: Family<SchemaLabels, Gauge>,
+}
+
+/// A followed schema (at most `follow::MAX_FOLLOWED`, from the node's own flags).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SchemaLabels {
+    pub schema: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
 }
 
 impl NodeMetrics {
@@ -112,6 +128,11 @@ impl NodeMetrics {
             peer_request_seconds: Family::new_with_constructor(
                 latency_histogram as fn() -> Histogram,
             ),
+            subscribers: Gauge::default(),
+            subscription_changes: Counter::default(),
+            subscription_ends: Family::default(),
+            replica_applied: Family::default(),
+            replica_lag: Family::default(),
         };
         reg.register(
             "fold_peer_requests",
@@ -218,7 +239,62 @@ impl NodeMetrics {
             "Write requests waiting for the group-commit writer",
             m.write_queue_depth.clone(),
         );
+        reg.register(
+            "fold_subscribers",
+            "Open FoldNode.Subscribe streams",
+            m.subscribers.clone(),
+        );
+        reg.register(
+            "fold_subscription_changes_sent",
+            "Changes sent to subscribers",
+            m.subscription_changes.clone(),
+        );
+        reg.register(
+            "fold_subscription_ends",
+            "Subscriptions ended by the node, by reason (overflow: the subscriber fell behind its buffer; full: --max-subscriptions reached; out_of_range: history no longer kept)",
+            m.subscription_ends.clone(),
+        );
+        reg.register(
+            "fold_replica_applied_sequence",
+            "Per followed schema (--follow): the last change applied to the replica",
+            m.replica_applied.clone(),
+        );
+        reg.register(
+            "fold_replica_lag",
+            "Per followed schema (--follow): changes the source had at its last answer that the replica has not applied",
+            m.replica_lag.clone(),
+        );
         Arc::new(m)
+    }
+
+    /// A replica's progress.
+    pub fn replica(&self, schema: &str, applied: u64, lag: u64) {
+        let l = SchemaLabels {
+            schema: schema.to_string(),
+        };
+        self.replica_applied
+            .get_or_create(&l)
+            .set(i64::try_from(applied).unwrap_or(i64::MAX));
+        self.replica_lag
+            .get_or_create(&l)
+            .set(i64::try_from(lag).unwrap_or(i64::MAX));
+    }
+
+    /// A subscription stream opened (`+1`) or closed (`-1`).
+    pub fn subscribers(&self, delta: i64) {
+        self.subscribers.inc_by(delta);
+    }
+
+    /// `n` changes sent to a subscriber.
+    pub fn subscription_sent(&self, n: u64) {
+        self.subscription_changes.inc_by(n);
+    }
+
+    /// A subscription refused or cut by the node.
+    pub fn subscription_end(&self, reason: &'static str) {
+        self.subscription_ends
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     /// One group commit: its size and how long applying and committing took.

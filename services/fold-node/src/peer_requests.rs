@@ -219,6 +219,7 @@ impl PeerRequestsApi {
             Some(operation::Kind::Peers(_)) => ("peers", String::new()),
             Some(operation::Kind::BatchMutate(b)) => ("batch_mutate", b.schema.clone()),
             Some(operation::Kind::History(h)) => ("history", h.schema.clone()),
+            Some(operation::Kind::Changes(c)) => ("changes", c.schema.clone()),
             None => ("none", String::new()),
         };
         let span = tracing::info_span!(
@@ -363,8 +364,13 @@ impl PeerRequestsApi {
                     forward_response::Result::BatchMutate(r)
                 })
             }
+            Some(operation::Kind::Changes(c)) => self
+                .data
+                .changes(who, c, deadline)
+                .await
+                .map(forward_response::Result::Changes),
             None => Err(Status::invalid_argument(
-                "forwarded request carries no operation (query, history, mutation, batch or peers request)",
+                "forwarded request carries no operation (query, history, mutation, batch, peers or changes request)",
             )),
         };
         result.unwrap_or_else(|s| forward_response::Result::Error(to_wire(&s)))

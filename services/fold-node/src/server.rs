@@ -211,9 +211,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             RefusalMetrics::register(&mut reg, "fold"),
         )
     };
-    let data = Data::new(store.clone(), identities, node_metrics.clone())
-        .context("cannot start the group-commit writer thread")?
-        .with_idempotency_window(Duration::from_secs(config.idempotency_window_secs));
+    store.set_change_log_retention(config.change_log_retention);
+    let data = Data::new(
+        store.clone(),
+        identities,
+        node_metrics.clone(),
+        crate::subscribe::SubscribeLimits {
+            buffer: usize::try_from(config.subscription_buffer).unwrap_or(usize::MAX),
+            max_subscriptions: config.max_subscriptions,
+        },
+    )
+    .context("cannot start the group-commit writer thread")?
+    .with_idempotency_window(Duration::from_secs(config.idempotency_window_secs));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<FoldNodeServer<FoldNodeApi>>().await;
@@ -255,6 +264,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         node_metrics.clone(),
         client_metrics,
     );
+
+    // Followed schemas are read-only from the first request on.
+    crate::follow::start(
+        &config.follow,
+        data.replicas(),
+        store.clone(),
+        data.hub().clone(),
+        mesh.clone(),
+        node_metrics.clone(),
+    )
+    .map_err(|e| anyhow::anyhow!("--follow: {e}"))?;
 
     let (reflection_v1, reflection_v1alpha) = reflection()?;
     let owner_reflection = reflection()?;
@@ -489,6 +509,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
     let _ = stop_tx.send(true);
+    // Streams that would never end on their own.
+    data.hub().stop();
     admin.abort();
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let drained = tokio::time::timeout(grace, async {

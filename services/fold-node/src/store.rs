@@ -13,6 +13,17 @@
 //! - `live`:     (schema, field, range key) → current version id (absent when deleted)
 //! - `trust`:    node id → {distance, denied}
 //! - `meta`:     key → value (e.g. the node id learned from the sidecar)
+//! - `sequences`: schema → the last sequence number assigned (dense per schema, from 1)
+//! - `changes`:  (schema, sequence) → the change log entry: range key and the versions written
+//! - `changes_oldest`: schema → the oldest sequence still in `changes` (absent: 1)
+//!
+//! Every mutation (one record of a Mutate or BatchMutate) gets the next sequence number of its
+//! schema in [`WriteGroup::apply`], in the same transaction as its versions, and only once all
+//! checks of its set have passed: a refused mutation consumes no number, a failed group commits
+//! none, so the numbers are dense, never repeat, and survive `kill -9` with the data. The
+//! change log is what `FoldNode.Subscribe` reads for catch-up; it keeps everything unless
+//! `--change-log-retention` bounds it, and then the oldest entries are removed a few at a time
+//! with the writes that add new ones.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -40,9 +51,61 @@ const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempote
 const IDEM_BY_TIME: TableDefinition<(u64, &str), ()> = TableDefinition::new("idempotency_by_time");
 /// Expired idempotency keys removed per group (pruning keeps pace without long transactions).
 const IDEM_PRUNE_PER_GROUP: usize = 256;
+/// schema → the last sequence number assigned.
+const SEQUENCES: TableDefinition<&str, u64> = TableDefinition::new("sequences");
+/// (schema, sequence) → [`LogEntry`] (JSON).
+const CHANGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("changes");
+/// schema → the oldest sequence kept in `changes` (absent: 1).
+const CHANGES_OLDEST: TableDefinition<&str, u64> = TableDefinition::new("changes_oldest");
+/// Change log entries removed per applied set beyond the retention (pruning keeps pace with
+/// writing without long transactions).
+const CHANGES_PRUNE_PER_SET: u64 = 1024;
 
-/// Per plan, the written fields and their new version ids.
-pub type Applied = Vec<Vec<(String, String)>>;
+/// What a set of mutations wrote: per plan, the written fields and their new version ids, and
+/// the plan's sequence number.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Applied {
+    pub written: Vec<Vec<(String, String)>>,
+    pub sequences: Vec<u64>,
+}
+
+/// One change log entry as stored: the record's key and the versions written (the values are
+/// in the versions).
+#[derive(Serialize, Deserialize)]
+struct LogEntry {
+    k: String,
+    f: Vec<(String, String)>,
+}
+
+/// One committed mutation of a schema, with the versions it wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangeEvent {
+    pub schema: String,
+    pub sequence: u64,
+    /// "" for Single schemas.
+    pub range_key: String,
+    /// Field → the version written, in the order written.
+    pub versions: Vec<(String, VersionRecord)>,
+}
+
+impl ChangeEvent {
+    /// The mutation's kind (all versions of one mutation share it).
+    pub fn kind(&self) -> MutationKind {
+        self.versions
+            .first()
+            .map_or(MutationKind::Update, |(_, v)| v.mutation)
+    }
+}
+
+/// The sequence bounds of one schema's change log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogBounds {
+    /// The last sequence assigned (0: nothing written yet).
+    pub head: u64,
+    /// The oldest sequence still kept (1 while everything is kept; head + 1 when all was
+    /// pruned).
+    pub oldest: u64,
+}
 
 /// An idempotency key of a mutation request, scoped to its writer and schema.
 #[derive(Debug, Clone)]
@@ -60,6 +123,8 @@ struct IdemRecord {
     at_ms: u64,
     fingerprint: String,
     written: Vec<Vec<(String, String)>>,
+    #[serde(default)]
+    sequences: Vec<u64>,
 }
 
 /// Most records one query may return; more is an error asking for a narrower filter.
@@ -138,6 +203,10 @@ pub struct VersionRecord {
     pub writer: String,
     pub prev: Option<String>,
     pub mutation: MutationKind,
+    /// The schema sequence number of the mutation that wrote it (0: written before sequences
+    /// existed).
+    #[serde(default)]
+    pub seq: u64,
 }
 
 /// Result of loading a schema.
@@ -194,6 +263,8 @@ struct Inner {
     schemas: RwLock<HashMap<String, (Arc<Schema>, SchemaState)>>,
     /// Serializes schema writes so the cache and the table change together.
     schema_write: Mutex<()>,
+    /// Change log entries kept per schema (0: all).
+    retention: std::sync::atomic::AtomicU64,
 }
 
 fn now_ms() -> u64 {
@@ -221,6 +292,9 @@ impl Store {
             txn.open_table(META)?;
             txn.open_table(IDEMPOTENCY)?;
             txn.open_table(IDEM_BY_TIME)?;
+            txn.open_table(SEQUENCES)?;
+            txn.open_table(CHANGES)?;
+            txn.open_table(CHANGES_OLDEST)?;
         }
         txn.commit()?;
         let mut cache = HashMap::new();
@@ -241,8 +315,69 @@ impl Store {
                 db,
                 schemas: RwLock::new(cache),
                 schema_write: Mutex::new(()),
+                retention: std::sync::atomic::AtomicU64::new(0),
             }),
         })
+    }
+
+    /// Keep at most `n` change log entries per schema (0: keep everything). Older entries are
+    /// removed as new ones are written; Subscribe from before the oldest kept is OUT_OF_RANGE.
+    pub fn set_change_log_retention(&self, n: u64) {
+        self.inner
+            .retention
+            .store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The head and oldest kept sequence of `schema`'s change log.
+    pub fn log_bounds(&self, schema: &str) -> Result<LogBounds, StoreError> {
+        let r = self.inner.db.begin_read()?;
+        let head = r
+            .open_table(SEQUENCES)?
+            .get(schema)?
+            .map_or(0, |g| g.value());
+        let oldest = r
+            .open_table(CHANGES_OLDEST)?
+            .get(schema)?
+            .map_or(1, |g| g.value());
+        Ok(LogBounds { head, oldest })
+    }
+
+    /// At most `limit` changes of `schema` with a sequence greater than `after`, in sequence
+    /// order (fewer when the head is reached). Changes before the oldest kept are gone: check
+    /// [`log_bounds`](Store::log_bounds) first.
+    pub fn changes_after(
+        &self,
+        schema: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<ChangeEvent>, StoreError> {
+        let r = self.inner.db.begin_read()?;
+        let changes = r.open_table(CHANGES)?;
+        let versions = r.open_table(VERSIONS)?;
+        let mut out = Vec::new();
+        let Some(start) = after.checked_add(1) else {
+            return Ok(out);
+        };
+        for row in changes.range((schema, start)..=(schema, u64::MAX))? {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, body) = row?;
+            let seq = key.value().1;
+            let entry: LogEntry = serde_json::from_slice(body.value())
+                .map_err(|e| corrupt(format!("change {schema}#{seq}: {e}")))?;
+            let mut vs = Vec::with_capacity(entry.f.len());
+            for (field, id) in entry.f {
+                vs.push((field, read_version(&versions, &id)?));
+            }
+            out.push(ChangeEvent {
+                schema: schema.to_string(),
+                sequence: seq,
+                range_key: entry.k,
+                versions: vs,
+            });
+        }
+        Ok(out)
     }
 
     fn cache(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, (Arc<Schema>, SchemaState)>> {
@@ -513,14 +648,14 @@ impl Store {
         plan: &MutationPlan,
     ) -> Result<Vec<(String, String)>, MutationError> {
         let mut group = self.begin_group()?;
-        let mut written = group
+        let mut applied = group
             .apply(schema, std::slice::from_ref(plan))
             .map_err(|e| match e {
                 ApplyError::Refused { error, .. } => error,
                 ApplyError::Store(e) => MutationError::Store(e),
             })?;
         group.commit()?;
-        Ok(written.pop().unwrap_or_default())
+        Ok(applied.written.pop().unwrap_or_default())
     }
 
     /// Open the write transaction of a group of mutations (group commit, `commit.rs`): any
@@ -529,6 +664,11 @@ impl Store {
     pub fn begin_group(&self) -> Result<WriteGroup, StoreError> {
         Ok(WriteGroup {
             txn: self.inner.db.begin_write()?,
+            retention: self
+                .inner
+                .retention
+                .load(std::sync::atomic::Ordering::Relaxed),
+            committed: Vec::new(),
         })
     }
 
@@ -630,16 +770,22 @@ pub enum ApplyError {
 /// here would be dense and ordered like the commits.
 pub struct WriteGroup {
     txn: redb::WriteTransaction,
+    /// Change log entries kept per schema (0: all).
+    retention: u64,
+    /// (schema, sequence) of the changes applied so far, in order: announced to subscribers
+    /// once the group is committed.
+    committed: Vec<(String, u64)>,
 }
 
 impl WriteGroup {
     /// Apply `plans` (mutations of one schema) atomically within this group. Returns, per plan,
-    /// the written fields and their new version ids.
+    /// the written fields and their new version ids, and the plan's sequence number (assigned
+    /// only once every check of the set has passed, so a refused set consumes none).
     pub fn apply(
         &mut self,
         schema: &Schema,
         plans: &[MutationPlan],
-    ) -> Result<Vec<Vec<(String, String)>>, ApplyError> {
+    ) -> Result<Applied, ApplyError> {
         let mut heads = self.txn.open_table(HEADS).map_err(StoreError::from)?;
         let mut live = self.txn.open_table(LIVE).map_err(StoreError::from)?;
         let mut versions = self.txn.open_table(VERSIONS).map_err(StoreError::from)?;
@@ -669,12 +815,17 @@ impl WriteGroup {
             all_targets.push(targets);
         }
 
-        // All passed: write the versions.
-        let mut out = Vec::with_capacity(plans.len());
+        // All passed: write the versions, each plan under the next sequence number.
+        let mut sequences = self.txn.open_table(SEQUENCES).map_err(StoreError::from)?;
+        let mut changes = self.txn.open_table(CHANGES).map_err(StoreError::from)?;
+        let mut seq = sequences.get(name)?.map_or(0, |g| g.value());
+        let mut out = Applied::default();
         for (plan, targets) in plans.iter().zip(all_targets) {
             let rk = plan.range_key.as_str();
             let ts = now_ms();
+            seq += 1;
             let mut written = Vec::with_capacity(targets.len());
+
             for (f, value) in targets {
                 let prev = heads
                     .get((name, f.as_str(), rk))?
@@ -693,6 +844,7 @@ impl WriteGroup {
                     writer: plan.writer.clone(),
                     prev,
                     mutation: plan.kind,
+                    seq,
                 };
                 let bytes = serde_json::to_vec(&rec).map_err(corrupt)?;
                 versions.insert(id.as_str(), bytes.as_slice())?;
@@ -704,9 +856,84 @@ impl WriteGroup {
                 }
                 written.push((f, id));
             }
-            out.push(written);
+            let entry = serde_json::to_vec(&LogEntry {
+                k: rk.to_string(),
+                f: written.clone(),
+            })
+            .map_err(corrupt)?;
+            changes.insert((name, seq), entry.as_slice())?;
+            self.committed.push((name.to_string(), seq));
+            out.written.push(written);
+            out.sequences.push(seq);
         }
+        sequences.insert(name, seq)?;
+        self.prune_changes(&mut changes, name, seq)?;
         Ok(out)
+    }
+
+    /// With a retention, remove (a bounded number of) the oldest change log entries of `name`
+    /// beyond it, now that its head is `head`.
+    fn prune_changes(
+        &self,
+        changes: &mut redb::Table<(&'static str, u64), &'static [u8]>,
+        name: &str,
+        head: u64,
+    ) -> Result<(), StoreError> {
+        if self.retention == 0 {
+            return Ok(());
+        }
+        let mut oldest_t = self.txn.open_table(CHANGES_OLDEST)?;
+        let oldest = oldest_t.get(name)?.map_or(1, |g| g.value());
+        let keep_from = head.saturating_sub(self.retention - 1).max(1);
+        let until = keep_from.min(oldest.saturating_add(CHANGES_PRUNE_PER_SET));
+        if until > oldest {
+            for s in oldest..until {
+                changes.remove((name, s))?;
+            }
+            oldest_t.insert(name, until)?;
+        }
+        Ok(())
+    }
+
+    /// Record a change of a followed schema exactly as its owner wrote it: the owner's sequence
+    /// number (which must be this log's head + 1) and its versions. Used by replicas.
+    pub fn apply_replicated(&mut self, change: &ChangeEvent) -> Result<(), StoreError> {
+        let name = change.schema.as_str();
+        let rk = change.range_key.as_str();
+        let mut sequences = self.txn.open_table(SEQUENCES)?;
+        let head = sequences.get(name)?.map_or(0, |g| g.value());
+        if change.sequence != head + 1 {
+            return Err(corrupt(format!(
+                "replicated change {name}#{} does not follow the head {head}",
+                change.sequence
+            )));
+        }
+        let mut heads = self.txn.open_table(HEADS)?;
+        let mut live = self.txn.open_table(LIVE)?;
+        let mut versions = self.txn.open_table(VERSIONS)?;
+        let mut changes = self.txn.open_table(CHANGES)?;
+        let mut written = Vec::with_capacity(change.versions.len());
+        for (f, rec) in &change.versions {
+            let bytes = serde_json::to_vec(rec).map_err(corrupt)?;
+            versions.insert(rec.id.as_str(), bytes.as_slice())?;
+            heads.insert((name, f.as_str(), rk), rec.id.as_str())?;
+            if rec.deleted {
+                live.remove((name, f.as_str(), rk))?;
+            } else {
+                live.insert((name, f.as_str(), rk), rec.id.as_str())?;
+            }
+            written.push((f.clone(), rec.id.clone()));
+        }
+        let entry = serde_json::to_vec(&LogEntry {
+            k: rk.to_string(),
+            f: written,
+        })
+        .map_err(corrupt)?;
+        changes.insert((name, change.sequence), entry.as_slice())?;
+        sequences.insert(name, change.sequence)?;
+        self.prune_changes(&mut changes, name, change.sequence)?;
+        self.committed.push((name.to_string(), change.sequence));
+        Ok(())
     }
 
     /// Like [`apply`](WriteGroup::apply), at most once per idempotency key: a key applied within
@@ -720,7 +947,7 @@ impl WriteGroup {
         idem: Option<&Idempotency>,
     ) -> Result<(Applied, bool), ApplyError> {
         let Some(idem) = idem else {
-            return self.apply(schema, plans).map(|w| (w, false));
+            return self.apply(schema, plans).map(|a| (a, false));
         };
         let writer = plans.first().map(|p| p.writer.as_str()).unwrap_or_default();
         let key = format!("{writer}\0{}\0{}", schema.name, idem.key);
@@ -740,7 +967,13 @@ impl WriteGroup {
                             error: MutationError::KeyReused(idem.key.clone()),
                         });
                     }
-                    return Ok((rec.written, true));
+                    return Ok((
+                        Applied {
+                            written: rec.written,
+                            sequences: rec.sequences,
+                        },
+                        true,
+                    ));
                 }
             }
         }
@@ -748,7 +981,8 @@ impl WriteGroup {
         let rec = IdemRecord {
             at_ms: now,
             fingerprint: idem.fingerprint.clone(),
-            written: written.clone(),
+            written: written.written.clone(),
+            sequences: written.sequences.clone(),
         };
         let bytes = serde_json::to_vec(&rec).map_err(corrupt)?;
         let mut t = self.txn.open_table(IDEMPOTENCY).map_err(StoreError::from)?;
@@ -789,10 +1023,17 @@ impl WriteGroup {
     }
 
     /// Commit the group with immediate durability (fsync): when this returns `Ok`, every
-    /// applied mutation survives `kill -9`.
-    pub fn commit(self) -> Result<(), StoreError> {
+    /// applied mutation survives `kill -9`. Returns (schema, sequence) of the committed changes
+    /// in commit order, for live subscribers.
+    pub fn commit(self) -> Result<Vec<(String, u64)>, StoreError> {
         self.txn.commit()?;
-        Ok(())
+        Ok(self.committed)
+    }
+
+    /// The head sequence of `schema` as this transaction sees it.
+    pub fn head(&self, schema: &str) -> Result<u64, StoreError> {
+        let t = self.txn.open_table(SEQUENCES)?;
+        Ok(t.get(schema)?.map_or(0, |g| g.value()))
     }
 }
 
@@ -957,7 +1198,8 @@ mod tests {
                 ],
             )
             .unwrap();
-        assert_eq!(w.len(), 2);
+        assert_eq!(w.written.len(), 2);
+        assert_eq!(w.sequences, vec![1, 2]);
         // Refused at its second mutation: the first (a new value of `a`) is not written either.
         let e = g
             .apply(
@@ -979,6 +1221,76 @@ mod tests {
         let vals = st.read_values("S", "", &["a".into(), "b".into()]).unwrap();
         assert_eq!(vals, vec![Some(json!(1)), Some(json!(2))]);
         assert_eq!(st.history("S", "a", "", 0).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn sequences_are_dense_refusals_consume_none_and_retention_prunes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fold.redb");
+        let s = range_schema();
+        {
+            let st = Store::open(&path).unwrap();
+            st.load_schema(s.clone(), true).unwrap();
+            let mut g = st.begin_group().unwrap();
+            let a = g
+                .apply(&s, &[plan(MutationKind::Create, "a", Some(1))])
+                .unwrap();
+            assert_eq!(a.sequences, vec![1]);
+            // Refused (at its second plan): no number consumed.
+            assert!(
+                g.apply(
+                    &s,
+                    &[
+                        plan(MutationKind::Create, "b", Some(1)),
+                        plan(MutationKind::Create, "a", Some(2)),
+                    ],
+                )
+                .is_err()
+            );
+            let b = g
+                .apply(
+                    &s,
+                    &[
+                        plan(MutationKind::Create, "b", Some(2)),
+                        plan(MutationKind::Update, "b", Some(3)),
+                    ],
+                )
+                .unwrap();
+            assert_eq!(b.sequences, vec![2, 3]);
+            let events = g.commit().unwrap();
+            assert_eq!(
+                events.iter().map(|e| e.1).collect::<Vec<_>>(),
+                vec![1, 2, 3]
+            );
+            // A group that is never committed assigns nothing.
+            let mut g = st.begin_group().unwrap();
+            g.apply(&s, &[plan(MutationKind::Create, "c", Some(9))])
+                .unwrap();
+            drop(g);
+        }
+        let st = Store::open(&path).unwrap();
+        assert_eq!(
+            st.log_bounds("R").unwrap(),
+            LogBounds { head: 3, oldest: 1 }
+        );
+        let changes = st.changes_after("R", 1, 10).unwrap();
+        assert_eq!(changes.len(), 2);
+        assert_eq!(changes[1].sequence, 3);
+        assert_eq!(changes[1].range_key, "b");
+        assert_eq!(changes[1].kind(), MutationKind::Update);
+        assert_eq!(changes[1].versions[0].1.value, serde_json::json!(3));
+        assert_eq!(changes[1].versions[0].1.seq, 3);
+        st.set_change_log_retention(2);
+        let w = st
+            .mutate(&s, &plan(MutationKind::Create, "d", Some(4)))
+            .unwrap();
+        assert_eq!(w.len(), 2);
+        // Keeps the newest 2 (3 and 4).
+        assert_eq!(
+            st.log_bounds("R").unwrap(),
+            LogBounds { head: 4, oldest: 3 }
+        );
+        assert_eq!(st.changes_after("R", 0, 10).unwrap().len(), 2);
     }
 
     #[test]
