@@ -52,6 +52,7 @@ pub struct ChangeResults {
 
 fn sub_req(from: u64) -> SubscribeRequest {
     SubscribeRequest {
+        route: 0,
         schema: "Bench".into(),
         from_sequence: from,
         fields: vec!["payload".into()],

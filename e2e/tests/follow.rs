@@ -70,6 +70,7 @@ fn batch(b: u64) -> BatchMutateRequest {
 async fn log(c: &mut FoldNodeClient<Channel>, head: u64) -> Vec<Change> {
     let mut s = c
         .subscribe(SubscribeRequest {
+            route: 0,
             schema: "Items".into(),
             from_sequence: 0,
             fields: vec![],
@@ -97,6 +98,7 @@ async fn log(c: &mut FoldNodeClient<Channel>, head: u64) -> Vec<Change> {
 async fn head(c: &mut FoldNodeClient<Channel>) -> u64 {
     let mut s = c
         .subscribe(SubscribeRequest {
+            route: 0,
             schema: "Items".into(),
             from_sequence: 0,
             fields: vec!["id".into()],
@@ -280,6 +282,7 @@ async fn a_remote_subscription_gets_what_the_other_node_lets_it_read() {
         .await
         .unwrap();
     let req = |fields: &[&str]| SubscribeRequest {
+        route: 0,
         schema: "Items".into(),
         from_sequence: 0,
         fields: fields.iter().map(|f| f.to_string()).collect(),

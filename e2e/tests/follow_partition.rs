@@ -45,6 +45,7 @@ fn batch(b: u64) -> BatchMutateRequest {
 
 async fn subscribe(c: &mut FoldNodeClient<Channel>, target: &str) -> Streaming<SubscribeResponse> {
     c.subscribe(SubscribeRequest {
+        route: 0,
         schema: "Items".into(),
         from_sequence: 0,
         fields: vec![],

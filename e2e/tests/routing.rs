@@ -463,3 +463,69 @@ async fn hedged_reads_answer_around_a_hung_provider() {
         .unwrap_or(0.0);
     assert!(hedged >= 1.0, "no hedged read was counted:\n{metrics}");
 }
+
+/// A subscription by schema (`route: ROUTE_ANY`) starts on a node serving it, and names that
+/// node in its progress messages, so the subscriber can resume there; ROUTE_ALL is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_by_schema_names_the_node_it_runs_on() {
+    use fold_proto::v1::{SubscribeRequest, subscribe_response};
+    use foldmesh_e2e::loopback::start;
+    let client = start(&[]);
+    let p = start(&["--unknown-peer-distance", "1"]);
+    p.node
+        .owner_fold()
+        .load_schema(load_req(&notes(), true))
+        .await
+        .unwrap();
+    for i in 0..3 {
+        p.node
+            .owner_fold()
+            .mutate(mutate_req(
+                "Notes",
+                MutationType::Create,
+                json!({"id": format!("n{i}"), "body": "x"}),
+            ))
+            .await
+            .unwrap();
+    }
+    client.dial(&p).await;
+    let req = SubscribeRequest {
+        schema: "Notes".into(),
+        fields: vec!["id".into(), "body".into()],
+        route: Route::Any as i32,
+        ..Default::default()
+    };
+    let c = client.node.grpc.clone();
+    let mut stream = eventually(
+        "a subscription by schema to start",
+        Duration::from_secs(60),
+        || {
+            let c = c.clone();
+            let req = req.clone();
+            async move { fold(&c).subscribe(req).await.ok() }
+        },
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    let mut changes = Vec::new();
+    let mut named = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (changes.len() < 3 || named.is_none()) && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(5), stream.message()).await {
+            Ok(Ok(Some(m))) => match m.event {
+                Some(subscribe_response::Event::Change(ch)) => changes.push(ch.sequence),
+                Some(subscribe_response::Event::Progress(pr)) => named = Some(pr.node_id),
+                None => {}
+            },
+            other => panic!("the subscription ended: {other:?}"),
+        }
+    }
+    assert_eq!(changes, vec![1, 2, 3]);
+    assert_eq!(named.as_deref(), Some(p.id.as_str()));
+
+    let mut all = req.clone();
+    all.route = Route::All as i32;
+    let e = fold(&c).subscribe(all).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+}

@@ -30,6 +30,7 @@ fn items() -> Json {
 
 fn sub(from: u64, fields: &[&str]) -> SubscribeRequest {
     SubscribeRequest {
+        route: 0,
         schema: "Items".into(),
         from_sequence: from,
         fields: fields.iter().map(|f| f.to_string()).collect(),

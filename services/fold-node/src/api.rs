@@ -312,7 +312,17 @@ impl FoldNode for FoldNodeApi {
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let principal = principal_of(&request);
-        let req = request.into_inner();
+        let mut req = request.into_inner();
+        if req.route != 0 {
+            // "Any": choose where to start; the subscription then stays there (sequence
+            // numbers are per node), and its progress messages name the node.
+            let chosen = self
+                .router
+                .choose_for_subscription(&req.schema, req.route, &req.target_node_id)
+                .await?;
+            req.route = 0;
+            req.target_node_id = chosen;
+        }
         let span = tracing::info_span!(
             "fold.subscribe",
             schema = %req.schema,
@@ -337,9 +347,13 @@ impl FoldNode for FoldNodeApi {
             .await
             .map(Response::new);
         }
-        traced(span, self.data.subscribe(&principal, req))
-            .await
-            .map(Response::new)
+        traced(
+            span,
+            self.data
+                .subscribe(&principal, req, self.mesh.node_id_or_empty()),
+        )
+        .await
+        .map(Response::new)
     }
 
     async fn history(

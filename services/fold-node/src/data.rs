@@ -687,6 +687,7 @@ impl Data {
         &self,
         who: &Principal,
         req: v1::SubscribeRequest,
+        node_id: String,
     ) -> Result<crate::subscribe::SubscriptionStream, Status> {
         use crate::subscribe::{self, Selection};
         let requester = self.requester(who)?;
@@ -760,6 +761,7 @@ impl Data {
             listener,
             permit,
             recheck,
+            node_id,
         ))
     }
 

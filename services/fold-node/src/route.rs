@@ -273,6 +273,37 @@ impl Router {
         }
     }
 
+    /// Where a ROUTE_ANY subscription starts: one provider of `schema`, chosen as for a routed
+    /// read (this node's id, or empty for this node while its id is unknown).
+    pub async fn choose_for_subscription(
+        &self,
+        schema: &str,
+        route: i32,
+        target: &str,
+    ) -> Result<String, Status> {
+        match check_route(route, target, "")? {
+            Route::Any => {}
+            Route::All => {
+                return Err(Status::invalid_argument(
+                    "a subscription follows one node's sequence numbers: ROUTE_ALL is not possible (subscribe to each node instead)",
+                ));
+            }
+            Route::Default => return Ok(target.to_string()),
+        }
+        let providers = self
+            .providers(schema, Instant::now() + LOOKUP_TIMEOUT)
+            .await?;
+        let candidates = self.candidates(&providers, &[]);
+        self.inner
+            .balancer
+            .pick(&candidates, Instant::now(), |n| fastrand::usize(..n))
+            .ok_or_else(|| {
+                Status::unavailable(format!(
+                    "no provider of schema '{schema}' can be reached now"
+                ))
+            })
+    }
+
     /// Run `read` on `node` (this node or through the mesh) within `timeout`.
     async fn run_on(
         &self,

@@ -304,6 +304,8 @@ struct Task {
     ticker: tokio::time::Interval,
     /// Re-checks the subscriber's permissions (trust may change while it is subscribed).
     recheck: Box<dyn Fn() -> Result<(), Status> + Send + Sync>,
+    /// This node's id, named in progress messages (empty while unknown).
+    node_id: String,
 }
 
 /// Start a subscription: `listener` must have been registered (ChangeHub::listen) before the
@@ -318,6 +320,7 @@ pub fn start(
     listener: Listener,
     permit: OwnedSemaphorePermit,
     recheck: Box<dyn Fn() -> Result<(), Status> + Send + Sync>,
+    node_id: String,
 ) -> SubscriptionStream {
     let (stream, out, end_tx) = stream(metrics.clone(), permit);
     let mut ticker = tokio::time::interval(PROGRESS_EVERY);
@@ -332,6 +335,7 @@ pub fn start(
         head: listener.head,
         ticker,
         recheck,
+        node_id,
     };
     tokio::spawn(async move {
         if let Err(Stop::Status(s)) = task.run(listener.rx).await {
@@ -527,6 +531,7 @@ impl Task {
                 sequence: self.last,
                 head_sequence: b.head,
                 oldest_sequence: b.oldest,
+                node_id: self.node_id.clone(),
             })),
         };
         // Progress is best effort: a full queue already tells the subscriber plenty.
@@ -678,6 +683,7 @@ pub async fn start_remote(
                     sequence: last,
                     head_sequence: resp.head_sequence,
                     oldest_sequence: resp.oldest_sequence,
+                    node_id: target.clone(),
                 })),
             };
             if let Err(mpsc::error::TrySendError::Closed(_)) = out.try_send(progress) {
