@@ -1,0 +1,309 @@
+//! Across NATs, in a lab of network namespaces (`foldmesh_e2e::natlab`): two private networks
+//! each behind a masquerading NAT (nftables), a public segment with a relay (--relay-server) and
+//! one more public node. Node A sits behind NAT 1, node B behind NAT 2; both know only the relay
+//! (--bootstrap). Nothing else is configured: AutoNAT finds A and B not reachable, they reserve
+//! slots on the relay (learned from the bootstrap set through identify), A finds B through the
+//! DHT and reaches it through the relay; DCUtR then punches a hole where the NATs allow it.
+//! Every wait is bounded (fail-fast bounds, not timing thresholds).
+
+use std::time::Duration;
+
+use fold_proto::v1::{
+    CheckSchemasRequest, DialRequest, ListPeersRequest, MutationType, NetworkStatusRequest,
+    NetworkStatusResponse, PeerInfo, Reachability, relay_reservation,
+};
+use foldmesh_e2e::client::*;
+use foldmesh_e2e::mesh::{Host, eventually, flags};
+use foldmesh_e2e::natlab::{A, B, NatKind, NatLab, PUBLIC, RELAY};
+use serde_json::{Value as Json, json};
+
+const OPEN: &[&str] = &["--unknown-peer-distance", "0"];
+
+fn notes() -> Json {
+    schema(
+        "Notes",
+        Some("id"),
+        json!({
+            "id": field(json!("NoRequirement"), json!({"Distance": 1})),
+            "body": field(json!({"Distance": 1}), json!({"Distance": 1})),
+        }),
+    )
+}
+
+struct Lab {
+    lab: NatLab,
+    relay: Host,
+    public: Host,
+    a: Host,
+    b: Host,
+}
+
+/// The lab with its four nodes started: the public node, the relay (bootstrapping to the public
+/// node, which dials it back, so each has an outbound connection to ask AutoNAT over), and A and
+/// B behind their NATs with the relay as their only bootstrap peer.
+async fn lab(kind: NatKind) -> Lab {
+    let lab = NatLab::new(kind)
+        .expect("NAT lab (needs root, iproute2 and nftables; run scripts/test.sh as root)");
+    let mut public = lab.host(PUBLIC).unwrap();
+    lab.start_sidecar(&mut public, &flags(&["--max-connections-per-peer", "8"]))
+        .unwrap();
+    public.start_node(&lab.net, &flags(OPEN)).unwrap();
+
+    // The relay serves once AutoNAT confirmed it reachable (libp2p's relay service advertises
+    // itself only with a confirmed external address).
+    let mut relay = lab.host(RELAY).unwrap();
+    lab.start_sidecar(
+        &mut relay,
+        &flags(&[
+            "--relay-server",
+            "--bootstrap",
+            &NatLab::p2p_addr(&public),
+            "--max-connections-per-peer",
+            "8",
+        ]),
+    )
+    .unwrap();
+    relay.start_node(&lab.net, &flags(OPEN)).unwrap();
+    let r = network(&public.grpc())
+        .dial(DialRequest {
+            address: NatLab::p2p_addr(&relay),
+        })
+        .await
+        .expect("public node dials the relay");
+    assert_eq!(r.into_inner().node_id, relay.node_id);
+
+    let boot = flags(&["--bootstrap", &NatLab::p2p_addr(&relay)]);
+    let mut a = lab.host(A).unwrap();
+    lab.start_sidecar(&mut a, &boot).unwrap();
+    a.start_node(&lab.net, &flags(OPEN)).unwrap();
+    let mut b = lab.host(B).unwrap();
+    lab.start_sidecar(&mut b, &boot).unwrap();
+    b.start_node(&lab.net, &flags(OPEN)).unwrap();
+    Lab {
+        lab,
+        relay,
+        public,
+        a,
+        b,
+    }
+}
+
+async fn status(h: &Host) -> Option<NetworkStatusResponse> {
+    network(&h.grpc())
+        .status(NetworkStatusRequest {})
+        .await
+        .ok()
+        .map(|r| r.into_inner())
+}
+
+async fn peer(h: &Host, id: &str) -> Option<PeerInfo> {
+    network(&h.grpc())
+        .list_peers(ListPeersRequest {
+            include_disconnected: false,
+        })
+        .await
+        .ok()?
+        .into_inner()
+        .peers
+        .into_iter()
+        .find(|p| p.node_id == id && p.connected)
+}
+
+/// Wait until `h`'s AutoNAT verdict is `want`.
+async fn reachability(h: &Host, want: Reachability, what: &str) -> NetworkStatusResponse {
+    eventually(what, Duration::from_secs(60), || async {
+        status(h).await.filter(|s| s.reachability == want as i32)
+    })
+    .await
+    .unwrap()
+}
+
+/// Wait until `h` holds a reservation on the relay; returns its relayed address.
+async fn reserved(h: &Host, relay: &Host) -> String {
+    let st = eventually("a relay reservation", Duration::from_secs(60), || async {
+        status(h).await.filter(|s| {
+            s.relays.iter().any(|r| {
+                r.relay_node_id == relay.node_id
+                    && r.state == relay_reservation::State::Reserved as i32
+                    && !r.circuit_addr.is_empty()
+            })
+        })
+    })
+    .await
+    .unwrap();
+    let r = st
+        .relays
+        .iter()
+        .find(|r| r.relay_node_id == relay.node_id)
+        .unwrap();
+    assert_eq!(r.source, "bootstrap", "{r:?}");
+    assert!(
+        r.circuit_addr.contains("/p2p-circuit/p2p/") && r.circuit_addr.ends_with(&h.node_id),
+        "{r:?}"
+    );
+    r.circuit_addr.clone()
+}
+
+/// B holds Notes with one record.
+async fn b_has_notes(b: &Host) {
+    fold(&b.grpc())
+        .load_schema(load_req(&notes(), true))
+        .await
+        .expect("load schema");
+    fold(&b.grpc())
+        .mutate(mutate_req(
+            "Notes",
+            MutationType::Create,
+            json!({"id": "n1", "body": "behind NAT 2"}),
+        ))
+        .await
+        .unwrap();
+}
+
+async fn a_queries_b(a: &Host, b: &Host) {
+    let mut q = query_req("Notes", &["body"], None);
+    q.target_node_id = b.node_id.clone();
+    let mut req = tonic::Request::new(q);
+    req.set_timeout(Duration::from_secs(30));
+    let r = fold(&a.grpc())
+        .query(req)
+        .await
+        .expect("query forwarded from A to B")
+        .into_inner();
+    assert_eq!(r.node_id, b.node_id, "answered by B");
+    assert_eq!(
+        records(&r),
+        vec![("n1".to_string(), json!({"body": "behind NAT 2"}))]
+    );
+}
+
+/// Tests 1, 3 and 4 on a NAT that maps every flow to a random port (hole punching impossible):
+/// AutoNAT finds A and B not reachable and the relay and the public node reachable; A finds B
+/// through the DHT, forwards a query and a schema check to it through the relay, and the peer
+/// lists say relayed, over TCP or QUIC, also after the hole-punching attempts are over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relayed_forwarding_through_nats_without_hole_punching() {
+    let Lab {
+        lab: _lab,
+        relay,
+        public,
+        a,
+        b,
+    } = lab(NatKind::PerDestination).await;
+
+    // (4) AutoNAT: the NATed nodes are not reachable, the public ones are.
+    for h in [&a, &b] {
+        let st = reachability(h, Reachability::NotReachable, "NATed node: not reachable").await;
+        assert!(st.reachable_addrs.is_empty(), "{st:?}");
+    }
+    for h in [&relay, &public] {
+        let st = reachability(h, Reachability::Reachable, "public node: reachable").await;
+        let ip = NatLab::lab_addr(h.index).to_string();
+        assert!(st.reachable_addrs.iter().any(|x| x.contains(&ip)), "{st:?}");
+    }
+    let st = status(&relay).await.unwrap();
+    let rs = st.relay_server.unwrap();
+    assert!(rs.enabled);
+    assert!(
+        st.relays.is_empty(),
+        "a reachable node reserves nothing: {st:?}"
+    );
+
+    // Not reachable, so each reserves a slot on the relay it bootstrapped with.
+    reserved(&a, &relay).await;
+    reserved(&b, &relay).await;
+    let rs = status(&relay).await.unwrap().relay_server.unwrap();
+    assert!(rs.reservations >= 2, "{rs:?}");
+
+    // (1) A forwards a query to B by node id: found through the DHT, reached through the relay.
+    b_has_notes(&b).await;
+    a_queries_b(&a, &b).await;
+    let p = peer(&a, &b.node_id).await.expect("A is connected to B");
+    assert_eq!(p.connection, "relayed", "{p:?}");
+    assert!(p.transport == "tcp" || p.transport == "quic", "{p:?}");
+    let p = peer(&b, &a.node_id).await.expect("B is connected to A");
+    assert_eq!(p.connection, "relayed", "{p:?}");
+
+    // Schema checks run over the relayed connection too.
+    let r = network(&a.grpc())
+        .check_schemas(CheckSchemasRequest {
+            node_id: b.node_id.clone(),
+            names: vec!["Notes".into(), "Missing".into()],
+        })
+        .await
+        .expect("schema check through the relay")
+        .into_inner();
+    assert_eq!(r.approved, vec!["Notes".to_string()]);
+
+    // (3) Hole punching cannot work through these NATs: after DCUtR has had its attempts
+    // (it makes them right after the relayed connection is up), the connection is still
+    // relayed and forwarding still works.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let p = peer(&a, &b.node_id)
+        .await
+        .expect("A is still connected to B");
+    assert_eq!(p.connection, "relayed", "{p:?}");
+    for _ in 0..5 {
+        a_queries_b(&a, &b).await;
+    }
+    let rs = status(&relay).await.unwrap().relay_server.unwrap();
+    assert!(rs.circuits >= 1, "the relay carries the circuit: {rs:?}");
+}
+
+/// Test 2 (and 4) on NATs that keep a flow's port whatever the destination (Linux `masquerade`)
+/// and silently drop unsolicited packets: A reaches B through the relay, DCUtR punches a hole,
+/// the connection becomes direct in both peer lists, and forwarding works over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hole_punching_upgrades_a_relayed_connection_to_direct() {
+    let Lab {
+        lab: _lab,
+        relay,
+        public: _public,
+        a,
+        b,
+    } = lab(NatKind::EndpointIndependent).await;
+    for h in [&a, &b] {
+        reachability(h, Reachability::NotReachable, "NATed node: not reachable").await;
+    }
+    reserved(&a, &relay).await;
+    let circuit = reserved(&b, &relay).await;
+    b_has_notes(&b).await;
+
+    // A dials B's relayed address (as Network.Dial takes it); DCUtR upgrades the connection.
+    let r = network(&a.grpc())
+        .dial(DialRequest {
+            address: circuit.clone(),
+        })
+        .await
+        .expect("dial B through the relay")
+        .into_inner();
+    assert_eq!(r.node_id, b.node_id);
+    let p = eventually(
+        "the connection from A to B to become direct (DCUtR)",
+        Duration::from_secs(60),
+        || async {
+            peer(&a, &b.node_id)
+                .await
+                .filter(|p| p.connection == "direct")
+        },
+    )
+    .await
+    .unwrap();
+    assert!(p.transport == "tcp" || p.transport == "quic", "{p:?}");
+    eventually(
+        "B to see the direct connection",
+        Duration::from_secs(30),
+        || async {
+            peer(&b, &a.node_id)
+                .await
+                .filter(|p| p.connection == "direct")
+        },
+    )
+    .await
+    .unwrap();
+    for _ in 0..5 {
+        a_queries_b(&a, &b).await;
+    }
+    let p = peer(&a, &b.node_id).await.expect("still connected");
+    assert_eq!(p.connection, "direct", "{p:?}");
+}
