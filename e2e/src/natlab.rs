@@ -31,7 +31,13 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 
-use crate::mesh::{Host, P2P_PORT, host};
+use fold_proto::v1::{
+    DialRequest, ListPeersRequest, NetworkStatusRequest, NetworkStatusResponse, PeerInfo,
+    relay_reservation,
+};
+
+use crate::client::network;
+use crate::mesh::{Host, P2P_PORT, eventually, flags, host};
 use crate::netns::TestNet;
 use crate::process::{Proc, bin_path, parse_kv};
 
@@ -245,7 +251,7 @@ impl NatLab {
             .args(extra)
             .env(
                 "RUST_LOG",
-                "info,libp2p_mdns=warn,libp2p_dcutr=debug,libp2p_relay=debug,libp2p_autonat=debug,libp2p_swarm=debug",
+                "info,libp2p_mdns=warn,libp2p_dcutr=debug,libp2p_relay=debug,libp2p_autonat=debug",
             );
         let (proc, line) = Proc::spawn(cmd, "p2p-sidecar ready", Duration::from_secs(20))
             .with_context(|| format!("sidecar of lab box {}", h.index))?;
@@ -262,4 +268,115 @@ impl NatLab {
             h.node_id
         )
     }
+}
+
+/// The lab with its four nodes (fold-node + p2p-sidecar each) started.
+pub struct Lab {
+    pub lab: NatLab,
+    pub relay: Host,
+    pub public: Host,
+    pub a: Host,
+    pub b: Host,
+}
+
+const OPEN: &[&str] = &["--unknown-peer-distance", "0"];
+
+impl Lab {
+    /// Build the lab and start its nodes: the public node, the relay (--relay-server,
+    /// bootstrapping to the public node, which then dials it too, so each has an outbound
+    /// connection to ask for AutoNAT dial-backs over), and A and B behind their NATs with the
+    /// relay as their only bootstrap peer. Every node accepts unknown peers (distance 0).
+    pub async fn start(kind: NatKind) -> anyhow::Result<Lab> {
+        let lab = NatLab::new(kind)?;
+        let mut public = lab.host(PUBLIC)?;
+        lab.start_sidecar(&mut public, &[])?;
+        public.start_node(&lab.net, &flags(OPEN))?;
+
+        // The relay serves once AutoNAT confirmed it reachable (libp2p's relay service
+        // advertises itself only with a confirmed external address).
+        let mut relay = lab.host(RELAY)?;
+        lab.start_sidecar(
+            &mut relay,
+            &flags(&["--relay-server", "--bootstrap", &NatLab::p2p_addr(&public)]),
+        )?;
+        relay.start_node(&lab.net, &flags(OPEN))?;
+        let r = network(&public.grpc())
+            .dial(DialRequest {
+                address: NatLab::p2p_addr(&relay),
+            })
+            .await
+            .context("the public node dials the relay")?
+            .into_inner();
+        if r.node_id != relay.node_id {
+            bail!("the public node reached {} instead of the relay", r.node_id);
+        }
+
+        let boot = flags(&["--bootstrap", &NatLab::p2p_addr(&relay)]);
+        let mut a = lab.host(A)?;
+        lab.start_sidecar(&mut a, &boot)?;
+        a.start_node(&lab.net, &flags(OPEN))?;
+        let mut b = lab.host(B)?;
+        lab.start_sidecar(&mut b, &boot)?;
+        b.start_node(&lab.net, &flags(OPEN))?;
+        Ok(Lab {
+            lab,
+            relay,
+            public,
+            a,
+            b,
+        })
+    }
+}
+
+/// The node's Network status (None while it does not answer).
+pub async fn status(h: &Host) -> Option<NetworkStatusResponse> {
+    network(&h.grpc())
+        .status(NetworkStatusRequest {})
+        .await
+        .ok()
+        .map(|r| r.into_inner())
+}
+
+/// `id` in `h`'s peer list, if connected.
+pub async fn peer(h: &Host, id: &str) -> Option<PeerInfo> {
+    network(&h.grpc())
+        .list_peers(ListPeersRequest {
+            include_disconnected: false,
+        })
+        .await
+        .ok()?
+        .into_inner()
+        .peers
+        .into_iter()
+        .find(|p| p.node_id == id && p.connected)
+}
+
+/// Wait (at most 60 s) until `h` holds a reservation on `relay`, learned from `source`;
+/// returns its relayed address (`.../p2p-circuit/p2p/<h>`).
+pub async fn reserved(h: &Host, relay: &Host, source: &str) -> anyhow::Result<String> {
+    let st = eventually("a relay reservation", Duration::from_secs(60), || async {
+        status(h).await.filter(|s| {
+            s.relays.iter().any(|r| {
+                r.relay_node_id == relay.node_id
+                    && r.state == relay_reservation::State::Reserved as i32
+                    && !r.circuit_addr.is_empty()
+            })
+        })
+    })
+    .await?;
+    let r = st
+        .relays
+        .iter()
+        .find(|r| r.relay_node_id == relay.node_id)
+        .ok_or_else(|| anyhow!("no reservation on the relay"))?;
+    if r.source != source {
+        bail!(
+            "the relay came from {} instead of {source}: {r:?}",
+            r.source
+        );
+    }
+    if !(r.circuit_addr.contains("/p2p-circuit/p2p/") && r.circuit_addr.ends_with(&h.node_id)) {
+        bail!("not a relayed address of {}: {r:?}", h.node_id);
+    }
+    Ok(r.circuit_addr.clone())
 }

@@ -9,105 +9,14 @@
 use std::time::Duration;
 
 use fold_proto::v1::{
-    CheckSchemasRequest, DialRequest, ListPeersRequest, MutationType, NetworkStatusRequest,
-    NetworkStatusResponse, PeerInfo, Reachability, relay_reservation,
+    CheckSchemasRequest, DialRequest, MutationType, NetworkStatusResponse, Reachability,
 };
 use foldmesh_e2e::client::*;
-use foldmesh_e2e::mesh::{Host, eventually, flags};
-use foldmesh_e2e::natlab::{A, B, NatKind, NatLab, PUBLIC, RELAY};
+use foldmesh_e2e::mesh::{Host, eventually};
+use foldmesh_e2e::natlab::{Lab, NatKind, NatLab, peer, status};
 use serde_json::{Value as Json, json};
 
-const OPEN: &[&str] = &["--unknown-peer-distance", "0"];
-
-fn notes() -> Json {
-    schema(
-        "Notes",
-        Some("id"),
-        json!({
-            "id": field(json!("NoRequirement"), json!({"Distance": 1})),
-            "body": field(json!({"Distance": 1}), json!({"Distance": 1})),
-        }),
-    )
-}
-
-struct Lab {
-    lab: NatLab,
-    relay: Host,
-    public: Host,
-    a: Host,
-    b: Host,
-}
-
-/// The lab with its four nodes started: the public node, the relay (bootstrapping to the public
-/// node, which dials it back, so each has an outbound connection to ask AutoNAT over), and A and
-/// B behind their NATs with the relay as their only bootstrap peer.
-async fn lab(kind: NatKind) -> Lab {
-    let lab = NatLab::new(kind)
-        .expect("NAT lab (needs root, iproute2 and nftables; run scripts/test.sh as root)");
-    let mut public = lab.host(PUBLIC).unwrap();
-    lab.start_sidecar(&mut public, &flags(&["--max-connections-per-peer", "8"]))
-        .unwrap();
-    public.start_node(&lab.net, &flags(OPEN)).unwrap();
-
-    // The relay serves once AutoNAT confirmed it reachable (libp2p's relay service advertises
-    // itself only with a confirmed external address).
-    let mut relay = lab.host(RELAY).unwrap();
-    lab.start_sidecar(
-        &mut relay,
-        &flags(&[
-            "--relay-server",
-            "--bootstrap",
-            &NatLab::p2p_addr(&public),
-            "--max-connections-per-peer",
-            "8",
-        ]),
-    )
-    .unwrap();
-    relay.start_node(&lab.net, &flags(OPEN)).unwrap();
-    let r = network(&public.grpc())
-        .dial(DialRequest {
-            address: NatLab::p2p_addr(&relay),
-        })
-        .await
-        .expect("public node dials the relay");
-    assert_eq!(r.into_inner().node_id, relay.node_id);
-
-    let boot = flags(&["--bootstrap", &NatLab::p2p_addr(&relay)]);
-    let mut a = lab.host(A).unwrap();
-    lab.start_sidecar(&mut a, &boot).unwrap();
-    a.start_node(&lab.net, &flags(OPEN)).unwrap();
-    let mut b = lab.host(B).unwrap();
-    lab.start_sidecar(&mut b, &boot).unwrap();
-    b.start_node(&lab.net, &flags(OPEN)).unwrap();
-    Lab {
-        lab,
-        relay,
-        public,
-        a,
-        b,
-    }
-}
-
-async fn status(h: &Host) -> Option<NetworkStatusResponse> {
-    network(&h.grpc())
-        .status(NetworkStatusRequest {})
-        .await
-        .ok()
-        .map(|r| r.into_inner())
-}
-
-async fn peer(h: &Host, id: &str) -> Option<PeerInfo> {
-    network(&h.grpc())
-        .list_peers(ListPeersRequest {
-            include_disconnected: false,
-        })
-        .await
-        .ok()?
-        .into_inner()
-        .peers
-        .into_iter()
-        .find(|p| p.node_id == id && p.connected)
-}
+const SETUP: &str = "NAT lab (needs root, iproute2 and nftables; run scripts/test.sh as root)";
 
 /// Wait until `h`'s AutoNAT verdict is `want`.
 async fn reachability(h: &Host, want: Reachability, what: &str) -> NetworkStatusResponse {
@@ -118,30 +27,20 @@ async fn reachability(h: &Host, want: Reachability, what: &str) -> NetworkStatus
     .unwrap()
 }
 
-/// Wait until `h` holds a reservation on the relay; returns its relayed address.
-async fn reserved(h: &Host, relay: &Host) -> String {
-    let st = eventually("a relay reservation", Duration::from_secs(60), || async {
-        status(h).await.filter(|s| {
-            s.relays.iter().any(|r| {
-                r.relay_node_id == relay.node_id
-                    && r.state == relay_reservation::State::Reserved as i32
-                    && !r.circuit_addr.is_empty()
-            })
-        })
-    })
-    .await
-    .unwrap();
-    let r = st
-        .relays
-        .iter()
-        .find(|r| r.relay_node_id == relay.node_id)
-        .unwrap();
-    assert_eq!(r.source, "bootstrap", "{r:?}");
-    assert!(
-        r.circuit_addr.contains("/p2p-circuit/p2p/") && r.circuit_addr.ends_with(&h.node_id),
-        "{r:?}"
-    );
-    r.circuit_addr.clone()
+/// Wait until `h` holds a reservation on the relay it bootstrapped with.
+async fn reserved(h: &Host, relay: &Host) -> anyhow::Result<String> {
+    foldmesh_e2e::natlab::reserved(h, relay, "bootstrap").await
+}
+
+fn notes() -> Json {
+    schema(
+        "Notes",
+        Some("id"),
+        json!({
+            "id": field(json!("NoRequirement"), json!({"Distance": 1})),
+            "body": field(json!({"Distance": 1}), json!({"Distance": 1})),
+        }),
+    )
 }
 
 /// B holds Notes with one record.
@@ -189,7 +88,7 @@ async fn relayed_forwarding_through_nats_without_hole_punching() {
         public,
         a,
         b,
-    } = lab(NatKind::PerDestination).await;
+    } = Lab::start(NatKind::PerDestination).await.expect(SETUP);
 
     // (4) AutoNAT: the NATed nodes are not reachable, the public ones are.
     for h in [&a, &b] {
@@ -210,8 +109,8 @@ async fn relayed_forwarding_through_nats_without_hole_punching() {
     );
 
     // Not reachable, so each reserves a slot on the relay it bootstrapped with.
-    reserved(&a, &relay).await;
-    reserved(&b, &relay).await;
+    reserved(&a, &relay).await.unwrap();
+    reserved(&b, &relay).await.unwrap();
     let rs = status(&relay).await.unwrap().relay_server.unwrap();
     assert!(rs.reservations >= 2, "{rs:?}");
 
@@ -261,12 +160,12 @@ async fn hole_punching_upgrades_a_relayed_connection_to_direct() {
         public: _public,
         a,
         b,
-    } = lab(NatKind::EndpointIndependent).await;
+    } = Lab::start(NatKind::EndpointIndependent).await.expect(SETUP);
     for h in [&a, &b] {
         reachability(h, Reachability::NotReachable, "NATed node: not reachable").await;
     }
-    reserved(&a, &relay).await;
-    let circuit = reserved(&b, &relay).await;
+    reserved(&a, &relay).await.unwrap();
+    let circuit = reserved(&b, &relay).await.unwrap();
     b_has_notes(&b).await;
 
     // A dials B's relayed address (as Network.Dial takes it); DCUtR upgrades the connection.

@@ -158,12 +158,13 @@ pub struct Config {
     #[arg(long, env = "FOLD_SIDECAR_MAX_CONNECTIONS", default_value_t = 256)]
     pub max_connections: u32,
 
-    /// Most established connections to one peer. Across NATs a peer can briefly hold several: a
-    /// relayed one, the direct one hole punching makes, and an AutoNAT dial-back.
+    /// Most established connections to one peer. Across NATs two nodes can briefly hold several:
+    /// one each dialled, a relayed one, the direct one hole punching makes, and AutoNAT
+    /// dial-backs (one per tested address, both ways; closed once the test is done).
     #[arg(
         long,
         env = "FOLD_SIDECAR_MAX_CONNECTIONS_PER_PEER",
-        default_value_t = 4
+        default_value_t = 8
     )]
     pub max_connections_per_peer: u32,
 

@@ -121,6 +121,9 @@ struct Conn {
     relayed: bool,
     /// This node dialled it (AutoNAT asks for dial-backs only over such connections).
     dialer: bool,
+    /// Dialled from a new port: an AutoNAT dial-back this node made for a peer (ordinary dials
+    /// reuse the listen port).
+    new_port: bool,
     transport: &'static str,
 }
 
@@ -882,6 +885,13 @@ impl EventLoop {
                         peer: peer_id,
                         relayed,
                         dialer: dialed,
+                        new_port: matches!(
+                            endpoint,
+                            libp2p::core::ConnectedPoint::Dialer {
+                                port_use: libp2p::core::transport::PortUse::New,
+                                ..
+                            }
+                        ),
                         transport,
                     },
                 );
@@ -1145,6 +1155,17 @@ impl EventLoop {
             }
             BehaviourEvent::AutonatServer(ev) => {
                 tracing::debug!(client = %ev.client, addr = %ev.tested_addr, ok = ev.result.is_ok(), "AutoNAT dial-back for a peer");
+                // The dial-back connection has done its job: close it rather than keep it until
+                // the idle timeout (it counts against the per-peer connection limit).
+                let done: Vec<ConnectionId> = self
+                    .conns
+                    .iter()
+                    .filter(|(_, c)| c.peer == ev.client && c.new_port)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in done {
+                    self.swarm.close_connection(id);
+                }
             }
             BehaviourEvent::Schema(ev) => self.on_schema_event(ev),
             BehaviourEvent::Limits(_)
