@@ -142,7 +142,7 @@ struct AnonBootstrap {
 type ProviderQuery = (
     String,
     HashSet<PeerId>,
-    oneshot::Sender<Result<Vec<PeerId>, MeshError>>,
+    oneshot::Sender<Result<(Vec<PeerId>, u32), MeshError>>,
 );
 type PendingSchema = (
     PeerId,
@@ -625,7 +625,7 @@ impl EventLoop {
                             "cannot look up providers of '{schema}': this node knows no other node to ask (dial one or add a bootstrap peer)"
                         )))
                     } else {
-                        Ok(found.into_iter().collect())
+                        Ok((found.into_iter().collect(), 0))
                     });
                     return;
                 }
@@ -1189,7 +1189,10 @@ impl EventLoop {
                 }
             }
             kad::Event::OutboundQueryProgressed {
-                id, result, step, ..
+                id,
+                result,
+                step,
+                stats,
             } => match result {
                 kad::QueryResult::GetProviders(r) => {
                     let (done, failure) = match r {
@@ -1217,7 +1220,7 @@ impl EventLoop {
                             Some(e) if v.is_empty() => Err(MeshError::DeadlineExceeded(format!(
                                 "the provider lookup for '{schema}' failed: {e}"
                             ))),
-                            _ => Ok(v),
+                            _ => Ok((v, stats.num_requests())),
                         };
                         let _ = reply.send(answer);
                     }
