@@ -189,9 +189,12 @@ pub struct EventLoop {
     relay_counts: RelayServer,
     /// Every open connection (bounded by the connection limits).
     conns: HashMap<ConnectionId, Conn>,
-    /// Peers with requests waiting whose known addresses failed and that are being looked up in
-    /// the DHT again (at most once per wait; a subset of `waiting_connect`'s keys).
+    /// Peers with requests waiting whose known addresses failed and that were looked up in the
+    /// DHT again (at most once per wait; a subset of `waiting_connect`'s keys).
     relookup: HashSet<PeerId>,
+    /// Peers with requests waiting that were dialled through this node's relays (at most once
+    /// per wait; a subset of `waiting_connect`'s keys).
+    relay_tried: HashSet<PeerId>,
 }
 
 /// Longest dial error kept per bootstrap address.
@@ -243,6 +246,7 @@ impl EventLoop {
             relay_counts: RelayServer::default(),
             conns: HashMap::new(),
             relookup: HashSet::new(),
+            relay_tried: HashSet::new(),
         };
         el.load_peers();
         el.add_bootstrap();
@@ -724,6 +728,7 @@ impl EventLoop {
 
     fn fail_waiting(&mut self, peer: PeerId, e: MeshError) {
         self.relookup.remove(&peer);
+        self.relay_tried.remove(&peer);
         if let Some(list) = self.waiting_connect.remove(&peer) {
             for o in list {
                 o.fail(e.clone());
@@ -933,6 +938,7 @@ impl EventLoop {
                         .add_address(&peer_id, strip_p2p(remote.clone()));
                 }
                 self.relookup.remove(&peer_id);
+                self.relay_tried.remove(&peer_id);
                 if let Some(list) = self.waiting_connect.remove(&peer_id) {
                     for o in list {
                         self.send_now(peer_id, o);
@@ -1005,6 +1011,17 @@ impl EventLoop {
                     tracing::debug!(%peer, "known addresses failed; looking the node up in the DHT");
                     let q = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
                     self.pending_lookup.insert(q, peer);
+                } else if let Some(peer) = peer_id
+                    && !self.swarm.is_connected(&peer)
+                    && self.waiting_connect.contains_key(&peer)
+                    && !self.relays.circuit_routes().is_empty()
+                    && self.relay_tried.insert(peer)
+                {
+                    // Neither the known nor the DHT's addresses worked: try through the relays
+                    // this node reserved on, which the peer may share.
+                    let routes = self.relays.circuit_routes();
+                    tracing::debug!(%peer, relays = routes.len(), "addresses failed; trying through this node's relays");
+                    self.dial_known(peer, routes);
                 } else if let Some(peer) = peer_id
                     && !self.swarm.is_connected(&peer)
                 {
@@ -1256,7 +1273,7 @@ impl EventLoop {
                         } else if addrs.is_empty()
                             && self.waiting_connect.contains_key(&target)
                             && !self.relays.circuit_routes().is_empty()
-                            && self.relookup.insert(target)
+                            && self.relay_tried.insert(target)
                         {
                             // Unknown to the DHT (yet): try the relays this node reserved on,
                             // which the node may share.
