@@ -26,8 +26,13 @@ pub struct NatResults {
     pub first_relayed_request_ms: Vec<f64>,
     pub direct_upgrade_ms: Vec<f64>,
     pub direct_transport: Vec<String>,
-    pub relayed: Option<crate::Lat>,
-    pub direct: Option<crate::Lat>,
+    /// Whether A already had a connection to B when the first request was sent (the DHT's own
+    /// lookups can connect them first); the first-request time includes the lookup and the
+    /// circuit only when this is false.
+    pub connected_before_first_request: Vec<bool>,
+    /// Forwarded Query latency per path and transport ("relayed/tcp", "direct/quic", ...), `n`
+    /// sequential queries per round.
+    pub latency: Vec<crate::Lat>,
 }
 
 async fn prepare_b(b: &Host) -> anyhow::Result<()> {
@@ -79,14 +84,13 @@ async fn latency(a: &Host, b: &Host, n: usize) -> anyhow::Result<Vec<Duration>> 
     .await
 }
 
-/// `rounds` labs of each kind; the latency samples (`n` sequential queries) come from the first.
+/// `rounds` labs of each kind, `n` sequential queries in each.
 pub async fn measure(rounds: usize, n: usize) -> anyhow::Result<NatResults> {
     let mut r = NatResults {
         rounds,
         ..Default::default()
     };
-    let mut relayed = Vec::new();
-    let mut direct = Vec::new();
+    let mut samples: std::collections::BTreeMap<String, Vec<Duration>> = Default::default();
     for round in 0..rounds {
         eprintln!(
             "  round {}/{rounds}: per-destination NAT (relayed)",
@@ -97,6 +101,8 @@ pub async fn measure(rounds: usize, n: usize) -> anyhow::Result<NatResults> {
             .context("NAT lab (needs root, iproute2, nftables)")?;
         r.reservation_ms.push(reservations(&lab).await?);
         prepare_b(&lab.b).await?;
+        r.connected_before_first_request
+            .push(peer(&lab.a, &lab.b.node_id).await.is_some());
         let t = Instant::now();
         let mut req = tonic::Request::new(to_b(&lab.b));
         req.set_timeout(Duration::from_secs(30));
@@ -104,12 +110,13 @@ pub async fn measure(rounds: usize, n: usize) -> anyhow::Result<NatResults> {
         r.first_relayed_request_ms
             .push(t.elapsed().as_secs_f64() * 1e3);
         let p = peer(&lab.a, &lab.b.node_id).await;
-        if p.as_ref().map(|p| p.connection.as_str()) != Some("relayed") {
-            bail!("expected a relayed connection from A to B, got {p:?}");
-        }
-        if round == 0 {
-            relayed = latency(&lab.a, &lab.b, n).await?;
-        }
+        let Some(p) = p.filter(|p| p.connection == "relayed") else {
+            bail!("expected a relayed connection from A to B");
+        };
+        samples
+            .entry(format!("relayed/{}", p.transport))
+            .or_default()
+            .extend(latency(&lab.a, &lab.b, n).await?);
         drop(lab);
 
         eprintln!(
@@ -138,22 +145,28 @@ pub async fn measure(rounds: usize, n: usize) -> anyhow::Result<NatResults> {
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
         r.direct_upgrade_ms.push(t.elapsed().as_secs_f64() * 1e3);
-        r.direct_transport.push(p.transport);
-        if round == 0 {
-            direct = latency(&lab.a, &lab.b, n).await?;
+        let lat = latency(&lab.a, &lab.b, n).await?;
+        match peer(&lab.a, &lab.b.node_id).await {
+            Some(q) if q.connection == "direct" && q.transport == p.transport => {}
+            other => bail!("the direct connection changed while measuring: {other:?}"),
         }
+        samples
+            .entry(format!("direct/{}", p.transport))
+            .or_default()
+            .extend(lat);
+        r.direct_transport.push(p.transport);
     }
     eprintln!(
         "  reservation ms {:?}; first relayed request ms {:?}; direct upgrade ms {:?} over {:?}",
         r.reservation_ms, r.first_relayed_request_ms, r.direct_upgrade_ms, r.direct_transport
     );
-    r.relayed = Some(crate::lat(
-        "forwarded Query A→B, relayed (circuit relay v2)",
-        relayed,
-    ));
-    r.direct = Some(crate::lat(
-        "forwarded Query A→B, direct (after DCUtR)",
-        direct,
-    ));
+    eprintln!(
+        "  connected before the first request: {:?}",
+        r.connected_before_first_request
+    );
+    for (path, v) in samples {
+        r.latency
+            .push(crate::lat(&format!("forwarded Query A→B, {path}"), v));
+    }
     Ok(r)
 }
