@@ -300,13 +300,22 @@ impl Lab {
             &flags(&["--relay-server", "--bootstrap", &NatLab::p2p_addr(&public)]),
         )?;
         relay.start_node(&lab.net, &flags(OPEN))?;
-        let r = network(&public.grpc())
-            .dial(DialRequest {
-                address: NatLab::p2p_addr(&relay),
-            })
-            .await
-            .context("the public node dials the relay")?
-            .into_inner();
+        // (Retried until the public node's link to its sidecar is up.)
+        let relay_addr = NatLab::p2p_addr(&relay);
+        let r = eventually(
+            "the public node to dial the relay",
+            Duration::from_secs(20),
+            || async {
+                network(&public.grpc())
+                    .dial(DialRequest {
+                        address: relay_addr.clone(),
+                    })
+                    .await
+                    .ok()
+                    .map(|r| r.into_inner())
+            },
+        )
+        .await?;
         if r.node_id != relay.node_id {
             bail!("the public node reached {} instead of the relay", r.node_id);
         }

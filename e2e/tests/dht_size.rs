@@ -70,14 +70,22 @@ async fn a_provider_nineteen_bootstrap_hops_away_is_found_and_reached() {
         .unwrap();
 
     // The requester never had the provider's address: only the DHT can tell it.
-    let before = network(&requester.grpc())
-        .list_peers(ListPeersRequest {
-            include_disconnected: true,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .peers;
+    // (Asked once the node's link to its sidecar is up.)
+    let before = eventually(
+        "the requester's peer list",
+        Duration::from_secs(20),
+        || async {
+            network(&requester.grpc())
+                .list_peers(ListPeersRequest {
+                    include_disconnected: true,
+                })
+                .await
+                .ok()
+                .map(|r| r.into_inner().peers)
+        },
+    )
+    .await
+    .unwrap();
     eprintln!(
         "requester knows {} peers before the lookup; provider among them: {}",
         before.len(),
