@@ -206,3 +206,100 @@ async fn hole_punching_upgrades_a_relayed_connection_to_direct() {
     let p = peer(&a, &b.node_id).await.expect("still connected");
     assert_eq!(p.connection, "direct", "{p:?}");
 }
+
+/// A sidecar on loopback (no namespaces needed); returns it with its data dir.
+fn loopback_sidecar(
+    args: &[&str],
+) -> anyhow::Result<(foldmesh_e2e::process::Proc, String, tempfile::TempDir)> {
+    let dir = tempfile::tempdir()?;
+    let mut c = std::process::Command::new(foldmesh_e2e::process::bin_path("p2p-sidecar"));
+    c.arg("--data-dir")
+        .arg(dir.path())
+        .args(["--admin-listen", "127.0.0.1:0", "--mdns", "off"])
+        .args(args)
+        .env("RUST_LOG", "info");
+    let (p, line) =
+        foldmesh_e2e::process::Proc::spawn(c, "p2p-sidecar ready", Duration::from_secs(20))?;
+    let id = foldmesh_e2e::process::parse_kv(&line, "node_id").unwrap();
+    Ok((p, id, dir))
+}
+
+/// Relays named with --relay are reserved on at once, whatever AutoNAT says (source "config");
+/// a bad --relay or relay limit stops the sidecar with a message naming the flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_relays_are_reserved_on_and_bad_relay_flags_are_refused() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let relay_addr = format!("/ip4/127.0.0.1/tcp/{port}");
+    // The relay service starts with a confirmed external address (given here, on loopback).
+    let (_relay, relay_id, _d1) = loopback_sidecar(&[
+        "--listen",
+        &relay_addr,
+        "--external-address",
+        &relay_addr,
+        "--relay-server",
+    ])
+    .unwrap();
+    let (_client, _client_id, d2) = loopback_sidecar(&[
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--relay",
+        &format!("{relay_addr}/p2p/{relay_id}"),
+    ])
+    .unwrap();
+    let mesh = fold_proto::sidecar::mesh_client::MeshClient::new(local_link::channel(
+        &local_link::LinkAddr::Unix(d2.path().join("sidecar.sock")),
+        Duration::from_secs(2),
+    ));
+    let st = eventually(
+        "a reservation on the configured relay",
+        Duration::from_secs(30),
+        || {
+            let mut mesh = mesh.clone();
+            async move {
+                let st = mesh
+                    .status(fold_proto::sidecar::MeshStatusRequest {})
+                    .await
+                    .ok()?
+                    .into_inner();
+                st.relays
+                    .iter()
+                    .any(|r| r.state == fold_proto::v1::relay_reservation::State::Reserved as i32)
+                    .then_some(st)
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let r = &st.relays[0];
+    assert_eq!(r.relay_node_id, relay_id);
+    assert_eq!(r.source, "config");
+    assert_eq!(r.relay_addr, relay_addr);
+    assert!(
+        r.circuit_addr
+            .starts_with(&format!("{relay_addr}/p2p/{relay_id}/p2p-circuit")),
+        "{r:?}"
+    );
+    assert!(r.reserved_unix_ms > 0);
+    assert!(!st.relay_server.unwrap().enabled);
+
+    for (args, says) in [
+        (vec!["--relay", "/ip4/127.0.0.1/tcp/1"], "/p2p/"),
+        (
+            vec!["--relay-server", "--relay-max-circuits", "0"],
+            "--relay-max-circuits",
+        ),
+        (
+            vec!["--connection-timeout-secs", "0"],
+            "--connection-timeout-secs",
+        ),
+    ] {
+        let mut all = vec!["--listen", "/ip4/127.0.0.1/tcp/0"];
+        all.extend(args);
+        let e = loopback_sidecar(&all).err().expect("refused at start");
+        assert!(format!("{e:#}").contains(says), "{e:#}");
+    }
+}
