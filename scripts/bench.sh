@@ -27,3 +27,12 @@ target/release/fold-bench --out target/bench "$@"
 echo "==> forwarded path breakdown (fold-bench forward-loop)" >&2
 target/release/fold-bench --secs 5 forward-loop | tee target/bench/forward-breakdown.txt
 target/release/fold-bench --secs 5 forward-loop --local | tee -a target/bench/forward-breakdown.txt
+
+# The DHT on real sidecar processes (20, 50, 100), and across NATs (NAT lab in network
+# namespaces: needs root; skipped with --no-netns or when not root).
+echo "==> DHT lookups on real sidecar processes (fold-bench dht-procs)" >&2
+target/release/fold-bench --out target/bench dht-procs
+if [ "$(id -u)" -eq 0 ] && [[ " $* " != *" --no-netns "* ]]; then
+  echo "==> across NATs (fold-bench nat)" >&2
+  target/release/fold-bench --n 300 --out target/bench nat --rounds 3
+fi
