@@ -524,7 +524,7 @@ impl EventLoop {
                     relays: self.relays.status(),
                     relay_server: Some(fold_proto::v1::RelayServerStatus {
                         reservations: if self.relay_server.enabled {
-                            self.relay_counts.reservations
+                            self.relay_counts.reservations()
                         } else {
                             0
                         },
@@ -969,6 +969,7 @@ impl EventLoop {
                     self.forward.disconnected(&peer_id);
                 }
                 if num_established == 0 {
+                    self.relay_counts.disconnected(&peer_id);
                     self.peers
                         .disconnected(&peer_id, Instant::now(), random_unit());
                     self.forward.disconnected(&peer_id);
@@ -1131,7 +1132,8 @@ impl EventLoop {
             BehaviourEvent::RelayServer(ev) => {
                 self.libp2p_metrics.record(&ev);
                 tracing::debug!(?ev, "relay service");
-                self.relay_counts.on_event(&ev);
+                let max = usize::try_from(self.relay_server.max_reservations).unwrap_or(usize::MAX);
+                self.relay_counts.on_event(&ev, max);
             }
             BehaviourEvent::Dcutr(ev) => {
                 self.libp2p_metrics.record(&ev);

@@ -361,22 +361,28 @@ impl Relay {
     }
 }
 
-/// The relay service's counters (--relay-server).
+/// The relay service's view (--relay-server): the nodes holding a reservation and the circuits
+/// open now.
 #[derive(Default)]
 pub struct RelayServer {
-    pub reservations: u32,
+    /// Nodes whose reservation was accepted and has neither timed out nor lost its connection
+    /// (libp2p's own `ReservationClosed` also fires for connections that never held one, so it
+    /// is not counted on). At most --relay-max-reservations.
+    reserved: std::collections::HashSet<PeerId>,
     pub circuits: u32,
 }
 
 impl RelayServer {
-    pub fn on_event(&mut self, ev: &libp2p::relay::Event) {
+    pub fn on_event(&mut self, ev: &libp2p::relay::Event, max_reservations: usize) {
         use libp2p::relay::Event;
         match ev {
-            Event::ReservationReqAccepted { renewed: false, .. } => {
-                self.reservations = self.reservations.saturating_add(1);
+            Event::ReservationReqAccepted { src_peer_id, .. }
+                if self.reserved.len() < max_reservations =>
+            {
+                self.reserved.insert(*src_peer_id);
             }
-            Event::ReservationClosed { .. } | Event::ReservationTimedOut { .. } => {
-                self.reservations = self.reservations.saturating_sub(1);
+            Event::ReservationTimedOut { src_peer_id } => {
+                self.reserved.remove(src_peer_id);
             }
             Event::CircuitReqAccepted { .. } => {
                 self.circuits = self.circuits.saturating_add(1);
@@ -388,13 +394,22 @@ impl RelayServer {
         }
     }
 
+    /// The last connection to `peer` closed: its reservation is gone with it.
+    pub fn disconnected(&mut self, peer: &PeerId) {
+        self.reserved.remove(peer);
+    }
+
+    pub fn reservations(&self) -> u32 {
+        u32::try_from(self.reserved.len()).unwrap_or(u32::MAX)
+    }
+
     pub fn status(&self, config: &Config) -> RelayServerStatus {
         let l = &config.relay_limits;
         let u32_of = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
         RelayServerStatus {
             enabled: config.relay_server,
             reservations: if config.relay_server {
-                self.reservations
+                self.reservations()
             } else {
                 0
             },
