@@ -77,6 +77,9 @@ pub enum Command {
     },
     /// Write the peer book file now (at shutdown); answers whether it was written.
     SavePeers { reply: oneshot::Sender<bool> },
+    /// A peer's relayed connections, replaced by a direct one, are due to close (their grace
+    /// for requests in flight is over).
+    UpgradeDue { peer: PeerId },
     /// The node's answer to an inbound schema check.
     RespondSchema {
         channel: ResponseChannel<CheckSchemasResponse>,

@@ -115,6 +115,20 @@ pub struct EventLoopParts {
     pub relay_server: fold_proto::v1::RelayServerStatus,
 }
 
+/// A peer whose relayed connections are being replaced by a direct one.
+struct Upgrade {
+    relayed: Vec<ConnectionId>,
+    /// Requests held until the relayed connections are closed (so their streams open on the
+    /// direct one; libp2p-stream picks any of a peer's connections).
+    held: Vec<Outbound>,
+}
+
+/// How long relayed connections stay open after a direct one came up, for the answers to the
+/// requests already in flight on them.
+const UPGRADE_GRACE: Duration = Duration::from_millis(500);
+/// Most requests held for one peer during an upgrade; beyond it, UNAVAILABLE.
+const MAX_HELD: usize = 1024;
+
 /// One open connection: its peer, and whether it runs through a relay.
 struct Conn {
     peer: PeerId,
@@ -195,6 +209,8 @@ pub struct EventLoop {
     /// Peers with requests waiting that were dialled through this node's relays (at most once
     /// per wait; a subset of `waiting_connect`'s keys).
     relay_tried: HashSet<PeerId>,
+    /// Peers whose relayed connections are being replaced by a direct one.
+    upgrading: HashMap<PeerId, Upgrade>,
 }
 
 /// Longest dial error kept per bootstrap address.
@@ -247,6 +263,7 @@ impl EventLoop {
             conns: HashMap::new(),
             relookup: HashSet::new(),
             relay_tried: HashSet::new(),
+            upgrading: HashMap::new(),
         };
         el.load_peers();
         el.add_bootstrap();
@@ -643,6 +660,13 @@ impl EventLoop {
             Command::SavePeers { reply } => {
                 let _ = reply.send(self.save_peers());
             }
+            Command::UpgradeDue { peer } => {
+                if let Some(u) = self.upgrading.get(&peer) {
+                    for id in u.relayed.clone() {
+                        self.swarm.close_connection(id);
+                    }
+                }
+            }
             Command::RespondSchema { channel, response } => {
                 if self
                     .swarm
@@ -686,6 +710,16 @@ impl EventLoop {
             o.fail(MeshError::InvalidArgument(
                 "that is this node's own id; run the request locally".into(),
             ));
+            return;
+        }
+        if let Some(u) = self.upgrading.get_mut(&peer) {
+            if u.held.len() >= MAX_HELD {
+                o.fail(MeshError::Unavailable(format!(
+                    "{MAX_HELD} requests are already waiting for the connection to node {peer} to move off its relay; retry"
+                )));
+            } else {
+                u.held.push(o);
+            }
             return;
         }
         if self.swarm.is_connected(&peer) {
@@ -831,9 +865,25 @@ impl EventLoop {
             return;
         }
         tracing::info!(%peer, "direct connection up; closing the relayed one");
+        // The stream on the relayed connection is retired: it answers what is in flight, and
+        // requests made meanwhile wait for the relayed connection to close, then go direct.
         self.forward.disconnected(&peer);
+        let fresh = !self.upgrading.contains_key(&peer);
+        let u = self.upgrading.entry(peer).or_insert_with(|| Upgrade {
+            relayed: Vec::new(),
+            held: Vec::new(),
+        });
         for id in relayed {
-            self.swarm.close_connection(id);
+            if !u.relayed.contains(&id) {
+                u.relayed.push(id);
+            }
+        }
+        if fresh {
+            let tx = self.self_tx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(UPGRADE_GRACE).await;
+                let _ = tx.send(Command::UpgradeDue { peer }).await;
+            });
         }
     }
 
@@ -967,6 +1017,15 @@ impl EventLoop {
                     // The forward stream may have run on the relayed connection: the next
                     // request opens one on the connection that is left.
                     self.forward.disconnected(&peer_id);
+                }
+                let upgraded = self.upgrading.get_mut(&peer_id).is_some_and(|u| {
+                    u.relayed.retain(|c| *c != connection_id);
+                    u.relayed.is_empty() || num_established == 0
+                });
+                if upgraded && let Some(u) = self.upgrading.remove(&peer_id) {
+                    for o in u.held {
+                        self.send_or_connect(peer_id, o);
+                    }
                 }
                 if num_established == 0 {
                     self.relay_counts.disconnected(&peer_id);

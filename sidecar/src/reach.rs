@@ -50,7 +50,14 @@ pub struct AutoNat {
 }
 
 impl AutoNat {
+    /// Record a test's outcome. Relayed addresses do not count: identify reports the relayed
+    /// address a peer reached this node on as "observed", and a dial-back through the relay
+    /// succeeds, which says nothing about reaching the node directly (counted, it would make a
+    /// NATed node "reachable" and drop the very reservation it is reached through).
     pub fn tested(&mut self, addr: Multiaddr, reachable: bool) {
+        if is_circuit(&addr) {
+            return;
+        }
         if !self.tested.contains_key(&addr) && self.tested.len() >= MAX_TESTED {
             // Forget a failed address first: a confirmed one is worth more.
             let drop = self
@@ -446,6 +453,19 @@ mod tests {
         let y: Multiaddr = "/ip4/198.18.0.1/tcp/4002".parse().unwrap();
         a.tested(x.clone(), false);
         assert_eq!(a.verdict(), Reachability::NotReachable);
+        let relayed: Multiaddr = format!(
+            "/ip4/198.18.0.1/tcp/4001/p2p/{}/p2p-circuit/p2p/{}",
+            PeerId::random(),
+            PeerId::random()
+        )
+        .parse()
+        .unwrap();
+        a.tested(relayed, true);
+        assert_eq!(
+            a.verdict(),
+            Reachability::NotReachable,
+            "a relayed address does not count"
+        );
         a.tested(y.clone(), true);
         assert_eq!(a.verdict(), Reachability::Reachable);
         assert_eq!(a.reachable_addrs(), vec![y.to_string()]);
