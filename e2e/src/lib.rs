@@ -6,6 +6,7 @@ pub mod client;
 pub mod http;
 pub mod loopback;
 pub mod mesh;
+pub mod natlab;
 pub mod netns;
 pub mod process;
 pub mod tls;

@@ -14,11 +14,13 @@ use anyhow::{Context, anyhow, bail};
 /// Path of a workspace binary next to the running test (target/<profile>/<name>).
 pub fn bin_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current test executable");
-    // target/<profile>/deps/<test>-<hash> → target/<profile>/<name>; a binary such as
-    // fold-bench runs from target/<profile> itself.
-    let parent = exe.parent().expect("the executable has a directory");
+    // target/<profile>/deps/<test>-<hash> → target/<profile>/<name>; a binary of the workspace
+    // (fold-bench) lives in target/<profile> itself.
+    let parent = exe.parent().expect("executable in a directory");
     let dir = if parent.file_name().is_some_and(|n| n == "deps") {
-        parent.parent().expect("target/<profile>/deps has a parent")
+        parent
+            .parent()
+            .expect("test executable lives in target/<profile>/deps")
     } else {
         parent
     };

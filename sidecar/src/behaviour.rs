@@ -7,8 +7,8 @@ use libp2p::kad::store::MemoryStore;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{
-    StreamProtocol, allow_block_list, connection_limits, identify, identity, kad, mdns,
-    memory_connection_limits, ping, request_response,
+    StreamProtocol, allow_block_list, autonat, connection_limits, dcutr, identify, identity, kad,
+    mdns, memory_connection_limits, ping, relay, request_response,
 };
 
 use crate::codec::{ProstCodec, SCHEMA_PROTOCOL};
@@ -35,10 +35,26 @@ pub struct Behaviour {
     pub schema: request_response::Behaviour<SchemaCodec>,
     /// Long-lived streams: `/fold/forward/2.0.0` (crate::forward).
     pub stream: libp2p_stream::Behaviour,
+    /// Circuit relay v2, client side: reservations on relays and dials through them (always on
+    /// in the product; off only in swarms built without the relay transport, e.g. memory tests).
+    pub relay_client: Toggle<relay::client::Behaviour>,
+    /// Circuit relay v2, relay side (--relay-server), with its limits.
+    pub relay_server: Toggle<relay::Behaviour>,
+    /// Direct connection upgrade through relay: hole punching on relayed connections.
+    pub dcutr: dcutr::Behaviour,
+    /// AutoNAT v2, client side: asks peers to dial back the addresses it was observed at.
+    pub autonat: autonat::v2::client::Behaviour,
+    /// AutoNAT v2, server side: dials back peers that ask (on the address they were observed at).
+    pub autonat_server: autonat::v2::server::Behaviour,
 }
 
 impl Behaviour {
-    pub fn new(key: &identity::Keypair, config: &Config) -> anyhow::Result<Behaviour> {
+    /// `relay_client` comes from the swarm builder (it is paired with the relay transport).
+    pub fn new(
+        key: &identity::Keypair,
+        config: &Config,
+        relay_client: Option<relay::client::Behaviour>,
+    ) -> anyhow::Result<Behaviour> {
         let peer_id = key.public().to_peer_id();
         let limits = connection_limits::Behaviour::new(
             connection_limits::ConnectionLimits::default()
@@ -70,7 +86,10 @@ impl Behaviour {
         };
         let identify = identify::Behaviour::new(
             identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())
-                .with_agent_version(format!("p2p-sidecar/{}", env!("CARGO_PKG_VERSION"))),
+                .with_agent_version(format!("p2p-sidecar/{}", env!("CARGO_PKG_VERSION")))
+                // New listen addresses (a relay reservation's relayed address above all) reach
+                // connected peers, and through them the DHT, at once.
+                .with_push_listen_addr_updates(true),
         );
         let ping = ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(15)));
         let mdns = if config.mdns_enabled() {
@@ -126,8 +145,55 @@ impl Behaviour {
             kad,
             schema,
             stream: libp2p_stream::Behaviour::new(),
+            relay_client: relay_client.into(),
+            relay_server: relay_server(peer_id, config)?.into(),
+            dcutr: dcutr::Behaviour::new(peer_id),
+            autonat: autonat::v2::client::Behaviour::default(),
+            autonat_server: autonat::v2::server::Behaviour::default(),
         })
     }
+}
+
+/// The relay service (--relay-server) with the configured limits; None when it is off.
+fn relay_server(
+    peer_id: libp2p::PeerId,
+    config: &Config,
+) -> anyhow::Result<Option<relay::Behaviour>> {
+    if !config.relay_server {
+        return Ok(None);
+    }
+    let r = &config.relay_limits;
+    for (flag, v) in [
+        ("--relay-max-reservations", r.max_reservations as u64),
+        (
+            "--relay-max-reservations-per-peer",
+            r.max_reservations_per_peer as u64,
+        ),
+        ("--relay-max-circuits", r.max_circuits as u64),
+        (
+            "--relay-max-circuits-per-peer",
+            r.max_circuits_per_peer as u64,
+        ),
+        (
+            "--relay-max-circuit-duration-secs",
+            r.max_circuit_duration_secs,
+        ),
+        ("--relay-max-circuit-bytes", r.max_circuit_bytes),
+    ] {
+        if v == 0 {
+            anyhow::bail!("{flag} must be above 0 (or leave --relay-server off)");
+        }
+    }
+    let cfg = relay::Config {
+        max_reservations: r.max_reservations,
+        max_reservations_per_peer: r.max_reservations_per_peer,
+        max_circuits: r.max_circuits,
+        max_circuits_per_peer: r.max_circuits_per_peer,
+        max_circuit_duration: Duration::from_secs(r.max_circuit_duration_secs),
+        max_circuit_bytes: r.max_circuit_bytes,
+        ..relay::Config::default()
+    };
+    Ok(Some(relay::Behaviour::new(peer_id, cfg)))
 }
 
 #[cfg(test)]
@@ -144,18 +210,39 @@ mod tests {
     #[tokio::test]
     async fn memory_limits_come_from_configuration() {
         let key = identity::Keypair::generate_ed25519();
-        let b = Behaviour::new(&key, &config(&[])).unwrap();
+        let b = Behaviour::new(&key, &config(&[]), None).unwrap();
         assert!(!b.memory.is_enabled(), "off by default");
-        let b = Behaviour::new(&key, &config(&["--max-memory-bytes", "1000000000"])).unwrap();
+        let b = Behaviour::new(&key, &config(&["--max-memory-bytes", "1000000000"]), None).unwrap();
         assert_eq!(
             b.memory.as_ref().map(|m| m.max_allowed_bytes()),
             Some(1_000_000_000)
         );
-        let b = Behaviour::new(&key, &config(&["--max-memory-percent", "50"])).unwrap();
+        let b = Behaviour::new(&key, &config(&["--max-memory-percent", "50"]), None).unwrap();
         assert!(b.memory.as_ref().is_some_and(|m| m.max_allowed_bytes() > 0));
         for bad in ["--max-memory-percent=150", "--max-memory-percent=-1"] {
-            let e = Behaviour::new(&key, &config(&[bad])).err().unwrap();
+            let e = Behaviour::new(&key, &config(&[bad]), None).err().unwrap();
             assert!(e.to_string().contains("--max-memory-percent"), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_relay_server_is_opt_in_with_limits() {
+        let key = identity::Keypair::generate_ed25519();
+        let b = Behaviour::new(&key, &config(&[]), None).unwrap();
+        assert!(!b.relay_server.is_enabled(), "off by default");
+        let b = Behaviour::new(&key, &config(&["--relay-server"]), None).unwrap();
+        assert!(b.relay_server.is_enabled());
+        for bad in [
+            "--relay-max-circuits=0",
+            "--relay-max-circuit-bytes=0",
+            "--relay-max-circuit-duration-secs=0",
+            "--relay-max-reservations=0",
+        ] {
+            let e = Behaviour::new(&key, &config(&["--relay-server", bad]), None)
+                .err()
+                .unwrap();
+            let flag = bad.split('=').next().unwrap();
+            assert!(e.to_string().contains(flag), "{e}");
         }
     }
 }

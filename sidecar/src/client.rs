@@ -124,7 +124,8 @@ impl Client {
         self.ask(|reply| Command::Provide { schemas, reply }).await
     }
 
-    pub async fn find_providers(&self, schema: String) -> Result<Vec<PeerId>, MeshError> {
+    /// The providers of `schema` and how many DHT requests the lookup made.
+    pub async fn find_providers(&self, schema: String) -> Result<(Vec<PeerId>, u32), MeshError> {
         self.ask(|reply| Command::FindProviders { schema, reply })
             .await?
     }

@@ -71,11 +71,15 @@ pub enum Command {
     },
     FindProviders {
         schema: String,
-        /// The providers found (possibly none), or why the lookup failed.
-        reply: oneshot::Sender<Result<Vec<PeerId>, MeshError>>,
+        /// The providers found (possibly none) and the DHT requests the lookup made, or why
+        /// the lookup failed.
+        reply: oneshot::Sender<Result<(Vec<PeerId>, u32), MeshError>>,
     },
     /// Write the peer book file now (at shutdown); answers whether it was written.
     SavePeers { reply: oneshot::Sender<bool> },
+    /// A peer's relayed connections, replaced by a direct one, are due to close (their grace
+    /// for requests in flight is over).
+    UpgradeDue { peer: PeerId },
     /// The node's answer to an inbound schema check.
     RespondSchema {
         channel: ResponseChannel<CheckSchemasResponse>,

@@ -143,15 +143,28 @@ pub struct Config {
     )]
     pub idle_connection_timeout_secs: u64,
 
+    /// Most seconds setting up a new connection may take (connect, security and multiplexer
+    /// handshakes). AutoNAT dial-backs give up after 10 s, so keep this below 10 for a dial-back
+    /// to an unreachable address (e.g. behind a NAT that drops unsolicited packets) to count as
+    /// "not reachable" rather than as no answer.
+    #[arg(
+        long,
+        env = "FOLD_SIDECAR_CONNECTION_TIMEOUT_SECS",
+        default_value_t = 5
+    )]
+    pub connection_timeout_secs: u64,
+
     /// Most established connections in total.
     #[arg(long, env = "FOLD_SIDECAR_MAX_CONNECTIONS", default_value_t = 256)]
     pub max_connections: u32,
 
-    /// Most established connections to one peer.
+    /// Most established connections to one peer. Across NATs two nodes can briefly hold several:
+    /// one each dialled, a relayed one, the direct one hole punching makes, and AutoNAT
+    /// dial-backs (one per tested address, both ways; closed once the test is done).
     #[arg(
         long,
         env = "FOLD_SIDECAR_MAX_CONNECTIONS_PER_PEER",
-        default_value_t = 2
+        default_value_t = 8
     )]
     pub max_connections_per_peer: u32,
 
@@ -249,6 +262,27 @@ pub struct Config {
     #[arg(long, env = "FOLD_SIDECAR_REPLAY_CACHE_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub replay_cache_bytes: usize,
 
+    /// Circuit relays (v2) to reserve a slot on, e.g. /ip4/203.0.113.7/tcp/4001/p2p/12D3Koo...
+    /// (repeatable; comma-separated in the env variable; the /p2p/ id is required). A node that
+    /// cannot be dialled directly is reached through them. Reservations are made at start; more
+    /// relays (bootstrap peers and connected peers that advertise the relay protocol) are used
+    /// when AutoNAT finds this node not reachable.
+    #[arg(long = "relay", env = "FOLD_SIDECAR_RELAYS", value_delimiter = ',')]
+    pub relays: Vec<Multiaddr>,
+
+    /// How many relay reservations to hold when AutoNAT finds this node not reachable (besides
+    /// those on --relay relays, which are always held). 0 = only --relay relays.
+    #[arg(long, env = "FOLD_SIDECAR_RELAY_RESERVATIONS", default_value_t = 2)]
+    pub relay_reservations: usize,
+
+    /// Serve as a circuit relay (v2) for other nodes, within the --relay-max-* limits. Off by
+    /// default: a relay carries other nodes' traffic.
+    #[arg(long, env = "FOLD_SIDECAR_RELAY_SERVER")]
+    pub relay_server: bool,
+
+    #[command(flatten)]
+    pub relay_limits: RelayLimits,
+
     /// Threads of the async runtime. 1 (the default, as in linkerd2-proxy) runs everything on
     /// one thread: no cross-thread wake-ups on the request path, ~0.1 ms less per forwarded
     /// request measured on 2 cores (docs/BENCHMARKS.md). 0 means one thread per CPU core, for
@@ -259,6 +293,53 @@ pub struct Config {
     /// Log format on stderr: "text" or "json".
     #[arg(long, env = "FOLD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+}
+
+/// The limits of the relay service (--relay-server).
+#[derive(Debug, Clone, Parser)]
+pub struct RelayLimits {
+    /// Most reservations (nodes reachable through this relay) at once.
+    #[arg(
+        long = "relay-max-reservations",
+        env = "FOLD_SIDECAR_RELAY_MAX_RESERVATIONS",
+        default_value_t = 128
+    )]
+    pub max_reservations: usize,
+    /// Most reservations one node may hold on this relay.
+    #[arg(
+        long = "relay-max-reservations-per-peer",
+        env = "FOLD_SIDECAR_RELAY_MAX_RESERVATIONS_PER_PEER",
+        default_value_t = 4
+    )]
+    pub max_reservations_per_peer: usize,
+    /// Most relayed connections (circuits) at once.
+    #[arg(
+        long = "relay-max-circuits",
+        env = "FOLD_SIDECAR_RELAY_MAX_CIRCUITS",
+        default_value_t = 64
+    )]
+    pub max_circuits: usize,
+    /// Most circuits to or from one node at once.
+    #[arg(
+        long = "relay-max-circuits-per-peer",
+        env = "FOLD_SIDECAR_RELAY_MAX_CIRCUITS_PER_PEER",
+        default_value_t = 4
+    )]
+    pub max_circuits_per_peer: usize,
+    /// A circuit is closed after this many seconds (the nodes then reconnect, directly if hole
+    /// punching succeeded, or through a relay again).
+    #[arg(
+        long = "relay-max-circuit-duration-secs",
+        env = "FOLD_SIDECAR_RELAY_MAX_CIRCUIT_DURATION_SECS",
+        default_value_t = 600
+    )]
+    pub max_circuit_duration_secs: u64,
+    /// A circuit is closed after carrying this many bytes (each direction).
+    #[arg(long = "relay-max-circuit-bytes",
+        env = "FOLD_SIDECAR_RELAY_MAX_CIRCUIT_BYTES",
+        default_value_t = 64 * 1024 * 1024
+    )]
+    pub max_circuit_bytes: u64,
 }
 
 impl Config {

@@ -21,7 +21,7 @@ use libp2p::metrics::{Metrics, Recorder};
 use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, DialError, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, Swarm, identify, kad, mdns, ping};
+use libp2p::{Multiaddr, PeerId, Swarm, autonat, dcutr, identify, kad, mdns, ping, relay};
 use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
 use tonic::Code;
 
@@ -34,6 +34,7 @@ use crate::peer_book::{
     DIAL_GUARD, MAX_REDIALS_PER_TICK, PeerBook, SavedBook, backoff, peer_of, random_unit,
     strip_p2p, with_jitter,
 };
+use crate::reach::{AutoNat, HOP_PROTOCOL, RelayAction, RelayServer, Relays, Source};
 use fold_proto::status::wire_error;
 
 /// A request waiting for a connection to its peer.
@@ -108,6 +109,36 @@ pub struct EventLoopParts {
     pub forward: Arc<ForwardStreams>,
     /// The peer book file (read at start, written when the book changes and at shutdown).
     pub peers_path: Option<PathBuf>,
+    /// Relays to reserve on (crate::reach).
+    pub relays: Relays,
+    /// This node's relay service: its limits (counters are filled in by the loop).
+    pub relay_server: fold_proto::v1::RelayServerStatus,
+}
+
+/// A peer whose relayed connections are being replaced by a direct one.
+struct Upgrade {
+    relayed: Vec<ConnectionId>,
+    /// Requests held until the relayed connections are closed (so their streams open on the
+    /// direct one; libp2p-stream picks any of a peer's connections).
+    held: Vec<Outbound>,
+}
+
+/// How long relayed connections stay open after a direct one came up, for the answers to the
+/// requests already in flight on them.
+const UPGRADE_GRACE: Duration = Duration::from_millis(500);
+/// Most requests held for one peer during an upgrade; beyond it, UNAVAILABLE.
+const MAX_HELD: usize = 1024;
+
+/// One open connection: its peer, and whether it runs through a relay.
+struct Conn {
+    peer: PeerId,
+    relayed: bool,
+    /// This node dialled it (AutoNAT asks for dial-backs only over such connections).
+    dialer: bool,
+    /// Dialled from a new port: an AutoNAT dial-back this node made for a peer (ordinary dials
+    /// reuse the listen port).
+    new_port: bool,
+    transport: &'static str,
 }
 
 /// The peers file is written at most this often (and at shutdown).
@@ -125,7 +156,7 @@ struct AnonBootstrap {
 type ProviderQuery = (
     String,
     HashSet<PeerId>,
-    oneshot::Sender<Result<Vec<PeerId>, MeshError>>,
+    oneshot::Sender<Result<(Vec<PeerId>, u32), MeshError>>,
 );
 type PendingSchema = (
     PeerId,
@@ -166,6 +197,20 @@ pub struct EventLoop {
     last_save: Option<Instant>,
     anon_bootstrap: Vec<AnonBootstrap>,
     anon_dials: HashMap<ConnectionId, usize>,
+    autonat: AutoNat,
+    relays: Relays,
+    relay_server: fold_proto::v1::RelayServerStatus,
+    relay_counts: RelayServer,
+    /// Every open connection (bounded by the connection limits).
+    conns: HashMap<ConnectionId, Conn>,
+    /// Peers with requests waiting whose known addresses failed and that were looked up in the
+    /// DHT again (at most once per wait; a subset of `waiting_connect`'s keys).
+    relookup: HashSet<PeerId>,
+    /// Peers with requests waiting that were dialled through this node's relays (at most once
+    /// per wait; a subset of `waiting_connect`'s keys).
+    relay_tried: HashSet<PeerId>,
+    /// Peers whose relayed connections are being replaced by a direct one.
+    upgrading: HashMap<PeerId, Upgrade>,
 }
 
 /// Longest dial error kept per bootstrap address.
@@ -211,6 +256,14 @@ impl EventLoop {
             last_save: None,
             anon_bootstrap: Vec::new(),
             anon_dials: HashMap::new(),
+            autonat: AutoNat::default(),
+            relays: p.relays,
+            relay_server: p.relay_server,
+            relay_counts: RelayServer::default(),
+            conns: HashMap::new(),
+            relookup: HashSet::new(),
+            relay_tried: HashSet::new(),
+            upgrading: HashMap::new(),
         };
         el.load_peers();
         el.add_bootstrap();
@@ -430,6 +483,7 @@ impl EventLoop {
 
     pub async fn run(mut self) {
         self.redial();
+        self.plan_relays();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut ticks: u64 = 0;
         loop {
@@ -447,6 +501,7 @@ impl EventLoop {
                     }
                     // Known and bootstrap peers, each on its own backoff.
                     self.redial();
+                    self.plan_relays();
                     if self.last_save.is_none_or(|t| t.elapsed() >= SAVE_EVERY) {
                         self.save_peers();
                     }
@@ -483,6 +538,22 @@ impl EventLoop {
                     bootstrap: self.bootstrap_status.clone(),
                     // Filled in by the fold-node, which follows schemas.
                     replicas: Vec::new(),
+                    reachability: self.autonat.verdict() as i32,
+                    reachable_addrs: self.autonat.reachable_addrs(),
+                    relays: self.relays.status(),
+                    relay_server: Some(fold_proto::v1::RelayServerStatus {
+                        reservations: if self.relay_server.enabled {
+                            self.relay_counts.reservations()
+                        } else {
+                            0
+                        },
+                        circuits: if self.relay_server.enabled {
+                            self.relay_counts.circuits
+                        } else {
+                            0
+                        },
+                        ..self.relay_server
+                    }),
                 });
             }
             Command::ListPeers {
@@ -501,7 +572,15 @@ impl EventLoop {
                         return;
                     }
                     self.entry(peer, "dial").add_addr(addr.clone());
-                    if self.swarm.is_connected(&peer) {
+                    // Connected already on a connection this node dialled: nothing to do. (A
+                    // peer that only dialled us gets an outbound connection too: AutoNAT asks
+                    // peers for dial-backs over outbound connections only.)
+                    if self
+                        .conns
+                        .values()
+                        .any(|c| c.peer == peer && c.dialer && !c.relayed)
+                        || (self.swarm.is_connected(&peer) && crate::reach::is_circuit(&addr))
+                    {
                         let _ = reply.send(Ok(peer));
                         return;
                     }
@@ -569,7 +648,7 @@ impl EventLoop {
                             "cannot look up providers of '{schema}': this node knows no other node to ask (dial one or add a bootstrap peer)"
                         )))
                     } else {
-                        Ok(found.into_iter().collect())
+                        Ok((found.into_iter().collect(), 0))
                     });
                     return;
                 }
@@ -582,6 +661,13 @@ impl EventLoop {
             }
             Command::SavePeers { reply } => {
                 let _ = reply.send(self.save_peers());
+            }
+            Command::UpgradeDue { peer } => {
+                if let Some(u) = self.upgrading.get(&peer) {
+                    for id in u.relayed.clone() {
+                        self.swarm.close_connection(id);
+                    }
+                }
             }
             Command::RespondSchema { channel, response } => {
                 if self
@@ -628,6 +714,16 @@ impl EventLoop {
             ));
             return;
         }
+        if let Some(u) = self.upgrading.get_mut(&peer) {
+            if u.held.len() >= MAX_HELD {
+                o.fail(MeshError::Unavailable(format!(
+                    "{MAX_HELD} requests are already waiting for the connection to node {peer} to move off its relay; retry"
+                )));
+            } else {
+                u.held.push(o);
+            }
+            return;
+        }
         if self.swarm.is_connected(&peer) {
             self.send_now(peer, o);
             return;
@@ -667,10 +763,129 @@ impl EventLoop {
     }
 
     fn fail_waiting(&mut self, peer: PeerId, e: MeshError) {
+        self.relookup.remove(&peer);
+        self.relay_tried.remove(&peer);
         if let Some(list) = self.waiting_connect.remove(&peer) {
             for o in list {
                 o.fail(e.clone());
             }
+        }
+    }
+
+    // ---- reachability --------------------------------------------------------------------------
+
+    /// Open or close relay reservations (listeners on `<relay>/p2p-circuit`) as the AutoNAT
+    /// verdict and the known relays call for.
+    fn plan_relays(&mut self) {
+        let not_reachable = self.autonat.verdict() == fold_proto::v1::Reachability::NotReachable;
+        let now = Instant::now();
+        for action in self.relays.plan(not_reachable, now) {
+            match action {
+                RelayAction::Listen(addr) => {
+                    tracing::info!(%addr, "asking the relay for a reservation");
+                    let r = self
+                        .swarm
+                        .listen_on(addr.clone())
+                        .map_err(|e| e.to_string());
+                    self.relays.listening(&addr, r, now);
+                }
+                RelayAction::StopListening(id) => {
+                    self.swarm.remove_listener(id);
+                }
+            }
+        }
+    }
+
+    /// A peer advertised the relay hop protocol: a relay this node may reserve on.
+    fn relay_candidate(&mut self, peer: PeerId, listen_addrs: &[Multiaddr]) {
+        // A direct address the peer book holds for it, else the first it reported.
+        let addr = self
+            .peers
+            .get(&peer)
+            .and_then(|e| {
+                e.addrs
+                    .iter()
+                    .find(|a| !crate::reach::is_circuit(a))
+                    .cloned()
+            })
+            .or_else(|| {
+                listen_addrs
+                    .iter()
+                    .find(|a| !crate::reach::is_circuit(a))
+                    .cloned()
+            });
+        let Some(addr) = addr else {
+            return;
+        };
+        let source = if self.bootstrap_indexes(&peer).is_empty()
+            && !self.anon_bootstrap.iter().any(|b| b.peer == Some(peer))
+        {
+            Source::Identify
+        } else {
+            Source::Bootstrap
+        };
+        self.relays.candidate(peer, addr, source);
+        self.plan_relays();
+    }
+
+    /// The peer book's per-peer connection kind: direct when any direct connection is open.
+    fn update_connection_kind(&mut self, peer: PeerId) {
+        let mut relayed = None;
+        let mut direct = None;
+        for c in self.conns.values().filter(|c| c.peer == peer) {
+            if c.relayed {
+                relayed = Some(c.transport);
+            } else {
+                direct = Some(c.transport);
+            }
+        }
+        if let Some(e) = self.peers.get_mut(&peer) {
+            match (direct, relayed) {
+                (Some(t), _) => {
+                    e.connection = "direct";
+                    e.transport = t;
+                }
+                (None, Some(t)) => {
+                    e.connection = "relayed";
+                    e.transport = t;
+                }
+                (None, None) => {}
+            }
+        }
+    }
+
+    /// A direct connection to `peer` is up: its relayed connections (hole punching succeeded,
+    /// or the peer dialled directly) are closed, so traffic leaves the relay.
+    fn close_relayed(&mut self, peer: PeerId) {
+        let relayed: Vec<ConnectionId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.peer == peer && c.relayed)
+            .map(|(id, _)| *id)
+            .collect();
+        if relayed.is_empty() {
+            return;
+        }
+        tracing::info!(%peer, "direct connection up; closing the relayed one");
+        // The stream on the relayed connection is retired: it answers what is in flight, and
+        // requests made meanwhile wait for the relayed connection to close, then go direct.
+        self.forward.disconnected(&peer);
+        let fresh = !self.upgrading.contains_key(&peer);
+        let u = self.upgrading.entry(peer).or_insert_with(|| Upgrade {
+            relayed: Vec::new(),
+            held: Vec::new(),
+        });
+        for id in relayed {
+            if !u.relayed.contains(&id) {
+                u.relayed.push(id);
+            }
+        }
+        if fresh {
+            let tx = self.self_tx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(UPGRADE_GRACE).await;
+                let _ = tx.send(Command::UpgradeDue { peer }).await;
+            });
         }
     }
 
@@ -679,14 +894,35 @@ impl EventLoop {
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         self.libp2p_metrics.record(&event);
         match event {
-            SwarmEvent::NewListenAddr { address, .. } => {
+            SwarmEvent::NewListenAddr {
+                address,
+                listener_id,
+            } => {
                 tracing::info!(%address, "listening");
+                self.relays.new_listen_addr(listener_id, &address);
                 if !self.listen_addrs.contains(&address) {
                     self.listen_addrs.push(address);
                 }
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.retain(|a| a != &address);
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                addresses,
+                reason,
+            } => {
+                for a in &addresses {
+                    self.listen_addrs.retain(|l| l != a);
+                }
+                let error = reason.err().map(|e| e.to_string());
+                if !self
+                    .relays
+                    .listener_closed(listener_id, error.clone(), Instant::now())
+                    && let Some(e) = error
+                {
+                    tracing::warn!(error = %e, "a listener closed");
+                }
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
@@ -698,13 +934,35 @@ impl EventLoop {
                 let dialed = endpoint.is_dialer();
                 let remote = endpoint.get_remote_address().clone();
                 let source = if dialed { "dial" } else { "inbound" };
-                let (connection, transport) = crate::peer_book::connection_kind(&remote);
+                let (connection, transport) = crate::peer_book::endpoint_kind(&endpoint);
+                let relayed = connection == "relayed";
+                self.conns.insert(
+                    connection_id,
+                    Conn {
+                        peer: peer_id,
+                        relayed,
+                        dialer: dialed,
+                        new_port: matches!(
+                            endpoint,
+                            libp2p::core::ConnectedPoint::Dialer {
+                                port_use: libp2p::core::transport::PortUse::New,
+                                ..
+                            }
+                        ),
+                        transport,
+                    },
+                );
                 let e = self.entry(peer_id, source);
                 e.connections = num_established.get();
-                e.connection = connection;
-                e.transport = transport;
+                if !relayed {
+                    tracing::debug!(peer = %peer_id, %transport, "direct connection");
+                }
                 if dialed {
                     e.add_addr(remote.clone());
+                }
+                self.update_connection_kind(peer_id);
+                if !relayed {
+                    self.close_relayed(peer_id);
                 }
                 self.peers
                     .connected(&peer_id, dialed.then_some(&remote), Instant::now());
@@ -731,6 +989,8 @@ impl EventLoop {
                         .kad
                         .add_address(&peer_id, strip_p2p(remote.clone()));
                 }
+                self.relookup.remove(&peer_id);
+                self.relay_tried.remove(&peer_id);
                 if let Some(list) = self.waiting_connect.remove(&peer_id) {
                     for o in list {
                         self.send_now(peer_id, o);
@@ -746,13 +1006,31 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
+                connection_id,
                 num_established,
                 ..
             } => {
+                let was_relayed = self.conns.remove(&connection_id).is_some_and(|c| c.relayed);
                 if let Some(e) = self.peers.get_mut(&peer_id) {
                     e.connections = num_established;
                 }
+                self.update_connection_kind(peer_id);
+                if was_relayed && num_established > 0 {
+                    // The forward stream may have run on the relayed connection: the next
+                    // request opens one on the connection that is left.
+                    self.forward.disconnected(&peer_id);
+                }
+                let upgraded = self.upgrading.get_mut(&peer_id).is_some_and(|u| {
+                    u.relayed.retain(|c| *c != connection_id);
+                    u.relayed.is_empty() || num_established == 0
+                });
+                if upgraded && let Some(u) = self.upgrading.remove(&peer_id) {
+                    for o in u.held {
+                        self.send_or_connect(peer_id, o);
+                    }
+                }
                 if num_established == 0 {
+                    self.relay_counts.disconnected(&peer_id);
                     self.peers
                         .disconnected(&peer_id, Instant::now(), random_unit());
                     self.forward.disconnected(&peer_id);
@@ -787,6 +1065,27 @@ impl EventLoop {
                 }
                 if let Some(peer) = peer_id
                     && !self.swarm.is_connected(&peer)
+                    && self.waiting_connect.contains_key(&peer)
+                    && self.relookup.insert(peer)
+                {
+                    // The addresses known here failed: ask the DHT once for fresh ones (e.g. the
+                    // relayed address of a node that just reserved a slot on a relay).
+                    tracing::debug!(%peer, "known addresses failed; looking the node up in the DHT");
+                    let q = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
+                    self.pending_lookup.insert(q, peer);
+                } else if let Some(peer) = peer_id
+                    && !self.swarm.is_connected(&peer)
+                    && self.waiting_connect.contains_key(&peer)
+                    && !self.relays.circuit_routes().is_empty()
+                    && self.relay_tried.insert(peer)
+                {
+                    // Neither the known nor the DHT's addresses worked: try through the relays
+                    // this node reserved on, which the peer may share.
+                    let routes = self.relays.circuit_routes();
+                    tracing::debug!(%peer, relays = routes.len(), "addresses failed; trying through this node's relays");
+                    self.dial_known(peer, routes);
+                } else if let Some(peer) = peer_id
+                    && !self.swarm.is_connected(&peer)
                 {
                     self.fail_waiting(
                         peer,
@@ -805,6 +1104,9 @@ impl EventLoop {
                 self.libp2p_metrics.record(&ev);
                 if let identify::Event::Received { peer_id, info, .. } = ev {
                     let speaks_kad = info.protocols.contains(&KAD_PROTOCOL);
+                    if info.protocols.contains(&HOP_PROTOCOL) {
+                        self.relay_candidate(peer_id, &info.listen_addrs);
+                    }
                     let e = self.entry(peer_id, "inbound");
                     e.protocols = info.protocols.iter().map(|p| p.to_string()).collect();
                     e.agent = info.agent_version.clone();
@@ -870,6 +1172,81 @@ impl EventLoop {
                 self.on_kad_event(ev);
             }
             BehaviourEvent::Stream(()) => {}
+            BehaviourEvent::RelayClient(ev) => match ev {
+                relay::client::Event::ReservationReqAccepted {
+                    relay_peer_id,
+                    renewal,
+                    ..
+                } => {
+                    if !renewal {
+                        tracing::info!(relay = %relay_peer_id, "relay reservation accepted");
+                    }
+                    self.relays.reserved(&relay_peer_id);
+                }
+                relay::client::Event::OutboundCircuitEstablished { relay_peer_id, .. } => {
+                    tracing::debug!(relay = %relay_peer_id, "outbound circuit established");
+                }
+                relay::client::Event::InboundCircuitEstablished { src_peer_id, .. } => {
+                    tracing::debug!(peer = %src_peer_id, "inbound circuit established");
+                }
+            },
+            BehaviourEvent::RelayServer(ev) => {
+                self.libp2p_metrics.record(&ev);
+                tracing::debug!(?ev, "relay service");
+                let max = usize::try_from(self.relay_server.max_reservations).unwrap_or(usize::MAX);
+                self.relay_counts.on_event(&ev, max);
+            }
+            BehaviourEvent::Dcutr(ev) => {
+                self.libp2p_metrics.record(&ev);
+                let dcutr::Event {
+                    remote_peer_id,
+                    result,
+                } = ev;
+                match result {
+                    Ok(_) => {
+                        tracing::info!(peer = %remote_peer_id, "hole punching succeeded: direct connection")
+                    }
+                    Err(e) => {
+                        tracing::info!(peer = %remote_peer_id, error = %e, "hole punching failed; staying relayed")
+                    }
+                }
+            }
+            BehaviourEvent::Autonat(ev) => {
+                let autonat::v2::client::Event {
+                    tested_addr,
+                    server,
+                    result,
+                    ..
+                } = ev;
+                let before = self.autonat.verdict();
+                match &result {
+                    Ok(()) => {
+                        tracing::info!(addr = %tested_addr, %server, "AutoNAT: reachable on this address")
+                    }
+                    Err(e) => {
+                        tracing::info!(addr = %tested_addr, %server, error = %e, "AutoNAT: not reachable on this address")
+                    }
+                }
+                self.autonat.tested(tested_addr, result.is_ok());
+                if self.autonat.verdict() != before {
+                    tracing::info!(reachability = ?self.autonat.verdict(), "AutoNAT verdict changed");
+                    self.plan_relays();
+                }
+            }
+            BehaviourEvent::AutonatServer(ev) => {
+                tracing::debug!(client = %ev.client, addr = %ev.tested_addr, ok = ev.result.is_ok(), "AutoNAT dial-back for a peer");
+                // The dial-back connection has done its job: close it rather than keep it until
+                // the idle timeout (it counts against the per-peer connection limit).
+                let done: Vec<ConnectionId> = self
+                    .conns
+                    .iter()
+                    .filter(|(_, c)| c.peer == ev.client && c.new_port)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in done {
+                    self.swarm.close_connection(id);
+                }
+            }
             BehaviourEvent::Schema(ev) => self.on_schema_event(ev),
             BehaviourEvent::Limits(_)
             | BehaviourEvent::Memory(_)
@@ -892,7 +1269,10 @@ impl EventLoop {
                 }
             }
             kad::Event::OutboundQueryProgressed {
-                id, result, step, ..
+                id,
+                result,
+                step,
+                stats,
             } => match result {
                 kad::QueryResult::GetProviders(r) => {
                     let (done, failure) = match r {
@@ -920,7 +1300,7 @@ impl EventLoop {
                             Some(e) if v.is_empty() => Err(MeshError::DeadlineExceeded(format!(
                                 "the provider lookup for '{schema}' failed: {e}"
                             ))),
-                            _ => Ok(v),
+                            _ => Ok((v, stats.num_requests())),
                         };
                         let _ = reply.send(answer);
                     }
@@ -953,6 +1333,16 @@ impl EventLoop {
                                     self.send_now(target, o);
                                 }
                             }
+                        } else if addrs.is_empty()
+                            && self.waiting_connect.contains_key(&target)
+                            && !self.relays.circuit_routes().is_empty()
+                            && self.relay_tried.insert(target)
+                        {
+                            // Unknown to the DHT (yet): try the relays this node reserved on,
+                            // which the node may share.
+                            let routes = self.relays.circuit_routes();
+                            tracing::debug!(peer = %target, relays = routes.len(), "no address in the DHT; trying through this node's relays");
+                            self.dial_known(target, routes);
                         } else if addrs.is_empty() {
                             self.fail_waiting(
                                 target,

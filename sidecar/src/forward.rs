@@ -39,6 +39,8 @@ const MAX_QUEUED_PER_PEER: usize = 1024;
 const MAX_IN_FLIGHT_PER_PEER: usize = 4096;
 /// Most bytes gathered into one write.
 const MAX_WRITE_BATCH: usize = 256 * 1024;
+/// How long a retired stream waits for the answers to the requests already written on it.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 type Reply = oneshot::Sender<Result<ForwardResponse, MeshError>>;
 
@@ -241,7 +243,25 @@ async fn peer_stream(
         tokio::select! {
             next = rx.recv() => match next {
                 Some(j) => job = j,
-                None => break "the stream is no longer needed".to_string(),
+                None => {
+                    // Retired (e.g. its connection is being replaced by a direct one): the
+                    // requests already written get their answers first, for a bounded time.
+                    let deadline = tokio::time::Instant::now() + DRAIN;
+                    let mut ended = None;
+                    while !lock(&pending).is_empty() && tokio::time::Instant::now() < deadline {
+                        tokio::select! {
+                            done = &mut reading => {
+                                ended = Some(match done {
+                                    Ok(reason) => reason,
+                                    Err(e) => format!("the reader of node {peer}'s stream failed: {e}"),
+                                });
+                                break;
+                            }
+                            _ = tokio::time::sleep(std::time::Duration::from_millis(5)) => {}
+                        }
+                    }
+                    break ended.unwrap_or_else(|| "the stream is no longer needed".to_string());
+                }
             },
             done = &mut reading => {
                 break match done {

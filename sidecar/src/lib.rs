@@ -18,5 +18,6 @@ pub mod mesh_api;
 pub mod metrics;
 pub mod node_link;
 pub mod peer_book;
+pub mod reach;
 pub mod server;
 pub mod signing;

@@ -327,8 +327,10 @@ impl Mesh for MeshApi {
         )
         .await
         .map_err(|_| Status::deadline_exceeded("provider lookup timed out"))??;
+        let (found, peers_asked) = found;
         Ok(Response::new(FindProvidersResponse {
             node_ids: found.into_iter().map(|p| p.to_string()).collect(),
+            peers_asked,
         }))
     }
 

@@ -120,6 +120,28 @@ pub fn connection_kind(remote: &Multiaddr) -> (&'static str, &'static str) {
     (if relayed { "relayed" } else { "direct" }, transport)
 }
 
+/// How a connection runs, from its endpoint. An inbound relayed connection's remote address is
+/// only `/p2p/<peer>`; its local address is the reservation's `<relay>/p2p-circuit`.
+pub fn endpoint_kind(endpoint: &libp2p::core::ConnectedPoint) -> (&'static str, &'static str) {
+    match endpoint {
+        libp2p::core::ConnectedPoint::Dialer { address, .. } => connection_kind(address),
+        libp2p::core::ConnectedPoint::Listener {
+            local_addr,
+            send_back_addr,
+        } => {
+            let (remote, transport) = connection_kind(send_back_addr);
+            let (local, local_transport) = connection_kind(local_addr);
+            let relayed = remote == "relayed" || local == "relayed";
+            let transport = if transport.is_empty() {
+                local_transport
+            } else {
+                transport
+            };
+            (if relayed { "relayed" } else { "direct" }, transport)
+        }
+    }
+}
+
 impl PeerEntry {
     pub fn add_addr(&mut self, a: Multiaddr) {
         let a = strip_p2p(a);
@@ -159,11 +181,15 @@ pub fn strip_p2p(mut a: Multiaddr) -> Multiaddr {
     a
 }
 
+/// The peer an address reaches: its last `/p2p/<id>` (in a relayed address
+/// `<relay>/p2p/<relay id>/p2p-circuit/p2p/<id>` the first one is the relay's).
 pub fn peer_of(a: &Multiaddr) -> Option<PeerId> {
-    a.iter().find_map(|p| match p {
-        Protocol::P2p(id) => Some(id),
-        _ => None,
-    })
+    a.iter()
+        .filter_map(|p| match p {
+            Protocol::P2p(id) => Some(id),
+            _ => None,
+        })
+        .last()
 }
 
 /// Every peer this sidecar knows of.
@@ -540,6 +566,21 @@ mod tests {
             .parse()
             .unwrap();
         assert_eq!(connection_kind(&relayed), ("relayed", "tcp"));
+        let inbound_relayed = libp2p::core::ConnectedPoint::Listener {
+            local_addr: "/ip4/198.18.0.1/tcp/4001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN/p2p-circuit".parse().unwrap(),
+            send_back_addr: "/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN".parse().unwrap(),
+        };
+        assert_eq!(endpoint_kind(&inbound_relayed), ("relayed", "tcp"));
+        let (relay, target) = (PeerId::random(), PeerId::random());
+        let circuit: Multiaddr =
+            format!("/ip4/198.18.0.1/tcp/4001/p2p/{relay}/p2p-circuit/p2p/{target}")
+                .parse()
+                .unwrap();
+        assert_eq!(
+            peer_of(&circuit),
+            Some(target),
+            "a relayed address reaches its last id"
+        );
     }
 
     #[test]

@@ -125,6 +125,8 @@ pub fn assemble(
         metrics: metrics.clone(),
         forward: forward_streams,
         peers_path: Some(config.peers_path()),
+        relays: crate::reach::Relays::new(config)?,
+        relay_server: crate::reach::RelayServer::default().status(config),
     });
     let tasks = vec![
         tokio::spawn(event_loop.run()),
@@ -171,6 +173,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     let behaviour_config = config.clone();
     let idle = Duration::from_secs(config.idle_connection_timeout_secs);
+    if config.connection_timeout_secs == 0 {
+        anyhow::bail!("--connection-timeout-secs must be above 0");
+    }
+    let connection_timeout = Duration::from_secs(config.connection_timeout_secs);
     let mut swarm = match &config.private_network_key {
         None => libp2p::SwarmBuilder::with_existing_identity(key)
             .with_tokio()
@@ -183,9 +189,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .with_quic()
             .with_dns()
             .context("cannot set up DNS resolution")?
-            .with_behaviour(|key| Behaviour::new(key, &behaviour_config).map_err(Into::into))
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .context("cannot set up the relay transport")?
+            .with_behaviour(|key, relay| {
+                Behaviour::new(key, &behaviour_config, Some(relay)).map_err(Into::into)
+            })
             .context("cannot set up the libp2p behaviour")?
             .with_swarm_config(|c| swarm_config(c, idle))
+            .with_connection_timeout(connection_timeout)
             .build(),
         Some(path) => {
             let psk = read_psk(path)?;
@@ -217,9 +228,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 .context("cannot set up the private-network transport")?
                 .with_dns()
                 .context("cannot set up DNS resolution")?
-                .with_behaviour(|key| Behaviour::new(key, &behaviour_config).map_err(Into::into))
+                .with_relay_client(noise::Config::new, yamux::Config::default)
+                .context("cannot set up the relay transport")?
+                .with_behaviour(|key, relay| {
+                    Behaviour::new(key, &behaviour_config, Some(relay)).map_err(Into::into)
+                })
                 .context("cannot set up the libp2p behaviour")?
                 .with_swarm_config(|c| swarm_config(c, idle))
+                .with_connection_timeout(connection_timeout)
                 .build()
         }
     };

@@ -80,7 +80,7 @@ fn sidecar(listen: Option<u64>) -> Sidecar {
                 .boxed())
         })
         .unwrap()
-        .with_behaviour(|k| Behaviour::new(k, &config).map_err(Into::into))
+        .with_behaviour(|k| Behaviour::new(k, &config, None).map_err(Into::into))
         .unwrap()
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
         .build();
