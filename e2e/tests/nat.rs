@@ -18,6 +18,10 @@ use serde_json::{Value as Json, json};
 
 const SETUP: &str = "NAT lab (needs root, iproute2 and nftables; run scripts/test.sh as root)";
 
+/// The labs' timing-sensitive steps (AutoNAT verdicts, reservations, hole punching) ran
+/// reliably one lab at a time on 2 cores; the tests of this file take turns.
+static ONE_LAB_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Wait until `h`'s AutoNAT verdict is `want`.
 async fn reachability(h: &Host, want: Reachability, what: &str) -> NetworkStatusResponse {
     eventually(what, Duration::from_secs(60), || async {
@@ -82,6 +86,7 @@ async fn a_queries_b(a: &Host, b: &Host) {
 /// lists say relayed, over TCP or QUIC, also after the hole-punching attempts are over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relayed_forwarding_through_nats_without_hole_punching() {
+    let _turn = ONE_LAB_AT_A_TIME.lock().await;
     let Lab {
         lab: _lab,
         relay,
@@ -164,6 +169,7 @@ async fn relayed_forwarding_through_nats_without_hole_punching() {
 /// direct in both peer lists, and forwarding works over it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hole_punching_upgrades_a_relayed_connection_to_direct() {
+    let _turn = ONE_LAB_AT_A_TIME.lock().await;
     let Lab {
         lab: _lab,
         relay,
@@ -233,6 +239,7 @@ fn loopback_sidecar(
 /// a bad --relay or relay limit stops the sidecar with a message naming the flag.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configured_relays_are_reserved_on_and_bad_relay_flags_are_refused() {
+    let _turn = ONE_LAB_AT_A_TIME.lock().await;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
