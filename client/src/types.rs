@@ -459,11 +459,101 @@ pub struct NetworkStatus {
     pub provided_schemas: Vec<String>,
     /// Each configured bootstrap address and its last dial's outcome.
     pub bootstrap: Vec<BootstrapState>,
+    /// AutoNAT's verdict: "reachable", "not reachable" or "unknown".
+    pub reachability: String,
+    /// Addresses other nodes dialled this node back on.
+    pub reachable_addrs: Vec<String>,
+    /// Relay reservations this node holds or asks for.
+    pub relays: Vec<RelayReservation>,
+    /// This node's relay service (`null` when the sidecar reports none).
+    pub relay_server: Option<RelayServer>,
+    /// Schemas this node follows (read-only replicas) and how far behind each is.
+    pub replicas: Vec<Replica>,
+}
+
+/// One relay reservation (`NetworkStatus.relays`).
+#[derive(Clone, Debug, Serialize)]
+pub struct RelayReservation {
+    pub relay_node_id: String,
+    pub relay_addr: String,
+    /// "config", "bootstrap" or "identify".
+    pub source: String,
+    /// "pending", "reserved" or "failed".
+    pub state: String,
+    /// The relayed address other nodes dial (`null` until reserved).
+    pub circuit_addr: Option<String>,
+    pub last_error: Option<String>,
+}
+
+/// This node's relay service (`--relay-server`).
+#[derive(Clone, Debug, Serialize)]
+pub struct RelayServer {
+    pub enabled: bool,
+    pub reservations: u32,
+    pub circuits: u32,
+}
+
+/// One followed schema (`NetworkStatus.replicas`).
+#[derive(Clone, Debug, Serialize)]
+pub struct Replica {
+    pub schema: String,
+    pub source_node_id: String,
+    pub applied_sequence: u64,
+    pub source_head_sequence: u64,
+    /// Changes behind the source, as of its last answer.
+    pub lag: u64,
+    pub last_error: Option<String>,
 }
 
 impl From<v1::NetworkStatusResponse> for NetworkStatus {
     fn from(s: v1::NetworkStatusResponse) -> Self {
+        let reachability = match v1::Reachability::try_from(s.reachability) {
+            Ok(v1::Reachability::Reachable) => "reachable",
+            Ok(v1::Reachability::NotReachable) => "not reachable",
+            _ => "unknown",
+        }
+        .to_string();
+        let relays = s
+            .relays
+            .into_iter()
+            .map(|r| RelayReservation {
+                state: match v1::relay_reservation::State::try_from(r.state) {
+                    Ok(v1::relay_reservation::State::Pending) => "pending",
+                    Ok(v1::relay_reservation::State::Reserved) => "reserved",
+                    Ok(v1::relay_reservation::State::Failed) => "failed",
+                    _ => "unknown",
+                }
+                .to_string(),
+                relay_node_id: r.relay_node_id,
+                relay_addr: r.relay_addr,
+                source: r.source,
+                circuit_addr: (!r.circuit_addr.is_empty()).then_some(r.circuit_addr),
+                last_error: (!r.last_error.is_empty()).then_some(r.last_error),
+            })
+            .collect();
+        let relay_server = s.relay_server.map(|r| RelayServer {
+            enabled: r.enabled,
+            reservations: r.reservations,
+            circuits: r.circuits,
+        });
+        let replicas = s
+            .replicas
+            .into_iter()
+            .map(|r| Replica {
+                schema: r.schema,
+                source_node_id: r.source_node_id,
+                applied_sequence: r.applied_sequence,
+                source_head_sequence: r.source_head_sequence,
+                lag: r.lag,
+                last_error: (!r.last_error.is_empty()).then_some(r.last_error),
+            })
+            .collect();
         NetworkStatus {
+            reachability,
+            reachable_addrs: s.reachable_addrs,
+            relays,
+            relay_server,
+            replicas,
             node_id: s.node_id,
             listen_addrs: s.listen_addrs,
             external_addrs: s.external_addrs,

@@ -69,7 +69,8 @@ pub enum Command {
     Mutate(MutateArgs),
     /// Versions of one field, newest first.
     History(HistoryArgs),
-    /// This node in the mesh: id, addresses, peer counts, provided schemas.
+    /// This node in the mesh: id, addresses, peer counts, provided schemas, reachability across
+    /// NATs, relays, and the replicas it keeps.
     Status,
     /// Peers: id, addresses, connected, RTT, agent, trust (and circuit breaker state).
     Peers {

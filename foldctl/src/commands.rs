@@ -51,6 +51,50 @@ pub async fn run(c: &Client, g: &Global, cmd: Command) -> Result<Out, Failure> {
                             .join("; "),
                     ),
                 ),
+                ("reachability", s.reachability.clone()),
+                (
+                    "relays",
+                    or_dash(
+                        s.relays
+                            .iter()
+                            .map(|r| match (&r.circuit_addr, &r.last_error) {
+                                (Some(c), _) => format!("{} {} ({c})", r.relay_node_id, r.state),
+                                (None, Some(e)) => format!("{} {}: {e}", r.relay_node_id, r.state),
+                                _ => format!("{} {}", r.relay_node_id, r.state),
+                            })
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                    ),
+                ),
+                (
+                    "relay server",
+                    match &s.relay_server {
+                        Some(r) if r.enabled => format!(
+                            "on ({} reservations, {} circuits)",
+                            r.reservations, r.circuits
+                        ),
+                        _ => "off".into(),
+                    },
+                ),
+                (
+                    "replicas",
+                    or_dash(
+                        s.replicas
+                            .iter()
+                            .map(|r| {
+                                let mut t = format!(
+                                    "{} from {} at {} (lag {})",
+                                    r.schema, r.source_node_id, r.applied_sequence, r.lag
+                                );
+                                if let Some(e) = &r.last_error {
+                                    t.push_str(&format!(": {e}"));
+                                }
+                                t
+                            })
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                    ),
+                ),
             ]);
             Ok(Out {
                 json: to_json(&s)?,
