@@ -301,6 +301,29 @@ impl Client {
         Ok(records)
     }
 
+    /// Subscribe to a schema's changes: everything after `s.from_sequence`, then live changes
+    /// as they commit, with progress events (about every second) between them. Read it with
+    /// [`SubscriptionStream::next`]; it ends with an error (e.g. RESOURCE_EXHAUSTED when the
+    /// reader fell too far behind: resume from the last sequence received).
+    pub async fn subscribe(&self, s: Subscription) -> Result<SubscriptionStream> {
+        // A stream has no deadline of its own: the client's timeout bounds only its start.
+        let req = pb::SubscribeRequest {
+            schema: s.schema,
+            from_sequence: s.from_sequence,
+            fields: s.fields,
+            filter: s.filter.as_ref().map(Filter::to_proto),
+            json_values: true,
+            target_node_id: s.node.unwrap_or_default(),
+            route: if s.any {
+                pb::Route::Any as i32
+            } else {
+                pb::Route::Default as i32
+            },
+        };
+        let inner = self.fold().subscribe(req).await?.into_inner();
+        Ok(SubscriptionStream { inner })
+    }
+
     /// Create, update or delete field values, locally or on another node.
     pub async fn mutate(&self, m: Mutation) -> Result<MutateResult> {
         let r = self
@@ -616,4 +639,27 @@ pub fn failed_record(message: &str) -> Option<usize> {
     let rest = message.split("record ").nth(1)?;
     let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
     digits.parse().ok()
+}
+
+/// The events of a [`Client::subscribe`] call, in sequence order.
+pub struct SubscriptionStream {
+    inner: tonic::Streaming<pb::SubscribeResponse>,
+}
+
+impl SubscriptionStream {
+    /// The next event; `None` when the node ended the stream cleanly, `Some(Err)` when it ended
+    /// it with a status (resume from the last sequence received).
+    pub async fn next(&mut self) -> Option<Result<SubscriptionEvent>> {
+        loop {
+            match self.inner.message().await {
+                Ok(Some(m)) => {
+                    if let Some(e) = SubscriptionEvent::from_proto(m) {
+                        return Some(Ok(e));
+                    }
+                }
+                Ok(None) => return None,
+                Err(s) => return Some(Err(s.into())),
+            }
+        }
+    }
 }

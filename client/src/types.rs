@@ -821,3 +821,88 @@ mod tests {
         assert_eq!(p.rtt_micros, None);
     }
 }
+
+/// A subscription to a schema's changes ([`Client::subscribe`](crate::Client::subscribe)).
+#[derive(Clone, Debug, Default)]
+pub struct Subscription {
+    pub schema: String,
+    /// Fields to receive (empty: every field the caller may read).
+    pub fields: Vec<String>,
+    pub filter: Option<Filter>,
+    /// Changes after this sequence (0: from the first kept one). To resume, the last sequence
+    /// received.
+    pub from_sequence: u64,
+    /// Another node's changes (through the mesh).
+    pub node: Option<String>,
+    /// The changes of one node serving the schema, chosen by the connected node (the stream's
+    /// progress events name it).
+    pub any: bool,
+}
+
+impl Subscription {
+    pub fn new(schema: impl Into<String>) -> Self {
+        Subscription {
+            schema: schema.into(),
+            ..Default::default()
+        }
+    }
+}
+
+/// One event of a subscription.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum SubscriptionEvent {
+    /// One committed mutation, with the subscribed fields it wrote (exact values).
+    Change {
+        sequence: u64,
+        /// The range key (Range schemas), `null` for Single schemas.
+        key: Option<String>,
+        mutation: Option<MutationKind>,
+        writer: String,
+        written_at: Option<String>,
+        /// Field -> value written (`null` for a deletion).
+        fields: Map<String, Json>,
+    },
+    /// Everything up to `sequence` was sent or skipped; `head` is the schema's newest sequence
+    /// on `node_id`.
+    Progress {
+        sequence: u64,
+        head: u64,
+        oldest: u64,
+        node_id: String,
+    },
+}
+
+impl SubscriptionEvent {
+    pub(crate) fn from_proto(r: v1::SubscribeResponse) -> Option<Self> {
+        match r.event? {
+            v1::subscribe_response::Event::Change(c) => {
+                let mut fields = Map::new();
+                for f in c.fields {
+                    let value = if f.deleted {
+                        Json::Null
+                    } else if !f.value_json.is_empty() {
+                        serde_json::from_str(&f.value_json).unwrap_or(Json::Null)
+                    } else {
+                        f.value.as_ref().map(value_to_json).unwrap_or(Json::Null)
+                    };
+                    fields.insert(f.field, value);
+                }
+                Some(SubscriptionEvent::Change {
+                    sequence: c.sequence,
+                    key: (!c.range_key.is_empty()).then_some(c.range_key),
+                    mutation: MutationKind::from_i32(c.mutation_type),
+                    writer: c.writer,
+                    written_at: c.written_at.map(|t| t.to_string()),
+                    fields,
+                })
+            }
+            v1::subscribe_response::Event::Progress(p) => Some(SubscriptionEvent::Progress {
+                sequence: p.sequence,
+                head: p.head_sequence,
+                oldest: p.oldest_sequence,
+                node_id: p.node_id,
+            }),
+        }
+    }
+}

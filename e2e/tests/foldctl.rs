@@ -1511,3 +1511,110 @@ fn screenshot_shows_a_picture(svg: &str) {
         "{dark} dark pixels of {total}"
     );
 }
+
+/// `foldctl subscribe`: the changes so far, then live ones, one line each (JSON lines with
+/// `-o json`), stopping after `--limit`; `--from` resumes after a sequence.
+#[test]
+fn subscribe_prints_changes_so_far_then_live_ones() {
+    let p = Pair::start();
+    let addr = p.node.grpc.as_str();
+    ok(addr, &["schema", "load", SENSORS, "--approve"]);
+    for (k, c) in [("s-1", 20), ("s-2", 21)] {
+        ok(
+            addr,
+            &[
+                "mutate",
+                "SensorReadings",
+                "create",
+                "--data",
+                &format!(r#"{{"sensor_id": "{k}", "celsius": {c}}}"#),
+            ],
+        );
+    }
+    let child = Command::new(bin_path("foldctl"))
+        .args([
+            "--addr",
+            addr,
+            "subscribe",
+            "SensorReadings",
+            "sensor_id",
+            "celsius",
+            "--limit",
+            "3",
+            "-o",
+            "json",
+        ])
+        .current_dir(repo())
+        .env_remove("FOLD_ADDR")
+        .env_remove("FOLD_OUTPUT")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run foldctl subscribe");
+    // A live change, after the subscription has caught up with the first two.
+    std::thread::sleep(Duration::from_millis(500));
+    ok(
+        addr,
+        &[
+            "mutate",
+            "SensorReadings",
+            "create",
+            "--data",
+            r#"{"sensor_id": "s-3", "celsius": 9007199254740993}"#,
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut child = child;
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "foldctl subscribe did not stop after --limit 3"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Json> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let changes: Vec<&Json> = lines.iter().filter(|l| l["event"] == "change").collect();
+    assert_eq!(changes.len(), 3, "{lines:?}");
+    let seqs: Vec<u64> = changes
+        .iter()
+        .map(|c| c["sequence"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [1, 2, 3]);
+    assert_eq!(changes[2]["key"], "s-3");
+    // Exact values: an integer beyond 2^53 arrives as written.
+    assert_eq!(
+        changes[2]["fields"]["celsius"].to_string(),
+        "9007199254740993"
+    );
+    // Resume after sequence 2: only the third, as a line of text.
+    let r = ok(
+        addr,
+        &[
+            "subscribe",
+            "SensorReadings",
+            "celsius",
+            "--from",
+            "2",
+            "--limit",
+            "1",
+        ],
+    );
+    let line = r.out.lines().next().unwrap_or_default().to_string();
+    assert!(
+        line.starts_with("3 s-3 create celsius=9007199254740993"),
+        "{line}"
+    );
+    // A sequence beyond the head is OUT_OF_RANGE, exit 3 (refused).
+    let r = ctl(addr, &["subscribe", "SensorReadings", "--from", "99"]);
+    assert_eq!(r.code, 3, "{} {}", r.out, r.err);
+    assert!(r.err.contains("OUT_OF_RANGE"), "{}", r.err);
+}

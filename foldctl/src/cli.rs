@@ -69,6 +69,9 @@ pub enum Command {
     Mutate(MutateArgs),
     /// Versions of one field, newest first.
     History(HistoryArgs),
+    /// Follow a schema's changes: everything after --from, then live, until --limit changes or
+    /// Ctrl-C. One line per change (with -o json: one JSON object per line, progress too).
+    Subscribe(SubscribeArgs),
     /// This node in the mesh: id, addresses, peer counts, provided schemas, reachability across
     /// NATs, relays, and the replicas it keeps.
     Status,
@@ -254,6 +257,37 @@ pub struct HistoryArgs {
     /// Read it on every node serving the schema (a NODE column; failures on stderr).
     #[arg(long, group = "where")]
     pub all: bool,
+}
+
+#[derive(Args, Debug)]
+#[command(group(ArgGroup::new("sub_filter").args(["key", "prefix"])))]
+pub struct SubscribeArgs {
+    /// Schema name.
+    pub schema: String,
+    /// Fields to receive (default: every field you may read).
+    pub fields: Vec<String>,
+    /// Changes after this sequence number (0 = from the first kept one). To resume, give the
+    /// last sequence you saw.
+    #[arg(long, default_value_t = 0)]
+    pub from: u64,
+    /// Only changes of this range key.
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Only changes of range keys starting with this prefix.
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// Another node's changes (through the mesh).
+    #[arg(long, group = "where")]
+    pub node: Option<String>,
+    /// The changes of one node serving the schema (the first progress line names it).
+    #[arg(long, group = "where")]
+    pub any: bool,
+    /// Stop after this many changes (0 = run until Ctrl-C or the stream ends).
+    #[arg(long, default_value_t = 0)]
+    pub limit: u64,
+    /// Also print progress lines (sequence, head, node) in the table output.
+    #[arg(long)]
+    pub progress: bool,
 }
 
 #[derive(Subcommand, Debug)]

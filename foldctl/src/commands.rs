@@ -6,12 +6,14 @@ use std::io::Read;
 
 use fold_client::{
     At, Client, Filter, Mutation, MutationKind, NodeAnswer, Peer, Query, SchemaInfo, SchemaState,
-    StateChange, Trust, TrustEntry,
+    StateChange, Subscription, SubscriptionEvent, Trust, TrustEntry,
 };
 use serde::Serialize;
 use serde_json::{Value as Json, json};
 
-use crate::cli::{Command, Global, HistoryArgs, MutateArgs, QueryArgs, SchemaCmd, TrustCmd};
+use crate::cli::{
+    Command, Global, HistoryArgs, MutateArgs, QueryArgs, SchemaCmd, SubscribeArgs, TrustCmd,
+};
 use crate::metrics::{get_metrics, parse};
 use crate::table::{Table, cell, kv};
 use crate::{Failure, Out, topology};
@@ -26,6 +28,7 @@ pub async fn run(c: &Client, g: &Global, cmd: Command) -> Result<Out, Failure> {
         Command::Query(q) => query(c, q).await,
         Command::Mutate(m) => mutate(c, m).await,
         Command::History(h) => history(c, h).await,
+        Command::Subscribe(a) => subscribe(c, g, a).await,
         Command::Status => {
             let s = c.status().await?;
             let text = kv(&[
@@ -494,6 +497,95 @@ fn answered_summary(answers: &[NodeAnswer]) -> Result<String, Failure> {
         answers.len() - failed.len(),
         answers.len()
     ))
+}
+
+/// Print each event as it arrives (a stream has no final table); nothing is left to print
+/// after.
+async fn subscribe(c: &Client, g: &Global, a: SubscribeArgs) -> Result<Out, Failure> {
+    use std::io::Write;
+    let json = matches!(g.output, crate::cli::Output::Json);
+    let mut s = Subscription::new(a.schema);
+    s.fields = a.fields;
+    s.from_sequence = a.from;
+    s.node = a.node;
+    s.any = a.any;
+    s.filter = a.key.map(Filter::Key).or(a.prefix.map(Filter::Prefix));
+    let mut stream = c.subscribe(s).await?;
+    let mut changes = 0u64;
+    let mut last = a.from;
+    while a.limit == 0 || changes < a.limit {
+        let Some(event) = stream.next().await else {
+            break;
+        };
+        let event = match event {
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!(
+                    "foldctl: the subscription ended after sequence {last}; resume with --from {last}"
+                );
+                return Err(e.into());
+            }
+        };
+        match &event {
+            SubscriptionEvent::Change { sequence, .. } => {
+                changes += 1;
+                last = *sequence;
+            }
+            SubscriptionEvent::Progress { sequence, .. } => last = last.max(*sequence),
+        }
+        let line = if json {
+            serde_json::to_string(&event)
+                .map_err(|e| Failure::Local(format!("cannot render JSON: {e}")))?
+        } else {
+            match &event {
+                SubscriptionEvent::Change {
+                    sequence,
+                    key,
+                    mutation,
+                    writer,
+                    fields,
+                    ..
+                } => {
+                    let values: Vec<String> = fields
+                        .iter()
+                        .map(|(k, v)| format!("{k}={}", cell(v)))
+                        .collect();
+                    format!(
+                        "{sequence} {} {} {} {}",
+                        key.as_deref().unwrap_or("-"),
+                        mutation
+                            .map(|m| format!("{m:?}").to_lowercase())
+                            .unwrap_or_else(|| "-".into()),
+                        values.join(" "),
+                        writer
+                    )
+                }
+                SubscriptionEvent::Progress {
+                    sequence,
+                    head,
+                    node_id,
+                    ..
+                } => {
+                    if !a.progress {
+                        continue;
+                    }
+                    format!(
+                        "# progress: through {sequence}, head {head}, on {}",
+                        node_name(node_id)
+                    )
+                }
+            }
+        };
+        let mut out = std::io::stdout().lock();
+        if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
+            // The reader went away (e.g. `| head`): done.
+            break;
+        }
+    }
+    Ok(Out {
+        json: Json::Null,
+        text: String::new(),
+    })
 }
 
 async fn history(c: &Client, a: HistoryArgs) -> Result<Out, Failure> {
