@@ -212,19 +212,8 @@ impl Client {
         // misbehaving server.
         for _ in 0..1_000_000 {
             let r = self
-                .fold()
-                .query(self.req(pb::QueryRequest {
-                    route: route as i32,
-                    page_size: PAGE_SIZE,
-                    page_token: std::mem::take(&mut token),
-                    json_values: true,
-                    schema: q.schema.clone(),
-                    fields: q.fields.clone(),
-                    filter: q.filter.as_ref().map(Filter::to_proto),
-                    target_node_id: target.clone(),
-                }))
-                .await?
-                .into_inner();
+                .query_page(&q, route, target.clone(), std::mem::take(&mut token))
+                .await?;
             token = r.next_page_token.clone();
             if route == pb::Route::Any {
                 route = pb::Route::Default;
@@ -245,19 +234,8 @@ impl Client {
     /// node, with its records (every page of them) or its failure. Nothing is dropped silently.
     pub async fn query_all(&self, q: Query) -> Result<Vec<NodeAnswer>> {
         let r = self
-            .fold()
-            .query(self.req(pb::QueryRequest {
-                route: pb::Route::All as i32,
-                page_size: PAGE_SIZE,
-                page_token: String::new(),
-                json_values: true,
-                schema: q.schema.clone(),
-                fields: q.fields.clone(),
-                filter: q.filter.as_ref().map(Filter::to_proto),
-                target_node_id: String::new(),
-            }))
-            .await?
-            .into_inner();
+            .query_page(&q, pb::Route::All, String::new(), String::new())
+            .await?;
         let mut out = Vec::with_capacity(r.answers.len());
         for a in r.answers {
             let token = a.next_page_token.clone();
@@ -275,6 +253,30 @@ impl Client {
         Ok(out)
     }
 
+    /// One page of `q` (exact values), routed as given.
+    async fn query_page(
+        &self,
+        q: &Query,
+        route: pb::Route,
+        target_node_id: String,
+        page_token: String,
+    ) -> Result<pb::QueryResponse> {
+        Ok(self
+            .fold()
+            .query(self.req(pb::QueryRequest {
+                route: route as i32,
+                page_size: PAGE_SIZE,
+                page_token,
+                json_values: true,
+                schema: q.schema.clone(),
+                fields: q.fields.clone(),
+                filter: q.filter.as_ref().map(Filter::to_proto),
+                target_node_id,
+            }))
+            .await?
+            .into_inner())
+    }
+
     async fn query_pages_from(&self, q: Query, mut token: String) -> Result<Vec<Record>> {
         let mut records = Vec::new();
         for _ in 0..1_000_000 {
@@ -282,19 +284,13 @@ impl Client {
                 break;
             }
             let r = self
-                .fold()
-                .query(self.req(pb::QueryRequest {
-                    route: 0,
-                    page_size: PAGE_SIZE,
-                    page_token: std::mem::take(&mut token),
-                    json_values: true,
-                    schema: q.schema.clone(),
-                    fields: q.fields.clone(),
-                    filter: q.filter.as_ref().map(Filter::to_proto),
-                    target_node_id: q.node.clone().unwrap_or_default(),
-                }))
-                .await?
-                .into_inner();
+                .query_page(
+                    &q,
+                    pb::Route::Default,
+                    q.node.clone().unwrap_or_default(),
+                    std::mem::take(&mut token),
+                )
+                .await?;
             token = r.next_page_token.clone();
             records.extend(QueryResult::from(r).records);
         }
@@ -416,9 +412,27 @@ impl Client {
             At::Any => (pb::Route::Any, String::new()),
         };
         let r = self
+            .history_call(schema, field, key, limit, route, target)
+            .await?;
+        Ok((
+            r.node_id,
+            r.versions.into_iter().map(Version::from).collect(),
+        ))
+    }
+
+    async fn history_call(
+        &self,
+        schema: &str,
+        field: &str,
+        key: Option<&str>,
+        limit: u32,
+        route: pb::Route,
+        target_node_id: String,
+    ) -> Result<pb::HistoryResponse> {
+        Ok(self
             .fold()
             .history(self.req(pb::HistoryRequest {
-                target_node_id: target,
+                target_node_id,
                 route: route as i32,
                 page_size: 0,
                 page_token: String::new(),
@@ -429,11 +443,7 @@ impl Client {
                 limit,
             }))
             .await?
-            .into_inner();
-        Ok((
-            r.node_id,
-            r.versions.into_iter().map(Version::from).collect(),
-        ))
+            .into_inner())
     }
 
     /// A field's history on every node serving the schema: one answer per node (at most
@@ -446,20 +456,8 @@ impl Client {
         limit: u32,
     ) -> Result<Vec<NodeAnswer>> {
         let r = self
-            .fold()
-            .history(self.req(pb::HistoryRequest {
-                target_node_id: String::new(),
-                route: pb::Route::All as i32,
-                page_size: 0,
-                page_token: String::new(),
-                json_values: false,
-                schema: schema.into(),
-                field: field.into(),
-                range_key: key.unwrap_or_default().into(),
-                limit,
-            }))
-            .await?
-            .into_inner();
+            .history_call(schema, field, key, limit, pb::Route::All, String::new())
+            .await?;
         Ok(r.answers.into_iter().map(NodeAnswer::from).collect())
     }
 

@@ -152,6 +152,13 @@ enum Answer {
     History(HistoryResponse),
 }
 
+/// A routed read's result: one answer per node (ALL), or one node's answer and how many nodes
+/// were asked (ANY).
+enum Routed {
+    All(Vec<NodeAnswer>),
+    Any(Answer, u32),
+}
+
 impl Read {
     fn schema(&self) -> &str {
         match self {
@@ -224,24 +231,19 @@ impl Router {
         deadline: Option<Duration>,
     ) -> Result<QueryResponse, Status> {
         let route = check_route(req.route, &req.target_node_id, &req.page_token)?;
-        let read = Read::Query(req);
-        let me = self.inner.mesh.node_id_or_empty();
-        match route {
-            Route::All => {
-                let answers = self.all(who, &read, deadline).await?;
-                Ok(QueryResponse {
-                    node_id: me,
-                    answers,
-                    ..Default::default()
-                })
+        match self.route(who, route, Read::Query(req), deadline).await? {
+            Routed::All(answers) => Ok(QueryResponse {
+                node_id: self.inner.mesh.node_id_or_empty(),
+                answers,
+                ..Default::default()
+            }),
+            Routed::Any(Answer::Query(mut q), attempts) => {
+                q.attempts = attempts;
+                Ok(q)
             }
-            _ => match self.any(who, &read, deadline).await? {
-                (Answer::Query(mut q), attempts) => {
-                    q.attempts = attempts;
-                    Ok(q)
-                }
-                (Answer::History(_), _) => Err(Status::internal("a query was answered as history")),
-            },
+            Routed::Any(Answer::History(_), _) => {
+                Err(Status::internal("a query was answered as history"))
+            }
         }
     }
 
@@ -252,25 +254,36 @@ impl Router {
         deadline: Option<Duration>,
     ) -> Result<HistoryResponse, Status> {
         let route = check_route(req.route, &req.target_node_id, &req.page_token)?;
-        let read = Read::History(req);
-        let me = self.inner.mesh.node_id_or_empty();
-        match route {
-            Route::All => {
-                let answers = self.all(who, &read, deadline).await?;
-                Ok(HistoryResponse {
-                    node_id: me,
-                    answers,
-                    ..Default::default()
-                })
+        match self.route(who, route, Read::History(req), deadline).await? {
+            Routed::All(answers) => Ok(HistoryResponse {
+                node_id: self.inner.mesh.node_id_or_empty(),
+                answers,
+                ..Default::default()
+            }),
+            Routed::Any(Answer::History(mut h), attempts) => {
+                h.attempts = attempts;
+                Ok(h)
             }
-            _ => match self.any(who, &read, deadline).await? {
-                (Answer::History(mut h), attempts) => {
-                    h.attempts = attempts;
-                    Ok(h)
-                }
-                (Answer::Query(_), _) => Err(Status::internal("history was answered as a query")),
-            },
+            Routed::Any(Answer::Query(_), _) => {
+                Err(Status::internal("history was answered as a query"))
+            }
         }
+    }
+
+    async fn route(
+        &self,
+        who: &Principal,
+        route: Route,
+        read: Read,
+        deadline: Option<Duration>,
+    ) -> Result<Routed, Status> {
+        Ok(match route {
+            Route::All => Routed::All(self.all(who, &read, deadline).await?),
+            _ => {
+                let (answer, attempts) = self.any(who, &read, deadline).await?;
+                Routed::Any(answer, attempts)
+            }
+        })
     }
 
     /// Where a ROUTE_ANY subscription starts: one provider of `schema`, chosen as for a routed
