@@ -104,3 +104,15 @@ pub fn keys(resp: &QueryResponse) -> Vec<String> {
 pub fn written(resp: &MutateResponse) -> Vec<String> {
     resp.fields.clone()
 }
+
+/// The node ids `addr`'s node finds as providers of `schema` (`Network.FindProviders`), or
+/// `None` when the lookup failed (for waiting loops).
+pub async fn providers_of(addr: &str, schema: &str) -> Option<Vec<String>> {
+    network(addr)
+        .find_providers(fold_proto::v1::FindProvidersRequest {
+            schema: schema.into(),
+        })
+        .await
+        .ok()
+        .map(|r| r.into_inner().node_ids)
+}

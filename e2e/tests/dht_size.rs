@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use fold_proto::v1::{FindProvidersRequest, ListPeersRequest, MutationType};
+use fold_proto::v1::{ListPeersRequest, MutationType};
 use foldmesh_e2e::client::*;
 use foldmesh_e2e::mesh::{Host, eventually, flags, host, start_host};
 use foldmesh_e2e::netns::TestNet;
@@ -96,14 +96,8 @@ async fn a_provider_nineteen_bootstrap_hops_away_is_found_and_reached() {
         "the requester to find the provider of Notes through the DHT",
         Duration::from_secs(90),
         || async {
-            let r = network(&requester.grpc())
-                .find_providers(FindProvidersRequest {
-                    schema: "Notes".into(),
-                })
-                .await
-                .ok()?
-                .into_inner();
-            r.node_ids.contains(&provider.node_id).then_some(r.node_ids)
+            let found = providers_of(&requester.grpc(), "Notes").await?;
+            found.contains(&provider.node_id).then_some(found)
         },
     )
     .await

@@ -6,8 +6,8 @@
 use std::time::{Duration, Instant};
 
 use fold_proto::v1::{
-    CheckSchemasRequest, DialRequest, FindProvidersRequest, HistoryRequest, ListPeersRequest,
-    MutationType, NetworkStatusRequest, SetTrustRequest, TrustEntry,
+    CheckSchemasRequest, DialRequest, HistoryRequest, ListPeersRequest, MutationType,
+    NetworkStatusRequest, SetTrustRequest, TrustEntry,
 };
 use foldmesh_e2e::client::*;
 use foldmesh_e2e::mesh::{Host, eventually, flags, start_host};
@@ -308,14 +308,8 @@ async fn dht_finds_a_provider_two_hops_away_and_forwards_to_it() {
         "A to find C as a provider of Notes",
         Duration::from_secs(30),
         || async {
-            let r = network(&a.grpc())
-                .find_providers(FindProvidersRequest {
-                    schema: "Notes".into(),
-                })
-                .await
-                .ok()?
-                .into_inner();
-            r.node_ids.contains(&c.node_id).then_some(r.node_ids)
+            let found = providers_of(&a.grpc(), "Notes").await?;
+            found.contains(&c.node_id).then_some(found)
         },
     )
     .await

@@ -7,9 +7,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use fold_proto::v1::{
-    FindProvidersRequest, HistoryRequest, ListPeersRequest, MutationType, QueryRequest, Route,
-};
+use fold_proto::v1::{HistoryRequest, ListPeersRequest, MutationType, QueryRequest, Route};
 use foldmesh_e2e::cgroup::CpuLimit;
 use foldmesh_e2e::client::*;
 use foldmesh_e2e::mesh::{Host, eventually, flags, start_host};
@@ -131,14 +129,7 @@ async fn setup(net: &TestNet, provider_extra: &[&[&str]; 3]) -> (Host, Vec<Host>
         "the client to find the three providers",
         Duration::from_secs(60),
         || async {
-            let found = network(&client.grpc())
-                .find_providers(FindProvidersRequest {
-                    schema: "Notes".into(),
-                })
-                .await
-                .ok()?
-                .into_inner()
-                .node_ids;
+            let found = providers_of(&client.grpc(), "Notes").await?;
             ids.iter().all(|i| found.contains(i)).then_some(())
         },
     )
