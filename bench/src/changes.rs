@@ -59,6 +59,7 @@ fn sub_req(from: u64) -> SubscribeRequest {
         filter: None,
         json_values: true,
         target_node_id: String::new(),
+        definition_hash: Default::default(),
     }
 }
 
@@ -115,7 +116,7 @@ async fn propagation(
     Ok((acks, arrivals))
 }
 
-async fn replica_head(n: &Node) -> anyhow::Result<(u64, u64)> {
+pub(crate) async fn replica_head(n: &Node) -> anyhow::Result<(u64, u64)> {
     let s = NetworkClient::new(channel(&n.grpc))
         .status(NetworkStatusRequest {})
         .await?
@@ -128,8 +129,15 @@ async fn replica_head(n: &Node) -> anyhow::Result<(u64, u64)> {
 }
 
 async fn follower(owner: &Node) -> anyhow::Result<Node> {
+    follower_with(owner, &[]).await
+}
+
+/// A new node following `owner`'s `Bench`, its fold-node started with `extra` flags too.
+pub(crate) async fn follower_with(owner: &Node, extra: &[&str]) -> anyhow::Result<Node> {
     let follow = format!("Bench@{}", owner.node_id);
-    let b = start_node_with(&["--follow", &follow])?;
+    let mut args = vec!["--follow", follow.as_str()];
+    args.extend_from_slice(extra);
+    let b = start_node_with(&args)?;
     // The same schema, with no data of its own (a replica starts empty).
     FoldNodeClient::new(channel(&b.grpc))
         .load_schema(fold_proto::v1::LoadSchemaRequest {

@@ -26,6 +26,7 @@ mod dht_procs;
 mod echo;
 mod nat;
 mod route;
+mod soak;
 mod writes;
 
 #[derive(Parser)]
@@ -86,6 +87,27 @@ enum Cmd {
     /// locally and to a replica across the mesh (`--follow`), catch-up rates, and replica lag
     /// under a steady write load.
     Changes,
+    /// Memory while the database grows past the page cache (issue 28): three nodes (A with no
+    /// data, owner B, replica R of B's schema), every fold-node at `--cache-mib`; BatchMutate
+    /// writes of `--records` new records to B under forwarded reads A → B, local reads on B, 8
+    /// remote subscriptions on A to B and 8 local ones on R. Prints each process's RSS over time,
+    /// its largest RSS once B's database passed the cache and its slope after warm-up, and read
+    /// and write times while the data fits the cache against once it is 4× larger. Writes
+    /// <out>/soak.json.
+    Soak {
+        /// Page cache of every fold-node (--cache-size), MiB.
+        #[arg(long, default_value_t = 64)]
+        cache_mib: u64,
+        /// New records written to B (in BatchMutate calls of 1,000).
+        #[arg(long, default_value_t = 1_000_000)]
+        records: u64,
+        /// Seconds between RSS samples.
+        #[arg(long, default_value_t = 5)]
+        sample_secs: u64,
+        /// Longest the write phase may take, in seconds.
+        #[arg(long, default_value_t = 1200)]
+        max_secs: u64,
+    },
     /// Two nodes and forwarded queries for `--secs` seconds, printing the process ids first (for
     /// profiling the forwarded path, e.g. `perf record -p`), then the rate and each hop's mean
     /// time from the processes' own metrics.
@@ -250,6 +272,7 @@ pub fn query(target: &str) -> QueryRequest {
             filter: Some(range_filter::Filter::Key("r1".into())),
         }),
         target_node_id: target.into(),
+        definition_hash: Default::default(),
     }
 }
 
@@ -1077,6 +1100,27 @@ fn main() -> std::process::ExitCode {
             std::fs::create_dir_all(&cli.out)?;
             let file = cli.out.join("writes.json");
             std::fs::write(&file, serde_json::to_string_pretty(&w)?)?;
+            eprintln!("== wrote {}", file.display());
+            Ok(())
+        }),
+        Some(Cmd::Soak {
+            cache_mib,
+            records,
+            sample_secs,
+            max_secs,
+        }) => rt.block_on(async {
+            eprintln!("fold-bench on {}", machine());
+            let r = soak::measure(soak::SoakOptions {
+                cache: format!("{}MiB", cache_mib.max(1)),
+                cache_bytes: cache_mib.max(1) << 20,
+                records,
+                sample_every: Duration::from_secs(sample_secs.max(1)),
+                max_time: Duration::from_secs(max_secs),
+            })
+            .await?;
+            std::fs::create_dir_all(&cli.out)?;
+            let file = cli.out.join("soak.json");
+            std::fs::write(&file, serde_json::to_string_pretty(&r)?)?;
             eprintln!("== wrote {}", file.display());
             Ok(())
         }),

@@ -272,6 +272,7 @@ impl Client {
                 fields: q.fields.clone(),
                 filter: q.filter.as_ref().map(Filter::to_proto),
                 target_node_id,
+                definition_hash: Default::default(),
             }))
             .await?
             .into_inner())
@@ -315,6 +316,7 @@ impl Client {
             } else {
                 pb::Route::Default as i32
             },
+            definition_hash: Default::default(),
         };
         let inner = self.fold().subscribe(req).await?.into_inner();
         Ok(SubscriptionStream { inner })
@@ -441,6 +443,7 @@ impl Client {
                 field: field.into(),
                 range_key: key.unwrap_or_default().into(),
                 limit,
+                definition_hash: Default::default(),
             }))
             .await?
             .into_inner())

@@ -469,6 +469,10 @@ pub struct NetworkStatus {
     pub relay_server: Option<RelayServer>,
     /// Schemas this node follows (read-only replicas) and how far behind each is.
     pub replicas: Vec<Replica>,
+    /// The fold-node's admin HTTP address (/metrics), host:port as bound (`null` if unknown).
+    pub node_admin_addr: Option<String>,
+    /// The p2p-sidecar's admin HTTP address (/metrics), host:port as bound (`null` if unknown).
+    pub sidecar_admin_addr: Option<String>,
 }
 
 /// One relay reservation (`NetworkStatus.relays`).
@@ -502,6 +506,8 @@ pub struct Replica {
     pub source_head_sequence: u64,
     /// Changes behind the source, as of its last answer.
     pub lag: u64,
+    /// When the source last answered (Unix ms; `null` = not yet).
+    pub last_contact_unix_ms: Option<u64>,
     pub last_error: Option<String>,
 }
 
@@ -545,10 +551,14 @@ impl From<v1::NetworkStatusResponse> for NetworkStatus {
                 applied_sequence: r.applied_sequence,
                 source_head_sequence: r.source_head_sequence,
                 lag: r.lag,
+                last_contact_unix_ms: (r.last_contact_unix_ms > 0)
+                    .then_some(r.last_contact_unix_ms),
                 last_error: (!r.last_error.is_empty()).then_some(r.last_error),
             })
             .collect();
         NetworkStatus {
+            node_admin_addr: (!s.node_admin_addr.is_empty()).then_some(s.node_admin_addr),
+            sidecar_admin_addr: (!s.sidecar_admin_addr.is_empty()).then_some(s.sidecar_admin_addr),
             reachability,
             reachable_addrs: s.reachable_addrs,
             relays,

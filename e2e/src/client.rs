@@ -81,6 +81,7 @@ pub fn query_req(schema: &str, fields: &[&str], filter: Option<RangeFilter>) -> 
         fields: fields.iter().map(|f| f.to_string()).collect(),
         filter,
         target_node_id: String::new(),
+        definition_hash: Default::default(),
     }
 }
 

@@ -10,3 +10,4 @@ pub mod natlab;
 pub mod netns;
 pub mod process;
 pub mod tls;
+pub mod tools;

@@ -1,7 +1,9 @@
 //! The deployment artifacts, checked by the real tools (installed by scripts/test.sh into
 //! .tools/): `helm lint` and `helm template` of the chart for the default values and for a
 //! TLS + ServiceMonitor + 5-replica set, each rendering validated by `kubernetes-validate
-//! --strict`, the rendering's semantics asserted here, and `docker-compose config -q`.
+//! --strict`, the rendering's semantics asserted here, `docker-compose config -q` (with and without
+//! the no-registry override), and what the Dockerfile must hold for both of its builds. The image
+//! itself is built and the compose mesh run on a real engine by e2e/tests/compose.rs.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,7 +19,7 @@ fn repo() -> PathBuf {
 
 /// A tool from .tools (where scripts/test.sh installs it) or PATH; a clear failure otherwise.
 fn tool(name: &str) -> PathBuf {
-    for dir in ["bin", "kv/bin", "compose/bin"] {
+    for dir in ["bin", "kv/bin"] {
         let p = repo().join(".tools").join(dir).join(name);
         if p.exists() {
             return p;
@@ -325,9 +327,10 @@ fn compose_does_not_make_every_client_the_owner() {
     assert_eq!(nodes, 3, "{text}");
 }
 
-/// `docker build` cannot run here (no engine), but its most likely breakage can be checked: cargo
-/// refuses to build a workspace whose member (or patched dependency) directory is missing, so the
-/// build stage must copy every directory the root Cargo.toml names.
+/// The from-source build needs the `rust` image from a registry, so it is not run here (the
+/// no-registry build is, by e2e/tests/compose.rs), but its most likely breakage can be checked:
+/// cargo refuses to build a workspace whose member (or patched dependency) directory is missing,
+/// so the build stage must copy every directory the root Cargo.toml names.
 #[test]
 fn dockerfile_copies_every_workspace_directory() {
     let manifest = std::fs::read_to_string(repo().join("Cargo.toml")).expect("Cargo.toml");
@@ -366,4 +369,79 @@ fn dockerfile_copies_every_workspace_directory() {
             "the Dockerfile's build stage does not COPY `{top}` (needed for `{d}` in Cargo.toml); copied: {copied:?}"
         );
     }
+}
+
+/// Both builds from one Dockerfile, with no frontend from a registry: no `# syntax=` line, no
+/// BuildKit-only `RUN --mount`, and the `prebuilt` stage ahead of the `rust` stage (the classic
+/// builder builds every stage before its target).
+#[test]
+fn dockerfile_builds_without_a_registry_frontend() {
+    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).expect("Dockerfile");
+    assert!(
+        !dockerfile
+            .lines()
+            .any(|l| l.trim_start().to_ascii_lowercase().starts_with("# syntax=")),
+        "a `# syntax=` line pulls the Dockerfile frontend from a registry"
+    );
+    assert!(
+        !dockerfile.contains("--mount="),
+        "RUN --mount needs BuildKit"
+    );
+    let stage = |name: &str| {
+        dockerfile
+            .lines()
+            .position(|l| l.starts_with("FROM ") && l.ends_with(&format!(" AS {name}")))
+            .unwrap_or_else(|| panic!("no stage {name}"))
+    };
+    assert!(stage("runtime-base") < stage("prebuilt"));
+    assert!(stage("prebuilt") < stage("build"));
+    assert!(stage("build") < stage("runtime"));
+    let last_from = dockerfile
+        .lines()
+        .rfind(|l| l.starts_with("FROM "))
+        .unwrap_or_default();
+    assert!(
+        last_from.ends_with(" AS runtime"),
+        "`docker build .` builds from source"
+    );
+}
+
+/// The compose mesh: every container on the network under its own name (none in another's
+/// namespace: restarts heal), the network inside 198.18.0.0/15, and the no-registry override valid.
+#[test]
+fn compose_network_is_in_the_test_range_and_shares_no_namespace() {
+    let text = run(Command::new(tool("docker-compose"))
+        .arg("-f")
+        .arg(repo().join("docker-compose.yml"))
+        .arg("-f")
+        .arg(repo().join("deploy/compose.no-registry.yml"))
+        .arg("config"));
+    let doc: Value = serde_yaml::from_str(&text).expect("compose config is YAML");
+    for (name, svc) in doc["services"].as_mapping().expect("services") {
+        assert!(
+            svc["network_mode"].is_null(),
+            "{name:?} lives in another container's network namespace"
+        );
+    }
+    let subnets: Vec<&str> = doc["networks"]["default"]["ipam"]["config"]
+        .as_sequence()
+        .expect("the default network has an ipam config")
+        .iter()
+        .map(|c| s(&c["subnet"]))
+        .collect();
+    assert!(!subnets.is_empty());
+    for net in subnets {
+        let (ip, len) = net.split_once('/').expect("a CIDR");
+        let ip: std::net::Ipv4Addr = ip.parse().expect("an IPv4 subnet");
+        let len: u8 = len.parse().expect("a prefix length");
+        let o = ip.octets();
+        assert!(
+            o[0] == 198 && (o[1] & 0xfe) == 18 && len >= 15,
+            "{net} is outside 198.18.0.0/15"
+        );
+    }
+    assert_eq!(
+        s(&doc["services"]["prometheus"]["image"]),
+        "foldmesh-prometheus:local"
+    );
 }

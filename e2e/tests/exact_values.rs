@@ -110,6 +110,7 @@ async fn values_round_trip_exactly() {
             range_key: "v1".into(),
             limit: 0,
             json_values: true,
+            definition_hash: Default::default(),
         })
         .await
         .unwrap()

@@ -423,6 +423,7 @@ async fn mutations_queries_filters_and_history() {
             field: "title".into(),
             range_key: "a1".into(),
             limit: 0,
+            definition_hash: Default::default(),
         })
         .await
         .unwrap()
@@ -453,6 +454,7 @@ async fn mutations_queries_filters_and_history() {
             field: "title".into(),
             range_key: "c".into(),
             limit: 0,
+            definition_hash: Default::default(),
         })
         .await
         .unwrap()
@@ -476,6 +478,7 @@ async fn mutations_queries_filters_and_history() {
             field: "title".into(),
             range_key: String::new(),
             limit: 0,
+            definition_hash: Default::default(),
         })
         .await
         .unwrap_err();
@@ -603,6 +606,7 @@ async fn permissions_by_distance_and_explicit_policy() {
             field: "owner".into(),
             range_key: String::new(),
             limit: 0,
+            definition_hash: Default::default(),
         })
         .await
         .unwrap_err();
@@ -745,6 +749,7 @@ async fn acknowledged_writes_survive_kill_9() {
             field: "title".into(),
             range_key: "k00".into(),
             limit: 0,
+            definition_hash: Default::default(),
         })
         .await
         .unwrap()
@@ -763,6 +768,7 @@ async fn acknowledged_writes_survive_kill_9() {
             field: "title".into(),
             range_key: "k01".into(),
             limit: 1,
+            definition_hash: Default::default(),
         })
         .await
         .unwrap()

@@ -77,6 +77,7 @@ async fn log(c: &mut FoldNodeClient<Channel>, head: u64) -> Vec<Change> {
             filter: None,
             json_values: true,
             target_node_id: String::new(),
+            definition_hash: Default::default(),
         })
         .await
         .unwrap()
@@ -107,6 +108,7 @@ async fn head(c: &mut FoldNodeClient<Channel>) -> u64 {
             }),
             json_values: true,
             target_node_id: String::new(),
+            definition_hash: Default::default(),
         })
         .await
         .unwrap()
@@ -289,6 +291,7 @@ async fn a_remote_subscription_gets_what_the_other_node_lets_it_read() {
         filter: None,
         json_values: false,
         target_node_id: a.id.clone(),
+        definition_hash: Default::default(),
     };
     let mut c = fold(&b.node.grpc);
     let e = c.subscribe(req(&["n", "secret"])).await.unwrap_err();

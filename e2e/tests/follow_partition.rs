@@ -52,6 +52,7 @@ async fn subscribe(c: &mut FoldNodeClient<Channel>, target: &str) -> Streaming<S
         filter: None,
         json_values: true,
         target_node_id: target.into(),
+        definition_hash: Default::default(),
     })
     .await
     .unwrap()

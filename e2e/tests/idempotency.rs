@@ -32,6 +32,7 @@ async fn versions(
         field: "n".into(),
         range_key: key.into(),
         limit: 0,
+        definition_hash: Default::default(),
     })
     .await
     .unwrap()

@@ -217,6 +217,7 @@ async fn query_and_mutation_forwarded_to_another_host() {
             field: "body".into(),
             range_key: "n2".into(),
             limit: 0,
+            definition_hash: Default::default(),
         })
         .await
         .unwrap()

@@ -1,6 +1,7 @@
 //! Observability and overload, with real tools: a real Prometheus server scrapes both processes
 //! of a node, `promtool check metrics` lints both endpoints, an OTLP receiver written here gets
-//! the spans of one forwarded query across four processes, and a bounded overload is refused
+//! the spans of one forwarded query across four processes (with RUST_LOG=warn; each process's
+//! resource naming its node and role), and a bounded overload is refused
 //! cleanly while the node stays healthy.
 
 use std::collections::{HashMap, HashSet};
@@ -199,6 +200,8 @@ async fn a_thousand_concurrent_forwards_share_one_connection_and_one_stream() {
     let generous = [
         ("FOLD_SIDECAR_PEER_RATE_LIMIT", "0".to_string()),
         ("FOLD_SIDECAR_INBOUND_QUEUE", "2048".to_string()),
+        // One peer sends all 1,000: let it hold every slot.
+        ("FOLD_SIDECAR_INBOUND_PEER_SHARE", "100".to_string()),
     ];
     let (_da, _db, sa, na, sb, _nb) = link_two_nodes(&[], &generous).await;
     fold(&na.grpc)
@@ -389,6 +392,24 @@ type SpanRow = (String, String, String, String, String);
 #[derive(Default, Clone)]
 struct Collected {
     spans: Arc<Mutex<Vec<SpanRow>>>,
+    /// Each exporting process's resource: service.name -> (service.instance.id, fold.role).
+    resources: Arc<Mutex<HashMap<String, (String, String)>>>,
+}
+
+/// A string attribute of a resource.
+fn resource_attr(
+    r: Option<&opentelemetry_proto::tonic::resource::v1::Resource>,
+    key: &str,
+) -> String {
+    r.and_then(|r| r.attributes.iter().find(|a| a.key == key))
+        .and_then(|a| a.value.as_ref())
+        .and_then(|v| match &v.value {
+            Some(opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s)) => {
+                Some(s.clone())
+            }
+            _ => None,
+        })
+        .unwrap_or_default()
 }
 
 #[tonic::async_trait]
@@ -399,6 +420,13 @@ impl TraceService for Collected {
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         let mut out = self.spans.lock().unwrap();
         for rs in request.into_inner().resource_spans {
+            let instance = resource_attr(rs.resource.as_ref(), "service.instance.id");
+            if !instance.is_empty() {
+                self.resources.lock().unwrap().insert(
+                    resource_attr(rs.resource.as_ref(), "service.name"),
+                    (instance, resource_attr(rs.resource.as_ref(), "fold.role")),
+                );
+            }
             let service = rs
                 .resource
                 .as_ref()
@@ -444,11 +472,14 @@ async fn one_trace_follows_a_forwarded_query_through_four_processes() {
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     let endpoint = format!("http://{addr}");
+    // RUST_LOG=warn, a common production setting: logs say little, traces are still exported
+    // in full (the log level governs logs only).
     let env = |name: &str| {
         vec![
             ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone()),
             ("OTEL_SERVICE_NAME", name.to_string()),
             ("OTEL_BSP_SCHEDULE_DELAY", "100".to_string()),
+            ("RUST_LOG", "warn".to_string()),
         ]
     };
     let da = tempfile::tempdir().unwrap();
@@ -548,6 +579,28 @@ async fn one_trace_follows_a_forwarded_query_through_four_processes() {
     assert!(ancestors(peer_b.2.clone()).contains(&in_b.2));
     assert!(ancestors(in_b.2.clone()).contains(&fwd_a.2));
     assert!(ancestors(fwd_a.2.clone()).contains(&query_a.2));
+    // Each process's resource names its node and its role.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = collected.resources.lock().unwrap().clone();
+        let want = [
+            ("node-a", &sa.node_id, "node"),
+            ("sidecar-a", &sa.node_id, "sidecar"),
+            ("node-b", &sb.node_id, "node"),
+            ("sidecar-b", &sb.node_id, "sidecar"),
+        ];
+        if want
+            .iter()
+            .all(|(svc, id, role)| r.get(*svc) == Some(&(id.to_string(), role.to_string())))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "resources without service.instance.id = node id and fold.role: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     drop((sa, na, sb, nb));
     server.abort();
 }

@@ -195,6 +195,7 @@ async fn history_pages_return_every_version_once_while_writes_continue() {
         json_values: false,
         page_size: 10,
         page_token: token,
+        definition_hash: Default::default(),
     };
     let first = c.history(req(String::new())).await.unwrap().into_inner();
     assert_eq!(first.versions.len(), 10);

@@ -104,6 +104,12 @@ fn failures(outcomes: &[(Instant, Outcome)]) -> Vec<Code> {
 
 async fn setup(net: &TestNet, provider_extra: &[&[&str]; 3]) -> (Host, Vec<Host>) {
     let client = start_host(net, 0, &flags(SIDECAR), &flags(CLIENT)).expect("client host");
+    // The client node holds the definition without approving it (it serves nothing): routed
+    // reads use only providers with the same definition, policies included (docs/ROUTING.md).
+    fold(&client.grpc())
+        .load_schema(load_req(&notes(), false))
+        .await
+        .expect("load the definition on the client");
     let mut providers = Vec::new();
     for (i, extra) in provider_extra.iter().enumerate() {
         let mut f = flags(PROVIDER);
@@ -145,7 +151,7 @@ async fn any_spreads_shifts_off_slow_fails_over_and_all_reports_each_node() {
     let c = client.grpc();
     let ids: Vec<String> = providers.iter().map(|p| p.node_id.clone()).collect();
 
-    // A client without the schema asks "any": every answer comes from a provider, and the
+    // A client that does not serve the schema asks "any": every answer comes from a provider, and the
     // load spreads over all three.
     let warm = load(&c, 2, 300, Duration::from_secs(60)).await;
     assert_eq!(failures(&warm), vec![], "route-any queries failed");
@@ -392,6 +398,12 @@ async fn injected_failures_on_one_provider_are_absorbed_by_failover() {
 async fn hedged_reads_answer_around_a_hung_provider() {
     use foldmesh_e2e::loopback::start;
     let client = start(&["--hedge-after-ms", "50", "--provider-ttl-secs", "60"]);
+    client
+        .node
+        .owner_fold()
+        .load_schema(load_req(&notes(), false))
+        .await
+        .unwrap();
     let mut providers = Vec::new();
     for i in 0..2 {
         let p = start(&["--unknown-peer-distance", "1"]);
@@ -462,6 +474,12 @@ async fn a_subscription_by_schema_names_the_node_it_runs_on() {
     use fold_proto::v1::{SubscribeRequest, subscribe_response};
     use foldmesh_e2e::loopback::start;
     let client = start(&[]);
+    client
+        .node
+        .owner_fold()
+        .load_schema(load_req(&notes(), false))
+        .await
+        .unwrap();
     let p = start(&["--unknown-peer-distance", "1"]);
     p.node
         .owner_fold()

@@ -383,6 +383,7 @@ async fn hostile_peer_is_refused_counted_and_changes_nothing() {
             fields: vec!["body".into()],
             filter: None,
             target_node_id: String::new(),
+            definition_hash: Default::default(),
         })
         .await
         .unwrap()
@@ -399,6 +400,7 @@ async fn hostile_peer_is_refused_counted_and_changes_nothing() {
             field: "body".into(),
             range_key: "m2".into(),
             limit: 0,
+            definition_hash: Default::default(),
         })
         .await
         .unwrap()
@@ -700,6 +702,7 @@ async fn mtls_identities_map_to_trust_distances() {
             field: "secret".into(),
             range_key: String::new(),
             limit: 0,
+            definition_hash: Default::default(),
         })
         .await
         .unwrap()
@@ -1058,6 +1061,7 @@ async fn a_flooding_peer_is_throttled_and_others_are_not() {
             fields: vec!["id".into()],
             filter: None,
             target_node_id: t.clone(),
+            definition_hash: Default::default(),
         })),
     };
 
@@ -1099,4 +1103,127 @@ async fn a_flooding_peer_is_throttled_and_others_are_not() {
     assert!(error_code(&r).is_none(), "{r:?}");
     let (_, m) = http::get(&sc.admin, "/metrics").unwrap();
     assert_eq!(inbound(&m, "rate_limited"), throttled);
+}
+
+/// A peer that sends requests and never reads the answers holds no shared capacity: a second
+/// peer's forwards all get through, and the silent peer loses its own stream (issue 22).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_reads_its_answers_does_not_stop_other_peers() {
+    let dir = tempfile::tempdir().unwrap();
+    // 16 slots: before issue 22, ~280 unread answers held every one of them.
+    let sc = sidecar(
+        dir.path(),
+        &["--peer-rate-limit", "0", "--inbound-queue", "16"],
+    );
+    let node = NodeProc::start(dir.path(), &["--unknown-peer-distance", "0"]).unwrap();
+    fold(&node.grpc)
+        .load_schema(load_req(&notes(), true))
+        .await
+        .unwrap();
+    // Answers of ~80 KB each: a few fill the silent peer's receive window.
+    let body = "b".repeat(4096);
+    for i in 0..20 {
+        fold(&node.grpc)
+            .mutate(mutate_req(
+                "Notes",
+                MutationType::Create,
+                json!({"id": format!("n{i}"), "body": body}),
+            ))
+            .await
+            .unwrap();
+    }
+    let target: PeerId = sc.node_id.parse().unwrap();
+    let addr: Multiaddr = sc
+        .listen
+        .parse::<Multiaddr>()
+        .unwrap()
+        .with(libp2p::multiaddr::Protocol::P2p(target));
+    let t = sc.node_id.clone();
+    let query_op = |fields: &[&str]| Operation {
+        kind: Some(operation::Kind::Query(QueryRequest {
+            route: 0,
+            page_size: 0,
+            page_token: String::new(),
+            json_values: false,
+            schema: "Notes".into(),
+            fields: fields.iter().map(|f| f.to_string()).collect(),
+            filter: None,
+            target_node_id: t.clone(),
+            definition_hash: String::new(),
+        })),
+    };
+
+    // The silent peer: 300 requests on one stream, written from a task that never reads.
+    let silent_key = Keypair::generate_ed25519();
+    let mut silent = hostile_swarm(silent_key.clone());
+    silent.dial(addr.clone()).unwrap();
+    let mut control = silent.control.clone();
+    let swarm = silent.swarm.take().unwrap();
+    let driver = tokio::spawn(async move {
+        let mut swarm = swarm;
+        loop {
+            let _ = swarm.select_next_some().await;
+        }
+    });
+    let mut frames = Vec::new();
+    for id in 1..=300u64 {
+        let frame = ForwardFrame {
+            id,
+            body: Some(forward_frame::Body::Request(signed(
+                &silent_key,
+                &t,
+                query_op(&["id", "body"]),
+                now_ms(),
+            ))),
+        };
+        p2p_sidecar::codec::encode_frame(&frame, 8 << 20, &mut frames).unwrap();
+    }
+    let writer = tokio::spawn(async move {
+        let mut stream = control.open_stream(target, FORWARD_PROTOCOL).await.unwrap();
+        // Blocks once the sidecar stops reading; never reads an answer.
+        let _ = stream.write_all(&frames).await;
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        drop(stream);
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // A second peer's forwards all get through while the silent one sits on its answers.
+    let calm_key = Keypair::generate_ed25519();
+    let mut calm = hostile_swarm(calm_key.clone());
+    calm.dial(addr).unwrap();
+    for i in 0..30 {
+        let r = ask(
+            &mut calm,
+            target,
+            signed(&calm_key, &t, query_op(&["id"]), now_ms()),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("forward {i} of the second peer failed: {e}"));
+        assert!(error_code(&r).is_none(), "forward {i}: {r:?}");
+    }
+    // The silent peer loses its stream within the write bound (10 s), fail-fast at 40 s.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let (_, m) = http::get(&sc.admin, "/metrics").unwrap();
+        if inbound(&m, "unread") >= 1 {
+            assert_eq!(inbound(&m, "queue_full"), 0, "{m}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the silent peer kept its stream:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // And the second peer is still served.
+    let r = ask(
+        &mut calm,
+        target,
+        signed(&calm_key, &t, query_op(&["id"]), now_ms()),
+    )
+    .await
+    .unwrap();
+    assert!(error_code(&r).is_none(), "{r:?}");
+    writer.abort();
+    driver.abort();
 }

@@ -37,6 +37,7 @@ fn sub(from: u64, fields: &[&str]) -> SubscribeRequest {
         filter: None,
         json_values: true,
         target_node_id: String::new(),
+        definition_hash: Default::default(),
     }
 }
 

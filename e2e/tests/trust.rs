@@ -57,6 +57,7 @@ async fn newest_writer(b: &Node, key: &str) -> String {
             field: "open".into(),
             range_key: key.into(),
             limit: 1,
+            definition_hash: Default::default(),
         })
         .await
         .unwrap()

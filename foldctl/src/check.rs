@@ -2,57 +2,43 @@
 //! port) one real question; every finding has a severity, what is wrong, and how to fix it.
 //! Exit code 4 when any finding is a warning or an error.
 
-use fold_client::{BootstrapState, Client, Error, Health, NETWORK_SERVICE, SchemaState, Target};
+use std::time::Duration;
+
+use fold_client::{
+    BootstrapState, Client, Error, Health, NETWORK_SERVICE, NetworkStatus, Peer, SchemaState,
+    Target,
+};
 use serde::Serialize;
 
 use crate::cli::{Global, Output};
 use crate::metrics::{Sample, get_metrics, parse};
+use crate::replica_check::replica_findings;
 use crate::{Failure, Out, builder};
 
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq, PartialOrd, Ord)]
-#[serde(rename_all = "lowercase")]
-pub enum Severity {
-    Ok,
-    Info,
-    Warning,
-    Error,
+pub use crate::finding::{Finding, Severity, finding};
+
+/// Admin (metrics) addresses given on the command line; `None`: the ones the node reports.
+#[derive(Clone, Copy, Default)]
+pub struct AdminFlags<'a> {
+    pub node: Option<&'a str>,
+    pub sidecar: Option<&'a str>,
 }
 
-#[derive(Debug, Serialize)]
-pub struct Finding {
-    pub severity: Severity,
-    /// Stable id of the check, e.g. `sidecar-link`.
-    pub check: &'static str,
-    pub what: String,
-    /// Empty when nothing needs fixing.
-    pub fix: String,
+/// What one diagnosis found, and the node's status and peers it was based on (when it
+/// answered).
+pub struct Diagnosis {
+    pub findings: Vec<Finding>,
+    pub status: Option<NetworkStatus>,
+    pub peers: Vec<Peer>,
+    /// The admin addresses read (node, sidecar).
+    pub admin: (AdminTarget, AdminTarget),
 }
 
-fn finding(
-    severity: Severity,
-    check: &'static str,
-    what: impl Into<String>,
-    fix: impl Into<String>,
-) -> Finding {
-    Finding {
-        severity,
-        check,
-        what: what.into(),
-        fix: fix.into(),
-    }
-}
+/// Longest wait for a second sample of the replicas' lag.
+const LAG_SAMPLE: Duration = Duration::from_secs(2);
 
-pub async fn run(
-    g: &Global,
-    metrics_addr: &str,
-    sidecar_metrics_addr: &str,
-) -> Result<Out, Failure> {
-    let mut findings = Vec::new();
-    match builder(g).connect().await {
-        Ok(client) => node_checks(&client, g.tls_cert.is_some(), &mut findings).await,
-        Err(e) => findings.push(connect_finding(g, &e)),
-    }
-    admin_checks(metrics_addr, sidecar_metrics_addr, &mut findings).await;
+pub async fn run(g: &Global, flags: AdminFlags<'_>) -> Result<Out, Failure> {
+    let findings = diagnose(g, flags, None, true).await.findings;
     let problems = findings.iter().any(|f| f.severity >= Severity::Warning);
     let json = serde_json::json!({"ok": !problems, "findings": findings});
     let mut text = String::new();
@@ -76,11 +62,178 @@ pub async fn run(
                 serde_json::to_string_pretty(&json)
                     .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
             ),
-            Output::Table => print!("{text}"),
+            Output::Table | Output::Wide => print!("{text}"),
         }
         return Err(Failure::Problems);
     }
     Ok(Out { json, text })
+}
+
+/// Every check, in order: the node, its sidecar link and peers, its schemas, its replicas, and
+/// its admin ports (at the addresses the node reports unless `flags` name others). `before`:
+/// an earlier status, to tell whether replicas fall behind; without one and with
+/// `sample_lag`, a replica that lags is sampled again after a short wait.
+pub async fn diagnose(
+    g: &Global,
+    flags: AdminFlags<'_>,
+    before: Option<&NetworkStatus>,
+    sample_lag: bool,
+) -> Diagnosis {
+    let mut findings = Vec::new();
+    let mut status = None;
+    let mut peers = Vec::new();
+    match builder(g).connect().await {
+        Ok(client) => {
+            (status, peers) = node_checks(&client, g.tls_cert.is_some(), &mut findings).await;
+            if let Some(now) = status.take() {
+                let (now, earlier) = lag_samples(&client, g, now, before, sample_lag).await;
+                findings.extend(replica_findings(&now, earlier.as_ref(), &peers));
+                status = Some(now);
+            }
+        }
+        Err(e) => findings.push(connect_finding(g, &e)),
+    }
+    let reported =
+        |f: fn(&NetworkStatus) -> &Option<String>| status.as_ref().and_then(|s| f(s).as_deref());
+    let node = admin_target(
+        g,
+        flags.node,
+        reported(|s| &s.node_admin_addr),
+        NODE_ADMIN_DEFAULT,
+    );
+    let sidecar = admin_target(
+        g,
+        flags.sidecar,
+        reported(|s| &s.sidecar_admin_addr),
+        SIDECAR_ADMIN_DEFAULT,
+    );
+    admin_checks(&node, &sidecar, &mut findings).await;
+    Diagnosis {
+        findings,
+        status,
+        peers,
+        admin: (node, sidecar),
+    }
+}
+
+/// The status to judge replicas by, and an earlier one to compare lags with: `before` if
+/// given; else, when a replica lags and `sample_lag`, `now` becomes the earlier sample and a
+/// second one is taken after [`LAG_SAMPLE`] (at most the call timeout).
+async fn lag_samples(
+    c: &Client,
+    g: &Global,
+    now: NetworkStatus,
+    before: Option<&NetworkStatus>,
+    sample_lag: bool,
+) -> (NetworkStatus, Option<NetworkStatus>) {
+    if let Some(b) = before {
+        return (now, Some(b.clone()));
+    }
+    let lagging = now
+        .replicas
+        .iter()
+        .any(|r| r.lag > 0 && r.last_error.is_none());
+    if !(sample_lag && lagging) {
+        return (now, None);
+    }
+    tokio::time::sleep(LAG_SAMPLE.min(g.timeout)).await;
+    match c.status().await {
+        Ok(later) => (later, Some(now)),
+        Err(_) => (now, None),
+    }
+}
+
+/// The node's and its sidecar's admin addresses as the node reports them (the defaults when it
+/// cannot be asked or does not say).
+pub async fn reported_admin_addrs(g: &Global) -> Vec<String> {
+    let status = match builder(g).connect().await {
+        Ok(c) => c.status().await.ok(),
+        Err(_) => None,
+    };
+    let node = status.as_ref().and_then(|s| s.node_admin_addr.as_deref());
+    let sidecar = status
+        .as_ref()
+        .and_then(|s| s.sidecar_admin_addr.as_deref());
+    vec![
+        admin_target(g, None, node, NODE_ADMIN_DEFAULT).addr,
+        admin_target(g, None, sidecar, SIDECAR_ADMIN_DEFAULT).addr,
+    ]
+}
+
+pub const NODE_ADMIN_DEFAULT: &str = "127.0.0.1:9464";
+pub const SIDECAR_ADMIN_DEFAULT: &str = "127.0.0.1:9465";
+
+/// Where an admin address came from, for the fix of an unreachable port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AddrSource {
+    /// --metrics-addr / --sidecar-metrics-addr.
+    Flag,
+    /// Network.Status (the process said where it listens).
+    Node,
+    /// Neither: the default port, a guess.
+    Default,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AdminTarget {
+    pub addr: String,
+    pub source: AddrSource,
+}
+
+/// The admin address to read: the flag, else the one the node reports (an unspecified host,
+/// 0.0.0.0 or ::, replaced by the host of --addr), else the default.
+pub fn admin_target(
+    g: &Global,
+    flag: Option<&str>,
+    reported: Option<&str>,
+    default: &str,
+) -> AdminTarget {
+    if let Some(f) = flag {
+        return AdminTarget {
+            addr: f.to_string(),
+            source: AddrSource::Flag,
+        };
+    }
+    match reported {
+        Some(r) => AdminTarget {
+            addr: reachable(r, &node_host(g)),
+            source: AddrSource::Node,
+        },
+        None => AdminTarget {
+            addr: default.to_string(),
+            source: AddrSource::Default,
+        },
+    }
+}
+
+/// The host of --addr (127.0.0.1 for a Unix socket).
+fn node_host(g: &Global) -> String {
+    match builder(g).target() {
+        Ok(Target::Tcp { uri, .. }) => {
+            let rest = uri.split_once("://").map_or(uri.as_str(), |(_, r)| r);
+            let authority = rest.split('/').next().unwrap_or(rest);
+            match authority.rsplit_once(':') {
+                Some((h, _)) if !h.is_empty() => h.to_string(),
+                _ => authority.to_string(),
+            }
+        }
+        _ => "127.0.0.1".to_string(),
+    }
+}
+
+/// `addr` with an unspecified host (0.0.0.0, [::]) replaced by `host`.
+pub fn reachable(addr: &str, host: &str) -> String {
+    match addr.parse::<std::net::SocketAddr>() {
+        Ok(sa) if sa.ip().is_unspecified() => {
+            if host.contains(':') && !host.starts_with('[') {
+                format!("[{host}]:{}", sa.port())
+            } else {
+                format!("{host}:{}", sa.port())
+            }
+        }
+        _ => addr.to_string(),
+    }
 }
 
 fn connect_finding(g: &Global, e: &Error) -> Finding {
@@ -155,8 +308,8 @@ fn connect_finding(g: &Global, e: &Error) -> Finding {
     }
 }
 
-/// `mutual`: this client presents a certificate (mutual TLS).
-async fn node_checks(c: &Client, mutual: bool, out: &mut Vec<Finding>) {
+/// The node's own health: false (with the finding) when it does not answer as a fold-node.
+async fn node_health(c: &Client, mutual: bool, out: &mut Vec<Finding>) -> bool {
     // The node itself.
     match c.health("").await {
         Ok(Health::Serving) => out.push(finding(
@@ -190,7 +343,7 @@ async fn node_checks(c: &Client, mutual: bool, out: &mut Vec<Finding>) {
                     format!("{} accepted the connection but did not speak plaintext gRPC: {e}", c.target()),
                     "the node probably serves TLS: use https://HOST:PORT with --tls-ca (and --tls-cert/--tls-key for mutual TLS)",
                 ));
-                return;
+                return false;
             }
             // TLS 1.3: the client's half of the handshake completes before the node checks the
             // client certificate, so a refused certificate shows up as the connection closing
@@ -216,8 +369,21 @@ async fn node_checks(c: &Client, mutual: bool, out: &mut Vec<Finding>) {
                     "check that --addr is a fold-node gRPC port"
                 },
             ));
-            return;
+            return false;
         }
+    }
+    true
+}
+
+/// `mutual`: this client presents a certificate (mutual TLS). Returns the node's status and
+/// peers (every known one) when it answered.
+async fn node_checks(
+    c: &Client,
+    mutual: bool,
+    out: &mut Vec<Finding>,
+) -> (Option<NetworkStatus>, Vec<Peer>) {
+    if !node_health(c, mutual, out).await {
+        return (None, Vec::new());
     }
     // The link to the sidecar: health first, then the Network API itself.
     let health = c.health(NETWORK_SERVICE).await;
@@ -232,21 +398,7 @@ async fn node_checks(c: &Client, mutual: bool, out: &mut Vec<Finding>) {
                 format!("linked to its p2p-sidecar; node id {}", s.node_id),
                 "",
             ));
-            if s.connected_peers == 0 {
-                out.push(finding(
-                    Severity::Warning,
-                    "peers",
-                    format!("no connected peers ({} known)", s.known_peers),
-                    "dial one (foldctl dial /ip4/HOST/tcp/PORT/p2p/NODE_ID), start the sidecar with --bootstrap, or listen on a LAN address so mDNS finds peers",
-                ));
-            } else {
-                out.push(finding(
-                    Severity::Ok,
-                    "peers",
-                    format!("{} connected peer(s)", s.connected_peers),
-                    "",
-                ));
-            }
+            out.push(peers_finding(&s.node_id, s.connected_peers, s.known_peers));
             out.extend(bootstrap_findings(&s.bootstrap));
         }
         _ => {
@@ -276,9 +428,11 @@ async fn node_checks(c: &Client, mutual: bool, out: &mut Vec<Finding>) {
         ));
     }
     // Peers this node denies while connected to them.
+    let mut peers = Vec::new();
     if status.is_ok()
-        && let Ok(peers) = c.peers(false).await
+        && let Ok(list) = c.peers(true).await
     {
+        peers = list;
         for p in peers.iter().filter(|p| p.connected && p.denied) {
             out.push(finding(
                 Severity::Warning,
@@ -288,7 +442,12 @@ async fn node_checks(c: &Client, mutual: bool, out: &mut Vec<Finding>) {
             ));
         }
     }
-    // Schemas loaded but not approved.
+    schema_checks(c, out).await;
+    (status.ok(), peers)
+}
+
+/// Schemas loaded but not approved, and blocked ones.
+async fn schema_checks(c: &Client, out: &mut Vec<Finding>) {
     match c.list_schemas(None).await {
         Ok(list) => {
             let pending: Vec<_> = list
@@ -330,53 +489,85 @@ async fn node_checks(c: &Client, mutual: bool, out: &mut Vec<Finding>) {
 }
 
 /// The admin ports: reachable, and what their counters say about the mesh.
-async fn admin_checks(node_addr: &str, sidecar_addr: &str, out: &mut Vec<Finding>) {
-    match get_metrics(node_addr).await {
+async fn admin_checks(node: &AdminTarget, sidecar: &AdminTarget, out: &mut Vec<Finding>) {
+    if let Some(samples) = admin_check(Process::Node, node, out).await {
+        out.extend(node_metric_findings(&samples));
+    }
+    if let Some(samples) = admin_check(Process::Sidecar, sidecar, out).await {
+        out.extend(sidecar_metric_findings(&samples));
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Process {
+    Node,
+    Sidecar,
+}
+
+/// Read one admin port's /metrics: its samples, or a finding saying why not and what to fix
+/// (which depends on where the address came from).
+async fn admin_check(p: Process, t: &AdminTarget, out: &mut Vec<Finding>) -> Option<Vec<Sample>> {
+    let (check, who, bin, flag, env, default) = match p {
+        Process::Node => (
+            "metrics",
+            "node",
+            "fold-node",
+            "--metrics-addr",
+            "FOLD_ADMIN_LISTEN",
+            NODE_ADMIN_DEFAULT,
+        ),
+        Process::Sidecar => (
+            "sidecar-metrics",
+            "sidecar",
+            "p2p-sidecar",
+            "--sidecar-metrics-addr",
+            "FOLD_SIDECAR_ADMIN_LISTEN",
+            SIDECAR_ADMIN_DEFAULT,
+        ),
+    };
+    let addr = &t.addr;
+    let origin = match t.source {
+        AddrSource::Flag => format!("given with {flag}"),
+        AddrSource::Node => format!("where the {who} says it listens"),
+        AddrSource::Default => "the default; the node did not say where it listens".to_string(),
+    };
+    let fix = match t.source {
+        AddrSource::Flag => format!(
+            "pass the {who}'s admin port ({bin} --admin-listen / {env}) as {flag}, or leave {flag} out to use the address the node reports"
+        ),
+        AddrSource::Node => format!(
+            "the {who} reports its admin port at {addr} but it cannot be read from here: check that nothing blocks it (a firewall, another network namespace), or pass an address that reaches it as {flag}"
+        ),
+        AddrSource::Default => format!(
+            "pass the {who}'s admin port ({bin} --admin-listen / {env}, default {default}) as {flag}"
+        ),
+    };
+    match get_metrics(addr).await {
         Ok((200, body)) if body.contains("# TYPE") => {
             out.push(finding(
                 Severity::Ok,
-                "metrics",
-                format!("http://{node_addr}/metrics answers"),
+                check,
+                format!("http://{addr}/metrics answers ({origin})"),
                 "",
             ));
-            out.extend(node_metric_findings(&parse(&body)));
+            return Some(parse(&body));
         }
         Ok((code, _)) => out.push(finding(
             Severity::Warning,
-            "metrics",
-            format!("http://{node_addr}/metrics answered HTTP {code}, not Prometheus metrics"),
-            "pass the node's admin port (fold-node --admin-listen / FOLD_ADMIN_LISTEN) as --metrics-addr",
+            check,
+            format!(
+                "http://{addr}/metrics ({origin}) answered HTTP {code}, not Prometheus metrics"
+            ),
+            fix,
         )),
         Err(e) => out.push(finding(
             Severity::Warning,
-            "metrics",
-            format!("metrics port http://{node_addr}/metrics cannot be reached: {e}"),
-            "pass the node's admin port (fold-node --admin-listen / FOLD_ADMIN_LISTEN, default 127.0.0.1:9464) as --metrics-addr",
+            check,
+            format!("{who} metrics port http://{addr}/metrics ({origin}) cannot be reached: {e}"),
+            fix,
         )),
     }
-    match get_metrics(sidecar_addr).await {
-        Ok((200, body)) if body.contains("# TYPE") => {
-            out.push(finding(
-                Severity::Ok,
-                "sidecar-metrics",
-                format!("http://{sidecar_addr}/metrics answers"),
-                "",
-            ));
-            out.extend(sidecar_metric_findings(&parse(&body)));
-        }
-        Ok((code, _)) => out.push(finding(
-            Severity::Warning,
-            "sidecar-metrics",
-            format!("http://{sidecar_addr}/metrics answered HTTP {code}, not Prometheus metrics"),
-            "pass the sidecar's admin port (p2p-sidecar --admin-listen / FOLD_SIDECAR_ADMIN_LISTEN) as --sidecar-metrics-addr",
-        )),
-        Err(e) => out.push(finding(
-            Severity::Warning,
-            "sidecar-metrics",
-            format!("sidecar metrics port http://{sidecar_addr}/metrics cannot be reached: {e}"),
-            "pass the sidecar's admin port (p2p-sidecar --admin-listen / FOLD_SIDECAR_ADMIN_LISTEN, default 127.0.0.1:9465) as --sidecar-metrics-addr",
-        )),
-    }
+    None
 }
 
 fn sum(samples: &[Sample], name: &str, label: Option<(&str, &str)>) -> f64 {
@@ -392,6 +583,28 @@ fn sum(samples: &[Sample], name: &str, label: Option<(&str, &str)>) -> f64 {
 /// remote refused.
 /// One finding per configured bootstrap address that failed its last dial, naming the address,
 /// the error, and what to fix (a name that does not resolve is called out as such).
+/// How many peers the sidecar is connected to. A sidecar that knows peers but holds no
+/// connection is named: it lost them (its peers stopped answering pings, or its network is gone).
+pub fn peers_finding(node_id: &str, connected: u32, known: u32) -> Finding {
+    match (connected, known) {
+        (0, 0) => finding(
+            Severity::Warning,
+            "peers",
+            "no connected peers (0 known)",
+            "dial one (foldctl dial /ip4/HOST/tcp/PORT/p2p/NODE_ID), start the sidecar with --bootstrap, or listen on a LAN address so mDNS finds peers",
+        ),
+        (0, known) => finding(
+            Severity::Error,
+            "peers",
+            format!(
+                "no connected peers: p2p-sidecar {node_id} holds no connection to any of the {known} peer(s) it knows"
+            ),
+            "it lost them, or never reached them: check this container's or host's network (a container left with only `lo` needs a restart), that the peers run (foldctl peers --all lists their last addresses), and the sidecar's log for dial errors",
+        ),
+        (n, _) => finding(Severity::Ok, "peers", format!("{n} connected peer(s)"), ""),
+    }
+}
+
 pub fn bootstrap_findings(bootstrap: &[BootstrapState]) -> Vec<Finding> {
     let mut out = Vec::new();
     for b in bootstrap {
@@ -552,6 +765,19 @@ mod tests {
 
     fn checks(f: &[Finding]) -> Vec<(&'static str, Severity)> {
         f.iter().map(|f| (f.check, f.severity)).collect()
+    }
+
+    #[test]
+    fn a_sidecar_without_connections_to_known_peers_is_named() {
+        let f = peers_finding("12D3KooWB", 0, 2);
+        assert_eq!(f.severity, Severity::Error);
+        assert!(
+            f.what.contains("12D3KooWB") && f.what.contains("2 peer(s)"),
+            "{}",
+            f.what
+        );
+        assert_eq!(peers_finding("x", 0, 0).severity, Severity::Warning);
+        assert_eq!(peers_finding("x", 3, 5).severity, Severity::Ok);
     }
 
     #[test]

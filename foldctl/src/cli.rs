@@ -47,7 +47,8 @@ pub struct Global {
     /// Deadline of each call: `500ms`, `5s`, `2m` or plain seconds.
     #[arg(long, global = true, env = "FOLD_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub timeout: std::time::Duration,
-    /// Output: a table for people, or stable JSON for scripts.
+    /// Output: a table for people (columns shortened to fit a terminal; never when piped),
+    /// `wide` (every column, nothing shortened), or stable JSON for scripts.
     #[arg(short = 'o', long = "output", global = true, env = "FOLD_OUTPUT", value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
@@ -55,6 +56,7 @@ pub struct Global {
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Output {
     Table,
+    Wide,
     Json,
 }
 
@@ -100,17 +102,19 @@ pub enum Command {
     },
     /// Diagnose the node and print what to fix.
     Check {
-        /// The node's admin (metrics) address, host:port.
-        #[arg(long, env = "FOLD_METRICS_ADDR", default_value = "127.0.0.1:9464")]
-        metrics_addr: String,
-        /// The sidecar's admin (metrics) address, host:port.
-        #[arg(
-            long,
-            env = "FOLD_SIDECAR_METRICS_ADDR",
-            default_value = "127.0.0.1:9465"
-        )]
-        sidecar_metrics_addr: String,
+        /// The node's admin (metrics) address, host:port (default: where the node says it
+        /// listens, from Network.Status; 127.0.0.1:9464 if it cannot say).
+        #[arg(long, env = "FOLD_METRICS_ADDR")]
+        metrics_addr: Option<String>,
+        /// The sidecar's admin (metrics) address, host:port (default: where the sidecar says it
+        /// listens, through the node; 127.0.0.1:9465 if it cannot say).
+        #[arg(long, env = "FOLD_SIDECAR_METRICS_ADDR")]
+        sidecar_metrics_addr: Option<String>,
     },
+    /// A live view of the mesh in the browser: the graph of nodes and links (RTT, relayed,
+    /// denied, unreachable), each node's schemas, replicas and traffic, and what `check` finds.
+    /// Serves a local web page (read-only: it never changes the node) and prints its URL.
+    Dashboard(DashboardArgs),
     /// The mesh around this node, gathered by asking peers for their peers (up to --hops, within
     /// --timeout), as a tree, JSON, Graphviz DOT or an SVG picture.
     Topology {
@@ -131,8 +135,10 @@ pub enum Command {
     /// Per-method request rate, success rate and p50/p99 latency from the node's and its
     /// sidecar's /metrics, refreshed live in a terminal (one sample otherwise).
     Top {
-        /// Admin (metrics) addresses to read, host:port; repeat for several processes.
-        #[arg(long = "metrics-addr", default_values = ["127.0.0.1:9464", "127.0.0.1:9465"])]
+        /// Admin (metrics) addresses to read, host:port; repeat for several processes (default:
+        /// the node's and its sidecar's, as the node reports them in Network.Status;
+        /// 127.0.0.1:9464 and 127.0.0.1:9465 if it cannot say).
+        #[arg(long = "metrics-addr")]
         metrics_addrs: Vec<String>,
         /// Time between samples.
         #[arg(long, default_value = "2s", value_parser = parse_duration)]
@@ -143,6 +149,31 @@ pub enum Command {
     },
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DashboardArgs {
+    /// Where to serve the page, host:port (port 0 picks a free one). Keep it on loopback: the
+    /// page shows the mesh to whoever can open it.
+    #[arg(
+        long,
+        env = "FOLDCTL_DASHBOARD_LISTEN",
+        default_value = "127.0.0.1:9470"
+    )]
+    pub listen: std::net::SocketAddr,
+    /// Time between refreshes of the view.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub interval: std::time::Duration,
+    /// How many hops of the mesh to gather (as `topology --hops`; at most 4).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=4))]
+    pub hops: u32,
+    /// Also ask these nodes (same flags as --addr; repeat): their schemas, replicas, traffic
+    /// and problems are shown too.
+    #[arg(long, value_name = "ADDR")]
+    pub also: Vec<String>,
+    /// Stop after this many refreshes (default: until Ctrl-C).
+    #[arg(long)]
+    pub iterations: Option<u64>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

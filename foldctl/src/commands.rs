@@ -15,7 +15,7 @@ use crate::cli::{
     Command, Global, HistoryArgs, MutateArgs, QueryArgs, SchemaCmd, SubscribeArgs, TrustCmd,
 };
 use crate::metrics::{get_metrics, parse};
-use crate::table::{Table, cell, kv};
+use crate::table::{Table, cell, kv, peer_trust, rtt_text};
 use crate::{Failure, Out, topology};
 
 fn to_json<T: Serialize>(v: &T) -> Result<Json, Failure> {
@@ -29,81 +29,7 @@ pub async fn run(c: &Client, g: &Global, cmd: Command) -> Result<Out, Failure> {
         Command::Mutate(m) => mutate(c, m).await,
         Command::History(h) => history(c, h).await,
         Command::Subscribe(a) => subscribe(c, g, a).await,
-        Command::Status => {
-            let s = c.status().await?;
-            let text = kv(&[
-                ("node id", s.node_id.clone()),
-                ("listen", s.listen_addrs.join(", ")),
-                ("external", or_dash(s.external_addrs.join(", "))),
-                ("connected peers", s.connected_peers.to_string()),
-                ("known peers", s.known_peers.to_string()),
-                ("mdns", on_off(s.mdns_enabled).into()),
-                ("provided schemas", or_dash(s.provided_schemas.join(", "))),
-                (
-                    "bootstrap",
-                    or_dash(
-                        s.bootstrap
-                            .iter()
-                            .map(|b| match &b.last_error {
-                                Some(e) if b.state == "failed" => {
-                                    format!("{} failed: {e}", b.address)
-                                }
-                                _ => format!("{} {}", b.address, b.state),
-                            })
-                            .collect::<Vec<_>>()
-                            .join("; "),
-                    ),
-                ),
-                ("reachability", s.reachability.clone()),
-                (
-                    "relays",
-                    or_dash(
-                        s.relays
-                            .iter()
-                            .map(|r| match (&r.circuit_addr, &r.last_error) {
-                                (Some(c), _) => format!("{} {} ({c})", r.relay_node_id, r.state),
-                                (None, Some(e)) => format!("{} {}: {e}", r.relay_node_id, r.state),
-                                _ => format!("{} {}", r.relay_node_id, r.state),
-                            })
-                            .collect::<Vec<_>>()
-                            .join("; "),
-                    ),
-                ),
-                (
-                    "relay server",
-                    match &s.relay_server {
-                        Some(r) if r.enabled => format!(
-                            "on ({} reservations, {} circuits)",
-                            r.reservations, r.circuits
-                        ),
-                        _ => "off".into(),
-                    },
-                ),
-                (
-                    "replicas",
-                    or_dash(
-                        s.replicas
-                            .iter()
-                            .map(|r| {
-                                let mut t = format!(
-                                    "{} from {} at {} (lag {})",
-                                    r.schema, r.source_node_id, r.applied_sequence, r.lag
-                                );
-                                if let Some(e) = &r.last_error {
-                                    t.push_str(&format!(": {e}"));
-                                }
-                                t
-                            })
-                            .collect::<Vec<_>>()
-                            .join("; "),
-                    ),
-                ),
-            ]);
-            Ok(Out {
-                json: to_json(&s)?,
-                text,
-            })
-        }
+        Command::Status => status(c).await,
         Command::Peers { all, metrics_addr } => {
             let peers = c.peers(all).await?;
             let Some(addr) = metrics_addr else {
@@ -171,10 +97,96 @@ pub async fn run(c: &Client, g: &Global, cmd: Command) -> Result<Out, Failure> {
             also,
             hops,
         } => topology::run(c, g, format, all, &also, hops).await,
-        Command::Check { .. } | Command::Top { .. } | Command::Completions { .. } => {
-            Err(Failure::Local("not a node command".into()))
-        }
+        Command::Check { .. }
+        | Command::Top { .. }
+        | Command::Dashboard(_)
+        | Command::Completions { .. } => Err(Failure::Local("not a node command".into())),
     }
+}
+
+/// `status`: this node in the mesh, as key/value lines.
+async fn status(c: &Client) -> Result<Out, Failure> {
+    let s = c.status().await?;
+    let text = kv(&[
+        ("node id", s.node_id.clone()),
+        ("listen", s.listen_addrs.join(", ")),
+        ("external", or_dash(s.external_addrs.join(", "))),
+        ("connected peers", s.connected_peers.to_string()),
+        ("known peers", s.known_peers.to_string()),
+        ("mdns", on_off(s.mdns_enabled).into()),
+        ("provided schemas", or_dash(s.provided_schemas.join(", "))),
+        (
+            "bootstrap",
+            or_dash(
+                s.bootstrap
+                    .iter()
+                    .map(|b| match &b.last_error {
+                        Some(e) if b.state == "failed" => {
+                            format!("{} failed: {e}", b.address)
+                        }
+                        _ => format!("{} {}", b.address, b.state),
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ),
+        ),
+        ("reachability", s.reachability.clone()),
+        (
+            "admin",
+            format!(
+                "node {}, sidecar {}",
+                s.node_admin_addr.as_deref().unwrap_or("-"),
+                s.sidecar_admin_addr.as_deref().unwrap_or("-")
+            ),
+        ),
+        (
+            "relays",
+            or_dash(
+                s.relays
+                    .iter()
+                    .map(|r| match (&r.circuit_addr, &r.last_error) {
+                        (Some(c), _) => format!("{} {} ({c})", r.relay_node_id, r.state),
+                        (None, Some(e)) => format!("{} {}: {e}", r.relay_node_id, r.state),
+                        _ => format!("{} {}", r.relay_node_id, r.state),
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ),
+        ),
+        (
+            "relay server",
+            match &s.relay_server {
+                Some(r) if r.enabled => format!(
+                    "on ({} reservations, {} circuits)",
+                    r.reservations, r.circuits
+                ),
+                _ => "off".into(),
+            },
+        ),
+        (
+            "replicas",
+            or_dash(
+                s.replicas
+                    .iter()
+                    .map(|r| {
+                        let mut t = format!(
+                            "{} from {} at {} (lag {})",
+                            r.schema, r.source_node_id, r.applied_sequence, r.lag
+                        );
+                        if let Some(e) = &r.last_error {
+                            t.push_str(&format!(": {e}"));
+                        }
+                        t
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ),
+        ),
+    ]);
+    Ok(Out {
+        json: to_json(&s)?,
+        text,
+    })
 }
 
 async fn schema(c: &Client, cmd: SchemaCmd) -> Result<Out, Failure> {
@@ -240,7 +252,11 @@ fn schemas_table(list: &[SchemaInfo]) -> String {
             s.schema_type.clone(),
             s.range_key.clone().unwrap_or_else(|| "-".into()),
             s.fields.join(","),
-            s.hash.chars().take(12).collect(),
+            if crate::table::wide() {
+                s.hash.clone()
+            } else {
+                s.hash.chars().take(12).collect()
+            },
         ]);
     }
     t.render()
@@ -699,19 +715,6 @@ fn trust_text(e: &TrustEntry) -> String {
     }
 }
 
-pub fn peer_trust(p: &Peer) -> String {
-    match (p.denied, p.trust_distance) {
-        (true, _) | (_, None) => "deny".into(),
-        (false, Some(d)) => d.to_string(),
-    }
-}
-
-pub fn rtt_text(p: &Peer) -> String {
-    p.rtt_micros
-        .map(|us| format!("{:.2} ms", us as f64 / 1000.0))
-        .unwrap_or_else(|| "-".into())
-}
-
 /// Circuit breaker state per remote node id, from the node's `fold_circuit_breaker_state`
 /// gauge (0 closed, 1 open, 2 half-open). A node never forwarded to has no breaker yet.
 async fn breaker_states(addr: &str) -> Result<BTreeMap<String, String>, Failure> {
@@ -753,6 +756,11 @@ pub fn peers_table(peers: &[Peer], breakers: Option<&BTreeMap<String, String>>) 
         headers.push("BREAKER");
     }
     headers.extend(["SOURCE", "AGENT", "ADDRESSES"]);
+    // -o wide: the routing counters and the protocols too.
+    let wide = crate::table::wide();
+    if wide {
+        headers.extend(["IN_FLIGHT", "ROUTED", "ROUTE_FAILURES", "PROTOCOLS"]);
+    }
     let mut t = Table::new(headers).keep(0);
     for p in peers {
         let mut row = vec![
@@ -782,6 +790,14 @@ pub fn peers_table(peers: &[Peer], breakers: Option<&BTreeMap<String, String>>) 
             or_dash(p.agent.clone()),
             or_dash(p.addrs.join(",")),
         ]);
+        if wide {
+            row.extend([
+                p.route_in_flight.to_string(),
+                p.route_requests.to_string(),
+                p.route_failures.to_string(),
+                or_dash(p.protocols.join(",")),
+            ]);
+        }
         t.row(row);
     }
     t.render()

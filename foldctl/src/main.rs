@@ -6,7 +6,10 @@
 mod check;
 mod cli;
 mod commands;
+mod dashboard;
+mod finding;
 mod metrics;
+mod replica_check;
 mod table;
 mod top;
 mod topology;
@@ -82,6 +85,7 @@ fn main() -> ExitCode {
         }
     };
     let output = cli.global.output;
+    table::set_wide(output == Output::Wide);
     match rt.block_on(run(cli)) {
         Ok(out) => {
             let output = if out.json.is_null() {
@@ -97,7 +101,7 @@ fn main() -> ExitCode {
                         return ExitCode::from(EXIT_LOCAL);
                     }
                 },
-                Output::Table => print!("{}", out.text),
+                Output::Table | Output::Wide => print!("{}", out.text),
             }
             ExitCode::SUCCESS
         }
@@ -146,6 +150,17 @@ pub fn exit_code(e: &Error) -> u8 {
     }
 }
 
+/// A node id short enough for a picture: its last 8 characters (ids share the `12D3KooW`
+/// prefix); the full id stays one hover or click away.
+pub fn short_id(id: &str) -> String {
+    let n = id.chars().count();
+    if n <= 12 {
+        return id.to_string();
+    }
+    let tail: String = id.chars().skip(n - 8).collect();
+    format!("…{tail}")
+}
+
 /// The client for the global flags.
 pub fn builder(g: &Global) -> ClientBuilder {
     builder_at(g, &g.addr)
@@ -176,12 +191,26 @@ async fn run(cli: Cli) -> Result<Out, Failure> {
         Command::Check {
             metrics_addr,
             sidecar_metrics_addr,
-        } => check::run(g, &metrics_addr, &sidecar_metrics_addr).await,
+        } => {
+            let flags = check::AdminFlags {
+                node: metrics_addr.as_deref(),
+                sidecar: sidecar_metrics_addr.as_deref(),
+            };
+            check::run(g, flags).await
+        }
+        Command::Dashboard(args) => dashboard::run(g, args).await,
         Command::Top {
             metrics_addrs,
             interval,
             iterations,
-        } => top::run(g, &metrics_addrs, interval, iterations).await,
+        } => {
+            let addrs = if metrics_addrs.is_empty() {
+                check::reported_admin_addrs(g).await
+            } else {
+                metrics_addrs
+            };
+            top::run(g, &addrs, interval, iterations).await
+        }
         Command::Completions { .. } => Err(Failure::Local("completions are handled before".into())),
         cmd => {
             let client = connect(g).await?;

@@ -1,7 +1,25 @@
-//! Plain-text tables that fit a terminal: columns sized to their content, the widest column
-//! shortened (with `…`) until the table fits `$COLUMNS` (default 120).
+//! Plain-text tables: columns sized to their content. In a terminal the widest column is
+//! shortened (with `…`) until the table fits `$COLUMNS` (default 120); when stdout is not a
+//! terminal (a pipe, a file) or with `-o wide`, nothing is shortened, as kubectl does.
 
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use fold_client::Peer;
 use serde_json::Value as Json;
+
+/// `-o wide`: every column, nothing shortened.
+static WIDE: AtomicBool = AtomicBool::new(false);
+
+/// Set by `-o wide`.
+pub fn set_wide(wide: bool) {
+    WIDE.store(wide, Ordering::Relaxed);
+}
+
+/// Whether `-o wide` asked for every column.
+pub fn wide() -> bool {
+    WIDE.load(Ordering::Relaxed)
+}
 
 pub struct Table {
     headers: Vec<String>,
@@ -29,8 +47,13 @@ impl Table {
         self.rows.push(cells.into_iter().map(Into::into).collect());
     }
 
+    /// Fitted to the terminal, or whole when stdout is not one (or with `-o wide`).
     pub fn render(&self) -> String {
-        self.render_width(terminal_width())
+        if wide() || !std::io::stdout().is_terminal() {
+            self.render_width(usize::MAX)
+        } else {
+            self.render_width(terminal_width())
+        }
     }
 
     pub fn render_width(&self, width: usize) -> String {
@@ -52,7 +75,11 @@ impl Table {
             }
         }
         let gap = 2;
-        let total = |w: &[usize]| w.iter().sum::<usize>() + gap * n.saturating_sub(1);
+        let total = |w: &[usize]| {
+            w.iter()
+                .sum::<usize>()
+                .saturating_add(gap * n.saturating_sub(1))
+        };
         // Shrink the widest column one character at a time (bounded: each step removes one).
         let mut budget = widths.iter().sum::<usize>();
         while total(&widths) > width && budget > 0 {
@@ -129,6 +156,21 @@ pub fn kv(pairs: &[(&str, String)]) -> String {
         .collect()
 }
 
+/// A peer's trust cell: its distance, or `deny`.
+pub fn peer_trust(p: &Peer) -> String {
+    match (p.denied, p.trust_distance) {
+        (true, _) | (_, None) => "deny".into(),
+        (false, Some(d)) => d.to_string(),
+    }
+}
+
+/// A peer's round-trip cell, in milliseconds (`-` when unknown).
+pub fn rtt_text(p: &Peer) -> String {
+    p.rtt_micros
+        .map(|us| format!("{:.2} ms", us as f64 / 1000.0))
+        .unwrap_or_else(|| "-".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,5 +185,14 @@ mod tests {
         let mut t = Table::new(["A", "B"]);
         t.row(["1", "2"]);
         assert_eq!(t.render_width(80), "A  B\n1  2\n");
+    }
+
+    #[test]
+    fn unbounded_width_keeps_every_character() {
+        let mut t = Table::new(["CONNECTED", "ROUTE_EWMA", "VIA"]);
+        t.row(["yes", "1.0ms", "direct/tcp"]);
+        let s = t.render_width(usize::MAX);
+        assert!(!s.contains('…'), "{s}");
+        assert!(s.contains("ROUTE_EWMA") && s.contains("direct/tcp"), "{s}");
     }
 }

@@ -15,10 +15,10 @@ use crate::metrics::{Sample, get_metrics, parse};
 use crate::table::Table;
 use crate::{Failure, Out};
 
-type Key = (String, String, String, String); // source, side, service, method
+pub(crate) type Key = (String, String, String, String); // source, side, service, method
 
 #[derive(Default, Clone)]
-struct Counts {
+pub(crate) struct Counts {
     handled: f64,
     ok: f64,
     /// (upper bound, cumulative count)
@@ -69,6 +69,70 @@ async fn scrape(addrs: &[String]) -> Result<BTreeMap<Key, Counts>, Failure> {
             .sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal));
     }
     Ok(out)
+}
+
+/// One admin port's gRPC counters (for the dashboard, which reads each process on its own).
+pub(crate) async fn scrape_one(addr: &str) -> Result<BTreeMap<Key, Counts>, String> {
+    let body = match get_metrics(addr).await {
+        Ok((200, body)) => body,
+        Ok((code, _)) => return Err(format!("http://{addr}/metrics answered HTTP {code}")),
+        Err(e) => return Err(format!("http://{addr}/metrics: {e}")),
+    };
+    let mut out = BTreeMap::new();
+    for s in parse(&body) {
+        add(&mut out, addr, &s);
+    }
+    for c in out.values_mut() {
+        c.buckets
+            .sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal));
+    }
+    Ok(out)
+}
+
+/// Every call a process answered over an interval, together.
+#[derive(Debug, Serialize, Clone, PartialEq)]
+pub struct Summary {
+    pub rps: f64,
+    /// `null` without requests.
+    pub success_rate: Option<f64>,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    /// Calls answered since the process started.
+    pub total: u64,
+}
+
+/// The server side of two scrapes, all methods together (their histograms share bucket bounds).
+pub(crate) fn summary(
+    before: &BTreeMap<Key, Counts>,
+    after: &BTreeMap<Key, Counts>,
+    secs: f64,
+) -> Summary {
+    let (mut n, mut ok, mut total) = (0.0, 0.0, 0.0);
+    // Bucket bound (as ordered bits; bounds are positive) -> delta of the cumulative count.
+    let mut merged: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
+    for (k, c) in after.iter().filter(|(k, _)| k.1 == "server") {
+        let b = before.get(k).cloned().unwrap_or_default();
+        n += (c.handled - b.handled).max(0.0);
+        ok += (c.ok - b.ok).max(0.0);
+        total += c.handled;
+        for (le, cum) in &c.buckets {
+            let was = b
+                .buckets
+                .iter()
+                .find(|(l, _)| l == le)
+                .map_or(0.0, |(_, v)| *v);
+            let e = merged.entry(le.to_bits()).or_insert((*le, 0.0));
+            e.1 += (cum - was).max(0.0);
+        }
+    }
+    let buckets: Vec<(f64, f64)> = merged.into_values().collect();
+    Summary {
+        rps: if secs > 0.0 { n / secs } else { 0.0 },
+        success_rate: (n > 0.0).then(|| ok / n),
+        p50_ms: quantile(0.5, &buckets).map(|s| s * 1000.0),
+        p99_ms: quantile(0.99, &buckets).map(|s| s * 1000.0),
+        total: total as u64,
+    }
 }
 
 fn add(out: &mut BTreeMap<Key, Counts>, addr: &str, s: &Sample) {
@@ -209,7 +273,7 @@ pub async fn run(
     interval: Duration,
     iterations: Option<u32>,
 ) -> Result<Out, Failure> {
-    let live = g.output == Output::Table && std::io::stdout().is_terminal();
+    let live = g.output != Output::Json && std::io::stdout().is_terminal();
     // Live in a terminal until Ctrl-C (or --iterations); one sample otherwise.
     let n = iterations.unwrap_or(if live { u32::MAX } else { 1 }).max(1);
     let mut before = scrape(addrs).await?;
@@ -228,7 +292,7 @@ pub async fn run(
         match g.output {
             Output::Json => println!("{json}"),
             Output::Table if live => print!("\x1b[2J\x1b[H{text}"),
-            Output::Table => println!("{text}"),
+            Output::Table | Output::Wide => println!("{text}"),
         }
         before = after;
         at = now;
@@ -273,5 +337,10 @@ mod tests {
         assert_eq!(r[0].success_rate, Some(0.75));
         assert_eq!(r[0].total, 30);
         assert!(r[0].p50_ms.unwrap() <= 1.0);
+        let sum = summary(&mk(body(10, 10)), &mk(body(30, 25)), 2.0);
+        assert_eq!(sum.rps, 10.0);
+        assert_eq!(sum.success_rate, Some(0.75));
+        assert_eq!(sum.total, 30);
+        assert!(sum.p99_ms.unwrap() <= 1.0);
     }
 }

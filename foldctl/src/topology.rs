@@ -13,7 +13,7 @@ use layout::gv::{DotParser, GraphBuilder};
 use serde::Serialize;
 
 use crate::cli::{Global, TopologyFormat};
-use crate::commands::{peer_trust, rtt_text};
+use crate::table::{peer_trust, rtt_text};
 use crate::{Failure, Out, builder_at};
 
 /// The merged picture of one or several gatherings.

@@ -89,9 +89,20 @@ impl Behaviour {
                 .with_agent_version(format!("p2p-sidecar/{}", env!("CARGO_PKG_VERSION")))
                 // New listen addresses (a relay reservation's relayed address above all) reach
                 // connected peers, and through them the DHT, at once.
-                .with_push_listen_addr_updates(true),
+                .with_push_listen_addr_updates(true)
+                // No address cache of its own: what a peer reports reaches dials only through
+                // the peer book and the DHT, which drop other hosts' loopback and link-local
+                // addresses (crate::peer_book::learnable).
+                .with_cache_size(0),
         );
-        let ping = ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(15)));
+        // A ping unanswered for one interval has failed; the event loop closes a connection
+        // after --ping-max-failures of them (libp2p's ping no longer closes connections itself).
+        let ping_every = Duration::from_secs(config.ping_interval_secs.max(1));
+        let ping = ping::Behaviour::new(
+            ping::Config::new()
+                .with_interval(ping_every)
+                .with_timeout(ping_every),
+        );
         let mdns = if config.mdns_enabled() {
             let cfg = mdns::Config {
                 query_interval: Duration::from_secs(config.mdns_query_interval_secs.max(1)),
@@ -109,7 +120,19 @@ impl Behaviour {
         // Provider records are re-announced by the event loop whenever the routing table
         // changes; keep libp2p's own republication too, for long-lived meshes.
         kad_cfg.set_provider_publication_interval(Some(Duration::from_secs(600)));
-        let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_cfg);
+        // Provider records (schema → nodes) are what the mesh uses; plain records are not, so
+        // what other peers may PUT here is kept small: at most 1024 records of under 1 KiB
+        // (libp2p's default would allow 65 KiB each, 64 MiB in all). Provider records keep
+        // libp2p's bounds: 1024 keys × 20 providers (docs/DEPLOY.md#memory).
+        let store = MemoryStore::with_config(
+            peer_id,
+            kad::store::MemoryStoreConfig {
+                max_records: 1024,
+                max_value_bytes: 1024,
+                ..kad::store::MemoryStoreConfig::default()
+            },
+        );
+        let mut kad = kad::Behaviour::with_config(peer_id, store, kad_cfg);
         kad.set_mode(Some(kad::Mode::Server));
         let rr = |timeout_ms: u64| {
             request_response::Config::default()

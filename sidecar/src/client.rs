@@ -3,12 +3,13 @@
 //! the event loop ever touches the `Swarm`.
 
 use fold_proto::sidecar::PeerEvent;
-use fold_proto::v1::{NetworkStatusResponse, PeerInfo};
+use fold_proto::v1::PeerInfo;
 use fold_proto::wire::{CheckSchemasResponse, ForwardResponse, SignedEnvelope};
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::command::{Command, MeshError};
+use crate::status::NetworkSnapshot;
 
 #[derive(Clone)]
 pub struct Client {
@@ -62,7 +63,8 @@ impl Client {
         rx.await.map_err(|_| gone())
     }
 
-    pub async fn status(&self) -> Result<NetworkStatusResponse, MeshError> {
+    /// The swarm's state ([`NetworkSnapshot::into_response`] makes the `Mesh.Status` reply).
+    pub async fn status(&self) -> Result<NetworkSnapshot, MeshError> {
         self.ask(|reply| Command::Status { reply }).await
     }
 

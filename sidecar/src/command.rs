@@ -2,7 +2,7 @@
 //! [`crate::client::Client`]) and the mesh-level error type its answers carry ([`MeshError`],
 //! reported to the node as a gRPC status).
 
-use fold_proto::v1::{NetworkStatusResponse, PeerInfo};
+use fold_proto::v1::PeerInfo;
 use fold_proto::wire::{CheckSchemasResponse, ForwardResponse, SignedEnvelope};
 use libp2p::request_response::ResponseChannel;
 use libp2p::{Multiaddr, PeerId};
@@ -20,6 +20,8 @@ pub enum MeshError {
     DeadlineExceeded(String),
     #[error("{0}")]
     InvalidArgument(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
 }
 
 impl MeshError {
@@ -29,6 +31,7 @@ impl MeshError {
             MeshError::Unavailable(_) => Code::Unavailable,
             MeshError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             MeshError::InvalidArgument(_) => Code::InvalidArgument,
+            MeshError::ResourceExhausted(_) => Code::ResourceExhausted,
         }
     }
 }
@@ -41,7 +44,7 @@ impl From<MeshError> for tonic::Status {
 
 pub enum Command {
     Status {
-        reply: oneshot::Sender<NetworkStatusResponse>,
+        reply: oneshot::Sender<crate::status::NetworkSnapshot>,
     },
     ListPeers {
         include_disconnected: bool,

@@ -19,7 +19,9 @@ serves fold.sidecar.v1.Mesh to its fold-node and hands requests from other nodes
 fold.sidecar.v1.PeerRequests service. Start it with the same --data-dir as the node; either may start \
 first.\n\nWhen ready it prints one line to stdout:\n  \
 p2p-sidecar ready node_id=<PeerId> mesh=<addr> listen=<multiaddrs> admin=<addr>\nLogs go to stderr; \
-the level comes from RUST_LOG (default: info, with libp2p_kad::behaviour at error)."
+the level comes from RUST_LOG (default: info, with libp2p_kad::behaviour at error). Traces are exported \
+over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set, whatever RUST_LOG says (the OTEL_* variables \
+govern them)."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -154,6 +156,16 @@ pub struct Config {
     )]
     pub connection_timeout_secs: u64,
 
+    /// Seconds between pings on each connection; a ping unanswered this long has failed.
+    #[arg(long, env = "FOLD_SIDECAR_PING_INTERVAL_SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub ping_interval_secs: u64,
+
+    /// A connection with this many pings failed in a row, or unanswered for this many ping
+    /// intervals, is closed and its peer shown disconnected (and redialled if known): a peer
+    /// that vanished without closing its connections is not shown as connected.
+    #[arg(long, env = "FOLD_SIDECAR_PING_MAX_FAILURES", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub ping_max_failures: u32,
+
     /// Most established connections in total.
     #[arg(long, env = "FOLD_SIDECAR_MAX_CONNECTIONS", default_value_t = 256)]
     pub max_connections: u32,
@@ -223,9 +235,25 @@ pub struct Config {
     #[arg(long, env = "FOLD_SIDECAR_PEER_RATE_BURST", default_value_t = 400)]
     pub peer_rate_burst: u32,
 
-    /// Inbound requests being handed to the node at once, per protocol; beyond it, UNAVAILABLE.
+    /// Inbound requests (forwards and schema checks) being handed to the node at once; beyond it,
+    /// UNAVAILABLE. A slot is released as soon as the node has answered.
     #[arg(long, env = "FOLD_SIDECAR_INBOUND_QUEUE", default_value_t = 256)]
     pub inbound_queue: usize,
+
+    /// The most of --inbound-queue one peer may hold at once, in percent (1-100); beyond it, that
+    /// peer's requests are refused with UNAVAILABLE while others still get through.
+    #[arg(long, env = "FOLD_SIDECAR_INBOUND_PEER_SHARE", default_value_t = crate::gate::DEFAULT_PEER_SHARE_PERCENT, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub inbound_peer_share: u8,
+
+    /// Forwarded `changes` requests that may wait for a change (long polls of replicas and
+    /// remote subscriptions) parked at once, from all peers. They never use --inbound-queue;
+    /// beyond it, RESOURCE_EXHAUSTED (the asker retries).
+    #[arg(long, env = "FOLD_SIDECAR_INBOUND_LONG_POLLS", default_value_t = crate::gate::DEFAULT_LONG_POLLS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    pub inbound_long_polls: usize,
+
+    /// Parked long polls of one peer at once; beyond it, RESOURCE_EXHAUSTED.
+    #[arg(long, env = "FOLD_SIDECAR_INBOUND_LONG_POLLS_PER_PEER", default_value_t = crate::gate::DEFAULT_LONG_POLLS_PER_PEER, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    pub inbound_long_polls_per_peer: usize,
 
     /// Peers that may never hold a connection to this node (repeatable; comma-separated in the
     /// env variable).

@@ -1,41 +1,48 @@
-//! The one task that owns the `Swarm`. Commands arrive from [`crate::client::Client`]s over a
-//! channel; answers go back on oneshots keyed by request or query id. Forwarded requests travel on
-//! long-lived streams handled off this task ([`crate::forward`]); this loop only makes sure a
-//! connection exists before it hands a request to its peer's stream. Inbound schema checks are
-//! checked here (rate limit, queue room) and handed to the node on a separate task.
+//! The one task that owns the `Swarm`: it selects on swarm events, commands from
+//! [`crate::client::Client`]s and a 1 s tick, and dispatches each to a short handler. Policy
+//! lives in plain state machines the handlers call ([`crate::bootstrap`], [`crate::connect`],
+//! [`crate::conns`], [`crate::upgrade`], [`crate::reach`], [`crate::peer_book`]); answers go back
+//! on oneshots keyed by request or query id. Forwarded requests travel on long-lived streams
+//! handled off this task ([`crate::forward`]); this loop only makes sure a connection exists
+//! before it hands a request to its peer's stream. Inbound schema checks pass the gate here and
+//! are answered by the node off this task ([`crate::schema_check`]); the peer book file is
+//! written off it too ([`crate::book_file`]).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use fold_middleware::rate_limit::KeyedLimiter;
 use fold_proto::sidecar::{PeerEvent, peer_event::Kind};
-use fold_proto::v1::{BootstrapStatus, NetworkStatusResponse, bootstrap_status};
 use fold_proto::wire::{
-    CheckSchemasRequest, CheckSchemasResponse, ForwardResponse, SchemaNames, SignedEnvelope,
-    WireError, check_schemas_response,
+    CheckSchemasRequest, CheckSchemasResponse, ForwardResponse, SignedEnvelope,
 };
 use futures::StreamExt;
+use libp2p::core::ConnectedPoint;
+use libp2p::core::transport::ListenerId;
 use libp2p::metrics::{Metrics, Recorder};
-use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ResponseChannel};
+use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, DialError, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, autonat, dcutr, identify, kad, mdns, ping, relay};
-use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
-use tonic::Code;
+use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL};
+use crate::book_file::BookWriter;
+use crate::bootstrap::{Bootstrap, DialFailure as BootstrapDialFailure};
 use crate::command::{Command, MeshError};
+use crate::connect::{Connecting, Next};
+use crate::conns::{AfterPing, Conn, Conns, Ping, PingPolicy};
 use crate::forward::Outbound as ForwardStreams;
 use crate::metrics::SidecarMetrics;
 use crate::node_link::NodeHandler;
 use crate::peer_book::{
-    DIAL_GUARD, MAX_REDIALS_PER_TICK, PeerBook, SavedBook, backoff, peer_of, random_unit,
-    strip_p2p, with_jitter,
+    MAX_REDIALS_PER_TICK, PeerBook, SavedBook, peer_of, random_unit, strip_p2p,
 };
 use crate::reach::{AutoNat, HOP_PROTOCOL, RelayAction, RelayServer, Relays, Source};
-use fold_proto::status::wire_error;
+use crate::schema_check::{answer as answer_schema_check, outbound_error, refusal};
+use crate::status::NetworkSnapshot;
+use crate::upgrade::{Hold, UPGRADE_GRACE, Upgrades};
 
 /// A request waiting for a connection to its peer.
 enum Outbound {
@@ -73,26 +80,6 @@ fn schema_key(name: &str) -> kad::RecordKey {
     kad::RecordKey::new(&format!("fold-schema:{name}"))
 }
 
-fn outbound_error(peer: &PeerId, e: &OutboundFailure) -> MeshError {
-    match e {
-        OutboundFailure::DialFailure => {
-            MeshError::Unavailable(format!("cannot reach node {peer}: dial failed"))
-        }
-        OutboundFailure::Timeout => {
-            MeshError::DeadlineExceeded(format!("node {peer} did not answer in time"))
-        }
-        OutboundFailure::ConnectionClosed => MeshError::Unavailable(format!(
-            "the connection to node {peer} closed before it answered"
-        )),
-        OutboundFailure::UnsupportedProtocols => MeshError::Unavailable(format!(
-            "peer {peer} does not speak the fold protocols (not a fold node?)"
-        )),
-        OutboundFailure::Io(e) => {
-            MeshError::Unavailable(format!("talking to node {peer} failed: {e}"))
-        }
-    }
-}
-
 pub struct EventLoopParts {
     pub swarm: Swarm<Behaviour>,
     pub commands: mpsc::Receiver<Command>,
@@ -101,8 +88,8 @@ pub struct EventLoopParts {
     pub node: Arc<dyn NodeHandler>,
     pub mdns_enabled: bool,
     pub bootstrap: Vec<Multiaddr>,
-    pub limiter: Option<KeyedLimiter>,
-    pub inbound_queue: usize,
+    /// The inbound gate schema checks pass, as forwards do (rate limit, denial, slots).
+    pub gate: Arc<crate::gate::InboundGate>,
     pub libp2p_metrics: Metrics,
     pub metrics: Arc<SidecarMetrics>,
     /// The per-peer forward streams.
@@ -113,45 +100,12 @@ pub struct EventLoopParts {
     pub relays: Relays,
     /// This node's relay service: its limits (counters are filled in by the loop).
     pub relay_server: fold_proto::v1::RelayServerStatus,
-}
-
-/// A peer whose relayed connections are being replaced by a direct one.
-struct Upgrade {
-    relayed: Vec<ConnectionId>,
-    /// Requests held until the relayed connections are closed (so their streams open on the
-    /// direct one; libp2p-stream picks any of a peer's connections).
-    held: Vec<Outbound>,
-}
-
-/// How long relayed connections stay open after a direct one came up, for the answers to the
-/// requests already in flight on them.
-const UPGRADE_GRACE: Duration = Duration::from_millis(500);
-/// Most requests held for one peer during an upgrade; beyond it, UNAVAILABLE.
-const MAX_HELD: usize = 1024;
-
-/// One open connection: its peer, and whether it runs through a relay.
-struct Conn {
-    peer: PeerId,
-    relayed: bool,
-    /// This node dialled it (AutoNAT asks for dial-backs only over such connections).
-    dialer: bool,
-    /// Dialled from a new port: an AutoNAT dial-back this node made for a peer (ordinary dials
-    /// reuse the listen port).
-    new_port: bool,
-    transport: &'static str,
+    /// When a connection whose pings fail is closed.
+    pub ping: PingPolicy,
 }
 
 /// The peers file is written at most this often (and at shutdown).
 const SAVE_EVERY: Duration = Duration::from_secs(5);
-
-/// A bootstrap address without a peer id (e.g. a DNS name): redialled on its own backoff until
-/// the peer it reaches is known to the peer book.
-struct AnonBootstrap {
-    addr: Multiaddr,
-    peer: Option<PeerId>,
-    failures: u32,
-    next_dial: Option<Instant>,
-}
 
 type ProviderQuery = (
     String,
@@ -170,9 +124,9 @@ pub struct EventLoop {
     events: broadcast::Sender<PeerEvent>,
     node: Arc<dyn NodeHandler>,
     mdns_enabled: bool,
-    bootstrap: Vec<Multiaddr>,
-    limiter: Option<KeyedLimiter>,
-    schema_slots: Arc<Semaphore>,
+    /// The configured bootstrap addresses (crate::bootstrap).
+    bootstrap: Bootstrap,
+    gate: Arc<crate::gate::InboundGate>,
     forward: Arc<ForwardStreams>,
     libp2p_metrics: Metrics,
     metrics: Arc<SidecarMetrics>,
@@ -180,44 +134,33 @@ pub struct EventLoop {
     peers: PeerBook,
     listen_addrs: Vec<Multiaddr>,
     pending_dial: HashMap<ConnectionId, oneshot::Sender<Result<PeerId, MeshError>>>,
-    waiting_connect: HashMap<PeerId, Vec<Outbound>>,
-    pending_lookup: HashMap<kad::QueryId, PeerId>,
+    /// Requests held until their peer connects (crate::connect).
+    connecting: Connecting<Outbound>,
     pending_schema: HashMap<OutboundRequestId, PendingSchema>,
     pending_providers: HashMap<kad::QueryId, ProviderQuery>,
     provided: BTreeSet<String>,
     reprovide_due: bool,
     kad_bootstrapped: bool,
-    /// The outcome of each bootstrap address's last dial (same order as `bootstrap`).
-    bootstrap_status: Vec<BootstrapStatus>,
-    /// Bootstrap dials under way: connection → index in `bootstrap` (at most one per address).
-    bootstrap_dials: HashMap<ConnectionId, usize>,
+    /// The peer book file, until [`EventLoop::run`] starts its writer.
     peers_path: Option<PathBuf>,
-    /// What the peers file holds (as last written or read).
+    /// Writes the peer book file off this task (crate::book_file).
+    writer: Option<BookWriter>,
+    /// The book as last handed to the writer (or read from the file).
     saved: Option<SavedBook>,
     last_save: Option<Instant>,
-    anon_bootstrap: Vec<AnonBootstrap>,
-    anon_dials: HashMap<ConnectionId, usize>,
     autonat: AutoNat,
     relays: Relays,
     relay_server: fold_proto::v1::RelayServerStatus,
     relay_counts: RelayServer,
-    /// Every open connection (bounded by the connection limits).
-    conns: HashMap<ConnectionId, Conn>,
-    /// Peers with requests waiting whose known addresses failed and that were looked up in the
-    /// DHT again (at most once per wait; a subset of `waiting_connect`'s keys).
-    relookup: HashSet<PeerId>,
-    /// Peers with requests waiting that were dialled through this node's relays (at most once
-    /// per wait; a subset of `waiting_connect`'s keys).
-    relay_tried: HashSet<PeerId>,
-    /// Peers whose relayed connections are being replaced by a direct one.
-    upgrading: HashMap<PeerId, Upgrade>,
+    /// Every open connection (crate::conns).
+    conns: Conns,
+    /// Peers whose relayed connections are being replaced by a direct one (crate::upgrade).
+    upgrading: Upgrades<Outbound>,
 }
-
-/// Longest dial error kept per bootstrap address.
-const MAX_BOOTSTRAP_ERROR: usize = 1024;
 
 impl EventLoop {
     pub fn new(p: EventLoopParts) -> EventLoop {
+        let local = *p.swarm.local_peer_id();
         let mut el = EventLoop {
             swarm: p.swarm,
             commands: p.commands,
@@ -225,46 +168,41 @@ impl EventLoop {
             events: p.events,
             node: p.node,
             mdns_enabled: p.mdns_enabled,
-            limiter: p.limiter,
+            gate: p.gate,
             forward: p.forward,
-            schema_slots: Arc::new(Semaphore::new(p.inbound_queue.max(1))),
             libp2p_metrics: p.libp2p_metrics,
             metrics: p.metrics,
             peers: PeerBook::default(),
             listen_addrs: Vec::new(),
             pending_dial: HashMap::new(),
-            waiting_connect: HashMap::new(),
-            pending_lookup: HashMap::new(),
+            connecting: Connecting::default(),
             pending_schema: HashMap::new(),
             pending_providers: HashMap::new(),
             provided: BTreeSet::new(),
             reprovide_due: false,
             kad_bootstrapped: false,
-            bootstrap_status: p
-                .bootstrap
-                .iter()
-                .map(|a| BootstrapStatus {
-                    address: a.to_string(),
-                    state: bootstrap_status::State::Dialing as i32,
-                    ..Default::default()
-                })
-                .collect(),
-            bootstrap_dials: HashMap::new(),
-            bootstrap: p.bootstrap,
+            bootstrap: Bootstrap::new(p.bootstrap, local),
             peers_path: p.peers_path,
+            writer: None,
             saved: None,
             last_save: None,
-            anon_bootstrap: Vec::new(),
-            anon_dials: HashMap::new(),
             autonat: AutoNat::default(),
             relays: p.relays,
             relay_server: p.relay_server,
             relay_counts: RelayServer::default(),
-            conns: HashMap::new(),
-            relookup: HashSet::new(),
-            relay_tried: HashSet::new(),
-            upgrading: HashMap::new(),
+            conns: Conns::new(p.ping),
+            upgrading: Upgrades::default(),
         };
+        let allowed: Vec<PeerId> = el
+            .swarm
+            .behaviour()
+            .allow
+            .as_ref()
+            .map(|a| a.allowed_peers().iter().copied().collect())
+            .unwrap_or_default();
+        for peer in allowed {
+            el.peers.set_trusted(peer);
+        }
         el.load_peers();
         el.add_bootstrap();
         el
@@ -294,27 +232,22 @@ impl EventLoop {
         self.saved = Some(self.peers.saved(&local));
     }
 
-    /// Write the peers file if the known peers changed since it was last written. Returns
-    /// false only when a write failed.
-    fn save_peers(&mut self) -> bool {
-        let Some(path) = self.peers_path.clone() else {
-            return true;
+    /// Hand the book to the file's writer if the known peers changed since it was last handed
+    /// over (or a write failed).
+    fn save_peers(&mut self) {
+        let Some(writer) = &self.writer else {
+            return;
         };
+        if writer.take_failed() {
+            self.saved = None;
+        }
         let now = self.peers.saved(&self.local());
         if self.saved.as_ref() == Some(&now) {
-            return true;
+            return;
         }
         self.last_save = Some(Instant::now());
-        match crate::peer_book::save_file(&path, &now) {
-            Ok(()) => {
-                tracing::debug!(peers = now.peers.len(), "peer book written");
-                self.saved = Some(now);
-                true
-            }
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "cannot write the peer book");
-                false
-            }
+        if writer.offer(now.clone()) {
+            self.saved = Some(now);
         }
     }
 
@@ -335,65 +268,14 @@ impl EventLoop {
         self.peers.entry(peer, source)
     }
 
-    /// The bootstrap addresses that name `peer` (`/p2p/<id>`).
-    fn bootstrap_indexes(&self, peer: &PeerId) -> Vec<usize> {
-        self.bootstrap
-            .iter()
-            .enumerate()
-            .filter(|(_, a)| peer_of(a).as_ref() == Some(peer))
-            .map(|(i, _)| i)
-            .collect()
-    }
-
-    /// A bootstrap address that names this node itself.
-    fn bootstrap_self(&mut self, i: usize) {
-        if let Some(st) = self.bootstrap_status.get_mut(i) {
-            st.state = bootstrap_status::State::SelfAddress as i32;
-            st.node_id = self.swarm.local_peer_id().to_string();
-            st.last_attempt_unix_ms = now_ms();
-        }
-    }
-
-    /// Record how a bootstrap address's dial ended.
-    fn bootstrap_outcome(&mut self, i: usize, outcome: Result<PeerId, String>) {
-        let Some(st) = self.bootstrap_status.get_mut(i) else {
-            return;
-        };
-        st.last_attempt_unix_ms = now_ms();
-        match outcome {
-            Ok(peer) => {
-                st.state = bootstrap_status::State::Connected as i32;
-                st.node_id = peer.to_string();
-            }
-            Err(e) => {
-                if st.state != bootstrap_status::State::Failed as i32 {
-                    tracing::warn!(addr = %st.address, error = %e, "bootstrap dial failed");
-                }
-                st.state = bootstrap_status::State::Failed as i32;
-                st.last_error = e.chars().take(MAX_BOOTSTRAP_ERROR).collect();
-            }
-        }
-    }
-
     /// Put the configured bootstrap peers in the book (redialled, never forgotten) and the DHT.
     fn add_bootstrap(&mut self) {
-        for (i, addr) in self.bootstrap.clone().into_iter().enumerate() {
-            match peer_of(&addr) {
-                Some(peer) if peer == self.local() => self.bootstrap_self(i),
-                Some(peer) => {
-                    self.peers.add_bootstrap(peer, addr.clone());
-                    self.swarm
-                        .behaviour_mut()
-                        .kad
-                        .add_address(&peer, strip_p2p(addr));
-                }
-                None => self.anon_bootstrap.push(AnonBootstrap {
-                    addr,
-                    peer: None,
-                    failures: 0,
-                    next_dial: None,
-                }),
-            }
+        for (peer, addr) in self.bootstrap.named() {
+            self.peers.add_bootstrap(peer, addr.clone());
+            self.swarm
+                .behaviour_mut()
+                .kad
+                .add_address(&peer, strip_p2p(addr));
         }
     }
 
@@ -414,34 +296,22 @@ impl EventLoop {
                 tracing::debug!(%peer, error = %e, "redial not started");
             }
         }
-        for i in 0..self.anon_bootstrap.len() {
-            let b = &self.anon_bootstrap[i];
-            let covered = b.peer.is_some_and(|p| {
-                self.swarm.is_connected(&p)
-                    || self.peers.get(&p).is_some_and(|e| !e.addrs.is_empty())
-            });
-            if covered || b.next_dial.is_some_and(|t| t > now) {
-                continue;
-            }
-            let opts = DialOpts::unknown_peer_id().address(b.addr.clone()).build();
-            let id = opts.connection_id();
-            let addr = b.addr.clone();
-            self.anon_bootstrap[i].next_dial = Some(now + DIAL_GUARD);
+        // Once a redial of the peer's known addresses failed, the bootstrap address is dialled
+        // again too: behind a name, the peer may have come back at a new address.
+        let due = self.bootstrap.due(now, |p| {
+            self.swarm.is_connected(p)
+                || self
+                    .peers
+                    .get(p)
+                    .is_some_and(|e| !e.addrs.is_empty() && e.dial_failures == 0)
+        });
+        for (i, addr) in due {
             // Its outcome is also what Network.Status reports for this bootstrap address.
-            let j = self.bootstrap.iter().position(|a| *a == addr);
+            let opts = DialOpts::unknown_peer_id().address(addr).build();
+            let id = opts.connection_id();
             match self.swarm.dial(opts) {
-                Ok(()) => {
-                    self.anon_dials.insert(id, i);
-                    if let Some(j) = j {
-                        self.bootstrap_dials.insert(id, j);
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!(%addr, error = %e, "bootstrap dial not started");
-                    if let Some(j) = j {
-                        self.bootstrap_outcome(j, Err(e.to_string()));
-                    }
-                }
+                Ok(()) => self.bootstrap.dialing(i, id),
+                Err(e) => self.bootstrap.not_started(i, &e.to_string()),
             }
         }
     }
@@ -454,12 +324,17 @@ impl EventLoop {
         error: &DialError,
     ) {
         let now = Instant::now();
-        if let Some(i) = self.anon_dials.remove(&connection_id)
-            && let Some(b) = self.anon_bootstrap.get_mut(i)
-        {
-            b.failures = b.failures.saturating_add(1);
-            b.next_dial = Some(now + with_jitter(backoff(b.failures), random_unit()));
-        }
+        self.bootstrap.dial_failed(
+            BootstrapDialFailure {
+                id: connection_id,
+                peer,
+                peer_connected: peer.is_some_and(|p| self.swarm.is_connected(&p)),
+                self_dial: matches!(error, DialError::LocalPeerId { .. }),
+                error: &error.to_string(),
+            },
+            now,
+            random_unit(),
+        );
         let Some(peer) = peer else {
             return;
         };
@@ -482,6 +357,10 @@ impl EventLoop {
     }
 
     pub async fn run(mut self) {
+        if let Some(path) = self.peers_path.take() {
+            let written = self.saved.clone().unwrap_or_default();
+            self.writer = Some(BookWriter::spawn(path, written));
+        }
         self.redial();
         self.plan_relays();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -499,6 +378,7 @@ impl EventLoop {
                         self.reprovide_due = false;
                         self.reprovide();
                     }
+                    self.close_silent_connections(Instant::now());
                     // Known and bootstrap peers, each on its own backoff.
                     self.redial();
                     self.plan_relays();
@@ -511,50 +391,38 @@ impl EventLoop {
                 }
             }
         }
-        self.save_peers();
+        if let Some(writer) = &self.writer {
+            writer.flush(self.peers.saved(&self.local())).await;
+        }
         tracing::info!("swarm event loop stopped");
     }
 
     // ---- commands ----------------------------------------------------------------------------
 
+    /// The swarm's state for `Mesh.Status` (the reply is built from it in the gRPC layer).
+    fn snapshot(&self) -> NetworkSnapshot {
+        NetworkSnapshot {
+            node_id: self.local(),
+            listen_addrs: self.listen_addrs.clone(),
+            external_addrs: self.swarm.external_addresses().cloned().collect(),
+            connected_peers: self.swarm.connected_peers().count(),
+            known_peers: self.peers.len(),
+            mdns_enabled: self.mdns_enabled,
+            provided_schemas: self.provided.iter().cloned().collect(),
+            bootstrap: self.bootstrap.status(),
+            reachability: self.autonat.verdict(),
+            reachable_addrs: self.autonat.reachable_addrs(),
+            relays: self.relays.status(),
+            relay_server: self.relay_server,
+            relay_reservations: self.relay_counts.reservations(),
+            relay_circuits: self.relay_counts.circuits,
+        }
+    }
+
     fn on_command(&mut self, c: Command) {
         match c {
             Command::Status { reply } => {
-                let mut listen: Vec<String> =
-                    self.listen_addrs.iter().map(|a| a.to_string()).collect();
-                listen.sort();
-                let _ = reply.send(NetworkStatusResponse {
-                    node_id: self.local().to_string(),
-                    listen_addrs: listen,
-                    external_addrs: self
-                        .swarm
-                        .external_addresses()
-                        .map(|a| a.to_string())
-                        .collect(),
-                    connected_peers: self.swarm.connected_peers().count() as u32,
-                    known_peers: self.peers.len() as u32,
-                    mdns_enabled: self.mdns_enabled,
-                    provided_schemas: self.provided.iter().cloned().collect(),
-                    bootstrap: self.bootstrap_status.clone(),
-                    // Filled in by the fold-node, which follows schemas.
-                    replicas: Vec::new(),
-                    reachability: self.autonat.verdict() as i32,
-                    reachable_addrs: self.autonat.reachable_addrs(),
-                    relays: self.relays.status(),
-                    relay_server: Some(fold_proto::v1::RelayServerStatus {
-                        reservations: if self.relay_server.enabled {
-                            self.relay_counts.reservations()
-                        } else {
-                            0
-                        },
-                        circuits: if self.relay_server.enabled {
-                            self.relay_counts.circuits
-                        } else {
-                            0
-                        },
-                        ..self.relay_server
-                    }),
-                });
+                let _ = reply.send(self.snapshot());
             }
             Command::ListPeers {
                 include_disconnected,
@@ -563,47 +431,7 @@ impl EventLoop {
                 let peers = self.peers.infos(include_disconnected, &self.local());
                 let _ = reply.send(peers);
             }
-            Command::Dial { addr, reply } => {
-                if let Some(peer) = peer_of(&addr) {
-                    if peer == self.local() {
-                        let _ = reply.send(Err(MeshError::InvalidArgument(
-                            "that address is this node's own".into(),
-                        )));
-                        return;
-                    }
-                    self.entry(peer, "dial").add_addr(addr.clone());
-                    // Connected already on a connection this node dialled: nothing to do. (A
-                    // peer that only dialled us gets an outbound connection too: AutoNAT asks
-                    // peers for dial-backs over outbound connections only.)
-                    if self
-                        .conns
-                        .values()
-                        .any(|c| c.peer == peer && c.dialer && !c.relayed)
-                        || (self.swarm.is_connected(&peer) && crate::reach::is_circuit(&addr))
-                    {
-                        let _ = reply.send(Ok(peer));
-                        return;
-                    }
-                }
-                let opts = match peer_of(&addr) {
-                    Some(peer) => DialOpts::peer_id(peer)
-                        .addresses(vec![strip_p2p(addr.clone())])
-                        .condition(PeerCondition::Always)
-                        .build(),
-                    None => DialOpts::unknown_peer_id().address(addr.clone()).build(),
-                };
-                let id = opts.connection_id();
-                match self.swarm.dial(opts) {
-                    Ok(()) => {
-                        self.pending_dial.insert(id, reply);
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(MeshError::Unavailable(format!(
-                            "cannot dial {addr}: {e}"
-                        ))));
-                    }
-                }
-            }
+            Command::Dial { addr, reply } => self.dial(addr, reply),
             Command::Disconnect { peer, reply } => {
                 // Disconnected on purpose: no redial for a while.
                 self.peers.hold_off(&peer, Instant::now());
@@ -617,56 +445,12 @@ impl EventLoop {
             Command::CheckSchemas { peer, names, reply } => {
                 self.send_or_connect(peer, Outbound::Schema(CheckSchemasRequest { names }, reply))
             }
-            Command::Provide { schemas, reply } => {
-                let want: BTreeSet<String> = schemas.into_iter().collect();
-                for gone in self.provided.difference(&want) {
-                    self.swarm
-                        .behaviour_mut()
-                        .kad
-                        .stop_providing(&schema_key(gone));
-                }
-                self.provided = want;
-                self.reprovide();
-                let _ = reply.send(self.provided.iter().cloned().collect());
-            }
-            Command::FindProviders { schema, reply } => {
-                let mut found = HashSet::new();
-                if self.provided.contains(&schema) {
-                    found.insert(self.local());
-                }
-                // With no other node to ask, "none found" would be a guess: say so instead.
-                let known: usize = self
-                    .swarm
-                    .behaviour_mut()
-                    .kad
-                    .kbuckets()
-                    .map(|b| b.num_entries())
-                    .sum();
-                if known == 0 {
-                    let _ = reply.send(if found.is_empty() {
-                        Err(MeshError::Unavailable(format!(
-                            "cannot look up providers of '{schema}': this node knows no other node to ask (dial one or add a bootstrap peer)"
-                        )))
-                    } else {
-                        Ok((found.into_iter().collect(), 0))
-                    });
-                    return;
-                }
-                let q = self
-                    .swarm
-                    .behaviour_mut()
-                    .kad
-                    .get_providers(schema_key(&schema));
-                self.pending_providers.insert(q, (schema, found, reply));
-            }
-            Command::SavePeers { reply } => {
-                let _ = reply.send(self.save_peers());
-            }
+            Command::Provide { schemas, reply } => self.provide(schemas, reply),
+            Command::FindProviders { schema, reply } => self.find_providers(schema, reply),
+            Command::SavePeers { reply } => self.save_peers_now(reply),
             Command::UpgradeDue { peer } => {
-                if let Some(u) = self.upgrading.get(&peer) {
-                    for id in u.relayed.clone() {
-                        self.swarm.close_connection(id);
-                    }
+                for id in self.upgrading.due(&peer) {
+                    self.swarm.close_connection(id);
                 }
             }
             Command::RespondSchema { channel, response } => {
@@ -679,6 +463,113 @@ impl EventLoop {
                 {
                     tracing::debug!("peer went away before the schema answer was sent");
                 }
+            }
+        }
+    }
+
+    /// [`Command::Dial`]: answered once the connection is up (or at once when one this node
+    /// dialled is up already).
+    fn dial(&mut self, addr: Multiaddr, reply: oneshot::Sender<Result<PeerId, MeshError>>) {
+        if let Some(peer) = peer_of(&addr) {
+            if peer == self.local() {
+                let _ = reply.send(Err(MeshError::InvalidArgument(
+                    "that address is this node's own".into(),
+                )));
+                return;
+            }
+            self.entry(peer, "dial").add_addr(addr.clone());
+            // Connected already on a connection this node dialled: nothing to do. (A peer that
+            // only dialled us gets an outbound connection too: AutoNAT asks peers for
+            // dial-backs over outbound connections only.)
+            if self.conns.dialled_direct(&peer)
+                || (self.swarm.is_connected(&peer) && crate::reach::is_circuit(&addr))
+            {
+                let _ = reply.send(Ok(peer));
+                return;
+            }
+        }
+        let opts = match peer_of(&addr) {
+            Some(peer) => DialOpts::peer_id(peer)
+                .addresses(vec![strip_p2p(addr.clone())])
+                .condition(PeerCondition::Always)
+                .build(),
+            None => DialOpts::unknown_peer_id().address(addr.clone()).build(),
+        };
+        let id = opts.connection_id();
+        match self.swarm.dial(opts) {
+            Ok(()) => {
+                self.pending_dial.insert(id, reply);
+            }
+            Err(e) => {
+                let _ = reply.send(Err(MeshError::Unavailable(format!(
+                    "cannot dial {addr}: {e}"
+                ))));
+            }
+        }
+    }
+
+    /// [`Command::Provide`]: announce exactly these schemas in the DHT.
+    fn provide(&mut self, schemas: Vec<String>, reply: oneshot::Sender<Vec<String>>) {
+        let want: BTreeSet<String> = schemas.into_iter().collect();
+        for gone in self.provided.difference(&want) {
+            self.swarm
+                .behaviour_mut()
+                .kad
+                .stop_providing(&schema_key(gone));
+        }
+        self.provided = want;
+        self.reprovide();
+        let _ = reply.send(self.provided.iter().cloned().collect());
+    }
+
+    /// [`Command::FindProviders`]: a DHT provider lookup, answered in
+    /// [`EventLoop::on_providers_found`].
+    fn find_providers(
+        &mut self,
+        schema: String,
+        reply: oneshot::Sender<Result<(Vec<PeerId>, u32), MeshError>>,
+    ) {
+        let mut found = HashSet::new();
+        if self.provided.contains(&schema) {
+            found.insert(self.local());
+        }
+        // With no other node to ask, "none found" would be a guess: say so instead.
+        let known: usize = self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .kbuckets()
+            .map(|b| b.num_entries())
+            .sum();
+        if known == 0 {
+            let _ = reply.send(if found.is_empty() {
+                Err(MeshError::Unavailable(format!(
+                    "cannot look up providers of '{schema}': this node knows no other node to ask (dial one or add a bootstrap peer)"
+                )))
+            } else {
+                Ok((found.into_iter().collect(), 0))
+            });
+            return;
+        }
+        let q = self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .get_providers(schema_key(&schema));
+        self.pending_providers.insert(q, (schema, found, reply));
+    }
+
+    /// [`Command::SavePeers`]: write the peer book file now; `reply` is told whether it is on
+    /// disk.
+    fn save_peers_now(&mut self, reply: oneshot::Sender<bool>) {
+        match &self.writer {
+            Some(writer) => {
+                let book = self.peers.saved(&self.local());
+                self.saved = Some(book.clone());
+                writer.save(book, reply);
+            }
+            None => {
+                let _ = reply.send(true);
             }
         }
     }
@@ -714,35 +605,46 @@ impl EventLoop {
             ));
             return;
         }
-        if let Some(u) = self.upgrading.get_mut(&peer) {
-            if u.held.len() >= MAX_HELD {
-                o.fail(MeshError::Unavailable(format!(
-                    "{MAX_HELD} requests are already waiting for the connection to node {peer} to move off its relay; retry"
-                )));
-            } else {
-                u.held.push(o);
-            }
-            return;
-        }
+        let o = match self.upgrading.hold(peer, o) {
+            Hold::NotUpgrading(o) => o,
+            Hold::Held => return,
+            Hold::Full(o, e) => return o.fail(e),
+        };
         if self.swarm.is_connected(&peer) {
             self.send_now(peer, o);
             return;
         }
-        if let Some(waiting) = self.waiting_connect.get_mut(&peer) {
-            waiting.push(o);
-            return;
+        let known = self.known_addrs(&peer);
+        if let Some(next) = self.connecting.hold(peer, o, known) {
+            self.connect_step(peer, next);
         }
-        let addrs = self
-            .peers
-            .get(&peer)
+    }
+
+    fn known_addrs(&self, peer: &PeerId) -> Vec<Multiaddr> {
+        self.peers
+            .get(peer)
             .map(|e| e.addrs.clone())
-            .unwrap_or_default();
-        self.waiting_connect.insert(peer, vec![o]);
-        if addrs.is_empty() {
-            let q = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
-            self.pending_lookup.insert(q, peer);
-        } else {
-            self.dial_known(peer, addrs);
+            .unwrap_or_default()
+    }
+
+    /// Carry out the next step of connecting to a peer with requests held.
+    fn connect_step(&mut self, peer: PeerId, next: Next<Outbound>) {
+        match next {
+            Next::LookUp => {
+                let q = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
+                self.connecting.looking_up(q, peer);
+            }
+            Next::Dial(addrs) => self.dial_known(peer, addrs),
+            Next::Send(list) => {
+                for o in list {
+                    self.send_now(peer, o);
+                }
+            }
+            Next::Fail(list, e) => {
+                for o in list {
+                    o.fail(e.clone());
+                }
+            }
         }
     }
 
@@ -754,20 +656,10 @@ impl EventLoop {
         if let Err(e) = self.swarm.dial(opts) {
             tracing::debug!(%peer, error = %e, "dial not started");
             if !matches!(e, libp2p::swarm::DialError::DialPeerConditionFalse(_)) {
-                self.fail_waiting(
-                    peer,
-                    MeshError::Unavailable(format!("cannot reach node {peer}: {e}")),
-                );
-            }
-        }
-    }
-
-    fn fail_waiting(&mut self, peer: PeerId, e: MeshError) {
-        self.relookup.remove(&peer);
-        self.relay_tried.remove(&peer);
-        if let Some(list) = self.waiting_connect.remove(&peer) {
-            for o in list {
-                o.fail(e.clone());
+                let e = MeshError::Unavailable(format!("cannot reach node {peer}: {e}"));
+                for o in self.connecting.give_up(&peer) {
+                    o.fail(e.clone());
+                }
             }
         }
     }
@@ -817,12 +709,10 @@ impl EventLoop {
         let Some(addr) = addr else {
             return;
         };
-        let source = if self.bootstrap_indexes(&peer).is_empty()
-            && !self.anon_bootstrap.iter().any(|b| b.peer == Some(peer))
-        {
-            Source::Identify
-        } else {
+        let source = if self.bootstrap.is_bootstrap(&peer) {
             Source::Bootstrap
+        } else {
+            Source::Identify
         };
         self.relays.candidate(peer, addr, source);
         self.plan_relays();
@@ -830,39 +720,18 @@ impl EventLoop {
 
     /// The peer book's per-peer connection kind: direct when any direct connection is open.
     fn update_connection_kind(&mut self, peer: PeerId) {
-        let mut relayed = None;
-        let mut direct = None;
-        for c in self.conns.values().filter(|c| c.peer == peer) {
-            if c.relayed {
-                relayed = Some(c.transport);
-            } else {
-                direct = Some(c.transport);
-            }
-        }
-        if let Some(e) = self.peers.get_mut(&peer) {
-            match (direct, relayed) {
-                (Some(t), _) => {
-                    e.connection = "direct";
-                    e.transport = t;
-                }
-                (None, Some(t)) => {
-                    e.connection = "relayed";
-                    e.transport = t;
-                }
-                (None, None) => {}
-            }
+        if let Some((connection, transport)) = self.conns.kind(&peer)
+            && let Some(e) = self.peers.get_mut(&peer)
+        {
+            e.connection = connection;
+            e.transport = transport;
         }
     }
 
     /// A direct connection to `peer` is up: its relayed connections (hole punching succeeded,
     /// or the peer dialled directly) are closed, so traffic leaves the relay.
     fn close_relayed(&mut self, peer: PeerId) {
-        let relayed: Vec<ConnectionId> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.peer == peer && c.relayed)
-            .map(|(id, _)| *id)
-            .collect();
+        let relayed = self.conns.relayed(&peer);
         if relayed.is_empty() {
             return;
         }
@@ -870,17 +739,7 @@ impl EventLoop {
         // The stream on the relayed connection is retired: it answers what is in flight, and
         // requests made meanwhile wait for the relayed connection to close, then go direct.
         self.forward.disconnected(&peer);
-        let fresh = !self.upgrading.contains_key(&peer);
-        let u = self.upgrading.entry(peer).or_insert_with(|| Upgrade {
-            relayed: Vec::new(),
-            held: Vec::new(),
-        });
-        for id in relayed {
-            if !u.relayed.contains(&id) {
-                u.relayed.push(id);
-            }
-        }
-        if fresh {
+        if self.upgrading.start(peer, relayed) {
             let tx = self.self_tx.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(UPGRADE_GRACE).await;
@@ -897,13 +756,7 @@ impl EventLoop {
             SwarmEvent::NewListenAddr {
                 address,
                 listener_id,
-            } => {
-                tracing::info!(%address, "listening");
-                self.relays.new_listen_addr(listener_id, &address);
-                if !self.listen_addrs.contains(&address) {
-                    self.listen_addrs.push(address);
-                }
-            }
+            } => self.on_new_listen_addr(listener_id, address),
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.retain(|a| a != &address);
             }
@@ -911,190 +764,213 @@ impl EventLoop {
                 listener_id,
                 addresses,
                 reason,
-            } => {
-                for a in &addresses {
-                    self.listen_addrs.retain(|l| l != a);
-                }
-                let error = reason.err().map(|e| e.to_string());
-                if !self
-                    .relays
-                    .listener_closed(listener_id, error.clone(), Instant::now())
-                    && let Some(e) = error
-                {
-                    tracing::warn!(error = %e, "a listener closed");
-                }
-            }
+            } => self.on_listener_closed(listener_id, &addresses, reason.err()),
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 connection_id,
                 endpoint,
                 num_established,
                 ..
-            } => {
-                let dialed = endpoint.is_dialer();
-                let remote = endpoint.get_remote_address().clone();
-                let source = if dialed { "dial" } else { "inbound" };
-                let (connection, transport) = crate::peer_book::endpoint_kind(&endpoint);
-                let relayed = connection == "relayed";
-                self.conns.insert(
-                    connection_id,
-                    Conn {
-                        peer: peer_id,
-                        relayed,
-                        dialer: dialed,
-                        new_port: matches!(
-                            endpoint,
-                            libp2p::core::ConnectedPoint::Dialer {
-                                port_use: libp2p::core::transport::PortUse::New,
-                                ..
-                            }
-                        ),
-                        transport,
-                    },
-                );
-                let e = self.entry(peer_id, source);
-                e.connections = num_established.get();
-                if !relayed {
-                    tracing::debug!(peer = %peer_id, %transport, "direct connection");
-                }
-                if dialed {
-                    e.add_addr(remote.clone());
-                }
-                self.update_connection_kind(peer_id);
-                if !relayed {
-                    self.close_relayed(peer_id);
-                }
-                self.peers
-                    .connected(&peer_id, dialed.then_some(&remote), Instant::now());
-                if let Some(i) = self.anon_dials.remove(&connection_id)
-                    && let Some(b) = self.anon_bootstrap.get_mut(i)
-                {
-                    b.peer = Some(peer_id);
-                    b.failures = 0;
-                    b.next_dial = None;
-                }
-                if let Some(reply) = self.pending_dial.remove(&connection_id) {
-                    let _ = reply.send(Ok(peer_id));
-                }
-                if let Some(i) = self.bootstrap_dials.remove(&connection_id) {
-                    self.bootstrap_outcome(i, Ok(peer_id));
-                }
-                for j in self.bootstrap_indexes(&peer_id) {
-                    self.bootstrap_outcome(j, Ok(peer_id));
-                }
-                if dialed {
-                    // A dialed address is a listen address of the peer: good for the DHT.
-                    self.swarm
-                        .behaviour_mut()
-                        .kad
-                        .add_address(&peer_id, strip_p2p(remote.clone()));
-                }
-                self.relookup.remove(&peer_id);
-                self.relay_tried.remove(&peer_id);
-                if let Some(list) = self.waiting_connect.remove(&peer_id) {
-                    for o in list {
-                        self.send_now(peer_id, o);
-                    }
-                }
-                if num_established.get() == 1 {
-                    tracing::info!(peer = %peer_id, addr = %remote, "connected");
-                    self.emit(Kind::Connected, peer_id, vec![remote.to_string()]);
-                }
-                if !self.kad_bootstrapped {
-                    self.kad_bootstrapped = self.swarm.behaviour_mut().kad.bootstrap().is_ok();
-                }
-            }
+            } => self.on_connection_established(
+                peer_id,
+                connection_id,
+                &endpoint,
+                num_established.get(),
+            ),
             SwarmEvent::ConnectionClosed {
                 peer_id,
                 connection_id,
                 num_established,
+                cause,
                 ..
-            } => {
-                let was_relayed = self.conns.remove(&connection_id).is_some_and(|c| c.relayed);
-                if let Some(e) = self.peers.get_mut(&peer_id) {
-                    e.connections = num_established;
-                }
-                self.update_connection_kind(peer_id);
-                if was_relayed && num_established > 0 {
-                    // The forward stream may have run on the relayed connection: the next
-                    // request opens one on the connection that is left.
-                    self.forward.disconnected(&peer_id);
-                }
-                let upgraded = self.upgrading.get_mut(&peer_id).is_some_and(|u| {
-                    u.relayed.retain(|c| *c != connection_id);
-                    u.relayed.is_empty() || num_established == 0
-                });
-                if upgraded && let Some(u) = self.upgrading.remove(&peer_id) {
-                    for o in u.held {
-                        self.send_or_connect(peer_id, o);
-                    }
-                }
-                if num_established == 0 {
-                    self.relay_counts.disconnected(&peer_id);
-                    self.peers
-                        .disconnected(&peer_id, Instant::now(), random_unit());
-                    self.forward.disconnected(&peer_id);
-                    tracing::info!(peer = %peer_id, "disconnected");
-                    self.emit(Kind::Disconnected, peer_id, vec![]);
-                }
-            }
+            } => self.on_connection_closed(
+                peer_id,
+                connection_id,
+                num_established,
+                cause.map(|e| e.to_string()),
+            ),
             SwarmEvent::OutgoingConnectionError {
                 connection_id,
                 peer_id,
                 error,
-            } => {
-                tracing::debug!(?peer_id, error = %error, "outgoing connection failed");
-                if let Some(i) = self.bootstrap_dials.remove(&connection_id) {
-                    if matches!(error, DialError::LocalPeerId { .. }) {
-                        self.bootstrap_self(i);
-                    } else {
-                        self.bootstrap_outcome(i, Err(error.to_string()));
-                    }
-                }
-                if let Some(p) = peer_id
-                    && !self.swarm.is_connected(&p)
-                {
-                    for j in self.bootstrap_indexes(&p) {
-                        self.bootstrap_outcome(j, Err(error.to_string()));
-                    }
-                }
-                self.dial_failed(connection_id, peer_id, &error);
-                if let Some(reply) = self.pending_dial.remove(&connection_id) {
-                    let _ =
-                        reply.send(Err(MeshError::Unavailable(format!("dial failed: {error}"))));
-                }
-                if let Some(peer) = peer_id
-                    && !self.swarm.is_connected(&peer)
-                    && self.waiting_connect.contains_key(&peer)
-                    && self.relookup.insert(peer)
-                {
-                    // The addresses known here failed: ask the DHT once for fresh ones (e.g. the
-                    // relayed address of a node that just reserved a slot on a relay).
-                    tracing::debug!(%peer, "known addresses failed; looking the node up in the DHT");
-                    let q = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
-                    self.pending_lookup.insert(q, peer);
-                } else if let Some(peer) = peer_id
-                    && !self.swarm.is_connected(&peer)
-                    && self.waiting_connect.contains_key(&peer)
-                    && !self.relays.circuit_routes().is_empty()
-                    && self.relay_tried.insert(peer)
-                {
-                    // Neither the known nor the DHT's addresses worked: try through the relays
-                    // this node reserved on, which the peer may share.
-                    let routes = self.relays.circuit_routes();
-                    tracing::debug!(%peer, relays = routes.len(), "addresses failed; trying through this node's relays");
-                    self.dial_known(peer, routes);
-                } else if let Some(peer) = peer_id
-                    && !self.swarm.is_connected(&peer)
-                {
-                    self.fail_waiting(
-                        peer,
-                        MeshError::Unavailable(format!("cannot reach node {peer}: {error}")),
-                    );
-                }
-            }
+            } => self.on_outgoing_error(connection_id, peer_id, &error),
             SwarmEvent::Behaviour(b) => self.on_behaviour_event(b),
             _ => {}
+        }
+    }
+
+    fn on_new_listen_addr(&mut self, listener_id: ListenerId, address: Multiaddr) {
+        tracing::info!(%address, "listening");
+        self.relays.new_listen_addr(listener_id, &address);
+        if !self.listen_addrs.contains(&address) {
+            self.listen_addrs.push(address);
+        }
+    }
+
+    fn on_listener_closed(
+        &mut self,
+        listener_id: ListenerId,
+        addresses: &[Multiaddr],
+        error: Option<std::io::Error>,
+    ) {
+        for a in addresses {
+            self.listen_addrs.retain(|l| l != a);
+        }
+        let error = error.map(|e| e.to_string());
+        if !self
+            .relays
+            .listener_closed(listener_id, error.clone(), Instant::now())
+            && let Some(e) = error
+        {
+            tracing::warn!(error = %e, "a listener closed");
+        }
+    }
+
+    fn on_connection_established(
+        &mut self,
+        peer_id: PeerId,
+        connection_id: ConnectionId,
+        endpoint: &ConnectedPoint,
+        num_established: u32,
+    ) {
+        let dialed = endpoint.is_dialer();
+        let remote = endpoint.get_remote_address().clone();
+        let relayed = self.record_connection(peer_id, connection_id, endpoint, num_established);
+        if !relayed {
+            self.close_relayed(peer_id);
+        }
+        self.peers
+            .connected(&peer_id, dialed.then_some(&remote), Instant::now());
+        self.bootstrap.connected(connection_id, peer_id);
+        if let Some(reply) = self.pending_dial.remove(&connection_id) {
+            let _ = reply.send(Ok(peer_id));
+        }
+        if dialed {
+            // A dialed address is a listen address of the peer: good for the DHT.
+            self.swarm
+                .behaviour_mut()
+                .kad
+                .add_address(&peer_id, strip_p2p(remote.clone()));
+        }
+        for o in self.connecting.connected(&peer_id) {
+            self.send_now(peer_id, o);
+        }
+        if num_established == 1 {
+            self.metrics.connected_peers(self.peers.connected_count());
+            tracing::info!(peer = %peer_id, addr = %remote, "connected");
+            self.emit(Kind::Connected, peer_id, vec![remote.to_string()]);
+        }
+        if !self.kad_bootstrapped {
+            self.kad_bootstrapped = self.swarm.behaviour_mut().kad.bootstrap().is_ok();
+        }
+    }
+
+    /// Add a new connection to the table and the peer book; returns whether it is relayed.
+    fn record_connection(
+        &mut self,
+        peer_id: PeerId,
+        connection_id: ConnectionId,
+        endpoint: &ConnectedPoint,
+        num_established: u32,
+    ) -> bool {
+        let dialed = endpoint.is_dialer();
+        let remote = endpoint.get_remote_address().clone();
+        let source = if dialed { "dial" } else { "inbound" };
+        let (connection, transport) = crate::peer_book::endpoint_kind(endpoint);
+        let relayed = connection == "relayed";
+        self.conns.insert(
+            connection_id,
+            Conn {
+                new_port: matches!(
+                    endpoint,
+                    ConnectedPoint::Dialer {
+                        port_use: libp2p::core::transport::PortUse::New,
+                        ..
+                    }
+                ),
+                loopback: crate::peer_book::is_loopback_remote(&remote),
+                ..Conn::new(peer_id, relayed, dialed, transport)
+            },
+        );
+        let e = self.entry(peer_id, source);
+        e.connections = num_established;
+        if !relayed {
+            tracing::debug!(peer = %peer_id, %transport, "direct connection");
+        }
+        if dialed {
+            e.add_addr(remote);
+        }
+        self.update_connection_kind(peer_id);
+        relayed
+    }
+
+    fn on_connection_closed(
+        &mut self,
+        peer_id: PeerId,
+        connection_id: ConnectionId,
+        num_established: u32,
+        cause: Option<String>,
+    ) {
+        let closed = self.conns.remove(&connection_id);
+        let was_relayed = closed.as_ref().is_some_and(|c| c.relayed);
+        if let Some(e) = self.peers.get_mut(&peer_id) {
+            e.connections = num_established;
+        }
+        self.update_connection_kind(peer_id);
+        if was_relayed && num_established > 0 {
+            // The forward stream may have run on the relayed connection: the next
+            // request opens one on the connection that is left.
+            self.forward.disconnected(&peer_id);
+        }
+        for o in self
+            .upgrading
+            .closed(&peer_id, connection_id, num_established)
+        {
+            self.send_or_connect(peer_id, o);
+        }
+        if num_established == 0 {
+            let why = match (&closed, cause) {
+                (Some(c), _) if c.closing => {
+                    format!("no ping answered for {} s", c.alive.elapsed().as_secs())
+                }
+                (_, Some(e)) => e,
+                (_, None) => "closed".to_string(),
+            };
+            self.on_peer_disconnected(peer_id, &why);
+        }
+    }
+
+    /// The last connection to `peer_id` closed.
+    fn on_peer_disconnected(&mut self, peer_id: PeerId, why: &str) {
+        self.relay_counts.disconnected(&peer_id);
+        self.peers
+            .disconnected(&peer_id, Instant::now(), random_unit());
+        self.forward.disconnected(&peer_id);
+        self.metrics.connected_peers(self.peers.connected_count());
+        self.bootstrap.lost(&peer_id, why);
+        tracing::info!(peer = %peer_id, reason = %why, "disconnected");
+        self.emit(Kind::Disconnected, peer_id, vec![]);
+    }
+
+    fn on_outgoing_error(
+        &mut self,
+        connection_id: ConnectionId,
+        peer_id: Option<PeerId>,
+        error: &DialError,
+    ) {
+        tracing::debug!(?peer_id, error = %error, "outgoing connection failed");
+        self.dial_failed(connection_id, peer_id, error);
+        if let Some(reply) = self.pending_dial.remove(&connection_id) {
+            let _ = reply.send(Err(MeshError::Unavailable(format!("dial failed: {error}"))));
+        }
+        if let Some(peer) = peer_id
+            && !self.swarm.is_connected(&peer)
+        {
+            let relays = self.relays.circuit_routes();
+            let next = self
+                .connecting
+                .dial_failed(peer, relays, &error.to_string());
+            self.connect_step(peer, next);
         }
     }
 
@@ -1103,60 +979,16 @@ impl EventLoop {
             BehaviourEvent::Identify(ev) => {
                 self.libp2p_metrics.record(&ev);
                 if let identify::Event::Received { peer_id, info, .. } = ev {
-                    let speaks_kad = info.protocols.contains(&KAD_PROTOCOL);
-                    if info.protocols.contains(&HOP_PROTOCOL) {
-                        self.relay_candidate(peer_id, &info.listen_addrs);
-                    }
-                    let e = self.entry(peer_id, "inbound");
-                    e.protocols = info.protocols.iter().map(|p| p.to_string()).collect();
-                    e.agent = info.agent_version.clone();
-                    for a in &info.listen_addrs {
-                        e.add_addr(a.clone());
-                    }
-                    if speaks_kad {
-                        for a in info.listen_addrs {
-                            self.swarm
-                                .behaviour_mut()
-                                .kad
-                                .add_address(&peer_id, strip_p2p(a));
-                        }
-                    }
+                    self.on_identified(peer_id, info);
                 }
             }
             BehaviourEvent::Ping(ev) => {
                 self.libp2p_metrics.record(&ev);
-                if let ping::Event {
-                    peer,
-                    result: Ok(rtt),
-                    ..
-                } = ev
-                    && let Some(e) = self.peers.get_mut(&peer)
-                {
-                    e.rtt = Some(rtt);
-                }
+                self.on_ping(ev);
             }
             BehaviourEvent::Mdns(mdns::Event::Discovered(list)) => {
                 for (peer, addr) in list {
-                    if peer == self.local() {
-                        continue;
-                    }
-                    let is_new = !self.peers.contains_key(&peer);
-                    self.entry(peer, "mdns").add_addr(addr.clone());
-                    self.swarm
-                        .behaviour_mut()
-                        .kad
-                        .add_address(&peer, addr.clone());
-                    if is_new {
-                        tracing::info!(%peer, %addr, "discovered by mDNS");
-                    }
-                    self.emit(Kind::Discovered, peer, vec![addr.to_string()]);
-                    if !self.swarm.is_connected(&peer) {
-                        let opts = DialOpts::peer_id(peer)
-                            .addresses(vec![addr])
-                            .condition(PeerCondition::DisconnectedAndNotDialing)
-                            .build();
-                        let _ = self.swarm.dial(opts);
-                    }
+                    self.on_mdns_discovered(peer, addr);
                 }
             }
             BehaviourEvent::Mdns(mdns::Event::Expired(list)) => {
@@ -1172,24 +1004,7 @@ impl EventLoop {
                 self.on_kad_event(ev);
             }
             BehaviourEvent::Stream(()) => {}
-            BehaviourEvent::RelayClient(ev) => match ev {
-                relay::client::Event::ReservationReqAccepted {
-                    relay_peer_id,
-                    renewal,
-                    ..
-                } => {
-                    if !renewal {
-                        tracing::info!(relay = %relay_peer_id, "relay reservation accepted");
-                    }
-                    self.relays.reserved(&relay_peer_id);
-                }
-                relay::client::Event::OutboundCircuitEstablished { relay_peer_id, .. } => {
-                    tracing::debug!(relay = %relay_peer_id, "outbound circuit established");
-                }
-                relay::client::Event::InboundCircuitEstablished { src_peer_id, .. } => {
-                    tracing::debug!(peer = %src_peer_id, "inbound circuit established");
-                }
-            },
+            BehaviourEvent::RelayClient(ev) => self.on_relay_client(ev),
             BehaviourEvent::RelayServer(ev) => {
                 self.libp2p_metrics.record(&ev);
                 tracing::debug!(?ev, "relay service");
@@ -1198,61 +1013,175 @@ impl EventLoop {
             }
             BehaviourEvent::Dcutr(ev) => {
                 self.libp2p_metrics.record(&ev);
-                let dcutr::Event {
-                    remote_peer_id,
-                    result,
-                } = ev;
-                match result {
-                    Ok(_) => {
-                        tracing::info!(peer = %remote_peer_id, "hole punching succeeded: direct connection")
-                    }
-                    Err(e) => {
-                        tracing::info!(peer = %remote_peer_id, error = %e, "hole punching failed; staying relayed")
-                    }
-                }
+                on_dcutr(ev);
             }
-            BehaviourEvent::Autonat(ev) => {
-                let autonat::v2::client::Event {
-                    tested_addr,
-                    server,
-                    result,
-                    ..
-                } = ev;
-                let before = self.autonat.verdict();
-                match &result {
-                    Ok(()) => {
-                        tracing::info!(addr = %tested_addr, %server, "AutoNAT: reachable on this address")
-                    }
-                    Err(e) => {
-                        tracing::info!(addr = %tested_addr, %server, error = %e, "AutoNAT: not reachable on this address")
-                    }
-                }
-                self.autonat.tested(tested_addr, result.is_ok());
-                if self.autonat.verdict() != before {
-                    tracing::info!(reachability = ?self.autonat.verdict(), "AutoNAT verdict changed");
-                    self.plan_relays();
-                }
-            }
-            BehaviourEvent::AutonatServer(ev) => {
-                tracing::debug!(client = %ev.client, addr = %ev.tested_addr, ok = ev.result.is_ok(), "AutoNAT dial-back for a peer");
-                // The dial-back connection has done its job: close it rather than keep it until
-                // the idle timeout (it counts against the per-peer connection limit).
-                let done: Vec<ConnectionId> = self
-                    .conns
-                    .iter()
-                    .filter(|(_, c)| c.peer == ev.client && c.new_port)
-                    .map(|(id, _)| *id)
-                    .collect();
-                for id in done {
-                    self.swarm.close_connection(id);
-                }
-            }
+            BehaviourEvent::Autonat(ev) => self.on_autonat(ev),
+            BehaviourEvent::AutonatServer(ev) => self.on_autonat_server(ev),
             BehaviourEvent::Schema(ev) => self.on_schema_event(ev),
             BehaviourEvent::Limits(_)
             | BehaviourEvent::Memory(_)
             | BehaviourEvent::Deny(_)
             | BehaviourEvent::Allow(_) => {}
         }
+    }
+
+    /// A peer's identify info: its protocols, agent and (learnable) listen addresses go to the
+    /// peer book, the addresses to the DHT if it speaks it; a relay is a reservation candidate.
+    fn on_identified(&mut self, peer_id: PeerId, mut info: identify::Info) {
+        let speaks_kad = info.protocols.contains(&KAD_PROTOCOL);
+        self.keep_learnable(peer_id, &mut info.listen_addrs);
+        if info.protocols.contains(&HOP_PROTOCOL) {
+            self.relay_candidate(peer_id, &info.listen_addrs);
+        }
+        let e = self.entry(peer_id, "inbound");
+        e.protocols = info.protocols.iter().map(|p| p.to_string()).collect();
+        e.agent = info.agent_version.clone();
+        for a in &info.listen_addrs {
+            e.add_addr(a.clone());
+        }
+        if speaks_kad {
+            for a in info.listen_addrs {
+                self.swarm
+                    .behaviour_mut()
+                    .kad
+                    .add_address(&peer_id, strip_p2p(a));
+            }
+        }
+    }
+
+    fn on_mdns_discovered(&mut self, peer: PeerId, addr: Multiaddr) {
+        if peer == self.local() || !self.learnable_from(&peer, &addr) {
+            return;
+        }
+        let is_new = !self.peers.contains_key(&peer);
+        self.entry(peer, "mdns").add_addr(addr.clone());
+        self.swarm
+            .behaviour_mut()
+            .kad
+            .add_address(&peer, addr.clone());
+        if is_new {
+            tracing::info!(%peer, %addr, "discovered by mDNS");
+        }
+        self.emit(Kind::Discovered, peer, vec![addr.to_string()]);
+        if !self.swarm.is_connected(&peer) {
+            let opts = DialOpts::peer_id(peer)
+                .addresses(vec![addr])
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build();
+            let _ = self.swarm.dial(opts);
+        }
+    }
+
+    fn on_relay_client(&mut self, ev: relay::client::Event) {
+        match ev {
+            relay::client::Event::ReservationReqAccepted {
+                relay_peer_id,
+                renewal,
+                ..
+            } => {
+                if !renewal {
+                    tracing::info!(relay = %relay_peer_id, "relay reservation accepted");
+                }
+                self.relays.reserved(&relay_peer_id);
+            }
+            relay::client::Event::OutboundCircuitEstablished { relay_peer_id, .. } => {
+                tracing::debug!(relay = %relay_peer_id, "outbound circuit established");
+            }
+            relay::client::Event::InboundCircuitEstablished { src_peer_id, .. } => {
+                tracing::debug!(peer = %src_peer_id, "inbound circuit established");
+            }
+        }
+    }
+
+    /// An AutoNAT test of one of this node's addresses: a changed verdict replans the relay
+    /// reservations.
+    fn on_autonat(&mut self, ev: autonat::v2::client::Event) {
+        let autonat::v2::client::Event {
+            tested_addr,
+            server,
+            result,
+            ..
+        } = ev;
+        let before = self.autonat.verdict();
+        match &result {
+            Ok(()) => {
+                tracing::info!(addr = %tested_addr, %server, "AutoNAT: reachable on this address")
+            }
+            Err(e) => {
+                tracing::info!(addr = %tested_addr, %server, error = %e, "AutoNAT: not reachable on this address")
+            }
+        }
+        self.autonat.tested(tested_addr, result.is_ok());
+        if self.autonat.verdict() != before {
+            tracing::info!(reachability = ?self.autonat.verdict(), "AutoNAT verdict changed");
+            self.plan_relays();
+        }
+    }
+
+    /// This node dialled a peer back for its AutoNAT test.
+    fn on_autonat_server(&mut self, ev: autonat::v2::server::Event) {
+        tracing::debug!(client = %ev.client, addr = %ev.tested_addr, ok = ev.result.is_ok(), "AutoNAT dial-back for a peer");
+        // The dial-back connection has done its job: close it rather than keep it until
+        // the idle timeout (it counts against the per-peer connection limit).
+        for id in self.conns.dial_backs(&ev.client) {
+            self.swarm.close_connection(id);
+        }
+    }
+
+    /// Keep only the addresses `peer` reported that this node may store and dial: no loopback or
+    /// link-local ones unless this node reached the peer over loopback itself.
+    fn keep_learnable(&self, peer: PeerId, addrs: &mut Vec<Multiaddr>) {
+        let before = addrs.len();
+        addrs.retain(|a| self.learnable_from(&peer, a));
+        if addrs.len() < before {
+            tracing::debug!(%peer, dropped = before - addrs.len(), "host-local addresses a remote peer reported are not learned");
+        }
+    }
+
+    fn learnable_from(&self, peer: &PeerId, a: &Multiaddr) -> bool {
+        crate::peer_book::learnable(a, self.conns.over_loopback(peer))
+    }
+
+    /// A ping's outcome on one connection: an answer keeps it alive (and is the peer's RTT);
+    /// failures in a row close it ([`PingPolicy`]).
+    fn on_ping(&mut self, ev: ping::Event) {
+        let ping::Event {
+            peer,
+            connection,
+            result,
+        } = ev;
+        let ping = match result {
+            Ok(rtt) => Ping::Answered(rtt),
+            Err(ping::Failure::Unsupported) => Ping::Unsupported,
+            Err(e) => Ping::Failed(e.to_string()),
+        };
+        match self.conns.on_ping(connection, &peer, ping) {
+            AfterPing::Nothing => {}
+            AfterPing::Rtt(rtt) => {
+                if let Some(e) = self.peers.get_mut(&peer) {
+                    e.rtt = Some(rtt);
+                }
+            }
+            AfterPing::Close => self.close_dead(connection, "pings failed"),
+        }
+    }
+
+    /// Close the connections that answered no ping for [`PingPolicy::silence_limit`].
+    fn close_silent_connections(&mut self, now: Instant) {
+        for id in self.conns.silent(now) {
+            self.close_dead(id, "no ping answered");
+        }
+    }
+
+    /// Close a connection its peer stopped answering on: the swarm's close event then shows the
+    /// peer disconnected (and redials it, if known).
+    fn close_dead(&mut self, id: ConnectionId, why: &'static str) {
+        let Some((peer, silent)) = self.conns.closing(id) else {
+            return;
+        };
+        tracing::warn!(%peer, silent_secs = silent.as_secs(), reason = why, "closing a connection that does not answer pings");
+        self.metrics.dead_connection();
+        self.swarm.close_connection(id);
     }
 
     fn on_kad_event(&mut self, ev: kad::Event) {
@@ -1270,94 +1199,80 @@ impl EventLoop {
             }
             kad::Event::OutboundQueryProgressed {
                 id,
-                result,
+                result: kad::QueryResult::GetProviders(r),
                 step,
                 stats,
-            } => match result {
-                kad::QueryResult::GetProviders(r) => {
-                    let (done, failure) = match r {
-                        Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
-                            if let Some((_, found, _)) = self.pending_providers.get_mut(&id) {
-                                found.extend(providers);
-                            }
-                            (step.last, None)
-                        }
-                        Ok(kad::GetProvidersOk::FinishedWithNoAdditionalRecord { .. }) => {
-                            (true, None)
-                        }
-                        Err(e) => {
-                            tracing::debug!(error = %e, "provider lookup ended");
-                            (true, Some(e))
-                        }
-                    };
-                    if done && let Some((schema, found, reply)) = self.pending_providers.remove(&id)
-                    {
-                        let mut v: Vec<PeerId> = found.into_iter().collect();
-                        v.sort();
-                        tracing::debug!(%schema, providers = v.len(), "provider lookup finished");
-                        // A lookup that failed before finding anyone is an error, not "none".
-                        let answer = match failure {
-                            Some(e) if v.is_empty() => Err(MeshError::DeadlineExceeded(format!(
-                                "the provider lookup for '{schema}' failed: {e}"
-                            ))),
-                            _ => Ok((v, stats.num_requests())),
-                        };
-                        let _ = reply.send(answer);
-                    }
-                }
-                kad::QueryResult::GetClosestPeers(r) => {
-                    let peers = match r {
-                        Ok(ok) => ok.peers,
-                        Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
-                    };
-                    for p in peers {
-                        if p.peer_id == self.local() {
-                            continue;
-                        }
-                        let e = self.entry(p.peer_id, "dht");
-                        for a in p.addrs {
-                            e.add_addr(a);
-                        }
-                    }
-                    if step.last
-                        && let Some(target) = self.pending_lookup.remove(&id)
-                    {
-                        let addrs = self
-                            .peers
-                            .get(&target)
-                            .map(|e| e.addrs.clone())
-                            .unwrap_or_default();
-                        if self.swarm.is_connected(&target) {
-                            if let Some(list) = self.waiting_connect.remove(&target) {
-                                for o in list {
-                                    self.send_now(target, o);
-                                }
-                            }
-                        } else if addrs.is_empty()
-                            && self.waiting_connect.contains_key(&target)
-                            && !self.relays.circuit_routes().is_empty()
-                            && self.relay_tried.insert(target)
-                        {
-                            // Unknown to the DHT (yet): try the relays this node reserved on,
-                            // which the node may share.
-                            let routes = self.relays.circuit_routes();
-                            tracing::debug!(peer = %target, relays = routes.len(), "no address in the DHT; trying through this node's relays");
-                            self.dial_known(target, routes);
-                        } else if addrs.is_empty() {
-                            self.fail_waiting(
-                                target,
-                                MeshError::NotFound(format!(
-                                    "node {target} is unknown: no address for it here or in the DHT (dial it or add a bootstrap peer)"
-                                )),
-                            );
-                        } else {
-                            self.dial_known(target, addrs);
-                        }
-                    }
-                }
-                _ => {}
-            },
+            } => self.on_providers_found(id, r, step.last, stats.num_requests()),
+            kad::Event::OutboundQueryProgressed {
+                id,
+                result: kad::QueryResult::GetClosestPeers(r),
+                step,
+                ..
+            } => self.on_closest_peers(id, r, step.last),
             _ => {}
+        }
+    }
+
+    /// A step of a provider lookup ([`Command::FindProviders`]): answered once it is done.
+    fn on_providers_found(
+        &mut self,
+        id: kad::QueryId,
+        r: kad::GetProvidersResult,
+        last: bool,
+        requests: u32,
+    ) {
+        let (done, failure) = match r {
+            Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
+                if let Some((_, found, _)) = self.pending_providers.get_mut(&id) {
+                    found.extend(providers);
+                }
+                (last, None)
+            }
+            Ok(kad::GetProvidersOk::FinishedWithNoAdditionalRecord { .. }) => (true, None),
+            Err(e) => {
+                tracing::debug!(error = %e, "provider lookup ended");
+                (true, Some(e))
+            }
+        };
+        if done && let Some((schema, found, reply)) = self.pending_providers.remove(&id) {
+            let mut v: Vec<PeerId> = found.into_iter().collect();
+            v.sort();
+            tracing::debug!(%schema, providers = v.len(), "provider lookup finished");
+            // A lookup that failed before finding anyone is an error, not "none".
+            let answer = match failure {
+                Some(e) if v.is_empty() => Err(MeshError::DeadlineExceeded(format!(
+                    "the provider lookup for '{schema}' failed: {e}"
+                ))),
+                _ => Ok((v, requests)),
+            };
+            let _ = reply.send(answer);
+        }
+    }
+
+    /// A step of a closest-peers lookup: the peers found go to the peer book; a finished lookup
+    /// for a peer with requests held moves its connecting on (crate::connect).
+    fn on_closest_peers(&mut self, id: kad::QueryId, r: kad::GetClosestPeersResult, last: bool) {
+        let peers = match r {
+            Ok(ok) => ok.peers,
+            Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+        };
+        for p in peers {
+            if p.peer_id == self.local() {
+                continue;
+            }
+            let e = self.entry(p.peer_id, "dht");
+            for a in p.addrs {
+                e.add_addr(a);
+            }
+        }
+        if last && let Some(target) = self.connecting.lookup_finished(&id) {
+            let connected = self.swarm.is_connected(&target);
+            let known = self.known_addrs(&target);
+            let relays = self.relays.circuit_routes();
+            let next = self
+                .connecting
+                .after_lookup(target, connected, known, relays);
+            self.connect_step(target, next);
         }
     }
 
@@ -1405,49 +1320,34 @@ impl EventLoop {
         request: CheckSchemasRequest,
         channel: ResponseChannel<CheckSchemasResponse>,
     ) {
-        let refuse = |e: WireError| CheckSchemasResponse {
-            result: Some(check_schemas_response::Result::Error(e)),
+        let slot = match self.gate.admit_schema(&peer) {
+            Ok(slot) => slot,
+            Err(e) => {
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .schema
+                    .send_response(channel, refusal(e));
+                return;
+            }
         };
-        if let Some(l) = &self.limiter
-            && let Err(e) = l.check(&peer.to_string())
-        {
-            self.metrics.inbound("schema", "rate_limited");
-            let _ = self.swarm.behaviour_mut().schema.send_response(
-                channel,
-                refuse(wire_error(Code::ResourceExhausted, e.to_string())),
-            );
-            return;
+        let (node, gate, tx) = (self.node.clone(), self.gate.clone(), self.self_tx.clone());
+        answer_schema_check(node, gate, tx, peer, request.names, channel, slot);
+    }
+}
+
+/// Hole punching's outcome (logged; the direct connection it opens is handled as any other).
+fn on_dcutr(ev: dcutr::Event) {
+    let dcutr::Event {
+        remote_peer_id,
+        result,
+    } = ev;
+    match result {
+        Ok(_) => {
+            tracing::info!(peer = %remote_peer_id, "hole punching succeeded: direct connection")
         }
-        let Ok(permit) = self.schema_slots.clone().try_acquire_owned() else {
-            self.metrics.inbound("schema", "queue_full");
-            let _ = self.swarm.behaviour_mut().schema.send_response(
-                channel,
-                refuse(wire_error(
-                    Code::Unavailable,
-                    "node is busy: inbound queue full; retry",
-                )),
-            );
-            return;
-        };
-        self.metrics.inbound("schema", "accepted");
-        let node = self.node.clone();
-        let tx = self.self_tx.clone();
-        tokio::spawn(async move {
-            let response = match node.served_schemas(peer.to_string(), request.names).await {
-                Ok(names) => CheckSchemasResponse {
-                    result: Some(check_schemas_response::Result::Approved(SchemaNames {
-                        names,
-                    })),
-                },
-                Err(s) => refuse(fold_proto::status::to_wire(&s)),
-            };
-            let _ = tx
-                .send(Command::RespondSchema {
-                    channel,
-                    response: Box::new(response),
-                })
-                .await;
-            drop(permit);
-        });
+        Err(e) => {
+            tracing::info!(peer = %remote_peer_id, error = %e, "hole punching failed; staying relayed")
+        }
     }
 }

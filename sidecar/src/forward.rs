@@ -6,8 +6,15 @@
 //!   one Noise frame carries many) and a reader task that completes the pending requests as their
 //!   answers arrive, in any order. The wait queue and the requests in flight per peer are bounded;
 //!   beyond them a request fails at once with `UNAVAILABLE`.
-//! - [`serve`]: accepts inbound streams; each frame passes the [`InboundGate`] and is handed to
-//!   the node on its own task; answers are written back, coalesced, on the same stream.
+//! - [`serve`]: accepts inbound streams (at most 4 per peer); each frame passes the
+//!   [`InboundGate`] and is handed to the node on its own task; answers are written back,
+//!   coalesced, on the same stream. The request's slot is released as soon as the node has
+//!   answered. Each stream's answer queue is bounded in bytes (twice the frame limit, at least
+//!   8 MiB) and its writes in time ([`WRITE_STALL`]): a peer that does not read its answers loses
+//!   its stream, never the node's capacity.
+//!
+//! A request or answer over the frame limit fails alone with RESOURCE_EXHAUSTED (measured before
+//! it is written); every other request on the stream goes on.
 //!
 //! Written on `libp2p-stream` (the generic stream behaviour of rust-libp2p). Its open deadlock
 //! report (rust-libp2p #5410) concerns yamux 0.13; this tree runs yamux 0.14.1 through
@@ -23,13 +30,14 @@ use fold_proto::wire::{
 };
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
 use libp2p::PeerId;
-use tokio::sync::{mpsc, oneshot};
+use prost::Message;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tonic::Code;
 use tracing::Instrument;
 
 use crate::codec::{FORWARD_PROTOCOL, encode_frame, read_frame};
 use crate::command::MeshError;
-use crate::gate::InboundGate;
+use crate::gate::{Denial, InboundGate};
 use crate::metrics::SidecarMetrics;
 use crate::node_link::NodeHandler;
 
@@ -213,7 +221,10 @@ async fn peer_stream(
                 body: Some(forward_frame::Body::Request(j.envelope)),
             };
             if let Err(e) = encode_frame(&frame, max_bytes, &mut buf) {
-                let _ = j.reply.send(Err(MeshError::InvalidArgument(e.to_string())));
+                // Too large for the frame limit: this request fails alone, the stream goes on.
+                let _ = j.reply.send(Err(MeshError::ResourceExhausted(format!(
+                    "the request cannot be sent to node {peer}: {e} (--max-forward-bytes); send less in one request (fewer or smaller values, a smaller batch)"
+                ))));
             } else {
                 let mut p = lock(&pending);
                 if p.len() >= MAX_IN_FLIGHT_PER_PEER {
@@ -233,11 +244,20 @@ async fn peer_stream(
             }
         }
         if !buf.is_empty() {
-            if let Err(e) = writer.write_all(&buf).await {
-                break format!("writing to node {peer} failed: {e}");
-            }
-            if let Err(e) = writer.flush().await {
-                break format!("writing to node {peer} failed: {e}");
+            let written = tokio::time::timeout(WRITE_STALL, async {
+                writer.write_all(&buf).await?;
+                writer.flush().await
+            })
+            .await;
+            match written {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => break format!("writing to node {peer} failed: {e}"),
+                Err(_) => {
+                    break format!(
+                        "node {peer} did not take our requests within {} s",
+                        WRITE_STALL.as_secs()
+                    );
+                }
             }
         }
         tokio::select! {
@@ -304,6 +324,68 @@ async fn read_answers<R: AsyncRead + Unpin>(
     }
 }
 
+/// Inbound forward streams one peer may hold open at once (a peer uses one, plus one being
+/// retired); a further one is closed at once.
+const MAX_STREAMS_PER_PEER: usize = 4;
+/// Frames answered without the node (refusals) a stream may have waiting beyond its slots.
+const REFUSALS_AHEAD: usize = 64;
+/// Smallest answer queue of one inbound stream, in bytes (it is at least twice the frame limit).
+const MIN_ANSWER_QUEUE_BYTES: usize = 8 * 1024 * 1024;
+/// How long a peer may leave its answers unread: a write to it that does not complete, or an
+/// answer that finds its stream's answer queue full, for this long ends that stream (never the
+/// node's capacity).
+pub const WRITE_STALL: std::time::Duration = std::time::Duration::from_secs(10);
+/// Gate checks one inbound stream runs at once.
+const CHECKS_PER_STREAM: usize = 4;
+/// How long the node may take to say whether it denies a peer before the stream goes on without.
+const DENIAL_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Bytes of answers one inbound stream may have queued and not yet written.
+fn answer_queue_bytes(max_bytes: usize) -> usize {
+    max_bytes
+        .saturating_mul(2)
+        .saturating_add(64)
+        .max(MIN_ANSWER_QUEUE_BYTES)
+}
+
+/// Counts each peer's open inbound streams; one is released when dropped.
+struct StreamTicket {
+    peer: PeerId,
+    open: Arc<Mutex<HashMap<PeerId, usize>>>,
+}
+
+impl StreamTicket {
+    fn take(open: &Arc<Mutex<HashMap<PeerId, usize>>>, peer: PeerId) -> Option<StreamTicket> {
+        let mut m = open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = m.entry(peer).or_insert(0);
+        if *n >= MAX_STREAMS_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(StreamTicket {
+            peer,
+            open: open.clone(),
+        })
+    }
+}
+
+impl Drop for StreamTicket {
+    fn drop(&mut self) {
+        let mut m = self
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = m.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.peer);
+            }
+        }
+    }
+}
+
 /// Accept inbound forward streams until the sidecar stops.
 pub async fn serve(
     mut incoming: libp2p_stream::IncomingStreams,
@@ -312,59 +394,241 @@ pub async fn serve(
     max_bytes: usize,
     metrics: Arc<SidecarMetrics>,
 ) {
-    while let Some((peer, stream)) = incoming.next().await {
+    let open = Arc::new(Mutex::new(HashMap::new()));
+    while let Some((peer, mut stream)) = incoming.next().await {
         metrics.forward_stream("inbound");
-        tokio::spawn(serve_stream(
+        let Some(ticket) = StreamTicket::take(&open, peer) else {
+            metrics.inbound("forward", "too_many_streams");
+            tracing::debug!(%peer, "an inbound forward stream over the per-peer limit was closed");
+            tokio::spawn(async move {
+                let _ = stream.close().await;
+            });
+            continue;
+        };
+        let inbound = Inbound {
             peer,
-            stream,
-            gate.clone(),
-            node.clone(),
+            gate: gate.clone(),
+            node: node.clone(),
             max_bytes,
-            metrics.clone(),
-        ));
+            metrics: metrics.clone(),
+            checking: Arc::new(Semaphore::new(CHECKS_PER_STREAM)),
+        };
+        tokio::spawn(async move {
+            inbound.serve_stream(stream).await;
+            drop(ticket);
+        });
     }
 }
 
-/// One peer's stream: read request frames, let each through the gate and to the node on its own
-/// task, and write the answers back (coalesced) as they complete.
-async fn serve_stream(
+/// One answer waiting to be written, with the room it takes in its stream's answer queue.
+struct Queued {
+    frame: ForwardFrame,
+    room: OwnedSemaphorePermit,
+}
+
+/// Where a stream's answers go: the writer's queue, bounded in bytes, and the stream's stop
+/// signal (set when the peer does not read in time).
+struct Answers {
     peer: PeerId,
-    stream: libp2p::Stream,
+    tx: mpsc::UnboundedSender<Queued>,
+    room: Arc<Semaphore>,
+    stop: Arc<watch::Sender<bool>>,
+    max_bytes: usize,
+    metrics: Arc<SidecarMetrics>,
+    /// How long an answer may wait for room ([`WRITE_STALL`]).
+    stall: std::time::Duration,
+}
+
+impl Answers {
+    /// Queue the answer to frame `id` (refused alone when over the frame limit). When the
+    /// queue has no room for [`WRITE_STALL`], the peer is not reading: its stream ends.
+    async fn send(&self, id: u64, answer: ForwardResponse) -> bool {
+        let frame = fit(response(id, answer), self.max_bytes);
+        let len = frame.encoded_len().saturating_add(10);
+        let len = u32::try_from(len).unwrap_or(u32::MAX);
+        let mut stop = self.stop.subscribe();
+        let room = tokio::select! {
+            r = tokio::time::timeout(self.stall, self.room.clone().acquire_many_owned(len)) => r,
+            _ = stop.wait_for(|s| *s) => return false,
+        };
+        match room {
+            Ok(Ok(room)) => self.tx.send(Queued { frame, room }).is_ok(),
+            Ok(Err(_)) => false,
+            Err(_) => {
+                self.metrics.inbound("forward", "unread");
+                tracing::info!(peer = %self.peer, "a peer left its answers unread; its stream is closed");
+                self.stop.send_replace(true);
+                false
+            }
+        }
+    }
+}
+
+/// The frame, or (when its encoding is over `max` bytes) an answer saying so: one oversized
+/// answer fails alone, the stream goes on.
+fn fit(frame: ForwardFrame, max: usize) -> ForwardFrame {
+    let len = frame.encoded_len();
+    if len <= max {
+        return frame;
+    }
+    let request_id = match &frame.body {
+        Some(forward_frame::Body::Response(r)) => r.request_id.clone(),
+        _ => String::new(),
+    };
+    response(
+        frame.id,
+        ForwardResponse {
+            request_id,
+            result: Some(forward_response::Result::Error(wire_error(
+                Code::ResourceExhausted,
+                format!(
+                    "the answer is {len} bytes, over the {max}-byte frame limit of the forward protocol (--max-forward-bytes); ask for less in one request, e.g. a smaller page_size"
+                ),
+            ))),
+        },
+    )
+}
+
+/// Ask the node whether it denies `peer` and remember the answer (a node that is away or slow
+/// counts as "not denied": it refuses the request itself).
+async fn check_denial(gate: &InboundGate, node: &dyn NodeHandler, peer: PeerId) {
+    let asked = tokio::time::timeout(
+        DENIAL_CHECK,
+        node.served_schemas(peer.to_string(), Vec::new()),
+    )
+    .await;
+    let denied = matches!(asked, Ok(Err(ref s)) if s.code() == Code::PermissionDenied);
+    gate.set_denial(&peer, Some(denied));
+}
+
+/// One inbound stream's peer and what serves it.
+#[derive(Clone)]
+struct Inbound {
+    peer: PeerId,
     gate: Arc<InboundGate>,
     node: Arc<dyn NodeHandler>,
     max_bytes: usize,
     metrics: Arc<SidecarMetrics>,
-) {
-    let (mut reader, writer) = stream.split();
-    let (tx, rx) = mpsc::channel::<ForwardFrame>(256);
-    let writing = tokio::spawn(write_answers(writer, rx, max_bytes));
-    loop {
-        let frame = match read_frame::<ForwardFrame, _>(&mut reader, max_bytes).await {
-            Ok(Some(f)) => f,
-            Ok(None) => break,
-            Err(e) => {
-                metrics.inbound("forward", "failed");
-                tracing::debug!(%peer, error = %e, "inbound forward stream failed");
+    /// Gate checks (signature verification) of this stream running at once, so one peer's
+    /// burst of frames cannot take every core.
+    checking: Arc<Semaphore>,
+}
+
+impl Inbound {
+    /// Read request frames, let each through the gate and to the node on its own task, and
+    /// write the answers back (coalesced) as they complete. The reader stops taking frames while
+    /// the stream has as many unanswered ones as its peer may have slots; a peer that does not
+    /// read its answers within [`WRITE_STALL`] loses the stream.
+    async fn serve_stream(self, stream: libp2p::Stream) {
+        let peer = self.peer;
+        let (mut reader, writer) = stream.split();
+        let (tx, rx) = mpsc::unbounded_channel::<Queued>();
+        let (stop, mut stopped) = watch::channel(false);
+        let stop = Arc::new(stop);
+        let mut writing = tokio::spawn(write_answers(
+            writer,
+            rx,
+            self.max_bytes,
+            stop.clone(),
+            peer,
+            self.metrics.clone(),
+        ));
+        let answers = Arc::new(Answers {
+            peer,
+            tx,
+            room: Arc::new(Semaphore::new(answer_queue_bytes(self.max_bytes))),
+            stop: stop.clone(),
+            max_bytes: self.max_bytes,
+            metrics: self.metrics.clone(),
+            stall: WRITE_STALL,
+        });
+        let budget = self.gate.budget();
+        let outstanding = Arc::new(Semaphore::new(
+            budget.per_peer_slots() + budget.long_polls_per_peer + REFUSALS_AHEAD,
+        ));
+        loop {
+            let ticket = tokio::select! {
+                t = outstanding.clone().acquire_owned() => match t {
+                    Ok(t) => t,
+                    Err(_) => break,
+                },
+                _ = stopped.wait_for(|s| *s) => break,
+            };
+            let frame = tokio::select! {
+                f = read_frame::<ForwardFrame, _>(&mut reader, self.max_bytes) => f,
+                _ = stopped.wait_for(|s| *s) => break,
+            };
+            let frame = match frame {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    self.metrics.inbound("forward", "failed");
+                    tracing::debug!(%peer, error = %e, "inbound forward stream failed");
+                    break;
+                }
+            };
+            let id = frame.id;
+            let Some(forward_frame::Body::Request(envelope)) = frame.body else {
+                self.metrics.inbound("forward", "failed");
+                tracing::debug!(%peer, "a frame without a request on an inbound stream");
                 break;
+            };
+            self.denial_known().await;
+            // The gate (signature check included) and the node, on the request's own task.
+            let this = self.clone();
+            let answers = answers.clone();
+            tokio::spawn(async move {
+                this.handle(id, envelope, &answers).await;
+                drop(ticket);
+            });
+        }
+        drop(answers);
+        // The writer ends once every request of this stream has been answered, or at once when
+        // the peer stopped reading.
+        tokio::select! {
+            _ = &mut writing => {}
+            _ = stopped.wait_for(|s| *s) => writing.abort(),
+        }
+    }
+
+    /// Make sure the gate knows whether the node denies this peer: asked before the stream's
+    /// first request and before the next request of a denied peer once that answer is stale,
+    /// else again in the background when the answer is stale.
+    async fn denial_known(&self) {
+        match self.gate.denial(&self.peer) {
+            Denial::Unknown
+            | Denial::Known {
+                denied: true,
+                stale: true,
+            } => check_denial(&self.gate, self.node.as_ref(), self.peer).await,
+            Denial::Known { stale: true, .. } => {
+                self.gate.set_denial(&self.peer, None);
+                let this = self.clone();
+                tokio::spawn(async move {
+                    check_denial(&this.gate, this.node.as_ref(), this.peer).await;
+                });
             }
+            Denial::Known { .. } => {}
+        }
+    }
+
+    /// One request: through the gate, then to the node; its slot is released as soon as the
+    /// node has answered, and the answer (or the refusal) queued for the writer.
+    async fn handle(&self, id: u64, envelope: SignedEnvelope, answers: &Answers) {
+        let peer = self.peer;
+        let checked = match self.checking.acquire().await {
+            Ok(_turn) => self.gate.admit(&peer, &envelope),
+            Err(_) => return,
         };
-        let id = frame.id;
-        let Some(forward_frame::Body::Request(envelope)) = frame.body else {
-            metrics.inbound("forward", "failed");
-            tracing::debug!(%peer, "a frame without a request on an inbound stream");
-            break;
-        };
-        let admitted = match gate.admit(&peer, &envelope) {
+        let admitted = match checked {
             Ok(a) => a,
             Err((request_id, e)) => {
                 let answer = ForwardResponse {
                     request_id,
                     result: Some(forward_response::Result::Error(e)),
                 };
-                if tx.send(response(id, answer)).await.is_err() {
-                    break;
-                }
-                continue;
+                answers.send(id, answer).await;
+                return;
             }
         };
         let span = tracing::info_span!(
@@ -377,37 +641,34 @@ async fn serve_stream(
             &span,
             fold_telemetry::otel::extract_map(&envelope.trace_context),
         );
-        let node = node.clone();
-        let tx = tx.clone();
-        tokio::spawn(
-            async move {
-                let origin_public_key = crate::signing::public_key_of(&peer)
-                    .and_then(|k| k.try_into_ed25519().ok())
-                    .map(|k| k.to_bytes().to_vec())
-                    .unwrap_or_default();
-                let answer = node
-                    .handle_forward(
-                        InboundForward {
-                            origin_node_id: peer.to_string(),
-                            envelope: envelope.payload,
-                            origin_public_key,
-                        },
-                        admitted.remaining,
-                    )
-                    .await;
-                let answer = ForwardResponse {
-                    request_id: admitted.header.request_id,
-                    ..answer
-                };
-                let _ = tx.send(response(id, answer)).await;
-                drop(admitted.permit);
-            }
-            .instrument(span),
-        );
+        async move {
+            let origin_public_key = crate::signing::public_key_of(&peer)
+                .and_then(|k| k.try_into_ed25519().ok())
+                .map(|k| k.to_bytes().to_vec())
+                .unwrap_or_default();
+            let answer = self
+                .node
+                .handle_forward(
+                    InboundForward {
+                        origin_node_id: peer.to_string(),
+                        envelope: envelope.payload,
+                        origin_public_key,
+                    },
+                    admitted.remaining,
+                )
+                .await;
+            // The node has answered: the slot is free for the next request, whatever the
+            // answer's way back to the peer takes.
+            drop(admitted.permit);
+            let answer = ForwardResponse {
+                request_id: admitted.header.request_id,
+                ..answer
+            };
+            answers.send(id, answer).await;
+        }
+        .instrument(span)
+        .await;
     }
-    drop(tx);
-    // The writer ends once every request of this stream has been answered.
-    let _ = writing.await;
 }
 
 fn response(id: u64, answer: ForwardResponse) -> ForwardFrame {
@@ -417,37 +678,109 @@ fn response(id: u64, answer: ForwardResponse) -> ForwardFrame {
     }
 }
 
+/// Write the queued answers, coalesced, each write bounded by [`WRITE_STALL`]; a peer that does
+/// not take them in time loses the stream (`stop`).
 async fn write_answers<W: AsyncWrite + Unpin>(
     mut writer: W,
-    mut rx: mpsc::Receiver<ForwardFrame>,
+    mut rx: mpsc::UnboundedReceiver<Queued>,
     max_bytes: usize,
+    stop: Arc<watch::Sender<bool>>,
+    peer: PeerId,
+    metrics: Arc<SidecarMetrics>,
 ) {
     let mut buf = Vec::new();
+    let mut rooms = Vec::new();
     while let Some(first) = rx.recv().await {
         buf.clear();
         let mut next = Some(first);
-        while let Some(frame) = next.take() {
-            if let Err(e) = encode_frame(&frame, max_bytes, &mut buf) {
-                // Too large to send: answer with the reason instead.
-                let refusal = response(
-                    frame.id,
-                    ForwardResponse {
-                        request_id: String::new(),
-                        result: Some(forward_response::Result::Error(wire_error(
-                            Code::ResourceExhausted,
-                            format!("the answer is too large to send: {e}"),
-                        ))),
-                    },
-                );
-                let _ = encode_frame(&refusal, max_bytes, &mut buf);
+        while let Some(q) = next.take() {
+            // Answers were fitted to the limit when queued.
+            if let Err(e) = encode_frame(&q.frame, max_bytes, &mut buf) {
+                tracing::warn!(%peer, error = %e, "an answer could not be encoded");
             }
+            rooms.push(q.room);
             if buf.len() < MAX_WRITE_BATCH {
                 next = rx.try_recv().ok();
             }
         }
-        if writer.write_all(&buf).await.is_err() || writer.flush().await.is_err() {
-            return;
-        }
+        let written = tokio::time::timeout(WRITE_STALL, async {
+            writer.write_all(&buf).await?;
+            writer.flush().await
+        })
+        .await;
+        rooms.clear();
+        let why = match written {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => format!("writing to node {peer} failed: {e}"),
+            Err(_) => {
+                metrics.inbound("forward", "unread");
+                format!(
+                    "node {peer} did not read its answers within {} s",
+                    WRITE_STALL.as_secs()
+                )
+            }
+        };
+        tracing::info!(%peer, reason = %why, "inbound forward stream closed");
+        stop.send_replace(true);
+        return;
     }
     let _ = writer.close().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fold_proto::v1::QueryResponse;
+
+    fn answer_of(bytes: usize) -> ForwardResponse {
+        ForwardResponse {
+            request_id: "r1".into(),
+            result: Some(forward_response::Result::Query(QueryResponse {
+                node_id: "x".repeat(bytes),
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn an_oversized_answer_becomes_resource_exhausted_for_its_id() {
+        let small = response(7, answer_of(100));
+        assert_eq!(fit(small.clone(), 1024), small);
+        let big = fit(response(8, answer_of(4096)), 1024);
+        assert_eq!(big.id, 8);
+        let Some(forward_frame::Body::Response(r)) = big.body else {
+            panic!("no answer");
+        };
+        assert_eq!(r.request_id, "r1");
+        let Some(forward_response::Result::Error(e)) = r.result else {
+            panic!("not refused");
+        };
+        assert_eq!(e.code, Code::ResourceExhausted as i32);
+        assert!(e.message.contains("page_size"), "{}", e.message);
+        assert!(answer_queue_bytes(4 << 20) > 2 * (4 << 20));
+        assert_eq!(answer_queue_bytes(1024), MIN_ANSWER_QUEUE_BYTES);
+    }
+
+    /// An answer that finds its stream's queue full for WRITE_STALL ends the stream; the queue
+    /// itself never holds more than its bytes.
+    #[tokio::test]
+    async fn answers_nobody_reads_end_the_stream() {
+        let metrics =
+            SidecarMetrics::register(&mut prometheus_client::registry::Registry::default());
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let (stop, mut stopped) = watch::channel(false);
+        let answers = Answers {
+            peer: PeerId::random(),
+            tx,
+            room: Arc::new(Semaphore::new(3000)),
+            stop: Arc::new(stop),
+            max_bytes: 3000,
+            metrics,
+            stall: std::time::Duration::from_millis(100),
+        };
+        assert!(answers.send(1, answer_of(2000)).await);
+        // No room for a second: the writer is not taking them.
+        assert!(!answers.send(2, answer_of(2000)).await);
+        assert!(*stopped.borrow_and_update());
+    }
 }

@@ -4,12 +4,19 @@
 //! libp2p protocols), [`codec`] (length-delimited protobuf with size limits), [`event_loop`] (the
 //! one owner of the `Swarm`), [`client`] (the handle everything else uses), [`mesh_api`] (the
 //! gRPC service for the node), [`node_link`] (calls into the node), [`server`] (process wiring).
+//! The event loop's policy is in plain state machines: [`bootstrap`], [`connect`], [`conns`],
+//! [`upgrade`], [`reach`], [`peer_book`] (its file written by [`book_file`]); [`status`] is the
+//! snapshot `Mesh.Status` is built from, [`schema_check`] the schema checks between peers.
 
 pub mod behaviour;
+pub mod book_file;
+pub mod bootstrap;
 pub mod client;
 pub mod codec;
 pub mod command;
 pub mod config;
+pub mod connect;
+pub mod conns;
 pub mod event_loop;
 pub mod forward;
 pub mod gate;
@@ -19,5 +26,8 @@ pub mod metrics;
 pub mod node_link;
 pub mod peer_book;
 pub mod reach;
+pub mod schema_check;
 pub mod server;
 pub mod signing;
+pub mod status;
+pub mod upgrade;

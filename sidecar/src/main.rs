@@ -1,3 +1,6 @@
+//! The p2p-sidecar binary: parses the command line, runs `identity` subcommands, or starts the
+//! sidecar (`p2p_sidecar::server::run`) on a Tokio runtime sized by --worker-threads.
+
 use clap::Parser;
 use p2p_sidecar::config::{Cli, Command, IdentityAction};
 

@@ -35,6 +35,11 @@ pub struct MeshApi {
     default_timeout: Duration,
     forwarder: Forwarder,
     max_stream_forwards: usize,
+    /// The link's message limit (--max-forward-bytes): a ForwardStream answer over it fails
+    /// alone with RESOURCE_EXHAUSTED.
+    max_message_bytes: usize,
+    /// The sidecar's admin HTTP address, once bound (Status reports it).
+    admin_addr: Arc<std::sync::OnceLock<String>>,
 }
 
 /// One forward: seal the envelope and send it through the swarm (shared by the unary call and
@@ -59,7 +64,21 @@ impl MeshApi {
             client,
             default_timeout,
             max_stream_forwards: DEFAULT_MAX_STREAM_FORWARDS,
+            max_message_bytes: 4 * 1024 * 1024,
+            admin_addr: Arc::default(),
         }
+    }
+
+    /// The link's message limit (what the gRPC server encodes at most).
+    pub fn with_max_message_bytes(mut self, n: usize) -> Self {
+        self.max_message_bytes = n;
+        self
+    }
+
+    /// Report this admin address (set once the admin port is bound) in Status.
+    pub fn with_admin_addr(mut self, addr: Arc<std::sync::OnceLock<String>>) -> Self {
+        self.admin_addr = addr;
+        self
     }
 
     /// Count each forward (outcome, latency) in these metrics.
@@ -176,7 +195,9 @@ impl Mesh for MeshApi {
         &self,
         _request: Request<MeshStatusRequest>,
     ) -> Result<Response<NetworkStatusResponse>, Status> {
-        Ok(Response::new(self.client.status().await?))
+        let mut status = self.client.status().await?.into_response();
+        status.sidecar_admin_addr = self.admin_addr.get().cloned().unwrap_or_default();
+        Ok(Response::new(status))
     }
 
     async fn list_peers(
@@ -243,6 +264,7 @@ impl Mesh for MeshApi {
         let answers = local_link::mux::serve_stream(
             request.into_inner(),
             self.max_stream_forwards,
+            self.max_message_bytes,
             |r: &ForwardStreamRequest| r.id,
             |id, s| ForwardStreamResponse {
                 id,
@@ -294,6 +316,7 @@ impl Mesh for MeshApi {
                 Ok(Response::new(CheckSchemasResponse {
                     node_id: peer.to_string(),
                     approved: names.names,
+                    definition_hashes: names.definition_hashes,
                 }))
             }
             Some(check_schemas_response::Result::Error(e)) => {

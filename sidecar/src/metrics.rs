@@ -2,7 +2,8 @@
 //! requests from peers by protocol and outcome (accepted, rate limited, queue full, forged
 //! origin, bad signature, stale, replayed, oversized field, deadline exceeded, replay cache full,
 //! wrong target, failed), forwards the node asked for (by outcome, with their latency: the
-//! per-request view of the node ⇄ sidecar forward stream), and the replay cache's size. Every
+//! per-request view of the node ⇄ sidecar forward stream), the replay cache's size, and
+//! connections closed because their peer stopped answering pings. Every
 //! label has a fixed value set.
 
 use std::sync::Arc;
@@ -35,6 +36,8 @@ pub struct SidecarMetrics {
     outbound_seconds: prometheus_client::metrics::histogram::Histogram,
     forward_streams: Family<DirectionLabels, Counter>,
     replay_cache_bytes: Gauge,
+    dead_connections: Counter,
+    connected_peers: Gauge,
 }
 
 impl SidecarMetrics {
@@ -45,7 +48,19 @@ impl SidecarMetrics {
             outbound_seconds: fold_middleware::metrics::latency_histogram(),
             replay_cache_bytes: Gauge::default(),
             forward_streams: Family::default(),
+            dead_connections: Counter::default(),
+            connected_peers: Gauge::default(),
         };
+        reg.register(
+            "fold_sidecar_connected_peers",
+            "Peers with at least one open connection (what Network.Status counts as connected)",
+            m.connected_peers.clone(),
+        );
+        reg.register(
+            "fold_sidecar_dead_connections_closed",
+            "Connections closed because the peer stopped answering pings (--ping-max-failures)",
+            m.dead_connections.clone(),
+        );
         reg.register(
             "fold_sidecar_forward_streams_opened",
             "Long-lived /fold/forward/2.0.0 streams opened, by direction (outbound: to a peer; inbound: from one)",
@@ -86,6 +101,16 @@ impl SidecarMetrics {
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
         self.outbound_seconds.observe(seconds);
+    }
+
+    pub fn connected_peers(&self, n: usize) {
+        self.connected_peers
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// A connection closed because its peer stopped answering pings.
+    pub fn dead_connection(&self) {
+        self.dead_connections.inc();
     }
 
     pub fn replay_cache_bytes(&self, bytes: usize) {

@@ -32,12 +32,13 @@ pub trait NodeHandler: Send + Sync + 'static {
         remaining: Option<Duration>,
     ) -> ForwardResponse;
 
-    /// Which of `names` the node serves (has approved), for a peer's schema check.
+    /// Which of `names` the node serves (has approved), with each one's definition hash, for a
+    /// peer's schema check.
     async fn served_schemas(
         &self,
         origin: String,
         names: Vec<String>,
-    ) -> Result<Vec<String>, Status>;
+    ) -> Result<fold_proto::wire::SchemaNames, Status>;
 }
 
 #[tonic::async_trait]
@@ -54,7 +55,7 @@ impl NodeHandler for NodeLink {
         &self,
         origin: String,
         names: Vec<String>,
-    ) -> Result<Vec<String>, Status> {
+    ) -> Result<fold_proto::wire::SchemaNames, Status> {
         NodeLink::served_schemas(self, origin, names).await
     }
 }
@@ -111,7 +112,10 @@ impl NodeLink {
             addr,
             client,
             timeout,
-            mux: Some(Arc::new(StreamMux::new("the node", MAX_PENDING, CODEC))),
+            mux: Some(Arc::new(
+                StreamMux::new("the node", MAX_PENDING, CODEC)
+                    .with_max_message_bytes(max_message_bytes),
+            )),
         }
     }
 
@@ -193,12 +197,12 @@ impl NodeLink {
         }
     }
 
-    /// Which of `names` the node serves (has approved).
+    /// Which of `names` the node serves (has approved), with their definition hashes.
     pub async fn served_schemas(
         &self,
         origin: String,
         names: Vec<String>,
-    ) -> Result<Vec<String>, Status> {
+    ) -> Result<fold_proto::wire::SchemaNames, Status> {
         let mut client = self.client.clone();
         let mut r = tonic::Request::new(ServedSchemasRequest {
             origin_node_id: origin,
@@ -206,7 +210,13 @@ impl NodeLink {
         });
         r.set_timeout(self.timeout);
         match client.served_schemas(r).await {
-            Ok(resp) => Ok(resp.into_inner().names),
+            Ok(resp) => {
+                let r = resp.into_inner();
+                Ok(fold_proto::wire::SchemaNames {
+                    names: r.names,
+                    definition_hashes: r.definition_hashes,
+                })
+            }
             Err(s)
                 if matches!(
                     s.code(),

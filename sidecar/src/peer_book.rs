@@ -7,7 +7,15 @@
 //! backoff with jitter ([`backoff`], [`with_jitter`]); an address that fails
 //! [`MAX_ADDR_FAILURES`] dials in a row is dropped, and a peer left with no address is forgotten
 //! unless it is a bootstrap peer. Known peers are saved to `<data-dir>/peers.json`
-//! ([`save_file`], [`load_file`]) and redialled after a restart.
+//! ([`save_file`], [`load_file`]) and redialled after a restart. The saved file is bounded as it
+//! is written ([`MAX_SAVED_ADDRS_PER_PEER`], [`MAX_SAVED_ADDR_BYTES`], [`MAX_SAVED_BYTES`]), with
+//! trusted (configured) and long-known peers ahead of newcomers, so it is never a file the next
+//! start would refuse to load.
+//!
+//! Loopback and link-local addresses a peer reports are not learned ([`learnable`]) unless this
+//! node reached that peer over loopback itself (all nodes on one host): from another host they
+//! name the dialler's own machine (go-libp2p's `manet.IsIPLoopback`/`IsIP6LinkLocal` filters,
+//! rust-libp2p's `Multiaddr` global-address checks).
 
 use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
@@ -43,8 +51,61 @@ pub const MAX_REDIALS_PER_TICK: usize = 16;
 /// A connection that stayed up this long resets its peer's backoff; one that closed sooner
 /// counts as a failed dial (a peer that accepts and then drops us is not redialled every second).
 pub const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// Addresses saved per peer (the most recently learned; in memory a peer has up to
+/// [`MAX_ADDRS_PER_PEER`]).
+pub const MAX_SAVED_ADDRS_PER_PEER: usize = 8;
+/// Longest address saved, in bytes of its text form; longer ones are kept in memory only.
+pub const MAX_SAVED_ADDR_BYTES: usize = 512;
+/// Budget of the whole peers file as written: a quarter of what [`load_file`] accepts, so a file
+/// this sidecar writes is always one it loads.
+pub const MAX_SAVED_BYTES: usize = (MAX_FILE_BYTES / 4) as usize;
 /// The file's format version.
 const FILE_VERSION: u32 = 1;
+
+/// Whether `a` only makes sense on the host that reported it: loopback (127.0.0.0/8, ::1,
+/// `localhost`), link-local (169.254.0.0/16, fe80::/10) or unspecified (0.0.0.0, ::).
+pub fn is_host_local(a: &Multiaddr) -> bool {
+    match a.iter().next() {
+        Some(Protocol::Ip4(ip)) => ip.is_loopback() || ip.is_link_local() || ip.is_unspecified(),
+        Some(Protocol::Ip6(ip)) => {
+            ip.is_loopback()
+                || ip.is_unspecified()
+                || ip.is_unicast_link_local()
+                || ip
+                    .to_ipv4_mapped()
+                    .is_some_and(|v4| v4.is_loopback() || v4.is_link_local())
+        }
+        Some(Protocol::Dns(h) | Protocol::Dns4(h) | Protocol::Dns6(h) | Protocol::Dnsaddr(h)) => {
+            let h = h.trim_end_matches('.').to_ascii_lowercase();
+            h == "localhost" || h.ends_with(".localhost")
+        }
+        _ => false,
+    }
+}
+
+/// Whether an address a peer reported may be stored and dialled: anything but a host-local one
+/// ([`is_host_local`]), which only when this node reached that peer over loopback itself.
+pub fn learnable(a: &Multiaddr, reached_over_loopback: bool) -> bool {
+    reached_over_loopback || !is_host_local(a)
+}
+
+/// Whether a connection's remote address is a loopback one (the peer runs on this host).
+pub fn is_loopback_remote(remote: &Multiaddr) -> bool {
+    match remote.iter().next() {
+        Some(Protocol::Ip4(ip)) => ip.is_loopback(),
+        Some(Protocol::Ip6(ip)) => {
+            ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+        _ => false,
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
 
 /// The redial delay after `failures` consecutive failures (none: no delay): 1 s, 2 s, 4 s, …
 /// capped at [`BACKOFF_CAP`].
@@ -102,6 +163,9 @@ pub struct PeerEntry {
     pub addr_failures: HashMap<Multiaddr, u32>,
     /// When the latest connection came up.
     pub connected_at: Option<Instant>,
+    /// When this node first connected to the peer (Unix ms; kept in the peers file): long-known
+    /// peers keep their places in the saved file ahead of newcomers.
+    pub known_since_ms: Option<u64>,
 }
 
 /// How a connection to `remote` runs: ("direct" | "relayed", "tcp" | "quic" | "memory" | "").
@@ -198,6 +262,8 @@ pub struct PeerBook {
     peers: HashMap<PeerId, PeerEntry>,
     /// Configured bootstrap addresses (stripped): never dropped.
     pinned: HashSet<Multiaddr>,
+    /// Peers trusted by configuration (--allow-peer): saved ahead of every other peer.
+    trusted: HashSet<PeerId>,
 }
 
 impl PeerBook {
@@ -235,6 +301,11 @@ impl PeerBook {
         self.peers.contains_key(peer)
     }
 
+    /// Peers with at least one open connection.
+    pub fn connected_count(&self) -> usize {
+        self.peers.values().filter(|e| e.connections > 0).count()
+    }
+
     pub fn len(&self) -> usize {
         self.peers.len()
     }
@@ -257,6 +328,7 @@ impl PeerBook {
     pub fn connected(&mut self, peer: &PeerId, dialled: Option<&Multiaddr>, now: Instant) {
         if let Some(e) = self.peers.get_mut(peer) {
             e.known = true;
+            e.known_since_ms.get_or_insert_with(unix_ms);
             e.next_dial = None;
             e.connected_at = Some(now);
             if let Some(a) = dialled {
@@ -356,30 +428,72 @@ impl PeerBook {
         }
     }
 
-    /// The known peers to save, sorted by id: at most [`MAX_SAVED_PEERS`] (the most recently
-    /// seen), each with its addresses.
+    /// The known peers to save, sorted by id, within the file's bounds: at most
+    /// [`MAX_SAVED_PEERS`], each with at most [`MAX_SAVED_ADDRS_PER_PEER`] addresses of at most
+    /// [`MAX_SAVED_ADDR_BYTES`], and [`MAX_SAVED_BYTES`] in all. Places go first to trusted and
+    /// bootstrap peers, then to the longest known, then to the most recently seen, so newcomers
+    /// cannot push established peers out.
     pub fn saved(&self, local: &PeerId) -> SavedBook {
         let mut known: Vec<(&PeerId, &PeerEntry)> = self
             .peers
             .iter()
             .filter(|(p, e)| e.known && *p != local && !e.addrs.is_empty())
             .collect();
-        // Connected first, then the most recently seen.
         known.sort_by(|a, b| {
-            (b.1.connections > 0, b.1.last_seen).cmp(&(a.1.connections > 0, a.1.last_seen))
+            let rank = |p: &PeerId, e: &PeerEntry| {
+                (
+                    std::cmp::Reverse(self.trusted.contains(p) || e.bootstrap),
+                    e.known_since_ms.unwrap_or(u64::MAX),
+                    std::cmp::Reverse(e.last_seen),
+                )
+            };
+            rank(a.0, a.1)
+                .cmp(&rank(b.0, b.1))
+                .then_with(|| a.0.cmp(b.0))
         });
-        known.truncate(MAX_SAVED_PEERS);
-        let mut peers: Vec<SavedPeer> = known
-            .into_iter()
-            .map(|(p, e)| SavedPeer {
+        let mut budget = MAX_SAVED_BYTES.saturating_sub(FILE_OVERHEAD);
+        let mut peers: Vec<SavedPeer> = Vec::new();
+        for (p, e) in known {
+            if peers.len() >= MAX_SAVED_PEERS {
+                break;
+            }
+            let addrs: Vec<String> = e
+                .addrs
+                .iter()
+                .rev()
+                .map(|a| a.to_string())
+                .filter(|a| a.len() <= MAX_SAVED_ADDR_BYTES)
+                .take(MAX_SAVED_ADDRS_PER_PEER)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            if addrs.is_empty() {
+                continue;
+            }
+            let sp = SavedPeer {
                 id: p.to_string(),
-                addrs: e.addrs.iter().map(|a| a.to_string()).collect(),
-            })
-            .collect();
+                addrs,
+                known_since_ms: e.known_since_ms,
+            };
+            let cost = saved_peer_bytes(&sp);
+            if cost > budget {
+                break;
+            }
+            budget -= cost;
+            peers.push(sp);
+        }
         peers.sort_by(|a, b| a.id.cmp(&b.id));
         SavedBook {
             version: FILE_VERSION,
             peers,
+        }
+    }
+
+    /// Mark `peer` as trusted by configuration (--allow-peer): first in the saved file.
+    pub fn set_trusted(&mut self, peer: PeerId) {
+        if self.trusted.len() < MAX_PEERS {
+            self.trusted.insert(peer);
         }
     }
 
@@ -407,6 +521,7 @@ impl PeerBook {
             }
             let e = self.entry(peer, "book");
             e.known = true;
+            e.known_since_ms = e.known_since_ms.or(sp.known_since_ms);
             for a in addrs {
                 e.add_addr(a);
             }
@@ -458,6 +573,19 @@ pub struct SavedBook {
 pub struct SavedPeer {
     pub id: String,
     pub addrs: Vec<String>,
+    /// When this node first connected to the peer (Unix ms); absent in older files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub known_since_ms: Option<u64>,
+}
+
+/// Bytes of the file around its peers (version, brackets, indentation).
+const FILE_OVERHEAD: usize = 64;
+
+/// An upper bound of the bytes one peer takes in the pretty-printed file: its compact JSON, plus
+/// a line of indentation for each address and field.
+fn saved_peer_bytes(sp: &SavedPeer) -> usize {
+    let compact = serde_json::to_vec(sp).map_or(usize::MAX / 2, |v| v.len());
+    compact + 16 * (sp.addrs.len() + 6)
 }
 
 /// Read the peers file. A missing file is an empty book; an unreadable, oversized or corrupt one
@@ -498,6 +626,13 @@ pub fn load_file(path: &Path) -> SavedBook {
 pub fn save_file(path: &Path, book: &SavedBook) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let bytes = serde_json::to_vec_pretty(book).map_err(std::io::Error::other)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        // Never write what the next start would refuse to load (and so lose the whole book).
+        return Err(std::io::Error::other(format!(
+            "the peers file would be {} bytes, above the {MAX_FILE_BYTES} a start reads; not written",
+            bytes.len()
+        )));
+    }
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = std::path::PathBuf::from(tmp);
@@ -824,5 +959,149 @@ mod tests {
         assert_eq!(book.get(&p).unwrap().next_dial, Some(now + BACKOFF_CAP));
         // The address stays: it connects, the peer just does not keep us.
         assert_eq!(book.get(&p).unwrap().addrs.len(), 1);
+    }
+
+    #[test]
+    fn host_local_addresses_are_learned_only_over_loopback() {
+        for a in [
+            "/ip4/127.0.0.1/tcp/4001",
+            "/ip4/127.8.9.1/udp/4001/quic-v1",
+            "/ip4/169.254.3.4/tcp/1",
+            "/ip4/0.0.0.0/tcp/4001",
+            "/ip6/::1/tcp/4001",
+            "/ip6/fe80::1/tcp/4001",
+            "/ip6/::/tcp/1",
+            "/ip6/::ffff:127.0.0.1/tcp/1",
+            "/dns4/localhost/tcp/4001",
+            "/dns/api.localhost./tcp/4001",
+        ] {
+            let a: Multiaddr = a.parse().unwrap();
+            assert!(is_host_local(&a), "{a}");
+            assert!(!learnable(&a, false), "{a}");
+            assert!(learnable(&a, true), "{a}");
+        }
+        for a in [
+            "/ip4/198.18.0.2/tcp/4001",
+            "/ip4/10.0.0.1/tcp/4001",
+            "/ip6/2001:db8::1/tcp/4001",
+            "/dns4/node-a/tcp/4001",
+            "/ip4/198.18.0.1/tcp/4001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN/p2p-circuit",
+        ] {
+            let a: Multiaddr = a.parse().unwrap();
+            assert!(!is_host_local(&a) && learnable(&a, false), "{a}");
+        }
+        assert!(is_loopback_remote(&"/ip4/127.0.0.1/tcp/5".parse().unwrap()));
+        assert!(!is_loopback_remote(
+            &"/ip4/198.18.0.1/tcp/5".parse().unwrap()
+        ));
+        assert!(!is_loopback_remote(
+            &"/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
+                .parse()
+                .unwrap()
+        ));
+    }
+
+    /// A long address: a DNS name of about `len` bytes.
+    fn long_addr(i: usize, len: usize) -> Multiaddr {
+        let label = "x".repeat(60);
+        let mut name = format!("n{i}");
+        while name.len() + 61 < len.min(250) {
+            name = format!("{name}.{label}");
+        }
+        format!("/dns4/{name}/tcp/{}", 1000 + i % 60000)
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn the_saved_file_is_bounded_in_addresses_and_bytes_and_always_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("peers.json");
+        let mut book = PeerBook::default();
+        let local = peer();
+        // Far more than the budget: 600 peers, each with 16 addresses of ~250 bytes.
+        for i in 0..600 {
+            let p = peer();
+            let e = book.entry(p, "dial");
+            for j in 0..MAX_ADDRS_PER_PEER {
+                e.add_addr(long_addr(i * 100 + j, 250));
+            }
+            book.connected(&p, None, Instant::now());
+        }
+        let saved = book.saved(&local);
+        assert!(!saved.peers.is_empty());
+        assert!(saved.peers.len() < 600, "the byte budget bites");
+        for sp in &saved.peers {
+            assert!(sp.addrs.len() <= MAX_SAVED_ADDRS_PER_PEER);
+            assert!(sp.addrs.iter().all(|a| a.len() <= MAX_SAVED_ADDR_BYTES));
+        }
+        save_file(&path, &saved).unwrap();
+        let size = std::fs::metadata(&path).unwrap().len();
+        assert!(size <= MAX_SAVED_BYTES as u64, "{size} bytes written");
+        assert_eq!(load_file(&path), saved, "what is written is what loads");
+        // An address too long to save stays in memory only.
+        let p = peer();
+        let huge: Multiaddr = format!("/dns4/{}/tcp/1", vec!["y".repeat(60); 9].join("."))
+            .parse()
+            .unwrap();
+        let mut small = PeerBook::default();
+        let e = small.entry(p, "dial");
+        e.add_addr(huge.clone());
+        e.add_addr("/ip4/198.18.0.9/tcp/1".parse().unwrap());
+        small.connected(&p, None, Instant::now());
+        let mut one = small.saved(&local);
+        assert_eq!(
+            one.peers[0].addrs,
+            vec!["/ip4/198.18.0.9/tcp/1".to_string()]
+        );
+        // A book that would not load is refused rather than written.
+        one.peers[0].addrs = vec!["z".repeat(MAX_FILE_BYTES as usize + 1)];
+        let before = std::fs::read(&path).unwrap();
+        assert!(save_file(&path, &one).is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), before, "the old file stays");
+    }
+
+    #[test]
+    fn trusted_and_long_known_peers_keep_their_places_ahead_of_newcomers() {
+        let mut book = PeerBook::default();
+        let local = peer();
+        let mut old = Vec::new();
+        for i in 0..20 {
+            let p = peer();
+            let e = book.entry(p, "dial");
+            e.add_addr(long_addr(i, 250));
+            e.known = true;
+            e.known_since_ms = Some(1_000 + i as u64);
+            old.push(p);
+        }
+        let trusted = peer();
+        book.set_trusted(trusted);
+        let e = book.entry(trusted, "dial");
+        e.add_addr(long_addr(7777, 250));
+        e.known = true;
+        e.known_since_ms = Some(u64::MAX - 1);
+        // A flood of newcomers, connected now, with as many long addresses as they can have.
+        for i in 0..3000 {
+            let p = peer();
+            let e = book.entry(p, "inbound");
+            for j in 0..MAX_ADDRS_PER_PEER {
+                e.add_addr(long_addr(10_000 + i * 20 + j, 250));
+            }
+            e.connections = 1;
+            book.connected(&p, None, Instant::now());
+        }
+        let saved = book.saved(&local);
+        let ids: HashSet<String> = saved.peers.iter().map(|p| p.id.clone()).collect();
+        assert!(ids.contains(&trusted.to_string()), "the trusted peer stays");
+        for p in &old {
+            assert!(
+                ids.contains(&p.to_string()),
+                "a long-known peer was pushed out"
+            );
+        }
+        // Restored, the ages survive, so the order holds across restarts too.
+        let mut fresh = PeerBook::default();
+        fresh.restore(&saved, &local);
+        assert_eq!(fresh.get(&old[0]).unwrap().known_since_ms, Some(1_000));
     }
 }

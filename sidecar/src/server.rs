@@ -101,7 +101,12 @@ pub fn assemble(
             Duration::from_secs(config.max_clock_skew_secs),
             config.replay_cache_bytes,
         ),
-        config.inbound_queue,
+        crate::gate::Budget {
+            slots: config.inbound_queue,
+            peer_share_percent: config.inbound_peer_share,
+            long_polls: config.inbound_long_polls,
+            long_polls_per_peer: config.inbound_long_polls_per_peer,
+        },
         metrics.clone(),
     ));
     let (tx, rx) = mpsc::channel(1024);
@@ -116,17 +121,14 @@ pub fn assemble(
         node: node.clone(),
         mdns_enabled: config.mdns_enabled(),
         bootstrap: config.bootstrap.clone(),
-        limiter: fold_middleware::rate_limit::KeyedLimiter::new(
-            config.peer_rate_limit,
-            config.peer_rate_burst,
-        ),
-        inbound_queue: config.inbound_queue,
+        gate: gate.clone(),
         libp2p_metrics,
         metrics: metrics.clone(),
         forward: forward_streams,
         peers_path: Some(config.peers_path()),
         relays: crate::reach::Relays::new(config)?,
         relay_server: crate::reach::RelayServer::default().status(config),
+        ping: crate::conns::PingPolicy::from_config(config),
     });
     let tasks = vec![
         tokio::spawn(event_loop.run()),
@@ -147,6 +149,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let key =
         crate::identity::load_or_create(&config.identity_path(), config.identity_key.is_none())?;
     let signing_key = Arc::new(key.clone());
+    fold_telemetry::otel::set_instance_id(&key.public().to_peer_id().to_string());
 
     let mesh_addr = config.mesh_listen.clone().relative_to(&config.data_dir);
     let node_addr = config.node_addr.clone().relative_to(&config.data_dir);
@@ -271,9 +274,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<MeshServer<MeshApi>>().await;
+    // The admin address, known once bound below; Status reports it to the node.
+    let admin_addr_cell: Arc<std::sync::OnceLock<String>> = Arc::default();
     let mesh = MeshServer::new(
         MeshApi::new(client.clone(), timeout, signing_key)
+            .with_admin_addr(admin_addr_cell.clone())
             .with_max_stream_forwards(config.max_stream_forwards)
+            .with_max_message_bytes(config.max_forward_bytes)
             .with_metrics(metrics),
     )
     .max_decoding_message_size(config.max_forward_bytes)
@@ -336,6 +343,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let (admin_addr, admin) = fold_telemetry::admin::bind(config.admin_listen, admin_state)
         .await
         .with_context(|| format!("cannot listen on {} (--admin-listen)", config.admin_listen))?;
+    let _ = admin_addr_cell.set(admin_addr.to_string());
     tasks.push(tokio::spawn(admin));
 
     // Ready once the swarm reports its listen addresses (port 0 resolved).
@@ -351,7 +359,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         listen = st.listen_addrs;
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    let listen: Vec<Multiaddr> = listen.iter().filter_map(|a| a.parse().ok()).collect();
+    let mut listen: Vec<Multiaddr> = listen;
+    // In the order Mesh.Status reports them.
+    listen.sort_by_key(|a| a.to_string());
     if listen.is_empty() {
         anyhow::bail!(
             "the swarm did not start listening on any of {:?}",

@@ -296,6 +296,7 @@ mod tests {
                     fields: vec!["body".into()],
                     filter: None,
                     target_node_id: "target".into(),
+                    definition_hash: Default::default(),
                 })),
             }),
         }

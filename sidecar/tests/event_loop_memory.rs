@@ -48,8 +48,15 @@ impl NodeHandler for FakeNode {
         }
     }
 
-    async fn served_schemas(&self, _: String, names: Vec<String>) -> Result<Vec<String>, Status> {
-        Ok(names.into_iter().filter(|n| n == "Notes").collect())
+    async fn served_schemas(
+        &self,
+        _: String,
+        names: Vec<String>,
+    ) -> Result<fold_proto::wire::SchemaNames, Status> {
+        Ok(fold_proto::wire::SchemaNames {
+            names: names.into_iter().filter(|n| n == "Notes").collect(),
+            definition_hashes: Default::default(),
+        })
     }
 }
 
@@ -133,6 +140,7 @@ fn envelope(from: &Keypair, target: &PeerId, id: &str) -> fold_proto::wire::Sign
                 fields: vec!["body".into()],
                 filter: None,
                 target_node_id: target.to_string(),
+                definition_hash: Default::default(),
             })),
         }),
     };

@@ -60,3 +60,20 @@ capabilities:
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}
+
+{{/* fold-node's memory, request and limit alike: its page cache plus the measured overhead. */}}
+{{- define "fold-node.nodeMemory" -}}
+{{- printf "%dMi" (add (int .Values.node.cacheSizeMiB) (int .Values.node.memoryOverheadMiB)) -}}
+{{- end -}}
+
+{{/* fold-node's resources: node.resources (cpu and the like) with the memory from the cache. */}}
+{{- define "fold-node.nodeResources" -}}
+{{- $mem := include "fold-node.nodeMemory" . -}}
+{{- $r := .Values.node.resources | default dict -}}
+{{- if or (hasKey ($r.requests | default dict) "memory") (hasKey ($r.limits | default dict) "memory") -}}
+{{- fail "node.resources must not set memory: the chart sets fold-node's memory request and limit to node.cacheSizeMiB + node.memoryOverheadMiB, so the cache and the limit cannot drift apart; change those values instead" -}}
+{{- end -}}
+{{- $requests := merge (dict "memory" $mem) (deepCopy ($r.requests | default dict)) -}}
+{{- $limits := merge (dict "memory" $mem) (deepCopy ($r.limits | default dict)) -}}
+{{- toYaml (dict "requests" $requests "limits" $limits) -}}
+{{- end -}}

@@ -19,14 +19,15 @@ use crate::mesh::{MeshLink, grpc_timeout};
 use crate::route::Router;
 use crate::store::{SchemaState, TrustRecord};
 use crate::topology;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Run `fut` inside `span` and record its gRPC outcome on the span.
-pub async fn traced<T>(
+pub async fn traced<T, E: Into<Status>>(
     span: tracing::Span,
-    fut: impl std::future::Future<Output = Result<T, Status>>,
+    fut: impl std::future::Future<Output = Result<T, E>>,
 ) -> Result<T, Status> {
-    let r = fut.instrument(span.clone()).await;
+    let r = fut.instrument(span.clone()).await.map_err(Into::into);
     span.record(
         "outcome",
         match &r {
@@ -64,7 +65,7 @@ pub fn principal_of<T>(request: &Request<T>) -> Principal {
 pub fn require_admin<T>(data: &Data, request: &Request<T>, action: &str) -> Result<(), Status> {
     let who = principal_of(request);
     let ids = data.identities();
-    let r = ids.resolve(&who).map_err(data::store_status)?;
+    let r = ids.resolve(&who).map_err(crate::error::status)?;
     if ids.is_admin(&who, &r) {
         return Ok(());
     }
@@ -110,6 +111,7 @@ impl FoldNode for FoldNodeApi {
             state: data::state_to_proto(out.state) as i32,
             created: out.created,
             hash: out.hash,
+            definition_hash: out.definition_hash,
         }))
     }
 
@@ -142,6 +144,7 @@ impl FoldNode for FoldNodeApi {
         request: Request<GetSchemaRequest>,
     ) -> Result<Response<GetSchemaResponse>, Status> {
         let name = request.into_inner().name;
+        crate::bounds::schema_name(&name)?;
         let Some((schema, state)) = self.data.store().schema(&name) else {
             return Err(Status::not_found(format!("schema '{name}' not found")));
         };
@@ -162,6 +165,7 @@ impl FoldNode for FoldNodeApi {
     ) -> Result<Response<SetSchemaStateResponse>, Status> {
         require_admin(&self.data, &request, "changing a schema's state")?;
         let req = request.into_inner();
+        crate::bounds::schema_name(&req.name)?;
         let prev = self.data.set_state(&req.name, req.state).await?;
         self.mesh.schemas_changed();
         tracing::info!(schema = %req.name, from = prev.as_str(), to = req.state, "schema state changed");
@@ -179,6 +183,7 @@ impl FoldNode for FoldNodeApi {
         let deadline = grpc_timeout(request.metadata());
         let principal = principal_of(&request);
         let req = request.into_inner();
+        crate::bounds::Bounded::check_bounds(&req)?;
         let span = tracing::info_span!(
             "fold.query",
             schema = %req.schema,
@@ -210,6 +215,7 @@ impl FoldNode for FoldNodeApi {
         let deadline = grpc_timeout(request.metadata());
         let principal = principal_of(&request);
         let req = request.into_inner();
+        crate::bounds::Bounded::check_bounds(&req)?;
         let span = tracing::info_span!(
             "fold.mutate",
             schema = %req.schema,
@@ -237,6 +243,7 @@ impl FoldNode for FoldNodeApi {
         let deadline = grpc_timeout(request.metadata());
         let principal = principal_of(&request);
         let req = request.into_inner();
+        crate::bounds::Bounded::check_bounds(&req)?;
         let span = tracing::info_span!(
             "fold.batch_mutate",
             schema = %req.schema,
@@ -265,6 +272,7 @@ impl FoldNode for FoldNodeApi {
     ) -> Result<Response<Self::ScanStream>, Status> {
         let principal = principal_of(&request);
         let mut req = request.into_inner();
+        crate::bounds::Bounded::check_bounds(&req)?;
         if !self.mesh.is_local(&req.target_node_id) || req.route != 0 {
             return Err(Status::invalid_argument(
                 "Scan reads this node only (no target_node_id, no route); for other nodes, page through them with Query (page_size, page_token)",
@@ -274,12 +282,14 @@ impl FoldNode for FoldNodeApi {
             req.page_size = 1000;
         }
         req.page_token.clear();
+        let slot = self.data.scan_slot(&principal)?;
         // The first page runs before the stream starts, so a bad request fails the call itself.
         let first = self.data.query(&principal, req.clone()).await?;
         // A small buffer: a slow reader slows the scan, never the node.
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let data = self.data.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let mut page = first;
             loop {
                 for r in page.records {
@@ -293,8 +303,8 @@ impl FoldNode for FoldNodeApi {
                 req.page_token = std::mem::take(&mut page.next_page_token);
                 page = match data.query(&principal, req.clone()).await {
                     Ok(p) => p,
-                    Err(s) => {
-                        let _ = tx.send(Err(s)).await;
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(e))).await;
                         return;
                     }
                 };
@@ -313,12 +323,18 @@ impl FoldNode for FoldNodeApi {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let principal = principal_of(&request);
         let mut req = request.into_inner();
+        crate::bounds::Bounded::check_bounds(&req)?;
         if req.route != 0 {
             // "Any": choose where to start; the subscription then stays there (sequence
             // numbers are per node), and its progress messages name the node.
             let chosen = self
                 .router
-                .choose_for_subscription(&req.schema, req.route, &req.target_node_id)
+                .choose_for_subscription(
+                    &req.schema,
+                    &req.definition_hash,
+                    req.route,
+                    &req.target_node_id,
+                )
                 .await?;
             req.route = 0;
             req.target_node_id = chosen;
@@ -331,8 +347,12 @@ impl FoldNode for FoldNodeApi {
             outcome = tracing::field::Empty,
         );
         if !self.mesh.is_local(&req.target_node_id) {
-            let requester = self.data.forwardable_requester(&principal)?;
-            let permit = self.data.subscription_permit()?;
+            let resolve: crate::subscribe::Resolve = {
+                let data = self.data.clone();
+                let principal = principal.clone();
+                Box::new(move || data.forwardable_requester(&principal))
+            };
+            let permit = self.data.subscription_permit(&principal)?;
             return traced(
                 span,
                 crate::subscribe::start_remote(
@@ -340,7 +360,7 @@ impl FoldNode for FoldNodeApi {
                     self.data.hub().clone(),
                     self.data.metrics().clone(),
                     req,
-                    requester,
+                    resolve,
                     permit,
                 ),
             )
@@ -363,6 +383,7 @@ impl FoldNode for FoldNodeApi {
         let deadline = grpc_timeout(request.metadata());
         let principal = principal_of(&request);
         let req = request.into_inner();
+        crate::bounds::Bounded::check_bounds(&req)?;
         let span = tracing::info_span!(
             "fold.history",
             schema = %req.schema,
@@ -393,11 +414,24 @@ pub struct NetworkApi {
     data: Data,
     mesh: MeshLink,
     router: Router,
+    /// This fold-node's admin HTTP address, once bound (Network.Status reports it).
+    admin_addr: Arc<std::sync::OnceLock<String>>,
 }
 
 impl NetworkApi {
     pub fn new(data: Data, mesh: MeshLink, router: Router) -> Self {
-        NetworkApi { data, mesh, router }
+        NetworkApi {
+            data,
+            mesh,
+            router,
+            admin_addr: Arc::default(),
+        }
+    }
+
+    /// Report this admin address (set once the admin port is bound) in Network.Status.
+    pub fn with_admin_addr(mut self, addr: Arc<std::sync::OnceLock<String>>) -> Self {
+        self.admin_addr = addr;
+        self
     }
 
     /// The distance this node gives a peer: -1 when denied.
@@ -406,7 +440,7 @@ impl NetworkApi {
             .data
             .identities()
             .peer_distance(node_id)
-            .map_err(data::store_status)?;
+            .map_err(crate::error::status)?;
         Ok(d.map(|d| i32::try_from(d).unwrap_or(i32::MAX))
             .unwrap_or(-1))
     }
@@ -457,6 +491,7 @@ impl Network for NetworkApi {
             .status(fold_proto::sidecar::MeshStatusRequest {})
             .await?;
         resp.get_mut().replicas = self.data.replicas().status();
+        resp.get_mut().node_admin_addr = self.admin_addr.get().cloned().unwrap_or_default();
         Ok(resp)
     }
 
@@ -488,11 +523,25 @@ impl Network for NetworkApi {
         request: Request<CheckSchemasRequest>,
     ) -> Result<Response<CheckSchemasResponse>, Status> {
         let req = request.into_inner();
+        crate::bounds::node_id(&req.node_id)?;
+        if req.names.len() > 1024 {
+            return Err(Status::invalid_argument(format!(
+                "'names' lists {} schemas; at most 1024 per check",
+                req.names.len()
+            )));
+        }
+        req.names
+            .iter()
+            .try_for_each(|n| crate::bounds::schema_name(n))?;
         if self.mesh.is_local(&req.node_id) {
-            let approved = self.data.served(&req.names);
+            let served = self.data.served(&req.names);
             return Ok(Response::new(CheckSchemasResponse {
                 node_id: self.mesh.node_id_or_empty(),
-                approved,
+                approved: served.iter().map(|s| s.name.clone()).collect(),
+                definition_hashes: served
+                    .iter()
+                    .map(|s| (s.name.clone(), s.definition_hash.clone()))
+                    .collect(),
             }));
         }
         self.mesh.client()?.check_schemas(req).await
@@ -503,6 +552,7 @@ impl Network for NetworkApi {
         request: Request<FindProvidersRequest>,
     ) -> Result<Response<FindProvidersResponse>, Status> {
         let req = request.into_inner();
+        crate::bounds::schema_name(&req.schema)?;
         if req.schema.is_empty() {
             return Err(Status::invalid_argument("'schema' is required"));
         }
@@ -515,7 +565,11 @@ impl Network for NetworkApi {
     ) -> Result<Response<GetTrustResponse>, Status> {
         require_admin(&self.data, &request, "reading the trust table")?;
         let want = request.into_inner().node_id;
-        let all = self.data.store().trust_all().map_err(data::store_status)?;
+        let all = self
+            .data
+            .store()
+            .trust_all()
+            .map_err(crate::error::status)?;
         let entries = all
             .iter()
             .filter(|(id, _)| want.is_empty() || **id == want)
@@ -570,7 +624,7 @@ impl Network for NetworkApi {
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(data::store_status)?;
+        .map_err(crate::error::status)?;
         tracing::info!(peer = %e.node_id, distance = e.distance, denied = e.denied, removed = remove, "trust table changed");
         Ok(Response::new(SetTrustResponse { entry: Some(e) }))
     }

@@ -29,10 +29,10 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::hub::ChangeHub;
 use crate::metrics::NodeMetrics;
 use crate::schema::Schema;
 use crate::store::{ApplyError, Idempotency, MutationError, MutationPlan, Store, StoreError};
-use crate::subscribe::ChangeHub;
 
 /// The written fields of one mutation and their new version ids.
 pub type Written = Vec<(String, String)>;

@@ -26,7 +26,8 @@ at distance 0 unless --client-trust-distance says otherwise), or an --admin-iden
 A refusal is PERMISSION_DENIED and names the right.\n\n\
 When ready it prints one line to stdout:\n  \
 fold-node ready grpc=<addr> peer_requests=<addr> admin=<addr> [health=<addr>] [owner=<addr>]\nLogs go to stderr; the level comes from RUST_LOG \
-(default info)."
+(default info). Traces are exported over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set, whatever \
+RUST_LOG says (the OTEL_* variables govern them)."
 )]
 pub struct Config {
     #[command(subcommand)]
@@ -69,6 +70,15 @@ pub struct Config {
     /// Directory for the database (fold.redb) and the local sockets; created if missing.
     #[arg(long, env = "FOLD_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
+
+    /// Memory for the database's page cache (redb): the most of the database file's pages kept
+    /// in this process, read cache and write buffer together. Bytes, or a number with a unit:
+    /// KiB/Ki, MiB/Mi, GiB/Gi (×1024), KB/K, MB/M, GB/G (×1000); e.g. 64MiB. At least 1MiB.
+    /// Pages beyond it are read from the file (the kernel's page cache, not this process). The
+    /// node's resident memory stays within this plus a measured overhead of about 48 MiB
+    /// (docs/DEPLOY.md#memory), whatever the size of the database.
+    #[arg(long, env = "FOLD_CACHE_SIZE", default_value = "64MiB", value_parser = parse_size)]
+    pub cache_size: u64,
 
     /// Trust distance of clients of the public port without a client certificate, and of
     /// certificate clients not listed in the trust table: a number (0 = owner: passes every
@@ -203,6 +213,18 @@ pub struct Config {
     /// Subscriptions (FoldNode.Subscribe streams) open at once; more are RESOURCE_EXHAUSTED.
     #[arg(long, env = "FOLD_MAX_SUBSCRIPTIONS", default_value_t = 256)]
     pub max_subscriptions: usize,
+    /// Subscriptions one client identity may hold open at once (local and remote ones; every
+    /// anonymous client of the public port counts as one identity, a certificate client by its
+    /// key, a forwarded requester by its node and key). Beyond: RESOURCE_EXHAUSTED.
+    #[arg(long, env = "FOLD_MAX_SUBSCRIPTIONS_PER_CLIENT", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_subscriptions_per_client: u64,
+    /// Scans (FoldNode.Scan streams) running at once; more are RESOURCE_EXHAUSTED.
+    #[arg(long, env = "FOLD_MAX_SCANS", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_scans: u64,
+    /// Scans one client identity may run at once (identities as for
+    /// --max-subscriptions-per-client).
+    #[arg(long, env = "FOLD_MAX_SCANS_PER_CLIENT", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_scans_per_client: u64,
     /// Schema-addressed reads (route any/all): how long a schema's provider set (DHT provider
     /// records confirmed by a schema check) is used before it is looked up again, in seconds.
     /// After half of it, the set is refreshed in the background.
@@ -243,6 +265,41 @@ pub struct Config {
     /// Log format on stderr: "text" or "json".
     #[arg(long, env = "FOLD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+}
+
+/// A size in bytes: digits, optionally followed by a unit (KiB/Ki/MiB/Mi/GiB/Gi are powers of
+/// 1024; KB/K/MB/M/GB/G powers of 1000; B or nothing is bytes), with or without a space; at least
+/// 1 MiB (the smallest page cache redb works well with).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| {
+        format!("'{s}' is not a size: give bytes or a number with a unit, e.g. 64MiB")
+    })?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" | "ki" => 1 << 10,
+        "mib" | "mi" => 1 << 20,
+        "gib" | "gi" => 1 << 30,
+        "kb" | "k" => 1_000,
+        "mb" | "m" => 1_000_000,
+        "gb" | "g" => 1_000_000_000,
+        other => {
+            return Err(format!(
+                "'{s}': unknown unit '{other}' (use B, KiB, MiB, GiB, KB, MB or GB)"
+            ));
+        }
+    };
+    let bytes = n
+        .checked_mul(mult)
+        .ok_or_else(|| format!("'{s}' is too large"))?;
+    if bytes < crate::store::MIN_CACHE_BYTES {
+        return Err(format!(
+            "'{s}' is {bytes} bytes; the cache needs at least 1MiB"
+        ));
+    }
+    Ok(bytes)
 }
 
 fn parse_percent(s: &str) -> Result<f64, String> {
@@ -302,9 +359,10 @@ pub enum Command {
     /// container healthchecks; works against this node, its plaintext health port, or the
     /// sidecar's socket).
     Probe {
-        /// Where to ask: 127.0.0.1:PORT, a socket path, or unix:/path.
+        /// Where to ask: 127.0.0.1:PORT, HOST:PORT (a name, e.g. node-a:50051, resolved when the
+        /// probe runs), a socket path, or unix:/path.
         #[arg(long, default_value = "127.0.0.1:50051")]
-        addr: LinkAddr,
+        addr: ProbeAddr,
         /// Service to ask about ("" = the whole server), e.g. fold.v1.Network.
         #[arg(long, default_value = "")]
         service: String,
@@ -312,4 +370,114 @@ pub enum Command {
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
     },
+}
+
+/// Where `fold-node probe` asks: a local link address, or a host name and port resolved when the
+/// probe runs (so a healthcheck or an operator inside a mesh can probe a neighbour by name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeAddr {
+    Link(LinkAddr),
+    Host(String, u16),
+}
+
+impl std::fmt::Display for ProbeAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProbeAddr::Link(a) => write!(f, "{a}"),
+            ProbeAddr::Host(h, p) => write!(f, "{h}:{p}"),
+        }
+    }
+}
+
+impl std::str::FromStr for ProbeAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim();
+        let hostport = t.strip_prefix("tcp://").unwrap_or(t);
+        if !t.starts_with("unix:")
+            && hostport.parse::<SocketAddr>().is_err()
+            && let Some((host, port)) = hostport.rsplit_once(':')
+            && let Ok(port) = port.parse::<u16>()
+            && !host.is_empty()
+            && host.len() <= 253
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+        {
+            return Ok(ProbeAddr::Host(host.to_string(), port));
+        }
+        t.parse::<LinkAddr>()
+            .map(ProbeAddr::Link)
+            .map_err(|e| format!("{e}, nor HOST:PORT (node-a:50051)"))
+    }
+}
+
+#[cfg(test)]
+mod probe_addr_tests {
+    use super::*;
+
+    #[test]
+    fn probe_takes_addresses_sockets_and_host_names() {
+        let p = |s: &str| s.parse::<ProbeAddr>();
+        assert_eq!(
+            p("127.0.0.1:50051"),
+            Ok(ProbeAddr::Link(LinkAddr::Tcp(
+                "127.0.0.1:50051".parse().unwrap()
+            )))
+        );
+        assert_eq!(
+            p("unix:/data/sidecar.sock"),
+            Ok(ProbeAddr::Link(LinkAddr::Unix("/data/sidecar.sock".into())))
+        );
+        assert_eq!(
+            p("node-a:50051"),
+            Ok(ProbeAddr::Host("node-a".into(), 50051))
+        );
+        assert_eq!(
+            p("tcp://fold-0.fold.svc:50052"),
+            Ok(ProbeAddr::Host("fold-0.fold.svc".into(), 50052))
+        );
+        for bad in [
+            "node-a",
+            "node-a:",
+            ":50051",
+            "node a:1",
+            "node-a:99999",
+            "",
+        ] {
+            let e = p(bad).unwrap_err();
+            assert!(e.contains("HOST:PORT"), "{bad}: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_binary_and_decimal_units() {
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("64Mi"), Ok(64 << 20));
+        assert_eq!(parse_size(" 2 GiB "), Ok(2 << 30));
+        assert_eq!(parse_size("2048KiB"), Ok(2 << 20));
+        assert_eq!(parse_size("5MB"), Ok(5_000_000));
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("8mib"), Ok(8 << 20));
+    }
+
+    #[test]
+    fn bad_sizes_say_what_to_fix() {
+        assert!(parse_size("").unwrap_err().contains("not a size"));
+        assert!(parse_size("MiB").unwrap_err().contains("not a size"));
+        assert!(parse_size("64XB").unwrap_err().contains("unknown unit"));
+        assert!(parse_size("1.5GiB").unwrap_err().contains("unknown unit"));
+        assert!(parse_size("512KiB").unwrap_err().contains("at least 1MiB"));
+        assert!(
+            parse_size("99999999999999GiB")
+                .unwrap_err()
+                .contains("too large")
+        );
+    }
 }

@@ -14,24 +14,25 @@ use fold_proto::v1::{
 };
 use prost::Message;
 use serde_json::{Map, Value as Json};
-use tonic::Status;
 
 use crate::commit::{Committer, JobError, Limits};
+use crate::distance::Requester;
+use crate::error::NodeError;
 use crate::filter::KeyFilter;
-use crate::identity::{Identities, Principal, Requester};
+use crate::identity::{Identities, Principal};
 use crate::metrics::NodeMetrics;
-use crate::permissions::{self, Access, Denied};
+use crate::permissions::{self, Access};
 use crate::schema::{self, Schema};
 use crate::store::{
-    Idempotency, LoadError, LoadOutcome, MutationError, MutationKind, MutationPlan, RowsError,
-    SchemaState, Store, StoreError, VersionRecord,
+    Idempotency, LoadError, LoadOutcome, MutationKind, MutationPlan, RowsError, SchemaState, Store,
+    StoreError, VersionRecord,
 };
 
 /// Most mutations one BatchMutate call may carry.
 pub const MAX_BATCH_MUTATIONS: usize = 10_000;
 
 /// Trailer of a refused BatchMutate naming the failing record's index.
-pub const FAILED_RECORD_TRAILER: &str = "fold-failed-record";
+pub use crate::error::FAILED_RECORD_TRAILER;
 
 /// Records per page when a paged query names no size.
 const DEFAULT_PAGE_SIZE: usize = 1000;
@@ -56,22 +57,22 @@ pub struct Data {
     idempotency_window_ms: u64,
     pager: crate::paging::Pager,
     /// Live changes for subscribers, published by the group-commit writer.
-    hub: crate::subscribe::ChangeHub,
-    /// One permit per open subscription (--max-subscriptions).
-    subscriptions: Arc<tokio::sync::Semaphore>,
+    hub: crate::hub::ChangeHub,
+    /// One slot per open subscription (--max-subscriptions, and per client).
+    subscriptions: crate::slots::ClientSlots,
+    /// One slot per running Scan (--max-scans, and per client).
+    scans: crate::slots::ClientSlots,
     /// The schemas this node follows (read-only replicas of another node's).
     replicas: crate::follow::Replicas,
 }
 
-pub fn store_status(e: StoreError) -> Status {
-    tracing::error!(error = %e, "storage failure");
-    Status::internal(e.to_string())
-}
+/// Set when the request that started a blocking scan is dropped (the client went away, or a
+/// timeout layer gave up on it): the scan on the blocking pool then stops at its next check.
+struct CancelOnDrop(Arc<std::sync::atomic::AtomicBool>);
 
-fn denied_status(e: Denied) -> Status {
-    match e {
-        Denied::NotWritable { .. } => Status::failed_precondition(e.to_string()),
-        Denied::Distance { .. } => Status::permission_denied(e.to_string()),
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -98,9 +99,9 @@ async fn storage<T, F>(
     op: &'static str,
     runs: Runs,
     f: F,
-) -> Result<T, Status>
+) -> Result<T, NodeError>
 where
-    F: FnOnce() -> Result<T, Status> + Send + 'static,
+    F: FnOnce() -> Result<T, NodeError> + Send + 'static,
     T: Send + 'static,
 {
     let started = std::time::Instant::now();
@@ -109,7 +110,7 @@ where
         Runs::InPlace => tokio::task::block_in_place(f),
         Runs::Pool => tokio::task::spawn_blocking(f)
             .await
-            .map_err(|e| Status::internal(format!("storage task failed: {e}")))?,
+            .map_err(|e| NodeError::internal(format!("storage task failed: {e}")))?,
     };
     // Refusals by the data (ALREADY_EXISTS, NOT_FOUND) are answers, not storage failures.
     let ok = r
@@ -144,6 +145,7 @@ pub fn summary(schema: &Schema, state: SchemaState) -> v1::SchemaSummary {
         range_key: schema.range_key().unwrap_or_default().into(),
         fields: schema.fields.keys().cloned().collect(),
         hash: schema.hash.clone(),
+        definition_hash: schema.definition_hash.clone(),
     }
 }
 
@@ -155,7 +157,7 @@ impl Data {
         metrics: Arc<NodeMetrics>,
         subscribe: crate::subscribe::SubscribeLimits,
     ) -> std::io::Result<Self> {
-        let hub = crate::subscribe::ChangeHub::new(subscribe.buffer);
+        let hub = crate::hub::ChangeHub::new(subscribe.buffer);
         let commits = Committer::start(
             store.clone(),
             metrics.clone(),
@@ -166,7 +168,18 @@ impl Data {
         Ok(Data {
             replicas: crate::follow::Replicas::default(),
             hub,
-            subscriptions: Arc::new(tokio::sync::Semaphore::new(subscribe.max_subscriptions)),
+            subscriptions: crate::slots::ClientSlots::new(
+                subscribe.max_subscriptions,
+                subscribe.per_client,
+                "subscriptions",
+                "--max-subscriptions, --max-subscriptions-per-client",
+            ),
+            scans: crate::slots::ClientSlots::new(
+                subscribe.max_scans,
+                subscribe.scans_per_client,
+                "scans",
+                "--max-scans, --max-scans-per-client",
+            ),
             pager,
             store,
             identities,
@@ -185,14 +198,15 @@ impl Data {
     /// The idempotency of a request with `key` and these plans, if it has a key.
     fn idempotency(
         &self,
+        who: &Principal,
         key: &str,
         plans: &[MutationPlan],
-    ) -> Result<Option<Idempotency>, Status> {
+    ) -> Result<Option<Idempotency>, NodeError> {
         if key.is_empty() {
             return Ok(None);
         }
         if key.len() > MAX_IDEMPOTENCY_KEY {
-            return Err(Status::invalid_argument(format!(
+            return Err(NodeError::invalid_argument(format!(
                 "'idempotency_key' is {} bytes; at most {MAX_IDEMPOTENCY_KEY}",
                 key.len()
             )));
@@ -206,6 +220,7 @@ impl Data {
         }
         Ok(Some(Idempotency {
             key: key.to_string(),
+            scope: who.identity_key(),
             fingerprint: hex::encode(h.finalize()),
             window_ms: self.idempotency_window_ms,
         }))
@@ -219,12 +234,12 @@ impl Data {
         &self.replicas
     }
 
-    pub fn hub(&self) -> &crate::subscribe::ChangeHub {
+    pub fn hub(&self) -> &crate::hub::ChangeHub {
         &self.hub
     }
 
     /// Refuse writes to a schema this node follows.
-    fn writable(&self, schema: &str) -> Result<(), Status> {
+    fn writable(&self, schema: &str) -> Result<(), NodeError> {
         match self.replicas.source_of(schema) {
             Some(source) => Err(crate::follow::read_only(schema, &source)),
             None => Ok(()),
@@ -235,13 +250,50 @@ impl Data {
         &self.identities
     }
 
-    fn requester(&self, who: &Principal) -> Result<Requester, Status> {
-        let r = self.identities.resolve(who).map_err(store_status)?;
+    fn requester(&self, who: &Principal) -> Result<Requester, NodeError> {
+        let r = self.identities.resolve(who).map_err(NodeError::from)?;
         if r.distance.is_none() {
-            return Err(Status::permission_denied(format!(
+            return Err(NodeError::permission_denied(format!(
                 "{} is not trusted by this node (trust table entry 'deny', or unknown peers are denied); set its trust with Network.SetTrust",
                 r.label
             )));
+        }
+        Ok(r)
+    }
+
+    /// The requester of a read of `schema`: as [`requester`](Self::requester), and on a replica
+    /// at its path distance through the source: the distance the source grants this node plus
+    /// the requester's distance here, exactly as the source would check a request forwarded
+    /// through this node (docs/SECURITY.md, "Replicas").
+    fn requester_for(&self, who: &Principal, schema: &str) -> Result<Requester, NodeError> {
+        self.through_source(self.requester(who)?, schema)
+    }
+
+    /// As [`requester_for`](Self::requester_for) for a requester resolved already; on a
+    /// replica whose source has not answered yet, waits a little for its first answer.
+    async fn read_requester(&self, r: Requester, schema: &str) -> Result<Requester, NodeError> {
+        /// How long a read of a new replica waits for its source's first answer.
+        const FIRST_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+        if self.replicas.grant(schema) == Some(None) {
+            self.replicas.wait_grant(schema, FIRST_ANSWER_WAIT).await;
+        }
+        self.through_source(r, schema)
+    }
+
+    /// `r` at its distance through the source, when `schema` is a replica's copy.
+    fn through_source(&self, mut r: Requester, schema: &str) -> Result<Requester, NodeError> {
+        if self.replicas.reseeding(schema) {
+            return Err(NodeError::unavailable(format!(
+                "schema '{schema}' here is a replica being re-seeded from a snapshot of its source: its copy is incomplete until that ends; try again shortly, or read from the source"
+            )));
+        }
+        if let Some(grant) = self.replicas.grant(schema) {
+            let Some(grant) = grant else {
+                return Err(NodeError::unavailable(format!(
+                    "schema '{schema}' here is a replica whose source has not answered yet, so the distance the source grants this node is not known and its data cannot be checked; try again shortly, or read from the source"
+                )));
+            };
+            r.distance = r.distance.map(|d| d.saturating_add(grant));
         }
         Ok(r)
     }
@@ -251,22 +303,22 @@ impl Data {
     pub fn forwardable_requester(
         &self,
         who: &Principal,
-    ) -> Result<fold_proto::wire::Requester, Status> {
+    ) -> Result<fold_proto::wire::Requester, NodeError> {
         let r = self.requester(who)?;
         r.to_wire().ok_or_else(|| {
-            Status::permission_denied(format!("{} is not trusted by this node", r.label))
+            NodeError::permission_denied(format!("{} is not trusted by this node", r.label))
         })
     }
 
     /// The schema if it exists and is approved.
-    fn usable_schema(&self, name: &str) -> Result<Arc<Schema>, Status> {
+    fn usable_schema(&self, name: &str) -> Result<Arc<Schema>, NodeError> {
         if name.is_empty() {
-            return Err(Status::invalid_argument("'schema' is required"));
+            return Err(NodeError::invalid_argument("'schema' is required"));
         }
         match self.store.schema(name) {
-            None => Err(Status::not_found(format!("schema '{name}' not found"))),
+            None => Err(NodeError::not_found(format!("schema '{name}' not found"))),
             Some((s, SchemaState::Approved)) => Ok(s),
-            Some((_, state)) => Err(Status::failed_precondition(format!(
+            Some((_, state)) => Err(NodeError::failed_precondition(format!(
                 "schema '{name}' is {} and must be approved first (FoldNode.SetSchemaState with state SCHEMA_STATE_APPROVED)",
                 state.as_str()
             ))),
@@ -279,43 +331,48 @@ impl Data {
         &self,
         json: &str,
         approve: bool,
-    ) -> Result<(String, LoadOutcome), Status> {
+    ) -> Result<(String, LoadOutcome), NodeError> {
         let schema = schema::parse(json)
-            .map_err(|e| Status::invalid_argument(format!("invalid schema: {e}")))?;
+            .map_err(|e| NodeError::invalid_argument(format!("invalid schema: {e}")))?;
         let name = schema.name.clone();
         let store = self.store.clone();
         let outcome = storage(&self.metrics, "load_schema", Runs::Pool, move || {
             store.load_schema(schema, approve).map_err(|e| match e {
-                LoadError::Conflict { .. } => Status::already_exists(e.to_string()),
-                LoadError::Store(e) => store_status(e),
+                LoadError::Conflict { .. } => NodeError::already_exists(e.to_string()),
+                LoadError::Store(e) => NodeError::from(e),
             })
         })
         .await?;
         Ok((name, outcome))
     }
 
-    pub async fn set_state(&self, name: &str, state: i32) -> Result<SchemaState, Status> {
+    pub async fn set_state(&self, name: &str, state: i32) -> Result<SchemaState, NodeError> {
         let Some(state) = state_from_proto(state) else {
-            return Err(Status::invalid_argument(
+            return Err(NodeError::invalid_argument(
                 "'state' must be SCHEMA_STATE_APPROVED, SCHEMA_STATE_BLOCKED or SCHEMA_STATE_AVAILABLE",
             ));
         };
         let store = self.store.clone();
         let n = name.to_string();
         let prev = storage(&self.metrics, "set_schema_state", Runs::Pool, move || {
-            store.set_state(&n, state).map_err(store_status)
+            store.set_state(&n, state).map_err(NodeError::from)
         })
         .await?;
-        prev.ok_or_else(|| Status::not_found(format!("schema '{name}' not found")))
+        prev.ok_or_else(|| NodeError::not_found(format!("schema '{name}' not found")))
     }
 
     // ---- queries -----------------------------------------------------------------------------
 
-    pub async fn query(&self, who: &Principal, req: QueryRequest) -> Result<QueryResponse, Status> {
+    pub async fn query(
+        &self,
+        who: &Principal,
+        req: QueryRequest,
+    ) -> Result<QueryResponse, NodeError> {
         let requester = self.requester(who)?;
         let schema = self.usable_schema(&req.schema)?;
+        let requester = self.read_requester(requester, &schema.name).await?;
         if req.fields.is_empty() {
-            return Err(Status::invalid_argument(format!(
+            return Err(NodeError::invalid_argument(format!(
                 "'fields' is empty; name the fields to read (schema '{}' has: {})",
                 schema.name,
                 schema.fields.keys().cloned().collect::<Vec<_>>().join(", ")
@@ -323,21 +380,21 @@ impl Data {
         }
         for f in &req.fields {
             let Some(def) = schema.field(f) else {
-                return Err(Status::not_found(format!(
+                return Err(NodeError::not_found(format!(
                     "field '{f}' not found in schema '{}'",
                     schema.name
                 )));
             };
-            permissions::check(def, Access::Read, &requester).map_err(denied_status)?;
+            permissions::check(def, Access::Read, &requester).map_err(NodeError::from)?;
         }
         let filter = match (schema.range_key(), req.filter.as_ref()) {
             (None, Some(f)) if f.filter.is_some() => {
-                return Err(Status::invalid_argument(format!(
+                return Err(NodeError::invalid_argument(format!(
                     "schema '{}' is a Single schema; range filters apply only to Range schemas",
                     schema.name
                 )));
             }
-            (_, f) => KeyFilter::from_proto(f).map_err(Status::invalid_argument)?,
+            (_, f) => KeyFilter::from_proto(f).map_err(NodeError::invalid_argument)?,
         };
         // Paging: keyset, after the key a token names (see paging.rs).
         let paged = req.page_size > 0 || !req.page_token.is_empty();
@@ -345,7 +402,7 @@ impl Data {
         let after = match (paged, schema.range_key()) {
             (false, _) => None,
             (true, None) if !req.page_token.is_empty() => {
-                return Err(Status::invalid_argument(format!(
+                return Err(NodeError::invalid_argument(format!(
                     "schema '{}' is a Single schema: its one record needs no paging",
                     schema.name
                 )));
@@ -355,7 +412,7 @@ impl Data {
             (true, Some(_)) => Some(
                 self.pager
                     .open(&scope, &req.page_token)
-                    .map_err(Status::invalid_argument)?,
+                    .map_err(NodeError::invalid_argument)?,
             ),
         };
         let page_size = match req.page_size {
@@ -375,42 +432,54 @@ impl Data {
                 as_of_sequence: self
                     .store
                     .log_bounds(&schema.name)
-                    .map_err(store_status)?
+                    .map_err(NodeError::from)?
                     .head,
             }),
         };
-        // A Single schema or one key reads one record; anything else scans.
+        // A Single schema or one key reads one record; anything else scans, on the blocking
+        // pool, so that a client going away (this future dropped) stops the scan.
         let runs = match (schema.range_key(), &filter) {
             (None, _) | (Some(_), KeyFilter::Key(_)) => Runs::Inline,
-            _ => Runs::InPlace,
+            _ => Runs::Pool,
         };
+        let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let _cancel_on_drop = CancelOnDrop(cancel.clone());
         let (records, next_page_token) = storage(&self.metrics, "query", runs, move || {
             let mut next = String::new();
             let keys = match schema.range_key() {
                 None => vec![String::new()],
                 Some(rk) if paged => {
                     let (keys, more) = store
-                        .range_rows_page(&schema.name, rk, &filter, after.as_deref(), page_size)
-                        .map_err(store_status)?;
+                        .range_rows_page_cancellable(
+                            &schema.name,
+                            rk,
+                            &filter,
+                            after.as_deref(),
+                            page_size,
+                            &|| cancel.load(std::sync::atomic::Ordering::Relaxed),
+                        )
+                        .map_err(NodeError::from)?;
                     if more && let Some(last) = keys.last() {
                         next = pager.token(&scope, last);
                     }
                     keys
                 }
                 Some(rk) => store
-                    .range_rows(&schema.name, rk, &filter)
+                    .range_rows_cancellable(&schema.name, rk, &filter, &|| {
+                        cancel.load(std::sync::atomic::Ordering::Relaxed)
+                    })
                     .map_err(|e| match e {
-                        RowsError::TooMany => Status::resource_exhausted(format!(
+                        RowsError::TooMany => NodeError::resource_exhausted(format!(
                             "{e}; or page through them with 'page_size'"
                         )),
-                        RowsError::Store(e) => store_status(e),
+                        RowsError::Store(e) => NodeError::from(e),
                     })?,
             };
             let mut records = Vec::with_capacity(keys.len());
             for key in keys {
                 let values = store
                     .read_values(&schema.name, &key, &fields)
-                    .map_err(store_status)?;
+                    .map_err(NodeError::from)?;
                 let mut m = Map::new();
                 for (f, v) in fields.iter().zip(values) {
                     m.insert(f.clone(), v.unwrap_or(Json::Null));
@@ -452,7 +521,7 @@ impl Data {
         who: &Principal,
         req: MutateRequest,
         deadline: Option<std::time::SystemTime>,
-    ) -> Result<MutateResponse, Status> {
+    ) -> Result<MutateResponse, NodeError> {
         let requester = self.requester(who)?;
         let schema = self.usable_schema(&req.schema)?;
         self.writable(&schema.name)?;
@@ -461,7 +530,7 @@ impl Data {
         let range_key = plan.range_key.clone();
         let bytes = req.data.as_ref().map_or(0, Message::encoded_len);
         let plans = vec![plan];
-        let idem = self.idempotency(&req.idempotency_key, &plans)?;
+        let idem = self.idempotency(who, &req.idempotency_key, &plans)?;
         let commit = self.commit("mutate", schema, plans, bytes, idem);
         let committed = match deadline {
             None => commit.await,
@@ -474,14 +543,14 @@ impl Data {
                 match tokio::time::timeout(left, commit).await {
                     Ok(r) => r,
                     Err(_) => {
-                        return Err(Status::deadline_exceeded(
+                        return Err(NodeError::deadline_exceeded(
                             "the request's deadline passed before the write was committed",
                         ));
                     }
                 }
             }
         }
-        .map_err(commit_status)?;
+        .map_err(NodeError::from)?;
         let sequence = committed.sequences.first().copied().unwrap_or(0);
         let (fields, version_ids) = committed.written.into_iter().flatten().unzip();
         Ok(MutateResponse {
@@ -500,17 +569,17 @@ impl Data {
         &self,
         who: &Principal,
         req: BatchMutateRequest,
-    ) -> Result<BatchMutateResponse, Status> {
+    ) -> Result<BatchMutateResponse, NodeError> {
         let requester = self.requester(who)?;
         let schema = self.usable_schema(&req.schema)?;
         self.writable(&schema.name)?;
         if req.mutations.is_empty() {
-            return Err(Status::invalid_argument(
+            return Err(NodeError::invalid_argument(
                 "'mutations' is empty: nothing to write",
             ));
         }
         if req.mutations.len() > MAX_BATCH_MUTATIONS {
-            return Err(Status::resource_exhausted(format!(
+            return Err(NodeError::resource_exhausted(format!(
                 "the batch has {} mutations; at most {MAX_BATCH_MUTATIONS} per call",
                 req.mutations.len()
             )));
@@ -520,18 +589,24 @@ impl Data {
         for (i, m) in req.mutations.iter().enumerate() {
             let plan = request_data(m.data.as_ref(), &m.data_json)
                 .and_then(|data| mutation_plan(&schema, &requester, m.mutation_type, data))
-                .map_err(|s| record_status(i, &s))?;
+                .map_err(|e| NodeError::Record {
+                    index: i,
+                    error: Box::new(e),
+                })?;
             bytes += m.data.as_ref().map_or(0, Message::encoded_len);
             plans.push(plan);
         }
         let keys: Vec<String> = plans.iter().map(|p| p.range_key.clone()).collect();
-        let idem = self.idempotency(&req.idempotency_key, &plans)?;
+        let idem = self.idempotency(who, &req.idempotency_key, &plans)?;
         let committed = self
             .commit("batch_mutate", schema, plans, bytes, idem)
             .await
             .map_err(|e| match e {
-                JobError::Refused { index, error } => record_status(index, &refusal_status(error)),
-                e => commit_status(e),
+                JobError::Refused { index, error } => NodeError::Record {
+                    index,
+                    error: Box::new(error.into()),
+                },
+                e => e.into(),
             })?;
         let mut sequences = committed.sequences.into_iter();
         let results = committed
@@ -581,24 +656,25 @@ impl Data {
         &self,
         who: &Principal,
         req: HistoryRequest,
-    ) -> Result<HistoryResponse, Status> {
+    ) -> Result<HistoryResponse, NodeError> {
         let requester = self.requester(who)?;
         let schema = self.usable_schema(&req.schema)?;
+        let requester = self.read_requester(requester, &schema.name).await?;
         let Some(def) = schema.field(&req.field) else {
-            return Err(Status::not_found(format!(
+            return Err(NodeError::not_found(format!(
                 "field '{}' not found in schema '{}'",
                 req.field, schema.name
             )));
         };
-        permissions::check(def, Access::Read, &requester).map_err(denied_status)?;
+        permissions::check(def, Access::Read, &requester).map_err(NodeError::from)?;
         if schema.range_key().is_some() && req.range_key.is_empty() {
-            return Err(Status::invalid_argument(format!(
+            return Err(NodeError::invalid_argument(format!(
                 "schema '{}' is a Range schema: 'range_key' names whose history to read",
                 schema.name
             )));
         }
         if schema.range_key().is_none() && !req.range_key.is_empty() {
-            return Err(Status::invalid_argument(format!(
+            return Err(NodeError::invalid_argument(format!(
                 "schema '{}' is a Single schema: leave 'range_key' empty",
                 schema.name
             )));
@@ -617,7 +693,7 @@ impl Data {
             Some(
                 self.pager
                     .open(&scope, &req.page_token)
-                    .map_err(Status::invalid_argument)?,
+                    .map_err(NodeError::invalid_argument)?,
             )
         };
         let page_size = match req.page_size {
@@ -628,9 +704,21 @@ impl Data {
         let (versions, next_page_token) =
             storage(&self.metrics, "history", Runs::InPlace, move || {
                 if !paged {
+                    // Unpaged reads stop at MAX_PAGE_SIZE versions, as an unpaged Query does:
+                    // one more is read to tell "exactly that many" from "more".
+                    let want = match req.limit as usize {
+                        0 => MAX_PAGE_SIZE + 1,
+                        n => n.min(MAX_PAGE_SIZE + 1),
+                    };
                     let v = store
-                        .history(&schema.name, &req.field, &req.range_key, req.limit as usize)
-                        .map_err(store_status)?;
+                        .history(&schema.name, &req.field, &req.range_key, want)
+                        .map_err(NodeError::from)?;
+                    if v.len() > MAX_PAGE_SIZE {
+                        return Err(NodeError::resource_exhausted(format!(
+                            "field '{}' has more than {MAX_PAGE_SIZE} versions here; read them in pages with 'page_size' (and 'page_token'), or set 'limit' to at most {MAX_PAGE_SIZE}",
+                            req.field
+                        )));
+                    }
                     return Ok((v, String::new()));
                 }
                 let (v, more) = store
@@ -642,10 +730,10 @@ impl Data {
                         page_size,
                     )
                     .map_err(|e| match e {
-                        StoreError::Corrupt(_) if after.is_some() => Status::invalid_argument(
+                        StoreError::Corrupt(_) if after.is_some() => NodeError::invalid_argument(
                             "'page_token' names a version this history does not have",
                         ),
-                        e => store_status(e),
+                        e => NodeError::from(e),
                     })?;
                 let next = match v.last() {
                     Some(last) if more => pager.token(&scope, &last.id),
@@ -668,14 +756,19 @@ impl Data {
 
     // ---- subscriptions ------------------------------------------------------------------------
 
-    /// A slot for one more open subscription (--max-subscriptions).
-    pub fn subscription_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
-        self.subscriptions.clone().try_acquire_owned().map_err(|_| {
-            self.metrics.subscription_end("full");
-            Status::resource_exhausted(
-                "this node serves as many subscriptions as it allows (--max-subscriptions); close one or try again later",
-            )
-        })
+    /// A slot for one more open subscription of `who` (--max-subscriptions, per client).
+    pub fn subscription_permit(
+        &self,
+        who: &Principal,
+    ) -> Result<crate::slots::ClientSlot, NodeError> {
+        self.subscriptions
+            .acquire(&who.identity_key())
+            .inspect_err(|_| self.metrics.subscription_end("full"))
+    }
+
+    /// A slot for one more running Scan of `who` (--max-scans, per client).
+    pub fn scan_slot(&self, who: &Principal) -> Result<crate::slots::ClientSlot, NodeError> {
+        self.scans.acquire(&who.identity_key())
     }
 
     pub fn metrics(&self) -> &Arc<NodeMetrics> {
@@ -688,27 +781,28 @@ impl Data {
         who: &Principal,
         req: v1::SubscribeRequest,
         node_id: String,
-    ) -> Result<crate::subscribe::SubscriptionStream, Status> {
+    ) -> Result<crate::subscribe::SubscriptionStream, NodeError> {
         use crate::subscribe::{self, Selection};
         let requester = self.requester(who)?;
         let schema = self.usable_schema(&req.schema)?;
+        let requester = self.read_requester(requester, &schema.name).await?;
         let fields = readable_fields(&schema, &requester, &req.fields)?;
         let filter = match (schema.range_key(), req.filter.as_ref()) {
             (None, Some(f)) if f.filter.is_some() => {
-                return Err(Status::invalid_argument(format!(
+                return Err(NodeError::invalid_argument(format!(
                     "schema '{}' is a Single schema; range filters apply only to Range schemas",
                     schema.name
                 )));
             }
-            (_, f) => KeyFilter::from_proto(f).map_err(Status::invalid_argument)?,
+            (_, f) => KeyFilter::from_proto(f).map_err(NodeError::invalid_argument)?,
         };
-        let permit = self.subscription_permit()?;
+        let permit = self.subscription_permit(who)?;
         // Registered before the log is read: nothing committed from here on can be missed.
         let listener = self.hub.listen(&schema.name);
         let store = self.store.clone();
         let name = schema.name.clone();
         let bounds = storage(&self.metrics, "subscribe", Runs::Inline, move || {
-            store.log_bounds(&name).map_err(store_status)
+            store.log_bounds(&name).map_err(NodeError::from)
         })
         .await?;
         if req.from_sequence.saturating_add(1) < bounds.oldest {
@@ -720,28 +814,32 @@ impl Data {
             ));
         }
         if req.from_sequence > bounds.head {
-            return Err(Status::out_of_range(format!(
+            return Err(NodeError::out_of_range(format!(
                 "from_sequence {} is beyond the head of schema '{}' on this node ({}): this node never assigned it; subscribe from at most the head",
                 req.from_sequence, schema.name, bounds.head
             )));
         }
+        // Each progress message re-resolves the requester (trust may have changed since the
+        // start: `deny`, or a distance the fields no longer allow, ends the stream).
         let recheck = {
-            let identities = self.identities.clone();
+            let data = self.clone();
             let who = who.clone();
             let schema = schema.clone();
             let fields = fields.clone();
-            let store = self.store.clone();
-            Box::new(move || -> Result<(), Status> {
-                if !matches!(store.schema(&schema.name), Some((_, SchemaState::Approved))) {
-                    return Err(Status::failed_precondition(format!(
+            Box::new(move || -> Result<(), NodeError> {
+                if !matches!(
+                    data.store.schema(&schema.name),
+                    Some((_, SchemaState::Approved))
+                ) {
+                    return Err(NodeError::failed_precondition(format!(
                         "schema '{}' is no longer approved on this node; the subscription ended",
                         schema.name
                     )));
                 }
-                let r = identities.resolve(&who).map_err(store_status)?;
+                let r = data.requester_for(&who, &schema.name)?;
                 for f in &fields {
                     if let Some(def) = schema.field(f) {
-                        permissions::check(def, Access::Read, &r).map_err(denied_status)?;
+                        permissions::check(def, Access::Read, &r).map_err(NodeError::from)?;
                     }
                 }
                 Ok(())
@@ -765,63 +863,166 @@ impl Data {
         ))
     }
 
-    /// The changes of a schema after a sequence, for a node that follows it (the `changes`
-    /// operation). Every field must be readable by the requester: a replica copies whole
-    /// records. With nothing new, waits up to `wait_ms` (at most 5 s, within `deadline`) for
-    /// the next change.
+    /// The changes of a schema after a sequence, for a node that follows it or subscribes to
+    /// it remotely (the `changes` operation). A replica (no `fields`, `readable_only` unset)
+    /// needs every field readable and the same definition, policies included. With nothing
+    /// new, waits up to `wait_ms` (at most 5 s, within `deadline`) for the next change. The
+    /// answer never exceeds [`CHANGES_BUDGET`]: a single change over it travels in parts
+    /// (`ChangesResponse.chunk`).
     pub async fn changes(
         &self,
         who: &Principal,
         req: fold_proto::wire::ChangesRequest,
         deadline: Option<std::time::SystemTime>,
-    ) -> Result<fold_proto::wire::ChangesResponse, Status> {
+    ) -> Result<fold_proto::wire::ChangesResponse, NodeError> {
         const MAX_CHANGES: usize = 1000;
-        const MAX_WAIT_MS: u32 = 5000;
-        const MAX_BYTES: usize = 1024 * 1024;
         let requester = self.requester(who)?;
         let schema = self.usable_schema(&req.schema)?;
-        if !req.schema_hash.is_empty() && req.schema_hash != schema.hash {
-            return Err(Status::failed_precondition(format!(
-                "schema '{}' here has hash {}, the follower's has {}: a replica needs the same definition",
-                schema.name, schema.hash, req.schema_hash
-            )));
+        let requester = self.read_requester(requester, &schema.name).await?;
+        same_definition(&schema, &req)?;
+        let sel = self.changes_selection(&schema, &requester, &req)?;
+        if req.snapshot {
+            return self.snapshot(sel, &requester, &req).await;
         }
-        let fields = if !req.fields.is_empty() || req.readable_only {
-            readable_fields(&schema, &requester, &req.fields)?
-        } else {
-            let all: Vec<String> = schema.fields.keys().cloned().collect();
-            readable_fields(&schema, &requester, &all)?
-        };
-        let filter = match (schema.range_key(), req.filter.as_ref()) {
-            (None, Some(f)) if f.filter.is_some() => {
-                return Err(Status::invalid_argument(format!(
-                    "schema '{}' is a Single schema; range filters apply only to Range schemas",
-                    schema.name
-                )));
-            }
-            (_, f) => KeyFilter::from_proto(f).map_err(Status::invalid_argument)?,
-        };
         let limit = match req.limit {
             0 => 500,
             n => (n as usize).min(MAX_CHANGES),
         };
         // Registered before the head is read: a change committed from here on wakes the wait.
-        let mut rx = self.hub.listen(&schema.name).rx;
+        let rx = self.hub.listen(&schema.name).rx;
+        let bounds = self
+            .changes_bounds(&schema.name, &req, rx, deadline)
+            .await?;
         let store = self.store.clone();
         let name = schema.name.clone();
+        let after = req.after_sequence;
+        let digest = !req.definition_hash.is_empty() && after > 0 && after >= bounds.oldest;
+        let (page, after_digest) = storage(&self.metrics, "changes", Runs::InPlace, move || {
+            let from = if digest { after - 1 } else { after };
+            let mut page = store
+                .changes_after(&name, from, limit + usize::from(digest))
+                .map_err(NodeError::from)?;
+            let mut after_digest = String::new();
+            if digest && page.first().is_some_and(|e| e.sequence == after) {
+                after_digest = crate::follow::change_digest(&page.remove(0));
+            }
+            Ok((page, after_digest))
+        })
+        .await?;
+        let mut resp = changes_page(&sel, &page, after, req.chunk_offset)?;
+        resp.head_sequence = bounds.head.max(resp.through_sequence);
+        resp.oldest_sequence = bounds.oldest;
+        resp.requester_distance = requester.distance.unwrap_or(0);
+        resp.after_digest = after_digest;
+        Ok(resp)
+    }
+
+    /// A page of the schema's current state, for a replica re-seeding (`changes` with
+    /// `snapshot`): a replica's request only (every field, the same definition).
+    async fn snapshot(
+        &self,
+        sel: crate::subscribe::Selection,
+        requester: &Requester,
+        req: &fold_proto::wire::ChangesRequest,
+    ) -> Result<fold_proto::wire::ChangesResponse, NodeError> {
+        const SNAPSHOT_CELLS: usize = 1000;
+        if req.definition_hash.is_empty() || !req.fields.is_empty() || req.readable_only {
+            return Err(NodeError::invalid_argument(
+                "a snapshot is for replicas: every field, with 'definition_hash'",
+            ));
+        }
+        let store = self.store.clone();
+        let name = sel.schema.name.clone();
+        let (f, k) = (
+            req.snapshot_after_field.clone(),
+            req.snapshot_after_key.clone(),
+        );
+        let page = storage(&self.metrics, "snapshot", Runs::InPlace, move || {
+            let after = (!f.is_empty() || !k.is_empty()).then_some((f.as_str(), k.as_str()));
+            store
+                .snapshot_page(&name, after, SNAPSHOT_CELLS, CHANGES_BUDGET)
+                .map_err(NodeError::from)
+        })
+        .await?;
+        let cells = page
+            .cells
+            .into_iter()
+            .filter_map(|(field, key, v)| {
+                sel.view(&crate::store::ChangeEvent {
+                    schema: sel.schema.name.clone(),
+                    sequence: v.seq,
+                    range_key: key,
+                    versions: vec![(field, v)],
+                })
+            })
+            .collect();
+        Ok(fold_proto::wire::ChangesResponse {
+            requester_distance: requester.distance.unwrap_or(0),
+            head_sequence: page.head,
+            snapshot: Some(fold_proto::wire::SnapshotPage {
+                cells,
+                more: page.more,
+                as_of_sequence: page.head,
+            }),
+            ..Default::default()
+        })
+    }
+
+    /// What a `changes` request reads: its fields (every field, each readable, for a replica)
+    /// and its key filter.
+    fn changes_selection(
+        &self,
+        schema: &Arc<Schema>,
+        requester: &Requester,
+        req: &fold_proto::wire::ChangesRequest,
+    ) -> Result<crate::subscribe::Selection, NodeError> {
+        let fields = if !req.fields.is_empty() || req.readable_only {
+            readable_fields(schema, requester, &req.fields)?
+        } else {
+            let all: Vec<String> = schema.fields.keys().cloned().collect();
+            readable_fields(schema, requester, &all)?
+        };
+        let filter = match (schema.range_key(), req.filter.as_ref()) {
+            (None, Some(f)) if f.filter.is_some() => {
+                return Err(NodeError::invalid_argument(format!(
+                    "schema '{}' is a Single schema; range filters apply only to Range schemas",
+                    schema.name
+                )));
+            }
+            (_, f) => KeyFilter::from_proto(f).map_err(NodeError::invalid_argument)?,
+        };
+        Ok(crate::subscribe::Selection {
+            schema: schema.clone(),
+            fields,
+            filter,
+            json_values: true,
+        })
+    }
+
+    /// The log's bounds for a `changes` request, after its long poll: refused when the changes
+    /// after `after_sequence` are gone or it was never assigned; with nothing new, waits.
+    async fn changes_bounds(
+        &self,
+        name: &str,
+        req: &fold_proto::wire::ChangesRequest,
+        mut rx: tokio::sync::broadcast::Receiver<u64>,
+        deadline: Option<std::time::SystemTime>,
+    ) -> Result<crate::store::LogBounds, NodeError> {
+        const MAX_WAIT_MS: u32 = 5000;
+        let store = self.store.clone();
         let mut bounds =
-            tokio::task::block_in_place(|| store.log_bounds(&name)).map_err(store_status)?;
+            tokio::task::block_in_place(|| store.log_bounds(name)).map_err(NodeError::from)?;
         if req.after_sequence.saturating_add(1) < bounds.oldest {
             return Err(crate::subscribe::out_of_range(
-                &schema.name,
+                name,
                 req.after_sequence,
                 bounds.oldest,
             ));
         }
         if req.after_sequence > bounds.head {
-            return Err(Status::out_of_range(format!(
-                "after_sequence {} is beyond the head of schema '{}' on this node ({}): this node never assigned it",
-                req.after_sequence, schema.name, bounds.head
+            return Err(NodeError::out_of_range(format!(
+                "after_sequence {} is beyond the head of schema '{name}' on this node ({}): this node never assigned it",
+                req.after_sequence, bounds.head
             )));
         }
         if req.after_sequence == bounds.head && req.wait_ms > 0 {
@@ -837,51 +1038,107 @@ impl Data {
             // Any outcome (a change, a lag, the wait over) is followed by reading the log.
             let _ = tokio::time::timeout(wait, rx.recv()).await;
             bounds =
-                tokio::task::block_in_place(|| store.log_bounds(&name)).map_err(store_status)?;
+                tokio::task::block_in_place(|| store.log_bounds(name)).map_err(NodeError::from)?;
         }
-        drop(rx);
-        let after = req.after_sequence;
-        let page = storage(&self.metrics, "changes", Runs::InPlace, move || {
-            store
-                .changes_after(&name, after, limit)
-                .map_err(store_status)
-        })
-        .await?;
-        let sel = crate::subscribe::Selection {
-            schema: schema.clone(),
-            fields,
-            filter,
-            json_values: true,
-        };
-        let mut changes = Vec::with_capacity(page.len());
-        let mut bytes = 0;
-        let mut through = after;
-        for e in &page {
-            if let Some(c) = sel.view(e) {
-                bytes += c.encoded_len();
-                changes.push(c);
-            }
-            through = e.sequence;
-            if bytes >= MAX_BYTES {
-                break;
-            }
-        }
-        Ok(fold_proto::wire::ChangesResponse {
-            changes,
-            head_sequence: bounds.head.max(through),
-            oldest_sequence: bounds.oldest,
-            through_sequence: through,
-        })
+        Ok(bounds)
     }
 
     /// Which of `names` are approved schemas here.
-    pub fn served(&self, names: &[String]) -> Vec<String> {
+    pub fn served(&self, names: &[String]) -> Vec<Arc<Schema>> {
         names
             .iter()
-            .filter(|n| matches!(self.store.schema(n), Some((_, SchemaState::Approved))))
-            .cloned()
+            .filter_map(|n| match self.store.schema(n) {
+                Some((s, SchemaState::Approved)) => Some(s),
+                _ => None,
+            })
             .collect()
     }
+}
+
+/// Most bytes of changes in one `changes` answer (well under the link's 4 MiB message limit,
+/// with room for the envelope). A single change over it is sent in parts of this size.
+pub const CHANGES_BUDGET: usize = 1024 * 1024;
+
+/// A replica's definition must be the source's, policies included (it enforces them).
+fn same_definition(
+    schema: &Schema,
+    req: &fold_proto::wire::ChangesRequest,
+) -> Result<(), NodeError> {
+    if !req.schema_hash.is_empty() && req.schema_hash != schema.hash {
+        return Err(NodeError::failed_precondition(format!(
+            "schema '{}' here has hash {}, the follower's has {}: a replica needs the same definition",
+            schema.name, schema.hash, req.schema_hash
+        )));
+    }
+    if !req.definition_hash.is_empty() && req.definition_hash != schema.definition_hash {
+        return Err(NodeError::failed_precondition(format!(
+            "schema '{}' here has definition_hash {}, the follower's has {}: the same fields with other permission policies; a replica enforces the source's policies, so load exactly the source's definition (GetSchema on the source)",
+            schema.name, schema.definition_hash, req.definition_hash
+        )));
+    }
+    Ok(())
+}
+
+/// The changes of `page` the selection takes, up to [`CHANGES_BUDGET`] bytes, never more: a
+/// change that would pass it waits for the next answer, and one that alone is over it is sent
+/// in parts from `chunk_offset`.
+fn changes_page(
+    sel: &crate::subscribe::Selection,
+    page: &[crate::store::ChangeEvent],
+    after: u64,
+    chunk_offset: u64,
+) -> Result<fold_proto::wire::ChangesResponse, NodeError> {
+    let mut resp = fold_proto::wire::ChangesResponse {
+        through_sequence: after,
+        ..Default::default()
+    };
+    let mut bytes = 0;
+    for e in page {
+        let Some(c) = sel.view(e) else {
+            if chunk_offset == 0 {
+                resp.through_sequence = e.sequence;
+            }
+            continue;
+        };
+        let len = c.encoded_len();
+        if chunk_offset > 0 || (resp.changes.is_empty() && len > CHANGES_BUDGET) {
+            resp.chunk = Some(change_chunk(&c, chunk_offset)?);
+            return Ok(resp);
+        }
+        if bytes + len > CHANGES_BUDGET {
+            break;
+        }
+        bytes += len;
+        resp.through_sequence = e.sequence;
+        resp.changes.push(c);
+    }
+    if chunk_offset > 0 {
+        return Err(NodeError::aborted(format!(
+            "change {} is no longer the one being sent in parts; ask again from chunk_offset 0",
+            after + 1
+        )));
+    }
+    Ok(resp)
+}
+
+/// The part of `c`'s encoding from `offset`, at most [`CHANGES_BUDGET`] bytes.
+fn change_chunk(c: &v1::Change, offset: u64) -> Result<fold_proto::wire::ChangeChunk, NodeError> {
+    let bytes = c.encode_to_vec();
+    let total = bytes.len() as u64;
+    let start = usize::try_from(offset).unwrap_or(usize::MAX);
+    if total <= CHANGES_BUDGET as u64 || start >= bytes.len() {
+        return Err(NodeError::aborted(format!(
+            "change {} is {total} bytes; chunk_offset {offset} does not fall inside a change sent in parts; ask again from chunk_offset 0",
+            c.sequence
+        )));
+    }
+    let end = (start + CHANGES_BUDGET).min(bytes.len());
+    Ok(fold_proto::wire::ChangeChunk {
+        sequence: c.sequence,
+        offset,
+        total,
+        data: bytes[start..end].to_vec(),
+    })
 }
 
 /// The fields a subscription sends: each named one (must exist and be readable, as for Query),
@@ -890,7 +1147,7 @@ fn readable_fields(
     schema: &Schema,
     requester: &Requester,
     named: &[String],
-) -> Result<Vec<String>, Status> {
+) -> Result<Vec<String>, NodeError> {
     if named.is_empty() {
         let fields: Vec<String> = schema
             .fields
@@ -899,7 +1156,7 @@ fn readable_fields(
             .map(|(f, _)| f.clone())
             .collect();
         if fields.is_empty() {
-            return Err(Status::permission_denied(format!(
+            return Err(NodeError::permission_denied(format!(
                 "{} may read no field of schema '{}'",
                 requester.label, schema.name
             )));
@@ -908,12 +1165,12 @@ fn readable_fields(
     }
     for f in named {
         let Some(def) = schema.field(f) else {
-            return Err(Status::not_found(format!(
+            return Err(NodeError::not_found(format!(
                 "field '{f}' not found in schema '{}'",
                 schema.name
             )));
         };
-        permissions::check(def, Access::Read, requester).map_err(denied_status)?;
+        permissions::check(def, Access::Read, requester).map_err(NodeError::from)?;
     }
     Ok(schema
         .fields
@@ -923,28 +1180,28 @@ fn readable_fields(
         .collect())
 }
 
-fn range_key_value(schema: &str, rk: &str, v: Option<&Json>) -> Result<String, Status> {
+fn range_key_value(schema: &str, rk: &str, v: Option<&Json>) -> Result<String, NodeError> {
     let key = match v {
         Some(Json::String(s)) => s.clone(),
         Some(Json::Number(n)) => n.to_string(),
         Some(Json::Null) | None => {
-            return Err(Status::invalid_argument(format!(
+            return Err(NodeError::invalid_argument(format!(
                 "schema '{schema}' is a Range schema: 'data' must include the range key '{rk}'"
             )));
         }
         Some(other) => {
-            return Err(Status::invalid_argument(format!(
+            return Err(NodeError::invalid_argument(format!(
                 "range key '{rk}' must be a string or a number, got {other}"
             )));
         }
     };
     if key.is_empty() {
-        return Err(Status::invalid_argument(format!(
+        return Err(NodeError::invalid_argument(format!(
             "range key '{rk}' must not be empty"
         )));
     }
     if key.len() > MAX_RANGE_KEY_LEN {
-        return Err(Status::invalid_argument(format!(
+        return Err(NodeError::invalid_argument(format!(
             "range key '{rk}' is longer than {MAX_RANGE_KEY_LEN} bytes"
         )));
     }
@@ -958,21 +1215,21 @@ fn range_key_value(schema: &str, rk: &str, v: Option<&Json>) -> Result<String, S
 fn request_data(
     data: Option<&prost_types::Struct>,
     data_json: &str,
-) -> Result<Map<String, Json>, Status> {
+) -> Result<Map<String, Json>, NodeError> {
     match (data, data_json.is_empty()) {
-        (Some(d), true) => struct_to_map_checked(d).map_err(Status::invalid_argument),
+        (Some(d), true) => struct_to_map_checked(d).map_err(NodeError::invalid_argument),
         (None, true) => Ok(Map::new()),
         (None, false) => match serde_json::from_str::<Json>(data_json) {
             Ok(Json::Object(m)) => Ok(m),
-            Ok(_) => Err(Status::invalid_argument(
+            Ok(_) => Err(NodeError::invalid_argument(
                 "'data_json' must be a JSON object of field -> value",
             )),
-            Err(e) => Err(Status::invalid_argument(format!(
+            Err(e) => Err(NodeError::invalid_argument(format!(
                 "'data_json' is not valid JSON: {e}"
             ))),
         },
         (Some(d), false) if d.fields.is_empty() => request_data(None, data_json),
-        (Some(_), false) => Err(Status::invalid_argument(
+        (Some(_), false) => Err(NodeError::invalid_argument(
             "give the values either as 'data' or as 'data_json', not both",
         )),
     }
@@ -983,25 +1240,25 @@ fn mutation_plan(
     requester: &Requester,
     mutation_type: i32,
     data: Map<String, Json>,
-) -> Result<MutationPlan, Status> {
+) -> Result<MutationPlan, NodeError> {
     let kind = match MutationType::try_from(mutation_type) {
         Ok(MutationType::Create) => MutationKind::Create,
         Ok(MutationType::Update) => MutationKind::Update,
         Ok(MutationType::Delete) => MutationKind::Delete,
         _ => {
-            return Err(Status::invalid_argument(
+            return Err(NodeError::invalid_argument(
                 "'mutation_type' must be MUTATION_TYPE_CREATE, MUTATION_TYPE_UPDATE or MUTATION_TYPE_DELETE",
             ));
         }
     };
     if data.is_empty() {
-        return Err(Status::invalid_argument(
+        return Err(NodeError::invalid_argument(
             "'data' is empty: no fields to write",
         ));
     }
     for f in data.keys() {
         if schema.field(f).is_none() {
-            return Err(Status::not_found(format!(
+            return Err(NodeError::not_found(format!(
                 "field '{f}' not found in schema '{}'",
                 schema.name
             )));
@@ -1029,7 +1286,7 @@ fn mutation_plan(
     }
     for (f, _) in &writes {
         if let Some(def) = schema.field(f) {
-            permissions::check(def, Access::Write, requester).map_err(denied_status)?;
+            permissions::check(def, Access::Write, requester).map_err(NodeError::from)?;
         }
     }
     Ok(MutationPlan {
@@ -1038,46 +1295,6 @@ fn mutation_plan(
         writes,
         writer: requester.label.clone(),
     })
-}
-
-/// The status of a mutation the data refused.
-fn refusal_status(e: MutationError) -> Status {
-    match e {
-        MutationError::AlreadyExists { .. } => Status::already_exists(e.to_string()),
-        MutationError::Missing(_) => Status::not_found(e.to_string()),
-        MutationError::Store(e) => store_status(e),
-        MutationError::KeyReused(_) => Status::failed_precondition(e.to_string()),
-    }
-}
-
-/// The status of a write the group-commit writer could not commit.
-fn commit_status(e: JobError) -> Status {
-    match e {
-        JobError::Refused { error, .. } => refusal_status(error),
-        JobError::Storage(msg) => {
-            tracing::error!(error = %msg, "storage failure");
-            Status::internal(msg)
-        }
-        JobError::Stopped => Status::unavailable(e.to_string()),
-    }
-}
-
-/// `status` as the refusal of a whole batch at record `index`: same code, the message prefixed
-/// `record N: ` and the index in the [`FAILED_RECORD_TRAILER`] trailer.
-fn record_status(index: usize, status: &Status) -> Status {
-    let mut meta = tonic::metadata::MetadataMap::new();
-    meta.insert(
-        FAILED_RECORD_TRAILER,
-        tonic::metadata::MetadataValue::from(index as u64),
-    );
-    Status::with_metadata(
-        status.code(),
-        format!(
-            "record {index}: {}; nothing of the batch was written",
-            status.message()
-        ),
-        meta,
-    )
 }
 
 fn version_to_proto(v: VersionRecord, json_values: bool) -> FieldVersion {

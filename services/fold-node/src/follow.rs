@@ -29,12 +29,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fold_proto::v1::{Change, MutationType, ReplicaStatus};
 use fold_proto::wire::ChangesRequest;
 use serde_json::Value as Json;
-use tonic::Status;
 
+use crate::error::NodeError;
+
+use crate::hub::ChangeHub;
 use crate::mesh::{MeshLink, valid_node_id};
 use crate::schema::Schema;
 use crate::store::{ChangeEvent, MutationKind, SchemaState, Store, StoreError, VersionRecord};
-use crate::subscribe::ChangeHub;
 
 /// Most schemas one node may follow.
 pub const MAX_FOLLOWED: usize = 64;
@@ -84,14 +85,24 @@ struct State {
     source: String,
     applied: u64,
     source_head: u64,
+    source_oldest: u64,
     last_contact_ms: u64,
     last_error: String,
+    /// The distance the source grants this node (told in each answer, kept in `meta` so a
+    /// restarted replica checks reads before the source answers again); `None`: never told.
+    grant: Option<u32>,
+    /// The source no longer keeps the changes after `applied`.
+    behind_retention: bool,
+    /// A re-seed from a snapshot is running: the copy is incomplete.
+    reseeding: bool,
 }
 
 /// The schemas this node follows and how far each has come. Cheap to clone.
 #[derive(Clone, Default)]
 pub struct Replicas {
     inner: Arc<RwLock<BTreeMap<String, State>>>,
+    /// Woken when a source's grant becomes known.
+    granted: Arc<tokio::sync::Notify>,
 }
 
 impl Replicas {
@@ -112,6 +123,34 @@ impl Replicas {
         self.read().get(schema).map(|s| s.source.clone())
     }
 
+    /// For a followed schema, the distance its source grants this node (`Some(None)`: not known
+    /// yet); `None` when this node does not follow `schema`.
+    pub fn grant(&self, schema: &str) -> Option<Option<u32>> {
+        self.read().get(schema).map(|s| s.grant)
+    }
+
+    /// Wait up to `wait` for the source of `schema` to tell its grant.
+    pub async fn wait_grant(&self, schema: &str, wait: Duration) {
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            // Registered before the check, so a grant told in between still wakes it.
+            let woken = self.granted.notified();
+            let mut woken = std::pin::pin!(woken);
+            woken.as_mut().enable();
+            if self.grant(schema) != Some(None) {
+                return;
+            }
+            if tokio::time::timeout_at(until, woken).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Whether the copy of `schema` is being re-seeded (incomplete until it is done).
+    pub fn reseeding(&self, schema: &str) -> bool {
+        self.read().get(schema).is_some_and(|s| s.reseeding)
+    }
+
     /// Each followed schema's progress, for Network.Status.
     pub fn status(&self) -> Vec<ReplicaStatus> {
         self.read()
@@ -124,6 +163,9 @@ impl Replicas {
                 lag: s.source_head.saturating_sub(s.applied),
                 last_contact_unix_ms: s.last_contact_ms,
                 last_error: s.last_error.clone(),
+                granted_distance: s.grant,
+                behind_retention: s.behind_retention,
+                source_oldest_sequence: s.source_oldest,
             })
             .collect()
     }
@@ -177,11 +219,16 @@ pub fn start(
                 return Err(format!("--follow names schema '{}' twice", s.schema));
             }
             let applied = store.log_bounds(&s.schema).map_err(|e| e.to_string())?.head;
+            let grant = store
+                .meta_get(&grant_key(&s.schema))
+                .map_err(|e| e.to_string())?
+                .and_then(|g| g.parse().ok());
             map.insert(
                 s.schema.clone(),
                 State {
                     source: s.source.clone(),
                     applied,
+                    grant,
                     ..State::default()
                 },
             );
@@ -196,7 +243,6 @@ pub fn start(
             hub: hub.clone(),
             mesh: mesh.clone(),
             metrics: metrics.clone(),
-            verified: false,
         };
         tokio::spawn(async move { f.run().await });
     }
@@ -211,8 +257,28 @@ struct Follower {
     hub: ChangeHub,
     mesh: MeshLink,
     metrics: Arc<crate::metrics::NodeMetrics>,
-    /// Whether the local head was checked against the source since this process started.
-    verified: bool,
+}
+
+/// How a replica names itself to its source: itself, at distance 0.
+fn replica_requester() -> fold_proto::wire::Requester {
+    fold_proto::wire::Requester {
+        distance: 0,
+        identity: "replica".into(),
+        proven_key: String::new(),
+    }
+}
+
+/// The `meta` key of a re-seed of `schema`: [`RESEED_PENDING`] while one runs, then the last
+/// sequence of its snapshot (changes up to it are replayed over the snapshot).
+fn reseed_key(schema: &str) -> String {
+    format!("replica_reseed:{schema}")
+}
+
+const RESEED_PENDING: &str = "pending";
+
+/// The `meta` key of the distance the source of `schema` grants this node.
+fn grant_key(schema: &str) -> String {
+    format!("replica_grant:{schema}")
 }
 
 impl Follower {
@@ -248,55 +314,245 @@ impl Follower {
         let store = self.store.clone();
         let name = self.schema.clone();
         let source = self.source.clone();
-        let head = tokio::task::spawn_blocking(move || claim(&store, &name, &source))
-            .await
-            .map_err(|e| e.to_string())??;
-        let requester = fold_proto::wire::Requester {
-            distance: 0,
-            identity: "replica".into(),
-            proven_key: String::new(),
-        };
-        if !self.verified && head > 0 {
-            self.verify(&schema, head, requester.clone()).await?;
+        let (head, reseed) = tokio::task::spawn_blocking(move || {
+            let head = claim(&store, &name, &source)?;
+            let reseed = store
+                .meta_get(&reseed_key(&name))
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((head, reseed))
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        // A re-seed that did not finish (the node stopped meanwhile) starts again.
+        if reseed.as_deref() == Some(RESEED_PENDING) {
+            return self.reseed(&schema).await;
         }
-        self.verified = true;
-        let resp = self
-            .mesh
-            .forward_changes(
-                self.source.clone(),
-                ChangesRequest {
-                    schema: self.schema.clone(),
-                    after_sequence: head,
-                    limit: PAGE,
-                    wait_ms: WAIT_MS,
-                    schema_hash: schema.hash.clone(),
-                    fields: Vec::new(),
-                    filter: None,
-                    readable_only: false,
-                },
-                requester,
-                Some(REQUEST_TIMEOUT),
-            )
-            .await
-            .map_err(|s| format!("node {}: {}", self.source, s.message()))?;
-        let events = resp
-            .changes
-            .iter()
-            .map(|c| to_event(&schema, c))
-            .collect::<Result<Vec<_>, String>>()?;
-        let store = self.store.clone();
-        let hub = self.hub.clone();
-        let applied = tokio::task::spawn_blocking(move || apply(&store, &hub, events))
+        let through = reseed.and_then(|r| r.parse().ok()).unwrap_or(0);
+        let resp = match self.fetch(&schema, head).await {
+            Err(s) if s.code() == tonic::Code::OutOfRange => {
+                self.replicas
+                    .update(&self.schema, |st| st.behind_retention = true);
+                tracing::warn!(schema = %self.schema, source = %self.source, error = %s.message(), "the replica fell behind what its source keeps; re-seeding it from a snapshot");
+                return self.reseed(&schema).await;
+            }
+            r => r.map_err(|s| from_source(&self.source, &s))?,
+        };
+        self.learn_grant(resp.requester_distance).await?;
+        self.check_same_history(head, &resp).await?;
+        self.apply_answer(&schema, head, through, resp).await
+    }
+
+    /// Re-seed the copy from a snapshot of the source (docs/SCHEMAS.md, "Re-seeding a
+    /// replica"): the source's current cells, page by page, as of its head `base` when the
+    /// first page was read; then changes follow from `base`, and those up to the head when the
+    /// last page was read are replayed over the snapshot (it may hold them already). Reads of
+    /// the copy are refused meanwhile; an interrupted re-seed starts again.
+    async fn reseed(&self, schema: &Schema) -> Result<(), String> {
+        self.replicas.update(&self.schema, |s| s.reseeding = true);
+        let r = self.reseed_pages(schema).await;
+        self.replicas.update(&self.schema, |s| s.reseeding = false);
+        let (base, through) = r?;
+        self.replicas.update(&self.schema, |s| {
+            s.applied = base;
+            s.source_head = through;
+            s.last_contact_ms = now_ms();
+            s.behind_retention = false;
+            s.last_error.clear();
+        });
+        tracing::info!(schema = %self.schema, source = %self.source, base, through, "replica re-seeded from a snapshot");
+        Ok(())
+    }
+
+    /// The pages of a re-seed; the snapshot's first and last sequences.
+    async fn reseed_pages(&self, schema: &Schema) -> Result<(u64, u64), String> {
+        let mut cursor: Option<(String, String)> = None;
+        let mut base = None;
+        loop {
+            let resp = self
+                .fetch_snapshot(schema, cursor.as_ref())
+                .await
+                .map_err(|s| {
+                    format!(
+                        "re-seeding from a snapshot: {}",
+                        from_source(&self.source, &s)
+                    )
+                })?;
+            self.learn_grant(resp.requester_distance).await?;
+            let page = resp.snapshot.unwrap_or_default();
+            let mut cells = Vec::with_capacity(page.cells.len());
+            for c in &page.cells {
+                let e = to_event(schema, c)?;
+                for (f, v) in e.versions {
+                    cursor = Some((f.clone(), e.range_key.clone()));
+                    cells.push((f, e.range_key.clone(), v));
+                }
+            }
+            let store = self.store.clone();
+            let name = self.schema.clone();
+            let first = base.is_none();
+            let as_of = page.as_of_sequence;
+            let b = *base.get_or_insert(as_of);
+            tokio::task::spawn_blocking(move || {
+                if first {
+                    store.meta_set(&reseed_key(&name), RESEED_PENDING)?;
+                    store.reseed_begin(&name, b)?;
+                }
+                store.reseed_cells(&name, &cells)?;
+                if !page.more {
+                    store.meta_set(&reseed_key(&name), &as_of.max(b).to_string())?;
+                }
+                Ok::<_, StoreError>(())
+            })
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
+            if !page.more || cursor.is_none() {
+                return Ok((b, as_of.max(b)));
+            }
+        }
+    }
+
+    /// One page of the source's snapshot after `cursor`.
+    async fn fetch_snapshot(
+        &self,
+        schema: &Schema,
+        cursor: Option<&(String, String)>,
+    ) -> Result<fold_proto::wire::ChangesResponse, NodeError> {
+        let (f, k) = cursor.cloned().unwrap_or_default();
+        self.ask(ChangesRequest {
+            snapshot: true,
+            snapshot_after_field: f,
+            snapshot_after_key: k,
+            ..self.request(schema)
+        })
+        .await
+    }
+
+    /// Ask the source for the changes after `head`.
+    async fn fetch(
+        &self,
+        schema: &Schema,
+        head: u64,
+    ) -> Result<fold_proto::wire::ChangesResponse, NodeError> {
+        self.ask(ChangesRequest {
+            after_sequence: head,
+            limit: PAGE,
+            wait_ms: WAIT_MS,
+            ..self.request(schema)
+        })
+        .await
+    }
+
+    /// A `changes` request for the followed schema, naming the definition it must match.
+    fn request(&self, schema: &Schema) -> ChangesRequest {
+        ChangesRequest {
+            schema: self.schema.clone(),
+            schema_hash: schema.hash.clone(),
+            definition_hash: schema.definition_hash.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// Send `req` to the source as this replica.
+    async fn ask(
+        &self,
+        req: ChangesRequest,
+    ) -> Result<fold_proto::wire::ChangesResponse, NodeError> {
+        fetch_changes(
+            &self.mesh,
+            &self.source,
+            req,
+            replica_requester(),
+            REQUEST_TIMEOUT,
+        )
+        .await
+    }
+
+    /// Keep the distance the source grants this node: reads of the copy are checked with it.
+    async fn learn_grant(&self, grant: u32) -> Result<(), String> {
+        if self.replicas.grant(&self.schema) == Some(Some(grant)) {
+            return Ok(());
+        }
+        let store = self.store.clone();
+        let key = grant_key(&self.schema);
+        tokio::task::spawn_blocking(move || store.meta_set(&key, &grant.to_string()))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        self.replicas
+            .update(&self.schema, |s| s.grant = Some(grant));
+        self.replicas.granted.notify_waiters();
+        Ok(())
+    }
+
+    /// On every answer: the source's change `head` must be this replica's change `head` (same
+    /// versions). A replica whose schema was written to locally, or a source restored from an
+    /// older backup, would otherwise mix two histories.
+    async fn check_same_history(
+        &self,
+        head: u64,
+        resp: &fold_proto::wire::ChangesResponse,
+    ) -> Result<(), String> {
+        if head == 0 || head < resp.oldest_sequence {
+            return Ok(()); // nothing here yet, or the source no longer keeps that change
+        }
+        let store = self.store.clone();
+        let name = self.schema.clone();
+        let ours = tokio::task::spawn_blocking(move || store.changes_after(&name, head - 1, 1))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let Some(ours) = ours
+            .first()
+            .filter(|c| c.sequence == head)
+            .map(change_digest)
+        else {
+            // This replica no longer keeps its change `head` (its own retention, or a re-seed
+            // started there): nothing to compare.
+            return Ok(());
+        };
+        if ours != resp.after_digest {
+            self.metrics.replica_refused(&self.schema, "diverged");
+            return Err(format!(
+                "this replica of schema '{}' has diverged from node {}: its change {head} is not the source's (written here while not following, or the source's data was replaced); follow it into a node where the schema is empty",
+                self.schema, self.source
+            ));
+        }
+        Ok(())
+    }
+
+    /// Apply an answer's changes and record the progress.
+    async fn apply_answer(
+        &self,
+        schema: &Schema,
+        head: u64,
+        reseeded_through: u64,
+        resp: fold_proto::wire::ChangesResponse,
+    ) -> Result<(), String> {
+        let events = resp
+            .changes
+            .iter()
+            .map(|c| to_event(schema, c))
+            .collect::<Result<Vec<_>, String>>()?;
+        let store = self.store.clone();
+        let hub = self.hub.clone();
+        let applied =
+            tokio::task::spawn_blocking(move || apply(&store, &hub, events, reseeded_through))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| {
+                    self.metrics.replica_refused(&self.schema, "refused_change");
+                    e.to_string()
+                })?;
         let applied = applied.unwrap_or(head);
         let source_head = resp.head_sequence.max(applied);
         self.replicas.update(&self.schema, |s| {
             s.applied = applied;
             s.source_head = source_head;
+            s.source_oldest = resp.oldest_sequence;
             s.last_contact_ms = now_ms();
             s.last_error.clear();
+            s.behind_retention = false;
         });
         self.metrics
             .replica(&self.schema, applied, source_head - applied);
@@ -310,62 +566,75 @@ impl Follower {
     }
 }
 
-impl Follower {
-    /// Check, once per process, that the replica's newest change is the source's change of the
-    /// same sequence (same versions): a replica whose schema was written to locally (while not
-    /// following) or a source restored from an older backup would otherwise mix two histories.
-    async fn verify(
-        &self,
-        schema: &Schema,
-        head: u64,
-        requester: fold_proto::wire::Requester,
-    ) -> Result<(), String> {
-        let theirs = self
-            .mesh
-            .forward_changes(
-                self.source.clone(),
-                ChangesRequest {
-                    schema: self.schema.clone(),
-                    after_sequence: head - 1,
-                    limit: 1,
-                    wait_ms: 0,
-                    schema_hash: schema.hash.clone(),
-                    fields: Vec::new(),
-                    filter: None,
-                    readable_only: false,
-                },
-                requester,
-                Some(REQUEST_TIMEOUT),
-            )
-            .await
-            .map_err(|s| format!("node {}: {}", self.source, s.message()))?;
-        let store = self.store.clone();
-        let name = self.schema.clone();
-        let ours = tokio::task::spawn_blocking(move || store.changes_after(&name, head - 1, 1))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-        let ids = |v: Vec<String>| {
-            let mut v = v;
-            v.sort();
-            v
-        };
-        let theirs = theirs
-            .changes
-            .first()
-            .filter(|c| c.sequence == head)
-            .map(|c| ids(c.fields.iter().map(|f| f.version_id.clone()).collect()));
-        let ours = ours
-            .first()
-            .map(|c| ids(c.versions.iter().map(|(_, v)| v.id.clone()).collect()));
-        if theirs.is_none() || theirs != ours {
-            return Err(format!(
-                "this replica of schema '{}' has diverged from node {}: its change {head} is not the source's (written here while not following, or the source's data was replaced); follow it into a node where the schema is empty",
-                self.schema, self.source
-            ));
-        }
-        Ok(())
+/// Most bytes of one change assembled from parts (`ChangesResponse.chunk`): far above what one
+/// Mutate can write (--max-message-bytes, 4 MiB by default), so only a hostile source meets it.
+pub const MAX_CHANGE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// A forwarded `changes` request, with a change too large for one answer assembled from its
+/// parts: the answer then carries that one change. Used by replicas and remote subscriptions.
+pub async fn fetch_changes(
+    mesh: &MeshLink,
+    source: &str,
+    mut req: ChangesRequest,
+    requester: fold_proto::wire::Requester,
+    timeout: Duration,
+) -> Result<fold_proto::wire::ChangesResponse, NodeError> {
+    let mut resp = mesh
+        .forward_changes(
+            source.to_string(),
+            req.clone(),
+            requester.clone(),
+            Some(timeout),
+        )
+        .await?;
+    let Some(first) = resp.chunk.take() else {
+        return Ok(resp);
+    };
+    let bad = |what: String| {
+        NodeError::internal(format!(
+            "node {source} sent change {} in parts that do not fit together: {what}",
+            first.sequence
+        ))
+    };
+    if first.total > MAX_CHANGE_BYTES || first.offset != 0 || first.data.is_empty() {
+        return Err(bad(format!(
+            "{} bytes from offset {} (at most {MAX_CHANGE_BYTES} bytes, from 0)",
+            first.total, first.offset
+        )));
     }
+    let mut buf = first.data.clone();
+    while (buf.len() as u64) < first.total {
+        req.chunk_offset = buf.len() as u64;
+        let mut next = mesh
+            .forward_changes(
+                source.to_string(),
+                req.clone(),
+                requester.clone(),
+                Some(timeout),
+            )
+            .await?;
+        let Some(c) = next.chunk.take() else {
+            return Err(bad("a part is missing".into()));
+        };
+        if c.sequence != first.sequence
+            || c.total != first.total
+            || c.offset != buf.len() as u64
+            || c.data.is_empty()
+            || buf.len() as u64 + c.data.len() as u64 > first.total
+        {
+            return Err(bad(format!("part at offset {} of {}", c.offset, c.total)));
+        }
+        buf.extend_from_slice(&c.data);
+        resp = next;
+    }
+    let change = <Change as prost::Message>::decode(buf.as_slice())
+        .map_err(|e| bad(format!("not a change: {e}")))?;
+    if change.sequence != first.sequence {
+        return Err(bad(format!("the whole is change {}", change.sequence)));
+    }
+    resp.through_sequence = resp.through_sequence.max(change.sequence);
+    resp.changes = vec![change];
+    Ok(resp)
 }
 
 /// The replica's head, once `schema` here is known to hold only `source`'s changes: a schema
@@ -395,6 +664,7 @@ fn apply(
     store: &Store,
     hub: &ChangeHub,
     events: Vec<ChangeEvent>,
+    reseeded_through: u64,
 ) -> Result<Option<u64>, StoreError> {
     let Some(first) = events.first() else {
         return Ok(None);
@@ -409,7 +679,7 @@ fn apply(
         if e.sequence != head + 1 {
             break; // a gap: never move past it
         }
-        group.apply_replicated(e)?;
+        group.apply_replicated(e, reseeded_through)?;
         head = e.sequence;
         any = true;
     }
@@ -485,9 +755,28 @@ fn to_event(schema: &Schema, c: &Change) -> Result<ChangeEvent, String> {
     })
 }
 
+/// A failed request to the source, named once: the mesh's errors already name the node they
+/// came from (`node X: …`, "cannot reach node X"), so the prefix is added only when missing.
+fn from_source(source: &str, s: &NodeError) -> String {
+    if s.message().contains(source) {
+        s.message().to_string()
+    } else {
+        format!("node {source}: {}", s.message())
+    }
+}
+
+/// SHA-256 hex of a change's version ids, sorted and joined by newlines: what a replica and its
+/// source compare to know they hold the same change under one sequence number.
+pub fn change_digest(e: &crate::store::ChangeEvent) -> String {
+    use sha2::{Digest, Sha256};
+    let mut ids: Vec<&str> = e.versions.iter().map(|(_, v)| v.id.as_str()).collect();
+    ids.sort_unstable();
+    hex::encode(Sha256::digest(ids.join("\n").as_bytes()))
+}
+
 /// The refusal of a write to a followed schema.
-pub fn read_only(schema: &str, source: &str) -> Status {
-    Status::failed_precondition(format!(
+pub fn read_only(schema: &str, source: &str) -> NodeError {
+    NodeError::failed_precondition(format!(
         "schema '{schema}' on this node is a read-only replica of node {source} (--follow); write to the owner: set target_node_id to {source}"
     ))
 }
@@ -495,6 +784,25 @@ pub fn read_only(schema: &str, source: &str) -> Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_name_the_source_once() {
+        let remote = fold_proto::status::from_wire(
+            "B",
+            fold_proto::status::wire_error(
+                tonic::Code::PermissionDenied,
+                "peer:A/replica is not trusted by this node",
+            ),
+        );
+        assert_eq!(
+            from_source("B", &remote.into()),
+            "node B: peer:A/replica is not trusted by this node"
+        );
+        assert_eq!(
+            from_source("B", &NodeError::unavailable("no connection")),
+            "node B: no connection"
+        );
+    }
 
     #[test]
     fn parses_follow_specs() {

@@ -14,6 +14,8 @@ use fold_proto::wire::ForwardResponse;
 use local_link::mux::{Codec, MuxError, StreamMux};
 use tonic::Status;
 
+use crate::error::NodeError;
+
 /// Requests waiting for an answer on the stream at once; beyond it, RESOURCE_EXHAUSTED.
 const MAX_PENDING: usize = 65_536;
 
@@ -37,13 +39,15 @@ impl std::str::FromStr for LinkForward {
     }
 }
 
+/// The sidecar's answer on the stream. The link ([`local_link::mux`]) carries gRPC statuses, so
+/// an error of this node's own becomes one here.
 fn answer(r: ForwardStreamResponse) -> Result<ForwardResponse, Status> {
     match r.result {
         Some(forward_stream_response::Result::Response(r)) => Ok(r),
         Some(forward_stream_response::Result::Error(e)) => {
             Err(fold_proto::status::from_wire_local(e))
         }
-        None => Err(Status::internal("the sidecar sent an empty stream answer")),
+        None => Err(NodeError::internal("the sidecar sent an empty stream answer").into()),
     }
 }
 
@@ -73,6 +77,13 @@ where
             mode,
             mux: StreamMux::new("the p2p-sidecar", MAX_PENDING, CODEC),
         }
+    }
+
+    /// A forward whose request is over `n` bytes (the link's --max-message-bytes) fails alone
+    /// with RESOURCE_EXHAUSTED instead of resetting the stream.
+    pub fn with_max_message_bytes(mut self, n: usize) -> Self {
+        self.mux = self.mux.with_max_message_bytes(n);
+        self
     }
 
     /// One forward, on the stream (or the unary call). `timeout` is how long the caller waits;

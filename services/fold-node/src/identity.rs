@@ -9,6 +9,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use crate::distance::Requester;
 use crate::store::{Store, StoreError, TrustRecord};
 
 /// A client certificate verified by TLS against the client CA (mutual TLS).
@@ -78,6 +79,23 @@ pub struct Forwarded {
 
 impl Principal {
     /// How history records the writer.
+    /// Who this is, as far as this node can prove it: what per-client state (idempotency keys,
+    /// subscription and scan slots) is scoped by. A certificate client is its key, not its
+    /// name; a forwarded requester is the origin node plus the key the origin proved, else the
+    /// identity the origin names. Every anonymous client of the public port is one identity.
+    pub fn identity_key(&self) -> String {
+        match self {
+            Principal::LocalClient => "anonymous".into(),
+            Principal::Owner => "owner".into(),
+            Principal::CertClient(c) => format!("cert:sha256:{}", c.key_sha256),
+            Principal::Forwarded(f) => match &f.requester {
+                None => format!("peer:{}", f.node),
+                Some(r) if !r.proven_key.is_empty() => format!("peer:{}/{}", f.node, r.proven_key),
+                Some(r) => format!("peer:{}/{}", f.node, r.identity),
+            },
+        }
+    }
+
     pub fn writer_label(&self) -> String {
         match self {
             Principal::LocalClient => "client:local".into(),
@@ -89,31 +107,6 @@ impl Principal {
                 Some(r) => format!("peer:{}/{}", f.node, r.identity),
             },
         }
-    }
-}
-
-/// The requester as permission checks see it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Requester {
-    /// For messages and history, e.g. "client:local" or "peer:12D3Koo…/client:alice".
-    pub label: String,
-    /// Trust distance; `None` when this node denies the requester altogether.
-    pub distance: Option<u32>,
-    /// Public keys the requester proved it holds (for explicit key policies).
-    pub public_keys: Vec<String>,
-    /// A key the requester proved to this node, to pass on when its request is forwarded
-    /// ("sha256:<hex>" of a client certificate's public key).
-    pub proven_key: Option<String>,
-}
-
-impl Requester {
-    /// What this node tells another node about the requester when it forwards a request.
-    pub fn to_wire(&self) -> Option<fold_proto::wire::Requester> {
-        Some(fold_proto::wire::Requester {
-            distance: self.distance?,
-            identity: self.label.clone(),
-            proven_key: self.proven_key.clone().unwrap_or_default(),
-        })
     }
 }
 

@@ -2,19 +2,24 @@
 //!
 //! Where a request enters: [`api`] (public gRPC: `fold.v1.FoldNode`, `fold.v1.Network`) and
 //! [`peer_requests`] (requests from other nodes, via the sidecar). Where it is checked:
-//! [`identity`] (who is asking → trust distance), [`permissions`] (field policies) and [`data`]
+//! [`bounds`] (every string's limit, first), [`identity`] (who is asking → trust distance), [`permissions`] (field policies) and [`data`]
 //! (schema state, fields, filters). Where it is stored: [`store`] (redb); mutations are written
 //! in groups, one transaction and one fsync each, by [`commit`] (the group-commit writer).
 //! Requests for another node leave through [`mesh`] (the link to the p2p-sidecar).
+//! Domain code fails with [`error::NodeError`], mapped to a gRPC status only at the edge.
 
 pub mod api;
 pub mod balance;
+pub mod bounds;
 pub mod commit;
 pub mod config;
 pub mod data;
+pub mod distance;
+pub mod error;
 pub mod filter;
 pub mod follow;
 pub mod forward_stream;
+pub mod hub;
 pub mod identity;
 pub mod mesh;
 pub mod metrics;
@@ -24,6 +29,7 @@ pub mod permissions;
 pub mod route;
 pub mod schema;
 pub mod server;
+pub mod slots;
 pub mod store;
 pub mod subscribe;
 pub mod topology;

@@ -29,8 +29,10 @@ use fold_proto::wire::{Operation, PeersRequest, Requester, operation};
 use local_link::LinkAddr;
 use local_link::token::{TokenLayer, WithToken};
 use tokio::sync::Notify;
+use tonic::Status;
 use tonic::transport::Channel;
-use tonic::{Code, Status};
+
+use crate::error::{NodeError, is_callee_failure, timed_out};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -93,7 +95,7 @@ type ReconnectHook = Box<dyn Fn(&str) + Send + Sync>;
 type ForwardSvc = tower::util::BoxCloneSyncService<
     (String, tonic::Request<sc::ForwardRequest>),
     tonic::Response<fold_proto::wire::ForwardResponse>,
-    Status,
+    NodeError,
 >;
 
 /// The innermost service: one forward to the sidecar, on the long-lived forward stream (or a
@@ -169,13 +171,8 @@ fn forward_stack(
                 Ok(_) => Verdict::Success,
                 // Refused by the link's breaker: no verdict on the peer.
                 Err(BreakerError::Open(_)) => Verdict::Ignore,
-                Err(BreakerError::Inner(s))
-                    if link_failed(s)
-                        || matches!(
-                            s.code(),
-                            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
-                        ) =>
-                {
+                // Exactly the callee failures (unreachable, too slow, dropped) count.
+                Err(BreakerError::Inner(s)) if link_failed(s) || is_callee_failure(s.code()) => {
                     Verdict::Failure
                 }
                 Err(BreakerError::Inner(_)) => Verdict::Success,
@@ -196,9 +193,9 @@ fn forward_stack(
     let svc = tower::ServiceBuilder::new()
         .map_err(|e: BreakerError<BreakerError<Status>>| match e {
             BreakerError::Open(o) | BreakerError::Inner(BreakerError::Open(o)) => {
-                Status::unavailable(o.to_string())
+                NodeError::unavailable(o.to_string())
             }
-            BreakerError::Inner(BreakerError::Inner(s)) => s,
+            BreakerError::Inner(BreakerError::Inner(s)) => NodeError::from(s),
         })
         .layer(peers)
         .layer(link_breaker)
@@ -237,7 +234,10 @@ impl MeshLink {
             .max_encoding_message_size(opts.max_message_bytes);
         let node_id = store.meta_get(NODE_ID_KEY).ok().flatten();
         let peer_breakers = Arc::new(Breakers::bounded(opts.breaker, MAX_BREAKERS));
-        let stream_link = Arc::new(StreamLink::new(client.clone(), opts.link_forward));
+        let stream_link = Arc::new(
+            StreamLink::new(client.clone(), opts.link_forward)
+                .with_max_message_bytes(opts.max_message_bytes),
+        );
         let forward_svc = forward_stack(
             stream_link.clone(),
             opts.breaker,
@@ -287,9 +287,9 @@ impl MeshLink {
     }
 
     /// A client for a Mesh call, or `UNAVAILABLE` at once when the sidecar is away.
-    pub fn client(&self) -> Result<MeshClient<MeshSvc>, Status> {
+    pub fn client(&self) -> Result<MeshClient<MeshSvc>, NodeError> {
         if !self.is_up() {
-            return Err(Status::unavailable(format!(
+            return Err(NodeError::unavailable(format!(
                 "the p2p-sidecar is not reachable at {} (is it running?); local requests still work",
                 self.inner.addr
             )));
@@ -364,7 +364,7 @@ impl MeshLink {
         req: QueryRequest,
         requester: Requester,
         deadline: Option<Duration>,
-    ) -> Result<QueryResponse, Status> {
+    ) -> Result<QueryResponse, NodeError> {
         let target = req.target_node_id.clone();
         match self
             .forward(
@@ -376,7 +376,7 @@ impl MeshLink {
             .await?
         {
             forward_response::Result::Query(q) => Ok(q),
-            _ => Err(Status::internal(format!(
+            _ => Err(NodeError::internal(format!(
                 "node {target} answered a query with a different kind of response"
             ))),
         }
@@ -387,7 +387,7 @@ impl MeshLink {
         req: MutateRequest,
         requester: Requester,
         deadline: Option<Duration>,
-    ) -> Result<MutateResponse, Status> {
+    ) -> Result<MutateResponse, NodeError> {
         let target = req.target_node_id.clone();
         match self
             .forward(
@@ -399,7 +399,7 @@ impl MeshLink {
             .await?
         {
             forward_response::Result::Mutate(m) => Ok(m),
-            _ => Err(Status::internal(format!(
+            _ => Err(NodeError::internal(format!(
                 "node {target} answered a mutation with a different kind of response"
             ))),
         }
@@ -414,7 +414,7 @@ impl MeshLink {
         via: Vec<String>,
         requester: Requester,
         deadline: Option<Duration>,
-    ) -> Result<Vec<PeerInfo>, Status> {
+    ) -> Result<Vec<PeerInfo>, NodeError> {
         match self
             .forward(
                 target.clone(),
@@ -425,7 +425,7 @@ impl MeshLink {
             .await?
         {
             forward_response::Result::Peers(p) => Ok(p.peers),
-            _ => Err(Status::internal(format!(
+            _ => Err(NodeError::internal(format!(
                 "node {target} answered a peers request with a different kind of response"
             ))),
         }
@@ -436,7 +436,7 @@ impl MeshLink {
         req: fold_proto::v1::BatchMutateRequest,
         requester: Requester,
         deadline: Option<Duration>,
-    ) -> Result<fold_proto::v1::BatchMutateResponse, Status> {
+    ) -> Result<fold_proto::v1::BatchMutateResponse, NodeError> {
         let target = req.target_node_id.clone();
         match self
             .forward(
@@ -448,7 +448,7 @@ impl MeshLink {
             .await?
         {
             forward_response::Result::BatchMutate(m) => Ok(m),
-            _ => Err(Status::internal(format!(
+            _ => Err(NodeError::internal(format!(
                 "node {target} answered a batch with a different kind of response"
             ))),
         }
@@ -459,7 +459,7 @@ impl MeshLink {
         req: HistoryRequest,
         requester: Requester,
         deadline: Option<Duration>,
-    ) -> Result<HistoryResponse, Status> {
+    ) -> Result<HistoryResponse, NodeError> {
         let target = req.target_node_id.clone();
         match self
             .forward(
@@ -471,7 +471,7 @@ impl MeshLink {
             .await?
         {
             forward_response::Result::History(h) => Ok(h),
-            _ => Err(Status::internal(format!(
+            _ => Err(NodeError::internal(format!(
                 "node {target} answered a history request with a different kind of response"
             ))),
         }
@@ -485,7 +485,7 @@ impl MeshLink {
         req: fold_proto::wire::ChangesRequest,
         requester: Requester,
         deadline: Option<Duration>,
-    ) -> Result<fold_proto::wire::ChangesResponse, Status> {
+    ) -> Result<fold_proto::wire::ChangesResponse, NodeError> {
         match self
             .forward(
                 target.clone(),
@@ -496,7 +496,7 @@ impl MeshLink {
             .await?
         {
             forward_response::Result::Changes(c) => Ok(c),
-            _ => Err(Status::internal(format!(
+            _ => Err(NodeError::internal(format!(
                 "node {target} answered a changes request with a different kind of response"
             ))),
         }
@@ -508,7 +508,7 @@ impl MeshLink {
         op: operation::Kind,
         requester: Requester,
         deadline: Option<Duration>,
-    ) -> Result<forward_response::Result, Status> {
+    ) -> Result<forward_response::Result, NodeError> {
         let started = Instant::now();
         let kind = match op {
             operation::Kind::Query(_) => "query",
@@ -533,9 +533,9 @@ impl MeshLink {
         op: operation::Kind,
         requester: Requester,
         deadline: Option<Duration>,
-    ) -> Result<forward_response::Result, Status> {
+    ) -> Result<forward_response::Result, NodeError> {
         if !valid_node_id(&target) {
-            return Err(Status::invalid_argument(format!(
+            return Err(NodeError::invalid_argument(format!(
                 "'target_node_id' is not a node id (a base58 PeerId such as 12D3KooW…, at most {MAX_NODE_ID_BYTES} characters): '{}'",
                 target.chars().take(80).collect::<String>()
             )));
@@ -576,12 +576,12 @@ impl MeshLink {
                     .await
                     .map_err(|s| {
                         if link_failed(&s) {
-                            Status::unavailable(format!(
+                            NodeError::unavailable(format!(
                                 "the p2p-sidecar link failed: {}",
                                 s.message()
                             ))
                         } else {
-                            s
+                            NodeError::from(s)
                         }
                     })
             } else {
@@ -593,8 +593,8 @@ impl MeshLink {
             }
         };
         let resp = result.map_err(|s| {
-            if s.code() == Code::Cancelled || s.code() == Code::DeadlineExceeded {
-                Status::deadline_exceeded(format!(
+            if timed_out(s.code()) {
+                NodeError::deadline_exceeded(format!(
                     "forward to node {target} did not complete within {} ms",
                     timeout.as_millis()
                 ))
@@ -604,10 +604,10 @@ impl MeshLink {
         })?;
         match resp.into_inner().result {
             Some(forward_response::Result::Error(e)) => {
-                Err(fold_proto::status::from_wire(&target, e))
+                Err(fold_proto::status::from_wire(&target, e).into())
             }
             Some(r) => Ok(r),
-            None => Err(Status::internal(format!(
+            None => Err(NodeError::internal(format!(
                 "node {target} sent an empty forward response"
             ))),
         }
@@ -641,6 +641,7 @@ impl MeshLink {
     }
 
     fn learn_node_id(&self, id: &str) {
+        fold_telemetry::otel::set_instance_id(id);
         if id.is_empty() || self.node_id().as_deref() == Some(id) {
             return;
         }

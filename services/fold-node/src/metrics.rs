@@ -88,12 +88,20 @@ pub struct NodeMetrics {
     subscription_ends: Family<ReasonLabels, Counter>,
     replica_applied: Family<SchemaLabels, Gauge>,
     replica_lag: Family<SchemaLabels, Gauge>,
+    replica_refused: Family<ReplicaRefusalLabels, Counter>,
 }
 
 /// A followed schema (at most `follow::MAX_FOLLOWED`, from the node's own flags).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SchemaLabels {
     pub schema: String,
+}
+
+/// A followed schema and why an answer of its source was refused.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReplicaRefusalLabels {
+    pub schema: String,
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -133,6 +141,7 @@ impl NodeMetrics {
             subscription_ends: Family::default(),
             replica_applied: Family::default(),
             replica_lag: Family::default(),
+            replica_refused: Family::default(),
         };
         reg.register(
             "fold_peer_requests",
@@ -264,6 +273,11 @@ impl NodeMetrics {
             "Per followed schema (--follow): changes the source had at its last answer that the replica has not applied",
             m.replica_lag.clone(),
         );
+        reg.register(
+            "fold_replica_refused",
+            "Per followed schema (--follow): answers of the source refused (reason: diverged = its history is not this replica's; refused_change = a change that would touch what the schema does not own)",
+            m.replica_refused.clone(),
+        );
         Arc::new(m)
     }
 
@@ -278,6 +292,16 @@ impl NodeMetrics {
         self.replica_lag
             .get_or_create(&l)
             .set(i64::try_from(lag).unwrap_or(i64::MAX));
+    }
+
+    /// An answer of a replica's source refused.
+    pub fn replica_refused(&self, schema: &str, reason: &'static str) {
+        self.replica_refused
+            .get_or_create(&ReplicaRefusalLabels {
+                schema: schema.to_string(),
+                reason,
+            })
+            .inc();
     }
 
     /// A subscription stream opened (`+1`) or closed (`-1`).

@@ -52,6 +52,9 @@ pub struct PeerRequestsApi {
     /// UNAVAILABLE before any work, for resilience drills.
     faults: Option<(f64, Arc<NodeMetrics>)>,
     metrics: Option<Arc<NodeMetrics>>,
+    /// The link's message limit (--max-message-bytes): a stream answer over it fails alone with
+    /// RESOURCE_EXHAUSTED instead of resetting the stream.
+    max_message_bytes: usize,
 }
 
 impl PeerRequestsApi {
@@ -61,7 +64,14 @@ impl PeerRequestsApi {
             mesh,
             faults: None,
             metrics: None,
+            max_message_bytes: 4 * 1024 * 1024,
         }
+    }
+
+    /// The link's message limit (what the gRPC server encodes at most).
+    pub fn with_max_message_bytes(mut self, n: usize) -> Self {
+        self.max_message_bytes = n;
+        self
     }
 
     /// Count each request from a peer (operation, outcome, time) in these metrics.
@@ -136,6 +146,7 @@ impl PeerRequests for PeerRequestsApi {
         let answers = local_link::mux::serve_stream(
             request.into_inner(),
             MAX_STREAM_IN_FLIGHT,
+            self.max_message_bytes,
             |r: &InboundStreamRequest| r.id,
             |id, s| InboundStreamResponse {
                 id,
@@ -298,7 +309,7 @@ impl PeerRequestsApi {
             .data
             .identities()
             .peer_distance(&req.origin_node_id)
-            .map_err(crate::data::store_status)?;
+            .map_err(crate::error::status)?;
         if distance.is_none() {
             return Err(Status::permission_denied(format!(
                 "node {} is not trusted by this node; schema checks are refused",
@@ -310,10 +321,32 @@ impl PeerRequestsApi {
                 "at most {MAX_CHECKED_NAMES} schema names per check"
             )));
         }
+        req.names
+            .iter()
+            .try_for_each(|n| crate::bounds::schema_name(n))?;
+        let served = self.data.served(&req.names);
         Ok(Response::new(ServedSchemasResponse {
-            names: self.data.served(&req.names),
+            names: served.iter().map(|s| s.name.clone()).collect(),
+            definition_hashes: served
+                .iter()
+                .map(|s| (s.name.clone(), s.definition_hash.clone()))
+                .collect(),
         }))
     }
+}
+
+/// The strings of a forwarded operation, checked before anything uses them (bounds.rs).
+fn op_bounds(op: Option<&operation::Kind>) -> Result<(), Status> {
+    use crate::bounds::Bounded;
+    match op {
+        Some(operation::Kind::Query(q)) => q.check_bounds(),
+        Some(operation::Kind::History(h)) => h.check_bounds(),
+        Some(operation::Kind::Mutate(m)) => m.check_bounds(),
+        Some(operation::Kind::BatchMutate(b)) => b.check_bounds(),
+        Some(operation::Kind::Changes(c)) => c.check_bounds(),
+        Some(operation::Kind::Peers(_)) | None => Ok(()),
+    }
+    .map_err(Status::from)
 }
 
 fn not_routable() -> Status {
@@ -339,35 +372,55 @@ impl PeerRequestsApi {
         if let Some(fault) = self.inject_fault() {
             return forward_response::Result::Error(to_wire(&fault));
         }
+        if let Err(s) = op_bounds(op.as_ref()) {
+            return forward_response::Result::Error(to_wire(&s));
+        }
         let result = match op {
             // A forwarded read runs here: routing ("any", "all") is the origin's to do, once.
             Some(operation::Kind::Query(q)) if q.route != 0 => Err(not_routable()),
             Some(operation::Kind::History(h)) if h.route != 0 => Err(not_routable()),
-            Some(operation::Kind::Query(q)) => self.data.query(who, q).await.map(|mut r| {
-                r.node_id = me.clone();
-                forward_response::Result::Query(r)
-            }),
-            Some(operation::Kind::History(h)) => self.data.history(who, h).await.map(|mut r| {
-                r.node_id = me.clone();
-                forward_response::Result::History(r)
-            }),
-            Some(operation::Kind::Mutate(m)) => {
-                self.data.mutate(who, m, deadline).await.map(|mut r| {
+            Some(operation::Kind::Query(q)) => self
+                .data
+                .query(who, q)
+                .await
+                .map_err(Status::from)
+                .map(|mut r| {
+                    r.node_id = me.clone();
+                    forward_response::Result::Query(r)
+                }),
+            Some(operation::Kind::History(h)) => self
+                .data
+                .history(who, h)
+                .await
+                .map_err(Status::from)
+                .map(|mut r| {
+                    r.node_id = me.clone();
+                    forward_response::Result::History(r)
+                }),
+            Some(operation::Kind::Mutate(m)) => self
+                .data
+                .mutate(who, m, deadline)
+                .await
+                .map_err(Status::from)
+                .map(|mut r| {
                     r.node_id = me.clone();
                     forward_response::Result::Mutate(r)
-                })
-            }
+                }),
             Some(operation::Kind::Peers(p)) => self.peers(who, p, deadline).await,
-            Some(operation::Kind::BatchMutate(b)) => {
-                self.data.batch_mutate(who, b).await.map(|mut r| {
+            Some(operation::Kind::BatchMutate(b)) => self
+                .data
+                .batch_mutate(who, b)
+                .await
+                .map_err(Status::from)
+                .map(|mut r| {
                     r.node_id = me.clone();
                     forward_response::Result::BatchMutate(r)
-                })
-            }
+                }),
             Some(operation::Kind::Changes(c)) => self
                 .data
                 .changes(who, c, deadline)
                 .await
+                .map_err(Status::from)
                 .map(forward_response::Result::Changes),
             None => Err(Status::invalid_argument(
                 "forwarded request carries no operation (query, history, mutation, batch, peers or changes request)",
@@ -391,7 +444,7 @@ impl PeerRequestsApi {
             .data
             .identities()
             .resolve(who)
-            .map_err(crate::data::store_status)?;
+            .map_err(crate::error::status)?;
         let Some(distance) = r.distance else {
             return Err(Status::permission_denied(format!(
                 "{} is not trusted by this node; its peers are not shown",
@@ -426,7 +479,7 @@ impl PeerRequestsApi {
                     .data
                     .identities()
                     .peer_distance(&p.node_id)
-                    .map_err(crate::data::store_status)?;
+                    .map_err(crate::error::status)?;
                 p.trust_distance = d
                     .map(|d| i32::try_from(d).unwrap_or(i32::MAX))
                     .unwrap_or(-1);

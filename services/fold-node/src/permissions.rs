@@ -7,24 +7,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::identity::Requester;
+use crate::distance::{Requester, TrustDistance};
 use crate::schema::FieldDef;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TrustDistance {
-    NoRequirement,
-    Distance(u32),
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct FieldPolicy {
-    pub read: TrustDistance,
-    pub write: TrustDistance,
-    /// Public keys admitted to read when the distance check fails (fold_db `counts_by_pub_key`;
-    /// the counts are not consumed).
-    pub explicit_read: Option<BTreeMap<String, u8>>,
-    pub explicit_write: Option<BTreeMap<String, u8>>,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
@@ -98,6 +82,7 @@ pub fn check(field: &FieldDef, access: Access, who: &Requester) -> Result<(), De
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::distance::FieldPolicy;
 
     fn field(read: TrustDistance, keys: &[&str]) -> FieldDef {
         FieldDef {

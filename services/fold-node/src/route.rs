@@ -22,7 +22,9 @@ use fold_proto::v1::{
 };
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use tonic::{Code, Status};
+use tonic::Code;
+
+use crate::error::{NodeError, is_callee_failure};
 use tower::retry::budget::{Budget, TpsBudget};
 
 use crate::balance::{BalanceConfig, Balancer, EndpointStats};
@@ -44,6 +46,9 @@ const KEEP_UNREACHABLE: Duration = Duration::from_secs(300);
 const REFRESH_RETRY: Duration = Duration::from_secs(1);
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+/// The `required` hash of a lookup that only asks whether any node serves a schema name (never
+/// used to choose a provider).
+const ANY_DEFINITION: &str = "";
 /// Most nodes asked by one read under ROUTE_ANY (the first try plus failovers).
 const MAX_ATTEMPTS: usize = 3;
 /// Below this much time left, no further attempt starts.
@@ -166,6 +171,13 @@ impl Read {
             Read::History(h) => &h.schema,
         }
     }
+    /// The definition hash the client pinned (empty: none).
+    fn pin(&self) -> &str {
+        match self {
+            Read::Query(q) => &q.definition_hash,
+            Read::History(h) => &h.definition_hash,
+        }
+    }
     fn for_node(&self, node: &str) -> Read {
         let mut r = self.clone();
         match &mut r {
@@ -189,9 +201,11 @@ impl Read {
 }
 
 /// May a read that failed with this code be tried on another provider? Only when the provider
-/// could not answer (unreachable, too slow); never when it answered with a refusal.
+/// could not answer (unreachable, too slow: [`is_callee_failure`]); never when it answered with
+/// a refusal. Narrower than `is_callee_failure`: CANCELLED is not retried, since a cancelled
+/// read is the client (or its deadline) going away, not the provider failing.
 pub fn retryable(code: Code) -> bool {
-    matches!(code, Code::Unavailable | Code::DeadlineExceeded)
+    is_callee_failure(code) && code != Code::Cancelled
 }
 
 impl Router {
@@ -229,7 +243,7 @@ impl Router {
         who: &Principal,
         req: QueryRequest,
         deadline: Option<Duration>,
-    ) -> Result<QueryResponse, Status> {
+    ) -> Result<QueryResponse, NodeError> {
         let route = check_route(req.route, &req.target_node_id, &req.page_token)?;
         match self.route(who, route, Read::Query(req), deadline).await? {
             Routed::All(answers) => Ok(QueryResponse {
@@ -242,7 +256,7 @@ impl Router {
                 Ok(q)
             }
             Routed::Any(Answer::History(_), _) => {
-                Err(Status::internal("a query was answered as history"))
+                Err(NodeError::internal("a query was answered as history"))
             }
         }
     }
@@ -252,7 +266,7 @@ impl Router {
         who: &Principal,
         req: HistoryRequest,
         deadline: Option<Duration>,
-    ) -> Result<HistoryResponse, Status> {
+    ) -> Result<HistoryResponse, NodeError> {
         let route = check_route(req.route, &req.target_node_id, &req.page_token)?;
         match self.route(who, route, Read::History(req), deadline).await? {
             Routed::All(answers) => Ok(HistoryResponse {
@@ -265,7 +279,7 @@ impl Router {
                 Ok(h)
             }
             Routed::Any(Answer::Query(_), _) => {
-                Err(Status::internal("history was answered as a query"))
+                Err(NodeError::internal("history was answered as a query"))
             }
         }
     }
@@ -276,7 +290,7 @@ impl Router {
         route: Route,
         read: Read,
         deadline: Option<Duration>,
-    ) -> Result<Routed, Status> {
+    ) -> Result<Routed, NodeError> {
         Ok(match route {
             Route::All => Routed::All(self.all(who, &read, deadline).await?),
             _ => {
@@ -291,27 +305,28 @@ impl Router {
     pub async fn choose_for_subscription(
         &self,
         schema: &str,
+        pin: &str,
         route: i32,
         target: &str,
-    ) -> Result<String, Status> {
+    ) -> Result<String, NodeError> {
         match check_route(route, target, "")? {
             Route::Any => {}
             Route::All => {
-                return Err(Status::invalid_argument(
+                return Err(NodeError::invalid_argument(
                     "a subscription follows one node's sequence numbers: ROUTE_ALL is not possible (subscribe to each node instead)",
                 ));
             }
             Route::Default => return Ok(target.to_string()),
         }
         let providers = self
-            .providers(schema, Instant::now() + LOOKUP_TIMEOUT)
+            .providers(schema, pin, Instant::now() + LOOKUP_TIMEOUT)
             .await?;
         let candidates = self.candidates(&providers, &[]);
         self.inner
             .balancer
             .pick(&candidates, Instant::now(), |n| fastrand::usize(..n))
             .ok_or_else(|| {
-                Status::unavailable(format!(
+                NodeError::unavailable(format!(
                     "no provider of schema '{schema}' can be reached now"
                 ))
             })
@@ -324,7 +339,7 @@ impl Router {
         node: &str,
         read: &Read,
         timeout: Duration,
-    ) -> Result<Answer, Status> {
+    ) -> Result<Answer, NodeError> {
         let inner = &self.inner;
         let local = node.is_empty() || inner.mesh.is_local(node);
         if local {
@@ -357,7 +372,7 @@ impl Router {
         };
         match tokio::time::timeout(timeout, fut).await {
             Ok(r) => r,
-            Err(_) => Err(Status::deadline_exceeded(format!(
+            Err(_) => Err(NodeError::deadline_exceeded(format!(
                 "node {node} did not answer within {} ms",
                 timeout.as_millis()
             ))),
@@ -371,7 +386,7 @@ impl Router {
         node: &str,
         read: &Read,
         timeout: Duration,
-    ) -> Result<Answer, Status> {
+    ) -> Result<Answer, NodeError> {
         let guard = self.inner.balancer.start(node, Instant::now());
         self.inner.metrics.route_attempt(read.op());
         let r = self.run_on(who, node, read, timeout).await;
@@ -391,13 +406,15 @@ impl Router {
         who: &Principal,
         read: &Read,
         deadline: Option<Duration>,
-    ) -> Result<(Answer, u32), Status> {
+    ) -> Result<(Answer, u32), NodeError> {
         let started = Instant::now();
         let total = deadline.unwrap_or_else(|| self.inner.mesh.forward_timeout());
-        let providers = self.providers(read.schema(), started + total).await?;
+        let providers = self
+            .providers(read.schema(), read.pin(), started + total)
+            .await?;
         self.inner.budget.deposit();
         let mut tried: Vec<String> = Vec::new();
-        let mut last: Option<Status> = None;
+        let mut last: Option<NodeError> = None;
         let outcome = loop {
             let left = total.saturating_sub(started.elapsed());
             let candidates = self.candidates(&providers, &tried);
@@ -442,7 +459,7 @@ impl Router {
         let result = match outcome {
             Some(r) => r,
             None => Err(match last {
-                Some(s) => Status::new(
+                Some(s) => NodeError::new(
                     s.code(),
                     format!(
                         "no provider of schema '{}' answered ({} asked: {}); last error: {}",
@@ -452,7 +469,7 @@ impl Router {
                         s.message()
                     ),
                 ),
-                None => Status::unavailable(format!(
+                None => NodeError::unavailable(format!(
                     "no provider of schema '{}' can be reached now (known: {})",
                     read.schema(),
                     providers.join(", ")
@@ -481,7 +498,7 @@ impl Router {
         after: Duration,
         providers: &[String],
         tried: &mut Vec<String>,
-    ) -> Result<Answer, Status> {
+    ) -> Result<Answer, NodeError> {
         let first = self.attempt(who, node, read, timeout);
         tokio::pin!(first);
         tokio::select! {
@@ -537,12 +554,14 @@ impl Router {
         who: &Principal,
         read: &Read,
         deadline: Option<Duration>,
-    ) -> Result<Vec<NodeAnswer>, Status> {
+    ) -> Result<Vec<NodeAnswer>, NodeError> {
         let started = Instant::now();
         let total = deadline.unwrap_or_else(|| self.inner.mesh.forward_timeout());
         // Keep a margin of the caller's deadline for the answer itself.
         let budget = total.saturating_sub((total / 10).min(Duration::from_millis(200)));
-        let providers = self.providers(read.schema(), started + budget).await?;
+        let providers = self
+            .providers(read.schema(), read.pin(), started + budget)
+            .await?;
         let mut pending: FuturesUnordered<_> = providers
             .iter()
             .map(|node| {
@@ -551,7 +570,7 @@ impl Router {
                     let t = Instant::now();
                     let left = budget.saturating_sub(started.elapsed());
                     let r = if left < MIN_ATTEMPT {
-                        Err(Status::deadline_exceeded(
+                        Err(NodeError::deadline_exceeded(
                             "no time was left to ask this node",
                         ))
                     } else {
@@ -599,16 +618,69 @@ impl Router {
         Ok(answers)
     }
 
-    /// The confirmed providers of `schema` (this node's id among them when it serves it; the
-    /// empty string for this node while its id is not known yet).
-    async fn providers(&self, schema: &str, until: Instant) -> Result<Vec<String>, Status> {
+    /// The definition a provider of `schema` must hold: the hash the client pinned, else the
+    /// definition loaded here (in any state). A node with neither cannot tell a real provider
+    /// from an impostor that loaded other rules under the same name, so it asks none.
+    fn required_hash(&self, schema: &str, pin: &str) -> Result<String, NodeError> {
+        if !pin.is_empty() {
+            return Ok(pin.to_string());
+        }
+        match self.inner.data.store().schema(schema) {
+            Some((s, _)) => Ok(s.definition_hash.clone()),
+            None => Err(NodeError::failed_precondition(format!(
+                "this node has no definition of schema '{schema}' to check providers against: load the schema here (LoadSchema; approving it is not needed), or pin its definition_hash in the request (SchemaSummary.definition_hash on a node you trust)"
+            ))),
+        }
+    }
+
+    /// The confirmed providers of `schema` holding the definition the request needs (this
+    /// node's id among them when it serves it; the empty string for this node while its id is
+    /// not known yet), less any that this node's trust table denies now (an explicit `deny`
+    /// entry; peers merely unknown to a node whose unknown-peer policy is `deny` stay usable as
+    /// providers: they only answer, with the definition checked above).
+    async fn providers(
+        &self,
+        schema: &str,
+        pin: &str,
+        until: Instant,
+    ) -> Result<Vec<String>, NodeError> {
+        let required = match self.required_hash(schema, pin) {
+            Ok(h) => h,
+            Err(refusal) => {
+                // Nothing to check providers against: when no node serves the name at all,
+                // that is the answer (NOT_FOUND); otherwise none of them can be trusted.
+                self.confirmed(schema, ANY_DEFINITION, until).await?;
+                return Err(refusal);
+            }
+        };
+        let nodes = self.confirmed(schema, &required, until).await?;
+        let identities = self.inner.data.identities();
+        let allowed: Vec<String> = nodes
+            .into_iter()
+            .filter(|n| {
+                n.is_empty()
+                    || self.inner.mesh.is_local(n)
+                    || !matches!(identities.peer_distance(n), Ok((None, true)) | Err(_))
+            })
+            .collect();
+        not_empty(schema, allowed)
+    }
+
+    /// The cached (or looked up) providers of `schema` with definition `required`.
+    async fn confirmed(
+        &self,
+        schema: &str,
+        required: &str,
+        until: Instant,
+    ) -> Result<Vec<String>, NodeError> {
+        let key = format!("{schema}\n{required}");
         let slot = {
             let mut cache = self
                 .inner
                 .cache
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if !cache.contains_key(schema) && cache.len() >= MAX_CACHED_SCHEMAS {
+            if !cache.contains_key(&key) && cache.len() >= MAX_CACHED_SCHEMAS {
                 // Drop one entry not in use (bounded memory for many schema names).
                 if let Some(k) = cache
                     .iter()
@@ -618,7 +690,7 @@ impl Router {
                     cache.remove(&k);
                 }
             }
-            cache.entry(schema.to_string()).or_default().clone()
+            cache.entry(key).or_default().clone()
         };
         let ttl = self.inner.opts.provider_ttl;
         // Callers wait here for a lookup another caller started: one lookup per schema at once.
@@ -626,7 +698,7 @@ impl Router {
         let mut entry = match tokio::time::timeout(wait, slot.clone().lock_owned()).await {
             Ok(g) => g,
             Err(_) => {
-                return Err(Status::deadline_exceeded(format!(
+                return Err(NodeError::deadline_exceeded(format!(
                     "the providers of schema '{schema}' were still being looked up when the deadline passed"
                 )));
             }
@@ -642,15 +714,15 @@ impl Router {
                 if due && !c.nodes.is_empty() {
                     c.refreshing = true;
                     c.last_attempt = Instant::now();
-                    self.refresh_in_background(schema, slot.clone());
+                    self.refresh_in_background(schema, required, slot.clone());
                 }
                 return not_empty(schema, c.nodes.clone());
             }
         }
         let wait = until.saturating_duration_since(Instant::now());
-        let looked_up = match tokio::time::timeout(wait, self.lookup(schema)).await {
+        let looked_up = match tokio::time::timeout(wait, self.lookup(schema, required)).await {
             Ok(r) => r,
-            Err(_) => Err(Status::deadline_exceeded(format!(
+            Err(_) => Err(NodeError::deadline_exceeded(format!(
                 "looking up the providers of schema '{schema}' did not finish within the deadline"
             ))),
         };
@@ -672,11 +744,17 @@ impl Router {
         }
     }
 
-    fn refresh_in_background(&self, schema: &str, slot: Arc<tokio::sync::Mutex<Option<Cached>>>) {
+    fn refresh_in_background(
+        &self,
+        schema: &str,
+        required: &str,
+        slot: Arc<tokio::sync::Mutex<Option<Cached>>>,
+    ) {
         let router = self.clone();
         let schema = schema.to_string();
+        let required = required.to_string();
         tokio::spawn(async move {
-            let r = router.lookup(&schema).await;
+            let r = router.lookup(&schema, &required).await;
             let mut g = slot.lock().await;
             match r {
                 Ok(looked) => {
@@ -693,11 +771,16 @@ impl Router {
         });
     }
 
-    /// Ask the DHT for providers of `schema` and confirm each with a schema check.
-    async fn lookup(&self, schema: &str) -> Result<Looked, Status> {
+    /// Ask the DHT for providers of `schema` and confirm each with a schema check: approved
+    /// there, with definition hash `required` (policies included).
+    async fn lookup(&self, schema: &str, required: &str) -> Result<Looked, NodeError> {
         let inner = &self.inner;
         let me = inner.mesh.node_id_or_empty();
-        let local = !inner.data.served(&[schema.to_string()]).is_empty();
+        let local = inner
+            .data
+            .served(&[schema.to_string()])
+            .iter()
+            .any(|s| required == ANY_DEFINITION || s.definition_hash == required);
         let mut nodes = Vec::new();
         if local {
             nodes.push(me.clone());
@@ -728,7 +811,7 @@ impl Router {
                         unreachable: Vec::new(),
                     });
                 }
-                return Err(Status::new(
+                return Err(NodeError::new(
                     e.code(),
                     format!(
                         "looking up the providers of schema '{schema}' failed: {}",
@@ -744,6 +827,8 @@ impl Router {
             .map(|node| {
                 let mut client = client.clone();
                 let schema = schema.to_string();
+                let required = required.to_string();
+                let metrics = inner.metrics.clone();
                 async move {
                     let mut req = tonic::Request::new(CheckSchemasRequest {
                         node_id: node.clone(),
@@ -751,7 +836,20 @@ impl Router {
                     });
                     req.set_timeout(CHECK_TIMEOUT);
                     match client.check_schemas(req).await {
-                        Ok(r) if r.get_ref().approved.contains(&schema) => (node, Some(true)),
+                        Ok(r) if r.get_ref().approved.contains(&schema) => {
+                            let theirs = r.get_ref().definition_hashes.get(&schema);
+                            if required == ANY_DEFINITION
+                                || theirs.map(String::as_str) == Some(required.as_str())
+                            {
+                                (node, Some(true))
+                            } else {
+                                // Same name, other rules (or none said): an impostor for this
+                                // read, never asked.
+                                tracing::warn!(node = %node, schema = %schema, theirs = ?theirs, required = %required, "provider not used: its definition of the schema differs (policies included)");
+                                metrics.provider_lookup("definition_mismatch");
+                                (node, Some(false))
+                            }
+                        }
                         Ok(_) => {
                             tracing::debug!(node = %node, schema = %schema, "provider record not confirmed: the schema is not approved there");
                             (node, Some(false))
@@ -785,9 +883,9 @@ impl Router {
     }
 }
 
-fn not_empty(schema: &str, nodes: Vec<String>) -> Result<Vec<String>, Status> {
+fn not_empty(schema: &str, nodes: Vec<String>) -> Result<Vec<String>, NodeError> {
     if nodes.is_empty() {
-        return Err(Status::not_found(format!(
+        return Err(NodeError::not_found(format!(
             "no node serving schema '{schema}' was found (DHT provider records confirmed by a schema check; this node does not serve it either)"
         )));
     }
@@ -795,20 +893,20 @@ fn not_empty(schema: &str, nodes: Vec<String>) -> Result<Vec<String>, Status> {
 }
 
 /// Validate the routing part of a read: ANY and ALL choose the nodes themselves.
-fn check_route(route: i32, target: &str, page_token: &str) -> Result<Route, Status> {
+fn check_route(route: i32, target: &str, page_token: &str) -> Result<Route, NodeError> {
     let r = Route::try_from(route).map_err(|_| {
-        Status::invalid_argument(format!(
+        NodeError::invalid_argument(format!(
             "'route' {route} is not a route (0 ROUTE_DEFAULT, 1 ROUTE_ANY, 2 ROUTE_ALL)"
         ))
     })?;
     if r != Route::Default {
         if !target.is_empty() {
-            return Err(Status::invalid_argument(
+            return Err(NodeError::invalid_argument(
                 "give either 'target_node_id' or a 'route' of ROUTE_ANY/ROUTE_ALL, not both",
             ));
         }
         if !page_token.is_empty() {
-            return Err(Status::invalid_argument(
+            return Err(NodeError::invalid_argument(
                 "a page token belongs to the node that gave it: continue with 'target_node_id' set to that answer's node id, and no route",
             ));
         }

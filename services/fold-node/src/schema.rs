@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value as Json};
 use sha2::{Digest, Sha256};
 
-use crate::permissions::{FieldPolicy, TrustDistance};
+use crate::distance::{FieldPolicy, TrustDistance};
 
 /// Longest schema or field name accepted.
 const MAX_NAME_LEN: usize = 128;
@@ -45,6 +45,10 @@ pub struct Schema {
     pub definition: Json,
     /// fold_db's content hash (see [`content_hash`]).
     pub hash: String,
+    /// The content hash with every field's permission policy and writability included (see
+    /// [`definition_hash`]): two nodes that hold the same `definition_hash` enforce the same
+    /// rules. Replicas and routed reads compare this one, not `hash`, which leaves policies out.
+    pub definition_hash: String,
 }
 
 impl Schema {
@@ -164,12 +168,14 @@ pub fn from_json(mut json: Json) -> Result<Schema, SchemaError> {
     if let Some(obj) = json.as_object_mut() {
         obj.insert("hash".into(), Json::String(hash.clone()));
     }
+    let definition_hash = definition_hash(&hash, &fields);
     Ok(Schema {
         name,
         schema_type,
         fields,
         definition: json,
         hash,
+        definition_hash,
     })
 }
 
@@ -398,6 +404,44 @@ pub fn content_hash(json: &Json) -> String {
     hex::encode(Sha256::digest(text.as_bytes()))
 }
 
+/// The content hash extended with what it leaves out and a reader of the data depends on: each
+/// field's read and write policy, its explicit key lists and whether it is writable, taken from
+/// the parsed definition (so two spellings of one policy hash alike). SHA-256 hex.
+pub fn definition_hash(content_hash: &str, fields: &BTreeMap<String, FieldDef>) -> String {
+    fn distance(d: TrustDistance) -> String {
+        match d {
+            TrustDistance::NoRequirement => "none".into(),
+            TrustDistance::Distance(n) => format!("d{n}"),
+        }
+    }
+    fn keys(k: Option<&BTreeMap<String, u8>>) -> String {
+        match k {
+            None => "-".into(),
+            Some(m) => m
+                .iter()
+                .map(|(k, n)| format!("{k}={n}"))
+                .collect::<Vec<_>>()
+                .join(","),
+        }
+    }
+    let mut h = Sha256::new();
+    h.update(b"fold-definition-v1\n");
+    h.update(content_hash.as_bytes());
+    for (name, f) in fields {
+        let line = format!(
+            "\n{}\0{}\0{}\0{}\0{}\0{}",
+            name,
+            distance(f.policy.read),
+            distance(f.policy.write),
+            keys(f.policy.explicit_read.as_ref()),
+            keys(f.policy.explicit_write.as_ref()),
+            f.writable
+        );
+        h.update(line.as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
 fn strip(v: &Json) -> Json {
     const DROP: [&str; 4] = ["hash", "payment_config", "permission_policy", "name"];
     match v {
@@ -518,6 +562,16 @@ mod tests {
 
         assert!(parse("{not json").unwrap_err().0.contains("not valid JSON"));
         assert!(parse("[]").unwrap_err().0.contains("object"));
+    }
+
+    #[test]
+    fn definition_hash_includes_policies() {
+        let a = parse(&schema(json!({"a": field(json!({"Distance": 0}))})).to_string()).unwrap();
+        let b = parse(&schema(json!({"a": field(json!({"Distance": 5}))})).to_string()).unwrap();
+        let c = parse(&schema(json!({"a": field(json!({"Distance": 0}))})).to_string()).unwrap();
+        assert_eq!(a.hash, b.hash, "the fold_db hash leaves policies out");
+        assert_ne!(a.definition_hash, b.definition_hash);
+        assert_eq!(a.definition_hash, c.definition_hash);
     }
 
     #[test]

@@ -170,7 +170,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     private_file(&db_path)?;
     let policy = config.trust_policy().map_err(anyhow::Error::msg)?;
     let owner_addr = config.owner_addr().map_err(anyhow::Error::msg)?;
-    let store = Store::open(&db_path).with_context(|| {
+    let store = Store::open_with_cache(&db_path, config.cache_size).with_context(|| {
         format!(
             "cannot open the database {} (is another fold-node using this --data-dir?)",
             db_path.display()
@@ -219,6 +219,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         crate::subscribe::SubscribeLimits {
             buffer: usize::try_from(config.subscription_buffer).unwrap_or(usize::MAX),
             max_subscriptions: config.max_subscriptions,
+            per_client: usize::try_from(config.max_subscriptions_per_client).unwrap_or(usize::MAX),
+            max_scans: usize::try_from(config.max_scans).unwrap_or(usize::MAX),
+            scans_per_client: usize::try_from(config.max_scans_per_client).unwrap_or(usize::MAX),
         },
     )
     .context("cannot start the group-commit writer thread")?
@@ -292,18 +295,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             ..RouteOptions::default()
         },
     );
+    // The admin address, known once bound below; Network.Status reports it.
+    let admin_addr_cell: Arc<std::sync::OnceLock<String>> = Arc::default();
     let fold_service =
         FoldNodeServer::new(FoldNodeApi::new(data.clone(), mesh.clone(), router.clone()))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
-    let network_service =
-        NetworkServer::new(NetworkApi::new(data.clone(), mesh.clone(), router.clone()))
-            .max_decoding_message_size(max)
-            .max_encoding_message_size(max);
+    let network_service = NetworkServer::new(
+        NetworkApi::new(data.clone(), mesh.clone(), router.clone())
+            .with_admin_addr(admin_addr_cell.clone()),
+    )
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
     let peer_service = PeerRequestsServer::new(
         PeerRequestsApi::new(data.clone(), mesh.clone())
             .with_metrics(node_metrics.clone())
-            .with_faults(config.fault_percent, node_metrics.clone()),
+            .with_faults(config.fault_percent, node_metrics.clone())
+            .with_max_message_bytes(max),
     )
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
@@ -422,9 +430,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             mark,
         );
         let network_owner = tonic::service::interceptor::InterceptedService::new(
-            NetworkServer::new(NetworkApi::new(data.clone(), mesh.clone(), router.clone()))
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
+            NetworkServer::new(
+                NetworkApi::new(data.clone(), mesh.clone(), router.clone())
+                    .with_admin_addr(admin_addr_cell.clone()),
+            )
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
             mark,
         );
         let stack = tower::ServiceBuilder::new()
@@ -483,6 +494,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (admin_addr, admin) = fold_telemetry::admin::bind(config.admin_listen, admin_state)
         .await
         .with_context(|| format!("cannot listen on {} (--admin-listen)", config.admin_listen))?;
+    let _ = admin_addr_cell.set(admin_addr.to_string());
     let admin = tokio::spawn(admin);
 
     mesh.spawn_monitor();

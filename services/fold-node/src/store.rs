@@ -45,7 +45,7 @@ const HEADS: TableDefinition<Cell<'static>, &str> = TableDefinition::new("heads"
 const LIVE: TableDefinition<Cell<'static>, &str> = TableDefinition::new("live");
 const TRUST: TableDefinition<&str, &str> = TableDefinition::new("trust");
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
-/// Applied idempotency keys: "<writer>\0<schema>\0<key>" → [`IdemRecord`] (JSON).
+/// Applied idempotency keys: "<identity>\0<schema>\0<key>" → [`IdemRecord`] (JSON).
 const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
 /// The same keys by time, for pruning: (applied at ms, key).
 const IDEM_BY_TIME: TableDefinition<(u64, &str), ()> = TableDefinition::new("idempotency_by_time");
@@ -107,11 +107,24 @@ pub struct LogBounds {
     pub oldest: u64,
 }
 
-/// An idempotency key of a mutation request, scoped to its writer and schema.
+/// A page of a snapshot (see [`Store::snapshot_page`]).
+#[derive(Debug, Default)]
+pub struct SnapshotPage {
+    /// (field, range key, head version) in (field, key) order.
+    pub cells: Vec<(String, String, VersionRecord)>,
+    /// Whether cells follow the last one.
+    pub more: bool,
+    /// The schema's head when the page was read.
+    pub head: u64,
+}
+
+/// An idempotency key of a mutation request, scoped to its client's identity and schema.
 #[derive(Debug, Clone)]
 pub struct Idempotency {
     /// The client's key (bounded by the API).
     pub key: String,
+    /// Whose key it is (`Principal::identity_key`): two identities never share a key.
+    pub scope: String,
     /// What the request asked for (a hash): the same key with a different request is refused.
     pub fingerprint: String,
     /// How long an applied key is remembered.
@@ -136,7 +149,16 @@ pub enum StoreError {
     Db(#[from] redb::Error),
     #[error("corrupt record in storage: {0}")]
     Corrupt(String),
+    /// Input that storage refuses to apply (e.g. a replicated change that does not fit).
+    #[error("{0}")]
+    Refused(String),
+    /// A scan stopped because its caller went away or its deadline passed.
+    #[error("the scan was cancelled (the caller went away or its deadline passed)")]
+    Cancelled,
 }
+
+/// How many keys a scan examines between checks of its cancellation.
+pub const CANCEL_CHECK_EVERY: usize = 1024;
 
 macro_rules! from_redb {
     ($($t:ty),*) => {$(
@@ -215,6 +237,7 @@ pub struct LoadOutcome {
     pub state: SchemaState,
     pub created: bool,
     pub hash: String,
+    pub definition_hash: String,
 }
 
 /// A mutation, already validated against the schema and the permissions.
@@ -278,10 +301,25 @@ fn corrupt(what: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(what.to_string())
 }
 
+/// redb's page cache when none is given: the default of `--cache-size` (docs/DEPLOY.md#memory).
+pub const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// The smallest page cache accepted: a few hundred 4 KiB pages, so a B-tree path and a write
+/// transaction's dirty pages fit.
+pub const MIN_CACHE_BYTES: u64 = 1024 * 1024;
+
 impl Store {
-    /// Open (or create) the database file and load the schema cache.
+    /// Open (or create) the database file with the default page cache ([`DEFAULT_CACHE_BYTES`])
+    /// and load the schema cache.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = Database::create(path)?;
+        Store::open_with_cache(path, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Open (or create) the database file with a page cache of at most `cache_bytes` (redb keeps
+    /// up to that much of the file's pages in memory, read cache and write buffer together; its
+    /// own default would be 1 GiB) and load the schema cache.
+    pub fn open_with_cache(path: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
+        let cache = usize::try_from(cache_bytes.max(MIN_CACHE_BYTES)).unwrap_or(usize::MAX);
+        let db = Database::builder().set_cache_size(cache).create(path)?;
         let txn = db.begin_write()?;
         {
             txn.open_table(SCHEMAS)?;
@@ -434,6 +472,7 @@ impl Store {
                 state,
                 created: false,
                 hash: existing.hash.clone(),
+                definition_hash: existing.definition_hash.clone(),
             });
         }
         let state = if approve {
@@ -447,6 +486,7 @@ impl Store {
             state,
             created: true,
             hash: schema.hash.clone(),
+            definition_hash: schema.definition_hash.clone(),
         })
     }
 
@@ -498,8 +538,26 @@ impl Store {
         range_field: &str,
         filter: &KeyFilter,
     ) -> Result<Vec<String>, RowsError> {
-        let (keys, more) =
-            self.range_rows_page(schema, range_field, filter, None, MAX_QUERY_RECORDS)?;
+        self.range_rows_cancellable(schema, range_field, filter, &|| false)
+    }
+
+    /// As [`range_rows`](Self::range_rows), stopping with [`StoreError::Cancelled`] once
+    /// `cancelled()` says so (checked every [`CANCEL_CHECK_EVERY`] keys examined).
+    pub fn range_rows_cancellable(
+        &self,
+        schema: &str,
+        range_field: &str,
+        filter: &KeyFilter,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Vec<String>, RowsError> {
+        let (keys, more) = self.range_rows_page_cancellable(
+            schema,
+            range_field,
+            filter,
+            None,
+            MAX_QUERY_RECORDS,
+            cancelled,
+        )?;
         if more {
             return Err(RowsError::TooMany);
         }
@@ -515,6 +573,21 @@ impl Store {
         filter: &KeyFilter,
         after: Option<&str>,
         limit: usize,
+    ) -> Result<(Vec<String>, bool), StoreError> {
+        self.range_rows_page_cancellable(schema, range_field, filter, after, limit, &|| false)
+    }
+
+    /// As [`range_rows_page`](Self::range_rows_page), stopping with [`StoreError::Cancelled`]
+    /// once `cancelled()` says so: a scan whose caller went away, or whose deadline passed,
+    /// does not read on through a table of non-matching keys.
+    pub fn range_rows_page_cancellable(
+        &self,
+        schema: &str,
+        range_field: &str,
+        filter: &KeyFilter,
+        after: Option<&str>,
+        limit: usize,
+        cancelled: &dyn Fn() -> bool,
     ) -> Result<(Vec<String>, bool), StoreError> {
         let r = self.inner.db.begin_read()?;
         let live = r.open_table(LIVE)?;
@@ -542,7 +615,10 @@ impl Store {
                     start = a.to_string();
                 }
                 let iter = live.range((schema, range_field, start.as_str())..)?;
-                for row in iter {
+                for (i, row) in iter.enumerate() {
+                    if i % CANCEL_CHECK_EVERY == CANCEL_CHECK_EVERY - 1 && cancelled() {
+                        return Err(StoreError::Cancelled);
+                    }
                     let (key, _) = row?;
                     let (s, f, k) = key.value();
                     if s != schema || f != range_field || filter.past_end(k) {
@@ -601,7 +677,9 @@ impl Store {
             if limit != 0 && out.len() >= limit {
                 break;
             }
-            let v = read_version(&versions, &id)?;
+            let Some(v) = chain_version(&versions, &id, out.is_empty())? else {
+                break;
+            };
             next = v.prev.clone();
             out.push(v);
         }
@@ -633,7 +711,9 @@ impl Store {
             if out.len() == limit {
                 return Ok((out, true));
             }
-            let v = read_version(&versions, &id)?;
+            let Some(v) = chain_version(&versions, &id, after.is_none() && out.is_empty())? else {
+                break;
+            };
             next = v.prev.clone();
             out.push(v);
         }
@@ -710,6 +790,111 @@ impl Store {
                 None => {
                     t.remove(node_id)?;
                 }
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    // ---- re-seeding a replica (follow.rs) -----------------------------------------------------
+
+    /// A page of `schema`'s current cells for a snapshot: each (field, range key) with its head
+    /// version (deleted ones too: the next change continues their chains), in (field, key)
+    /// order strictly after `after`, until `max_cells` or about `max_bytes` of values; the
+    /// cursor of the last one when more follow; and the schema's head when read.
+    pub fn snapshot_page(
+        &self,
+        schema: &str,
+        after: Option<(&str, &str)>,
+        max_cells: usize,
+        max_bytes: usize,
+    ) -> Result<SnapshotPage, StoreError> {
+        let r = self.inner.db.begin_read()?;
+        let head = r
+            .open_table(SEQUENCES)?
+            .get(schema)?
+            .map_or(0, |g| g.value());
+        let heads = r.open_table(HEADS)?;
+        let versions = r.open_table(VERSIONS)?;
+        let (f0, k0) = after.unwrap_or(("", ""));
+        let mut page = SnapshotPage {
+            head,
+            ..SnapshotPage::default()
+        };
+        let mut bytes = 0;
+        for row in heads.range((schema, f0, k0)..)? {
+            let (key, id) = row?;
+            let (s, f, k) = key.value();
+            if s != schema {
+                break;
+            }
+            if after.is_some() && (f, k) == (f0, k0) {
+                continue;
+            }
+            if page.cells.len() >= max_cells || (bytes >= max_bytes && !page.cells.is_empty()) {
+                page.more = true;
+                break;
+            }
+            let v = read_version(&versions, id.value())?;
+            bytes += v.value.to_string().len() + 64;
+            page.cells.push((f.to_string(), k.to_string(), v));
+        }
+        Ok(page)
+    }
+
+    /// Start re-seeding the replica of `schema` from a snapshot taken at the source's sequence
+    /// `base`: forget its current cells and change log, and make `base` its head. The versions
+    /// themselves stay (ids never repeat; a snapshot cell may bring the same one back).
+    pub fn reseed_begin(&self, schema: &str, base: u64) -> Result<(), StoreError> {
+        let txn = self.inner.db.begin_write()?;
+        {
+            let mut heads = txn.open_table(HEADS)?;
+            let mut live = txn.open_table(LIVE)?;
+            let mut changes = txn.open_table(CHANGES)?;
+            let cells: Vec<(String, String)> = heads
+                .range((schema, "", "")..)?
+                .map(|row| {
+                    row.map(|(k, _)| {
+                        let (s, f, key) = k.value();
+                        (s.to_string(), f.to_string(), key.to_string())
+                    })
+                })
+                .take_while(|r| r.as_ref().map_or(true, |(s, _, _)| s == schema))
+                .map(|r| r.map(|(_, f, k)| (f, k)))
+                .collect::<Result<_, _>>()?;
+            for (f, k) in &cells {
+                heads.remove((schema, f.as_str(), k.as_str()))?;
+                live.remove((schema, f.as_str(), k.as_str()))?;
+            }
+            let seqs: Vec<u64> = changes
+                .range((schema, 0)..=(schema, u64::MAX))?
+                .map(|row| row.map(|(k, _)| k.value().1))
+                .collect::<Result<_, _>>()?;
+            for s in seqs {
+                changes.remove((schema, s))?;
+            }
+            txn.open_table(SEQUENCES)?.insert(schema, base)?;
+            txn.open_table(CHANGES_OLDEST)?
+                .insert(schema, base.saturating_add(1))?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Write snapshot cells into a replica being re-seeded: each version (again, if it is
+    /// there), and the cell's head unless the cell already holds a newer version.
+    pub fn reseed_cells(
+        &self,
+        schema: &str,
+        cells: &[(String, String, VersionRecord)],
+    ) -> Result<(), StoreError> {
+        let txn = self.inner.db.begin_write()?;
+        {
+            let mut heads = txn.open_table(HEADS)?;
+            let mut live = txn.open_table(LIVE)?;
+            let mut versions = txn.open_table(VERSIONS)?;
+            for (f, k, rec) in cells {
+                put_if_newer(&mut heads, &mut live, &mut versions, (schema, f, k), rec)?;
             }
         }
         txn.commit()?;
@@ -896,8 +1081,15 @@ impl WriteGroup {
     }
 
     /// Record a change of a followed schema exactly as its owner wrote it: the owner's sequence
-    /// number (which must be this log's head + 1) and its versions. Used by replicas.
-    pub fn apply_replicated(&mut self, change: &ChangeEvent) -> Result<(), StoreError> {
+    /// number (which must be this log's head + 1) and its versions. Used by replicas. A change
+    /// at or below `reseeded_through` is replayed over a snapshot that may already hold it or
+    /// newer versions of its cells: its versions are stored, and a cell's head moves only
+    /// forward; every other change must add new versions that continue their cells' chains.
+    pub fn apply_replicated(
+        &mut self,
+        change: &ChangeEvent,
+        reseeded_through: u64,
+    ) -> Result<(), StoreError> {
         let name = change.schema.as_str();
         let rk = change.range_key.as_str();
         let mut sequences = self.txn.open_table(SEQUENCES)?;
@@ -914,6 +1106,34 @@ impl WriteGroup {
         let mut changes = self.txn.open_table(CHANGES)?;
         let mut written = Vec::with_capacity(change.versions.len());
         for (f, rec) in &change.versions {
+            if change.sequence <= reseeded_through {
+                put_if_newer(
+                    &mut heads,
+                    &mut live,
+                    &mut versions,
+                    (name, f.as_str(), rk),
+                    rec,
+                )?;
+                written.push((f.clone(), rec.id.clone()));
+                continue;
+            }
+            // Every version belongs to the followed schema: a new id (never one of another
+            // schema's versions, which share this table), continuing this very cell's chain.
+            if versions.get(rec.id.as_str())?.is_some() {
+                return Err(StoreError::Refused(format!(
+                    "replicated change {name}#{} writes version {} of field '{f}', an id this node already holds: refused (a source may only add new versions of the schema it owns)",
+                    change.sequence, rec.id
+                )));
+            }
+            let current = heads
+                .get((name, f.as_str(), rk))?
+                .map(|g| g.value().to_string());
+            if current != rec.prev {
+                return Err(StoreError::Refused(format!(
+                    "replicated change {name}#{} gives version {} of field '{f}' the previous version {:?}, but this replica's current one is {:?}: refused (the histories differ)",
+                    change.sequence, rec.id, rec.prev, current
+                )));
+            }
             let bytes = serde_json::to_vec(rec).map_err(corrupt)?;
             versions.insert(rec.id.as_str(), bytes.as_slice())?;
             heads.insert((name, f.as_str(), rk), rec.id.as_str())?;
@@ -949,8 +1169,7 @@ impl WriteGroup {
         let Some(idem) = idem else {
             return self.apply(schema, plans).map(|a| (a, false));
         };
-        let writer = plans.first().map(|p| p.writer.as_str()).unwrap_or_default();
-        let key = format!("{writer}\0{}\0{}", schema.name, idem.key);
+        let key = format!("{}\0{}\0{}", idem.scope, schema.name, idem.key);
         let now = now_ms();
         {
             let t = self.txn.open_table(IDEMPOTENCY).map_err(StoreError::from)?;
@@ -1121,6 +1340,46 @@ fn plan_targets(
         )));
     }
     Ok(targets)
+}
+
+/// Store `rec` (a version as its owner wrote it) and make it the cell's head, unless the
+/// cell's head is already this version or a newer one (a higher sequence).
+fn put_if_newer(
+    heads: &mut redb::Table<Cell<'static>, &'static str>,
+    live: &mut redb::Table<Cell<'static>, &'static str>,
+    versions: &mut redb::Table<&'static str, &'static [u8]>,
+    cell: Cell<'_>,
+    rec: &VersionRecord,
+) -> Result<(), StoreError> {
+    let bytes = serde_json::to_vec(rec).map_err(corrupt)?;
+    versions.insert(rec.id.as_str(), bytes.as_slice())?;
+    let current = heads.get(cell)?.map(|g| g.value().to_string());
+    if let Some(id) = current {
+        let newer = id == rec.id || read_version(versions, &id).is_ok_and(|v| v.seq >= rec.seq);
+        if newer {
+            return Ok(());
+        }
+    }
+    heads.insert(cell, rec.id.as_str())?;
+    if rec.deleted {
+        live.remove(cell)?;
+    } else {
+        live.insert(cell, rec.id.as_str())?;
+    }
+    Ok(())
+}
+
+/// A version of a history chain: the head must be there; an older one may be missing where a
+/// replica was re-seeded from a snapshot (its history starts there), which ends the chain.
+fn chain_version(
+    versions: &impl ReadableTable<&'static str, &'static [u8]>,
+    id: &str,
+    head: bool,
+) -> Result<Option<VersionRecord>, StoreError> {
+    if !head && versions.get(id)?.is_none() {
+        return Ok(None);
+    }
+    read_version(versions, id).map(Some)
 }
 
 fn read_version(

@@ -3,7 +3,7 @@
 //! Every committed mutation has a dense per-schema sequence number and a change log entry
 //! (store.rs). The log is the only source of what a subscriber receives; what is live is only
 //! *that* something new was committed: the group-commit writer (and a replica's applier)
-//! announce each durable group's new head per schema to the [`ChangeHub`] (a small
+//! announce each durable group's new head per schema to the [`ChangeHub`] (hub.rs: a small
 //! `tokio::sync::broadcast` ring of sequence numbers per schema, and the latest head). No change
 //! content is held in memory for subscribers, whatever their number or speed. A subscription:
 //!
@@ -21,10 +21,9 @@
 //! waits for subscribers, so a slow subscriber costs the node nothing but its own task. Every
 //! second a progress message carries the last sequence considered and the head.
 
-use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -32,10 +31,15 @@ use fold_proto::json::json_to_value;
 use fold_proto::v1::{
     Change, ChangedField, MutationType, Progress, SubscribeResponse, subscribe_response,
 };
-use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::slots::ClientSlot;
 use tonic::Status;
 
+use crate::error::{NodeError, is_callee_failure};
+
 use crate::filter::KeyFilter;
+use crate::hub::{ChangeHub, Listener};
 use crate::mesh::MeshLink;
 use crate::metrics::NodeMetrics;
 use crate::schema::Schema;
@@ -49,8 +53,6 @@ const STREAM_QUEUE: usize = 16;
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// How often a blocked live send checks whether its subscriber fell too far behind.
 const OVERFLOW_CHECK: Duration = Duration::from_millis(50);
-/// Announcements a listener may miss before it is told it lagged (harmless: it reads the log).
-const ANNOUNCEMENTS: usize = 64;
 
 /// Bounds of subscriptions.
 #[derive(Debug, Clone, Copy)]
@@ -59,6 +61,11 @@ pub struct SubscribeLimits {
     pub buffer: usize,
     /// Open subscriptions at once; more are RESOURCE_EXHAUSTED.
     pub max_subscriptions: usize,
+    /// Open subscriptions of one client identity at once.
+    pub per_client: usize,
+    /// Scans running at once, and of one client identity.
+    pub max_scans: usize,
+    pub scans_per_client: usize,
 }
 
 impl Default for SubscribeLimits {
@@ -66,106 +73,9 @@ impl Default for SubscribeLimits {
         SubscribeLimits {
             buffer: 4096,
             max_subscriptions: 256,
-        }
-    }
-}
-
-/// One schema's announcements: a ring of new heads, and the latest head.
-struct Channel {
-    ring: broadcast::Sender<u64>,
-    head: Arc<AtomicU64>,
-}
-
-/// Where commits are announced to live subscribers: per schema with listeners (schemas are few
-/// and loaded by admins; the map is bounded by them).
-#[derive(Clone)]
-pub struct ChangeHub {
-    inner: Arc<HubInner>,
-}
-
-struct HubInner {
-    /// How far behind the head a live subscriber may fall (--subscription-buffer).
-    buffer: usize,
-    channels: Mutex<HashMap<String, Channel>>,
-    /// Set when the node stops: open subscriptions end, saying where to resume.
-    stopping: tokio::sync::watch::Sender<bool>,
-}
-
-/// A registration with the hub for one schema.
-pub struct Listener {
-    pub rx: broadcast::Receiver<u64>,
-    /// The latest head announced (0 before the first announcement since registering).
-    pub head: Arc<AtomicU64>,
-}
-
-impl ChangeHub {
-    /// A hub whose live subscribers may fall `buffer` changes behind the head.
-    pub fn new(buffer: usize) -> ChangeHub {
-        ChangeHub {
-            inner: Arc::new(HubInner {
-                buffer: buffer.max(1),
-                channels: Mutex::new(HashMap::new()),
-                stopping: tokio::sync::watch::channel(false).0,
-            }),
-        }
-    }
-
-    /// The node is stopping: end every open subscription (UNAVAILABLE, naming the sequence to
-    /// resume from), so a graceful shutdown does not wait for streams that never end.
-    pub fn stop(&self) {
-        self.inner.stopping.send_replace(true);
-    }
-
-    fn stopping(&self) -> tokio::sync::watch::Receiver<bool> {
-        self.inner.stopping.subscribe()
-    }
-
-    pub fn buffer(&self) -> usize {
-        self.inner.buffer
-    }
-
-    fn channels(&self) -> std::sync::MutexGuard<'_, HashMap<String, Channel>> {
-        // A poisoned lock only means a panic elsewhere; the map itself is always consistent.
-        self.inner
-            .channels
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Be told of every commit to `schema` from now on.
-    pub fn listen(&self, schema: &str) -> Listener {
-        let mut channels = self.channels();
-        let c = channels
-            .entry(schema.to_string())
-            .or_insert_with(|| Channel {
-                ring: broadcast::channel(ANNOUNCEMENTS).0,
-                head: Arc::new(AtomicU64::new(0)),
-            });
-        Listener {
-            rx: c.ring.subscribe(),
-            head: c.head.clone(),
-        }
-    }
-
-    /// Announce committed changes ((schema, sequence), in commit order). Never waits.
-    pub fn publish(&self, committed: Vec<(String, u64)>) {
-        if committed.is_empty() {
-            return;
-        }
-        // The last sequence per schema is enough: listeners read the log up to it.
-        let mut heads: HashMap<String, u64> = HashMap::new();
-        for (schema, seq) in committed {
-            let h = heads.entry(schema).or_insert(0);
-            *h = (*h).max(seq);
-        }
-        let channels = self.channels();
-        for (schema, head) in heads {
-            if let Some(c) = channels.get(&schema) {
-                c.head.fetch_max(head, Ordering::AcqRel);
-                if c.ring.receiver_count() > 0 {
-                    let _ = c.ring.send(head);
-                }
-            }
+            per_client: 64,
+            max_scans: 64,
+            scans_per_client: 8,
         }
     }
 }
@@ -231,10 +141,10 @@ impl Selection {
 /// resumes from the last sequence it received).
 pub struct SubscriptionStream {
     rx: mpsc::Receiver<SubscribeResponse>,
-    end: Option<oneshot::Receiver<Status>>,
+    end: Option<oneshot::Receiver<NodeError>>,
     done: bool,
     metrics: Arc<NodeMetrics>,
-    _permit: OwnedSemaphorePermit,
+    _permit: ClientSlot,
 }
 
 impl Drop for SubscriptionStream {
@@ -256,7 +166,7 @@ impl futures::Stream for SubscriptionStream {
             self.end = None;
             if let Ok(status) = r {
                 self.done = true;
-                return Poll::Ready(Some(Err(status)));
+                return Poll::Ready(Some(Err(status.into())));
             }
         }
         match self.rx.poll_recv(cx) {
@@ -267,7 +177,7 @@ impl futures::Stream for SubscriptionStream {
                     && let Ok(status) = end.try_recv()
                 {
                     self.done = true;
-                    return Poll::Ready(Some(Err(status)));
+                    return Poll::Ready(Some(Err(status.into())));
                 }
                 self.done = true;
                 Poll::Ready(None)
@@ -281,13 +191,13 @@ impl futures::Stream for SubscriptionStream {
 enum Stop {
     /// The subscriber went away.
     Gone,
-    /// End the stream with this status.
-    Status(Status),
+    /// End the stream with this error (sent as its status).
+    Error(NodeError),
 }
 
-impl From<Status> for Stop {
-    fn from(s: Status) -> Self {
-        Stop::Status(s)
+impl From<NodeError> for Stop {
+    fn from(s: NodeError) -> Self {
+        Stop::Error(s)
     }
 }
 
@@ -303,7 +213,7 @@ struct Task {
     head: Arc<AtomicU64>,
     ticker: tokio::time::Interval,
     /// Re-checks the subscriber's permissions (trust may change while it is subscribed).
-    recheck: Box<dyn Fn() -> Result<(), Status> + Send + Sync>,
+    recheck: Box<dyn Fn() -> Result<(), NodeError> + Send + Sync>,
     /// This node's id, named in progress messages (empty while unknown).
     node_id: String,
 }
@@ -318,8 +228,8 @@ pub fn start(
     sel: Selection,
     from: u64,
     listener: Listener,
-    permit: OwnedSemaphorePermit,
-    recheck: Box<dyn Fn() -> Result<(), Status> + Send + Sync>,
+    permit: ClientSlot,
+    recheck: Box<dyn Fn() -> Result<(), NodeError> + Send + Sync>,
     node_id: String,
 ) -> SubscriptionStream {
     let (stream, out, end_tx) = stream(metrics.clone(), permit);
@@ -338,7 +248,7 @@ pub fn start(
         node_id,
     };
     tokio::spawn(async move {
-        if let Err(Stop::Status(s)) = task.run(listener.rx).await {
+        if let Err(Stop::Error(s)) = task.run(listener.rx).await {
             let _ = end_tx.send(s);
         }
     });
@@ -348,11 +258,11 @@ pub fn start(
 /// A response stream and the ends its task feeds: messages, and the status that ends it.
 fn stream(
     metrics: Arc<NodeMetrics>,
-    permit: OwnedSemaphorePermit,
+    permit: ClientSlot,
 ) -> (
     SubscriptionStream,
     mpsc::Sender<SubscribeResponse>,
-    oneshot::Sender<Status>,
+    oneshot::Sender<NodeError>,
 ) {
     let (out, out_rx) = mpsc::channel(STREAM_QUEUE);
     let (end_tx, end_rx) = oneshot::channel();
@@ -383,7 +293,7 @@ impl Task {
     }
 
     fn stop(&self) -> Stop {
-        Stop::Status(Status::unavailable(format!(
+        Stop::Error(NodeError::unavailable(format!(
             "the node is stopping; subscribe again (here once it is back, or elsewhere) with from_sequence = {} to resume",
             self.last
         )))
@@ -403,7 +313,7 @@ impl Task {
                         self.read_log(true).await?
                     }
                     Err(broadcast::error::RecvError::Closed) => {
-                        return Err(Stop::Status(Status::unavailable(
+                        return Err(Stop::Error(NodeError::unavailable(
                             "the node is stopping; resume the subscription from the last sequence received",
                         )));
                     }
@@ -416,7 +326,7 @@ impl Task {
 
     fn overflow(&self) -> Stop {
         self.metrics.subscription_end("overflow");
-        Stop::Status(Status::resource_exhausted(format!(
+        Stop::Error(NodeError::resource_exhausted(format!(
             "this subscriber fell more than {} changes behind the head of schema '{}' (the node's --subscription-buffer) and was cut off; read faster, or subscribe again with from_sequence = {} (the last sequence considered) to resume",
             self.hub.buffer(),
             self.sel.schema.name,
@@ -456,12 +366,12 @@ impl Task {
             Ok::<_, crate::store::StoreError>((page, b))
         })
         .await
-        .map_err(|e| Status::internal(format!("storage task failed: {e}")))?
-        .map_err(crate::data::store_status)?;
+        .map_err(|e| NodeError::internal(format!("storage task failed: {e}")))?
+        .map_err(NodeError::from)?;
         if after + 1 < bounds.oldest {
             // Pruned while this subscriber was behind.
             self.metrics.subscription_end("out_of_range");
-            return Err(Stop::Status(out_of_range(
+            return Err(Stop::Error(out_of_range(
                 &self.sel.schema.name,
                 after,
                 bounds.oldest,
@@ -470,7 +380,7 @@ impl Task {
         if let Some(first) = page.first()
             && first.sequence != after + 1
         {
-            return Err(Stop::Status(Status::internal(format!(
+            return Err(Stop::Error(NodeError::internal(format!(
                 "change {} of schema '{}' is missing from the change log",
                 after + 1,
                 self.sel.schema.name
@@ -524,8 +434,8 @@ impl Task {
         let schema = self.sel.schema.name.clone();
         let b = tokio::task::spawn_blocking(move || store.log_bounds(&schema))
             .await
-            .map_err(|e| Status::internal(format!("storage task failed: {e}")))?
-            .map_err(crate::data::store_status)?;
+            .map_err(|e| NodeError::internal(format!("storage task failed: {e}")))?
+            .map_err(NodeError::from)?;
         let msg = SubscribeResponse {
             event: Some(subscribe_response::Event::Progress(Progress {
                 sequence: self.last,
@@ -543,11 +453,15 @@ impl Task {
 }
 
 /// The refusal of a subscription from `from` when the log keeps only `oldest` onwards.
-pub fn out_of_range(schema: &str, from: u64, oldest: u64) -> Status {
-    Status::out_of_range(format!(
+pub fn out_of_range(schema: &str, from: u64, oldest: u64) -> NodeError {
+    NodeError::out_of_range(format!(
         "the changes of schema '{schema}' after sequence {from} are no longer kept: the oldest kept is {oldest} (--change-log-retention); read the current data with Query (or Scan), then subscribe from its head"
     ))
 }
+
+/// Resolves the requester of a remote subscription again (its distance here, now).
+pub type Resolve =
+    Box<dyn Fn() -> Result<fold_proto::wire::Requester, NodeError> + Send + Sync + 'static>;
 
 /// Changes asked for per request of a remote subscription.
 const REMOTE_PAGE: u32 = 256;
@@ -566,41 +480,37 @@ const REMOTE_MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// subscriber, so a slow subscriber slows only its own requests. Transient failures (the other
 /// node or a link away, a partition) are retried with backoff, resuming after the last sequence
 /// sent; other refusals end the stream with the other node's status. The first request is made
-/// before the stream starts, so a bad request fails the call itself.
+/// before the stream starts, so a bad request fails the call itself. The requester is resolved
+/// again (`resolve`) before every request, so trust lowered here (`deny`) ends the stream.
 pub async fn start_remote(
     mesh: MeshLink,
     hub: ChangeHub,
     metrics: Arc<NodeMetrics>,
     req: fold_proto::v1::SubscribeRequest,
-    requester: fold_proto::wire::Requester,
-    permit: OwnedSemaphorePermit,
-) -> Result<SubscriptionStream, Status> {
+    resolve: Resolve,
+    permit: ClientSlot,
+) -> Result<SubscriptionStream, NodeError> {
     let target = req.target_node_id.clone();
     let ask = move |after: u64, wait_ms: u32| fold_proto::wire::ChangesRequest {
         schema: req.schema.clone(),
         after_sequence: after,
         limit: REMOTE_PAGE,
         wait_ms,
-        schema_hash: String::new(),
         fields: req.fields.clone(),
         filter: req.filter.clone(),
         readable_only: req.fields.is_empty(),
+        ..Default::default()
     };
     let json_values = req.json_values;
     let from = req.from_sequence;
-    let first = mesh
-        .forward_changes(
-            target.clone(),
-            ask(from, 0),
-            requester.clone(),
-            Some(REMOTE_TIMEOUT),
-        )
-        .await?;
+    let first =
+        crate::follow::fetch_changes(&mesh, &target, ask(from, 0), resolve()?, REMOTE_TIMEOUT)
+            .await?;
     let (stream, out, end_tx) = stream(metrics.clone(), permit);
     let mut stopping = hub.stopping();
     tokio::spawn(async move {
         let stopped = |last: u64| {
-            Status::unavailable(format!(
+            NodeError::unavailable(format!(
                 "the node is stopping; subscribe again with from_sequence = {last} to resume"
             ))
         };
@@ -611,12 +521,20 @@ pub async fn start_remote(
             let resp = match answer.take() {
                 Some(r) => r,
                 None => {
+                    let requester = match resolve() {
+                        Ok(r) => r,
+                        Err(s) => {
+                            let _ = end_tx.send(s);
+                            return;
+                        }
+                    };
                     let r = tokio::select! {
-                        r = mesh.forward_changes(
-                            target.clone(),
+                        r = crate::follow::fetch_changes(
+                            &mesh,
+                            &target,
                             ask(last, REMOTE_WAIT_MS),
-                            requester.clone(),
-                            Some(REMOTE_TIMEOUT),
+                            requester,
+                            REMOTE_TIMEOUT,
                         ) => r,
                         _ = out.closed() => return,
                         _ = stopping.changed() => {
@@ -656,7 +574,7 @@ pub async fn start_remote(
                         let v: serde_json::Value = match serde_json::from_str(&f.value_json) {
                             Ok(v) => v,
                             Err(e) => {
-                                let _ = end_tx.send(Status::internal(format!(
+                                let _ = end_tx.send(NodeError::internal(format!(
                                     "node {target} sent change {} with a value that is not JSON: {e}",
                                     c.sequence
                                 )));
@@ -694,14 +612,10 @@ pub async fn start_remote(
     Ok(stream)
 }
 
-/// Failures a remote subscription retries: the other node, its link or the path is away for now.
+/// Failures a remote subscription retries: the other node, its link or the path is away for now
+/// ([`is_callee_failure`]). Wider than that on purpose: ABORTED (a change sent in parts
+/// changed meanwhile) and RESOURCE_EXHAUSTED (the other node is busy) pass too, so the subscription
+/// resumes rather than ends.
 fn transient(code: tonic::Code) -> bool {
-    matches!(
-        code,
-        tonic::Code::Unavailable
-            | tonic::Code::DeadlineExceeded
-            | tonic::Code::Cancelled
-            | tonic::Code::Aborted
-            | tonic::Code::ResourceExhausted
-    )
+    is_callee_failure(code) || matches!(code, tonic::Code::Aborted | tonic::Code::ResourceExhausted)
 }

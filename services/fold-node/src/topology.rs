@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use fold_proto::v1::{PeerInfo, TopologyError, TopologyNode};
 use fold_proto::wire::Requester;
 use futures::StreamExt;
-use tonic::Status;
+
+use crate::error::NodeError;
 
 use crate::mesh::{MeshLink, valid_node_id};
 
@@ -37,7 +38,7 @@ pub struct Gathered {
     pub not_asked: u32,
 }
 
-fn error_of(s: &Status) -> TopologyError {
+fn error_of(s: &NodeError) -> TopologyError {
     TopologyError {
         code: s.code() as i32,
         message: s.message().chars().take(1024).collect(),
@@ -45,7 +46,7 @@ fn error_of(s: &Status) -> TopologyError {
 }
 
 /// A node's route from here and what it answered.
-type Answer = (Vec<String>, Result<Vec<PeerInfo>, Status>);
+type Answer = (Vec<String>, Result<Vec<PeerInfo>, NodeError>);
 
 /// Gather the topology: `own_peers` are this node's (hop 0) connected peers.
 pub async fn gather(
@@ -102,19 +103,19 @@ pub async fn gather(
                 async move {
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
-                        let s = Status::deadline_exceeded(format!(
+                        let s = NodeError::deadline_exceeded(format!(
                             "not asked: the topology's time budget of {budget_ms} ms ran out first"
                         ));
                         return (route, Err(s));
                     }
                     // The first node of the route relays along the rest.
                     let Some((first, via)) = route.split_first() else {
-                        return (route, Err(Status::internal("empty route")));
+                        return (route, Err(NodeError::internal("empty route")));
                     };
                     let ask =
                         mesh.forward_peers(first.clone(), via.to_vec(), requester, Some(left));
                     let r = tokio::time::timeout(left, ask).await.unwrap_or_else(|_| {
-                        Err(Status::deadline_exceeded(format!(
+                        Err(NodeError::deadline_exceeded(format!(
                             "did not answer within the topology's time budget of {budget_ms} ms"
                         )))
                     });

@@ -121,7 +121,7 @@ proptest! {
             0 => KeyFilter::Key(a.clone()),
             1 => KeyFilter::Prefix(a.clone()),
             2 => KeyFilter::Range { start: a.clone().min(b.clone()), end: a.clone().max(b.clone()) },
-            _ => KeyFilter::Pattern(format!("{a}*{b}")),
+            _ => KeyFilter::Pattern(fold_node::filter::Glob::new(&format!("{a}*{b}"))),
         };
         let start = filter.scan_start();
         let mut scanned = Vec::new();

@@ -5,6 +5,12 @@
 //! as link failures. A peer without the streaming method (UNIMPLEMENTED when opening) is reported
 //! once as [`MuxError::Unsupported`] so the caller can fall back to its unary call.
 //!
+//! A message over the link's size limit fails alone, never the stream: the sending side measures
+//! each request ([`StreamMux::call`]) and each answer ([`serve_stream`]) before it goes out, and
+//! one over the limit becomes that request's RESOURCE_EXHAUSTED (naming the limit and what to
+//! do) while every other request on the stream goes on. (gRPC resets a whole stream on one
+//! message over its encoding limit.)
+//!
 //! Written here rather than taken from a crate: what it needs is small (an id → oneshot map per
 //! stream, one reader task) and tied to tonic's `Streaming`; the general-purpose multiplexers
 //! (e.g. tower's `Buffer`, `tokio-tower`'s pipeline/multiplex) are built around a `Transport` of
@@ -100,15 +106,31 @@ pub struct StreamMux<Req, Resp, A> {
     unsupported: AtomicBool,
     next_id: AtomicU64,
     max_pending: usize,
+    /// Largest request sent on the stream (the link's gRPC encoding limit).
+    max_message_bytes: usize,
     codec: Codec<Req, Resp, A>,
 }
 
 /// Requests queued for the stream's writer.
 const SEND_BUFFER: usize = 1024;
 
+/// What to say of a request too large for the link: RESOURCE_EXHAUSTED naming both sizes.
+pub fn request_too_large(len: usize, limit: usize, peer: &str) -> Status {
+    Status::resource_exhausted(format!(
+        "the request is {len} bytes, over the {limit}-byte message limit of the local link to {peer} (--max-message-bytes / --max-forward-bytes); send less in one request (fewer or smaller values, a smaller batch)"
+    ))
+}
+
+/// What to say of an answer too large for the link: RESOURCE_EXHAUSTED naming both sizes.
+pub fn answer_too_large(len: usize, limit: usize) -> Status {
+    Status::resource_exhausted(format!(
+        "the answer is {len} bytes, over the {limit}-byte message limit of the local link (--max-message-bytes / --max-forward-bytes); ask for less in one request, e.g. a smaller page_size"
+    ))
+}
+
 impl<Req, Resp, A> StreamMux<Req, Resp, A>
 where
-    Req: Send + 'static,
+    Req: prost::Message + Send + 'static,
     Resp: Send + 'static,
     A: Send + 'static,
 {
@@ -120,8 +142,16 @@ where
             unsupported: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             max_pending: max_pending.max(1),
+            max_message_bytes: usize::MAX,
             codec,
         }
+    }
+
+    /// Refuse (RESOURCE_EXHAUSTED, that request alone) a request whose encoding is over `n`
+    /// bytes, instead of letting gRPC reset the stream and every request on it.
+    pub fn with_max_message_bytes(mut self, n: usize) -> Self {
+        self.max_message_bytes = n;
+        self
     }
 
     /// Send `req` on the stream (opened with `open` if none is) and wait at most `timeout` for
@@ -138,6 +168,15 @@ where
     {
         if self.unsupported.load(Ordering::Relaxed) {
             return Err(MuxError::Unsupported(req));
+        }
+        // Measured with the id it will carry (a varint: at most 10 bytes more).
+        let len = req.encoded_len() + 11;
+        if len > self.max_message_bytes {
+            return Err(MuxError::Status(request_too_large(
+                len,
+                self.max_message_bytes,
+                self.peer,
+            )));
         }
         let live = match self.live(open).await {
             Ok(l) => l,
@@ -269,23 +308,45 @@ async fn read_answers<Req, Resp, A>(
     }
 }
 
+/// `answer`, or (when its encoding is over `max` bytes) the refusal that says so.
+fn fit_answer<Resp: prost::Message>(
+    answer: Resp,
+    id: u64,
+    max: usize,
+    refuse: fn(u64, Status) -> Resp,
+) -> Resp {
+    let len = answer.encoded_len();
+    if len <= max {
+        return answer;
+    }
+    tracing::info!(
+        len,
+        limit = max,
+        "an answer over the local link's limit was refused"
+    );
+    refuse(id, answer_too_large(len, max))
+}
+
 /// Answers buffered per served stream before the server waits for the client to read.
 const ANSWER_BUFFER: usize = 1024;
 
 /// The serving side of a multiplexed stream: each request of `inbound` is handled on its own
 /// task by `handle` (at most `max_in_flight` at once; beyond that a request is answered at once
 /// with `refuse(id, RESOURCE_EXHAUSTED)`), and the answers go back in the order they finish.
+/// An answer over `max_answer_bytes` (the server's encoding limit) is replaced by
+/// `refuse(id, RESOURCE_EXHAUSTED)` saying so: it fails alone, the stream goes on.
 /// A client that stops reading stops this stream's requests from being taken, never the server.
 pub fn serve_stream<Req, Resp, F, Fut>(
     mut inbound: tonic::Streaming<Req>,
     max_in_flight: usize,
+    max_answer_bytes: usize,
     id_of: fn(&Req) -> u64,
     refuse: fn(u64, Status) -> Resp,
     handle: F,
 ) -> ReceiverStream<Result<Resp, Status>>
 where
     Req: Send + 'static,
-    Resp: Send + 'static,
+    Resp: prost::Message + Send + 'static,
     F: Fn(Req) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Resp> + Send + 'static,
 {
@@ -311,10 +372,85 @@ where
             let work = handle(req);
             tokio::spawn(async move {
                 let _permit = permit;
+                let answer = fit_answer(work.await, id, max_answer_bytes, refuse);
                 // The client went away: its answer has nowhere to go.
-                let _ = tx.send(Ok(work.await)).await;
+                let _ = tx.send(Ok(answer)).await;
             });
         }
     });
     ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Msg {
+        #[prost(uint64, tag = "1")]
+        id: u64,
+        #[prost(bytes = "vec", tag = "2")]
+        body: Vec<u8>,
+    }
+
+    const CODEC: Codec<Msg, Msg, Msg> = Codec {
+        set_id: |m, id| m.id = id,
+        id_of: |m| m.id,
+        answer: Ok,
+    };
+
+    /// A request over the limit is refused alone, before any stream is opened or touched.
+    #[tokio::test]
+    async fn a_request_over_the_limit_fails_alone_before_it_is_sent() {
+        let mux = StreamMux::new("the test", 8, CODEC).with_max_message_bytes(1024);
+        let big = Msg {
+            id: 0,
+            body: vec![7; 2000],
+        };
+        let r = mux
+            .call(big, Duration::from_secs(1), |_| async {
+                Err::<tonic::Streaming<Msg>, _>(Status::internal("must not be opened"))
+            })
+            .await;
+        let Err(MuxError::Status(s)) = r else {
+            panic!("an oversized request was sent");
+        };
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert!(s.message().contains("1024-byte"), "{}", s.message());
+        // A small one does reach the stream (here: its opening, which fails).
+        let r = mux
+            .call(Msg::default(), Duration::from_secs(1), |_| async {
+                Err::<tonic::Streaming<Msg>, _>(Status::internal("opened"))
+            })
+            .await;
+        let Err(MuxError::Status(s)) = r else {
+            panic!("no error from a failed opening");
+        };
+        assert!(s.message().contains("opened"), "{}", s.message());
+    }
+
+    /// An answer over the limit becomes the refusal for its id; others pass unchanged.
+    #[test]
+    fn an_answer_over_the_limit_becomes_its_own_refusal() {
+        let refuse = |id, s: Status| Msg {
+            id,
+            body: s.message().as_bytes().to_vec(),
+        };
+        let ok = Msg {
+            id: 3,
+            body: vec![1; 10],
+        };
+        assert_eq!(fit_answer(ok.clone(), 3, 100, refuse), ok);
+        let big = Msg {
+            id: 4,
+            body: vec![1; 200],
+        };
+        let fitted = fit_answer(big, 4, 100, refuse);
+        assert_eq!(fitted.id, 4);
+        let text = String::from_utf8(fitted.body).unwrap();
+        assert!(
+            text.contains("page_size") && text.contains("100-byte"),
+            "{text}"
+        );
+    }
 }

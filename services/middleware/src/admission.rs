@@ -18,7 +18,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::load_shed::error::Overloaded;
 use tower::{Layer, Service, ServiceExt};
 
-use crate::errors::BoxError;
+use crate::boxed::BoxError;
 
 #[derive(Debug)]
 struct State {

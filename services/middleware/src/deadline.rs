@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tower::{Layer, Service};
 
-use crate::errors::BoxError;
+use crate::boxed::BoxError;
 
 /// Parse a `grpc-timeout` header value (`<digits><H|M|S|m|u|n>`).
 pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {

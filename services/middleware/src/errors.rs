@@ -14,7 +14,7 @@ use tower::{Layer, Service};
 use crate::breaker::BreakerOpen;
 use crate::rate_limit::RateLimited;
 
-pub type BoxError = Box<dyn Error + Send + Sync + 'static>;
+pub use crate::boxed::BoxError;
 
 /// Map an error from any foldmesh layer (or from tower's) to its gRPC status.
 pub fn status_for(err: &(dyn Error + 'static)) -> Status {

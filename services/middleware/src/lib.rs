@@ -8,6 +8,7 @@
 //! - [`errors`]: the error → status mapping and the outermost layer that applies it
 
 pub mod admission;
+pub mod boxed;
 pub mod breaker;
 pub mod deadline;
 pub mod errors;

@@ -13,7 +13,7 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tower::{Layer, Service};
 
-use crate::errors::BoxError;
+use crate::boxed::BoxError;
 
 /// Refusal: the key spent its budget.
 #[derive(Debug, Clone, thiserror::Error)]

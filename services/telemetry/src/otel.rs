@@ -1,18 +1,31 @@
-//! Logs and traces. Logs go to stderr (`RUST_LOG` sets the level, default info). Traces are
-//! exported over OTLP/gRPC when the standard `OTEL_EXPORTER_OTLP_ENDPOINT` (or
-//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, and are off otherwise; `OTEL_SERVICE_NAME`,
-//! `OTEL_SDK_DISABLED` and the exporter's other `OTEL_*` variables are honoured.
+//! Logs and traces, each with its own filter. Logs go to stderr; `RUST_LOG` sets their level
+//! (default [`DEFAULT_LOG_FILTER`]) and nothing else. Traces are exported over OTLP/gRPC when the
+//! standard `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, and
+//! are off otherwise; which spans are exported is up to the `OTEL_*` variables alone
+//! (`OTEL_TRACES_SAMPLER`, `OTEL_TRACES_EXPORTER=none`, `OTEL_SDK_DISABLED`, the exporter's
+//! own), over the spans of [`SPAN_FILTER`] — never the log level: `RUST_LOG=warn` still exports
+//! every request's spans. `OTEL_SERVICE_NAME` overrides the service name.
+//!
+//! The resource names the process: `service.name` (the binary, or `OTEL_SERVICE_NAME`),
+//! `service.namespace` = `foldmesh`, `fold.role` (`node` or `sidecar`), and, once the process
+//! knows it ([`set_instance_id`]), `service.instance.id` = the node id (the libp2p PeerId the
+//! two processes of one node share).
 //!
 //! W3C trace context (`traceparent`, `tracestate`) crosses every hop: [`extract_metadata`] /
 //! [`extract_map`] read a parent context from gRPC metadata or from a message's trace-context
 //! map, and [`inject_current`] writes the current span's context into a map for the next hop.
 
 use std::collections::HashMap;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use opentelemetry::KeyValue;
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -57,6 +70,30 @@ pub fn otlp_requested() -> bool {
 /// logs what matters, so that module logs errors only unless `RUST_LOG` says otherwise.
 pub const DEFAULT_LOG_FILTER: &str = "info,libp2p_kad::behaviour=error";
 
+/// Spans (and the events inside them) that trace export sees, whatever `RUST_LOG` says: the
+/// request spans of both processes are at INFO; libraries' DEBUG/TRACE spans stay out.
+pub const SPAN_FILTER: &str = "info,libp2p_kad::behaviour=error";
+
+/// The node id, once known: the resource's `service.instance.id`.
+static INSTANCE_ID: OnceLock<String> = OnceLock::new();
+
+/// Name this process's traces with its node id (`service.instance.id`). The first call wins;
+/// spans exported before it carry the rest of the resource only.
+pub fn set_instance_id(node_id: &str) {
+    if !node_id.is_empty() {
+        let _ = INSTANCE_ID.set(node_id.to_string());
+    }
+}
+
+/// The role of a process from its service name: `node` or `sidecar`.
+fn role(service_name: &str) -> &'static str {
+    if service_name.contains("sidecar") {
+        "sidecar"
+    } else {
+        "node"
+    }
+}
+
 /// Install logging (and tracing export when configured). Call inside a tokio runtime.
 pub fn init(service_name: &'static str, log_format: &str) -> TelemetryGuard {
     let filter =
@@ -82,21 +119,14 @@ pub fn init(service_name: &'static str, log_format: &str) -> TelemetryGuard {
             .build()
         {
             Ok(exporter) => {
-                let name = std::env::var("OTEL_SERVICE_NAME")
-                    .ok()
-                    .filter(|s| !s.is_empty())
-                    .unwrap_or_else(|| service_name.to_string());
-                let p = SdkTracerProvider::builder()
-                    .with_batch_exporter(exporter)
-                    .with_resource(
-                        opentelemetry_sdk::Resource::builder()
-                            .with_service_name(name)
-                            .build(),
-                    )
-                    .build();
+                let p = tracer_provider(service_name, exporter);
                 let tracer = p.tracer(service_name);
                 provider = Some(p);
-                Some(tracing_opentelemetry::layer().with_tracer(tracer))
+                Some(
+                    tracing_opentelemetry::layer()
+                        .with_tracer(tracer)
+                        .with_filter(EnvFilter::new(SPAN_FILTER)),
+                )
             }
             Err(e) => {
                 export_error = Some(e.to_string());
@@ -106,9 +136,9 @@ pub fn init(service_name: &'static str, log_format: &str) -> TelemetryGuard {
     } else {
         None
     };
+    // Each layer has its own filter: the log level never decides what is traced.
     tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt)
+        .with(fmt.with_filter(filter))
         .with(otel_layer)
         .init();
     if let Some(e) = export_error {
@@ -117,6 +147,92 @@ pub fn init(service_name: &'static str, log_format: &str) -> TelemetryGuard {
         tracing::info!("exporting traces over OTLP");
     }
     TelemetryGuard { provider }
+}
+
+/// The tracer provider: batches to `exporter`, with the resource naming this process.
+fn tracer_provider<E: SpanExporter + 'static>(
+    service_name: &'static str,
+    exporter: E,
+) -> SdkTracerProvider {
+    let name = std::env::var("OTEL_SERVICE_NAME")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| service_name.to_string());
+    SdkTracerProvider::builder()
+        .with_batch_exporter(InstanceExporter::new(exporter))
+        .with_resource(
+            Resource::builder()
+                .with_service_name(name)
+                .with_attributes([
+                    KeyValue::new("service.namespace", "foldmesh"),
+                    KeyValue::new("fold.role", role(service_name)),
+                ])
+                .build(),
+        )
+        .build()
+}
+
+/// An exporter that adds `service.instance.id` to the resource as soon as the node id is known
+/// (the provider's resource is fixed when it is built, before the process knows its id).
+#[derive(Debug)]
+struct InstanceExporter<E> {
+    inner: tokio::sync::Mutex<E>,
+    resource: Resource,
+    named: AtomicBool,
+}
+
+impl<E> InstanceExporter<E> {
+    fn new(inner: E) -> Self {
+        InstanceExporter {
+            inner: tokio::sync::Mutex::new(inner),
+            resource: Resource::builder_empty().build(),
+            named: AtomicBool::new(false),
+        }
+    }
+}
+
+/// `base` with `service.instance.id` = `id`.
+fn with_instance(base: &Resource, id: &str) -> Resource {
+    Resource::builder_empty()
+        .with_attributes(
+            base.iter()
+                .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
+        )
+        .with_attribute(KeyValue::new("service.instance.id", id.to_string()))
+        .build()
+}
+
+impl<E: SpanExporter> SpanExporter for InstanceExporter<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let mut inner = self.inner.lock().await;
+        if !self.named.load(Ordering::Acquire)
+            && let Some(id) = INSTANCE_ID.get()
+        {
+            inner.set_resource(&with_instance(&self.resource, id));
+            self.named.store(true, Ordering::Release);
+        }
+        inner.export(batch).await
+    }
+
+    fn shutdown_with_timeout(&self, timeout: std::time::Duration) -> OTelSdkResult {
+        match self.inner.try_lock() {
+            Ok(inner) => inner.shutdown_with_timeout(timeout),
+            Err(_) => Ok(()),
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        match self.inner.try_lock() {
+            Ok(inner) => inner.force_flush(),
+            Err(_) => Ok(()),
+        }
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.resource = resource.clone();
+        self.named.store(false, Ordering::Release);
+        self.inner.get_mut().set_resource(resource);
+    }
 }
 
 struct MetadataExtractor<'a>(&'a tonic::metadata::MetadataMap);
@@ -190,6 +306,24 @@ pub fn inject_metadata(map: &HashMap<String, String>, md: &mut tonic::metadata::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_resource_names_the_node_and_its_role() {
+        assert_eq!(role("p2p-sidecar"), "sidecar");
+        assert_eq!(role("fold-node"), "node");
+        let base = Resource::builder_empty()
+            .with_service_name("fold-node")
+            .with_attribute(KeyValue::new("fold.role", "node"))
+            .build();
+        let r = with_instance(&base, "12D3KooWX");
+        let get = |k: &str| {
+            r.get(&opentelemetry::Key::from(k.to_string()))
+                .map(|v| v.to_string())
+        };
+        assert_eq!(get("service.instance.id").as_deref(), Some("12D3KooWX"));
+        assert_eq!(get("service.name").as_deref(), Some("fold-node"));
+        assert_eq!(get("fold.role").as_deref(), Some("node"));
+    }
 
     #[test]
     fn extracts_w3c_parents() {
