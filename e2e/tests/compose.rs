@@ -362,7 +362,14 @@ async fn peers(addr: &str) -> Result<Vec<fold_proto::v1::PeerInfo>, String> {
 /// No peer shown connected while it is not: every peer `addr` shows connected answers a
 /// forwarded query (a connection just made may take a moment, so each gets a few seconds).
 async fn connected_peers_answer(addr: &str, after: &str) {
-    let list = peers(addr).await.unwrap_or_else(|e| panic!("{e}"));
+    // A node whose sidecar (or itself) just restarted may take a moment to see its sidecar again
+    // (its link reconnects with a short backoff): until then ListPeers is an honest UNAVAILABLE.
+    let list = eventually(
+        &format!("ListPeers on {addr} after {after}"),
+        Duration::from_secs(15),
+        || peers(addr),
+    )
+    .await;
     for p in list.into_iter().filter(|p| p.connected) {
         eventually(
             &format!("{addr} shows {} connected after {after}", p.node_id),

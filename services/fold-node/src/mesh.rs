@@ -46,7 +46,9 @@ type MeshSvc = GrpcMetricsService<WithToken<Channel>>;
 pub const NETWORK_SERVICE: &str = "fold.v1.Network";
 const NODE_ID_KEY: &str = "node_id";
 const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Longest wait between tries to reach the sidecar: a local socket is cheap to try, and a node
+/// that sees its restarted sidecar late answers UNAVAILABLE for no reason.
+const MAX_BACKOFF: Duration = Duration::from_millis(500);
 /// Longest node id accepted anywhere (a PeerId is 52 characters).
 pub const MAX_NODE_ID_BYTES: usize = fold_proto::limits::MAX_ID_BYTES;
 /// Most per-peer breakers kept; closed ones are pruned first.
