@@ -1,0 +1,346 @@
+//! One member of one group: open from the store, write, linearizable read, serve Raft RPCs.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::storage::Adaptor;
+use openraft::{LogId, RaftMetrics, ServerState};
+use redb::{Database, ReadTransaction, ReadableDatabase as _};
+
+use crate::network::{self, GroupNetwork, RaftRpc, RaftRpcReply};
+use crate::store::GroupStore;
+use crate::{
+    Command, GroupConfig, GroupId, GroupStateMachine, GroupTransport, Node, NodeId, Raft, SmError,
+    TransportError,
+};
+
+/// Opening or managing a group failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    /// The group id is empty, too long or has characters outside `[A-Za-z0-9._-]`.
+    #[error("invalid group id")]
+    InvalidGroupId,
+    /// The configuration is inconsistent.
+    #[error("invalid group config: {0}")]
+    Config(String),
+    /// openraft refused or failed.
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// A write was not acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WriteError {
+    /// This member is not the leader; nothing was proposed. Send the write to `leader`.
+    #[error("not the leader; the leader is {leader:?}")]
+    NotLeader {
+        /// The leader this member last knew.
+        leader: Option<NodeId>,
+    },
+    /// This member leads but has not heard from a quorum lately (it is on a minority side);
+    /// nothing was proposed.
+    #[error("no quorum; last known leader {leader:?}")]
+    NoQuorum {
+        /// The leader this member last knew (itself).
+        leader: Option<NodeId>,
+    },
+    /// Proposed but not known to be committed in time: it may or may not take effect.
+    #[error("not acknowledged in time; leader {leader:?}")]
+    Timeout {
+        /// The leader this member last knew.
+        leader: Option<NodeId>,
+    },
+    /// The member is stopping or failed; the write may or may not take effect.
+    #[error("member unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl WriteError {
+    /// Whether the write may still take effect (the caller cannot tell without reading).
+    pub fn is_indeterminate(&self) -> bool {
+        matches!(
+            self,
+            WriteError::Timeout { .. } | WriteError::Unavailable(_)
+        )
+    }
+
+    /// The leader this member last knew, if it named one.
+    pub fn leader(&self) -> Option<NodeId> {
+        match self {
+            WriteError::NotLeader { leader }
+            | WriteError::NoQuorum { leader }
+            | WriteError::Timeout { leader } => *leader,
+            WriteError::Unavailable(_) => None,
+        }
+    }
+}
+
+/// A linearizable read could not be served.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    /// No leader could confirm its leadership with a quorum in time.
+    #[error("no quorum; last known leader {leader:?}")]
+    NoQuorum {
+        /// The leader this member last knew.
+        leader: Option<NodeId>,
+    },
+    /// The member is stopping or failed, or the state could not be read.
+    #[error("member unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// One member of one group.
+pub struct Group<S, T> {
+    id: GroupId,
+    node_id: NodeId,
+    config: GroupConfig,
+    raft: Raft,
+    store: GroupStore<S>,
+    transport: Arc<T>,
+    refused: AtomicU64,
+}
+
+impl<S: GroupStateMachine, T: GroupTransport> Group<S, T> {
+    /// Opens member `node_id` of group `id` from `db` (creating nothing until Raft writes).
+    /// Reopening after a crash finds the vote, log and applied state again.
+    pub async fn open(
+        db: Arc<Database>,
+        id: GroupId,
+        node_id: NodeId,
+        config: GroupConfig,
+        sm: Arc<S>,
+        transport: Arc<T>,
+    ) -> Result<Self, GroupError> {
+        let raft_config = config.to_raft_config(id.as_str())?;
+        let store = GroupStore::new(db, &id, sm);
+        let (log_store, state_machine) = Adaptor::new(store.clone());
+        let network = GroupNetwork::new(transport.clone(), id.clone(), node_id);
+        let raft = Raft::new(node_id, raft_config, network, log_store, state_machine)
+            .await
+            .map_err(|e| GroupError::Raft(e.to_string()))?;
+        Ok(Self {
+            id,
+            node_id,
+            config,
+            raft,
+            store,
+            transport,
+            refused: AtomicU64::new(0),
+        })
+    }
+
+    /// Makes this member found the group with `members` as its voters (once, on one member).
+    pub async fn initialize(&self, members: BTreeMap<NodeId, Node>) -> Result<(), GroupError> {
+        self.raft
+            .initialize(members)
+            .await
+            .map_err(|e| GroupError::Raft(e.to_string()))
+    }
+
+    /// The group's id.
+    pub fn id(&self) -> &GroupId {
+        &self.id
+    }
+
+    /// This member's id.
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    /// The openraft handle (membership changes, metrics, triggers).
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// The storage (database, state machine).
+    pub fn store(&self) -> &GroupStore<S> {
+        &self.store
+    }
+
+    /// The latest Raft metrics (leader, term, log, applied, membership, replication lag).
+    pub fn metrics(&self) -> RaftMetrics<NodeId, Node> {
+        self.raft.metrics().borrow().clone()
+    }
+
+    /// Messages refused because the sender is not a member of the group (or was malformed).
+    pub fn refused_count(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Proposes `command`; returns the state machine's reply once a majority has made it durable
+    /// and it has been applied here. Only the leader proposes; other members answer
+    /// [`WriteError::NotLeader`], a leader cut off from its quorum answers
+    /// [`WriteError::NoQuorum`] without proposing.
+    pub async fn write(&self, command: Vec<u8>) -> Result<Vec<u8>, WriteError> {
+        let m = self.metrics();
+        if m.state != ServerState::Leader {
+            return Err(WriteError::NotLeader {
+                leader: m.current_leader,
+            });
+        }
+        let stale_after =
+            u64::try_from(self.config.election_timeout_max.as_millis()).unwrap_or(u64::MAX);
+        if m.millis_since_quorum_ack.is_none_or(|ms| ms > stale_after)
+            && m.membership_config.voter_ids().count() > 1
+        {
+            return Err(WriteError::NoQuorum {
+                leader: m.current_leader,
+            });
+        }
+        match tokio::time::timeout(
+            self.config.write_timeout,
+            self.raft.client_write(Command(command)),
+        )
+        .await
+        {
+            Err(_) => Err(WriteError::Timeout {
+                leader: self.metrics().current_leader,
+            }),
+            Ok(Ok(resp)) => Ok(resp.data.0),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                Err(WriteError::NotLeader {
+                    leader: f.leader_id,
+                })
+            }
+            Ok(Err(e)) => Err(WriteError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// A linearizable read on any member: the leader confirms its leadership with a quorum and
+    /// names a read index (asked over the transport when this member is not the leader), this
+    /// member waits until it has applied that index, then `read` runs on its local state.
+    pub async fn read<R, F>(&self, read: F) -> Result<R, ReadError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&S, &ReadTransaction) -> Result<R, SmError> + Send + 'static,
+    {
+        let deadline = self.config.read_timeout;
+        let index = tokio::time::timeout(deadline, self.read_index())
+            .await
+            .map_err(|_| ReadError::NoQuorum {
+                leader: self.metrics().current_leader,
+            })??;
+        self.raft
+            .wait(Some(deadline))
+            .applied_index_at_least(index.map(|l| l.index), "linearizable read")
+            .await
+            .map_err(|e| ReadError::Unavailable(e.to_string()))?;
+        self.read_local(read).await
+    }
+
+    /// Reads this member's applied state as it is, without asking the leader (may be stale).
+    pub async fn read_local<R, F>(&self, read: F) -> Result<R, ReadError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&S, &ReadTransaction) -> Result<R, SmError> + Send + 'static,
+    {
+        let db = self.store.database().clone();
+        let sm = self.store.state_machine().clone();
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_read().map_err(|e| e.to_string())?;
+            read(&sm, &txn).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| ReadError::Unavailable(e.to_string()))?
+        .map_err(ReadError::Unavailable)
+    }
+
+    async fn read_index(&self) -> Result<Option<LogId<NodeId>>, ReadError> {
+        let leader = self.metrics().current_leader;
+        let no_quorum = ReadError::NoQuorum { leader };
+        let result = match leader {
+            None => return Err(no_quorum),
+            Some(l) if l == self.node_id => self
+                .raft
+                .get_read_log_id()
+                .await
+                .map(|(read, _applied)| read),
+            Some(l) => {
+                match network::call(
+                    &*self.transport,
+                    &self.id,
+                    self.node_id,
+                    l,
+                    &RaftRpc::ReadIndex,
+                    self.config.read_timeout,
+                )
+                .await
+                {
+                    Ok(RaftRpcReply::ReadIndex(r)) => r,
+                    Ok(_) | Err(TransportError::Unreachable(..) | TransportError::Timeout(_)) => {
+                        return Err(no_quorum);
+                    }
+                }
+            }
+        };
+        result.map_err(|e| match e {
+            RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => ReadError::NoQuorum {
+                leader: f.leader_id,
+            },
+            RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)) => no_quorum,
+            RaftError::Fatal(f) => ReadError::Unavailable(f.to_string()),
+        })
+    }
+
+    /// Serves one Raft request from member `from` (as authenticated by the transport) and
+    /// returns the encoded reply. Requests from outside the group's membership are refused and
+    /// counted (a member that has not joined any membership yet accepts its first leader).
+    pub async fn handle_rpc(&self, from: NodeId, request: &[u8]) -> Vec<u8> {
+        let reply = self.serve(from, request).await;
+        if matches!(reply, RaftRpcReply::Refused(_)) {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        network::encode(&reply).unwrap_or_else(|| {
+            network::encode(&RaftRpcReply::Refused("reply over the size limit".into()))
+                .unwrap_or_default()
+        })
+    }
+
+    async fn serve(&self, from: NodeId, request: &[u8]) -> RaftRpcReply {
+        let known = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            let membership = m.membership_config.membership();
+            membership.nodes().next().is_none() || membership.get_node(&from).is_some()
+        };
+        if !known {
+            tracing::warn!(group = %self.id, from, "refused a raft message from a non-member");
+            return RaftRpcReply::Refused(format!("{from} is not a member of group {}", self.id));
+        }
+        let rpc = match network::decode::<RaftRpc>(request) {
+            Ok(rpc) => rpc,
+            Err(e) => return RaftRpcReply::Refused(e),
+        };
+        match rpc {
+            RaftRpc::AppendEntries(req) => {
+                RaftRpcReply::AppendEntries(self.raft.append_entries(req).await)
+            }
+            RaftRpc::Vote(req) => RaftRpcReply::Vote(self.raft.vote(req).await),
+            RaftRpc::InstallSnapshot(req) => {
+                RaftRpcReply::InstallSnapshot(self.raft.install_snapshot(req).await)
+            }
+            RaftRpc::ReadIndex => RaftRpcReply::ReadIndex(
+                self.raft
+                    .get_read_log_id()
+                    .await
+                    .map(|(read, _applied)| read),
+            ),
+        }
+    }
+
+    /// Stops this member's Raft tasks (the store stays as it is on disk).
+    pub async fn shutdown(&self) -> Result<(), GroupError> {
+        self.raft
+            .shutdown()
+            .await
+            .map_err(|e| GroupError::Raft(e.to_string()))
+    }
+
+    /// Time allowed for one RPC (from the config).
+    pub fn rpc_timeout(&self) -> Duration {
+        self.config.rpc_timeout
+    }
+}

@@ -1,0 +1,242 @@
+//! Raft RPCs as bytes over a pluggable transport (later: the sidecars' signed streams).
+//!
+//! The sending side is an openraft `RaftNetworkFactory` over any [`GroupTransport`]: each RPC
+//! (vote, append entries, one snapshot chunk, read index) becomes one request and one reply of at
+//! most [`MAX_RPC_BYTES`]. The receiving side is [`crate::Group::handle_rpc`], which checks the
+//! sender is a member and hands the request to openraft.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use openraft::LogId;
+use openraft::error::{
+    CheckIsLeaderError, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError,
+    Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{GroupId, Node, NodeId, TypeConfig};
+
+/// Largest request or reply accepted on the wire (bytes). Appends are bounded by
+/// `GroupConfig::max_entries_per_append`, snapshot chunks by `GroupConfig::snapshot_chunk_bytes`.
+pub const MAX_RPC_BYTES: usize = 8 * 1024 * 1024;
+
+/// Why a message did not get an answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TransportError {
+    /// The target cannot be reached now (down, partitioned, no route).
+    #[error("member {0} unreachable: {1}")]
+    Unreachable(NodeId, String),
+    /// No answer in time.
+    #[error("member {0} did not answer in time")]
+    Timeout(NodeId),
+}
+
+/// Carries one request to one member of a group and brings back its reply, as bytes.
+///
+/// The transport authenticates the sender: the receiving side passes the sender's member id to
+/// [`crate::Group::handle_rpc`] from what the link proved, not from the message.
+pub trait GroupTransport: Send + Sync + 'static {
+    /// Sends `request` from `from` to `to` for `group` and waits for the reply.
+    fn send(
+        &self,
+        from: NodeId,
+        to: NodeId,
+        group: &GroupId,
+        request: Vec<u8>,
+    ) -> impl Future<Output = Result<Vec<u8>, TransportError>> + Send;
+}
+
+/// A Raft request on the wire.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RaftRpc {
+    /// Append entries / heartbeat from the leader.
+    AppendEntries(AppendEntriesRequest<TypeConfig>),
+    /// A candidate asks for a vote.
+    Vote(VoteRequest<NodeId>),
+    /// One chunk of a snapshot from the leader.
+    InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    /// A member asks the leader for a read index (linearizable read on a follower).
+    ReadIndex,
+}
+
+/// A Raft reply on the wire.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RaftRpcReply {
+    /// Reply to [`RaftRpc::AppendEntries`].
+    AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    /// Reply to [`RaftRpc::Vote`].
+    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    /// Reply to [`RaftRpc::InstallSnapshot`].
+    InstallSnapshot(
+        Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
+    ),
+    /// Reply to [`RaftRpc::ReadIndex`]: the log id the reader must have applied.
+    ReadIndex(Result<Option<LogId<NodeId>>, RaftError<NodeId, CheckIsLeaderError<NodeId, Node>>>),
+    /// The receiver refused the message (not from a member, malformed, too large).
+    Refused(String),
+}
+
+/// Encodes a wire message; `None` when it would exceed [`MAX_RPC_BYTES`].
+pub fn encode<T: Serialize>(msg: &T) -> Option<Vec<u8>> {
+    serde_json::to_vec(msg)
+        .ok()
+        .filter(|b| b.len() <= MAX_RPC_BYTES)
+}
+
+/// Decodes a wire message of at most [`MAX_RPC_BYTES`].
+pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, String> {
+    if bytes.len() > MAX_RPC_BYTES {
+        return Err(format!(
+            "message of {} bytes over the {MAX_RPC_BYTES} byte limit",
+            bytes.len()
+        ));
+    }
+    serde_json::from_slice(bytes).map_err(|e| format!("malformed message: {e}"))
+}
+
+/// openraft's network factory for one member of one group over a [`GroupTransport`].
+pub struct GroupNetwork<T> {
+    transport: Arc<T>,
+    group: GroupId,
+    from: NodeId,
+}
+
+impl<T> GroupNetwork<T> {
+    /// The network of member `from` of `group`.
+    pub fn new(transport: Arc<T>, group: GroupId, from: NodeId) -> Self {
+        Self {
+            transport,
+            group,
+            from,
+        }
+    }
+}
+
+impl<T: GroupTransport> RaftNetworkFactory<TypeConfig> for GroupNetwork<T> {
+    type Network = GroupConnection<T>;
+
+    async fn new_client(&mut self, target: NodeId, _node: &Node) -> Self::Network {
+        GroupConnection {
+            transport: self.transport.clone(),
+            group: self.group.clone(),
+            from: self.from,
+            target,
+        }
+    }
+}
+
+/// openraft's connection from one member to another.
+pub struct GroupConnection<T> {
+    transport: Arc<T>,
+    group: GroupId,
+    from: NodeId,
+    target: NodeId,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct WireError(String);
+
+/// Sends one request to `target` over `transport` and decodes the reply (shared by openraft's
+/// connection and [`crate::Group`]'s read-index request).
+pub(crate) async fn call<T: GroupTransport>(
+    transport: &T,
+    group: &GroupId,
+    from: NodeId,
+    target: NodeId,
+    rpc: &RaftRpc,
+    ttl: std::time::Duration,
+) -> Result<RaftRpcReply, TransportError> {
+    let bytes = encode(rpc)
+        .ok_or_else(|| TransportError::Unreachable(target, "request over the size limit".into()))?;
+    let reply = tokio::time::timeout(ttl, transport.send(from, target, group, bytes))
+        .await
+        .map_err(|_| TransportError::Timeout(target))??;
+    match decode::<RaftRpcReply>(&reply) {
+        Ok(RaftRpcReply::Refused(why)) => Err(TransportError::Unreachable(
+            target,
+            format!("refused: {why}"),
+        )),
+        Ok(reply) => Ok(reply),
+        Err(e) => Err(TransportError::Unreachable(target, e)),
+    }
+}
+
+impl<T: GroupTransport> GroupConnection<T> {
+    async fn request<E: std::error::Error>(
+        &self,
+        rpc: RaftRpc,
+        option: &RPCOption,
+    ) -> Result<RaftRpcReply, RPCError<NodeId, Node, E>> {
+        call(
+            &*self.transport,
+            &self.group,
+            self.from,
+            self.target,
+            &rpc,
+            option.hard_ttl(),
+        )
+        .await
+        .map_err(|e| match e {
+            TransportError::Unreachable(..) => RPCError::Unreachable(Unreachable::new(&e)),
+            TransportError::Timeout(..) => RPCError::Network(NetworkError::new(&e)),
+        })
+    }
+
+    fn unexpected<E: std::error::Error>(&self, reply: &RaftRpcReply) -> RPCError<NodeId, Node, E> {
+        RPCError::Network(NetworkError::new(&WireError(format!(
+            "unexpected reply from {}: {reply:?}",
+            self.target
+        ))))
+    }
+}
+
+impl<T: GroupTransport> RaftNetwork<TypeConfig> for GroupConnection<T> {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
+        match self.request(RaftRpc::AppendEntries(rpc), &option).await? {
+            RaftRpcReply::AppendEntries(r) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, Node, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        match self.request(RaftRpc::InstallSnapshot(rpc), &option).await? {
+            RaftRpcReply::InstallSnapshot(r) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
+        match self.request(RaftRpc::Vote(rpc), &option).await? {
+            RaftRpcReply::Vote(r) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            other => Err(self.unexpected(&other)),
+        }
+    }
+}
