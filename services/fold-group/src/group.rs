@@ -10,7 +10,7 @@ use openraft::storage::Adaptor;
 use openraft::{LogId, RaftMetrics, ServerState};
 use redb::{Database, ReadTransaction, ReadableDatabase as _};
 
-use crate::network::{self, GroupNetwork, RaftRpc, RaftRpcReply};
+use crate::network::{self, Contacts, GroupNetwork, RaftRpc, RaftRpcReply};
 use crate::store::GroupStore;
 use crate::{
     Command, GroupConfig, GroupId, GroupStateMachine, GroupTransport, Node, NodeId, Raft, SmError,
@@ -100,6 +100,7 @@ pub struct Group<S, T> {
     raft: Raft,
     store: GroupStore<S>,
     transport: Arc<T>,
+    contacts: Contacts,
     refused: AtomicU64,
 }
 
@@ -117,7 +118,8 @@ impl<S: GroupStateMachine, T: GroupTransport> Group<S, T> {
         let raft_config = config.to_raft_config(id.as_str())?;
         let store = GroupStore::new(db, &id, sm);
         let (log_store, state_machine) = Adaptor::new(store.clone());
-        let network = GroupNetwork::new(transport.clone(), id.clone(), node_id);
+        let contacts = Contacts::default();
+        let network = GroupNetwork::new(transport.clone(), id.clone(), node_id, contacts.clone());
         let raft = Raft::new(node_id, raft_config, network, log_store, state_machine)
             .await
             .map_err(|e| GroupError::Raft(e.to_string()))?;
@@ -128,6 +130,7 @@ impl<S: GroupStateMachine, T: GroupTransport> Group<S, T> {
             raft,
             store,
             transport,
+            contacts,
             refused: AtomicU64::new(0),
         })
     }
@@ -181,10 +184,11 @@ impl<S: GroupStateMachine, T: GroupTransport> Group<S, T> {
                 leader: m.current_leader,
             });
         }
-        let stale_after =
-            u64::try_from(self.config.election_timeout_max.as_millis()).unwrap_or(u64::MAX);
-        if m.millis_since_quorum_ack.is_none_or(|ms| ms > stale_after)
-            && m.membership_config.voter_ids().count() > 1
+        // A leader that has not heard from a majority for a while is most likely on a minority
+        // side: refuse rather than propose what it cannot commit.
+        if !self
+            .contacts
+            .has_recent_quorum(self.node_id, &m, self.config.election_timeout_max * 2)
         {
             return Err(WriteError::NoQuorum {
                 leader: m.current_leader,

@@ -5,10 +5,11 @@
 //! most [`MAX_RPC_BYTES`]. The receiving side is [`crate::Group::handle_rpc`], which checks the
 //! sender is a member and hands the request to openraft.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use openraft::LogId;
 use openraft::error::{
     CheckIsLeaderError, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError,
     Unreachable,
@@ -18,6 +19,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
+use openraft::{LogId, RaftMetrics};
 use serde::{Deserialize, Serialize};
 
 use crate::{GroupId, Node, NodeId, TypeConfig};
@@ -100,20 +102,55 @@ pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, String> {
     serde_json::from_slice(bytes).map_err(|e| format!("malformed message: {e}"))
 }
 
+/// When each member last answered this one (any decoded reply counts): lets a leader tell it
+/// has lost its majority without waiting on a proposal. Bounded by the membership (one entry per
+/// member this member ever sent to).
+#[derive(Clone, Default)]
+pub struct Contacts(Arc<Mutex<HashMap<NodeId, Instant>>>);
+
+impl Contacts {
+    fn record(&self, member: NodeId) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(member, Instant::now());
+    }
+
+    /// Whether `me` plus the members that answered within `window` form a majority of every
+    /// configuration in `metrics`' membership (both halves of a joint one).
+    pub fn has_recent_quorum(
+        &self,
+        me: NodeId,
+        metrics: &RaftMetrics<NodeId, Node>,
+        window: Duration,
+    ) -> bool {
+        let seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let fresh = |id: &NodeId| *id == me || seen.get(id).is_some_and(|t| t.elapsed() <= window);
+        metrics
+            .membership_config
+            .membership()
+            .get_joint_config()
+            .iter()
+            .all(|voters| voters.iter().filter(|id| fresh(id)).count() * 2 > voters.len())
+    }
+}
+
 /// openraft's network factory for one member of one group over a [`GroupTransport`].
 pub struct GroupNetwork<T> {
     transport: Arc<T>,
     group: GroupId,
     from: NodeId,
+    contacts: Contacts,
 }
 
 impl<T> GroupNetwork<T> {
-    /// The network of member `from` of `group`.
-    pub fn new(transport: Arc<T>, group: GroupId, from: NodeId) -> Self {
+    /// The network of member `from` of `group`, noting in `contacts` who answers.
+    pub fn new(transport: Arc<T>, group: GroupId, from: NodeId, contacts: Contacts) -> Self {
         Self {
             transport,
             group,
             from,
+            contacts,
         }
     }
 }
@@ -127,6 +164,7 @@ impl<T: GroupTransport> RaftNetworkFactory<TypeConfig> for GroupNetwork<T> {
             group: self.group.clone(),
             from: self.from,
             target,
+            contacts: self.contacts.clone(),
         }
     }
 }
@@ -137,6 +175,7 @@ pub struct GroupConnection<T> {
     group: GroupId,
     from: NodeId,
     target: NodeId,
+    contacts: Contacts,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -174,7 +213,7 @@ impl<T: GroupTransport> GroupConnection<T> {
         rpc: RaftRpc,
         option: &RPCOption,
     ) -> Result<RaftRpcReply, RPCError<NodeId, Node, E>> {
-        call(
+        let reply = call(
             &*self.transport,
             &self.group,
             self.from,
@@ -182,8 +221,11 @@ impl<T: GroupTransport> GroupConnection<T> {
             &rpc,
             option.hard_ttl(),
         )
-        .await
-        .map_err(|e| match e {
+        .await;
+        if reply.is_ok() {
+            self.contacts.record(self.target);
+        }
+        reply.map_err(|e| match e {
             TransportError::Unreachable(..) => RPCError::Unreachable(Unreachable::new(&e)),
             TransportError::Timeout(..) => RPCError::Network(NetworkError::new(&e)),
         })
