@@ -123,7 +123,20 @@ impl Cluster {
     /// Opens member `id` from its redb file (created empty the first time) and links it.
     pub async fn up(&self, id: NodeId) -> Arc<Member> {
         let path = self.path(id);
-        let db = Arc::new(redb::Database::create(&path).expect("open redb file"));
+        // The last handle of a crashed member may still be closing on another thread (the weak
+        // handle dies before the file is unlocked): retry for a bounded time.
+        let start = Instant::now();
+        let db = loop {
+            match redb::Database::create(&path) {
+                Ok(db) => break Arc::new(db),
+                Err(redb::DatabaseError::DatabaseAlreadyOpen)
+                    if start.elapsed() < Duration::from_secs(10) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("open redb file of member {id}: {e}"),
+            }
+        };
         lock(&self.dbs).insert(id, Arc::downgrade(&db));
         let member = Group::open(
             db,

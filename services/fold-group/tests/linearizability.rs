@@ -1,0 +1,337 @@
+//! Linearizability of a 5-member group under leader kills, restarts and 2 | 3 partitions,
+//! checked with stateright's `LinearizabilityTester` (one register per key: linearizability is
+//! local, so checking each key's history on its own checks the whole).
+//!
+//! Replay a run with `FOLD_GROUP_SEED=<seed printed by the run>` (the fault schedule and each
+//! client's choices follow the seed; thread interleavings still vary).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::Cluster;
+use fold_group::{GroupConfig, NodeId, WriteError};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use stateright::semantics::register::{Register, RegisterOp, RegisterRet};
+use stateright::semantics::{ConsistencyTester, LinearizabilityTester};
+
+const MEMBERS: [NodeId; 5] = [1, 2, 3, 4, 5];
+const CLIENTS: u64 = 4;
+/// Each client stops after this many calls or when the run time is up, whichever comes first.
+const OPS_PER_CLIENT: usize = 400;
+const RUN_TIME: Duration = Duration::from_secs(10);
+const KEYS: usize = 3;
+const RUN_BOUND: Duration = Duration::from_secs(90);
+const BOUND: Duration = Duration::from_secs(20);
+
+type Value = Option<String>;
+
+enum Event {
+    Invoke {
+        op: usize,
+        thread: u64,
+        key: usize,
+        call: RegisterOp<Value>,
+    },
+    Return {
+        op: usize,
+        ret: RegisterRet<Value>,
+    },
+}
+
+/// Calls and completions in real-time order (the lock orders them).
+#[derive(Default)]
+struct History {
+    events: Mutex<Vec<Event>>,
+    /// Calls known not to have taken effect (refused before proposing, failed reads).
+    dropped: Mutex<BTreeSet<usize>>,
+}
+
+impl History {
+    fn invoke(&self, thread: u64, key: usize, call: RegisterOp<Value>) -> usize {
+        let mut events = self.events.lock().expect("history");
+        let op = events.len();
+        events.push(Event::Invoke {
+            op,
+            thread,
+            key,
+            call,
+        });
+        op
+    }
+
+    fn complete(&self, op: usize, ret: RegisterRet<Value>) {
+        self.events
+            .lock()
+            .expect("history")
+            .push(Event::Return { op, ret });
+    }
+
+    fn drop_call(&self, op: usize) {
+        self.dropped.lock().expect("history").insert(op);
+    }
+
+    /// One tester per key, fed the history without the dropped calls.
+    fn check(&self) -> Result<(usize, usize), String> {
+        let events = self.events.lock().expect("history");
+        let dropped = self.dropped.lock().expect("history");
+        let mut testers: Vec<LinearizabilityTester<u64, Register<Value>>> = (0..KEYS)
+            .map(|_| LinearizabilityTester::new(Register(None)))
+            .collect();
+        let mut key_of = BTreeMap::new();
+        let mut thread_of = BTreeMap::new();
+        let (mut completed, mut pending) = (0usize, 0usize);
+        for e in events.iter() {
+            match e {
+                Event::Invoke {
+                    op,
+                    thread,
+                    key,
+                    call,
+                } if !dropped.contains(op) => {
+                    key_of.insert(*op, *key);
+                    thread_of.insert(*op, *thread);
+                    pending += 1;
+                    testers[*key].on_invoke(*thread, call.clone())?;
+                }
+                Event::Return { op, ret } if !dropped.contains(op) => {
+                    let (key, thread) = (key_of[op], thread_of[op]);
+                    completed += 1;
+                    pending -= 1;
+                    testers[key].on_return(thread, ret.clone())?;
+                }
+                _ => {}
+            }
+        }
+        for (key, tester) in testers.iter().enumerate() {
+            if tester.serialized_history().is_none() {
+                let calls: Vec<String> = events
+                    .iter()
+                    .filter_map(|e| match e {
+                        Event::Invoke {
+                            op,
+                            thread,
+                            key: k,
+                            call,
+                        } if *k == key && !dropped.contains(op) => {
+                            Some(format!("#{op} t{thread} invoke {call:?}"))
+                        }
+                        Event::Return { op, ret } if key_of.get(op) == Some(&key) => {
+                            Some(format!("#{op} return {ret:?}"))
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                return Err(format!(
+                    "key {key} is not linearizable:\n{}",
+                    calls.join("\n")
+                ));
+            }
+        }
+        Ok((completed, pending))
+    }
+}
+
+fn key_name(key: usize) -> String {
+    format!("reg-{key}")
+}
+
+async fn client(c: Arc<Cluster>, history: Arc<History>, id: u64, seed: u64) -> Vec<String> {
+    let mut rng = StdRng::seed_from_u64(seed ^ (id.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+    let mut generation = 0u64;
+    let mut audited = Vec::new();
+    let start = Instant::now();
+    for n in 0..OPS_PER_CLIENT {
+        if start.elapsed() > RUN_TIME {
+            break;
+        }
+        let live = c.live();
+        let Some(&via) = live.choose(&mut rng) else {
+            continue;
+        };
+        let thread = id * 1_000 + generation;
+        let roll: f64 = rng.r#gen();
+        if roll < 0.15 {
+            // An audit write to a key of its own: must be present everywhere after healing.
+            let key = format!("audit-{id}-{n}");
+            if c.put_via(via, &key, "x").await.is_ok() {
+                audited.push(key);
+            }
+        } else if roll < 0.55 {
+            let key = rng.gen_range(0..KEYS);
+            let value = format!("c{id}-{n}");
+            let op = history.invoke(thread, key, RegisterOp::Write(Some(value.clone())));
+            match c.put_via(via, &key_name(key), &value).await {
+                Ok(_) => history.complete(op, RegisterRet::WriteOk),
+                Err(e)
+                    if !e.is_indeterminate()
+                        && e != WriteError::Unavailable("member down".into()) =>
+                {
+                    history.drop_call(op);
+                    // Refused (no leader yet, or no quorum): back off a little before the next call.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                // May or may not take effect: the call stays open forever, the client goes on
+                // as a new thread.
+                Err(_) => generation += 1,
+            }
+        } else {
+            let key = rng.gen_range(0..KEYS);
+            let op = history.invoke(thread, key, RegisterOp::Read);
+            let read = match c.try_get(via) {
+                Some(m) => {
+                    let name = key_name(key);
+                    m.read(move |sm, txn| sm.get(txn, &name)).await.ok()
+                }
+                None => None,
+            };
+            match read {
+                Some(v) => history.complete(op, RegisterRet::ReadOk(v)),
+                None => {
+                    history.drop_call(op);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+    audited
+}
+
+async fn nemesis(c: Arc<Cluster>, stop: Arc<AtomicBool>, seed: u64) -> Vec<String> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut log = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(200..600))).await;
+        match rng.gen_range(0..3) {
+            0 => {
+                let leader = c.live().into_iter().find(|id| {
+                    c.try_get(*id)
+                        .is_some_and(|m| m.metrics().state == openraft::ServerState::Leader)
+                });
+                if let Some(leader) = leader {
+                    log.push(format!("kill leader {leader}"));
+                    c.down(leader).await;
+                    tokio::time::sleep(Duration::from_millis(rng.gen_range(200..800))).await;
+                    c.up(leader).await;
+                }
+            }
+            1 => {
+                let mut ids = MEMBERS.to_vec();
+                ids.shuffle(&mut rng);
+                let (a, b) = ids.split_at(2);
+                log.push(format!("partition {a:?} | {b:?}"));
+                c.partition(a, b);
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(300..1000))).await;
+                c.heal();
+            }
+            _ => {
+                let id = *MEMBERS.choose(&mut rng).unwrap_or(&1);
+                log.push(format!("restart {id}"));
+                c.restart(id).await;
+            }
+        }
+    }
+    log
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_members_linearizable_under_kills_and_partitions() {
+    let seed = std::env::var("FOLD_GROUP_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::thread_rng().r#gen::<u64>());
+    println!("FOLD_GROUP_SEED={seed}");
+    let config = GroupConfig {
+        write_timeout: Duration::from_secs(2),
+        read_timeout: Duration::from_secs(1),
+        snapshot_every: 100,
+        keep_after_snapshot: 20,
+        ..GroupConfig::default()
+    };
+    let started = Instant::now();
+    let c = Arc::new(Cluster::start(&MEMBERS, config).await);
+    let history = Arc::new(History::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let faults = tokio::spawn(nemesis(c.clone(), stop.clone(), seed));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|id| tokio::spawn(client(c.clone(), history.clone(), id, seed)))
+        .collect();
+    let mut audited = Vec::new();
+    for client in clients {
+        audited.extend(
+            tokio::time::timeout(RUN_BOUND, client)
+                .await
+                .expect("clients bounded")
+                .expect("client"),
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    let faults = faults.await.expect("nemesis");
+    println!("faults: {faults:?}");
+
+    // Heal, bring everyone back, then read every key through every member.
+    c.heal();
+    for id in MEMBERS {
+        if c.try_get(id).is_none() {
+            c.up(id).await;
+        }
+    }
+    let states = c.converged(BOUND).await;
+    for (i, id) in MEMBERS.iter().enumerate() {
+        for key in 0..KEYS {
+            let thread = 1_000_000 + (i * KEYS + key) as u64;
+            let op = history.invoke(thread, key, RegisterOp::Read);
+            let read_started = Instant::now();
+            let v = loop {
+                let name = key_name(key);
+                match c.get(*id).read(move |sm, txn| sm.get(txn, &name)).await {
+                    Ok(v) => break v,
+                    // A member just back may not know the leader yet.
+                    Err(e) => assert!(
+                        read_started.elapsed() < BOUND,
+                        "final read through {id}: {e}"
+                    ),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            history.complete(op, RegisterRet::ReadOk(v));
+        }
+    }
+    let first = &states[&MEMBERS[0]];
+    assert!(
+        states.values().all(|s| s == first),
+        "members differ after healing"
+    );
+    for key in &audited {
+        assert!(
+            states.values().all(|s| s.contains_key(key)),
+            "acknowledged write {key} lost"
+        );
+    }
+
+    let check_started = Instant::now();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = history.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(h.check());
+    });
+    let verdict = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("linearizability check bounded");
+    let (completed, pending) = verdict.unwrap_or_else(|e| panic!("FOLD_GROUP_SEED={seed}: {e}"));
+    println!(
+        "linearizable: {completed} completed calls, {pending} indeterminate, {} refused, {} audited writes, \
+         {} faults; run {:?}, check {:?}",
+        history.dropped.lock().expect("history").len(),
+        audited.len(),
+        faults.len(),
+        started.elapsed(),
+        check_started.elapsed()
+    );
+    c.stop().await;
+}
