@@ -32,6 +32,9 @@ pub struct GroupConfig {
     pub write_timeout: Duration,
     /// Time a linearizable read waits for a read index and for this member to apply it.
     pub read_timeout: Duration,
+    /// Largest snapshot a member accepts from its leader (bytes; the chunks are put together in
+    /// memory before they are installed).
+    pub max_snapshot_bytes: u64,
 }
 
 impl Default for GroupConfig {
@@ -47,6 +50,7 @@ impl Default for GroupConfig {
             rpc_timeout: Duration::from_millis(500),
             write_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(2),
+            max_snapshot_bytes: 1 << 30,
         }
     }
 }

@@ -324,6 +324,15 @@ impl<S: GroupStateMachine, T: GroupTransport> Group<S, T> {
             }
             RaftRpc::Vote(req) => RaftRpcReply::Vote(self.raft.vote(req).await),
             RaftRpc::InstallSnapshot(req) => {
+                let end = req
+                    .offset
+                    .saturating_add(u64::try_from(req.data.len()).unwrap_or(u64::MAX));
+                if end > self.config.max_snapshot_bytes {
+                    return RaftRpcReply::Refused(format!(
+                        "snapshot over the {} byte limit",
+                        self.config.max_snapshot_bytes
+                    ));
+                }
                 RaftRpcReply::InstallSnapshot(self.raft.install_snapshot(req).await)
             }
             RaftRpc::ReadIndex => RaftRpcReply::ReadIndex(

@@ -110,7 +110,6 @@ impl GroupStateMachine for KvStateMachine {
                 Ok(KvCommand::Put { key, value })
                     if key.len() > MAX_KEY_LEN || value.len() > MAX_VALUE_LEN =>
                 {
-                    let _ = (key, value);
                     KvReply::Refused {
                         reason: "key or value too long".into(),
                     }

@@ -67,6 +67,10 @@ pub enum RaftRpc {
     ReadIndex,
 }
 
+/// The leader's answer to a read-index request.
+pub type ReadIndexResult =
+    Result<Option<LogId<NodeId>>, RaftError<NodeId, CheckIsLeaderError<NodeId, Node>>>;
+
 /// A Raft reply on the wire.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum RaftRpcReply {
@@ -79,7 +83,7 @@ pub enum RaftRpcReply {
         Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
     ),
     /// Reply to [`RaftRpc::ReadIndex`]: the log id the reader must have applied.
-    ReadIndex(Result<Option<LogId<NodeId>>, RaftError<NodeId, CheckIsLeaderError<NodeId, Node>>>),
+    ReadIndex(ReadIndexResult),
     /// The receiver refused the message (not from a member, malformed, too large).
     Refused(String),
 }

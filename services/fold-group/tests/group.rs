@@ -396,3 +396,68 @@ async fn outsiders_are_refused_and_counted() {
     drop(m);
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_share_one_redb_file() {
+    use fold_group::kv::KvStateMachine;
+    use fold_group::{Group, GroupId};
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("node.redb");
+    let ids = [
+        GroupId::new("people").expect("id"),
+        GroupId::new("places").expect("id"),
+    ];
+    for round in 0..2 {
+        let db = common::open_db(&path).await;
+        let mut groups = Vec::new();
+        for gid in &ids {
+            let sm = Arc::new(KvStateMachine::new(gid));
+            let router = Arc::new(common::Router::default());
+            let g = Group::open(
+                db.clone(),
+                gid.clone(),
+                1,
+                GroupConfig::default(),
+                sm,
+                router,
+            )
+            .await
+            .expect("open");
+            if round == 0 {
+                g.initialize(BTreeMap::from([(1, node(1))]))
+                    .await
+                    .expect("initialize");
+            }
+            g.raft()
+                .wait(Some(BOUND))
+                .state(ServerState::Leader, "single member leads")
+                .await
+                .expect("leader");
+            groups.push(g);
+        }
+        for (i, g) in groups.iter().enumerate() {
+            let key = format!("round-{round}");
+            g.write(
+                KvCommand::Put {
+                    key,
+                    value: ids[i].to_string(),
+                }
+                .encode(),
+            )
+            .await
+            .expect("write");
+        }
+        for (i, g) in groups.iter().enumerate() {
+            let all = g.read(|sm, txn| sm.all(txn)).await.expect("read");
+            // Each group sees only its own data, and the first round survived the reopen.
+            assert_eq!(all.len(), round + 1, "{all:?}");
+            assert!(all.values().all(|v| *v == ids[i].to_string()), "{all:?}");
+        }
+        for g in &groups {
+            g.shutdown().await.expect("shutdown");
+        }
+        drop(groups);
+        drop(db);
+    }
+}

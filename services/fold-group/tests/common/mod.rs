@@ -85,6 +85,23 @@ pub async fn wait_for<F: FnMut() -> bool>(what: &str, bound: Duration, mut f: F)
     }
 }
 
+/// Opens (or creates) a redb file. The last handle of a crashed member may still be closing on
+/// another thread (its weak handle dies before the file is unlocked): retry for a bounded time.
+pub async fn open_db(path: &std::path::Path) -> Arc<redb::Database> {
+    let start = Instant::now();
+    loop {
+        match redb::Database::create(path) {
+            Ok(db) => return Arc::new(db),
+            Err(redb::DatabaseError::DatabaseAlreadyOpen)
+                if start.elapsed() < Duration::from_secs(10) =>
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("open redb file {}: {e}", path.display()),
+        }
+    }
+}
+
 pub fn node(id: NodeId) -> Node {
     Node {
         addr: format!("member-{id}"),
@@ -123,20 +140,7 @@ impl Cluster {
     /// Opens member `id` from its redb file (created empty the first time) and links it.
     pub async fn up(&self, id: NodeId) -> Arc<Member> {
         let path = self.path(id);
-        // The last handle of a crashed member may still be closing on another thread (the weak
-        // handle dies before the file is unlocked): retry for a bounded time.
-        let start = Instant::now();
-        let db = loop {
-            match redb::Database::create(&path) {
-                Ok(db) => break Arc::new(db),
-                Err(redb::DatabaseError::DatabaseAlreadyOpen)
-                    if start.elapsed() < Duration::from_secs(10) =>
-                {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                Err(e) => panic!("open redb file of member {id}: {e}"),
-            }
-        };
+        let db = open_db(&path).await;
         lock(&self.dbs).insert(id, Arc::downgrade(&db));
         let member = Group::open(
             db,
