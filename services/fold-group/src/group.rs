@@ -56,6 +56,10 @@ pub enum WriteError {
     /// The member is stopping or failed; the write may or may not take effect.
     #[error("member unavailable: {0}")]
     Unavailable(String),
+    /// The leader refused a membership change (no members left, promoting a non-learner);
+    /// nothing was proposed.
+    #[error("membership change refused: {0}")]
+    Refused(String),
 }
 
 impl WriteError {
@@ -73,7 +77,7 @@ impl WriteError {
             WriteError::NotLeader { leader }
             | WriteError::NoQuorum { leader }
             | WriteError::Timeout { leader } => *leader,
-            WriteError::Unavailable(_) => None,
+            WriteError::Unavailable(_) | WriteError::Refused(_) => None,
         }
     }
 }
@@ -210,6 +214,70 @@ impl<S: GroupStateMachine, T: GroupTransport> Group<S, T> {
                 })
             }
             Ok(Err(e)) => Err(WriteError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Adds member `id` at `node` as a learner and waits until it has caught up with the log
+    /// (run on the leader; then [`Group::set_voters`] can promote it).
+    pub async fn add_learner(&self, id: NodeId, node: Node) -> Result<(), WriteError> {
+        self.change_membership(|raft| {
+            let node = node.clone();
+            async move { raft.add_learner(id, node, true).await }
+        })
+        .await
+    }
+
+    /// Makes `voters` the group's voters through joint consensus (run on the leader); members
+    /// left out are removed altogether. New voters must have been added as learners first.
+    pub async fn set_voters(
+        &self,
+        voters: std::collections::BTreeSet<NodeId>,
+    ) -> Result<(), WriteError> {
+        self.change_membership(|raft| {
+            let voters = voters.clone();
+            async move { raft.change_membership(voters, false).await }
+        })
+        .await
+    }
+
+    /// Runs one membership change, retried while an earlier one (or the leader's first commit
+    /// of its term) is still in progress, bounded by the write timeout.
+    async fn change_membership<F, Fut>(&self, change: F) -> Result<(), WriteError>
+    where
+        F: Fn(Raft) -> Fut,
+        Fut: std::future::Future<
+                Output = Result<
+                    openraft::raft::ClientWriteResponse<crate::TypeConfig>,
+                    RaftError<NodeId, ClientWriteError<NodeId, Node>>,
+                >,
+            >,
+    {
+        let start = tokio::time::Instant::now();
+        loop {
+            let left = self.config.write_timeout.saturating_sub(start.elapsed());
+            let result = tokio::time::timeout(left, change(self.raft.clone())).await;
+            match result {
+                Err(_) => {
+                    return Err(WriteError::Timeout {
+                        leader: self.metrics().current_leader,
+                    });
+                }
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                    return Err(WriteError::NotLeader {
+                        leader: f.leader_id,
+                    });
+                }
+                Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                    openraft::error::ChangeMembershipError::InProgress(_),
+                )))) if start.elapsed() < self.config.write_timeout => {
+                    tokio::time::sleep(self.config.heartbeat_interval).await;
+                }
+                Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+                    return Err(WriteError::Refused(e.to_string()));
+                }
+                Ok(Err(e)) => return Err(WriteError::Unavailable(e.to_string())),
+            }
         }
     }
 

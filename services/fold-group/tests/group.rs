@@ -289,14 +289,12 @@ async fn membership_changes_under_write_load_lose_nothing() {
     c.up(4).await;
     let leader = c.leader(BOUND).await;
     c.get(leader)
-        .raft()
-        .add_learner(4, node(4), true)
+        .add_learner(4, node(4))
         .await
         .expect("add learner");
     let leader = c.leader(BOUND).await;
     c.get(leader)
-        .raft()
-        .change_membership(BTreeSet::from([1, 2, 3, 4]), false)
+        .set_voters(BTreeSet::from([1, 2, 3, 4]))
         .await
         .expect("promote 4");
 
@@ -311,8 +309,7 @@ async fn membership_changes_under_write_load_lose_nothing() {
         .filter(|id| *id != removed)
         .collect();
     c.get(leader)
-        .raft()
-        .change_membership(keep.clone(), false)
+        .set_voters(keep.clone())
         .await
         .expect("remove member");
     c.down(removed).await;
@@ -328,8 +325,7 @@ async fn membership_changes_under_write_load_lose_nothing() {
     c.up(5).await;
     let leader = c.leader(BOUND).await;
     c.get(leader)
-        .raft()
-        .add_learner(5, node(5), true)
+        .add_learner(5, node(5))
         .await
         .expect("add learner 5");
     let replaced: BTreeSet<u64> = keep
@@ -340,8 +336,7 @@ async fn membership_changes_under_write_load_lose_nothing() {
         .collect();
     let leader = c.leader(BOUND).await;
     c.get(leader)
-        .raft()
-        .change_membership(replaced.clone(), false)
+        .set_voters(replaced.clone())
         .await
         .expect("replace dead member");
 

@@ -297,8 +297,21 @@ impl Cluster {
 
     /// Waits until every live member has applied what the leader has, then returns their states.
     pub async fn converged(&self, bound: Duration) -> BTreeMap<NodeId, BTreeMap<String, String>> {
-        let leader = self.leader(bound).await;
-        let target = self.get(leader).metrics().last_applied.map(|l| l.index);
+        // The leader's read index covers every write acknowledged so far (its metrics may lag).
+        let start = Instant::now();
+        let target = loop {
+            let leader = self.leader(bound).await;
+            if let Some(m) = self.try_get(leader)
+                && let Ok(read) = m.raft().ensure_linearizable().await
+            {
+                break read.map(|l| l.index);
+            }
+            assert!(
+                start.elapsed() < bound,
+                "no leader could confirm a read index"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
         for id in self.live() {
             self.get(id)
                 .raft()
