@@ -96,6 +96,40 @@ pub enum ReadError {
     Unavailable(String),
 }
 
+/// A member's view of its group, for status pages and checks.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct GroupStatus {
+    /// The group.
+    pub group: GroupId,
+    /// This member.
+    pub node_id: NodeId,
+    /// `Leader`, `Follower`, `Candidate`, `Learner` or `Shutdown`.
+    pub state: String,
+    /// The leader this member knows of.
+    pub leader: Option<NodeId>,
+    /// The current term.
+    pub term: u64,
+    /// Index of the last entry in this member's log.
+    pub last_log_index: Option<u64>,
+    /// Index of the last entry applied to the state machine.
+    pub applied_index: Option<u64>,
+    /// Index covered by this member's current snapshot.
+    pub snapshot_index: Option<u64>,
+    /// Index up to which the log was compacted away.
+    pub purged_index: Option<u64>,
+    /// Voting members (both halves during a joint change).
+    pub voters: Vec<NodeId>,
+    /// Non-voting members catching up.
+    pub learners: Vec<NodeId>,
+    /// On the leader: each member's replication lag in entries.
+    pub lag: Option<BTreeMap<NodeId, u64>>,
+    /// Whether this member can currently reach a quorum (a leader heard from a majority lately,
+    /// a follower knows a leader).
+    pub has_quorum: bool,
+    /// Raft messages refused (from non-members, malformed, over limits).
+    pub refused_messages: u64,
+}
+
 /// One member of one group.
 pub struct Group<S, T> {
     id: GroupId,
@@ -170,6 +204,51 @@ impl<S: GroupStateMachine, T: GroupTransport> Group<S, T> {
     /// The latest Raft metrics (leader, term, log, applied, membership, replication lag).
     pub fn metrics(&self) -> RaftMetrics<NodeId, Node> {
         self.raft.metrics().borrow().clone()
+    }
+
+    /// What `Network.Status` and `foldctl check` will show for this group, as seen by this member.
+    pub fn status(&self) -> GroupStatus {
+        let m = self.metrics();
+        let membership = m.membership_config.membership();
+        let voters: Vec<NodeId> = membership.voter_ids().collect();
+        let learners: Vec<NodeId> = membership.learner_ids().collect();
+        let last_log_index = m.last_log_index;
+        // Lag is known on the leader only: how far each member's matched log is behind ours.
+        let lag = m.replication.as_ref().map(|r| {
+            r.iter()
+                .map(|(id, matched)| {
+                    let matched = matched.map(|l| l.index);
+                    let lag = last_log_index
+                        .unwrap_or(0)
+                        .saturating_sub(matched.unwrap_or(0));
+                    (*id, lag)
+                })
+                .collect()
+        });
+        let has_quorum = match m.state {
+            ServerState::Leader => self.contacts.has_recent_quorum(
+                self.node_id,
+                &m,
+                self.config.election_timeout_max * 2,
+            ),
+            _ => m.current_leader.is_some(),
+        };
+        GroupStatus {
+            group: self.id.clone(),
+            node_id: self.node_id,
+            state: format!("{:?}", m.state),
+            leader: m.current_leader,
+            term: m.current_term,
+            last_log_index,
+            applied_index: m.last_applied.map(|l| l.index),
+            snapshot_index: m.snapshot.map(|l| l.index),
+            purged_index: m.purged.map(|l| l.index),
+            voters,
+            learners,
+            lag,
+            has_quorum,
+            refused_messages: self.refused_count(),
+        }
     }
 
     /// Messages refused because the sender is not a member of the group (or was malformed).

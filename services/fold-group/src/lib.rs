@@ -26,7 +26,7 @@ use std::io::Cursor;
 use serde::{Deserialize, Serialize};
 
 pub use config::GroupConfig;
-pub use group::{Group, GroupError, ReadError, WriteError};
+pub use group::{Group, GroupError, GroupStatus, ReadError, WriteError};
 pub use network::{GroupTransport, TransportError};
 pub use state_machine::{GroupStateMachine, SmError};
 

@@ -59,6 +59,12 @@ async fn three_members_elect_commit_apply_and_agree() {
     assert_eq!(got.as_deref(), Some("v19"));
 
     let states = c.converged(BOUND).await;
+    let status = c.get(leader).status();
+    println!("leader status: {status:?}");
+    assert_eq!(status.leader, Some(leader));
+    assert_eq!(status.voters, vec![1, 2, 3]);
+    assert!(status.has_quorum);
+    assert_eq!(status.lag.as_ref().map(|l| l.len()), Some(3));
     let first = states.values().next().cloned().unwrap_or_default();
     assert_eq!(first.len(), 20);
     assert!(
@@ -138,6 +144,8 @@ async fn minority_side_never_acknowledges() {
         }
     }
     println!("minority refusals: {refusals:?}");
+    // The old leader knows it has lost its majority (what `foldctl check` will report).
+    assert!(!c.get(leader).status().has_quorum);
     assert!(refusals.iter().any(|e| matches!(
         e,
         WriteError::NotLeader { .. } | WriteError::NoQuorum { .. }
