@@ -12,7 +12,9 @@ use crate::GroupError;
 /// a second.
 #[derive(Clone, Debug)]
 pub struct GroupConfig {
-    /// Leader heartbeat interval.
+    /// Leader heartbeat interval. openraft 0.9 also gives each append-entries RPC this long, so
+    /// the largest batch of entries (see `max_command_bytes`) must cross the link, be fsynced and
+    /// answered within it.
     pub heartbeat_interval: Duration,
     /// Lower bound of the randomized election timeout.
     pub election_timeout_min: Duration,
@@ -35,6 +37,8 @@ pub struct GroupConfig {
     /// Largest snapshot a member accepts from its leader (bytes; the chunks are put together in
     /// memory before they are installed).
     pub max_snapshot_bytes: u64,
+    /// Largest command `Group::write` accepts (bytes), so every log entry fits one message.
+    pub max_command_bytes: usize,
 }
 
 impl Default for GroupConfig {
@@ -51,6 +55,7 @@ impl Default for GroupConfig {
             write_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(2),
             max_snapshot_bytes: 1 << 30,
+            max_command_bytes: 1 << 20,
         }
     }
 }
@@ -74,6 +79,14 @@ impl GroupConfig {
             max_payload_entries: self.max_entries_per_append,
             ..Default::default()
         };
+        // Commands travel hex-encoded in JSON log entries: one must fit a message on its own.
+        if self.max_command_bytes.saturating_mul(2) > crate::network::MAX_RPC_BYTES / 2 {
+            return Err(GroupError::Config(format!(
+                "max_command_bytes {} too large for {} byte messages",
+                self.max_command_bytes,
+                crate::network::MAX_RPC_BYTES
+            )));
+        }
         let config = config
             .validate()
             .map_err(|e| GroupError::Config(e.to_string()))?;

@@ -56,9 +56,9 @@ pub enum WriteError {
     /// The member is stopping or failed; the write may or may not take effect.
     #[error("member unavailable: {0}")]
     Unavailable(String),
-    /// The leader refused a membership change (no members left, promoting a non-learner);
-    /// nothing was proposed.
-    #[error("membership change refused: {0}")]
+    /// Refused before proposing: a command over the size limit, or a membership change the
+    /// leader rejects (no members left, promoting a non-learner).
+    #[error("refused: {0}")]
     Refused(String),
 }
 
@@ -261,6 +261,13 @@ impl<S: GroupStateMachine, T: GroupTransport> Group<S, T> {
     /// [`WriteError::NotLeader`], a leader cut off from its quorum answers
     /// [`WriteError::NoQuorum`] without proposing.
     pub async fn write(&self, command: Vec<u8>) -> Result<Vec<u8>, WriteError> {
+        if command.len() > self.config.max_command_bytes {
+            return Err(WriteError::Refused(format!(
+                "command of {} bytes over the {} byte limit",
+                command.len(),
+                self.config.max_command_bytes
+            )));
+        }
         let m = self.metrics();
         if m.state != ServerState::Leader {
             return Err(WriteError::NotLeader {

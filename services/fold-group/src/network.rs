@@ -88,6 +88,60 @@ pub enum RaftRpcReply {
     Refused(String),
 }
 
+/// Entries put in one append-entries message, in encoded bytes (a single larger entry goes
+/// alone). Small parts keep each message quick, and every part resets the follower's election
+/// timer, so a long catch-up does not look like a dead leader.
+pub const APPEND_PART_BYTES: usize = 1024 * 1024;
+
+/// Splits an append-entries request whose entries would not fit one message into consecutive
+/// requests (same vote and commit index, each starting after the previous part's last entry).
+/// Every entry fits a message on its own: commands are bounded by
+/// `GroupConfig::max_command_bytes`.
+pub fn split_append(
+    rpc: AppendEntriesRequest<TypeConfig>,
+) -> Vec<AppendEntriesRequest<TypeConfig>> {
+    let budget = APPEND_PART_BYTES;
+    let sizes: Vec<usize> = rpc
+        .entries
+        .iter()
+        .map(|e| serde_json::to_vec(e).map(|b| b.len()).unwrap_or(budget))
+        .collect();
+    if sizes.iter().sum::<usize>() <= budget {
+        return vec![rpc];
+    }
+    let AppendEntriesRequest {
+        vote,
+        mut prev_log_id,
+        leader_commit,
+        entries,
+    } = rpc;
+    let mut parts = Vec::new();
+    let mut part = Vec::new();
+    let mut used = 0usize;
+    for (entry, size) in entries.into_iter().zip(sizes) {
+        if !part.is_empty() && used + size > budget {
+            let next_prev = part.last().map(|e: &openraft::Entry<TypeConfig>| e.log_id);
+            parts.push(AppendEntriesRequest {
+                vote,
+                prev_log_id,
+                leader_commit,
+                entries: std::mem::take(&mut part),
+            });
+            prev_log_id = next_prev;
+            used = 0;
+        }
+        used += size;
+        part.push(entry);
+    }
+    parts.push(AppendEntriesRequest {
+        vote,
+        prev_log_id,
+        leader_commit,
+        entries: part,
+    });
+    parts
+}
+
 /// Encodes a wire message; `None` when it would exceed [`MAX_RPC_BYTES`].
 pub fn encode<T: Serialize>(msg: &T) -> Option<Vec<u8>> {
     serde_json::to_vec(msg)
@@ -249,12 +303,28 @@ impl<T: GroupTransport> RaftNetwork<TypeConfig> for GroupConnection<T> {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
-        match self.request(RaftRpc::AppendEntries(rpc), &option).await? {
+        // A batch too large for one message: send its first part only and answer
+        // `PartialSuccess` up to that part's last entry; openraft sends the rest next (each call
+        // must finish within one heartbeat interval, so a long catch-up goes in short calls).
+        let mut parts = split_append(rpc);
+        let more = parts.len() > 1;
+        parts.truncate(1);
+        let Some(first) = parts.pop() else {
+            return Err(self.unexpected(&RaftRpcReply::Refused("empty append".into())));
+        };
+        let sent_up_to = first.entries.last().map(|e| e.log_id);
+        let response = match self.request(RaftRpc::AppendEntries(first), &option).await? {
             RaftRpcReply::AppendEntries(r) => {
-                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))?
             }
-            other => Err(self.unexpected(&other)),
-        }
+            other => return Err(self.unexpected(&other)),
+        };
+        Ok(match response {
+            AppendEntriesResponse::Success if more => {
+                AppendEntriesResponse::PartialSuccess(sent_up_to)
+            }
+            other => other,
+        })
     }
 
     async fn install_snapshot(
@@ -284,5 +354,58 @@ impl<T: GroupTransport> RaftNetwork<TypeConfig> for GroupConnection<T> {
             }
             other => Err(self.unexpected(&other)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Vote};
+
+    use super::*;
+    use crate::Command;
+
+    fn entry(index: u64, bytes: usize) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Command(vec![7; bytes])),
+        }
+    }
+
+    #[test]
+    fn large_appends_are_split_into_consecutive_parts() {
+        let prev = Some(LogId::new(CommittedLeaderId::new(1, 1), 9));
+        let commit = Some(LogId::new(CommittedLeaderId::new(1, 1), 12));
+        let rpc = AppendEntriesRequest {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: prev,
+            leader_commit: commit,
+            entries: (10..22).map(|i| entry(i, 1 << 20)).collect(),
+        };
+        let parts = split_append(rpc);
+        assert!(parts.len() > 1, "12 MiB of commands fit no single message");
+        let mut expect_prev = prev;
+        let mut next_index = 10;
+        for part in &parts {
+            assert_eq!(part.prev_log_id, expect_prev);
+            assert_eq!(part.leader_commit, commit);
+            assert!(
+                encode(&RaftRpc::AppendEntries(part.clone())).is_some(),
+                "a part over the limit"
+            );
+            for e in &part.entries {
+                assert_eq!(e.log_id.index, next_index);
+                next_index += 1;
+            }
+            expect_prev = part.entries.last().map(|e| e.log_id);
+        }
+        assert_eq!(next_index, 22);
+
+        let small = AppendEntriesRequest {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: prev,
+            leader_commit: commit,
+            entries: vec![entry(10, 100)],
+        };
+        assert_eq!(split_append(small).len(), 1);
     }
 }

@@ -464,3 +464,49 @@ async fn groups_share_one_redb_file() {
         drop(db);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_commands_replicate_in_split_appends() {
+    // An append must complete within one heartbeat interval (openraft 0.9): give megabyte
+    // batches of this unoptimized build time enough.
+    let config = GroupConfig {
+        heartbeat_interval: Duration::from_millis(500),
+        election_timeout_min: Duration::from_millis(1500),
+        election_timeout_max: Duration::from_millis(3000),
+        ..GroupConfig::default()
+    };
+    let c = Cluster::start(&[1, 2, 3], config).await;
+    let leader = c.leader(BOUND).await;
+    let lagging = c
+        .live()
+        .into_iter()
+        .find(|id| *id != leader)
+        .expect("a follower");
+    c.down(lagging).await;
+    // 12 commands of 150 KiB (300 KiB as hex): the lagging member's catch-up batch is several
+    // messages.
+    let big = "v".repeat(150 * 1024);
+    for i in 0..12 {
+        let cmd = KvCommand::Put {
+            key: format!("big-{i}"),
+            value: big.clone(),
+        }
+        .encode();
+        let reply = c.get(leader).write(cmd).await.expect("big write");
+        // The kv machine refuses values over 64 KiB, but the entry is in the log all the same.
+        assert!(matches!(
+            KvReply::decode(&reply),
+            Some(KvReply::Refused { .. })
+        ));
+    }
+    c.put("small", "1", BOUND).await;
+    let over = vec![b'x'; GroupConfig::default().max_command_bytes + 1];
+    assert!(matches!(
+        c.get(leader).write(over).await,
+        Err(WriteError::Refused(_))
+    ));
+    c.up(lagging).await;
+    let states = c.converged(BOUND).await;
+    assert_eq!(states[&lagging].get("small").map(String::as_str), Some("1"));
+    c.stop().await;
+}

@@ -220,7 +220,10 @@ impl Cluster {
                 if !among.is_empty() && !among.contains(&id) {
                     continue;
                 }
-                let m = self.get(id).metrics();
+                // A member may go down meanwhile (other tasks crash members).
+                let Some(m) = self.try_get(id).map(|m| m.metrics()) else {
+                    continue;
+                };
                 if m.state == ServerState::Leader && best.is_none_or(|(t, _)| m.current_term > t) {
                     best = Some((m.current_term, id));
                 }
