@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::Cluster;
-use fold_group::{GroupConfig, NodeId, WriteError};
+use fold_group::{GroupConfig, NodeId};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -168,10 +168,7 @@ async fn client(c: Arc<Cluster>, history: Arc<History>, id: u64, seed: u64) -> V
             let op = history.invoke(thread, key, RegisterOp::Write(Some(value.clone())));
             match c.put_via(via, &key_name(key), &value).await {
                 Ok(_) => history.complete(op, RegisterRet::WriteOk),
-                Err(e)
-                    if !e.is_indeterminate()
-                        && e != WriteError::Unavailable("member down".into()) =>
-                {
+                Err(e) if !e.is_indeterminate() => {
                     history.drop_call(op);
                     // Refused (no leader yet, or no quorum): back off a little before the next call.
                     tokio::time::sleep(Duration::from_millis(20)).await;
