@@ -15,7 +15,7 @@ mod kad_glue;
 mod relay_glue;
 mod schema_glue;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -26,7 +26,7 @@ use futures::StreamExt;
 use libp2p::metrics::{Metrics, Recorder};
 use libp2p::request_response::OutboundRequestId;
 use libp2p::swarm::{ConnectionId, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, Swarm, identify, kad, mdns};
+use libp2p::{Multiaddr, PeerId, Swarm, identify, mdns};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::behaviour::{Behaviour, BehaviourEvent};
@@ -44,7 +44,7 @@ use crate::status::NetworkSnapshot;
 use crate::upgrade::Upgrades;
 
 use dialing::Outbound;
-use kad_glue::ProviderQuery;
+use kad_glue::Providing;
 use schema_glue::PendingSchema;
 
 fn now_ms() -> u64 {
@@ -101,9 +101,8 @@ pub struct EventLoop {
     /// Requests held until their peer connects (crate::connect).
     connecting: Connecting<Outbound>,
     pending_schema: HashMap<OutboundRequestId, PendingSchema>,
-    pending_providers: HashMap<kad::QueryId, ProviderQuery>,
-    provided: BTreeSet<String>,
-    reprovide_due: bool,
+    /// The schemas this node provides and its provider lookups (crate::event_loop::kad_glue).
+    providing: Providing,
     kad_bootstrapped: bool,
     /// The peer book file, until [`EventLoop::run`] starts its writer.
     peers_path: Option<PathBuf>,
@@ -141,9 +140,7 @@ impl EventLoop {
             pending_dial: HashMap::new(),
             connecting: Connecting::default(),
             pending_schema: HashMap::new(),
-            pending_providers: HashMap::new(),
-            provided: BTreeSet::new(),
-            reprovide_due: false,
+            providing: Providing::default(),
             kad_bootstrapped: false,
             bootstrap: Bootstrap::new(p.bootstrap, local),
             peers_path: p.peers_path,
@@ -207,8 +204,7 @@ impl EventLoop {
                 },
                 _ = tick.tick() => {
                     ticks += 1;
-                    if self.reprovide_due {
-                        self.reprovide_due = false;
+                    if self.providing.take_reprovide_due() {
                         self.reprovide();
                     }
                     self.close_silent_connections(Instant::now());
@@ -241,7 +237,7 @@ impl EventLoop {
             connected_peers: self.swarm.connected_peers().count(),
             known_peers: self.peers.len(),
             mdns_enabled: self.mdns_enabled,
-            provided_schemas: self.provided.iter().cloned().collect(),
+            provided_schemas: self.providing.provided(),
             bootstrap: self.bootstrap.status(),
             reachability: self.autonat.verdict(),
             reachable_addrs: self.autonat.reachable_addrs(),
