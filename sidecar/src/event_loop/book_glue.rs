@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use fold_proto::sidecar::peer_event::Kind;
-use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, DialError};
 use libp2p::{Multiaddr, PeerId, identify};
 use tokio::sync::oneshot;
@@ -96,11 +96,7 @@ impl EventLoop {
                 continue;
             }
             tracing::debug!(%peer, addrs = addrs.len(), "redialling");
-            let opts = DialOpts::peer_id(peer)
-                .addresses(addrs)
-                .condition(PeerCondition::DisconnectedAndNotDialing)
-                .build();
-            if let Err(e) = self.swarm.dial(opts) {
+            if let Err(e) = self.dial_if_disconnected(peer, addrs) {
                 tracing::debug!(%peer, error = %e, "redial not started");
             }
         }
@@ -203,11 +199,7 @@ impl EventLoop {
         }
         self.emit(Kind::Discovered, peer, vec![addr.to_string()]);
         if !self.swarm.is_connected(&peer) {
-            let opts = DialOpts::peer_id(peer)
-                .addresses(vec![addr])
-                .condition(PeerCondition::DisconnectedAndNotDialing)
-                .build();
-            let _ = self.swarm.dial(opts);
+            let _ = self.dial_if_disconnected(peer, vec![addr]);
         }
     }
 

@@ -124,12 +124,21 @@ impl EventLoop {
         }
     }
 
-    pub(super) fn dial_known(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+    /// Dial `peer` on `addrs` unless it is connected or being dialled already.
+    pub(super) fn dial_if_disconnected(
+        &mut self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+    ) -> Result<(), DialError> {
         let opts = DialOpts::peer_id(peer)
             .addresses(addrs)
             .condition(PeerCondition::DisconnectedAndNotDialing)
             .build();
-        if let Err(e) = self.swarm.dial(opts) {
+        self.swarm.dial(opts)
+    }
+
+    pub(super) fn dial_known(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        if let Err(e) = self.dial_if_disconnected(peer, addrs) {
             tracing::debug!(%peer, error = %e, "dial not started");
             if !matches!(e, libp2p::swarm::DialError::DialPeerConditionFalse(_)) {
                 let e = MeshError::Unavailable(format!("cannot reach node {peer}: {e}"));
