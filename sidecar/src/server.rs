@@ -269,12 +269,33 @@ fn build_swarm(
     Ok(swarm)
 }
 
+/// The builder steps both transports share once the transport is set: DNS, the relay client,
+/// the behaviour and the swarm settings. A macro rather than a function: libp2p does not export
+/// the builder's phase types.
+macro_rules! finish_swarm {
+    ($builder:expr, $config:expr) => {{
+        let config: &Config = $config;
+        let idle = Duration::from_secs(config.idle_connection_timeout_secs);
+        $builder
+            .with_dns()
+            .context("cannot set up DNS resolution")?
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .context("cannot set up the relay transport")?
+            .with_behaviour(|key, relay| {
+                Behaviour::new(key, config, Some(relay)).map_err(Into::into)
+            })
+            .context("cannot set up the libp2p behaviour")?
+            .with_swarm_config(|c| swarm_config(c, idle))
+            .with_connection_timeout(Duration::from_secs(config.connection_timeout_secs))
+            .build()
+    }};
+}
+
 fn plain_swarm(
     config: &Config,
     key: libp2p::identity::Keypair,
 ) -> anyhow::Result<libp2p::Swarm<Behaviour>> {
-    let idle = Duration::from_secs(config.idle_connection_timeout_secs);
-    Ok(libp2p::SwarmBuilder::with_existing_identity(key)
+    let builder = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_tcp(
             tcp::Config::default().nodelay(true),
@@ -282,16 +303,8 @@ fn plain_swarm(
             yamux::Config::default,
         )
         .context("cannot set up the TCP transport")?
-        .with_quic()
-        .with_dns()
-        .context("cannot set up DNS resolution")?
-        .with_relay_client(noise::Config::new, yamux::Config::default)
-        .context("cannot set up the relay transport")?
-        .with_behaviour(|key, relay| Behaviour::new(key, config, Some(relay)).map_err(Into::into))
-        .context("cannot set up the libp2p behaviour")?
-        .with_swarm_config(|c| swarm_config(c, idle))
-        .with_connection_timeout(Duration::from_secs(config.connection_timeout_secs))
-        .build())
+        .with_quic();
+    Ok(finish_swarm!(builder, config))
 }
 
 /// TCP only, each connection first proving the pre-shared key at `path`.
@@ -310,8 +323,7 @@ fn private_swarm(
         );
     }
     tracing::info!(fingerprint = %psk.fingerprint(), "private network: only peers with this key can connect");
-    let idle = Duration::from_secs(config.idle_connection_timeout_secs);
-    Ok(libp2p::SwarmBuilder::with_existing_identity(key)
+    let builder = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_other_transport(|key| {
             use libp2p::Transport;
@@ -325,16 +337,8 @@ fn private_swarm(
                     .timeout(Duration::from_secs(20)),
             )
         })
-        .context("cannot set up the private-network transport")?
-        .with_dns()
-        .context("cannot set up DNS resolution")?
-        .with_relay_client(noise::Config::new, yamux::Config::default)
-        .context("cannot set up the relay transport")?
-        .with_behaviour(|key, relay| Behaviour::new(key, config, Some(relay)).map_err(Into::into))
-        .context("cannot set up the libp2p behaviour")?
-        .with_swarm_config(|c| swarm_config(c, idle))
-        .with_connection_timeout(Duration::from_secs(config.connection_timeout_secs))
-        .build())
+        .context("cannot set up the private-network transport")?;
+    Ok(finish_swarm!(builder, config))
 }
 
 /// Serve `Mesh` (and health) to the node on the local link at `mesh_addr`, behind the link
