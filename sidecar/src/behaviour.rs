@@ -7,8 +7,8 @@ use libp2p::kad::store::MemoryStore;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{
-    StreamProtocol, allow_block_list, autonat, connection_limits, dcutr, identify, identity, kad,
-    mdns, memory_connection_limits, ping, relay, request_response,
+    PeerId, StreamProtocol, allow_block_list, autonat, connection_limits, dcutr, identify,
+    identity, kad, mdns, memory_connection_limits, ping, relay, request_response,
 };
 
 use crate::codec::{ProstCodec, SCHEMA_PROTOCOL};
@@ -56,117 +56,17 @@ impl Behaviour {
         relay_client: Option<relay::client::Behaviour>,
     ) -> anyhow::Result<Behaviour> {
         let peer_id = key.public().to_peer_id();
-        let limits = connection_limits::Behaviour::new(
-            connection_limits::ConnectionLimits::default()
-                .with_max_established(Some(config.max_connections))
-                .with_max_established_per_peer(Some(config.max_connections_per_peer))
-                .with_max_pending_incoming(Some(config.max_pending_incoming))
-                .with_max_pending_outgoing(Some(config.max_pending_outgoing)),
-        );
-        let memory = if config.max_memory_bytes > 0 {
-            let bytes = usize::try_from(config.max_memory_bytes).unwrap_or(usize::MAX);
-            Some(memory_connection_limits::Behaviour::with_max_bytes(bytes))
-        } else if config.max_memory_percent > 0.0 {
-            if !config.max_memory_percent.is_finite() || config.max_memory_percent > 100.0 {
-                anyhow::bail!(
-                    "--max-memory-percent must be a number above 0 and at most 100, not {}",
-                    config.max_memory_percent
-                );
-            }
-            Some(memory_connection_limits::Behaviour::with_max_percentage(
-                config.max_memory_percent / 100.0,
-            ))
-        } else if config.max_memory_percent < 0.0 || config.max_memory_percent.is_nan() {
-            anyhow::bail!(
-                "--max-memory-percent must be a number above 0 and at most 100, not {}",
-                config.max_memory_percent
-            );
-        } else {
-            None
-        };
-        let identify = identify::Behaviour::new(
-            identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())
-                .with_agent_version(format!("p2p-sidecar/{}", env!("CARGO_PKG_VERSION")))
-                // New listen addresses (a relay reservation's relayed address above all) reach
-                // connected peers, and through them the DHT, at once.
-                .with_push_listen_addr_updates(true)
-                // No address cache of its own: what a peer reports reaches dials only through
-                // the peer book and the DHT, which drop other hosts' loopback and link-local
-                // addresses (crate::peer_book::learnable).
-                .with_cache_size(0),
-        );
-        // A ping unanswered for one interval has failed; the event loop closes a connection
-        // after --ping-max-failures of them (libp2p's ping no longer closes connections itself).
-        let ping_every = Duration::from_secs(config.ping_interval_secs.max(1));
-        let ping = ping::Behaviour::new(
-            ping::Config::new()
-                .with_interval(ping_every)
-                .with_timeout(ping_every),
-        );
-        let mdns = if config.mdns_enabled() {
-            let cfg = mdns::Config {
-                query_interval: Duration::from_secs(config.mdns_query_interval_secs.max(1)),
-                ..Default::default()
-            };
-            Some(mdns::tokio::Behaviour::new(cfg, peer_id)?)
-        } else {
-            None
-        };
-        let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);
-        kad_cfg.set_query_timeout(Duration::from_secs(10));
-        // The event loop bootstraps after the first connection and every five minutes; libp2p's
-        // own timer would only warn "no known peers" on a node that is alone.
-        kad_cfg.set_periodic_bootstrap_interval(None);
-        // Provider records are re-announced by the event loop whenever the routing table
-        // changes; keep libp2p's own republication too, for long-lived meshes.
-        kad_cfg.set_provider_publication_interval(Some(Duration::from_secs(600)));
-        // Provider records (schema → nodes) are what the mesh uses; plain records are not, so
-        // what other peers may PUT here is kept small: at most 1024 records of under 1 KiB
-        // (libp2p's default would allow 65 KiB each, 64 MiB in all). Provider records keep
-        // libp2p's bounds: 1024 keys × 20 providers (docs/DEPLOY.md#memory).
-        let store = MemoryStore::with_config(
-            peer_id,
-            kad::store::MemoryStoreConfig {
-                max_records: 1024,
-                max_value_bytes: 1024,
-                ..kad::store::MemoryStoreConfig::default()
-            },
-        );
-        let mut kad = kad::Behaviour::with_config(peer_id, store, kad_cfg);
-        kad.set_mode(Some(kad::Mode::Server));
-        let rr = |timeout_ms: u64| {
-            request_response::Config::default()
-                .with_request_timeout(Duration::from_millis(timeout_ms))
-                .with_max_concurrent_streams(config.max_concurrent_streams)
-        };
-        let schema = request_response::Behaviour::with_codec(
-            SchemaCodec::new(config.max_schema_bytes),
-            [(SCHEMA_PROTOCOL, request_response::ProtocolSupport::Full)],
-            rr(config.request_timeout_ms),
-        );
-        let mut deny = allow_block_list::Behaviour::<allow_block_list::BlockedPeers>::default();
-        for p in &config.deny_peers {
-            deny.block_peer(*p);
-        }
-        let allow = if config.allow_peers.is_empty() {
-            None
-        } else {
-            let mut a = allow_block_list::Behaviour::<allow_block_list::AllowedPeers>::default();
-            for p in &config.allow_peers {
-                a.allow_peer(*p);
-            }
-            Some(a)
-        };
+        let (deny, allow) = access_lists(config);
         Ok(Behaviour {
             deny,
             allow: allow.into(),
-            limits,
-            memory: memory.into(),
-            identify,
-            ping,
-            mdns: mdns.into(),
-            kad,
-            schema,
+            limits: connection_limits(config),
+            memory: memory_limits(config)?.into(),
+            identify: identify(key),
+            ping: ping(config),
+            mdns: mdns(config, peer_id)?.into(),
+            kad: kad(peer_id),
+            schema: schema(config),
             stream: libp2p_stream::Behaviour::new(),
             relay_client: relay_client.into(),
             relay_server: relay_server(peer_id, config)?.into(),
@@ -175,6 +75,141 @@ impl Behaviour {
             autonat_server: autonat::v2::server::Behaviour::default(),
         })
     }
+}
+
+/// The connection limits (--max-connections, per peer, pending).
+fn connection_limits(config: &Config) -> connection_limits::Behaviour {
+    connection_limits::Behaviour::new(
+        connection_limits::ConnectionLimits::default()
+            .with_max_established(Some(config.max_connections))
+            .with_max_established_per_peer(Some(config.max_connections_per_peer))
+            .with_max_pending_incoming(Some(config.max_pending_incoming))
+            .with_max_pending_outgoing(Some(config.max_pending_outgoing)),
+    )
+}
+
+/// New connections refused above a memory use (--max-memory-bytes or --max-memory-percent).
+fn memory_limits(config: &Config) -> anyhow::Result<Option<memory_connection_limits::Behaviour>> {
+    if config.max_memory_bytes > 0 {
+        let bytes = usize::try_from(config.max_memory_bytes).unwrap_or(usize::MAX);
+        Ok(Some(memory_connection_limits::Behaviour::with_max_bytes(
+            bytes,
+        )))
+    } else if config.max_memory_percent > 0.0 {
+        if !config.max_memory_percent.is_finite() || config.max_memory_percent > 100.0 {
+            anyhow::bail!(
+                "--max-memory-percent must be a number above 0 and at most 100, not {}",
+                config.max_memory_percent
+            );
+        }
+        Ok(Some(
+            memory_connection_limits::Behaviour::with_max_percentage(
+                config.max_memory_percent / 100.0,
+            ),
+        ))
+    } else if config.max_memory_percent < 0.0 || config.max_memory_percent.is_nan() {
+        anyhow::bail!(
+            "--max-memory-percent must be a number above 0 and at most 100, not {}",
+            config.max_memory_percent
+        );
+    } else {
+        Ok(None)
+    }
+}
+
+fn identify(key: &identity::Keypair) -> identify::Behaviour {
+    identify::Behaviour::new(
+        identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())
+            .with_agent_version(format!("p2p-sidecar/{}", env!("CARGO_PKG_VERSION")))
+            // New listen addresses (a relay reservation's relayed address above all) reach
+            // connected peers, and through them the DHT, at once.
+            .with_push_listen_addr_updates(true)
+            // No address cache of its own: what a peer reports reaches dials only through
+            // the peer book and the DHT, which drop other hosts' loopback and link-local
+            // addresses (crate::peer_book::learnable).
+            .with_cache_size(0),
+    )
+}
+
+/// A ping unanswered for one interval has failed; the event loop closes a connection after
+/// --ping-max-failures of them (libp2p's ping no longer closes connections itself).
+fn ping(config: &Config) -> ping::Behaviour {
+    let ping_every = Duration::from_secs(config.ping_interval_secs.max(1));
+    ping::Behaviour::new(
+        ping::Config::new()
+            .with_interval(ping_every)
+            .with_timeout(ping_every),
+    )
+}
+
+fn mdns(config: &Config, peer_id: PeerId) -> anyhow::Result<Option<mdns::tokio::Behaviour>> {
+    if !config.mdns_enabled() {
+        return Ok(None);
+    }
+    let cfg = mdns::Config {
+        query_interval: Duration::from_secs(config.mdns_query_interval_secs.max(1)),
+        ..Default::default()
+    };
+    Ok(Some(mdns::tokio::Behaviour::new(cfg, peer_id)?))
+}
+
+fn kad(peer_id: PeerId) -> kad::Behaviour<MemoryStore> {
+    let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);
+    kad_cfg.set_query_timeout(Duration::from_secs(10));
+    // The event loop bootstraps after the first connection and every five minutes; libp2p's
+    // own timer would only warn "no known peers" on a node that is alone.
+    kad_cfg.set_periodic_bootstrap_interval(None);
+    // Provider records are re-announced by the event loop whenever the routing table
+    // changes; keep libp2p's own republication too, for long-lived meshes.
+    kad_cfg.set_provider_publication_interval(Some(Duration::from_secs(600)));
+    // Provider records (schema → nodes) are what the mesh uses; plain records are not, so
+    // what other peers may PUT here is kept small: at most 1024 records of under 1 KiB
+    // (libp2p's default would allow 65 KiB each, 64 MiB in all). Provider records keep
+    // libp2p's bounds: 1024 keys × 20 providers (docs/DEPLOY.md#memory).
+    let store = MemoryStore::with_config(
+        peer_id,
+        kad::store::MemoryStoreConfig {
+            max_records: 1024,
+            max_value_bytes: 1024,
+            ..kad::store::MemoryStoreConfig::default()
+        },
+    );
+    let mut kad = kad::Behaviour::with_config(peer_id, store, kad_cfg);
+    kad.set_mode(Some(kad::Mode::Server));
+    kad
+}
+
+fn schema(config: &Config) -> request_response::Behaviour<SchemaCodec> {
+    request_response::Behaviour::with_codec(
+        SchemaCodec::new(config.max_schema_bytes),
+        [(SCHEMA_PROTOCOL, request_response::ProtocolSupport::Full)],
+        request_response::Config::default()
+            .with_request_timeout(Duration::from_millis(config.request_timeout_ms))
+            .with_max_concurrent_streams(config.max_concurrent_streams),
+    )
+}
+
+/// --deny-peers, and --allow-peers when any are given.
+fn access_lists(
+    config: &Config,
+) -> (
+    allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
+    Option<allow_block_list::Behaviour<allow_block_list::AllowedPeers>>,
+) {
+    let mut deny = allow_block_list::Behaviour::<allow_block_list::BlockedPeers>::default();
+    for p in &config.deny_peers {
+        deny.block_peer(*p);
+    }
+    let allow = if config.allow_peers.is_empty() {
+        None
+    } else {
+        let mut a = allow_block_list::Behaviour::<allow_block_list::AllowedPeers>::default();
+        for p in &config.allow_peers {
+            a.allow_peer(*p);
+        }
+        Some(a)
+    };
+    (deny, allow)
 }
 
 /// The relay service (--relay-server) with the configured limits; None when it is off.

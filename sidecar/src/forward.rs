@@ -213,36 +213,15 @@ async fn peer_stream(
     let mut job = first;
     let why = loop {
         buf.clear();
-        let mut batch = Some(job);
-        while let Some(j) = batch.take() {
-            next_id += 1;
-            let frame = ForwardFrame {
-                id: next_id,
-                body: Some(forward_frame::Body::Request(j.envelope)),
-            };
-            if let Err(e) = encode_frame(&frame, max_bytes, &mut buf) {
-                // Too large for the frame limit: this request fails alone, the stream goes on.
-                let _ = j.reply.send(Err(MeshError::ResourceExhausted(format!(
-                    "the request cannot be sent to node {peer}: {e} (--max-forward-bytes); send less in one request (fewer or smaller values, a smaller batch)"
-                ))));
-            } else {
-                let mut p = lock(&pending);
-                if p.len() >= MAX_IN_FLIGHT_PER_PEER {
-                    // Forget the requests whose callers gave up before refusing a new one.
-                    p.retain(|_, r| !r.is_closed());
-                }
-                if p.len() >= MAX_IN_FLIGHT_PER_PEER {
-                    let _ = j.reply.send(Err(MeshError::Unavailable(format!(
-                        "{MAX_IN_FLIGHT_PER_PEER} requests to node {peer} are unanswered; retry"
-                    ))));
-                } else {
-                    p.insert(next_id, j.reply);
-                }
-            }
-            if buf.len() < MAX_WRITE_BATCH {
-                batch = rx.try_recv().ok();
-            }
-        }
+        encode_batch(
+            job,
+            &mut rx,
+            &mut next_id,
+            &pending,
+            &mut buf,
+            peer,
+            max_bytes,
+        );
         if !buf.is_empty() {
             let written = tokio::time::timeout(WRITE_STALL, async {
                 writer.write_all(&buf).await?;
@@ -263,32 +242,9 @@ async fn peer_stream(
         tokio::select! {
             next = rx.recv() => match next {
                 Some(j) => job = j,
-                None => {
-                    // Retired (e.g. its connection is being replaced by a direct one): the
-                    // requests already written get their answers first, for a bounded time.
-                    let deadline = tokio::time::Instant::now() + DRAIN;
-                    let mut ended = None;
-                    while !lock(&pending).is_empty() && tokio::time::Instant::now() < deadline {
-                        tokio::select! {
-                            done = &mut reading => {
-                                ended = Some(match done {
-                                    Ok(reason) => reason,
-                                    Err(e) => format!("the reader of node {peer}'s stream failed: {e}"),
-                                });
-                                break;
-                            }
-                            _ = tokio::time::sleep(std::time::Duration::from_millis(5)) => {}
-                        }
-                    }
-                    break ended.unwrap_or_else(|| "the stream is no longer needed".to_string());
-                }
+                None => break drain(&pending, &mut reading, peer).await,
             },
-            done = &mut reading => {
-                break match done {
-                    Ok(reason) => reason,
-                    Err(e) => format!("the reader of node {peer}'s stream failed: {e}"),
-                };
-            }
+            done = &mut reading => break reader_ended(done, peer),
         }
     };
     tracing::debug!(%peer, reason = %why, "forward stream closed");
@@ -299,6 +255,75 @@ async fn peer_stream(
         &mut rx,
         &MeshError::Unavailable(format!("the stream to node {peer} ended: {why}")),
     );
+}
+
+/// Encode `job` and the jobs already queued behind it (up to [`MAX_WRITE_BATCH`] bytes) into
+/// `buf`, each under a new id in `pending`. A request too large for a frame, or one over
+/// [`MAX_IN_FLIGHT_PER_PEER`], fails alone.
+fn encode_batch(
+    job: Job,
+    rx: &mut mpsc::Receiver<Job>,
+    next_id: &mut u64,
+    pending: &Pending,
+    buf: &mut Vec<u8>,
+    peer: PeerId,
+    max_bytes: usize,
+) {
+    let mut batch = Some(job);
+    while let Some(j) = batch.take() {
+        *next_id += 1;
+        let frame = ForwardFrame {
+            id: *next_id,
+            body: Some(forward_frame::Body::Request(j.envelope)),
+        };
+        if let Err(e) = encode_frame(&frame, max_bytes, buf) {
+            // Too large for the frame limit: this request fails alone, the stream goes on.
+            let _ = j.reply.send(Err(MeshError::ResourceExhausted(format!(
+                "the request cannot be sent to node {peer}: {e} (--max-forward-bytes); send less in one request (fewer or smaller values, a smaller batch)"
+            ))));
+        } else {
+            let mut p = lock(pending);
+            if p.len() >= MAX_IN_FLIGHT_PER_PEER {
+                // Forget the requests whose callers gave up before refusing a new one.
+                p.retain(|_, r| !r.is_closed());
+            }
+            if p.len() >= MAX_IN_FLIGHT_PER_PEER {
+                let _ = j.reply.send(Err(MeshError::Unavailable(format!(
+                    "{MAX_IN_FLIGHT_PER_PEER} requests to node {peer} are unanswered; retry"
+                ))));
+            } else {
+                p.insert(*next_id, j.reply);
+            }
+        }
+        if buf.len() < MAX_WRITE_BATCH {
+            batch = rx.try_recv().ok();
+        }
+    }
+}
+
+/// A retired stream (e.g. its connection is being replaced by a direct one): the requests
+/// already written get their answers first, for a bounded time. Returns why the stream ends.
+async fn drain(
+    pending: &Pending,
+    reading: &mut tokio::task::JoinHandle<String>,
+    peer: PeerId,
+) -> String {
+    let deadline = tokio::time::Instant::now() + DRAIN;
+    while !lock(pending).is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::select! {
+            done = &mut *reading => return reader_ended(done, peer),
+            _ = tokio::time::sleep(std::time::Duration::from_millis(5)) => {}
+        }
+    }
+    "the stream is no longer needed".to_string()
+}
+
+/// Why the stream ended, from its reader task's outcome.
+fn reader_ended(done: Result<String, tokio::task::JoinError>, peer: PeerId) -> String {
+    match done {
+        Ok(reason) => reason,
+        Err(e) => format!("the reader of node {peer}'s stream failed: {e}"),
+    }
 }
 
 /// Complete pending requests as their answers arrive; returns why the stream ended.

@@ -2,7 +2,7 @@
 //!
 //! Where things are: [`identity`] (the persistent key; node id = PeerId), [`behaviour`] (the
 //! libp2p protocols), [`codec`] (length-delimited protobuf with size limits), [`event_loop`] (the
-//! one owner of the `Swarm`), [`client`] (the handle everything else uses), [`mesh_api`] (the
+//! one owner of the `Swarm`: it dispatches to handlers in child modules by concern), [`client`] (the handle everything else uses), [`mesh_api`] (the
 //! gRPC service for the node), [`node_link`] (calls into the node), [`server`] (process wiring).
 //! The event loop's policy is in plain state machines: [`bootstrap`], [`connect`], [`conns`],
 //! [`upgrade`], [`reach`], [`peer_book`] (its file written by [`book_file`]); [`status`] is the

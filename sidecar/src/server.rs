@@ -153,6 +153,56 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     let mesh_addr = config.mesh_listen.clone().relative_to(&config.data_dir);
     let node_addr = config.node_addr.clone().relative_to(&config.data_dir);
+    let token = link_token(&config, &mesh_addr, &node_addr)?;
+    let m = ProcessMetrics::register();
+    let swarm = build_swarm(&config, key)?;
+
+    let timeout = Duration::from_millis(config.request_timeout_ms);
+    let node = NodeLink::new(
+        node_addr,
+        token.clone(),
+        timeout,
+        config.max_forward_bytes,
+        m.client,
+    );
+    let node = if config.link_forward == "unary" {
+        node.unary()
+    } else {
+        node
+    };
+    let (client, mut tasks) =
+        assemble(swarm, &config, Arc::new(node), m.libp2p, m.sidecar.clone())?;
+
+    // The admin address, known once bound below; Status reports it to the node.
+    let admin_addr_cell: Arc<std::sync::OnceLock<String>> = Arc::default();
+    let mesh = MeshApi::new(client.clone(), timeout, signing_key)
+        .with_admin_addr(admin_addr_cell.clone())
+        .with_max_stream_forwards(config.max_stream_forwards)
+        .with_max_message_bytes(config.max_forward_bytes)
+        .with_metrics(m.sidecar);
+    let (mesh_addr, stop, server) = serve_mesh(mesh, &config, token, &mesh_addr, m.server).await?;
+    tasks.push(server);
+    let (admin_addr, admin) = serve_admin(&config, m.registry, client.clone()).await?;
+    let _ = admin_addr_cell.set(admin_addr.to_string());
+    tasks.push(admin);
+
+    let listen = wait_listening(&client, &config).await?;
+    Ok(Running {
+        client,
+        mesh_addr,
+        admin_addr,
+        listen,
+        stop,
+        tasks,
+    })
+}
+
+/// The link token (--link-token-file); required when either side of the local link is TCP.
+fn link_token(
+    config: &Config,
+    mesh_addr: &local_link::LinkAddr,
+    node_addr: &local_link::LinkAddr,
+) -> anyhow::Result<Option<LinkToken>> {
     let token = match &config.link_token_file {
         Some(p) => Some(LinkToken::load(p).map_err(anyhow::Error::msg)?),
         None => None,
@@ -162,85 +212,51 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             "the local link to the node uses TCP ({mesh_addr} / {node_addr}), which any local user can reach: give both processes the same --link-token-file"
         );
     }
+    Ok(token)
+}
 
-    let mut registry = Registry::default();
-    let libp2p_metrics = libp2p::metrics::Metrics::new(&mut registry);
-    let sets: [&[u8]; 2] = [
-        fold_proto::FILE_DESCRIPTOR_SET,
-        tonic_health::pb::FILE_DESCRIPTOR_SET,
-    ];
-    let server_metrics = GrpcMetrics::register(&mut registry, Side::Server, &sets);
-    let client_metrics = GrpcMetrics::register(&mut registry, Side::Client, &sets);
-    let metrics = SidecarMetrics::register(&mut registry);
-    let registry = Arc::new(Mutex::new(registry));
+/// The process's metrics: one registry (served on the admin port) and what records into it.
+struct ProcessMetrics {
+    registry: Arc<Mutex<Registry>>,
+    libp2p: libp2p::metrics::Metrics,
+    server: Arc<GrpcMetrics>,
+    client: Arc<GrpcMetrics>,
+    sidecar: Arc<SidecarMetrics>,
+}
 
-    let behaviour_config = config.clone();
-    let idle = Duration::from_secs(config.idle_connection_timeout_secs);
+impl ProcessMetrics {
+    fn register() -> ProcessMetrics {
+        let mut registry = Registry::default();
+        let libp2p = libp2p::metrics::Metrics::new(&mut registry);
+        let sets: [&[u8]; 2] = [
+            fold_proto::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+        ];
+        let server = GrpcMetrics::register(&mut registry, Side::Server, &sets);
+        let client = GrpcMetrics::register(&mut registry, Side::Client, &sets);
+        let sidecar = SidecarMetrics::register(&mut registry);
+        ProcessMetrics {
+            registry: Arc::new(Mutex::new(registry)),
+            libp2p,
+            server,
+            client,
+            sidecar,
+        }
+    }
+}
+
+/// The swarm on TCP + QUIC, or on TCP inside a private network (--private-network-key),
+/// listening on --listen with the --external-address ones added.
+fn build_swarm(
+    config: &Config,
+    key: libp2p::identity::Keypair,
+) -> anyhow::Result<libp2p::Swarm<Behaviour>> {
     if config.connection_timeout_secs == 0 {
         anyhow::bail!("--connection-timeout-secs must be above 0");
     }
-    let connection_timeout = Duration::from_secs(config.connection_timeout_secs);
     let mut swarm = match &config.private_network_key {
-        None => libp2p::SwarmBuilder::with_existing_identity(key)
-            .with_tokio()
-            .with_tcp(
-                tcp::Config::default().nodelay(true),
-                noise::Config::new,
-                yamux::Config::default,
-            )
-            .context("cannot set up the TCP transport")?
-            .with_quic()
-            .with_dns()
-            .context("cannot set up DNS resolution")?
-            .with_relay_client(noise::Config::new, yamux::Config::default)
-            .context("cannot set up the relay transport")?
-            .with_behaviour(|key, relay| {
-                Behaviour::new(key, &behaviour_config, Some(relay)).map_err(Into::into)
-            })
-            .context("cannot set up the libp2p behaviour")?
-            .with_swarm_config(|c| swarm_config(c, idle))
-            .with_connection_timeout(connection_timeout)
-            .build(),
-        Some(path) => {
-            let psk = read_psk(path)?;
-            if let Some(q) = config.listen.iter().find(|a| {
-                a.iter()
-                    .any(|p| matches!(p, libp2p::multiaddr::Protocol::QuicV1))
-            }) {
-                anyhow::bail!(
-                    "{q}: QUIC cannot carry a private network (--private-network-key); listen on TCP only"
-                );
-            }
-            tracing::info!(fingerprint = %psk.fingerprint(), "private network: only peers with this key can connect");
-            libp2p::SwarmBuilder::with_existing_identity(key)
-                .with_tokio()
-                .with_other_transport(|key| {
-                    use libp2p::Transport;
-                    let noise = noise::Config::new(key)?;
-                    Ok(
-                        tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
-                            .and_then(move |socket, _| {
-                                libp2p::pnet::PnetConfig::new(psk).handshake(socket)
-                            })
-                            .upgrade(libp2p::core::upgrade::Version::V1Lazy)
-                            .authenticate(noise)
-                            .multiplex(yamux::Config::default())
-                            .timeout(Duration::from_secs(20)),
-                    )
-                })
-                .context("cannot set up the private-network transport")?
-                .with_dns()
-                .context("cannot set up DNS resolution")?
-                .with_relay_client(noise::Config::new, yamux::Config::default)
-                .context("cannot set up the relay transport")?
-                .with_behaviour(|key, relay| {
-                    Behaviour::new(key, &behaviour_config, Some(relay)).map_err(Into::into)
-                })
-                .context("cannot set up the libp2p behaviour")?
-                .with_swarm_config(|c| swarm_config(c, idle))
-                .with_connection_timeout(connection_timeout)
-                .build()
-        }
+        None => plain_swarm(config, key)?,
+        Some(path) => private_swarm(config, key, path)?,
     };
     for addr in &config.listen {
         swarm
@@ -250,49 +266,107 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     for addr in &config.external_address {
         swarm.add_external_address(addr.clone());
     }
+    Ok(swarm)
+}
 
-    let timeout = Duration::from_millis(config.request_timeout_ms);
-    let node = NodeLink::new(
-        node_addr.clone(),
-        token.clone(),
-        timeout,
-        config.max_forward_bytes,
-        client_metrics,
-    );
-    let node = if config.link_forward == "unary" {
-        node.unary()
-    } else {
-        node
-    };
-    let (client, mut tasks) = assemble(
-        swarm,
-        &config,
-        Arc::new(node),
-        libp2p_metrics,
-        metrics.clone(),
-    )?;
+/// The builder steps both transports share once the transport is set: DNS, the relay client,
+/// the behaviour and the swarm settings. A macro rather than a function: libp2p does not export
+/// the builder's phase types.
+macro_rules! finish_swarm {
+    ($builder:expr, $config:expr) => {{
+        let config: &Config = $config;
+        let idle = Duration::from_secs(config.idle_connection_timeout_secs);
+        $builder
+            .with_dns()
+            .context("cannot set up DNS resolution")?
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .context("cannot set up the relay transport")?
+            .with_behaviour(|key, relay| {
+                Behaviour::new(key, config, Some(relay)).map_err(Into::into)
+            })
+            .context("cannot set up the libp2p behaviour")?
+            .with_swarm_config(|c| swarm_config(c, idle))
+            .with_connection_timeout(Duration::from_secs(config.connection_timeout_secs))
+            .build()
+    }};
+}
 
+fn plain_swarm(
+    config: &Config,
+    key: libp2p::identity::Keypair,
+) -> anyhow::Result<libp2p::Swarm<Behaviour>> {
+    let builder = libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .context("cannot set up the TCP transport")?
+        .with_quic();
+    Ok(finish_swarm!(builder, config))
+}
+
+/// TCP only, each connection first proving the pre-shared key at `path`.
+fn private_swarm(
+    config: &Config,
+    key: libp2p::identity::Keypair,
+    path: &std::path::Path,
+) -> anyhow::Result<libp2p::Swarm<Behaviour>> {
+    let psk = read_psk(path)?;
+    if let Some(q) = config.listen.iter().find(|a| {
+        a.iter()
+            .any(|p| matches!(p, libp2p::multiaddr::Protocol::QuicV1))
+    }) {
+        anyhow::bail!(
+            "{q}: QUIC cannot carry a private network (--private-network-key); listen on TCP only"
+        );
+    }
+    tracing::info!(fingerprint = %psk.fingerprint(), "private network: only peers with this key can connect");
+    let builder = libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_other_transport(|key| {
+            use libp2p::Transport;
+            let noise = noise::Config::new(key)?;
+            Ok(
+                tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                    .and_then(move |socket, _| libp2p::pnet::PnetConfig::new(psk).handshake(socket))
+                    .upgrade(libp2p::core::upgrade::Version::V1Lazy)
+                    .authenticate(noise)
+                    .multiplex(yamux::Config::default())
+                    .timeout(Duration::from_secs(20)),
+            )
+        })
+        .context("cannot set up the private-network transport")?;
+    Ok(finish_swarm!(builder, config))
+}
+
+/// Serve `Mesh` (and health) to the node on the local link at `mesh_addr`, behind the link
+/// token when there is one. Returns the bound address, the stop switch and the server's task.
+async fn serve_mesh(
+    mesh: MeshApi,
+    config: &Config,
+    token: Option<LinkToken>,
+    mesh_addr: &local_link::LinkAddr,
+    server_metrics: Arc<GrpcMetrics>,
+) -> anyhow::Result<(
+    local_link::LinkAddr,
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+)> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<MeshServer<MeshApi>>().await;
-    // The admin address, known once bound below; Status reports it to the node.
-    let admin_addr_cell: Arc<std::sync::OnceLock<String>> = Arc::default();
-    let mesh = MeshServer::new(
-        MeshApi::new(client.clone(), timeout, signing_key)
-            .with_admin_addr(admin_addr_cell.clone())
-            .with_max_stream_forwards(config.max_stream_forwards)
-            .with_max_message_bytes(config.max_forward_bytes)
-            .with_metrics(metrics),
-    )
-    .max_decoding_message_size(config.max_forward_bytes)
-    .max_encoding_message_size(config.max_forward_bytes);
-    let mesh = tonic::service::interceptor::InterceptedService::new(mesh, {
-        let token = token.clone();
+    let mesh = MeshServer::new(mesh)
+        .max_decoding_message_size(config.max_forward_bytes)
+        .max_encoding_message_size(config.max_forward_bytes);
+    let mesh = tonic::service::interceptor::InterceptedService::new(
+        mesh,
         move |req: tonic::Request<()>| match &token {
             Some(t) => t.check(req),
             None => Ok(req),
-        }
-    });
-    let listener = LinkListener::bind(&mesh_addr)
+        },
+    );
+    let listener = LinkListener::bind(mesh_addr)
         .await
         .with_context(|| format!("cannot serve the node link on {mesh_addr} (--mesh-listen)"))?;
     let mesh_addr = listener.local_addr()?;
@@ -323,17 +397,24 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .serve_with_incoming_shutdown(listener.into_incoming(), async move {
             let _ = stop_wait.wait_for(|v| *v).await;
         });
-    tasks.push(tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         if let Err(e) = server.await {
             tracing::error!(error = %e, "mesh server failed");
         }
-    }));
+    });
+    Ok((mesh_addr, stop, task))
+}
 
-    let ready_client = client.clone();
+/// The admin port (--admin-listen): metrics and readiness (the swarm has an identity).
+async fn serve_admin(
+    config: &Config,
+    registry: Arc<Mutex<Registry>>,
+    client: Client,
+) -> anyhow::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
     let admin_state = AdminState::new(registry).readiness_check(
         "swarm",
         Box::new(move || {
-            if ready_client.local_peer_id().to_string().is_empty() {
+            if client.local_peer_id().to_string().is_empty() {
                 Err("no identity".into())
             } else {
                 Ok(())
@@ -343,10 +424,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let (admin_addr, admin) = fold_telemetry::admin::bind(config.admin_listen, admin_state)
         .await
         .with_context(|| format!("cannot listen on {} (--admin-listen)", config.admin_listen))?;
-    let _ = admin_addr_cell.set(admin_addr.to_string());
-    tasks.push(tokio::spawn(admin));
+    Ok((admin_addr, tokio::spawn(admin)))
+}
 
-    // Ready once the swarm reports its listen addresses (port 0 resolved).
+/// Ready once the swarm reports its listen addresses (port 0 resolved); in the order
+/// Mesh.Status reports them.
+async fn wait_listening(client: &Client, config: &Config) -> anyhow::Result<Vec<Multiaddr>> {
     let mut listen = Vec::new();
     for _ in 0..200 {
         let st = client.status().await?;
@@ -360,7 +443,6 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     let mut listen: Vec<Multiaddr> = listen;
-    // In the order Mesh.Status reports them.
     listen.sort_by_key(|a| a.to_string());
     if listen.is_empty() {
         anyhow::bail!(
@@ -368,14 +450,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             config.listen
         );
     }
-    Ok(Running {
-        client,
-        mesh_addr,
-        admin_addr,
-        listen,
-        stop,
-        tasks,
-    })
+    Ok(listen)
 }
 
 async fn shutdown_signal() {
