@@ -30,48 +30,8 @@ pub async fn run(c: &Client, g: &Global, cmd: Command) -> Result<Out, Failure> {
         Command::History(h) => history(c, h).await,
         Command::Subscribe(a) => subscribe(c, g, a).await,
         Command::Status => status(c).await,
-        Command::Peers { all, metrics_addr } => {
-            let peers = c.peers(all).await?;
-            let Some(addr) = metrics_addr else {
-                return Ok(Out {
-                    json: to_json(&peers)?,
-                    text: peers_table(&peers, None),
-                });
-            };
-            let breakers = breaker_states(&addr).await?;
-            let mut json = to_json(&peers)?;
-            if let Json::Array(list) = &mut json {
-                for (p, j) in peers.iter().zip(list.iter_mut()) {
-                    if let Json::Object(o) = j {
-                        let state = breakers.get(&p.node_id).cloned();
-                        o.insert(
-                            "breaker".into(),
-                            state.map(Json::String).unwrap_or(Json::Null),
-                        );
-                    }
-                }
-            }
-            Ok(Out {
-                json,
-                text: peers_table(&peers, Some(&breakers)),
-            })
-        }
-        Command::Providers { schema } => {
-            let ids = c.providers(&schema).await?;
-            let mut t = Table::new(["NODE_ID"]).keep(0);
-            for id in &ids {
-                t.row([id.as_str()]);
-            }
-            let text = if ids.is_empty() {
-                format!("no node announces schema {schema}\n")
-            } else {
-                t.render()
-            };
-            Ok(Out {
-                json: json!({"schema": schema, "node_ids": ids}),
-                text,
-            })
-        }
+        Command::Peers { all, metrics_addr } => peers(c, all, metrics_addr).await,
+        Command::Providers { schema } => providers(c, schema).await,
         Command::Trust(t) => trust(c, t).await,
         Command::Dial { address } => {
             let d = c.dial(&address).await?;
@@ -104,6 +64,52 @@ pub async fn run(c: &Client, g: &Global, cmd: Command) -> Result<Out, Failure> {
     }
 }
 
+/// `peers`: the node's peers, with each one's breaker state when `--metrics-addr` is given.
+async fn peers(c: &Client, all: bool, metrics_addr: Option<String>) -> Result<Out, Failure> {
+    let peers = c.peers(all).await?;
+    let Some(addr) = metrics_addr else {
+        return Ok(Out {
+            json: to_json(&peers)?,
+            text: peers_table(&peers, None),
+        });
+    };
+    let breakers = breaker_states(&addr).await?;
+    let mut json = to_json(&peers)?;
+    if let Json::Array(list) = &mut json {
+        for (p, j) in peers.iter().zip(list.iter_mut()) {
+            if let Json::Object(o) = j {
+                let state = breakers.get(&p.node_id).cloned();
+                o.insert(
+                    "breaker".into(),
+                    state.map(Json::String).unwrap_or(Json::Null),
+                );
+            }
+        }
+    }
+    Ok(Out {
+        json,
+        text: peers_table(&peers, Some(&breakers)),
+    })
+}
+
+/// `providers`: the nodes that announce `schema`.
+async fn providers(c: &Client, schema: String) -> Result<Out, Failure> {
+    let ids = c.providers(&schema).await?;
+    let mut t = Table::new(["NODE_ID"]).keep(0);
+    for id in &ids {
+        t.row([id.as_str()]);
+    }
+    let text = if ids.is_empty() {
+        format!("no node announces schema {schema}\n")
+    } else {
+        t.render()
+    };
+    Ok(Out {
+        json: json!({"schema": schema, "node_ids": ids}),
+        text,
+    })
+}
+
 /// `status`: this node in the mesh, as key/value lines.
 async fn status(c: &Client) -> Result<Out, Failure> {
     let s = c.status().await?;
@@ -117,18 +123,10 @@ async fn status(c: &Client) -> Result<Out, Failure> {
         ("provided schemas", or_dash(s.provided_schemas.join(", "))),
         (
             "bootstrap",
-            or_dash(
-                s.bootstrap
-                    .iter()
-                    .map(|b| match &b.last_error {
-                        Some(e) if b.state == "failed" => {
-                            format!("{} failed: {e}", b.address)
-                        }
-                        _ => format!("{} {}", b.address, b.state),
-                    })
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            ),
+            joined(&s.bootstrap, |b| match &b.last_error {
+                Some(e) if b.state == "failed" => format!("{} failed: {e}", b.address),
+                _ => format!("{} {}", b.address, b.state),
+            }),
         ),
         ("reachability", s.reachability.clone()),
         (
@@ -141,17 +139,11 @@ async fn status(c: &Client) -> Result<Out, Failure> {
         ),
         (
             "relays",
-            or_dash(
-                s.relays
-                    .iter()
-                    .map(|r| match (&r.circuit_addr, &r.last_error) {
-                        (Some(c), _) => format!("{} {} ({c})", r.relay_node_id, r.state),
-                        (None, Some(e)) => format!("{} {}: {e}", r.relay_node_id, r.state),
-                        _ => format!("{} {}", r.relay_node_id, r.state),
-                    })
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            ),
+            joined(&s.relays, |r| match (&r.circuit_addr, &r.last_error) {
+                (Some(c), _) => format!("{} {} ({c})", r.relay_node_id, r.state),
+                (None, Some(e)) => format!("{} {}: {e}", r.relay_node_id, r.state),
+                _ => format!("{} {}", r.relay_node_id, r.state),
+            }),
         ),
         (
             "relay server",
@@ -165,28 +157,27 @@ async fn status(c: &Client) -> Result<Out, Failure> {
         ),
         (
             "replicas",
-            or_dash(
-                s.replicas
-                    .iter()
-                    .map(|r| {
-                        let mut t = format!(
-                            "{} from {} at {} (lag {})",
-                            r.schema, r.source_node_id, r.applied_sequence, r.lag
-                        );
-                        if let Some(e) = &r.last_error {
-                            t.push_str(&format!(": {e}"));
-                        }
-                        t
-                    })
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            ),
+            joined(&s.replicas, |r| {
+                let mut t = format!(
+                    "{} from {} at {} (lag {})",
+                    r.schema, r.source_node_id, r.applied_sequence, r.lag
+                );
+                if let Some(e) = &r.last_error {
+                    t.push_str(&format!(": {e}"));
+                }
+                t
+            }),
         ),
     ]);
     Ok(Out {
         json: to_json(&s)?,
         text,
     })
+}
+
+/// Each item as text, joined by "; " ("-" when there are none).
+fn joined<T>(items: &[T], text: impl Fn(&T) -> String) -> String {
+    or_dash(items.iter().map(text).collect::<Vec<_>>().join("; "))
 }
 
 async fn schema(c: &Client, cmd: SchemaCmd) -> Result<Out, Failure> {
@@ -263,100 +254,19 @@ fn schemas_table(list: &[SchemaInfo]) -> String {
 }
 
 async fn query(c: &Client, a: QueryArgs) -> Result<Out, Failure> {
-    let filter = if let Some(k) = a.key {
-        Some(Filter::Key(k))
-    } else if let Some(p) = a.prefix {
-        Some(Filter::Prefix(p))
-    } else if let Some(r) = a.range {
-        match r.as_slice() {
-            [start, end] => Some(Filter::Range {
-                start: start.clone(),
-                end: end.clone(),
-            }),
-            _ => return Err(Failure::Local("--range takes START END".into())),
-        }
-    } else if let Some(k) = a.keys {
-        Some(Filter::Keys(k))
-    } else {
-        a.pattern.map(Filter::Pattern)
-    };
-    let fields = if a.fields.is_empty() {
-        // Every field of the schema, as the connected node knows it.
-        match c.get_schema(&a.schema).await {
-            Ok(s) => s.info.fields,
-            Err(e) if a.node.is_some() || a.any || a.all => {
-                return Err(Failure::Local(format!(
-                    "name the fields to read: the connected node cannot list the fields of schema '{}' ({})",
-                    a.schema,
-                    match &e {
-                        fold_client::Error::Status { message, .. } => message.clone(),
-                        other => other.to_string(),
-                    }
-                )));
-            }
-            Err(e) => return Err(e.into()),
-        }
-    } else {
-        a.fields
-    };
+    let filter = query_filter(&a)?;
+    let fields = query_fields(c, &a).await?;
     let mut q = Query::new(a.schema, fields.clone());
     q.filter = filter;
     q.node = a.node;
     q.any = a.any;
     if a.all {
-        let answers = c.query_all(q).await?;
-        let mut t = Table::new(
-            ["NODE".to_string(), "KEY".to_string()]
-                .into_iter()
-                .chain(fields.iter().cloned()),
-        );
-        let mut n = 0;
-        for ans in &answers {
-            for rec in &ans.records {
-                let mut row = vec![
-                    ans.node_id.clone(),
-                    rec.key.clone().unwrap_or_else(|| "-".into()),
-                ];
-                for f in &fields {
-                    row.push(rec.fields.get(f).map(cell).unwrap_or_else(|| "-".into()));
-                }
-                t.row(row);
-                n += 1;
-            }
-        }
-        let text = format!(
-            "{}{n} record(s) from {}\n",
-            t.render(),
-            answered_summary(&answers)?
-        );
-        return Ok(Out {
-            json: to_json(&answers)?,
-            text,
-        });
+        return query_all(c, q, &fields).await;
     }
-    let r = {
-        use std::io::{IsTerminal, Write};
-        let tty = std::io::stderr().is_terminal();
-        let r = c
-            .query_with_progress(q, |n| {
-                if tty && n >= 1000 {
-                    eprint!("\r{n} records read");
-                    let _ = std::io::stderr().flush();
-                }
-            })
-            .await?;
-        if tty && r.records.len() >= 1000 {
-            eprintln!();
-        }
-        r
-    };
+    let r = query_with_progress(c, q).await?;
     let mut t = Table::new(std::iter::once("KEY".to_string()).chain(fields.iter().cloned()));
     for rec in &r.records {
-        let mut row = vec![rec.key.clone().unwrap_or_else(|| "-".into())];
-        for f in &fields {
-            row.push(rec.fields.get(f).map(cell).unwrap_or_else(|| "-".into()));
-        }
-        t.row(row);
+        t.row(record_row(Vec::new(), rec, &fields));
     }
     let text = format!(
         "{}{} record(s) from {}\n",
@@ -368,6 +278,99 @@ async fn query(c: &Client, a: QueryArgs) -> Result<Out, Failure> {
         json: to_json(&r)?,
         text,
     })
+}
+
+/// The one filter `--key`, `--prefix`, `--range`, `--keys` or `--pattern` asks for.
+fn query_filter(a: &QueryArgs) -> Result<Option<Filter>, Failure> {
+    Ok(if let Some(k) = &a.key {
+        Some(Filter::Key(k.clone()))
+    } else if let Some(p) = &a.prefix {
+        Some(Filter::Prefix(p.clone()))
+    } else if let Some(r) = &a.range {
+        match r.as_slice() {
+            [start, end] => Some(Filter::Range {
+                start: start.clone(),
+                end: end.clone(),
+            }),
+            _ => return Err(Failure::Local("--range takes START END".into())),
+        }
+    } else if let Some(k) = &a.keys {
+        Some(Filter::Keys(k.clone()))
+    } else {
+        a.pattern.clone().map(Filter::Pattern)
+    })
+}
+
+/// The fields named, or every field of the schema as the connected node knows it.
+async fn query_fields(c: &Client, a: &QueryArgs) -> Result<Vec<String>, Failure> {
+    if !a.fields.is_empty() {
+        return Ok(a.fields.clone());
+    }
+    match c.get_schema(&a.schema).await {
+        Ok(s) => Ok(s.info.fields),
+        Err(e) if a.node.is_some() || a.any || a.all => Err(Failure::Local(format!(
+            "name the fields to read: the connected node cannot list the fields of schema '{}' ({})",
+            a.schema,
+            match &e {
+                fold_client::Error::Status { message, .. } => message.clone(),
+                other => other.to_string(),
+            }
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `row` followed by the record's key and its `fields` ("-" where absent).
+fn record_row(mut row: Vec<String>, rec: &fold_client::Record, fields: &[String]) -> Vec<String> {
+    row.push(rec.key.clone().unwrap_or_else(|| "-".into()));
+    for f in fields {
+        row.push(rec.fields.get(f).map(cell).unwrap_or_else(|| "-".into()));
+    }
+    row
+}
+
+/// `--all`: every provider's answer, one table with a NODE column.
+async fn query_all(c: &Client, q: Query, fields: &[String]) -> Result<Out, Failure> {
+    let answers = c.query_all(q).await?;
+    let mut t = Table::new(
+        ["NODE".to_string(), "KEY".to_string()]
+            .into_iter()
+            .chain(fields.iter().cloned()),
+    );
+    let mut n = 0;
+    for ans in &answers {
+        for rec in &ans.records {
+            t.row(record_row(vec![ans.node_id.clone()], rec, fields));
+            n += 1;
+        }
+    }
+    let text = format!(
+        "{}{n} record(s) from {}\n",
+        t.render(),
+        answered_summary(&answers)?
+    );
+    Ok(Out {
+        json: to_json(&answers)?,
+        text,
+    })
+}
+
+/// Every page of `q`, counting records read on a terminal's stderr past the first thousand.
+async fn query_with_progress(c: &Client, q: Query) -> Result<fold_client::QueryResult, Failure> {
+    use std::io::{IsTerminal, Write};
+    let tty = std::io::stderr().is_terminal();
+    let r = c
+        .query_with_progress(q, |n| {
+            if tty && n >= 1000 {
+                eprint!("\r{n} records read");
+                let _ = std::io::stderr().flush();
+            }
+        })
+        .await?;
+    if tty && r.records.len() >= 1000 {
+        eprintln!();
+    }
+    Ok(r)
 }
 
 async fn mutate(c: &Client, a: MutateArgs) -> Result<Out, Failure> {
@@ -549,48 +552,8 @@ async fn subscribe(c: &Client, g: &Global, a: SubscribeArgs) -> Result<Out, Fail
             }
             SubscriptionEvent::Progress { sequence, .. } => last = last.max(*sequence),
         }
-        let line = if json {
-            serde_json::to_string(&event)
-                .map_err(|e| Failure::Local(format!("cannot render JSON: {e}")))?
-        } else {
-            match &event {
-                SubscriptionEvent::Change {
-                    sequence,
-                    key,
-                    mutation,
-                    writer,
-                    fields,
-                    ..
-                } => {
-                    let values: Vec<String> = fields
-                        .iter()
-                        .map(|(k, v)| format!("{k}={}", cell(v)))
-                        .collect();
-                    format!(
-                        "{sequence} {} {} {} {}",
-                        key.as_deref().unwrap_or("-"),
-                        mutation
-                            .map(|m| format!("{m:?}").to_lowercase())
-                            .unwrap_or_else(|| "-".into()),
-                        values.join(" "),
-                        writer
-                    )
-                }
-                SubscriptionEvent::Progress {
-                    sequence,
-                    head,
-                    node_id,
-                    ..
-                } => {
-                    if !a.progress {
-                        continue;
-                    }
-                    format!(
-                        "# progress: through {sequence}, head {head}, on {}",
-                        node_name(node_id)
-                    )
-                }
-            }
+        let Some(line) = event_line(&event, json, a.progress)? else {
+            continue;
         };
         let mut out = std::io::stdout().lock();
         if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
@@ -601,6 +564,54 @@ async fn subscribe(c: &Client, g: &Global, a: SubscribeArgs) -> Result<Out, Fail
     Ok(Out {
         json: Json::Null,
         text: String::new(),
+    })
+}
+
+/// One subscription event as a line of output: JSON, or text (progress only with `--progress`).
+fn event_line(
+    event: &SubscriptionEvent,
+    json: bool,
+    progress: bool,
+) -> Result<Option<String>, Failure> {
+    if json {
+        return serde_json::to_string(event)
+            .map(Some)
+            .map_err(|e| Failure::Local(format!("cannot render JSON: {e}")));
+    }
+    Ok(match event {
+        SubscriptionEvent::Change {
+            sequence,
+            key,
+            mutation,
+            writer,
+            fields,
+            ..
+        } => {
+            let values: Vec<String> = fields
+                .iter()
+                .map(|(k, v)| format!("{k}={}", cell(v)))
+                .collect();
+            Some(format!(
+                "{sequence} {} {} {} {}",
+                key.as_deref().unwrap_or("-"),
+                mutation
+                    .map(|m| format!("{m:?}").to_lowercase())
+                    .unwrap_or_else(|| "-".into()),
+                values.join(" "),
+                writer
+            ))
+        }
+        SubscriptionEvent::Progress {
+            sequence,
+            head,
+            node_id,
+            ..
+        } => progress.then(|| {
+            format!(
+                "# progress: through {sequence}, head {head}, on {}",
+                node_name(node_id)
+            )
+        }),
     })
 }
 
