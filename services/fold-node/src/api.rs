@@ -10,12 +10,15 @@ use fold_proto::json::map_to_struct;
 use fold_proto::v1::fold_node_server::FoldNode;
 use fold_proto::v1::network_server::Network;
 use fold_proto::v1::*;
+use fold_proto::wire::operation;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use crate::bounds::Bounded;
 use crate::data::{self, Data};
 use crate::identity::{CertIdentity, Principal};
 use crate::mesh::{MeshLink, grpc_timeout};
+use crate::pipeline::Pipeline;
 use crate::route::Router;
 use crate::store::{SchemaState, TrustRecord};
 use crate::topology;
@@ -85,12 +88,29 @@ pub struct FoldNodeApi {
     data: Data,
     mesh: MeshLink,
     router: Router,
+    pipeline: Pipeline,
 }
 
 impl FoldNodeApi {
     pub fn new(data: Data, mesh: MeshLink, router: Router) -> Self {
-        FoldNodeApi { data, mesh, router }
+        let pipeline = Pipeline::new(router.clone());
+        FoldNodeApi {
+            data,
+            mesh,
+            router,
+            pipeline,
+        }
     }
+}
+
+/// What the API edge takes of a request: who sends it, its deadline, and the request itself
+/// (its strings checked against their bounds first).
+fn extract<T: Bounded>(request: Request<T>) -> Result<(Principal, Option<Duration>, T), Status> {
+    let deadline = grpc_timeout(request.metadata());
+    let principal = principal_of(&request);
+    let req = request.into_inner();
+    req.check_bounds()?;
+    Ok((principal, deadline, req))
 }
 
 #[tonic::async_trait]
@@ -180,10 +200,7 @@ impl FoldNode for FoldNodeApi {
         &self,
         request: Request<QueryRequest>,
     ) -> Result<Response<QueryResponse>, Status> {
-        let deadline = grpc_timeout(request.metadata());
-        let principal = principal_of(&request);
-        let req = request.into_inner();
-        crate::bounds::Bounded::check_bounds(&req)?;
+        let (principal, deadline, req) = extract(request)?;
         let span = tracing::info_span!(
             "fold.query",
             schema = %req.schema,
@@ -192,18 +209,12 @@ impl FoldNode for FoldNodeApi {
             route = req.route,
             outcome = tracing::field::Empty,
         );
-        traced(span, async move {
-            if req.route != 0 {
-                return self.router.query(&principal, req, deadline).await;
-            }
-            if !self.mesh.is_local(&req.target_node_id) {
-                let requester = self.data.forwardable_requester(&principal)?;
-                return self.mesh.forward_query(req, requester, deadline).await;
-            }
-            let mut resp = self.data.query(&principal, req).await?;
-            resp.node_id = self.mesh.node_id_or_empty();
-            Ok(resp)
-        })
+        let op = operation::Kind::Query(req);
+        traced(
+            span,
+            self.pipeline
+                .call::<QueryResponse>(&principal, op, deadline),
+        )
         .await
         .map(Response::new)
     }
@@ -212,10 +223,7 @@ impl FoldNode for FoldNodeApi {
         &self,
         request: Request<MutateRequest>,
     ) -> Result<Response<MutateResponse>, Status> {
-        let deadline = grpc_timeout(request.metadata());
-        let principal = principal_of(&request);
-        let req = request.into_inner();
-        crate::bounds::Bounded::check_bounds(&req)?;
+        let (principal, deadline, req) = extract(request)?;
         let span = tracing::info_span!(
             "fold.mutate",
             schema = %req.schema,
@@ -223,15 +231,12 @@ impl FoldNode for FoldNodeApi {
             forwarded = !self.mesh.is_local(&req.target_node_id),
             outcome = tracing::field::Empty,
         );
-        traced(span, async move {
-            if !self.mesh.is_local(&req.target_node_id) {
-                let requester = self.data.forwardable_requester(&principal)?;
-                return self.mesh.forward_mutate(req, requester, deadline).await;
-            }
-            let mut resp = self.data.mutate(&principal, req, None).await?;
-            resp.node_id = self.mesh.node_id_or_empty();
-            Ok(resp)
-        })
+        let op = operation::Kind::Mutate(req);
+        traced(
+            span,
+            self.pipeline
+                .call::<MutateResponse>(&principal, op, deadline),
+        )
         .await
         .map(Response::new)
     }
@@ -240,10 +245,7 @@ impl FoldNode for FoldNodeApi {
         &self,
         request: Request<BatchMutateRequest>,
     ) -> Result<Response<BatchMutateResponse>, Status> {
-        let deadline = grpc_timeout(request.metadata());
-        let principal = principal_of(&request);
-        let req = request.into_inner();
-        crate::bounds::Bounded::check_bounds(&req)?;
+        let (principal, deadline, req) = extract(request)?;
         let span = tracing::info_span!(
             "fold.batch_mutate",
             schema = %req.schema,
@@ -251,15 +253,12 @@ impl FoldNode for FoldNodeApi {
             target_node = %req.target_node_id,
             outcome = tracing::field::Empty,
         );
-        traced(span, async move {
-            if !self.mesh.is_local(&req.target_node_id) {
-                let requester = self.data.forwardable_requester(&principal)?;
-                return self.mesh.forward_batch(req, requester, deadline).await;
-            }
-            let mut resp = self.data.batch_mutate(&principal, req).await?;
-            resp.node_id = self.mesh.node_id_or_empty();
-            Ok(resp)
-        })
+        let op = operation::Kind::BatchMutate(req);
+        traced(
+            span,
+            self.pipeline
+                .call::<BatchMutateResponse>(&principal, op, deadline),
+        )
         .await
         .map(Response::new)
     }
@@ -380,10 +379,7 @@ impl FoldNode for FoldNodeApi {
         &self,
         request: Request<HistoryRequest>,
     ) -> Result<Response<HistoryResponse>, Status> {
-        let deadline = grpc_timeout(request.metadata());
-        let principal = principal_of(&request);
-        let req = request.into_inner();
-        crate::bounds::Bounded::check_bounds(&req)?;
+        let (principal, deadline, req) = extract(request)?;
         let span = tracing::info_span!(
             "fold.history",
             schema = %req.schema,
@@ -391,18 +387,12 @@ impl FoldNode for FoldNodeApi {
             route = req.route,
             outcome = tracing::field::Empty,
         );
-        traced(span, async move {
-            if req.route != 0 {
-                return self.router.history(&principal, req, deadline).await;
-            }
-            if !self.mesh.is_local(&req.target_node_id) {
-                let requester = self.data.forwardable_requester(&principal)?;
-                return self.mesh.forward_history(req, requester, deadline).await;
-            }
-            let mut resp = self.data.history(&principal, req).await?;
-            resp.node_id = self.mesh.node_id_or_empty();
-            Ok(resp)
-        })
+        let op = operation::Kind::History(req);
+        traced(
+            span,
+            self.pipeline
+                .call::<HistoryResponse>(&principal, op, deadline),
+        )
         .await
         .map(Response::new)
     }

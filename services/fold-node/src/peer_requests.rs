@@ -509,11 +509,17 @@ impl PeerRequestsApi {
             d.duration_since(SystemTime::now())
                 .unwrap_or(Duration::ZERO)
         });
-        let peers = self
-            .mesh
-            .forward_peers(next.clone(), rest.to_vec(), requester, left)
-            .await?;
-        Ok(forward_response::Result::Peers(ListPeersResponse { peers }))
+        self.mesh
+            .forward(
+                next.clone(),
+                operation::Kind::Peers(PeersRequest { via: rest.to_vec() }),
+                requester,
+                left,
+            )
+            .await
+            .and_then(|r| crate::link::expect::<ListPeersResponse>(next, r))
+            .map(forward_response::Result::Peers)
+            .map_err(Status::from)
     }
 }
 

@@ -283,8 +283,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let owner_reflection = reflection()?;
     let max = config.max_message_bytes;
     let router = Router::new(
-        data.clone(),
-        mesh.clone(),
+        crate::execute::Executor::new(data.clone(), Arc::new(mesh.clone())),
         node_metrics.clone(),
         RouteOptions {
             provider_ttl: Duration::from_secs(config.provider_ttl_secs),

@@ -12,8 +12,8 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use fold_proto::v1::{PeerInfo, TopologyError, TopologyNode};
-use fold_proto::wire::Requester;
+use fold_proto::v1::{ListPeersResponse, PeerInfo, TopologyError, TopologyNode};
+use fold_proto::wire::{PeersRequest, Requester, operation};
 use futures::StreamExt;
 
 use crate::error::NodeError;
@@ -112,8 +112,18 @@ pub async fn gather(
                     let Some((first, via)) = route.split_first() else {
                         return (route, Err(NodeError::internal("empty route")));
                     };
-                    let ask =
-                        mesh.forward_peers(first.clone(), via.to_vec(), requester, Some(left));
+                    let op = operation::Kind::Peers(PeersRequest { via: via.to_vec() });
+                    let ask = async {
+                        crate::link::ask::<ListPeersResponse>(
+                            mesh,
+                            first,
+                            op,
+                            requester,
+                            Some(left),
+                        )
+                        .await
+                        .map(|p| p.peers)
+                    };
                     let r = tokio::time::timeout(left, ask).await.unwrap_or_else(|_| {
                         Err(NodeError::deadline_exceeded(format!(
                             "did not answer within the topology's time budget of {budget_ms} ms"
