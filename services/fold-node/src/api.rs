@@ -16,6 +16,7 @@ use tracing::Instrument;
 
 use crate::bounds::Bounded;
 use crate::data::{self, Data};
+use crate::error::NodeError;
 use crate::identity::{CertIdentity, Principal};
 use crate::mesh::{MeshLink, grpc_timeout};
 use crate::pipeline::Pipeline;
@@ -76,11 +77,12 @@ pub fn require_admin<T>(data: &Data, request: &Request<T>, action: &str) -> Resu
         Some(d) => format!("at trust distance {d}"),
         None => "denied".to_string(),
     };
-    Err(Status::permission_denied(format!(
+    Err(NodeError::permission_denied(format!(
         "{action} needs the admin right, and {} ({at}) does not hold it; it belongs to {}",
         r.label,
         ids.admin_rule()
-    )))
+    ))
+    .into())
 }
 
 #[derive(Clone)]
@@ -140,14 +142,13 @@ impl FoldNode for FoldNodeApi {
         request: Request<ListSchemasRequest>,
     ) -> Result<Response<ListSchemasResponse>, Status> {
         let want = request.into_inner().state;
-        let filter =
-            if want == fold_proto::v1::SchemaState::Unspecified as i32 {
-                None
-            } else {
-                Some(data::state_from_proto(want).ok_or_else(|| {
-                    Status::invalid_argument(format!("unknown schema state {want}"))
-                })?)
-            };
+        let filter = if want == fold_proto::v1::SchemaState::Unspecified as i32 {
+            None
+        } else {
+            Some(data::state_from_proto(want).ok_or_else(|| {
+                NodeError::invalid_argument(format!("unknown schema state {want}"))
+            })?)
+        };
         let schemas = self
             .data
             .store()
@@ -166,7 +167,7 @@ impl FoldNode for FoldNodeApi {
         let name = request.into_inner().name;
         crate::bounds::schema_name(&name)?;
         let Some((schema, state)) = self.data.store().schema(&name) else {
-            return Err(Status::not_found(format!("schema '{name}' not found")));
+            return Err(NodeError::not_found(format!("schema '{name}' not found")).into());
         };
         let definition = schema
             .definition
@@ -273,9 +274,9 @@ impl FoldNode for FoldNodeApi {
         let mut req = request.into_inner();
         crate::bounds::Bounded::check_bounds(&req)?;
         if !self.mesh.is_local(&req.target_node_id) || req.route != 0 {
-            return Err(Status::invalid_argument(
+            return Err(NodeError::invalid_argument(
                 "Scan reads this node only (no target_node_id, no route); for other nodes, page through them with Query (page_size, page_token)",
-            ));
+            ).into());
         }
         if req.page_size == 0 {
             req.page_size = 1000;
@@ -515,10 +516,11 @@ impl Network for NetworkApi {
         let req = request.into_inner();
         crate::bounds::node_id(&req.node_id)?;
         if req.names.len() > 1024 {
-            return Err(Status::invalid_argument(format!(
+            return Err(NodeError::invalid_argument(format!(
                 "'names' lists {} schemas; at most 1024 per check",
                 req.names.len()
-            )));
+            ))
+            .into());
         }
         req.names
             .iter()
@@ -544,7 +546,7 @@ impl Network for NetworkApi {
         let req = request.into_inner();
         crate::bounds::schema_name(&req.schema)?;
         if req.schema.is_empty() {
-            return Err(Status::invalid_argument("'schema' is required"));
+            return Err(NodeError::invalid_argument("'schema' is required").into());
         }
         self.mesh.client()?.find_providers(req).await
     }
@@ -590,17 +592,18 @@ impl Network for NetworkApi {
         require_admin(&self.data, &request, "changing the trust table")?;
         let req = request.into_inner();
         let Some(e) = req.entry else {
-            return Err(Status::invalid_argument("'entry' is required"));
+            return Err(NodeError::invalid_argument("'entry' is required").into());
         };
         if e.node_id.is_empty() {
-            return Err(Status::invalid_argument("'entry.node_id' is required"));
+            return Err(NodeError::invalid_argument("'entry.node_id' is required").into());
         }
         if e.node_id.len() > crate::mesh::MAX_NODE_ID_BYTES * 4 {
-            return Err(Status::invalid_argument(format!(
+            return Err(NodeError::invalid_argument(format!(
                 "'entry.node_id' is {} bytes; a node id or certificate name is at most {} bytes",
                 e.node_id.len(),
                 crate::mesh::MAX_NODE_ID_BYTES * 4
-            )));
+            ))
+            .into());
         }
         let record = TrustRecord {
             distance: e.distance,
@@ -613,7 +616,7 @@ impl Network for NetworkApi {
             store.trust_set(&id, if remove { None } else { Some(record) })
         })
         .await
-        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| NodeError::internal(e.to_string()))?
         .map_err(crate::error::status)?;
         tracing::info!(peer = %e.node_id, distance = e.distance, denied = e.denied, removed = remove, "trust table changed");
         Ok(Response::new(SetTrustResponse { entry: Some(e) }))
@@ -627,11 +630,12 @@ impl Network for NetworkApi {
         let principal = principal_of(&request);
         let req = request.into_inner();
         if req.max_hops > topology::MAX_HOPS {
-            return Err(Status::invalid_argument(format!(
+            return Err(NodeError::invalid_argument(format!(
                 "'max_hops' is {}; at most {} hops are gathered",
                 req.max_hops,
                 topology::MAX_HOPS
-            )));
+            ))
+            .into());
         }
         let peers = self.peers(false).await?;
         let node_id = self.mesh.node_id_or_empty();
