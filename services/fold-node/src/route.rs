@@ -30,7 +30,7 @@ use tower::retry::budget::{Budget, TpsBudget};
 use crate::balance::{BalanceConfig, Balancer, EndpointStats};
 use crate::execute::Executor;
 use crate::identity::Principal;
-use crate::link::expect;
+use crate::link::{Link, expect};
 use crate::mesh::valid_node_id;
 use crate::metrics::NodeMetrics;
 
@@ -817,41 +817,7 @@ impl Router {
             .into_iter()
             .filter(|n| valid_node_id(n) && *n != me)
             .take(MAX_PROVIDERS)
-            .map(|node| {
-                let check = inner
-                    .exec
-                    .link()
-                    .check_schemas(&node, vec![schema.to_string()], CHECK_TIMEOUT);
-                let schema = schema.to_string();
-                let required = required.to_string();
-                let metrics = inner.metrics.clone();
-                async move {
-                    match check.await {
-                        Ok(r) if r.approved.contains(&schema) => {
-                            let theirs = r.definition_hashes.get(&schema);
-                            if required == ANY_DEFINITION
-                                || theirs.map(String::as_str) == Some(required.as_str())
-                            {
-                                (node, Some(true))
-                            } else {
-                                // Same name, other rules (or none said): an impostor for this
-                                // read, never asked.
-                                tracing::warn!(node = %node, schema = %schema, theirs = ?theirs, required = %required, "provider not used: its definition of the schema differs (policies included)");
-                                metrics.provider_lookup("definition_mismatch");
-                                (node, Some(false))
-                            }
-                        }
-                        Ok(_) => {
-                            tracing::debug!(node = %node, schema = %schema, "provider record not confirmed: the schema is not approved there");
-                            (node, Some(false))
-                        }
-                        Err(e) => {
-                            tracing::debug!(node = %node, schema = %schema, error = %e.message(), "provider could not be asked");
-                            (node, None)
-                        }
-                    }
-                }
-            })
+            .map(|node| confirm(inner.exec.link(), node, schema, required, &inner.metrics))
             .collect();
         let answers: Vec<(String, Option<bool>)> = checks.collect().await;
         let mut unreachable = Vec::new();
@@ -871,6 +837,46 @@ impl Router {
             confirmed: nodes,
             unreachable,
         })
+    }
+}
+
+/// Ask `node` (a provider record of `schema`) whether it serves the schema with definition
+/// `required`: yes, no (not approved there, or other rules: an impostor for this read, never
+/// asked), or `None` when it could not be asked.
+fn confirm(
+    link: &dyn Link,
+    node: String,
+    schema: &str,
+    required: &str,
+    metrics: &Arc<NodeMetrics>,
+) -> impl std::future::Future<Output = (String, Option<bool>)> + use<> {
+    let check = link.check_schemas(&node, vec![schema.to_string()], CHECK_TIMEOUT);
+    let schema = schema.to_string();
+    let required = required.to_string();
+    let metrics = metrics.clone();
+    async move {
+        match check.await {
+            Ok(r) if r.approved.contains(&schema) => {
+                let theirs = r.definition_hashes.get(&schema);
+                if required == ANY_DEFINITION
+                    || theirs.map(String::as_str) == Some(required.as_str())
+                {
+                    (node, Some(true))
+                } else {
+                    tracing::warn!(node = %node, schema = %schema, theirs = ?theirs, required = %required, "provider not used: its definition of the schema differs (policies included)");
+                    metrics.provider_lookup("definition_mismatch");
+                    (node, Some(false))
+                }
+            }
+            Ok(_) => {
+                tracing::debug!(node = %node, schema = %schema, "provider record not confirmed: the schema is not approved there");
+                (node, Some(false))
+            }
+            Err(e) => {
+                tracing::debug!(node = %node, schema = %schema, error = %e.message(), "provider could not be asked");
+                (node, None)
+            }
+        }
     }
 }
 
@@ -989,7 +995,7 @@ mod tests {
         use super::*;
         use crate::data::Data;
         use crate::identity::{Identities, TrustPolicy};
-        use crate::link::{Link, LinkFuture};
+        use crate::link::LinkFuture;
         use crate::store::Store;
         use fold_proto::v1::{CheckSchemasResponse, Record};
         use fold_proto::wire::{Requester, forward_response};
