@@ -417,35 +417,7 @@ impl MeshLink {
             request.metadata_mut(),
         );
         request.set_timeout(timeout);
-        // Circuit breakers (a tower layer keyed by target, then the sidecar link's): fail fast,
-        // with no network wait, toward a peer (or through a link) that kept failing; after a
-        // backoff one probe decides. A call dropped before it completes releases its probe.
-        let result = {
-            use tower::ServiceExt;
-            if relayed {
-                // A relayed peers request fails when a node *behind* the target does: that says
-                // nothing about the target, so it bypasses (and never trips) its breaker.
-                ForwardCall(self.inner.stream_link.clone())
-                    .oneshot((target.clone(), request))
-                    .await
-                    .map_err(|s| {
-                        if link_failed(&s) {
-                            NodeError::unavailable(format!(
-                                "the p2p-sidecar link failed: {}",
-                                s.message()
-                            ))
-                        } else {
-                            NodeError::from(s)
-                        }
-                    })
-            } else {
-                self.inner
-                    .forward_svc
-                    .clone()
-                    .oneshot((target.clone(), request))
-                    .await
-            }
-        };
+        let result = self.send(&target, request, relayed).await;
         let resp = result.map_err(|s| {
             if timed_out(s.code()) {
                 NodeError::deadline_exceeded(format!(
@@ -465,6 +437,39 @@ impl MeshLink {
                 "node {target} sent an empty forward response"
             ))),
         }
+    }
+
+    /// Send a forward to the sidecar. Circuit breakers (a tower layer keyed by target, then the
+    /// sidecar link's): fail fast, with no network wait, toward a peer (or through a link) that
+    /// kept failing; after a backoff one probe decides. A call dropped before it completes
+    /// releases its probe.
+    async fn send(
+        &self,
+        target: &str,
+        request: tonic::Request<sc::ForwardRequest>,
+        relayed: bool,
+    ) -> Result<tonic::Response<fold_proto::wire::ForwardResponse>, NodeError> {
+        use tower::ServiceExt;
+        if !relayed {
+            return self
+                .inner
+                .forward_svc
+                .clone()
+                .oneshot((target.to_string(), request))
+                .await;
+        }
+        // A relayed peers request fails when a node *behind* the target does: that says
+        // nothing about the target, so it bypasses (and never trips) its breaker.
+        ForwardCall(self.inner.stream_link.clone())
+            .oneshot((target.to_string(), request))
+            .await
+            .map_err(|s| {
+                if link_failed(&s) {
+                    NodeError::unavailable(format!("the p2p-sidecar link failed: {}", s.message()))
+                } else {
+                    NodeError::from(s)
+                }
+            })
     }
 
     /// Keep watching the sidecar link until the process ends.

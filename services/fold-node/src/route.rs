@@ -457,23 +457,7 @@ impl Router {
         let attempts = tried.len() as u32;
         let result = match outcome {
             Some(r) => r,
-            None => Err(match last {
-                Some(s) => NodeError::new(
-                    s.code(),
-                    format!(
-                        "no provider of schema '{}' answered ({} asked: {}); last error: {}",
-                        read.schema(),
-                        attempts,
-                        tried.join(", "),
-                        s.message()
-                    ),
-                ),
-                None => NodeError::unavailable(format!(
-                    "no provider of schema '{}' can be reached now (known: {})",
-                    read.schema(),
-                    providers.join(", ")
-                )),
-            }),
+            None => Err(none_answered(read.schema(), &tried, &providers, last)),
         };
         self.inner.metrics.route_request(
             "any",
@@ -877,6 +861,31 @@ fn confirm(
                 (node, None)
             }
         }
+    }
+}
+
+/// The error of a ROUTE_ANY read no provider answered: the last failure, naming the providers
+/// asked, or UNAVAILABLE when none could be asked.
+fn none_answered(
+    schema: &str,
+    tried: &[String],
+    providers: &[String],
+    last: Option<NodeError>,
+) -> NodeError {
+    match last {
+        Some(s) => NodeError::new(
+            s.code(),
+            format!(
+                "no provider of schema '{schema}' answered ({} asked: {}); last error: {}",
+                tried.len(),
+                tried.join(", "),
+                s.message()
+            ),
+        ),
+        None => NodeError::unavailable(format!(
+            "no provider of schema '{schema}' can be reached now (known: {})",
+            providers.join(", ")
+        )),
     }
 }
 
