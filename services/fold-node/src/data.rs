@@ -165,6 +165,58 @@ fn query_fields(
     readable_fields(schema, requester, fields).map(|_| ())
 }
 
+/// The field and record a history request reads: in the schema, readable by `requester`, with a
+/// range key exactly when the schema has one.
+fn history_target(
+    schema: &Schema,
+    req: &HistoryRequest,
+    requester: &Requester,
+) -> Result<(), NodeError> {
+    let Some(def) = schema.field(&req.field) else {
+        return Err(NodeError::not_found(format!(
+            "field '{}' not found in schema '{}'",
+            req.field, schema.name
+        )));
+    };
+    permissions::check(def, Access::Read, requester).map_err(NodeError::from)?;
+    if schema.range_key().is_some() && req.range_key.is_empty() {
+        return Err(NodeError::invalid_argument(format!(
+            "schema '{}' is a Range schema: 'range_key' names whose history to read",
+            schema.name
+        )));
+    }
+    if schema.range_key().is_none() && !req.range_key.is_empty() {
+        return Err(NodeError::invalid_argument(format!(
+            "schema '{}' is a Single schema: leave 'range_key' empty",
+            schema.name
+        )));
+    }
+    Ok(())
+}
+
+/// An unpaged history read. It stops at MAX_PAGE_SIZE versions, as an unpaged Query does: one
+/// more is read to tell "exactly that many" from "more".
+fn unpaged_history(
+    store: &Store,
+    schema: &str,
+    req: &HistoryRequest,
+) -> Result<Vec<VersionRecord>, NodeError> {
+    let want = match req.limit as usize {
+        0 => MAX_PAGE_SIZE + 1,
+        n => n.min(MAX_PAGE_SIZE + 1),
+    };
+    let v = store
+        .history(schema, &req.field, &req.range_key, want)
+        .map_err(NodeError::from)?;
+    if v.len() > MAX_PAGE_SIZE {
+        return Err(NodeError::resource_exhausted(format!(
+            "field '{}' has more than {MAX_PAGE_SIZE} versions here; read them in pages with 'page_size' (and 'page_token'), or set 'limit' to at most {MAX_PAGE_SIZE}",
+            req.field
+        )));
+    }
+    Ok(v)
+}
+
 /// A query's key filter; range filters apply only to Range schemas.
 fn query_filter(schema: &Schema, filter: Option<&v1::RangeFilter>) -> Result<KeyFilter, NodeError> {
     match (schema.range_key(), filter) {
@@ -688,25 +740,7 @@ impl Data {
         let requester = self.requester(who)?;
         let schema = self.usable_schema(&req.schema)?;
         let requester = self.read_requester(requester, &schema.name).await?;
-        let Some(def) = schema.field(&req.field) else {
-            return Err(NodeError::not_found(format!(
-                "field '{}' not found in schema '{}'",
-                req.field, schema.name
-            )));
-        };
-        permissions::check(def, Access::Read, &requester).map_err(NodeError::from)?;
-        if schema.range_key().is_some() && req.range_key.is_empty() {
-            return Err(NodeError::invalid_argument(format!(
-                "schema '{}' is a Range schema: 'range_key' names whose history to read",
-                schema.name
-            )));
-        }
-        if schema.range_key().is_none() && !req.range_key.is_empty() {
-            return Err(NodeError::invalid_argument(format!(
-                "schema '{}' is a Single schema: leave 'range_key' empty",
-                schema.name
-            )));
-        }
+        history_target(&schema, &req, &requester)?;
         let store = self.store.clone();
         let json_values = req.json_values;
         // Paging: after the last version a token names (see paging.rs).
@@ -732,22 +766,7 @@ impl Data {
         let (versions, next_page_token) =
             storage(&self.metrics, "history", Runs::InPlace, move || {
                 if !paged {
-                    // Unpaged reads stop at MAX_PAGE_SIZE versions, as an unpaged Query does:
-                    // one more is read to tell "exactly that many" from "more".
-                    let want = match req.limit as usize {
-                        0 => MAX_PAGE_SIZE + 1,
-                        n => n.min(MAX_PAGE_SIZE + 1),
-                    };
-                    let v = store
-                        .history(&schema.name, &req.field, &req.range_key, want)
-                        .map_err(NodeError::from)?;
-                    if v.len() > MAX_PAGE_SIZE {
-                        return Err(NodeError::resource_exhausted(format!(
-                            "field '{}' has more than {MAX_PAGE_SIZE} versions here; read them in pages with 'page_size' (and 'page_token'), or set 'limit' to at most {MAX_PAGE_SIZE}",
-                            req.field
-                        )));
-                    }
-                    return Ok((v, String::new()));
+                    return unpaged_history(&store, &schema.name, &req).map(|v| (v, String::new()));
                 }
                 let (v, more) = store
                     .history_page(
@@ -815,15 +834,7 @@ impl Data {
         let schema = self.usable_schema(&req.schema)?;
         let requester = self.read_requester(requester, &schema.name).await?;
         let fields = readable_fields(&schema, &requester, &req.fields)?;
-        let filter = match (schema.range_key(), req.filter.as_ref()) {
-            (None, Some(f)) if f.filter.is_some() => {
-                return Err(NodeError::invalid_argument(format!(
-                    "schema '{}' is a Single schema; range filters apply only to Range schemas",
-                    schema.name
-                )));
-            }
-            (_, f) => KeyFilter::from_proto(f).map_err(NodeError::invalid_argument)?,
-        };
+        let filter = query_filter(&schema, req.filter.as_ref())?;
         let permit = self.subscription_permit(who)?;
         // Registered before the log is read: nothing committed from here on can be missed.
         let listener = self.hub.listen(&schema.name);
@@ -847,32 +858,7 @@ impl Data {
                 req.from_sequence, schema.name, bounds.head
             )));
         }
-        // Each progress message re-resolves the requester (trust may have changed since the
-        // start: `deny`, or a distance the fields no longer allow, ends the stream).
-        let recheck = {
-            let data = self.clone();
-            let who = who.clone();
-            let schema = schema.clone();
-            let fields = fields.clone();
-            Box::new(move || -> Result<(), NodeError> {
-                if !matches!(
-                    data.store.schema(&schema.name),
-                    Some((_, SchemaState::Approved))
-                ) {
-                    return Err(NodeError::failed_precondition(format!(
-                        "schema '{}' is no longer approved on this node; the subscription ended",
-                        schema.name
-                    )));
-                }
-                let r = data.requester_for(&who, &schema.name)?;
-                for f in &fields {
-                    if let Some(def) = schema.field(f) {
-                        permissions::check(def, Access::Read, &r).map_err(NodeError::from)?;
-                    }
-                }
-                Ok(())
-            })
-        };
+        let recheck = self.recheck(who, &schema, &fields);
         Ok(subscribe::start(
             self.store.clone(),
             self.metrics.clone(),
@@ -889,6 +875,39 @@ impl Data {
             recheck,
             node_id,
         ))
+    }
+
+    /// What each progress message of a subscription checks again: the requester is re-resolved
+    /// (trust may have changed since the start: `deny`, or a distance the fields no longer
+    /// allow, ends the stream), and the schema must still be approved.
+    fn recheck(
+        &self,
+        who: &Principal,
+        schema: &Arc<Schema>,
+        fields: &[String],
+    ) -> Box<dyn Fn() -> Result<(), NodeError> + Send + Sync> {
+        let data = self.clone();
+        let who = who.clone();
+        let schema = schema.clone();
+        let fields = fields.to_vec();
+        Box::new(move || -> Result<(), NodeError> {
+            if !matches!(
+                data.store.schema(&schema.name),
+                Some((_, SchemaState::Approved))
+            ) {
+                return Err(NodeError::failed_precondition(format!(
+                    "schema '{}' is no longer approved on this node; the subscription ended",
+                    schema.name
+                )));
+            }
+            let r = data.requester_for(&who, &schema.name)?;
+            for f in &fields {
+                if let Some(def) = schema.field(f) {
+                    permissions::check(def, Access::Read, &r).map_err(NodeError::from)?;
+                }
+            }
+            Ok(())
+        })
     }
 
     /// The changes of a schema after a sequence, for a node that follows it or subscribes to
