@@ -580,14 +580,11 @@ pub async fn fetch_changes(
     requester: fold_proto::wire::Requester,
     timeout: Duration,
 ) -> Result<fold_proto::wire::ChangesResponse, NodeError> {
-    let mut resp: ChangesResponse = crate::link::ask(
-        link,
-        source,
-        operation::Kind::Changes(req.clone()),
-        requester.clone(),
-        Some(timeout),
-    )
-    .await?;
+    let ask = |req: ChangesRequest| {
+        let op = operation::Kind::Changes(req);
+        crate::link::ask::<ChangesResponse>(link, source, op, requester.clone(), Some(timeout))
+    };
+    let mut resp = ask(req.clone()).await?;
     let Some(first) = resp.chunk.take() else {
         return Ok(resp);
     };
@@ -606,14 +603,7 @@ pub async fn fetch_changes(
     let mut buf = first.data.clone();
     while (buf.len() as u64) < first.total {
         req.chunk_offset = buf.len() as u64;
-        let mut next: ChangesResponse = crate::link::ask(
-            link,
-            source,
-            operation::Kind::Changes(req.clone()),
-            requester.clone(),
-            Some(timeout),
-        )
-        .await?;
+        let mut next = ask(req.clone()).await?;
         let Some(c) = next.chunk.take() else {
             return Err(bad("a part is missing".into()));
         };

@@ -1139,6 +1139,12 @@ mod tests {
 
         const DEADLINE: Option<Duration> = Some(Duration::from_secs(20));
 
+        /// A routed query of the test schema by an anonymous client.
+        async fn ask(r: &Router, route: Route) -> Result<QueryResponse, NodeError> {
+            r.query(&Principal::LocalClient, read(route), DEADLINE)
+                .await
+        }
+
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn a_failed_provider_is_failed_over() {
             // Whichever provider is asked first is unreachable; the next answers.
@@ -1153,10 +1159,7 @@ mod tests {
                 }),
             );
             let (_dir, r) = router(link.clone(), RouteOptions::default());
-            let q = r
-                .query(&Principal::LocalClient, read(Route::Any), DEADLINE)
-                .await
-                .unwrap();
+            let q = ask(&r, Route::Any).await.unwrap();
             let calls = link.calls();
             assert_eq!(calls.len(), 2);
             assert_ne!(calls[0], calls[1]);
@@ -1171,10 +1174,7 @@ mod tests {
                 Box::new(|_, _| Behave::Fail(Code::PermissionDenied)),
             );
             let (_dir, r) = router(link.clone(), RouteOptions::default());
-            let e = r
-                .query(&Principal::LocalClient, read(Route::Any), DEADLINE)
-                .await
-                .unwrap_err();
+            let e = ask(&r, Route::Any).await.unwrap_err();
             assert_eq!(e.code(), Code::PermissionDenied);
             assert_eq!(link.calls().len(), 1);
         }
@@ -1192,10 +1192,7 @@ mod tests {
                 ..RouteOptions::default()
             };
             let (_dir, r) = router(link.clone(), opts);
-            let e = r
-                .query(&Principal::LocalClient, read(Route::Any), DEADLINE)
-                .await
-                .unwrap_err();
+            let e = ask(&r, Route::Any).await.unwrap_err();
             assert_eq!(e.code(), Code::Unavailable);
             assert_eq!(link.calls().len(), 1);
             assert!(e.message().contains("(1 asked:"), "{}", e.message());
@@ -1208,10 +1205,7 @@ mod tests {
                 Box::new(|_, _| Behave::Fail(Code::Unavailable)),
             );
             let (_dir, r) = router(link.clone(), RouteOptions::default());
-            let e = r
-                .query(&Principal::LocalClient, read(Route::Any), DEADLINE)
-                .await
-                .unwrap_err();
+            let e = ask(&r, Route::Any).await.unwrap_err();
             assert_eq!(e.code(), Code::Unavailable);
             assert_eq!(link.calls().len(), MAX_ATTEMPTS);
         }
@@ -1228,10 +1222,7 @@ mod tests {
                 ..RouteOptions::default()
             };
             let (_dir, r) = router(link.clone(), opts);
-            let q = r
-                .query(&Principal::LocalClient, read(Route::Any), DEADLINE)
-                .await
-                .unwrap();
+            let q = ask(&r, Route::Any).await.unwrap();
             let calls = link.calls();
             assert_eq!(calls.len(), 2);
             assert_eq!(q.node_id, calls[1]);
@@ -1252,10 +1243,7 @@ mod tests {
                 })
             });
             let (_dir, r) = router(link.clone(), RouteOptions::default());
-            let q = r
-                .query(&Principal::LocalClient, read(Route::All), DEADLINE)
-                .await
-                .unwrap();
+            let q = ask(&r, Route::All).await.unwrap();
             assert_eq!(q.node_id, ME);
             let mut want: Vec<String> = (0..3).map(node).collect();
             want.sort();

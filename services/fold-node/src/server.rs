@@ -486,6 +486,18 @@ async fn serve_peer_requests(
     Ok((addr, tokio::spawn(server)))
 }
 
+/// Run a server of its own; its failure is logged as `what`.
+fn spawn_logged(
+    server: impl std::future::Future<Output = Result<(), tonic::transport::Error>> + Send + 'static,
+    what: &'static str,
+) {
+    tokio::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "{what}");
+        }
+    });
+}
+
 /// Plaintext health for probes that cannot speak TLS; nothing else is served there.
 async fn serve_health(
     config: &Config,
@@ -503,11 +515,7 @@ async fn serve_health(
     let server = Server::builder()
         .add_service(node.health.clone())
         .serve_with_incoming_shutdown(incoming, stopped(stop));
-    tokio::spawn(async move {
-        if let Err(e) = server.await {
-            tracing::error!(error = %e, "health port failed");
-        }
-    });
+    spawn_logged(server, "health port failed");
     Ok(Some(bound))
 }
 
@@ -539,11 +547,7 @@ async fn serve_owner(
         .add_service(InterceptedService::new(node.fold(), mark))
         .add_service(InterceptedService::new(node.network(), mark))
         .serve_with_incoming_shutdown(l.into_incoming(), stopped(stop));
-    tokio::spawn(async move {
-        if let Err(e) = server.await {
-            tracing::error!(error = %e, "owner listener failed");
-        }
-    });
+    spawn_logged(server, "owner listener failed");
     Ok(Some(shown))
 }
 
