@@ -10,12 +10,16 @@ use fold_proto::json::map_to_struct;
 use fold_proto::v1::fold_node_server::FoldNode;
 use fold_proto::v1::network_server::Network;
 use fold_proto::v1::*;
+use fold_proto::wire::operation;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use crate::bounds::Bounded;
 use crate::data::{self, Data};
+use crate::error::NodeError;
 use crate::identity::{CertIdentity, Principal};
 use crate::mesh::{MeshLink, grpc_timeout};
+use crate::pipeline::Pipeline;
 use crate::route::Router;
 use crate::store::{SchemaState, TrustRecord};
 use crate::topology;
@@ -73,11 +77,12 @@ pub fn require_admin<T>(data: &Data, request: &Request<T>, action: &str) -> Resu
         Some(d) => format!("at trust distance {d}"),
         None => "denied".to_string(),
     };
-    Err(Status::permission_denied(format!(
+    Err(NodeError::permission_denied(format!(
         "{action} needs the admin right, and {} ({at}) does not hold it; it belongs to {}",
         r.label,
         ids.admin_rule()
-    )))
+    ))
+    .into())
 }
 
 #[derive(Clone)]
@@ -85,12 +90,29 @@ pub struct FoldNodeApi {
     data: Data,
     mesh: MeshLink,
     router: Router,
+    pipeline: Pipeline,
 }
 
 impl FoldNodeApi {
     pub fn new(data: Data, mesh: MeshLink, router: Router) -> Self {
-        FoldNodeApi { data, mesh, router }
+        let pipeline = Pipeline::new(router.clone());
+        FoldNodeApi {
+            data,
+            mesh,
+            router,
+            pipeline,
+        }
     }
+}
+
+/// What the API edge takes of a request: who sends it, its deadline, and the request itself
+/// (its strings checked against their bounds first).
+fn extract<T: Bounded>(request: Request<T>) -> Result<(Principal, Option<Duration>, T), Status> {
+    let deadline = grpc_timeout(request.metadata());
+    let principal = principal_of(&request);
+    let req = request.into_inner();
+    req.check_bounds()?;
+    Ok((principal, deadline, req))
 }
 
 #[tonic::async_trait]
@@ -120,14 +142,13 @@ impl FoldNode for FoldNodeApi {
         request: Request<ListSchemasRequest>,
     ) -> Result<Response<ListSchemasResponse>, Status> {
         let want = request.into_inner().state;
-        let filter =
-            if want == fold_proto::v1::SchemaState::Unspecified as i32 {
-                None
-            } else {
-                Some(data::state_from_proto(want).ok_or_else(|| {
-                    Status::invalid_argument(format!("unknown schema state {want}"))
-                })?)
-            };
+        let filter = if want == fold_proto::v1::SchemaState::Unspecified as i32 {
+            None
+        } else {
+            Some(data::state_from_proto(want).ok_or_else(|| {
+                NodeError::invalid_argument(format!("unknown schema state {want}"))
+            })?)
+        };
         let schemas = self
             .data
             .store()
@@ -146,7 +167,7 @@ impl FoldNode for FoldNodeApi {
         let name = request.into_inner().name;
         crate::bounds::schema_name(&name)?;
         let Some((schema, state)) = self.data.store().schema(&name) else {
-            return Err(Status::not_found(format!("schema '{name}' not found")));
+            return Err(NodeError::not_found(format!("schema '{name}' not found")).into());
         };
         let definition = schema
             .definition
@@ -180,10 +201,7 @@ impl FoldNode for FoldNodeApi {
         &self,
         request: Request<QueryRequest>,
     ) -> Result<Response<QueryResponse>, Status> {
-        let deadline = grpc_timeout(request.metadata());
-        let principal = principal_of(&request);
-        let req = request.into_inner();
-        crate::bounds::Bounded::check_bounds(&req)?;
+        let (principal, deadline, req) = extract(request)?;
         let span = tracing::info_span!(
             "fold.query",
             schema = %req.schema,
@@ -192,18 +210,12 @@ impl FoldNode for FoldNodeApi {
             route = req.route,
             outcome = tracing::field::Empty,
         );
-        traced(span, async move {
-            if req.route != 0 {
-                return self.router.query(&principal, req, deadline).await;
-            }
-            if !self.mesh.is_local(&req.target_node_id) {
-                let requester = self.data.forwardable_requester(&principal)?;
-                return self.mesh.forward_query(req, requester, deadline).await;
-            }
-            let mut resp = self.data.query(&principal, req).await?;
-            resp.node_id = self.mesh.node_id_or_empty();
-            Ok(resp)
-        })
+        let op = operation::Kind::Query(req);
+        traced(
+            span,
+            self.pipeline
+                .call::<QueryResponse>(&principal, op, deadline),
+        )
         .await
         .map(Response::new)
     }
@@ -212,10 +224,7 @@ impl FoldNode for FoldNodeApi {
         &self,
         request: Request<MutateRequest>,
     ) -> Result<Response<MutateResponse>, Status> {
-        let deadline = grpc_timeout(request.metadata());
-        let principal = principal_of(&request);
-        let req = request.into_inner();
-        crate::bounds::Bounded::check_bounds(&req)?;
+        let (principal, deadline, req) = extract(request)?;
         let span = tracing::info_span!(
             "fold.mutate",
             schema = %req.schema,
@@ -223,15 +232,12 @@ impl FoldNode for FoldNodeApi {
             forwarded = !self.mesh.is_local(&req.target_node_id),
             outcome = tracing::field::Empty,
         );
-        traced(span, async move {
-            if !self.mesh.is_local(&req.target_node_id) {
-                let requester = self.data.forwardable_requester(&principal)?;
-                return self.mesh.forward_mutate(req, requester, deadline).await;
-            }
-            let mut resp = self.data.mutate(&principal, req, None).await?;
-            resp.node_id = self.mesh.node_id_or_empty();
-            Ok(resp)
-        })
+        let op = operation::Kind::Mutate(req);
+        traced(
+            span,
+            self.pipeline
+                .call::<MutateResponse>(&principal, op, deadline),
+        )
         .await
         .map(Response::new)
     }
@@ -240,10 +246,7 @@ impl FoldNode for FoldNodeApi {
         &self,
         request: Request<BatchMutateRequest>,
     ) -> Result<Response<BatchMutateResponse>, Status> {
-        let deadline = grpc_timeout(request.metadata());
-        let principal = principal_of(&request);
-        let req = request.into_inner();
-        crate::bounds::Bounded::check_bounds(&req)?;
+        let (principal, deadline, req) = extract(request)?;
         let span = tracing::info_span!(
             "fold.batch_mutate",
             schema = %req.schema,
@@ -251,15 +254,12 @@ impl FoldNode for FoldNodeApi {
             target_node = %req.target_node_id,
             outcome = tracing::field::Empty,
         );
-        traced(span, async move {
-            if !self.mesh.is_local(&req.target_node_id) {
-                let requester = self.data.forwardable_requester(&principal)?;
-                return self.mesh.forward_batch(req, requester, deadline).await;
-            }
-            let mut resp = self.data.batch_mutate(&principal, req).await?;
-            resp.node_id = self.mesh.node_id_or_empty();
-            Ok(resp)
-        })
+        let op = operation::Kind::BatchMutate(req);
+        traced(
+            span,
+            self.pipeline
+                .call::<BatchMutateResponse>(&principal, op, deadline),
+        )
         .await
         .map(Response::new)
     }
@@ -274,9 +274,9 @@ impl FoldNode for FoldNodeApi {
         let mut req = request.into_inner();
         crate::bounds::Bounded::check_bounds(&req)?;
         if !self.mesh.is_local(&req.target_node_id) || req.route != 0 {
-            return Err(Status::invalid_argument(
+            return Err(NodeError::invalid_argument(
                 "Scan reads this node only (no target_node_id, no route); for other nodes, page through them with Query (page_size, page_token)",
-            ));
+            ).into());
         }
         if req.page_size == 0 {
             req.page_size = 1000;
@@ -380,10 +380,7 @@ impl FoldNode for FoldNodeApi {
         &self,
         request: Request<HistoryRequest>,
     ) -> Result<Response<HistoryResponse>, Status> {
-        let deadline = grpc_timeout(request.metadata());
-        let principal = principal_of(&request);
-        let req = request.into_inner();
-        crate::bounds::Bounded::check_bounds(&req)?;
+        let (principal, deadline, req) = extract(request)?;
         let span = tracing::info_span!(
             "fold.history",
             schema = %req.schema,
@@ -391,18 +388,12 @@ impl FoldNode for FoldNodeApi {
             route = req.route,
             outcome = tracing::field::Empty,
         );
-        traced(span, async move {
-            if req.route != 0 {
-                return self.router.history(&principal, req, deadline).await;
-            }
-            if !self.mesh.is_local(&req.target_node_id) {
-                let requester = self.data.forwardable_requester(&principal)?;
-                return self.mesh.forward_history(req, requester, deadline).await;
-            }
-            let mut resp = self.data.history(&principal, req).await?;
-            resp.node_id = self.mesh.node_id_or_empty();
-            Ok(resp)
-        })
+        let op = operation::Kind::History(req);
+        traced(
+            span,
+            self.pipeline
+                .call::<HistoryResponse>(&principal, op, deadline),
+        )
         .await
         .map(Response::new)
     }
@@ -525,10 +516,11 @@ impl Network for NetworkApi {
         let req = request.into_inner();
         crate::bounds::node_id(&req.node_id)?;
         if req.names.len() > 1024 {
-            return Err(Status::invalid_argument(format!(
+            return Err(NodeError::invalid_argument(format!(
                 "'names' lists {} schemas; at most 1024 per check",
                 req.names.len()
-            )));
+            ))
+            .into());
         }
         req.names
             .iter()
@@ -554,7 +546,7 @@ impl Network for NetworkApi {
         let req = request.into_inner();
         crate::bounds::schema_name(&req.schema)?;
         if req.schema.is_empty() {
-            return Err(Status::invalid_argument("'schema' is required"));
+            return Err(NodeError::invalid_argument("'schema' is required").into());
         }
         self.mesh.client()?.find_providers(req).await
     }
@@ -600,17 +592,18 @@ impl Network for NetworkApi {
         require_admin(&self.data, &request, "changing the trust table")?;
         let req = request.into_inner();
         let Some(e) = req.entry else {
-            return Err(Status::invalid_argument("'entry' is required"));
+            return Err(NodeError::invalid_argument("'entry' is required").into());
         };
         if e.node_id.is_empty() {
-            return Err(Status::invalid_argument("'entry.node_id' is required"));
+            return Err(NodeError::invalid_argument("'entry.node_id' is required").into());
         }
         if e.node_id.len() > crate::mesh::MAX_NODE_ID_BYTES * 4 {
-            return Err(Status::invalid_argument(format!(
+            return Err(NodeError::invalid_argument(format!(
                 "'entry.node_id' is {} bytes; a node id or certificate name is at most {} bytes",
                 e.node_id.len(),
                 crate::mesh::MAX_NODE_ID_BYTES * 4
-            )));
+            ))
+            .into());
         }
         let record = TrustRecord {
             distance: e.distance,
@@ -623,7 +616,7 @@ impl Network for NetworkApi {
             store.trust_set(&id, if remove { None } else { Some(record) })
         })
         .await
-        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| NodeError::internal(e.to_string()))?
         .map_err(crate::error::status)?;
         tracing::info!(peer = %e.node_id, distance = e.distance, denied = e.denied, removed = remove, "trust table changed");
         Ok(Response::new(SetTrustResponse { entry: Some(e) }))
@@ -637,11 +630,12 @@ impl Network for NetworkApi {
         let principal = principal_of(&request);
         let req = request.into_inner();
         if req.max_hops > topology::MAX_HOPS {
-            return Err(Status::invalid_argument(format!(
+            return Err(NodeError::invalid_argument(format!(
                 "'max_hops' is {}; at most {} hops are gathered",
                 req.max_hops,
                 topology::MAX_HOPS
-            )));
+            ))
+            .into());
         }
         let peers = self.peers(false).await?;
         let node_id = self.mesh.node_id_or_empty();

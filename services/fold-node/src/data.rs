@@ -149,6 +149,119 @@ pub fn summary(schema: &Schema, state: SchemaState) -> v1::SchemaSummary {
     }
 }
 
+/// The fields a query reads: named, in the schema, and readable by `requester`.
+fn query_fields(
+    schema: &Schema,
+    fields: &[String],
+    requester: &Requester,
+) -> Result<(), NodeError> {
+    if fields.is_empty() {
+        return Err(NodeError::invalid_argument(format!(
+            "'fields' is empty; name the fields to read (schema '{}' has: {})",
+            schema.name,
+            schema.fields.keys().cloned().collect::<Vec<_>>().join(", ")
+        )));
+    }
+    readable_fields(schema, requester, fields).map(|_| ())
+}
+
+/// The field and record a history request reads: in the schema, readable by `requester`, with a
+/// range key exactly when the schema has one.
+fn history_target(
+    schema: &Schema,
+    req: &HistoryRequest,
+    requester: &Requester,
+) -> Result<(), NodeError> {
+    let Some(def) = schema.field(&req.field) else {
+        return Err(NodeError::not_found(format!(
+            "field '{}' not found in schema '{}'",
+            req.field, schema.name
+        )));
+    };
+    permissions::check(def, Access::Read, requester).map_err(NodeError::from)?;
+    if schema.range_key().is_some() && req.range_key.is_empty() {
+        return Err(NodeError::invalid_argument(format!(
+            "schema '{}' is a Range schema: 'range_key' names whose history to read",
+            schema.name
+        )));
+    }
+    if schema.range_key().is_none() && !req.range_key.is_empty() {
+        return Err(NodeError::invalid_argument(format!(
+            "schema '{}' is a Single schema: leave 'range_key' empty",
+            schema.name
+        )));
+    }
+    Ok(())
+}
+
+/// An unpaged history read. It stops at MAX_PAGE_SIZE versions, as an unpaged Query does: one
+/// more is read to tell "exactly that many" from "more".
+fn unpaged_history(
+    store: &Store,
+    schema: &str,
+    req: &HistoryRequest,
+) -> Result<Vec<VersionRecord>, NodeError> {
+    let want = match req.limit as usize {
+        0 => MAX_PAGE_SIZE + 1,
+        n => n.min(MAX_PAGE_SIZE + 1),
+    };
+    let v = store
+        .history(schema, &req.field, &req.range_key, want)
+        .map_err(NodeError::from)?;
+    if v.len() > MAX_PAGE_SIZE {
+        return Err(NodeError::resource_exhausted(format!(
+            "field '{}' has more than {MAX_PAGE_SIZE} versions here; read them in pages with 'page_size' (and 'page_token'), or set 'limit' to at most {MAX_PAGE_SIZE}",
+            req.field
+        )));
+    }
+    Ok(v)
+}
+
+/// A query's key filter; range filters apply only to Range schemas.
+fn query_filter(schema: &Schema, filter: Option<&v1::RangeFilter>) -> Result<KeyFilter, NodeError> {
+    match (schema.range_key(), filter) {
+        (None, Some(f)) if f.filter.is_some() => Err(NodeError::invalid_argument(format!(
+            "schema '{}' is a Single schema; range filters apply only to Range schemas",
+            schema.name
+        ))),
+        (_, f) => KeyFilter::from_proto(f).map_err(NodeError::invalid_argument),
+    }
+}
+
+/// The records at `keys` with the values of `fields` (as JSON text, or as a Struct).
+fn read_records(
+    store: &Store,
+    schema: &str,
+    keys: Vec<String>,
+    fields: &[String],
+    json_values: bool,
+) -> Result<Vec<Record>, NodeError> {
+    let mut records = Vec::with_capacity(keys.len());
+    for key in keys {
+        let values = store
+            .read_values(schema, &key, fields)
+            .map_err(NodeError::from)?;
+        let mut m = Map::new();
+        for (f, v) in fields.iter().zip(values) {
+            m.insert(f.clone(), v.unwrap_or(Json::Null));
+        }
+        records.push(if json_values {
+            Record {
+                range_key: key,
+                fields: None,
+                fields_json: Json::Object(m).to_string(),
+            }
+        } else {
+            Record {
+                range_key: key,
+                fields: Some(map_to_struct(&m)),
+                fields_json: String::new(),
+            }
+        });
+    }
+    Ok(records)
+}
+
 impl Data {
     /// Starts the group-commit writer thread (the error is the OS refusing a thread).
     pub fn new(
@@ -371,50 +484,12 @@ impl Data {
         let requester = self.requester(who)?;
         let schema = self.usable_schema(&req.schema)?;
         let requester = self.read_requester(requester, &schema.name).await?;
-        if req.fields.is_empty() {
-            return Err(NodeError::invalid_argument(format!(
-                "'fields' is empty; name the fields to read (schema '{}' has: {})",
-                schema.name,
-                schema.fields.keys().cloned().collect::<Vec<_>>().join(", ")
-            )));
-        }
-        for f in &req.fields {
-            let Some(def) = schema.field(f) else {
-                return Err(NodeError::not_found(format!(
-                    "field '{f}' not found in schema '{}'",
-                    schema.name
-                )));
-            };
-            permissions::check(def, Access::Read, &requester).map_err(NodeError::from)?;
-        }
-        let filter = match (schema.range_key(), req.filter.as_ref()) {
-            (None, Some(f)) if f.filter.is_some() => {
-                return Err(NodeError::invalid_argument(format!(
-                    "schema '{}' is a Single schema; range filters apply only to Range schemas",
-                    schema.name
-                )));
-            }
-            (_, f) => KeyFilter::from_proto(f).map_err(NodeError::invalid_argument)?,
-        };
+        query_fields(&schema, &req.fields, &requester)?;
+        let filter = query_filter(&schema, req.filter.as_ref())?;
         // Paging: keyset, after the key a token names (see paging.rs).
         let paged = req.page_size > 0 || !req.page_token.is_empty();
         let scope = format!("{}|{}|{:?}", schema.name, schema.hash, filter);
-        let after = match (paged, schema.range_key()) {
-            (false, _) => None,
-            (true, None) if !req.page_token.is_empty() => {
-                return Err(NodeError::invalid_argument(format!(
-                    "schema '{}' is a Single schema: its one record needs no paging",
-                    schema.name
-                )));
-            }
-            (true, None) => None,
-            (true, Some(_)) if req.page_token.is_empty() => None,
-            (true, Some(_)) => Some(
-                self.pager
-                    .open(&scope, &req.page_token)
-                    .map_err(NodeError::invalid_argument)?,
-            ),
-        };
+        let after = self.page_after(paged, &schema, &scope, &req.page_token)?;
         let page_size = match req.page_size {
             0 => DEFAULT_PAGE_SIZE,
             n => (n as usize).min(MAX_PAGE_SIZE),
@@ -423,19 +498,7 @@ impl Data {
         let store = self.store.clone();
         let fields = req.fields.clone();
         let json_values = req.json_values;
-        // A replica says so, and as of which sequence: every change up to the head read here is
-        // in what the query reads next.
-        let replica = match self.replicas.source_of(&schema.name) {
-            None => None,
-            Some(source_node_id) => Some(v1::ReplicaInfo {
-                source_node_id,
-                as_of_sequence: self
-                    .store
-                    .log_bounds(&schema.name)
-                    .map_err(NodeError::from)?
-                    .head,
-            }),
-        };
+        let replica = self.replica_info(&schema.name)?;
         // A Single schema or one key reads one record; anything else scans, on the blocking
         // pool, so that a client going away (this future dropped) stops the scan.
         let runs = match (schema.range_key(), &filter) {
@@ -475,29 +538,7 @@ impl Data {
                         RowsError::Store(e) => NodeError::from(e),
                     })?,
             };
-            let mut records = Vec::with_capacity(keys.len());
-            for key in keys {
-                let values = store
-                    .read_values(&schema.name, &key, &fields)
-                    .map_err(NodeError::from)?;
-                let mut m = Map::new();
-                for (f, v) in fields.iter().zip(values) {
-                    m.insert(f.clone(), v.unwrap_or(Json::Null));
-                }
-                records.push(if json_values {
-                    Record {
-                        range_key: key,
-                        fields: None,
-                        fields_json: Json::Object(m).to_string(),
-                    }
-                } else {
-                    Record {
-                        range_key: key,
-                        fields: Some(map_to_struct(&m)),
-                        fields_json: String::new(),
-                    }
-                });
-            }
+            let records = read_records(&store, &schema.name, keys, &fields, json_values)?;
             Ok((records, next))
         })
         .await?;
@@ -509,6 +550,45 @@ impl Data {
             next_page_token,
             replica,
         })
+    }
+
+    /// Where a page of a query starts: after the key its token names (none for the first page,
+    /// or when the query is not paged).
+    fn page_after(
+        &self,
+        paged: bool,
+        schema: &Schema,
+        scope: &str,
+        token: &str,
+    ) -> Result<Option<String>, NodeError> {
+        Ok(match (paged, schema.range_key()) {
+            (false, _) => None,
+            (true, None) if !token.is_empty() => {
+                return Err(NodeError::invalid_argument(format!(
+                    "schema '{}' is a Single schema: its one record needs no paging",
+                    schema.name
+                )));
+            }
+            (true, None) => None,
+            (true, Some(_)) if token.is_empty() => None,
+            (true, Some(_)) => Some(
+                self.pager
+                    .open(scope, token)
+                    .map_err(NodeError::invalid_argument)?,
+            ),
+        })
+    }
+
+    /// A replica says so, and as of which sequence: every change up to the head read here is in
+    /// what the query reads next.
+    fn replica_info(&self, schema: &str) -> Result<Option<v1::ReplicaInfo>, NodeError> {
+        let Some(source_node_id) = self.replicas.source_of(schema) else {
+            return Ok(None);
+        };
+        Ok(Some(v1::ReplicaInfo {
+            source_node_id,
+            as_of_sequence: self.store.log_bounds(schema).map_err(NodeError::from)?.head,
+        }))
     }
 
     // ---- mutations ---------------------------------------------------------------------------
@@ -660,25 +740,7 @@ impl Data {
         let requester = self.requester(who)?;
         let schema = self.usable_schema(&req.schema)?;
         let requester = self.read_requester(requester, &schema.name).await?;
-        let Some(def) = schema.field(&req.field) else {
-            return Err(NodeError::not_found(format!(
-                "field '{}' not found in schema '{}'",
-                req.field, schema.name
-            )));
-        };
-        permissions::check(def, Access::Read, &requester).map_err(NodeError::from)?;
-        if schema.range_key().is_some() && req.range_key.is_empty() {
-            return Err(NodeError::invalid_argument(format!(
-                "schema '{}' is a Range schema: 'range_key' names whose history to read",
-                schema.name
-            )));
-        }
-        if schema.range_key().is_none() && !req.range_key.is_empty() {
-            return Err(NodeError::invalid_argument(format!(
-                "schema '{}' is a Single schema: leave 'range_key' empty",
-                schema.name
-            )));
-        }
+        history_target(&schema, &req, &requester)?;
         let store = self.store.clone();
         let json_values = req.json_values;
         // Paging: after the last version a token names (see paging.rs).
@@ -704,22 +766,7 @@ impl Data {
         let (versions, next_page_token) =
             storage(&self.metrics, "history", Runs::InPlace, move || {
                 if !paged {
-                    // Unpaged reads stop at MAX_PAGE_SIZE versions, as an unpaged Query does:
-                    // one more is read to tell "exactly that many" from "more".
-                    let want = match req.limit as usize {
-                        0 => MAX_PAGE_SIZE + 1,
-                        n => n.min(MAX_PAGE_SIZE + 1),
-                    };
-                    let v = store
-                        .history(&schema.name, &req.field, &req.range_key, want)
-                        .map_err(NodeError::from)?;
-                    if v.len() > MAX_PAGE_SIZE {
-                        return Err(NodeError::resource_exhausted(format!(
-                            "field '{}' has more than {MAX_PAGE_SIZE} versions here; read them in pages with 'page_size' (and 'page_token'), or set 'limit' to at most {MAX_PAGE_SIZE}",
-                            req.field
-                        )));
-                    }
-                    return Ok((v, String::new()));
+                    return unpaged_history(&store, &schema.name, &req).map(|v| (v, String::new()));
                 }
                 let (v, more) = store
                     .history_page(
@@ -787,15 +834,7 @@ impl Data {
         let schema = self.usable_schema(&req.schema)?;
         let requester = self.read_requester(requester, &schema.name).await?;
         let fields = readable_fields(&schema, &requester, &req.fields)?;
-        let filter = match (schema.range_key(), req.filter.as_ref()) {
-            (None, Some(f)) if f.filter.is_some() => {
-                return Err(NodeError::invalid_argument(format!(
-                    "schema '{}' is a Single schema; range filters apply only to Range schemas",
-                    schema.name
-                )));
-            }
-            (_, f) => KeyFilter::from_proto(f).map_err(NodeError::invalid_argument)?,
-        };
+        let filter = query_filter(&schema, req.filter.as_ref())?;
         let permit = self.subscription_permit(who)?;
         // Registered before the log is read: nothing committed from here on can be missed.
         let listener = self.hub.listen(&schema.name);
@@ -819,32 +858,7 @@ impl Data {
                 req.from_sequence, schema.name, bounds.head
             )));
         }
-        // Each progress message re-resolves the requester (trust may have changed since the
-        // start: `deny`, or a distance the fields no longer allow, ends the stream).
-        let recheck = {
-            let data = self.clone();
-            let who = who.clone();
-            let schema = schema.clone();
-            let fields = fields.clone();
-            Box::new(move || -> Result<(), NodeError> {
-                if !matches!(
-                    data.store.schema(&schema.name),
-                    Some((_, SchemaState::Approved))
-                ) {
-                    return Err(NodeError::failed_precondition(format!(
-                        "schema '{}' is no longer approved on this node; the subscription ended",
-                        schema.name
-                    )));
-                }
-                let r = data.requester_for(&who, &schema.name)?;
-                for f in &fields {
-                    if let Some(def) = schema.field(f) {
-                        permissions::check(def, Access::Read, &r).map_err(NodeError::from)?;
-                    }
-                }
-                Ok(())
-            })
-        };
+        let recheck = self.recheck(who, &schema, &fields);
         Ok(subscribe::start(
             self.store.clone(),
             self.metrics.clone(),
@@ -861,6 +875,39 @@ impl Data {
             recheck,
             node_id,
         ))
+    }
+
+    /// What each progress message of a subscription checks again: the requester is re-resolved
+    /// (trust may have changed since the start: `deny`, or a distance the fields no longer
+    /// allow, ends the stream), and the schema must still be approved.
+    fn recheck(
+        &self,
+        who: &Principal,
+        schema: &Arc<Schema>,
+        fields: &[String],
+    ) -> Box<dyn Fn() -> Result<(), NodeError> + Send + Sync> {
+        let data = self.clone();
+        let who = who.clone();
+        let schema = schema.clone();
+        let fields = fields.to_vec();
+        Box::new(move || -> Result<(), NodeError> {
+            if !matches!(
+                data.store.schema(&schema.name),
+                Some((_, SchemaState::Approved))
+            ) {
+                return Err(NodeError::failed_precondition(format!(
+                    "schema '{}' is no longer approved on this node; the subscription ended",
+                    schema.name
+                )));
+            }
+            let r = data.requester_for(&who, &schema.name)?;
+            for f in &fields {
+                if let Some(def) = schema.field(f) {
+                    permissions::check(def, Access::Read, &r).map_err(NodeError::from)?;
+                }
+            }
+            Ok(())
+        })
     }
 
     /// The changes of a schema after a sequence, for a node that follows it or subscribes to

@@ -27,12 +27,13 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fold_proto::v1::{Change, MutationType, ReplicaStatus};
-use fold_proto::wire::ChangesRequest;
+use fold_proto::wire::{ChangesRequest, ChangesResponse, operation};
 use serde_json::Value as Json;
 
 use crate::error::NodeError;
 
 use crate::hub::ChangeHub;
+use crate::link::Link;
 use crate::mesh::{MeshLink, valid_node_id};
 use crate::schema::Schema;
 use crate::store::{ChangeEvent, MutationKind, SchemaState, Store, StoreError, VersionRecord};
@@ -573,20 +574,17 @@ pub const MAX_CHANGE_BYTES: u64 = 64 * 1024 * 1024;
 /// A forwarded `changes` request, with a change too large for one answer assembled from its
 /// parts: the answer then carries that one change. Used by replicas and remote subscriptions.
 pub async fn fetch_changes(
-    mesh: &MeshLink,
+    link: &dyn Link,
     source: &str,
     mut req: ChangesRequest,
     requester: fold_proto::wire::Requester,
     timeout: Duration,
 ) -> Result<fold_proto::wire::ChangesResponse, NodeError> {
-    let mut resp = mesh
-        .forward_changes(
-            source.to_string(),
-            req.clone(),
-            requester.clone(),
-            Some(timeout),
-        )
-        .await?;
+    let ask = |req: ChangesRequest| {
+        let op = operation::Kind::Changes(req);
+        crate::link::ask::<ChangesResponse>(link, source, op, requester.clone(), Some(timeout))
+    };
+    let mut resp = ask(req.clone()).await?;
     let Some(first) = resp.chunk.take() else {
         return Ok(resp);
     };
@@ -605,14 +603,7 @@ pub async fn fetch_changes(
     let mut buf = first.data.clone();
     while (buf.len() as u64) < first.total {
         req.chunk_offset = buf.len() as u64;
-        let mut next = mesh
-            .forward_changes(
-                source.to_string(),
-                req.clone(),
-                requester.clone(),
-                Some(timeout),
-            )
-            .await?;
+        let mut next = ask(req.clone()).await?;
         let Some(c) = next.chunk.take() else {
             return Err(bad("a part is missing".into()));
         };

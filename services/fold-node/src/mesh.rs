@@ -20,12 +20,9 @@ use fold_middleware::metrics::{GrpcMetrics, GrpcMetricsLayer, GrpcMetricsService
 
 use fold_proto::sidecar as sc;
 use fold_proto::sidecar::mesh_client::MeshClient;
-use fold_proto::v1::{
-    HistoryRequest, HistoryResponse, MutateRequest, MutateResponse, PeerInfo, QueryRequest,
-    QueryResponse,
-};
+use fold_proto::v1::{CheckSchemasRequest, CheckSchemasResponse, FindProvidersRequest};
 use fold_proto::wire::forward_response;
-use fold_proto::wire::{Operation, PeersRequest, Requester, operation};
+use fold_proto::wire::{Operation, Requester, operation};
 use local_link::LinkAddr;
 use local_link::token::{TokenLayer, WithToken};
 use tokio::sync::Notify;
@@ -37,6 +34,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::forward_stream::{LinkForward, StreamLink};
+use crate::link::{Link, LinkFuture};
 use crate::metrics::NodeMetrics;
 use crate::store::Store;
 
@@ -332,11 +330,6 @@ impl MeshLink {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Set (once) what to do when a peer connects again after a disconnection.
-    pub fn on_reconnect(&self, f: impl Fn(&str) + Send + Sync + 'static) {
-        let _ = self.inner.on_reconnect.set(Box::new(f));
-    }
-
     fn peer_event(&self, ev: &sc::PeerEvent) {
         use sc::peer_event::Kind;
         match Kind::try_from(ev.kind) {
@@ -361,150 +354,9 @@ impl MeshLink {
         self.inner.schemas_changed.notify_one();
     }
 
-    pub async fn forward_query(
-        &self,
-        req: QueryRequest,
-        requester: Requester,
-        deadline: Option<Duration>,
-    ) -> Result<QueryResponse, NodeError> {
-        let target = req.target_node_id.clone();
-        match self
-            .forward(
-                target.clone(),
-                operation::Kind::Query(req),
-                requester,
-                deadline,
-            )
-            .await?
-        {
-            forward_response::Result::Query(q) => Ok(q),
-            _ => Err(NodeError::internal(format!(
-                "node {target} answered a query with a different kind of response"
-            ))),
-        }
-    }
-
-    pub async fn forward_mutate(
-        &self,
-        req: MutateRequest,
-        requester: Requester,
-        deadline: Option<Duration>,
-    ) -> Result<MutateResponse, NodeError> {
-        let target = req.target_node_id.clone();
-        match self
-            .forward(
-                target.clone(),
-                operation::Kind::Mutate(req),
-                requester,
-                deadline,
-            )
-            .await?
-        {
-            forward_response::Result::Mutate(m) => Ok(m),
-            _ => Err(NodeError::internal(format!(
-                "node {target} answered a mutation with a different kind of response"
-            ))),
-        }
-    }
-
-    /// Ask node `target` for its connected peers (a read-only `peers` operation; the target
-    /// refuses it with PERMISSION_DENIED when it denies this node). With `via`, `target` relays
-    /// the request along those nodes and the answer is the last one's peers.
-    pub async fn forward_peers(
-        &self,
-        target: String,
-        via: Vec<String>,
-        requester: Requester,
-        deadline: Option<Duration>,
-    ) -> Result<Vec<PeerInfo>, NodeError> {
-        match self
-            .forward(
-                target.clone(),
-                operation::Kind::Peers(PeersRequest { via }),
-                requester,
-                deadline,
-            )
-            .await?
-        {
-            forward_response::Result::Peers(p) => Ok(p.peers),
-            _ => Err(NodeError::internal(format!(
-                "node {target} answered a peers request with a different kind of response"
-            ))),
-        }
-    }
-
-    pub async fn forward_batch(
-        &self,
-        req: fold_proto::v1::BatchMutateRequest,
-        requester: Requester,
-        deadline: Option<Duration>,
-    ) -> Result<fold_proto::v1::BatchMutateResponse, NodeError> {
-        let target = req.target_node_id.clone();
-        match self
-            .forward(
-                target.clone(),
-                operation::Kind::BatchMutate(req),
-                requester,
-                deadline,
-            )
-            .await?
-        {
-            forward_response::Result::BatchMutate(m) => Ok(m),
-            _ => Err(NodeError::internal(format!(
-                "node {target} answered a batch with a different kind of response"
-            ))),
-        }
-    }
-
-    pub async fn forward_history(
-        &self,
-        req: HistoryRequest,
-        requester: Requester,
-        deadline: Option<Duration>,
-    ) -> Result<HistoryResponse, NodeError> {
-        let target = req.target_node_id.clone();
-        match self
-            .forward(
-                target.clone(),
-                operation::Kind::History(req),
-                requester,
-                deadline,
-            )
-            .await?
-        {
-            forward_response::Result::History(h) => Ok(h),
-            _ => Err(NodeError::internal(format!(
-                "node {target} answered a history request with a different kind of response"
-            ))),
-        }
-    }
-
-    /// Ask node `target` for the changes of a schema after a sequence (a replica following it,
-    /// or a subscription to another node's schema).
-    pub async fn forward_changes(
-        &self,
-        target: String,
-        req: fold_proto::wire::ChangesRequest,
-        requester: Requester,
-        deadline: Option<Duration>,
-    ) -> Result<fold_proto::wire::ChangesResponse, NodeError> {
-        match self
-            .forward(
-                target.clone(),
-                operation::Kind::Changes(req),
-                requester,
-                deadline,
-            )
-            .await?
-        {
-            forward_response::Result::Changes(c) => Ok(c),
-            _ => Err(NodeError::internal(format!(
-                "node {target} answered a changes request with a different kind of response"
-            ))),
-        }
-    }
-
-    async fn forward(
+    /// Run `op` on node `target` through the sidecar: the one way out of this node for an
+    /// operation (measured per kind and outcome).
+    pub async fn forward(
         &self,
         target: String,
         op: operation::Kind,
@@ -565,35 +417,7 @@ impl MeshLink {
             request.metadata_mut(),
         );
         request.set_timeout(timeout);
-        // Circuit breakers (a tower layer keyed by target, then the sidecar link's): fail fast,
-        // with no network wait, toward a peer (or through a link) that kept failing; after a
-        // backoff one probe decides. A call dropped before it completes releases its probe.
-        let result = {
-            use tower::ServiceExt;
-            if relayed {
-                // A relayed peers request fails when a node *behind* the target does: that says
-                // nothing about the target, so it bypasses (and never trips) its breaker.
-                ForwardCall(self.inner.stream_link.clone())
-                    .oneshot((target.clone(), request))
-                    .await
-                    .map_err(|s| {
-                        if link_failed(&s) {
-                            NodeError::unavailable(format!(
-                                "the p2p-sidecar link failed: {}",
-                                s.message()
-                            ))
-                        } else {
-                            NodeError::from(s)
-                        }
-                    })
-            } else {
-                self.inner
-                    .forward_svc
-                    .clone()
-                    .oneshot((target.clone(), request))
-                    .await
-            }
-        };
+        let result = self.send(&target, request, relayed).await;
         let resp = result.map_err(|s| {
             if timed_out(s.code()) {
                 NodeError::deadline_exceeded(format!(
@@ -613,6 +437,39 @@ impl MeshLink {
                 "node {target} sent an empty forward response"
             ))),
         }
+    }
+
+    /// Send a forward to the sidecar. Circuit breakers (a tower layer keyed by target, then the
+    /// sidecar link's): fail fast, with no network wait, toward a peer (or through a link) that
+    /// kept failing; after a backoff one probe decides. A call dropped before it completes
+    /// releases its probe.
+    async fn send(
+        &self,
+        target: &str,
+        request: tonic::Request<sc::ForwardRequest>,
+        relayed: bool,
+    ) -> Result<tonic::Response<fold_proto::wire::ForwardResponse>, NodeError> {
+        use tower::ServiceExt;
+        if !relayed {
+            return self
+                .inner
+                .forward_svc
+                .clone()
+                .oneshot((target.to_string(), request))
+                .await;
+        }
+        // A relayed peers request fails when a node *behind* the target does: that says
+        // nothing about the target, so it bypasses (and never trips) its breaker.
+        ForwardCall(self.inner.stream_link.clone())
+            .oneshot((target.to_string(), request))
+            .await
+            .map_err(|s| {
+                if link_failed(&s) {
+                    NodeError::unavailable(format!("the p2p-sidecar link failed: {}", s.message()))
+                } else {
+                    NodeError::from(s)
+                }
+            })
     }
 
     /// Keep watching the sidecar link until the process ends.
@@ -723,6 +580,75 @@ impl MeshLink {
             }
             self.set_up(false).await;
         }
+    }
+}
+
+impl Link for MeshLink {
+    fn node_id(&self) -> Option<String> {
+        MeshLink::node_id(self)
+    }
+
+    fn ready(&self) -> Result<(), NodeError> {
+        self.client().map(|_| ())
+    }
+
+    fn forward_timeout(&self) -> Duration {
+        self.inner.forward_timeout
+    }
+
+    fn routable(&self, node: &str) -> bool {
+        MeshLink::routable(self, node)
+    }
+
+    fn forward(
+        &self,
+        target: String,
+        op: operation::Kind,
+        requester: Requester,
+        deadline: Option<Duration>,
+    ) -> LinkFuture<forward_response::Result> {
+        let link = self.clone();
+        Box::pin(async move { MeshLink::forward(&link, target, op, requester, deadline).await })
+    }
+
+    fn providers(&self, schema: &str, timeout: Duration) -> LinkFuture<Vec<String>> {
+        let client = self.client();
+        let schema = schema.to_string();
+        Box::pin(async move {
+            let mut req = tonic::Request::new(FindProvidersRequest {
+                schema: schema.clone(),
+            });
+            req.set_timeout(timeout);
+            match client?.find_providers(req).await {
+                Ok(r) => Ok(r.into_inner().node_ids),
+                Err(e) => Err(NodeError::new(
+                    e.code(),
+                    format!(
+                        "looking up the providers of schema '{schema}' failed: {}",
+                        e.message()
+                    ),
+                )),
+            }
+        })
+    }
+
+    fn check_schemas(
+        &self,
+        node: &str,
+        names: Vec<String>,
+        timeout: Duration,
+    ) -> LinkFuture<CheckSchemasResponse> {
+        let client = self.client();
+        let node_id = node.to_string();
+        Box::pin(async move {
+            let mut req = tonic::Request::new(CheckSchemasRequest { node_id, names });
+            req.set_timeout(timeout);
+            Ok(client?.check_schemas(req).await?.into_inner())
+        })
+    }
+
+    fn on_reconnect(&self, f: Box<dyn Fn(&str) + Send + Sync>) {
+        let _ = self.inner.on_reconnect.set(f);
     }
 }
 

@@ -111,7 +111,17 @@ pub struct ReasonLabels {
 
 impl NodeMetrics {
     pub fn register(reg: &mut Registry) -> Arc<NodeMetrics> {
-        let m = NodeMetrics {
+        let m = NodeMetrics::new();
+        m.register_peer_requests(reg);
+        m.register_routing(reg);
+        m.register_link(reg);
+        m.register_commits(reg);
+        m.register_streams(reg);
+        Arc::new(m)
+    }
+
+    fn new() -> NodeMetrics {
+        NodeMetrics {
             storage_ops: Family::default(),
             storage_seconds: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             forwards: Family::default(),
@@ -142,143 +152,162 @@ impl NodeMetrics {
             replica_applied: Family::default(),
             replica_lag: Family::default(),
             replica_refused: Family::default(),
-        };
+        }
+    }
+
+    /// Requests from other nodes and fault injection.
+    fn register_peer_requests(&self, reg: &mut Registry) {
         reg.register(
             "fold_peer_requests",
             "Requests from other nodes (handed over by the sidecar), by operation and gRPC outcome",
-            m.peer_requests.clone(),
+            self.peer_requests.clone(),
         );
         reg.register(
             "fold_peer_request_seconds",
             "Time this node took to serve a request from another node, in seconds",
-            m.peer_request_seconds.clone(),
+            self.peer_request_seconds.clone(),
         );
         reg.register(
             "fold_injected_faults",
             "Requests from peers refused with UNAVAILABLE by fault injection (--fault-percent)",
-            m.injected_faults.clone(),
+            self.injected_faults.clone(),
         );
+    }
+
+    /// Schema-addressed reads.
+    fn register_routing(&self, reg: &mut Registry) {
         reg.register(
             "fold_route_requests",
             "Schema-addressed reads (route any/all) by outcome (all: OK, partial, all_failed)",
-            m.route_requests.clone(),
+            self.route_requests.clone(),
         );
         reg.register(
             "fold_route_attempts",
             "Nodes asked by schema-addressed reads (first tries, failovers and hedges)",
-            m.route_attempts.clone(),
+            self.route_attempts.clone(),
         );
         reg.register(
             "fold_route_retries",
             "Failovers of schema-addressed reads: retried, hedged, or budget_exhausted (not retried)",
-            m.route_retries.clone(),
+            self.route_retries.clone(),
         );
         reg.register(
             "fold_provider_lookups",
             "Provider set lookups (DHT + schema checks): found, none_found, failed",
-            m.provider_lookups.clone(),
+            self.provider_lookups.clone(),
         );
         reg.register(
             "fold_route_peer_latency_seconds",
             "Peak-EWMA latency estimate per provider, as of its last routed request, in seconds",
-            m.route_peer_latency.clone(),
+            self.route_peer_latency.clone(),
         );
         reg.register(
             "fold_route_peer_in_flight",
             "Routed requests in flight per provider",
-            m.route_peer_in_flight.clone(),
+            self.route_peer_in_flight.clone(),
         );
+    }
+
+    /// Storage, forwards, breakers and the sidecar link.
+    fn register_link(&self, reg: &mut Registry) {
         reg.register(
             "fold_storage_operations",
             "Storage operations by kind and outcome",
-            m.storage_ops.clone(),
+            self.storage_ops.clone(),
         );
         reg.register(
             "fold_storage_operation_seconds",
             "Storage operation latency in seconds",
-            m.storage_seconds.clone(),
+            self.storage_seconds.clone(),
         );
         reg.register(
             "fold_forwards",
             "Requests forwarded to other nodes, by kind and gRPC outcome",
-            m.forwards.clone(),
+            self.forwards.clone(),
         );
         reg.register(
             "fold_forward_seconds",
             "Latency of requests forwarded to other nodes, in seconds",
-            m.forward_seconds.clone(),
+            self.forward_seconds.clone(),
         );
         reg.register(
             "fold_circuit_breaker_state",
             "Circuit breaker state per target (0 closed, 1 open, 2 half-open)",
-            m.breaker_state.clone(),
+            self.breaker_state.clone(),
         );
         reg.register(
             "fold_circuit_breaker_transitions",
             "Circuit breaker state changes per target",
-            m.breaker_transitions.clone(),
+            self.breaker_transitions.clone(),
         );
         reg.register(
             "fold_sidecar_link_up",
             "1 while the p2p-sidecar link is up",
-            m.sidecar_link_up.clone(),
+            self.sidecar_link_up.clone(),
         );
+    }
+
+    /// The group-commit writer.
+    fn register_commits(&self, reg: &mut Registry) {
         reg.register(
             "fold_commit_group_requests",
             "Write requests (Mutate or BatchMutate calls) per group commit",
-            m.commit_group_requests.clone(),
+            self.commit_group_requests.clone(),
         );
         reg.register(
             "fold_commit_group_records",
             "Mutations (records) per group commit",
-            m.commit_group_records.clone(),
+            self.commit_group_records.clone(),
         );
         reg.register(
             "fold_commit_seconds",
             "Latency of one group commit (applying the group and the durable commit), in seconds",
-            m.commit_seconds.clone(),
+            self.commit_seconds.clone(),
         );
         reg.register(
             "fold_commit_failures",
             "Group commits that failed in storage (every request of the group got INTERNAL)",
-            m.commit_failures.clone(),
+            self.commit_failures.clone(),
         );
         reg.register(
             "fold_write_queue_depth",
             "Write requests waiting for the group-commit writer",
-            m.write_queue_depth.clone(),
+            self.write_queue_depth.clone(),
         );
+    }
+
+    /// Subscriptions and replicas.
+    fn register_streams(&self, reg: &mut Registry) {
         reg.register(
             "fold_subscribers",
             "Open FoldNode.Subscribe streams",
-            m.subscribers.clone(),
+            self.subscribers.clone(),
         );
         reg.register(
             "fold_subscription_changes_sent",
             "Changes sent to subscribers",
-            m.subscription_changes.clone(),
+            self.subscription_changes.clone(),
         );
         reg.register(
             "fold_subscription_ends",
             "Subscriptions ended by the node, by reason (overflow: the subscriber fell behind its buffer; full: --max-subscriptions reached; out_of_range: history no longer kept)",
-            m.subscription_ends.clone(),
+            self.subscription_ends.clone(),
         );
         reg.register(
             "fold_replica_applied_sequence",
             "Per followed schema (--follow): the last change applied to the replica",
-            m.replica_applied.clone(),
+            self.replica_applied.clone(),
         );
         reg.register(
             "fold_replica_lag",
             "Per followed schema (--follow): changes the source had at its last answer that the replica has not applied",
-            m.replica_lag.clone(),
+            self.replica_lag.clone(),
         );
         reg.register(
             "fold_replica_refused",
             "Per followed schema (--follow): answers of the source refused (reason: diverged = its history is not this replica's; refused_change = a change that would touch what the schema does not own)",
-            m.replica_refused.clone(),
+            self.replica_refused.clone(),
         );
-        Arc::new(m)
     }
 
     /// A replica's progress.

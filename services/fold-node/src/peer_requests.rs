@@ -29,6 +29,8 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::data::Data;
+use crate::error::NodeError;
+use crate::execute::Executor;
 use crate::identity::{Forwarded, Principal};
 use crate::mesh::{MAX_NODE_ID_BYTES, MeshLink, valid_node_id};
 use crate::metrics::NodeMetrics;
@@ -48,6 +50,8 @@ const MAX_PEERS_SHOWN: usize = 512;
 pub struct PeerRequestsApi {
     data: Data,
     mesh: MeshLink,
+    /// Runs the operations of other nodes here.
+    exec: Executor,
     /// Fault injection (--fault-percent): this share of requests from peers is refused with
     /// UNAVAILABLE before any work, for resilience drills.
     faults: Option<(f64, Arc<NodeMetrics>)>,
@@ -60,6 +64,7 @@ pub struct PeerRequestsApi {
 impl PeerRequestsApi {
     pub fn new(data: Data, mesh: MeshLink) -> Self {
         PeerRequestsApi {
+            exec: Executor::new(data.clone(), Arc::new(mesh.clone())),
             data,
             mesh,
             faults: None,
@@ -92,13 +97,13 @@ impl PeerRequestsApi {
         self
     }
 
-    fn inject_fault(&self) -> Option<Status> {
+    fn inject_fault(&self) -> Option<NodeError> {
         let (percent, metrics) = self.faults.as_ref()?;
         if fastrand::f64() * 100.0 >= *percent {
             return None;
         }
         metrics.injected_fault();
-        Some(Status::unavailable(
+        Some(NodeError::unavailable(
             "injected fault: this node refuses a share of requests from peers (--fault-percent)",
         ))
     }
@@ -111,14 +116,14 @@ fn unix_ms(t: SystemTime) -> u64 {
 }
 
 /// Length limits of the envelope's strings (defence in depth: the sidecar checks them first).
-fn check_bounds(env: &ForwardEnvelope) -> Result<(), Status> {
+fn check_bounds(env: &ForwardEnvelope) -> Result<(), NodeError> {
     fold_proto::limits::check_envelope(
         &env.request_id,
         &env.origin_node_id,
         &env.target_node_id,
         env.requester.as_ref(),
     )
-    .map_err(Status::invalid_argument)
+    .map_err(NodeError::invalid_argument)
 }
 
 #[tonic::async_trait]
@@ -164,15 +169,16 @@ impl PeerRequests for PeerRequestsApi {
                                 ms => tokio::time::timeout(Duration::from_millis(ms.into()), work)
                                     .await
                                     .unwrap_or_else(|_| {
-                                        Err(Status::deadline_exceeded(
+                                        Err(NodeError::deadline_exceeded(
                                             "the request's deadline passed while this node worked on it",
-                                        ))
+                                        ).into())
                                     }),
                             }
                         }
-                        None => Err(Status::invalid_argument(
+                        None => Err(NodeError::invalid_argument(
                             "a stream request without 'forward'",
-                        )),
+                        )
+                        .into()),
                     };
                     InboundStreamResponse {
                         id: msg.id,
@@ -191,7 +197,9 @@ impl PeerRequests for PeerRequestsApi {
         &self,
         request: Request<ServedSchemasRequest>,
     ) -> Result<Response<ServedSchemasResponse>, Status> {
-        self.served_schemas_impl(request).await
+        self.served_schemas_impl(request.into_inner())
+            .map(Response::new)
+            .map_err(Status::from)
     }
 }
 
@@ -203,83 +211,29 @@ impl PeerRequestsApi {
         inbound: InboundForward,
         parent: opentelemetry::Context,
     ) -> Result<ForwardResponse, Status> {
-        if inbound.origin_node_id.is_empty() || inbound.origin_node_id.len() > MAX_NODE_ID_BYTES {
-            return Err(Status::invalid_argument(
-                "'origin_node_id' is required (a node id of at most 64 bytes)",
-            ));
-        }
-        let env = ForwardEnvelope::decode(inbound.envelope.as_slice()).map_err(|e| {
-            Status::invalid_argument(format!("'envelope' is not a ForwardEnvelope: {e}"))
-        })?;
-        check_bounds(&env)?;
-        if env.origin_node_id != inbound.origin_node_id {
-            return Err(Status::invalid_argument(format!(
-                "the envelope's origin {} is not the authenticated peer {}",
-                env.origin_node_id, inbound.origin_node_id
-            )));
-        }
-        let who = Principal::Forwarded(Forwarded {
-            node: inbound.origin_node_id.clone(),
-            node_key: inbound.origin_public_key,
-            requester: env.requester.clone(),
-        });
-        let op = env.operation.and_then(|o| o.kind);
-        let (op_name, schema) = match &op {
-            Some(operation::Kind::Query(q)) => ("query", q.schema.clone()),
-            Some(operation::Kind::Mutate(m)) => ("mutate", m.schema.clone()),
-            Some(operation::Kind::Peers(_)) => ("peers", String::new()),
-            Some(operation::Kind::BatchMutate(b)) => ("batch_mutate", b.schema.clone()),
-            Some(operation::Kind::History(h)) => ("history", h.schema.clone()),
-            Some(operation::Kind::Changes(c)) => ("changes", c.schema.clone()),
-            None => ("none", String::new()),
-        };
+        let (env, who) = admit(inbound)?;
+        let op = env.operation.clone().and_then(|o| o.kind);
+        let (op_name, schema) = op_label(op.as_ref());
         let span = tracing::info_span!(
             "fold.peer_request",
             otel.kind = "server",
             op = op_name,
             schema = %schema,
-            peer = %inbound.origin_node_id,
+            peer = %env.origin_node_id,
             requester = %who.writer_label(),
             request_id = %env.request_id,
             outcome = tracing::field::Empty,
         );
         fold_telemetry::otel::set_parent(&span, parent);
-        let deadline = match env.deadline_unix_ms {
-            0 => None,
-            ms => Some(UNIX_EPOCH + Duration::from_millis(ms)),
-        };
         let started = std::time::Instant::now();
-        let result = async {
-            let work = self.execute(&who, &env.target_node_id, op, deadline);
-            // The origin's deadline travelled in the signed envelope: past it, the work is
-            // refused, and when it passes during the work, the work is cancelled.
-            match deadline {
-                None => work.await,
-                Some(d) => {
-                    let left = d
-                        .duration_since(SystemTime::now())
-                        .unwrap_or(Duration::ZERO);
-                    if left.is_zero() {
-                        return forward_response::Result::Error(to_wire(
-                            &Status::deadline_exceeded(format!(
-                                "the request arrived {} ms after its deadline; nothing was done",
-                                unix_ms(SystemTime::now()).saturating_sub(env.deadline_unix_ms)
-                            )),
-                        ));
-                    }
-                    match tokio::time::timeout(left, work).await {
-                        Ok(r) => r,
-                        Err(_) => {
-                            forward_response::Result::Error(to_wire(&Status::deadline_exceeded(
-                                "the request's deadline passed while this node worked on it",
-                            )))
-                        }
-                    }
-                }
-            }
-        }
-        .instrument(span.clone())
-        .await;
+        let result = match self
+            .within_deadline(&who, &env, op)
+            .instrument(span.clone())
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => forward_response::Result::Error(to_wire(&Status::from(e))),
+        };
         let outcome = match &result {
             forward_response::Result::Error(e) => code_name(tonic::Code::from_i32(e.code)),
             _ => "OK",
@@ -289,9 +243,9 @@ impl PeerRequestsApi {
             m.peer_request(op_name, outcome, started);
         }
         if let forward_response::Result::Error(e) = &result {
-            tracing::info!(peer = %inbound.origin_node_id, request_id = %env.request_id, code = e.code, error = %e.message, "inbound request refused");
+            tracing::info!(peer = %env.origin_node_id, request_id = %env.request_id, code = e.code, error = %e.message, "inbound request refused");
         } else {
-            tracing::debug!(peer = %inbound.origin_node_id, request_id = %env.request_id, "inbound request served");
+            tracing::debug!(peer = %env.origin_node_id, request_id = %env.request_id, "inbound request served");
         }
         Ok(ForwardResponse {
             request_id: env.request_id,
@@ -299,25 +253,57 @@ impl PeerRequestsApi {
         })
     }
 
-    async fn served_schemas_impl(
+    /// Run `op` of `env` for `who`. The origin's deadline travelled in the signed envelope:
+    /// past it, the work is refused, and when it passes during the work, the work is cancelled.
+    async fn within_deadline(
         &self,
-        request: Request<ServedSchemasRequest>,
-    ) -> Result<Response<ServedSchemasResponse>, Status> {
-        let req = request.into_inner();
+        who: &Principal,
+        env: &ForwardEnvelope,
+        op: Option<operation::Kind>,
+    ) -> Result<forward_response::Result, NodeError> {
+        let deadline = match env.deadline_unix_ms {
+            0 => None,
+            ms => Some(UNIX_EPOCH + Duration::from_millis(ms)),
+        };
+        let work = self.run(who, &env.target_node_id, op, deadline);
+        let Some(d) = deadline else {
+            return work.await;
+        };
+        let left = d
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        if left.is_zero() {
+            return Err(NodeError::deadline_exceeded(format!(
+                "the request arrived {} ms after its deadline; nothing was done",
+                unix_ms(SystemTime::now()).saturating_sub(env.deadline_unix_ms)
+            )));
+        }
+        tokio::time::timeout(left, work).await.unwrap_or_else(|_| {
+            Err(NodeError::deadline_exceeded(
+                "the request's deadline passed while this node worked on it",
+            ))
+        })
+    }
+
+    /// Which of the asked schemas this node serves, for a peer's schema check.
+    fn served_schemas_impl(
+        &self,
+        req: ServedSchemasRequest,
+    ) -> Result<ServedSchemasResponse, NodeError> {
         // A peer this node denies learns nothing, not even which schemas are approved here.
         let (distance, _) = self
             .data
             .identities()
             .peer_distance(&req.origin_node_id)
-            .map_err(crate::error::status)?;
+            .map_err(NodeError::from)?;
         if distance.is_none() {
-            return Err(Status::permission_denied(format!(
+            return Err(NodeError::permission_denied(format!(
                 "node {} is not trusted by this node; schema checks are refused",
                 req.origin_node_id
             )));
         }
         if req.names.len() > MAX_CHECKED_NAMES {
-            return Err(Status::invalid_argument(format!(
+            return Err(NodeError::invalid_argument(format!(
                 "at most {MAX_CHECKED_NAMES} schema names per check"
             )));
         }
@@ -325,18 +311,57 @@ impl PeerRequestsApi {
             .iter()
             .try_for_each(|n| crate::bounds::schema_name(n))?;
         let served = self.data.served(&req.names);
-        Ok(Response::new(ServedSchemasResponse {
+        Ok(ServedSchemasResponse {
             names: served.iter().map(|s| s.name.clone()).collect(),
             definition_hashes: served
                 .iter()
                 .map(|s| (s.name.clone(), s.definition_hash.clone()))
                 .collect(),
-        }))
+        })
+    }
+}
+
+/// An inbound forward admitted: its envelope decoded and checked (bounds, origin), and who
+/// sent it (the origin node, for its requester).
+fn admit(inbound: InboundForward) -> Result<(ForwardEnvelope, Principal), NodeError> {
+    if inbound.origin_node_id.is_empty() || inbound.origin_node_id.len() > MAX_NODE_ID_BYTES {
+        return Err(NodeError::invalid_argument(
+            "'origin_node_id' is required (a node id of at most 64 bytes)",
+        ));
+    }
+    let env = ForwardEnvelope::decode(inbound.envelope.as_slice()).map_err(|e| {
+        NodeError::invalid_argument(format!("'envelope' is not a ForwardEnvelope: {e}"))
+    })?;
+    check_bounds(&env)?;
+    if env.origin_node_id != inbound.origin_node_id {
+        return Err(NodeError::invalid_argument(format!(
+            "the envelope's origin {} is not the authenticated peer {}",
+            env.origin_node_id, inbound.origin_node_id
+        )));
+    }
+    let who = Principal::Forwarded(Forwarded {
+        node: inbound.origin_node_id,
+        node_key: inbound.origin_public_key,
+        requester: env.requester.clone(),
+    });
+    Ok((env, who))
+}
+
+/// The operation's name (for metrics and the span) and its schema.
+fn op_label(op: Option<&operation::Kind>) -> (&'static str, String) {
+    match op {
+        Some(operation::Kind::Query(q)) => ("query", q.schema.clone()),
+        Some(operation::Kind::Mutate(m)) => ("mutate", m.schema.clone()),
+        Some(operation::Kind::Peers(_)) => ("peers", String::new()),
+        Some(operation::Kind::BatchMutate(b)) => ("batch_mutate", b.schema.clone()),
+        Some(operation::Kind::History(h)) => ("history", h.schema.clone()),
+        Some(operation::Kind::Changes(c)) => ("changes", c.schema.clone()),
+        None => ("none", String::new()),
     }
 }
 
 /// The strings of a forwarded operation, checked before anything uses them (bounds.rs).
-fn op_bounds(op: Option<&operation::Kind>) -> Result<(), Status> {
+fn op_bounds(op: Option<&operation::Kind>) -> Result<(), NodeError> {
     use crate::bounds::Bounded;
     match op {
         Some(operation::Kind::Query(q)) => q.check_bounds(),
@@ -346,89 +371,43 @@ fn op_bounds(op: Option<&operation::Kind>) -> Result<(), Status> {
         Some(operation::Kind::Changes(c)) => c.check_bounds(),
         Some(operation::Kind::Peers(_)) | None => Ok(()),
     }
-    .map_err(Status::from)
 }
 
-fn not_routable() -> Status {
-    Status::invalid_argument(
+fn not_routable() -> NodeError {
+    NodeError::invalid_argument(
         "a forwarded request runs on the node it was sent to: its route must be ROUTE_DEFAULT",
     )
 }
 
 impl PeerRequestsApi {
-    async fn execute(
+    async fn run(
         &self,
         who: &Principal,
         target: &str,
         op: Option<operation::Kind>,
         deadline: Option<SystemTime>,
-    ) -> forward_response::Result {
+    ) -> Result<forward_response::Result, NodeError> {
         let me = self.mesh.node_id_or_empty();
         if !target.is_empty() && !me.is_empty() && target != me {
-            return forward_response::Result::Error(to_wire(&Status::not_found(format!(
+            return Err(NodeError::not_found(format!(
                 "request is for node {target}, this is node {me}"
-            ))));
+            )));
         }
         if let Some(fault) = self.inject_fault() {
-            return forward_response::Result::Error(to_wire(&fault));
+            return Err(fault);
         }
-        if let Err(s) = op_bounds(op.as_ref()) {
-            return forward_response::Result::Error(to_wire(&s));
-        }
-        let result = match op {
+        op_bounds(op.as_ref())?;
+        match op {
             // A forwarded read runs here: routing ("any", "all") is the origin's to do, once.
             Some(operation::Kind::Query(q)) if q.route != 0 => Err(not_routable()),
             Some(operation::Kind::History(h)) if h.route != 0 => Err(not_routable()),
-            Some(operation::Kind::Query(q)) => self
-                .data
-                .query(who, q)
-                .await
-                .map_err(Status::from)
-                .map(|mut r| {
-                    r.node_id = me.clone();
-                    forward_response::Result::Query(r)
-                }),
-            Some(operation::Kind::History(h)) => self
-                .data
-                .history(who, h)
-                .await
-                .map_err(Status::from)
-                .map(|mut r| {
-                    r.node_id = me.clone();
-                    forward_response::Result::History(r)
-                }),
-            Some(operation::Kind::Mutate(m)) => self
-                .data
-                .mutate(who, m, deadline)
-                .await
-                .map_err(Status::from)
-                .map(|mut r| {
-                    r.node_id = me.clone();
-                    forward_response::Result::Mutate(r)
-                }),
             Some(operation::Kind::Peers(p)) => self.peers(who, p, deadline).await,
-            Some(operation::Kind::BatchMutate(b)) => self
-                .data
-                .batch_mutate(who, b)
-                .await
-                .map_err(Status::from)
-                .map(|mut r| {
-                    r.node_id = me.clone();
-                    forward_response::Result::BatchMutate(r)
-                }),
-            Some(operation::Kind::Changes(c)) => self
-                .data
-                .changes(who, c, deadline)
-                .await
-                .map_err(Status::from)
-                .map(forward_response::Result::Changes),
-            None => Err(Status::invalid_argument(
+            Some(op) => self.exec.local(who, op, deadline).await,
+            None => Err(NodeError::invalid_argument(
                 "forwarded request carries no operation (query, history, mutation, batch, peers or changes request)",
             )),
-        };
-        result.unwrap_or_else(|s| forward_response::Result::Error(to_wire(&s)))
+        }
     }
-
     /// A peers request: this node's connected peers, from its own sidecar — a read-only view of
     /// the mesh for any origin this node does not deny (a denied one learns nothing); each peer
     /// carries this node's trust in it, as `Network.ListPeers` shows it to this node's clients.
@@ -439,30 +418,19 @@ impl PeerRequestsApi {
         who: &Principal,
         req: PeersRequest,
         deadline: Option<SystemTime>,
-    ) -> Result<forward_response::Result, Status> {
+    ) -> Result<forward_response::Result, NodeError> {
         let r = self
             .data
             .identities()
             .resolve(who)
-            .map_err(crate::error::status)?;
+            .map_err(NodeError::from)?;
         let Some(distance) = r.distance else {
-            return Err(Status::permission_denied(format!(
+            return Err(NodeError::permission_denied(format!(
                 "{} is not trusted by this node; its peers are not shown",
                 r.label
             )));
         };
-        if req.via.len() > MAX_RELAY_HOPS {
-            return Err(Status::invalid_argument(format!(
-                "a peers request is relayed at most {MAX_RELAY_HOPS} times; 'via' names {}",
-                req.via.len()
-            )));
-        }
-        if let Some(bad) = req.via.iter().find(|v| !valid_node_id(v)) {
-            return Err(Status::invalid_argument(format!(
-                "'via' holds '{}', which is not a node id",
-                bad.chars().take(80).collect::<String>()
-            )));
-        }
+        check_via(&req.via)?;
         let mut peers = self
             .mesh
             .client()?
@@ -479,7 +447,7 @@ impl PeerRequestsApi {
                     .data
                     .identities()
                     .peer_distance(&p.node_id)
-                    .map_err(crate::error::status)?;
+                    .map_err(NodeError::from)?;
                 p.trust_distance = d
                     .map(|d| i32::try_from(d).unwrap_or(i32::MAX))
                     .unwrap_or(-1);
@@ -488,32 +456,60 @@ impl PeerRequestsApi {
         };
         // Relayed only to a node this one is connected to: a peer cannot make it dial anyone.
         if !peers.iter().any(|p| p.connected && &p.node_id == next) {
-            return Err(Status::not_found(format!(
+            return Err(NodeError::not_found(format!(
                 "node {next} is not connected to this node; peers requests are relayed only to connected peers"
             )));
         }
-        let proven_key = match who {
-            Principal::Forwarded(f) => f
-                .requester
-                .as_ref()
-                .map(|q| q.proven_key.clone())
-                .unwrap_or_default(),
-            _ => String::new(),
-        };
-        let requester = Requester {
-            distance,
-            identity: truncate_bytes(&r.label, fold_proto::limits::MAX_REQUESTER_BYTES),
-            proven_key,
-        };
+        let requester = relayed_requester(who, &r.label, distance);
         let left = deadline.map(|d| {
             d.duration_since(SystemTime::now())
                 .unwrap_or(Duration::ZERO)
         });
-        let peers = self
-            .mesh
-            .forward_peers(next.clone(), rest.to_vec(), requester, left)
-            .await?;
-        Ok(forward_response::Result::Peers(ListPeersResponse { peers }))
+        self.mesh
+            .forward(
+                next.clone(),
+                operation::Kind::Peers(PeersRequest { via: rest.to_vec() }),
+                requester,
+                left,
+            )
+            .await
+            .and_then(|r| crate::link::expect::<ListPeersResponse>(next, r))
+            .map(forward_response::Result::Peers)
+    }
+}
+
+/// The relay path of a peers request: at most MAX_RELAY_HOPS node ids.
+fn check_via(via: &[String]) -> Result<(), NodeError> {
+    if via.len() > MAX_RELAY_HOPS {
+        return Err(NodeError::invalid_argument(format!(
+            "a peers request is relayed at most {MAX_RELAY_HOPS} times; 'via' names {}",
+            via.len()
+        )));
+    }
+    if let Some(bad) = via.iter().find(|v| !valid_node_id(v)) {
+        return Err(NodeError::invalid_argument(format!(
+            "'via' holds '{}', which is not a node id",
+            bad.chars().take(80).collect::<String>()
+        )));
+    }
+    Ok(())
+}
+
+/// The requester of a relayed peers request: `who` at its path distance here, with the key it
+/// proved to the origin.
+fn relayed_requester(who: &Principal, label: &str, distance: u32) -> Requester {
+    let proven_key = match who {
+        Principal::Forwarded(f) => f
+            .requester
+            .as_ref()
+            .map(|q| q.proven_key.clone())
+            .unwrap_or_default(),
+        _ => String::new(),
+    };
+    Requester {
+        distance,
+        identity: truncate_bytes(label, fold_proto::limits::MAX_REQUESTER_BYTES),
+        proven_key,
     }
 }
 

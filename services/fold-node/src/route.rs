@@ -17,9 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fold_proto::v1::{
-    CheckSchemasRequest, FindProvidersRequest, HistoryRequest, HistoryResponse, NodeAnswer,
-    QueryRequest, QueryResponse, Route,
+    HistoryRequest, HistoryResponse, NodeAnswer, QueryRequest, QueryResponse, Route,
 };
+use fold_proto::wire::{forward_response, operation};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use tonic::Code;
@@ -28,9 +28,10 @@ use crate::error::{NodeError, is_callee_failure};
 use tower::retry::budget::{Budget, TpsBudget};
 
 use crate::balance::{BalanceConfig, Balancer, EndpointStats};
-use crate::data::Data;
+use crate::execute::Executor;
 use crate::identity::Principal;
-use crate::mesh::{MeshLink, valid_node_id};
+use crate::link::{Link, expect};
+use crate::mesh::valid_node_id;
 use crate::metrics::NodeMetrics;
 
 /// Most providers of one schema confirmed and kept (the DHT may return more).
@@ -86,8 +87,7 @@ pub struct Router {
 }
 
 struct Inner {
-    data: Data,
-    mesh: MeshLink,
+    exec: Executor,
     metrics: Arc<NodeMetrics>,
     opts: RouteOptions,
     balancer: Arc<Balancer>,
@@ -192,6 +192,19 @@ impl Read {
         }
         r
     }
+    fn into_op(self) -> operation::Kind {
+        match self {
+            Read::Query(q) => operation::Kind::Query(q),
+            Read::History(h) => operation::Kind::History(h),
+        }
+    }
+    /// Node `node`'s answer `r` to this read.
+    fn answer(&self, node: &str, r: forward_response::Result) -> Result<Answer, NodeError> {
+        match self {
+            Read::Query(_) => expect(node, r).map(Answer::Query),
+            Read::History(_) => expect(node, r).map(Answer::History),
+        }
+    }
     fn op(&self) -> &'static str {
         match self {
             Read::Query(_) => "query",
@@ -209,7 +222,7 @@ pub fn retryable(code: Code) -> bool {
 }
 
 impl Router {
-    pub fn new(data: Data, mesh: MeshLink, metrics: Arc<NodeMetrics>, opts: RouteOptions) -> Self {
+    pub fn new(exec: Executor, metrics: Arc<NodeMetrics>, opts: RouteOptions) -> Self {
         let budget = TpsBudget::new(
             Duration::from_secs(10),
             opts.retry_min_per_sec,
@@ -218,12 +231,12 @@ impl Router {
         let balancer = Balancer::new(opts.balance);
         {
             let balancer = balancer.clone();
-            mesh.on_reconnect(move |node| balancer.reset_estimate(node));
+            exec.link()
+                .on_reconnect(Box::new(move |node| balancer.reset_estimate(node)));
         }
         Router {
             inner: Arc::new(Inner {
-                data,
-                mesh,
+                exec,
                 metrics,
                 balancer,
                 budget,
@@ -231,6 +244,11 @@ impl Router {
                 cache: Mutex::new(HashMap::new()),
             }),
         }
+    }
+
+    /// How the router runs an operation on one node (here or forwarded).
+    pub fn executor(&self) -> &Executor {
+        &self.inner.exec
     }
 
     /// What routing knows of `node`, for `Network.ListPeers`.
@@ -247,7 +265,7 @@ impl Router {
         let route = check_route(req.route, &req.target_node_id, &req.page_token)?;
         match self.route(who, route, Read::Query(req), deadline).await? {
             Routed::All(answers) => Ok(QueryResponse {
-                node_id: self.inner.mesh.node_id_or_empty(),
+                node_id: self.inner.exec.link().node_id_or_empty(),
                 answers,
                 ..Default::default()
             }),
@@ -270,7 +288,7 @@ impl Router {
         let route = check_route(req.route, &req.target_node_id, &req.page_token)?;
         match self.route(who, route, Read::History(req), deadline).await? {
             Routed::All(answers) => Ok(HistoryResponse {
-                node_id: self.inner.mesh.node_id_or_empty(),
+                node_id: self.inner.exec.link().node_id_or_empty(),
                 answers,
                 ..Default::default()
             }),
@@ -340,38 +358,19 @@ impl Router {
         read: &Read,
         timeout: Duration,
     ) -> Result<Answer, NodeError> {
-        let inner = &self.inner;
-        let local = node.is_empty() || inner.mesh.is_local(node);
-        if local {
-            let me = inner.mesh.node_id_or_empty();
-            return match read.for_node("") {
-                Read::Query(q) => inner.data.query(who, q).await.map(|mut r| {
-                    r.node_id = me;
-                    Answer::Query(r)
-                }),
-                Read::History(h) => inner.data.history(who, h).await.map(|mut r| {
-                    r.node_id = me;
-                    Answer::History(r)
-                }),
-            };
+        let exec = &self.inner.exec;
+        if node.is_empty() || exec.link().is_local(node) {
+            let r = exec.local(who, read.for_node("").into_op(), None).await?;
+            return read.answer(node, r);
         }
-        let requester = inner.data.forwardable_requester(who)?;
-        let fut = async {
-            match read.for_node(node) {
-                Read::Query(q) => inner
-                    .mesh
-                    .forward_query(q, requester, Some(timeout))
-                    .await
-                    .map(Answer::Query),
-                Read::History(h) => inner
-                    .mesh
-                    .forward_history(h, requester, Some(timeout))
-                    .await
-                    .map(Answer::History),
-            }
-        };
+        let fut = exec.forward(
+            who,
+            node.to_string(),
+            read.for_node(node).into_op(),
+            Some(timeout),
+        );
         match tokio::time::timeout(timeout, fut).await {
-            Ok(r) => r,
+            Ok(r) => read.answer(node, r?),
             Err(_) => Err(NodeError::deadline_exceeded(format!(
                 "node {node} did not answer within {} ms",
                 timeout.as_millis()
@@ -408,7 +407,7 @@ impl Router {
         deadline: Option<Duration>,
     ) -> Result<(Answer, u32), NodeError> {
         let started = Instant::now();
-        let total = deadline.unwrap_or_else(|| self.inner.mesh.forward_timeout());
+        let total = deadline.unwrap_or_else(|| self.inner.exec.link().forward_timeout());
         let providers = self
             .providers(read.schema(), read.pin(), started + total)
             .await?;
@@ -458,23 +457,7 @@ impl Router {
         let attempts = tried.len() as u32;
         let result = match outcome {
             Some(r) => r,
-            None => Err(match last {
-                Some(s) => NodeError::new(
-                    s.code(),
-                    format!(
-                        "no provider of schema '{}' answered ({} asked: {}); last error: {}",
-                        read.schema(),
-                        attempts,
-                        tried.join(", "),
-                        s.message()
-                    ),
-                ),
-                None => NodeError::unavailable(format!(
-                    "no provider of schema '{}' can be reached now (known: {})",
-                    read.schema(),
-                    providers.join(", ")
-                )),
-            }),
+            None => Err(none_answered(read.schema(), &tried, &providers, last)),
         };
         self.inner.metrics.route_request(
             "any",
@@ -542,7 +525,11 @@ impl Router {
             .collect();
         let healthy: Vec<String> = untried
             .iter()
-            .filter(|p| p.is_empty() || self.inner.mesh.is_local(p) || self.inner.mesh.routable(p))
+            .filter(|p| {
+                p.is_empty()
+                    || self.inner.exec.link().is_local(p)
+                    || self.inner.exec.link().routable(p)
+            })
             .cloned()
             .collect();
         if healthy.is_empty() { untried } else { healthy }
@@ -556,7 +543,7 @@ impl Router {
         deadline: Option<Duration>,
     ) -> Result<Vec<NodeAnswer>, NodeError> {
         let started = Instant::now();
-        let total = deadline.unwrap_or_else(|| self.inner.mesh.forward_timeout());
+        let total = deadline.unwrap_or_else(|| self.inner.exec.link().forward_timeout());
         // Keep a margin of the caller's deadline for the answer itself.
         let budget = total.saturating_sub((total / 10).min(Duration::from_millis(200)));
         let providers = self
@@ -625,7 +612,7 @@ impl Router {
         if !pin.is_empty() {
             return Ok(pin.to_string());
         }
-        match self.inner.data.store().schema(schema) {
+        match self.inner.exec.data().store().schema(schema) {
             Some((s, _)) => Ok(s.definition_hash.clone()),
             None => Err(NodeError::failed_precondition(format!(
                 "this node has no definition of schema '{schema}' to check providers against: load the schema here (LoadSchema; approving it is not needed), or pin its definition_hash in the request (SchemaSummary.definition_hash on a node you trust)"
@@ -654,12 +641,12 @@ impl Router {
             }
         };
         let nodes = self.confirmed(schema, &required, until).await?;
-        let identities = self.inner.data.identities();
+        let identities = self.inner.exec.data().identities();
         let allowed: Vec<String> = nodes
             .into_iter()
             .filter(|n| {
                 n.is_empty()
-                    || self.inner.mesh.is_local(n)
+                    || self.inner.exec.link().is_local(n)
                     || !matches!(identities.peer_distance(n), Ok((None, true)) | Err(_))
             })
             .collect();
@@ -775,9 +762,10 @@ impl Router {
     /// there, with definition hash `required` (policies included).
     async fn lookup(&self, schema: &str, required: &str) -> Result<Looked, NodeError> {
         let inner = &self.inner;
-        let me = inner.mesh.node_id_or_empty();
+        let me = inner.exec.link().node_id_or_empty();
         let local = inner
-            .data
+            .exec
+            .data()
             .served(&[schema.to_string()])
             .iter()
             .any(|s| required == ANY_DEFINITION || s.definition_hash == required);
@@ -785,23 +773,18 @@ impl Router {
         if local {
             nodes.push(me.clone());
         }
-        let client = match inner.mesh.client() {
-            Ok(c) => c,
-            // The mesh is away: this node alone, if it serves the schema.
-            Err(e) if !local => return Err(e),
-            Err(_) => {
-                return Ok(Looked {
-                    confirmed: nodes,
-                    unreachable: Vec::new(),
-                });
+        // The mesh is away: this node alone, if it serves the schema.
+        if let Err(e) = inner.exec.link().ready() {
+            if !local {
+                return Err(e);
             }
-        };
-        let mut req = tonic::Request::new(FindProvidersRequest {
-            schema: schema.to_string(),
-        });
-        req.set_timeout(LOOKUP_TIMEOUT);
-        let found = match client.clone().find_providers(req).await {
-            Ok(r) => r.into_inner().node_ids,
+            return Ok(Looked {
+                confirmed: nodes,
+                unreachable: Vec::new(),
+            });
+        }
+        let found = match inner.exec.link().providers(schema, LOOKUP_TIMEOUT).await {
+            Ok(found) => found,
             Err(e) => {
                 inner.metrics.provider_lookup("failed");
                 if local {
@@ -811,56 +794,14 @@ impl Router {
                         unreachable: Vec::new(),
                     });
                 }
-                return Err(NodeError::new(
-                    e.code(),
-                    format!(
-                        "looking up the providers of schema '{schema}' failed: {}",
-                        e.message()
-                    ),
-                ));
+                return Err(e);
             }
         };
         let checks: FuturesUnordered<_> = found
             .into_iter()
             .filter(|n| valid_node_id(n) && *n != me)
             .take(MAX_PROVIDERS)
-            .map(|node| {
-                let mut client = client.clone();
-                let schema = schema.to_string();
-                let required = required.to_string();
-                let metrics = inner.metrics.clone();
-                async move {
-                    let mut req = tonic::Request::new(CheckSchemasRequest {
-                        node_id: node.clone(),
-                        names: vec![schema.clone()],
-                    });
-                    req.set_timeout(CHECK_TIMEOUT);
-                    match client.check_schemas(req).await {
-                        Ok(r) if r.get_ref().approved.contains(&schema) => {
-                            let theirs = r.get_ref().definition_hashes.get(&schema);
-                            if required == ANY_DEFINITION
-                                || theirs.map(String::as_str) == Some(required.as_str())
-                            {
-                                (node, Some(true))
-                            } else {
-                                // Same name, other rules (or none said): an impostor for this
-                                // read, never asked.
-                                tracing::warn!(node = %node, schema = %schema, theirs = ?theirs, required = %required, "provider not used: its definition of the schema differs (policies included)");
-                                metrics.provider_lookup("definition_mismatch");
-                                (node, Some(false))
-                            }
-                        }
-                        Ok(_) => {
-                            tracing::debug!(node = %node, schema = %schema, "provider record not confirmed: the schema is not approved there");
-                            (node, Some(false))
-                        }
-                        Err(e) => {
-                            tracing::debug!(node = %node, schema = %schema, error = %e.message(), "provider could not be asked");
-                            (node, None)
-                        }
-                    }
-                }
-            })
+            .map(|node| confirm(inner.exec.link(), node, schema, required, &inner.metrics))
             .collect();
         let answers: Vec<(String, Option<bool>)> = checks.collect().await;
         let mut unreachable = Vec::new();
@@ -880,6 +821,71 @@ impl Router {
             confirmed: nodes,
             unreachable,
         })
+    }
+}
+
+/// Ask `node` (a provider record of `schema`) whether it serves the schema with definition
+/// `required`: yes, no (not approved there, or other rules: an impostor for this read, never
+/// asked), or `None` when it could not be asked.
+fn confirm(
+    link: &dyn Link,
+    node: String,
+    schema: &str,
+    required: &str,
+    metrics: &Arc<NodeMetrics>,
+) -> impl std::future::Future<Output = (String, Option<bool>)> + use<> {
+    let check = link.check_schemas(&node, vec![schema.to_string()], CHECK_TIMEOUT);
+    let schema = schema.to_string();
+    let required = required.to_string();
+    let metrics = metrics.clone();
+    async move {
+        match check.await {
+            Ok(r) if r.approved.contains(&schema) => {
+                let theirs = r.definition_hashes.get(&schema);
+                if required == ANY_DEFINITION
+                    || theirs.map(String::as_str) == Some(required.as_str())
+                {
+                    (node, Some(true))
+                } else {
+                    tracing::warn!(node = %node, schema = %schema, theirs = ?theirs, required = %required, "provider not used: its definition of the schema differs (policies included)");
+                    metrics.provider_lookup("definition_mismatch");
+                    (node, Some(false))
+                }
+            }
+            Ok(_) => {
+                tracing::debug!(node = %node, schema = %schema, "provider record not confirmed: the schema is not approved there");
+                (node, Some(false))
+            }
+            Err(e) => {
+                tracing::debug!(node = %node, schema = %schema, error = %e.message(), "provider could not be asked");
+                (node, None)
+            }
+        }
+    }
+}
+
+/// The error of a ROUTE_ANY read no provider answered: the last failure, naming the providers
+/// asked, or UNAVAILABLE when none could be asked.
+fn none_answered(
+    schema: &str,
+    tried: &[String],
+    providers: &[String],
+    last: Option<NodeError>,
+) -> NodeError {
+    match last {
+        Some(s) => NodeError::new(
+            s.code(),
+            format!(
+                "no provider of schema '{schema}' answered ({} asked: {}); last error: {}",
+                tried.len(),
+                tried.join(", "),
+                s.message()
+            ),
+        ),
+        None => NodeError::unavailable(format!(
+            "no provider of schema '{schema}' can be reached now (known: {})",
+            providers.join(", ")
+        )),
     }
 }
 
@@ -991,5 +997,267 @@ mod tests {
         }
         let allowed = (0..100).filter(|_| b.withdraw()).count();
         assert!((15..=25).contains(&allowed), "{allowed}");
+    }
+
+    /// Routing over a fake link: each test scripts what the nodes answer.
+    mod over_a_fake_link {
+        use super::*;
+        use crate::data::Data;
+        use crate::identity::{Identities, TrustPolicy};
+        use crate::link::LinkFuture;
+        use crate::store::Store;
+        use fold_proto::v1::{CheckSchemasResponse, Record};
+        use fold_proto::wire::{Requester, forward_response};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        const ME: &str = "12D3KooWGzBjzYtuhmFRXbBqsCP5Xv6TUgaWbeoGTHYEdRW6HNm3";
+        const HASH: &str = "h1";
+
+        fn node(i: u8) -> String {
+            format!("12D3KooWPeer{}{}", char::from(b'A' + i), "z".repeat(30))
+        }
+
+        /// How a node answers the n-th forward (counted over all nodes).
+        type Script = Box<dyn Fn(usize, &str) -> Behave + Send + Sync>;
+
+        enum Behave {
+            Answer,
+            Fail(Code),
+            /// Never answers (until the caller gives up).
+            Hang,
+        }
+
+        struct FakeLink {
+            providers: Vec<String>,
+            script: Script,
+            calls: Mutex<Vec<String>>,
+            count: AtomicUsize,
+        }
+
+        impl FakeLink {
+            fn new(providers: Vec<String>, script: Script) -> Arc<FakeLink> {
+                Arc::new(FakeLink {
+                    providers,
+                    script,
+                    calls: Mutex::new(Vec::new()),
+                    count: AtomicUsize::new(0),
+                })
+            }
+            fn calls(&self) -> Vec<String> {
+                self.calls.lock().unwrap().clone()
+            }
+        }
+
+        impl Link for FakeLink {
+            fn node_id(&self) -> Option<String> {
+                Some(ME.to_string())
+            }
+            fn ready(&self) -> Result<(), NodeError> {
+                Ok(())
+            }
+            fn forward_timeout(&self) -> Duration {
+                Duration::from_secs(5)
+            }
+            fn routable(&self, _: &str) -> bool {
+                true
+            }
+            fn forward(
+                &self,
+                target: String,
+                op: operation::Kind,
+                _: Requester,
+                _: Option<Duration>,
+            ) -> LinkFuture<forward_response::Result> {
+                assert!(matches!(op, operation::Kind::Query(_)));
+                let n = self.count.fetch_add(1, Ordering::SeqCst);
+                self.calls.lock().unwrap().push(target.clone());
+                let behave = (self.script)(n, &target);
+                Box::pin(async move {
+                    match behave {
+                        Behave::Answer => Ok(forward_response::Result::Query(QueryResponse {
+                            node_id: target,
+                            records: vec![Record::default()],
+                            ..Default::default()
+                        })),
+                        Behave::Fail(code) => Err(NodeError::new(code, format!("{target} failed"))),
+                        Behave::Hang => std::future::pending().await,
+                    }
+                })
+            }
+            fn providers(&self, _: &str, _: Duration) -> LinkFuture<Vec<String>> {
+                let p = self.providers.clone();
+                Box::pin(async move { Ok(p) })
+            }
+            fn check_schemas(
+                &self,
+                node: &str,
+                names: Vec<String>,
+                _: Duration,
+            ) -> LinkFuture<CheckSchemasResponse> {
+                let node_id = node.to_string();
+                Box::pin(async move {
+                    Ok(CheckSchemasResponse {
+                        node_id,
+                        definition_hashes: names.iter().map(|n| (n.clone(), HASH.into())).collect(),
+                        approved: names,
+                    })
+                })
+            }
+            fn on_reconnect(&self, _: Box<dyn Fn(&str) + Send + Sync>) {}
+        }
+
+        fn router(link: Arc<FakeLink>, opts: RouteOptions) -> (tempfile::TempDir, Router) {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(&dir.path().join("fold.redb")).unwrap();
+            let ids = Identities::new(TrustPolicy::default(), store.clone());
+            let metrics =
+                NodeMetrics::register(&mut prometheus_client::registry::Registry::default());
+            let data = Data::new(
+                store,
+                ids,
+                metrics.clone(),
+                crate::subscribe::SubscribeLimits {
+                    buffer: 16,
+                    max_subscriptions: 4,
+                    per_client: 4,
+                    max_scans: 4,
+                    scans_per_client: 4,
+                },
+            )
+            .unwrap();
+            (dir, Router::new(Executor::new(data, link), metrics, opts))
+        }
+
+        fn read(route: Route) -> QueryRequest {
+            QueryRequest {
+                schema: "s".into(),
+                definition_hash: HASH.into(),
+                route: route as i32,
+                ..Default::default()
+            }
+        }
+
+        const DEADLINE: Option<Duration> = Some(Duration::from_secs(20));
+
+        /// A routed query of the test schema by an anonymous client.
+        async fn ask(r: &Router, route: Route) -> Result<QueryResponse, NodeError> {
+            r.query(&Principal::LocalClient, read(route), DEADLINE)
+                .await
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_failed_provider_is_failed_over() {
+            // Whichever provider is asked first is unreachable; the next answers.
+            let link = FakeLink::new(
+                vec![node(0), node(1)],
+                Box::new(|n, _| {
+                    if n == 0 {
+                        Behave::Fail(Code::Unavailable)
+                    } else {
+                        Behave::Answer
+                    }
+                }),
+            );
+            let (_dir, r) = router(link.clone(), RouteOptions::default());
+            let q = ask(&r, Route::Any).await.unwrap();
+            let calls = link.calls();
+            assert_eq!(calls.len(), 2);
+            assert_ne!(calls[0], calls[1]);
+            assert_eq!(q.node_id, calls[1]);
+            assert_eq!(q.attempts, 2);
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_refusal_is_answered_not_failed_over() {
+            let link = FakeLink::new(
+                vec![node(0), node(1)],
+                Box::new(|_, _| Behave::Fail(Code::PermissionDenied)),
+            );
+            let (_dir, r) = router(link.clone(), RouteOptions::default());
+            let e = ask(&r, Route::Any).await.unwrap_err();
+            assert_eq!(e.code(), Code::PermissionDenied);
+            assert_eq!(link.calls().len(), 1);
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn no_retry_once_the_budget_is_spent() {
+            // A budget of no retries at all: one provider is asked, its failure is the answer.
+            let link = FakeLink::new(
+                vec![node(0), node(1), node(2)],
+                Box::new(|_, _| Behave::Fail(Code::Unavailable)),
+            );
+            let opts = RouteOptions {
+                retry_ratio: 0.0,
+                retry_min_per_sec: 0,
+                ..RouteOptions::default()
+            };
+            let (_dir, r) = router(link.clone(), opts);
+            let e = ask(&r, Route::Any).await.unwrap_err();
+            assert_eq!(e.code(), Code::Unavailable);
+            assert_eq!(link.calls().len(), 1);
+            assert!(e.message().contains("(1 asked:"), "{}", e.message());
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn failover_stops_after_the_most_attempts() {
+            let link = FakeLink::new(
+                (0..5).map(node).collect(),
+                Box::new(|_, _| Behave::Fail(Code::Unavailable)),
+            );
+            let (_dir, r) = router(link.clone(), RouteOptions::default());
+            let e = ask(&r, Route::Any).await.unwrap_err();
+            assert_eq!(e.code(), Code::Unavailable);
+            assert_eq!(link.calls().len(), MAX_ATTEMPTS);
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_slow_provider_is_hedged() {
+            // The first provider asked never answers; the hedge to the second does.
+            let link = FakeLink::new(
+                vec![node(0), node(1)],
+                Box::new(|n, _| if n == 0 { Behave::Hang } else { Behave::Answer }),
+            );
+            let opts = RouteOptions {
+                hedge_after: Some(Duration::from_millis(20)),
+                ..RouteOptions::default()
+            };
+            let (_dir, r) = router(link.clone(), opts);
+            let q = ask(&r, Route::Any).await.unwrap();
+            let calls = link.calls();
+            assert_eq!(calls.len(), 2);
+            assert_eq!(q.node_id, calls[1]);
+            assert_eq!(q.attempts, 2);
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn all_reports_a_dead_node_beside_the_answers() {
+            let dead = node(1);
+            let link = FakeLink::new(vec![node(0), node(1), node(2)], {
+                let dead = dead.clone();
+                Box::new(move |_, t| {
+                    if t == dead {
+                        Behave::Fail(Code::Unavailable)
+                    } else {
+                        Behave::Answer
+                    }
+                })
+            });
+            let (_dir, r) = router(link.clone(), RouteOptions::default());
+            let q = ask(&r, Route::All).await.unwrap();
+            assert_eq!(q.node_id, ME);
+            let mut want: Vec<String> = (0..3).map(node).collect();
+            want.sort();
+            let got: Vec<&str> = q.answers.iter().map(|a| a.node_id.as_str()).collect();
+            assert_eq!(got, want);
+            for a in &q.answers {
+                if a.node_id == dead {
+                    assert_eq!(a.code, Code::Unavailable as i32);
+                    assert!(a.records.is_empty());
+                } else {
+                    assert_eq!(a.code, 0, "{}", a.message);
+                    assert_eq!(a.records.len(), 1);
+                }
+            }
+        }
     }
 }

@@ -106,25 +106,7 @@ pub fn from_json(mut json: Json) -> Result<Schema, SchemaError> {
     };
     check_name("schema name", &name)?;
 
-    let schema_type = match obj.get("schema_type") {
-        None | Some(Json::Null) => SchemaType::Single,
-        Some(Json::String(s)) if s == "Single" => SchemaType::Single,
-        Some(Json::String(s)) if s == "Range" => {
-            return err(
-                "'schema_type' Range needs its range key: {\"Range\": {\"range_key\": \"<field>\"}}",
-            );
-        }
-        Some(v) => match v.get("Range").and_then(|r| r.get("range_key")) {
-            Some(Json::String(k)) if !k.is_empty() => SchemaType::Range {
-                range_key: k.clone(),
-            },
-            _ => {
-                return err(format!(
-                    "'schema_type' must be \"Single\" or {{\"Range\": {{\"range_key\": \"<field>\"}}}}, got {v}"
-                ));
-            }
-        },
-    };
+    let schema_type = schema_type(obj)?;
 
     match obj.get("payment_config") {
         Some(pc) => validate_schema_payment(pc)?,
@@ -135,27 +117,7 @@ pub fn from_json(mut json: Json) -> Result<Schema, SchemaError> {
         }
     }
 
-    let fields_json = match obj.get("fields") {
-        Some(Json::Object(m)) => m,
-        Some(_) => return err("'fields' must be an object mapping field names to definitions"),
-        None => return err("'fields' is required"),
-    };
-    if fields_json.is_empty() {
-        return err("'fields' must declare at least one field");
-    }
-    if fields_json.len() > MAX_FIELDS {
-        return err(format!(
-            "too many fields: {} (at most {MAX_FIELDS})",
-            fields_json.len()
-        ));
-    }
-    let mut fields = BTreeMap::new();
-    for (fname, fdef) in fields_json {
-        check_name("field name", fname)?;
-        let def =
-            parse_field(fname, fdef).map_err(|e| SchemaError(format!("field '{fname}': {e}")))?;
-        fields.insert(fname.clone(), def);
-    }
+    let fields = parse_fields(obj)?;
     if let SchemaType::Range { range_key } = &schema_type
         && !fields.contains_key(range_key)
     {
@@ -177,6 +139,57 @@ pub fn from_json(mut json: Json) -> Result<Schema, SchemaError> {
         hash,
         definition_hash,
     })
+}
+
+/// The `schema_type`: Single (the default) or Range with its range key.
+fn schema_type(obj: &serde_json::Map<String, Json>) -> Result<SchemaType, SchemaError> {
+    Ok(match obj.get("schema_type") {
+        None | Some(Json::Null) => SchemaType::Single,
+        Some(Json::String(s)) if s == "Single" => SchemaType::Single,
+        Some(Json::String(s)) if s == "Range" => {
+            return err(
+                "'schema_type' Range needs its range key: {\"Range\": {\"range_key\": \"<field>\"}}",
+            );
+        }
+        Some(v) => match v.get("Range").and_then(|r| r.get("range_key")) {
+            Some(Json::String(k)) if !k.is_empty() => SchemaType::Range {
+                range_key: k.clone(),
+            },
+            _ => {
+                return err(format!(
+                    "'schema_type' must be \"Single\" or {{\"Range\": {{\"range_key\": \"<field>\"}}}}, got {v}"
+                ));
+            }
+        },
+    })
+}
+
+/// The `fields`: at least one, at most MAX_FIELDS, each name and definition checked.
+fn parse_fields(
+    obj: &serde_json::Map<String, Json>,
+) -> Result<BTreeMap<String, FieldDef>, SchemaError> {
+    let fields_json = match obj.get("fields") {
+        Some(Json::Object(m)) => m,
+        Some(_) => return err("'fields' must be an object mapping field names to definitions"),
+        None => return err("'fields' is required"),
+    };
+    if fields_json.is_empty() {
+        return err("'fields' must declare at least one field");
+    }
+    if fields_json.len() > MAX_FIELDS {
+        return err(format!(
+            "too many fields: {} (at most {MAX_FIELDS})",
+            fields_json.len()
+        ));
+    }
+    let mut fields = BTreeMap::new();
+    for (fname, fdef) in fields_json {
+        check_name("field name", fname)?;
+        let def =
+            parse_field(fname, fdef).map_err(|e| SchemaError(format!("field '{fname}': {e}")))?;
+        fields.insert(fname.clone(), def);
+    }
+    Ok(fields)
 }
 
 fn check_name(what: &str, name: &str) -> Result<(), SchemaError> {

@@ -17,12 +17,16 @@ use fold_proto::v1::fold_node_server::FoldNodeServer;
 use fold_proto::v1::network_server::NetworkServer;
 use fold_telemetry::admin::AdminState;
 use fold_telemetry::otel;
-use local_link::LinkListener;
 use local_link::token::LinkToken;
+use local_link::{LinkAddr, LinkListener};
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
+use tower::layer::util::{Identity, Stack};
+use tower::util::Either;
 
 use crate::api::{FoldNodeApi, NetworkApi, OwnerConnection};
 use crate::config::Config;
@@ -163,13 +167,87 @@ pub fn private_file(path: &std::path::Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot restrict {} to mode 0600", path.display()))
 }
 
-pub async fn run(config: Config) -> anyhow::Result<()> {
-    let data_dir = config.data_dir.clone();
-    prepare_data_dir(&data_dir)?;
+/// The key of a request to the per-client rate limit.
+type KeyFn = fn(&http::Request<tonic::body::Body>) -> String;
+
+/// The middleware of an API listener (see [`api_stack`]).
+type ApiStack = Stack<
+    GrpcDeadlineLayer,
+    Stack<
+        AdmissionLayer,
+        Stack<
+            Either<KeyedRateLimitLayer<KeyFn>, Identity>,
+            Stack<TooLargeLayer, Stack<GrpcErrorsLayer, Stack<GrpcMetricsLayer, Identity>>>,
+        >,
+    >,
+>;
+
+/// The one middleware stack of the API listeners (public and owner), outermost first: metrics,
+/// errors → statuses (refusals counted on the public port), the size limit, a per-client rate
+/// limit (public port only), load shedding over a bounded queue (admission: a global
+/// concurrency limit), the per-request deadline; then the services.
+fn api_stack(
+    config: &Config,
+    metrics: Arc<GrpcMetrics>,
+    refusals: Option<RefusalMetrics>,
+    limiter: Option<KeyedLimiter>,
+) -> ApiStack {
+    tower::ServiceBuilder::new()
+        .layer(GrpcMetricsLayer::new(metrics))
+        .layer(GrpcErrorsLayer::new(refusals))
+        .layer(TooLargeLayer)
+        .option_layer(limiter.map(|l| KeyedRateLimitLayer::new(l, client_key as KeyFn)))
+        .layer(AdmissionLayer::new(
+            config.max_concurrent_requests,
+            config.queue_depth,
+        ))
+        .layer(GrpcDeadlineLayer::new(Duration::from_millis(
+            config.request_timeout_ms,
+        )))
+        .into_inner()
+}
+
+/// The node's metric families, in the registry the admin port serves.
+struct Metrics {
+    registry: Arc<Mutex<Registry>>,
+    node: Arc<NodeMetrics>,
+    server: Arc<GrpcMetrics>,
+    client: Arc<GrpcMetrics>,
+    refusals: RefusalMetrics,
+}
+
+fn register_metrics() -> Metrics {
+    let registry = Arc::new(Mutex::new(Registry::default()));
+    let mut reg = registry
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let sets: [&[u8]; 4] = [
+        fold_proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ];
+    let node = NodeMetrics::register(&mut reg);
+    let server = GrpcMetrics::register(&mut reg, Side::Server, &sets);
+    let client = GrpcMetrics::register(&mut reg, Side::Client, &sets);
+    let refusals = RefusalMetrics::register(&mut reg, "fold");
+    drop(reg);
+    Metrics {
+        registry,
+        node,
+        server,
+        client,
+        refusals,
+    }
+}
+
+/// Open the database in the data directory (created private), with the trust seeds of the
+/// command line written into it.
+fn open_store(config: &Config) -> anyhow::Result<Store> {
+    let data_dir = &config.data_dir;
+    prepare_data_dir(data_dir)?;
     let db_path = data_dir.join("fold.redb");
     private_file(&db_path)?;
-    let policy = config.trust_policy().map_err(anyhow::Error::msg)?;
-    let owner_addr = config.owner_addr().map_err(anyhow::Error::msg)?;
     let store = Store::open_with_cache(&db_path, config.cache_size).with_context(|| {
         format!(
             "cannot open the database {} (is another fold-node using this --data-dir?)",
@@ -181,6 +259,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .trust_set(&seed.node_id, Some(seed.record))
             .context("cannot write the trust table")?;
     }
+    store.set_change_log_retention(config.change_log_retention);
+    Ok(store)
+}
+
+/// The node's data: identities under the trust policy, and the group-commit writer.
+fn start_data(config: &Config, store: &Store, metrics: &Metrics) -> anyhow::Result<Data> {
+    let policy = config.trust_policy().map_err(anyhow::Error::msg)?;
     if !config.listen.ip().is_loopback()
         && config.tls_client_ca.is_none()
         && matches!((policy.client_distance, policy.admin_distance), (Some(c), Some(a)) if c <= a)
@@ -193,47 +278,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
     let identities = Identities::new(policy, store.clone());
-    let registry = Arc::new(Mutex::new(Registry::default()));
-    let (node_metrics, server_metrics, client_metrics, refusals) = {
-        let mut reg = registry
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let sets: [&[u8]; 4] = [
-            fold_proto::FILE_DESCRIPTOR_SET,
-            tonic_health::pb::FILE_DESCRIPTOR_SET,
-            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
-            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
-        ];
-        (
-            NodeMetrics::register(&mut reg),
-            GrpcMetrics::register(&mut reg, Side::Server, &sets),
-            GrpcMetrics::register(&mut reg, Side::Client, &sets),
-            RefusalMetrics::register(&mut reg, "fold"),
-        )
-    };
-    store.set_change_log_retention(config.change_log_retention);
-    let data = Data::new(
+    let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+    Ok(Data::new(
         store.clone(),
         identities,
-        node_metrics.clone(),
+        metrics.node.clone(),
         crate::subscribe::SubscribeLimits {
-            buffer: usize::try_from(config.subscription_buffer).unwrap_or(usize::MAX),
+            buffer: size(config.subscription_buffer),
             max_subscriptions: config.max_subscriptions,
-            per_client: usize::try_from(config.max_subscriptions_per_client).unwrap_or(usize::MAX),
-            max_scans: usize::try_from(config.max_scans).unwrap_or(usize::MAX),
-            scans_per_client: usize::try_from(config.max_scans_per_client).unwrap_or(usize::MAX),
+            per_client: size(config.max_subscriptions_per_client),
+            max_scans: size(config.max_scans),
+            scans_per_client: size(config.max_scans_per_client),
         },
     )
     .context("cannot start the group-commit writer thread")?
-    .with_idempotency_window(Duration::from_secs(config.idempotency_window_secs));
+    .with_idempotency_window(Duration::from_secs(config.idempotency_window_secs)))
+}
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<FoldNodeServer<FoldNodeApi>>().await;
-    health
-        .set_service_status(NETWORK_SERVICE, tonic_health::ServingStatus::NotServing)
-        .await;
-
-    let sidecar_addr = config.sidecar_addr.clone().relative_to(&data_dir);
+/// The shared secret of the local link; required when either side of it is TCP.
+fn link_token(config: &Config, sidecar_addr: &LinkAddr) -> anyhow::Result<Option<LinkToken>> {
     let token = match &config.link_token_file {
         Some(path) => Some(LinkToken::load(path).map_err(anyhow::Error::msg)?),
         None => None,
@@ -245,7 +308,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             config.peer_requests_listen
         );
     }
-    let mesh = MeshLink::new(
+    Ok(token)
+}
+
+/// The link to the sidecar, with its breakers.
+fn mesh_link(
+    config: &Config,
+    sidecar_addr: &LinkAddr,
+    token: Option<LinkToken>,
+    store: &Store,
+    health: &HealthReporter,
+    metrics: &Metrics,
+) -> anyhow::Result<MeshLink> {
+    Ok(MeshLink::new(
         sidecar_addr.clone(),
         store.clone(),
         health.clone(),
@@ -262,30 +337,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 .link_forward
                 .parse()
                 .map_err(|e: String| anyhow::anyhow!("--link-forward: {e}"))?,
-            token: token.clone(),
+            token,
         },
-        node_metrics.clone(),
-        client_metrics,
-    );
+        metrics.node.clone(),
+        metrics.client.clone(),
+    ))
+}
 
-    // Followed schemas are read-only from the first request on.
-    crate::follow::start(
-        &config.follow,
-        data.replicas(),
-        store.clone(),
-        data.hub().clone(),
-        mesh.clone(),
-        node_metrics.clone(),
-    )
-    .map_err(|e| anyhow::anyhow!("--follow: {e}"))?;
-
-    let (reflection_v1, reflection_v1alpha) = reflection()?;
-    let owner_reflection = reflection()?;
-    let max = config.max_message_bytes;
-    let router = Router::new(
-        data.clone(),
-        mesh.clone(),
-        node_metrics.clone(),
+/// Routing of schema-addressed reads, over the executor (here or through the link).
+fn router(config: &Config, data: &Data, mesh: &MeshLink, metrics: &Metrics) -> Router {
+    Router::new(
+        crate::execute::Executor::new(data.clone(), Arc::new(mesh.clone())),
+        metrics.node.clone(),
         RouteOptions {
             provider_ttl: Duration::from_secs(config.provider_ttl_secs),
             retry_ratio: config.retry_budget_percent as f32 / 100.0,
@@ -294,74 +357,74 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 .then(|| Duration::from_millis(config.hedge_after_ms)),
             ..RouteOptions::default()
         },
-    );
-    // The admin address, known once bound below; Network.Status reports it.
-    let admin_addr_cell: Arc<std::sync::OnceLock<String>> = Arc::default();
-    let fold_service =
-        FoldNodeServer::new(FoldNodeApi::new(data.clone(), mesh.clone(), router.clone()))
-            .max_decoding_message_size(max)
-            .max_encoding_message_size(max);
-    let network_service = NetworkServer::new(
-        NetworkApi::new(data.clone(), mesh.clone(), router.clone())
-            .with_admin_addr(admin_addr_cell.clone()),
     )
-    .max_decoding_message_size(max)
-    .max_encoding_message_size(max);
-    let peer_service = PeerRequestsServer::new(
-        PeerRequestsApi::new(data.clone(), mesh.clone())
-            .with_metrics(node_metrics.clone())
-            .with_faults(config.fault_percent, node_metrics.clone())
-            .with_max_message_bytes(max),
-    )
-    .max_decoding_message_size(max)
-    .max_encoding_message_size(max);
+}
 
+/// What the listeners serve: the node's parts, wired.
+#[derive(Clone)]
+struct Node {
+    data: Data,
+    mesh: MeshLink,
+    router: Router,
+    health: HealthServer<HealthService>,
+    /// This node's admin address, known once bound; Network.Status reports it.
+    admin_addr: Arc<std::sync::OnceLock<String>>,
+    max_message_bytes: usize,
+}
+
+impl Node {
+    fn fold(&self) -> FoldNodeServer<FoldNodeApi> {
+        let api = FoldNodeApi::new(self.data.clone(), self.mesh.clone(), self.router.clone());
+        FoldNodeServer::new(api)
+            .max_decoding_message_size(self.max_message_bytes)
+            .max_encoding_message_size(self.max_message_bytes)
+    }
+
+    fn network(&self) -> NetworkServer<NetworkApi> {
+        let api = NetworkApi::new(self.data.clone(), self.mesh.clone(), self.router.clone())
+            .with_admin_addr(self.admin_addr.clone());
+        NetworkServer::new(api)
+            .max_decoding_message_size(self.max_message_bytes)
+            .max_encoding_message_size(self.max_message_bytes)
+    }
+}
+
+/// Resolves once the shutdown signal is sent.
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
+}
+
+type ServerTask = tokio::task::JoinHandle<Result<(), tonic::transport::Error>>;
+
+/// The public port: the API (TLS when configured), health and reflection.
+async fn serve_public(
+    config: &Config,
+    node: &Node,
+    metrics: &Metrics,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<(std::net::SocketAddr, bool, ServerTask)> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", config.listen))?;
-    let grpc_addr = listener.local_addr()?;
+    let addr = listener.local_addr()?;
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-
-    let peer_addr = config.peer_requests_listen.clone().relative_to(&data_dir);
-    let peer_listener = LinkListener::bind(&peer_addr).await.with_context(|| {
-        format!("cannot listen for the sidecar on {peer_addr} (--peer-requests-listen)")
-    })?;
-    let peer_addr = peer_listener.local_addr()?;
-
-    // One shutdown signal fans out to both servers.
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let wait_stop = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|v| *v).await;
-    };
-
-    // Outermost first: errors → statuses, per-client rate limit, load shedding over a bounded
-    // queue (admission: a global concurrency limit), per-request deadline, then the services.
+    let (reflection_v1, reflection_v1alpha) = reflection()?;
     let limiter = KeyedLimiter::new(config.rate_limit_per_client, config.rate_limit_burst);
-    let middleware = tower::ServiceBuilder::new()
-        .layer(GrpcMetricsLayer::new(server_metrics.clone()))
-        .layer(GrpcErrorsLayer::new(Some(refusals)))
-        .layer(TooLargeLayer)
-        .option_layer(limiter.map(|l| KeyedRateLimitLayer::new(l, client_key)))
-        .layer(AdmissionLayer::new(
-            config.max_concurrent_requests,
-            config.queue_depth,
-        ))
-        .layer(GrpcDeadlineLayer::new(Duration::from_millis(
-            config.request_timeout_ms,
-        )))
-        .into_inner();
+    let stack = api_stack(
+        config,
+        metrics.server.clone(),
+        Some(metrics.refusals.clone()),
+        limiter,
+    );
     let mut builder = Server::builder();
-    let tls = tls_config(&config)?;
+    let tls = tls_config(config)?;
     let tls_on = tls.is_some();
     if let Some(tls) = tls {
         builder = builder
             .tls_config(tls)
             .context("invalid TLS configuration (--tls-cert / --tls-key / --tls-client-ca)")?;
     }
-    let health_only = health_service.clone();
-    let owner_health = health_service.clone();
-    let owner_metrics = server_metrics.clone();
-    let public = builder
+    let server = builder
         .trace_fn(|req: &http::Request<()>| {
             let span = tracing::info_span!(
                 "grpc.server",
@@ -372,15 +435,43 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             otel::set_parent(&span, otel::extract_headers(req.headers()));
             span
         })
-        .layer(middleware)
-        .add_service(health_service)
+        .layer(stack)
+        .add_service(node.health.clone())
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(fold_service)
-        .add_service(network_service)
-        .serve_with_incoming_shutdown(incoming, wait_stop(stop_rx.clone()));
-    let peer_service = tonic::service::interceptor::InterceptedService::new(
-        peer_service,
+        .add_service(node.fold())
+        .add_service(node.network())
+        .serve_with_incoming_shutdown(incoming, stopped(stop));
+    Ok((addr, tls_on, tokio::spawn(server)))
+}
+
+/// The local PeerRequests server the sidecar calls with requests from other nodes.
+async fn serve_peer_requests(
+    config: &Config,
+    node: &Node,
+    metrics: &Metrics,
+    token: Option<LinkToken>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<(LinkAddr, ServerTask)> {
+    let addr = config
+        .peer_requests_listen
+        .clone()
+        .relative_to(&config.data_dir);
+    let listener = LinkListener::bind(&addr).await.with_context(|| {
+        format!("cannot listen for the sidecar on {addr} (--peer-requests-listen)")
+    })?;
+    let addr = listener.local_addr()?;
+    let max = node.max_message_bytes;
+    let service = PeerRequestsServer::new(
+        PeerRequestsApi::new(node.data.clone(), node.mesh.clone())
+            .with_metrics(metrics.node.clone())
+            .with_faults(config.fault_percent, metrics.node.clone())
+            .with_max_message_bytes(max),
+    )
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
+    let service = tonic::service::interceptor::InterceptedService::new(
+        service,
         move |req: tonic::Request<()>| match &token {
             Some(t) => t.check(req),
             None => Ok(req),
@@ -388,142 +479,147 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     // The sidecar's calls are measured like any client's (same metric families, service
     // fold.sidecar.v1.PeerRequests), so the inbound half of a forward shows up on node B.
-    let local = Server::builder()
-        .layer(GrpcMetricsLayer::new(server_metrics))
-        .add_service(peer_service)
-        .serve_with_incoming_shutdown(peer_listener.into_incoming(), wait_stop(stop_rx.clone()));
-    let public = tokio::spawn(public);
-    // Plaintext health for probes that cannot speak TLS; nothing else is served there.
-    let mut health_addr = None;
-    if let Some(addr) = config.health_listen {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr} (--health-listen)"))?;
-        health_addr = Some(l.local_addr()?);
-        let incoming = TcpIncoming::from(l).with_nodelay(Some(true));
-        let server = Server::builder()
-            .add_service(health_only)
-            .serve_with_incoming_shutdown(incoming, wait_stop(stop_rx.clone()));
-        tokio::spawn(async move {
-            if let Err(e) = server.await {
-                tracing::error!(error = %e, "health port failed");
-            }
-        });
-    }
-    let local = tokio::spawn(local);
+    let server = Server::builder()
+        .layer(GrpcMetricsLayer::new(metrics.server.clone()))
+        .add_service(service)
+        .serve_with_incoming_shutdown(listener.into_incoming(), stopped(stop));
+    Ok((addr, tokio::spawn(server)))
+}
 
-    // The owner listener: the same API, where every caller is the node's owner.
-    let mut owner_shown = None;
-    if let Some(addr) = &owner_addr {
-        let l = LinkListener::bind(addr).await.with_context(|| {
-            format!("cannot listen on {addr} (--owner-listen; \"off\" disables it)")
-        })?;
-        owner_shown = Some(l.local_addr()?);
-        let mark = |mut req: tonic::Request<()>| {
-            req.extensions_mut().insert(OwnerConnection);
-            Ok(req)
-        };
-        let fold_owner = tonic::service::interceptor::InterceptedService::new(
-            FoldNodeServer::new(FoldNodeApi::new(data.clone(), mesh.clone(), router.clone()))
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
-            mark,
-        );
-        let network_owner = tonic::service::interceptor::InterceptedService::new(
-            NetworkServer::new(
-                NetworkApi::new(data.clone(), mesh.clone(), router.clone())
-                    .with_admin_addr(admin_addr_cell.clone()),
-            )
-            .max_decoding_message_size(max)
-            .max_encoding_message_size(max),
-            mark,
-        );
-        let stack = tower::ServiceBuilder::new()
-            .layer(GrpcMetricsLayer::new(owner_metrics.clone()))
-            .layer(GrpcErrorsLayer::new(None))
-            .layer(TooLargeLayer)
-            .layer(AdmissionLayer::new(
-                config.max_concurrent_requests,
-                config.queue_depth,
-            ))
-            .layer(GrpcDeadlineLayer::new(Duration::from_millis(
-                config.request_timeout_ms,
-            )))
-            .into_inner();
-        let server = Server::builder()
-            .layer(stack)
-            .add_service(owner_health)
-            .add_service(owner_reflection.0)
-            .add_service(owner_reflection.1)
-            .add_service(fold_owner)
-            .add_service(network_owner)
-            .serve_with_incoming_shutdown(l.into_incoming(), wait_stop(stop_rx.clone()));
-        tokio::spawn(async move {
-            if let Err(e) = server.await {
-                tracing::error!(error = %e, "owner listener failed");
-            }
-        });
-    }
+/// Run a server of its own; its failure is logged as `what`.
+fn spawn_logged(
+    server: impl std::future::Future<Output = Result<(), tonic::transport::Error>> + Send + 'static,
+    what: &'static str,
+) {
+    tokio::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "{what}");
+        }
+    });
+}
 
-    let admin_state = AdminState::new(registry.clone())
+/// Plaintext health for probes that cannot speak TLS; nothing else is served there.
+async fn serve_health(
+    config: &Config,
+    node: &Node,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    let Some(addr) = config.health_listen else {
+        return Ok(None);
+    };
+    let l = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (--health-listen)"))?;
+    let bound = l.local_addr()?;
+    let incoming = TcpIncoming::from(l).with_nodelay(Some(true));
+    let server = Server::builder()
+        .add_service(node.health.clone())
+        .serve_with_incoming_shutdown(incoming, stopped(stop));
+    spawn_logged(server, "health port failed");
+    Ok(Some(bound))
+}
+
+/// The owner listener: the same API, where every caller is the node's owner.
+async fn serve_owner(
+    config: &Config,
+    node: &Node,
+    metrics: &Metrics,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<Option<LinkAddr>> {
+    let Some(addr) = config.owner_addr().map_err(anyhow::Error::msg)? else {
+        return Ok(None);
+    };
+    let l = LinkListener::bind(&addr).await.with_context(|| {
+        format!("cannot listen on {addr} (--owner-listen; \"off\" disables it)")
+    })?;
+    let shown = l.local_addr()?;
+    let mark = |mut req: tonic::Request<()>| {
+        req.extensions_mut().insert(OwnerConnection);
+        Ok(req)
+    };
+    use tonic::service::interceptor::InterceptedService;
+    let (reflection_v1, reflection_v1alpha) = reflection()?;
+    let server = Server::builder()
+        .layer(api_stack(config, metrics.server.clone(), None, None))
+        .add_service(node.health.clone())
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(InterceptedService::new(node.fold(), mark))
+        .add_service(InterceptedService::new(node.network(), mark))
+        .serve_with_incoming_shutdown(l.into_incoming(), stopped(stop));
+    spawn_logged(server, "owner listener failed");
+    Ok(Some(shown))
+}
+
+/// The admin port (metrics, readiness: storage and the sidecar link).
+async fn serve_admin(
+    config: &Config,
+    store: &Store,
+    node: &Node,
+    metrics: &Metrics,
+) -> anyhow::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
+    let store = store.clone();
+    let mesh = node.mesh.clone();
+    let admin_state = AdminState::new(metrics.registry.clone())
         .readiness_check(
             "storage",
-            Box::new({
-                let store = store.clone();
-                move || {
-                    store
-                        .meta_get("node_id")
-                        .map(|_| ())
-                        .map_err(|e| e.to_string())
-                }
+            Box::new(move || {
+                store
+                    .meta_get("node_id")
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
             }),
         )
         .readiness_check(
             "sidecar-link",
-            Box::new({
-                let mesh = mesh.clone();
-                move || {
-                    if mesh.is_up() {
-                        Ok(())
-                    } else {
-                        Err("the p2p-sidecar is not connected".into())
-                    }
+            Box::new(move || {
+                if mesh.is_up() {
+                    Ok(())
+                } else {
+                    Err("the p2p-sidecar is not connected".into())
                 }
             }),
         );
-    let (admin_addr, admin) = fold_telemetry::admin::bind(config.admin_listen, admin_state)
+    let (addr, admin) = fold_telemetry::admin::bind(config.admin_listen, admin_state)
         .await
         .with_context(|| format!("cannot listen on {} (--admin-listen)", config.admin_listen))?;
-    let _ = admin_addr_cell.set(admin_addr.to_string());
-    let admin = tokio::spawn(admin);
+    let _ = node.admin_addr.set(addr.to_string());
+    Ok((addr, tokio::spawn(admin)))
+}
 
-    mesh.spawn_monitor();
-    tracing::info!(grpc = %grpc_addr, tls = tls_on, health = ?health_addr, admin = %admin_addr, peer_requests = %peer_addr, owner = ?owner_shown, sidecar = %sidecar_addr, data_dir = %data_dir.display(), "fold-node serving");
-    {
-        use std::io::Write;
-        let mut out = std::io::stdout().lock();
-        writeln!(
-            out,
-            "fold-node ready grpc={grpc_addr} peer_requests={peer_addr} admin={admin_addr}{}{}",
-            health_addr
-                .map(|a| format!(" health={a}"))
-                .unwrap_or_default(),
-            owner_shown
-                .as_ref()
-                .map(|a| format!(" owner={a}"))
-                .unwrap_or_default()
-        )?;
-        out.flush()?;
-    }
+/// Where the node listens, for the log and the readiness line.
+struct Bound {
+    grpc: std::net::SocketAddr,
+    tls: bool,
+    peer_requests: LinkAddr,
+    health: Option<std::net::SocketAddr>,
+    owner: Option<LinkAddr>,
+    admin: std::net::SocketAddr,
+}
 
-    shutdown_signal().await;
-    health
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
-    let _ = stop_tx.send(true);
-    // Streams that would never end on their own.
-    data.hub().stop();
-    admin.abort();
+/// Log where the node serves, and print the readiness line (`fold-node ready grpc=… …`).
+fn announce(config: &Config, sidecar_addr: &LinkAddr, b: &Bound) -> anyhow::Result<()> {
+    tracing::info!(grpc = %b.grpc, tls = b.tls, health = ?b.health, admin = %b.admin, peer_requests = %b.peer_requests, owner = ?b.owner, sidecar = %sidecar_addr, data_dir = %config.data_dir.display(), "fold-node serving");
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "fold-node ready grpc={} peer_requests={} admin={}{}{}",
+        b.grpc,
+        b.peer_requests,
+        b.admin,
+        b.health.map(|a| format!(" health={a}")).unwrap_or_default(),
+        b.owner
+            .as_ref()
+            .map(|a| format!(" owner={a}"))
+            .unwrap_or_default()
+    )?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Let in-flight requests finish within the grace period.
+async fn drain(config: &Config, public: ServerTask, local: ServerTask) {
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let drained = tokio::time::timeout(grace, async {
         let a = public.await;
@@ -547,5 +643,77 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             "in-flight requests did not finish within the grace period; exiting anyway"
         ),
     }
+}
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Checked before the database is touched: a bad flag fails the start.
+    config.trust_policy().map_err(anyhow::Error::msg)?;
+    config.owner_addr().map_err(anyhow::Error::msg)?;
+    let store = open_store(&config)?;
+    let metrics = register_metrics();
+    let data = start_data(&config, &store, &metrics)?;
+    let health = HealthReporter::new();
+    health.set_serving::<FoldNodeServer<FoldNodeApi>>().await;
+    health
+        .set_service_status(NETWORK_SERVICE, tonic_health::ServingStatus::NotServing)
+        .await;
+    let sidecar_addr = config.sidecar_addr.clone().relative_to(&config.data_dir);
+    let token = link_token(&config, &sidecar_addr)?;
+    let mesh = mesh_link(
+        &config,
+        &sidecar_addr,
+        token.clone(),
+        &store,
+        &health,
+        &metrics,
+    )?;
+    // Followed schemas are read-only from the first request on.
+    crate::follow::start(
+        &config.follow,
+        data.replicas(),
+        store.clone(),
+        data.hub().clone(),
+        mesh.clone(),
+        metrics.node.clone(),
+    )
+    .map_err(|e| anyhow::anyhow!("--follow: {e}"))?;
+    let node = Node {
+        router: router(&config, &data, &mesh, &metrics),
+        data,
+        mesh,
+        health: HealthServer::new(HealthService::from_health_reporter(health.clone())),
+        admin_addr: Arc::default(),
+        max_message_bytes: config.max_message_bytes,
+    };
+
+    // One shutdown signal fans out to every server.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (grpc, tls, public) = serve_public(&config, &node, &metrics, stop_rx.clone()).await?;
+    let (peer_requests, local) =
+        serve_peer_requests(&config, &node, &metrics, token, stop_rx.clone()).await?;
+    let health_addr = serve_health(&config, &node, stop_rx.clone()).await?;
+    let owner = serve_owner(&config, &node, &metrics, stop_rx).await?;
+    let (admin_addr, admin) = serve_admin(&config, &store, &node, &metrics).await?;
+
+    node.mesh.spawn_monitor();
+    let bound = Bound {
+        grpc,
+        tls,
+        peer_requests,
+        health: health_addr,
+        owner,
+        admin: admin_addr,
+    };
+    announce(&config, &sidecar_addr, &bound)?;
+
+    shutdown_signal().await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    let _ = stop_tx.send(true);
+    // Streams that would never end on their own.
+    node.data.hub().stop();
+    admin.abort();
+    drain(&config, public, local).await;
     Ok(())
 }

@@ -976,29 +976,11 @@ impl WriteGroup {
         let mut versions = self.txn.open_table(VERSIONS).map_err(StoreError::from)?;
         let name = schema.name.as_str();
 
-        // Check every plan first. `overlay` holds the liveness changes the earlier plans of
-        // this set will make, keyed by (field, range key).
-        let mut overlay: HashMap<(String, String), bool> = HashMap::new();
-        let mut all_targets = Vec::with_capacity(plans.len());
-        for (index, plan) in plans.iter().enumerate() {
-            let rk = plan.range_key.as_str();
-            let mut is_live = |f: &str| -> Result<bool, StoreError> {
-                if let Some(v) = overlay.get(&(f.to_string(), rk.to_string())) {
-                    return Ok(*v);
-                }
-                Ok(live.get((name, f, rk))?.is_some())
-            };
-            let targets =
-                plan_targets(schema, plan, &mut is_live).map_err(|error| match error {
-                    MutationError::Store(e) => ApplyError::Store(e),
-                    error => ApplyError::Refused { index, error },
-                })?;
-            let now_live = plan.kind != MutationKind::Delete;
-            for (f, _) in &targets {
-                overlay.insert((f.clone(), rk.to_string()), now_live);
-            }
-            all_targets.push(targets);
-        }
+        // Check every plan first.
+        let stored = |f: &str, rk: &str| -> Result<bool, StoreError> {
+            Ok(live.get((name, f, rk))?.is_some())
+        };
+        let all_targets = check_plans(schema, plans, &stored)?;
 
         // All passed: write the versions, each plan under the next sequence number.
         let mut sequences = self.txn.open_table(SEQUENCES).map_err(StoreError::from)?;
@@ -1264,6 +1246,38 @@ impl From<redb::StorageError> for ApplyError {
 
 /// Which cells a mutation writes (field → new value; ignored for deletions), or why the data
 /// refuses it. `is_live` tells whether a field of the plan's record has a current value.
+/// Check every plan of a set against the stored liveness (`stored(field, range key)`) and the
+/// changes the earlier plans of the set will make: the fields and values each plan writes, or
+/// the first refusal with its plan's index.
+fn check_plans(
+    schema: &Schema,
+    plans: &[MutationPlan],
+    stored: &dyn Fn(&str, &str) -> Result<bool, StoreError>,
+) -> Result<Vec<Vec<(String, Json)>>, ApplyError> {
+    // The liveness changes the earlier plans of this set will make, keyed by (field, range key).
+    let mut overlay: HashMap<(String, String), bool> = HashMap::new();
+    let mut all_targets = Vec::with_capacity(plans.len());
+    for (index, plan) in plans.iter().enumerate() {
+        let rk = plan.range_key.as_str();
+        let mut is_live = |f: &str| -> Result<bool, StoreError> {
+            if let Some(v) = overlay.get(&(f.to_string(), rk.to_string())) {
+                return Ok(*v);
+            }
+            stored(f, rk)
+        };
+        let targets = plan_targets(schema, plan, &mut is_live).map_err(|error| match error {
+            MutationError::Store(e) => ApplyError::Store(e),
+            error => ApplyError::Refused { index, error },
+        })?;
+        let now_live = plan.kind != MutationKind::Delete;
+        for (f, _) in &targets {
+            overlay.insert((f.clone(), rk.to_string()), now_live);
+        }
+        all_targets.push(targets);
+    }
+    Ok(all_targets)
+}
+
 fn plan_targets(
     schema: &Schema,
     plan: &MutationPlan,

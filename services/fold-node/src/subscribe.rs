@@ -491,7 +491,77 @@ pub async fn start_remote(
     permit: ClientSlot,
 ) -> Result<SubscriptionStream, NodeError> {
     let target = req.target_node_id.clone();
-    let ask = move |after: u64, wait_ms: u32| fold_proto::wire::ChangesRequest {
+    let json_values = req.json_values;
+    let from = req.from_sequence;
+    let ask = move |after: u64, wait_ms: u32| changes_request(&req, after, wait_ms);
+    let first =
+        crate::follow::fetch_changes(&mesh, &target, ask(from, 0), resolve()?, REMOTE_TIMEOUT)
+            .await?;
+    let (stream, out, end_tx) = stream(metrics.clone(), permit);
+    let mut stopping = hub.stopping();
+    tokio::spawn(async move {
+        let mut last = from;
+        let mut answer = Some(first);
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let mut resp = match answer.take() {
+                Some(r) => r,
+                None => {
+                    let req = ask(last, REMOTE_WAIT_MS);
+                    let wait = Waits {
+                        out: &out,
+                        stopping: &mut stopping,
+                    };
+                    match fetch_next(&mesh, &target, req, &resolve, wait, &mut backoff, last).await
+                    {
+                        Step::Answer(r) => r,
+                        Step::Retry => continue,
+                        Step::End(e) => {
+                            if let Some(e) = e {
+                                let _ = end_tx.send(e);
+                            }
+                            return;
+                        }
+                    }
+                }
+            };
+            backoff = Duration::from_millis(200);
+            match send_changes(
+                &out,
+                &metrics,
+                std::mem::take(&mut resp.changes),
+                &mut last,
+                json_values,
+                &target,
+            )
+            .await
+            {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => {
+                    let _ = end_tx.send(e);
+                    return;
+                }
+            }
+            last = last.max(resp.through_sequence);
+            if let Err(mpsc::error::TrySendError::Closed(_)) =
+                out.try_send(remote_progress(last, &resp, &target))
+            {
+                return;
+            }
+        }
+    });
+    Ok(stream)
+}
+
+/// The `changes` request of a remote subscription: the changes after `after`, waiting up to
+/// `wait_ms` for one.
+fn changes_request(
+    req: &fold_proto::v1::SubscribeRequest,
+    after: u64,
+    wait_ms: u32,
+) -> fold_proto::wire::ChangesRequest {
+    fold_proto::wire::ChangesRequest {
         schema: req.schema.clone(),
         after_sequence: after,
         limit: REMOTE_PAGE,
@@ -500,116 +570,121 @@ pub async fn start_remote(
         filter: req.filter.clone(),
         readable_only: req.fields.is_empty(),
         ..Default::default()
+    }
+}
+
+/// The progress message after an answer of the other node, through `last`.
+fn remote_progress(
+    last: u64,
+    resp: &fold_proto::wire::ChangesResponse,
+    target: &str,
+) -> SubscribeResponse {
+    SubscribeResponse {
+        event: Some(subscribe_response::Event::Progress(Progress {
+            sequence: last,
+            head_sequence: resp.head_sequence,
+            oldest_sequence: resp.oldest_sequence,
+            node_id: target.to_string(),
+        })),
+    }
+}
+
+/// What a remote subscription waits on besides the other node: its subscriber going away, and
+/// the node stopping.
+struct Waits<'a> {
+    out: &'a mpsc::Sender<SubscribeResponse>,
+    stopping: &'a mut tokio::sync::watch::Receiver<bool>,
+}
+
+/// The next step of a remote subscription.
+enum Step {
+    Answer(fold_proto::wire::ChangesResponse),
+    /// A transient failure, waited out: ask again.
+    Retry,
+    /// The subscription ends (with this error for the subscriber, if any).
+    End(Option<NodeError>),
+}
+
+/// The refusal of a remote subscription cut short by the node stopping.
+fn stopped(last: u64) -> NodeError {
+    NodeError::unavailable(format!(
+        "the node is stopping; subscribe again with from_sequence = {last} to resume"
+    ))
+}
+
+/// Ask the other node for the changes `req` names (the requester resolved again first). A
+/// transient failure is waited out with `backoff` (doubled) and answered `Retry`.
+async fn fetch_next(
+    mesh: &MeshLink,
+    target: &str,
+    req: fold_proto::wire::ChangesRequest,
+    resolve: &Resolve,
+    wait: Waits<'_>,
+    backoff: &mut Duration,
+    last: u64,
+) -> Step {
+    let requester = match resolve() {
+        Ok(r) => r,
+        Err(s) => return Step::End(Some(s)),
     };
-    let json_values = req.json_values;
-    let from = req.from_sequence;
-    let first =
-        crate::follow::fetch_changes(&mesh, &target, ask(from, 0), resolve()?, REMOTE_TIMEOUT)
-            .await?;
-    let (stream, out, end_tx) = stream(metrics.clone(), permit);
-    let mut stopping = hub.stopping();
-    tokio::spawn(async move {
-        let stopped = |last: u64| {
-            NodeError::unavailable(format!(
-                "the node is stopping; subscribe again with from_sequence = {last} to resume"
-            ))
-        };
-        let mut last = from;
-        let mut answer = Some(first);
-        let mut backoff = Duration::from_millis(200);
-        loop {
-            let resp = match answer.take() {
-                Some(r) => r,
-                None => {
-                    let requester = match resolve() {
-                        Ok(r) => r,
-                        Err(s) => {
-                            let _ = end_tx.send(s);
-                            return;
-                        }
-                    };
-                    let r = tokio::select! {
-                        r = crate::follow::fetch_changes(
-                            &mesh,
-                            &target,
-                            ask(last, REMOTE_WAIT_MS),
-                            requester,
-                            REMOTE_TIMEOUT,
-                        ) => r,
-                        _ = out.closed() => return,
-                        _ = stopping.changed() => {
-                            let _ = end_tx.send(stopped(last));
-                            return;
-                        }
-                    };
-                    match r {
-                        Ok(r) => r,
-                        Err(s) if transient(s.code()) => {
-                            tracing::debug!(node = %target, error = %s, "remote subscription: retrying");
-                            tokio::select! {
-                                _ = tokio::time::sleep(backoff) => {}
-                                _ = out.closed() => return,
-                                _ = stopping.changed() => {
-                                    let _ = end_tx.send(stopped(last));
-                                    return;
-                                }
-                            }
-                            backoff = (backoff * 2).min(REMOTE_MAX_BACKOFF);
-                            continue;
-                        }
-                        Err(s) => {
-                            let _ = end_tx.send(s);
-                            return;
-                        }
-                    }
-                }
-            };
-            backoff = Duration::from_millis(200);
-            for mut c in resp.changes {
-                if c.sequence <= last {
-                    continue;
-                }
-                if !json_values {
-                    for f in &mut c.fields {
-                        let v: serde_json::Value = match serde_json::from_str(&f.value_json) {
-                            Ok(v) => v,
-                            Err(e) => {
-                                let _ = end_tx.send(NodeError::internal(format!(
-                                    "node {target} sent change {} with a value that is not JSON: {e}",
-                                    c.sequence
-                                )));
-                                return;
-                            }
-                        };
-                        f.value = Some(json_to_value(&v));
-                        f.value_json.clear();
-                    }
-                }
-                last = c.sequence;
-                let msg = SubscribeResponse {
-                    event: Some(subscribe_response::Event::Change(c)),
-                };
-                let Ok(permit) = out.reserve().await else {
-                    return;
-                };
-                permit.send(msg);
-                metrics.subscription_sent(1);
+    let r = tokio::select! {
+        r = crate::follow::fetch_changes(mesh, target, req, requester, REMOTE_TIMEOUT) => r,
+        _ = wait.out.closed() => return Step::End(None),
+        _ = wait.stopping.changed() => return Step::End(Some(stopped(last))),
+    };
+    match r {
+        Ok(r) => Step::Answer(r),
+        Err(s) if transient(s.code()) => {
+            tracing::debug!(node = %target, error = %s, "remote subscription: retrying");
+            tokio::select! {
+                _ = tokio::time::sleep(*backoff) => {}
+                _ = wait.out.closed() => return Step::End(None),
+                _ = wait.stopping.changed() => return Step::End(Some(stopped(last))),
             }
-            last = last.max(resp.through_sequence);
-            let progress = SubscribeResponse {
-                event: Some(subscribe_response::Event::Progress(Progress {
-                    sequence: last,
-                    head_sequence: resp.head_sequence,
-                    oldest_sequence: resp.oldest_sequence,
-                    node_id: target.clone(),
-                })),
-            };
-            if let Err(mpsc::error::TrySendError::Closed(_)) = out.try_send(progress) {
-                return;
+            *backoff = (*backoff * 2).min(REMOTE_MAX_BACKOFF);
+            Step::Retry
+        }
+        Err(s) => Step::End(Some(s)),
+    }
+}
+
+/// Queue the changes of one answer after `last` for the subscriber, as JSON text or as values,
+/// moving `last` on. False when the subscriber went away.
+async fn send_changes(
+    out: &mpsc::Sender<SubscribeResponse>,
+    metrics: &NodeMetrics,
+    changes: Vec<fold_proto::v1::Change>,
+    last: &mut u64,
+    json_values: bool,
+    target: &str,
+) -> Result<bool, NodeError> {
+    for mut c in changes {
+        if c.sequence <= *last {
+            continue;
+        }
+        if !json_values {
+            for f in &mut c.fields {
+                let v: serde_json::Value = serde_json::from_str(&f.value_json).map_err(|e| {
+                    NodeError::internal(format!(
+                        "node {target} sent change {} with a value that is not JSON: {e}",
+                        c.sequence
+                    ))
+                })?;
+                f.value = Some(json_to_value(&v));
+                f.value_json.clear();
             }
         }
-    });
-    Ok(stream)
+        *last = c.sequence;
+        let msg = SubscribeResponse {
+            event: Some(subscribe_response::Event::Change(c)),
+        };
+        let Ok(permit) = out.reserve().await else {
+            return Ok(false);
+        };
+        permit.send(msg);
+        metrics.subscription_sent(1);
+    }
+    Ok(true)
 }
 
 /// Failures a remote subscription retries: the other node, its link or the path is away for now

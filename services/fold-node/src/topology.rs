@@ -12,8 +12,8 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use fold_proto::v1::{PeerInfo, TopologyError, TopologyNode};
-use fold_proto::wire::Requester;
+use fold_proto::v1::{ListPeersResponse, PeerInfo, TopologyError, TopologyNode};
+use fold_proto::wire::{PeersRequest, Requester, operation};
 use futures::StreamExt;
 
 use crate::error::NodeError;
@@ -47,6 +47,39 @@ fn error_of(s: &NodeError) -> TopologyError {
 
 /// A node's route from here and what it answered.
 type Answer = (Vec<String>, Result<Vec<PeerInfo>, NodeError>);
+
+/// Ask the last node of `route` for its peers, relayed along the route, before `deadline`.
+async fn ask_route(
+    mesh: &MeshLink,
+    route: Vec<String>,
+    requester: Requester,
+    deadline: Instant,
+    budget_ms: u128,
+) -> Answer {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        let s = NodeError::deadline_exceeded(format!(
+            "not asked: the topology's time budget of {budget_ms} ms ran out first"
+        ));
+        return (route, Err(s));
+    }
+    // The first node of the route relays along the rest.
+    let Some((first, via)) = route.split_first() else {
+        return (route, Err(NodeError::internal("empty route")));
+    };
+    let op = operation::Kind::Peers(PeersRequest { via: via.to_vec() });
+    let ask = async {
+        crate::link::ask::<ListPeersResponse>(mesh, first, op, requester, Some(left))
+            .await
+            .map(|p| p.peers)
+    };
+    let r = tokio::time::timeout(left, ask).await.unwrap_or_else(|_| {
+        Err(NodeError::deadline_exceeded(format!(
+            "did not answer within the topology's time budget of {budget_ms} ms"
+        )))
+    });
+    (route, r)
+}
 
 /// Gather the topology: `own_peers` are this node's (hop 0) connected peers.
 pub async fn gather(
@@ -98,30 +131,7 @@ pub async fn gather(
         }
         let asking = std::mem::take(&mut frontier);
         let mut answers: Vec<Answer> = futures::stream::iter(asking)
-            .map(|route| {
-                let requester = requester.clone();
-                async move {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        let s = NodeError::deadline_exceeded(format!(
-                            "not asked: the topology's time budget of {budget_ms} ms ran out first"
-                        ));
-                        return (route, Err(s));
-                    }
-                    // The first node of the route relays along the rest.
-                    let Some((first, via)) = route.split_first() else {
-                        return (route, Err(NodeError::internal("empty route")));
-                    };
-                    let ask =
-                        mesh.forward_peers(first.clone(), via.to_vec(), requester, Some(left));
-                    let r = tokio::time::timeout(left, ask).await.unwrap_or_else(|_| {
-                        Err(NodeError::deadline_exceeded(format!(
-                            "did not answer within the topology's time budget of {budget_ms} ms"
-                        )))
-                    });
-                    (route, r)
-                }
-            })
+            .map(|route| ask_route(mesh, route, requester.clone(), deadline, budget_ms))
             .buffer_unordered(CONCURRENCY)
             .collect()
             .await;

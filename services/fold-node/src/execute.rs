@@ -1,0 +1,114 @@
+//! Execution of one operation: here (on [`Data`]) or forwarded through the [`Link`] to the node
+//! it names. Below routing ([`crate::route`]), above the link; both the public API (through
+//! [`crate::pipeline`]) and routing run operations through it.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fold_proto::wire::{forward_response, operation};
+
+use crate::data::Data;
+use crate::error::NodeError;
+use crate::identity::Principal;
+use crate::link::Link;
+
+/// The node an operation is addressed to (empty: this node, or no node named).
+pub fn target_of(op: &operation::Kind) -> &str {
+    match op {
+        operation::Kind::Query(q) => &q.target_node_id,
+        operation::Kind::History(h) => &h.target_node_id,
+        operation::Kind::Mutate(m) => &m.target_node_id,
+        operation::Kind::BatchMutate(b) => &b.target_node_id,
+        operation::Kind::Changes(_) | operation::Kind::Peers(_) => "",
+    }
+}
+
+/// Runs operations here or on the node they name.
+#[derive(Clone)]
+pub struct Executor {
+    data: Data,
+    link: Arc<dyn Link>,
+}
+
+impl Executor {
+    pub fn new(data: Data, link: Arc<dyn Link>) -> Self {
+        Executor { data, link }
+    }
+
+    pub fn data(&self) -> &Data {
+        &self.data
+    }
+
+    pub fn link(&self) -> &dyn Link {
+        self.link.as_ref()
+    }
+
+    /// Run `op` on the node it names: here, or forwarded for `who` within `deadline`.
+    pub async fn execute(
+        &self,
+        who: &Principal,
+        op: operation::Kind,
+        deadline: Option<Duration>,
+    ) -> Result<forward_response::Result, NodeError> {
+        let target = target_of(&op);
+        if self.link.is_local(target) {
+            return self.local(who, op, None).await;
+        }
+        self.forward(who, target.to_string(), op, deadline).await
+    }
+
+    /// Forward `op` to `target` for `who` (refused here when this node denies `who`).
+    pub async fn forward(
+        &self,
+        who: &Principal,
+        target: String,
+        op: operation::Kind,
+        deadline: Option<Duration>,
+    ) -> Result<forward_response::Result, NodeError> {
+        let requester = self.data.forwardable_requester(who)?;
+        self.link.forward(target, op, requester, deadline).await
+    }
+
+    /// Run `op` on this node; a mutation is refused once `deadline` (the origin's, for a request
+    /// from another node) has passed. The answer names this node.
+    pub async fn local(
+        &self,
+        who: &Principal,
+        op: operation::Kind,
+        deadline: Option<SystemTime>,
+    ) -> Result<forward_response::Result, NodeError> {
+        use forward_response::Result as R;
+        let me = self.link.node_id_or_empty();
+        let data = &self.data;
+        Ok(match op {
+            operation::Kind::Query(q) => R::Query(data.query(who, q).await.map(|mut r| {
+                r.node_id = me;
+                r
+            })?),
+            operation::Kind::History(h) => {
+                R::History(data.history(who, h).await.map(|mut r| {
+                    r.node_id = me;
+                    r
+                })?)
+            }
+            operation::Kind::Mutate(m) => {
+                R::Mutate(data.mutate(who, m, deadline).await.map(|mut r| {
+                    r.node_id = me;
+                    r
+                })?)
+            }
+            operation::Kind::BatchMutate(b) => {
+                R::BatchMutate(data.batch_mutate(who, b).await.map(|mut r| {
+                    r.node_id = me;
+                    r
+                })?)
+            }
+            operation::Kind::Changes(c) => R::Changes(data.changes(who, c, deadline).await?),
+            operation::Kind::Peers(_) => {
+                return Err(NodeError::internal(
+                    "a peers request is answered by the peer request service",
+                ));
+            }
+        })
+    }
+}
