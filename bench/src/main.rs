@@ -24,6 +24,7 @@ mod changes;
 mod dht;
 mod dht_procs;
 mod echo;
+mod floors;
 mod nat;
 mod route;
 mod soak;
@@ -107,6 +108,16 @@ enum Cmd {
         /// Longest the write phase may take, in seconds.
         #[arg(long, default_value_t = 1200)]
         max_secs: u64,
+    },
+    /// The floor of a forwarded query (issue 26), in one run: a message each way on an open tonic
+    /// stream over a UDS and on an open libp2p stream, one Ed25519 sign and verify (the
+    /// sidecar's own functions), their sum on the forwarded path; then direct and forwarded
+    /// Query latency (`--n` sequential), and for each concurrency `--secs` s of direct and of
+    /// forwarded queries: rate and CPU per query in each process. Writes <out>/floors.json.
+    Floors {
+        /// Concurrencies of the load loops.
+        #[arg(long, value_delimiter = ',', default_value = "1,32")]
+        concurrency: Vec<usize>,
     },
     /// Two nodes and forwarded queries for `--secs` seconds, printing the process ids first (for
     /// profiling the forwarded path, e.g. `perf record -p`), then the rate and each hop's mean
@@ -764,6 +775,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     ));
     r.dapr_terms
         .insert("sequential_added_p50_us".into(), fwd.p50_us - direct.p50_us);
+    eprintln!("== the forwarded path's floor (issue 26)");
+    let floor = print_floors(n).await?;
+    eprintln!(
+        "  forwarded − direct p50 {:.1} µs = {:.2}× the sum of the floors",
+        fwd.p50_us - direct.p50_us,
+        (fwd.p50_us - direct.p50_us) / floor.p50_us
+    );
+    r.latency.push(floor);
 
     eprintln!(
         "== fixed rate: 1 KiB, 16 connections, 1000 requests/s, {} s each (Dapr's terms)",
@@ -921,29 +940,44 @@ async fn two_connected_nodes() -> anyhow::Result<(Node, Node)> {
     Ok((a, b))
 }
 
-async fn forward_loop(secs: u64, concurrency: usize, local: bool) -> anyhow::Result<()> {
-    let (a, b) = two_connected_nodes().await?;
-    let pid = |p: &Proc| p.pid().map(|p| p.to_string()).unwrap_or_default();
-    println!(
-        "pids node_a={} sidecar_a={} sidecar_b={} node_b={}",
-        pid(&a.node),
-        pid(&a.sidecar),
-        pid(&b.sidecar),
-        pid(&b.node)
-    );
+/// What a load loop measured: queries answered, their rate, and CPU per query in each process.
+#[derive(serde::Serialize, Clone, Debug)]
+struct LoopResult {
+    concurrency: usize,
+    queries: u64,
+    per_second: f64,
+    /// (process, CPU µs per query); processes whose CPU could not be read are left out.
+    cpu_us: Vec<(&'static str, f64)>,
+}
+
+impl LoopResult {
+    /// CPU per query summed over the four mesh processes (both nodes, both sidecars).
+    fn mesh_cpu_us(&self) -> f64 {
+        self.cpu_us
+            .iter()
+            .filter(|(p, _)| *p != CLIENT)
+            .map(|(_, us)| us)
+            .sum()
+    }
+}
+
+const CLIENT: &str = "fold-bench (client)";
+
+/// `concurrency` tasks querying node A for `target` (empty: A itself) for `secs` seconds on one
+/// connection, after a warm-up; CPU is counted only over the measured loop.
+async fn load_loop(
+    a: &Node,
+    b: &Node,
+    target: &str,
+    secs: u64,
+    concurrency: usize,
+) -> anyhow::Result<LoopResult> {
     let c = FoldNodeClient::new(channel(&a.grpc));
-    let target = if local {
-        String::new()
-    } else {
-        b.node_id.clone()
-    };
-    let what = if local { "direct" } else { "forwarded" };
-    // Warm up (connections, caches), then count CPU time only over the measured loop.
     for _ in 0..200 {
-        c.clone().query(query(&target)).await?;
+        c.clone().query(query(target)).await?;
     }
     let procs = [
-        ("fold-bench (client)", Some(std::process::id())),
+        (CLIENT, Some(std::process::id())),
         ("node A", a.node.pid()),
         ("sidecar A", a.sidecar.pid()),
         ("sidecar B", b.sidecar.pid()),
@@ -954,7 +988,7 @@ async fn forward_loop(secs: u64, concurrency: usize, local: bool) -> anyhow::Res
     let mut tasks = Vec::new();
     for _ in 0..concurrency.max(1) {
         let mut c = c.clone();
-        let target = target.clone();
+        let target = target.to_string();
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
             while Instant::now() < end {
@@ -968,19 +1002,46 @@ async fn forward_loop(secs: u64, concurrency: usize, local: bool) -> anyhow::Res
     for t in tasks {
         n += t.await??;
     }
+    let mut cpu_us = Vec::new();
+    for ((what, pid), before) in procs.iter().zip(cpu_before) {
+        if let (Some(before), Some(after)) = (before, cpu_secs(*pid)) {
+            cpu_us.push((*what, (after - before) * 1e6 / n.max(1) as f64));
+        }
+    }
+    Ok(LoopResult {
+        concurrency,
+        queries: n,
+        per_second: n as f64 / secs.max(1) as f64,
+        cpu_us,
+    })
+}
+
+async fn forward_loop(secs: u64, concurrency: usize, local: bool) -> anyhow::Result<()> {
+    let (a, b) = two_connected_nodes().await?;
+    let pid = |p: &Proc| p.pid().map(|p| p.to_string()).unwrap_or_default();
+    println!(
+        "pids node_a={} sidecar_a={} sidecar_b={} node_b={}",
+        pid(&a.node),
+        pid(&a.sidecar),
+        pid(&b.sidecar),
+        pid(&b.node)
+    );
+    let target = if local {
+        String::new()
+    } else {
+        b.node_id.clone()
+    };
+    let what = if local { "direct" } else { "forwarded" };
+    let r = load_loop(&a, &b, &target, secs, concurrency).await?;
+    let n = r.queries;
     println!(
         "{n} {what} queries in {secs} s at concurrency {concurrency}: {:.0}/s, {:.0} µs each",
         n as f64 / secs as f64,
         secs as f64 * 1e6 * concurrency as f64 / n as f64
     );
     println!("CPU time per {what} query (user + system, from /proc/<pid>/stat):");
-    for ((what, pid), before) in procs.iter().zip(cpu_before) {
-        if let (Some(before), Some(after)) = (before, cpu_secs(*pid)) {
-            println!(
-                "  {what:<36} {:>6.0} µs",
-                (after - before) * 1e6 / n.max(1) as f64
-            );
-        }
+    for (what, us) in &r.cpu_us {
+        println!("  {what:<36} {us:>6.0} µs");
     }
     println!(
         "Mean time per hop (each process's own gRPC metrics; each line includes the ones below it):"
@@ -1069,6 +1130,146 @@ async fn forward_loop(secs: u64, concurrency: usize, local: bool) -> anyhow::Res
     Ok(())
 }
 
+/// Measure the floor items and print each, then their sum on the forwarded path (a `Lat` whose
+/// p50 and p99 are the sums of the items' p50s and p99s, each times its count on the path).
+async fn print_floors(n: usize) -> anyhow::Result<Lat> {
+    let f = floors::measure(n).await?;
+    let mut sum = Lat {
+        name: "sum of the floors on the forwarded path".into(),
+        n,
+        p50_us: 0.0,
+        p90_us: 0.0,
+        p99_us: 0.0,
+    };
+    for (item, v) in f.items {
+        let times = floors::times_on_path(item);
+        let l = lat(&format!("floor: {item}"), v);
+        sum.p50_us += times * l.p50_us;
+        sum.p90_us += times * l.p90_us;
+        sum.p99_us += times * l.p99_us;
+    }
+    eprintln!(
+        "  {:<58} (2× UDS stream, 1× libp2p stream, 1 sign, 1 verify) p50={:.1}µs p99={:.1}µs",
+        sum.name, sum.p50_us, sum.p99_us
+    );
+    Ok(sum)
+}
+
+#[derive(serde::Serialize)]
+struct FloorsReport {
+    machine: String,
+    floors_sum: Lat,
+    direct: Lat,
+    forwarded: Lat,
+    loops: Vec<(LoopResult, LoopResult)>,
+}
+
+/// `fold-bench floors`: the floors, direct and forwarded latency, then load loops with CPU per
+/// query, and the issue's targets against them — all in one run.
+async fn floors_report(
+    n: usize,
+    secs: u64,
+    concurrency: &[usize],
+    out: &Path,
+) -> anyhow::Result<()> {
+    let machine = machine();
+    eprintln!("fold-bench floors on {machine}");
+    eprintln!("== floors: one message each way on something already open; signatures");
+    let floor = print_floors(n).await?;
+    eprintln!("== two nodes on loopback; sequential Query round trips, 1 KiB record");
+    let (a, b) = two_connected_nodes().await?;
+    let c = FoldNodeClient::new(channel(&a.grpc));
+    let seq = |target: String| {
+        let c = c.clone();
+        sequential(n, move || {
+            let mut c = c.clone();
+            let q = query(&target);
+            async move {
+                let r: QueryResponse = c.query(q).await?.into_inner();
+                if r.records.is_empty() {
+                    return Err(anyhow!("query returned nothing"));
+                }
+                Ok(())
+            }
+        })
+    };
+    let direct = lat("direct Query", seq(String::new()).await?);
+    let forwarded = lat("forwarded Query", seq(b.node_id.clone()).await?);
+    let added = forwarded.p50_us - direct.p50_us;
+    eprintln!(
+        "  forwarded − direct: p50 {added:.1} µs, p99 {:.1} µs; the floors' sum: p50 {:.1} µs, p99 {:.1} µs",
+        forwarded.p99_us - direct.p99_us,
+        floor.p50_us,
+        floor.p99_us
+    );
+    let mut loops = Vec::new();
+    for &conc in concurrency {
+        eprintln!(
+            "== {secs} s of direct, then {secs} s of forwarded queries at concurrency {conc}"
+        );
+        let d = load_loop(&a, &b, "", secs, conc).await?;
+        let f = load_loop(&a, &b, &b.node_id, secs, conc).await?;
+        eprintln!(
+            "  rate: direct {:.0}/s, forwarded {:.0}/s ({:.2} of direct)",
+            d.per_second,
+            f.per_second,
+            f.per_second / d.per_second.max(f64::MIN_POSITIVE)
+        );
+        eprintln!("  CPU per query (user + system, /proc/<pid>/stat):   direct  forwarded");
+        for ((what, du), (_, fu)) in d.cpu_us.iter().zip(&f.cpu_us) {
+            eprintln!("    {what:<44} {du:>6.1} µs {fu:>6.1} µs");
+        }
+        eprintln!(
+            "    {:<44} {:>6.1} µs {:>6.1} µs ({:.2}×)",
+            "all four mesh processes",
+            d.mesh_cpu_us(),
+            f.mesh_cpu_us(),
+            f.mesh_cpu_us() / d.mesh_cpu_us().max(f64::MIN_POSITIVE)
+        );
+        loops.push((d, f));
+    }
+    eprintln!("== issue 26 targets");
+    let check = |ok: bool| if ok { "met" } else { "MISSED" };
+    let r1 = forwarded.p50_us / direct.p50_us;
+    eprintln!(
+        "  forwarded p50 / direct p50 = {r1:.2} (target ≤ 5): {}",
+        check(r1 <= 5.0)
+    );
+    let r2 = added / floor.p50_us;
+    eprintln!(
+        "  (forwarded − direct) / sum of floors, p50 = {r2:.2} (target ≤ 1.5): {}",
+        check(r2 <= 1.5)
+    );
+    for (d, f) in &loops {
+        let r3 = f.mesh_cpu_us() / d.mesh_cpu_us().max(f64::MIN_POSITIVE);
+        eprintln!(
+            "  CPU per query, four processes, forwarded / direct at concurrency {} = {r3:.2} (target ≤ 4): {}",
+            d.concurrency,
+            check(r3 <= 4.0)
+        );
+        if d.concurrency == 32 {
+            let r4 = f.per_second / d.per_second.max(f64::MIN_POSITIVE);
+            eprintln!(
+                "  throughput at concurrency 32, forwarded / direct = {r4:.2} (target ≥ 0.30): {}",
+                check(r4 >= 0.30)
+            );
+        }
+    }
+    let report = FloorsReport {
+        machine,
+        floors_sum: floor,
+        direct,
+        forwarded,
+        loops,
+    };
+    std::fs::create_dir_all(out)?;
+    let file = out.join("floors.json");
+    std::fs::write(&file, serde_json::to_string_pretty(&report)?)?;
+    eprintln!("== wrote {}", file.display());
+    drop((a, b));
+    Ok(())
+}
+
 /// User + system CPU seconds a process has used so far (Linux `/proc/<pid>/stat`).
 fn cpu_secs(pid: Option<u32>) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid?)).ok()?;
@@ -1091,6 +1292,9 @@ fn main() -> std::process::ExitCode {
     };
     let result = match cli.command {
         Some(Cmd::EchoServer) => rt.block_on(echo::serve()),
+        Some(Cmd::Floors { concurrency }) => {
+            rt.block_on(floors_report(cli.n, cli.secs, &concurrency, &cli.out))
+        }
         Some(Cmd::ForwardLoop { concurrency, local }) => {
             rt.block_on(forward_loop(cli.secs, concurrency, local))
         }

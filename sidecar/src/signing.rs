@@ -9,7 +9,8 @@
 //! the deadline has not passed, and the request id (the nonce) was not seen before. A request
 //! that fails any check changes nothing.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use fold_proto::wire::{ForwardEnvelope, ForwardEnvelopeHeader, SignedEnvelope};
@@ -52,13 +53,75 @@ pub fn verify_bytes(key: &PublicKey, payload: &[u8], signature: &[u8]) -> bool {
     key.verify(&msg, signature)
 }
 
-/// The public key inside an Ed25519 (identity-multihash) PeerId.
+/// The public key inside an Ed25519 (identity-multihash) PeerId. Decoding it decompresses the
+/// curve point (a field square root and inversion), so the result is cached per peer: see
+/// [`identity_of`].
 pub fn public_key_of(peer: &PeerId) -> Option<PublicKey> {
+    identity_of(peer).map(|i| i.key)
+}
+
+/// Decode the key inside `peer` without the cache.
+fn decode_public_key(peer: &PeerId) -> Option<PublicKey> {
     let mh = peer.as_ref();
     if mh.code() != 0 {
         return None;
     }
     PublicKey::try_decode_protobuf(mh.digest()).ok()
+}
+
+/// A peer's identity as the hot path needs it: its public key, already decoded (the Ed25519
+/// point decompressed), and its id in base58, formatted once.
+#[derive(Clone, Debug)]
+pub struct PeerIdentity {
+    pub key: PublicKey,
+    pub id: Arc<str>,
+}
+
+/// Peers whose identity is kept decoded. The key is a pure function of the PeerId (an identity
+/// multihash of the encoded key), so a cached entry can never be stale or wrong for its id.
+pub const MAX_CACHED_IDENTITIES: usize = 4096;
+
+/// Decoded identities, bounded: when full it is cleared and refills from the peers that are
+/// still talking (a peer costs one decode more then, nothing else).
+struct IdentityCache {
+    max: usize,
+    map: HashMap<PeerId, PeerIdentity>,
+}
+
+impl IdentityCache {
+    fn new(max: usize) -> IdentityCache {
+        IdentityCache {
+            max: max.max(1),
+            map: HashMap::new(),
+        }
+    }
+
+    fn get(&mut self, peer: &PeerId) -> Option<PeerIdentity> {
+        if let Some(i) = self.map.get(peer) {
+            return Some(i.clone());
+        }
+        let identity = PeerIdentity {
+            key: decode_public_key(peer)?,
+            id: peer.to_string().into(),
+        };
+        if self.map.len() >= self.max {
+            self.map.clear();
+        }
+        self.map.insert(*peer, identity.clone());
+        Some(identity)
+    }
+}
+
+static IDENTITIES: LazyLock<Mutex<IdentityCache>> =
+    LazyLock::new(|| Mutex::new(IdentityCache::new(MAX_CACHED_IDENTITIES)));
+
+/// `peer`'s decoded key and base58 id (None when its id does not embed an Ed25519 key), from a
+/// bounded process-wide cache.
+pub fn identity_of(peer: &PeerId) -> Option<PeerIdentity> {
+    IDENTITIES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(peer)
 }
 
 /// Why an inbound envelope was refused; each has a metric label and a gRPC code.
@@ -204,7 +267,14 @@ impl Verifier {
             )
         })?;
         check_bounds(&header).map_err(|m| (Rejection::Oversized, m))?;
-        if header.origin_node_id != peer.to_string() {
+        // The peer's id as a string and its decoded key come from the cache: no base58
+        // formatting and no point decompression per request.
+        let identity = identity_of(peer);
+        let same_origin = match &identity {
+            Some(i) => header.origin_node_id == *i.id,
+            None => header.origin_node_id == peer.to_string(),
+        };
+        if !same_origin {
             return Err((
                 Rejection::WrongOrigin,
                 format!(
@@ -213,7 +283,7 @@ impl Verifier {
                 ),
             ));
         }
-        let Some(key) = public_key_of(peer) else {
+        let Some(PeerIdentity { key, .. }) = identity else {
             return Err((
                 Rejection::BadSignature,
                 format!("peer {peer} has no Ed25519 identity to verify against"),
@@ -401,6 +471,60 @@ mod tests {
         let mut v = Verifier::new(Duration::from_secs(30), MB);
         assert!(v.check(&peer, &env, now).is_ok());
         assert!(ForwardEnvelope::decode(env.payload.as_slice()).is_ok());
+    }
+
+    #[test]
+    fn the_identity_cache_is_bounded_and_matches_the_peer() {
+        let mut c = IdentityCache::new(3);
+        let peers: Vec<PeerId> = (0..10)
+            .map(|_| Keypair::generate_ed25519().public().to_peer_id())
+            .collect();
+        for p in &peers {
+            let i = c.get(p).expect("an Ed25519 peer has a key");
+            assert_eq!(i.key.to_peer_id(), *p);
+            assert_eq!(&*i.id, p.to_string().as_str());
+            assert!(c.map.len() <= 3);
+        }
+        // Served from the cache: the same answer as a fresh decode.
+        let again = c.get(&peers[9]).expect("cached");
+        assert_eq!(again.key.to_peer_id(), peers[9]);
+        // A PeerId that does not embed a key (a sha256 multihash) has none, and is not cached.
+        let hashed = PeerId::random();
+        assert!(c.get(&hashed).is_none());
+        assert!(c.map.len() <= 3 && !c.map.contains_key(&hashed));
+    }
+
+    #[test]
+    fn a_cached_key_still_refuses_a_wrong_signature() {
+        let key = Keypair::generate_ed25519();
+        let peer = key.public().to_peer_id();
+        let intruder = Keypair::generate_ed25519();
+        let now = 1_700_000_000_000;
+        let mut v = Verifier::new(Duration::from_secs(30), MB);
+        // The first request puts the peer's key into the cache.
+        assert!(v.check(&peer, &signed(&key, "c1", now), now).is_ok());
+        assert!(identity_of(&peer).is_some());
+        // The same header signed by another key: refused against the cached key.
+        let mut forged = seal(&intruder, &envelope(&key, "c2", now), Default::default()).unwrap();
+        assert_eq!(
+            v.check(&peer, &forged, now).unwrap_err().0,
+            Rejection::BadSignature
+        );
+        forged.signature[0] ^= 1;
+        assert_eq!(
+            v.check(&peer, &forged, now).unwrap_err().0,
+            Rejection::BadSignature
+        );
+        // And claiming another origin is still caught before the signature.
+        let other = intruder.public().to_peer_id();
+        let theirs = signed(&intruder, "c3", now);
+        assert_eq!(
+            v.check(&peer, &theirs, now).unwrap_err().0,
+            Rejection::WrongOrigin
+        );
+        assert!(v.check(&other, &theirs, now).is_ok());
+        // The refused nonce was not burnt.
+        assert!(v.check(&peer, &signed(&key, "c2", now), now).is_ok());
     }
 
     #[test]
