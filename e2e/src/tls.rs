@@ -38,3 +38,27 @@ pub fn material(client_cns: &[&str]) -> TlsMaterial {
         clients,
     )
 }
+
+/// A FoldNode client of `addr` over TLS trusting `ca` (the server is `localhost`), presenting the
+/// client certificate and key `identity` when given (mutual TLS).
+pub async fn fold_client(
+    addr: &str,
+    ca: &str,
+    identity: Option<(&str, &str)>,
+) -> fold_proto::v1::fold_node_client::FoldNodeClient<tonic::transport::Channel> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+        .domain_name("localhost");
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+    }
+    let ch = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+        .expect("an https endpoint")
+        .tls_config(tls)
+        .expect("a TLS configuration")
+        .connect()
+        .await
+        .expect("a TLS connection");
+    fold_proto::v1::fold_node_client::FoldNodeClient::new(ch)
+}

@@ -275,31 +275,6 @@ async fn routed_reads_never_use_an_impostor_provider() {
     assert!(e.message().contains("definition_hash"), "{e:?}");
 }
 
-fn install_crypto() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-async fn tls_client(
-    addr: &str,
-    ca: &str,
-    cert: &str,
-    key: &str,
-) -> fold_proto::v1::fold_node_client::FoldNodeClient<tonic::transport::Channel> {
-    install_crypto();
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
-        .domain_name("localhost")
-        .identity(tonic::transport::Identity::from_pem(cert, key));
-    let ch = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    fold_proto::v1::fold_node_client::FoldNodeClient::new(ch)
-}
-
 /// Read until a change arrives, then until the stream ends; the end's status.
 async fn first_change_then_end(
     s: &mut tonic::Streaming<fold_proto::v1::SubscribeResponse>,
@@ -384,7 +359,7 @@ async fn deny_ends_local_and_remote_subscriptions() {
         .unwrap();
     }
     let (_, ccert, ckey) = &clients[0];
-    let mut alice = tls_client(&b.node.grpc, &ca, ccert, ckey).await;
+    let mut alice = foldmesh_e2e::tls::fold_client(&b.node.grpc, &ca, Some((ccert, ckey))).await;
     let sub = |target: &str| SubscribeRequest {
         schema: "Vault".into(),
         fields: vec!["id".into(), "n".into()],

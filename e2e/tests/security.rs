@@ -586,32 +586,6 @@ fn tls_material() -> foldmesh_e2e::tls::TlsMaterial {
     foldmesh_e2e::tls::material(&["trusted-client", "far-client", "listed-client"])
 }
 
-fn install_crypto() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-async fn tls_client(
-    addr: &str,
-    ca: &str,
-    identity: Option<(&str, &str)>,
-) -> fold_proto::v1::fold_node_client::FoldNodeClient<tonic::transport::Channel> {
-    install_crypto();
-    let mut tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
-        .domain_name("localhost");
-    if let Some((cert, key)) = identity {
-        tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
-    }
-    let ch = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    fold_proto::v1::fold_node_client::FoldNodeClient::new(ch)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mtls_identities_map_to_trust_distances() {
     let (ca, (cert, key), clients) = tls_material();
@@ -654,7 +628,7 @@ async fn mtls_identities_map_to_trust_distances() {
         json!({"counts_by_pub_key": {"listed-client": 1}});
     let s = schema("Private", None, json!({"secret": near_field}));
     let (tcert, tkey) = (&clients[0].1, &clients[0].2);
-    let mut trusted = tls_client(&node.grpc, &ca, Some((tcert, tkey))).await;
+    let mut trusted = foldmesh_e2e::tls::fold_client(&node.grpc, &ca, Some((tcert, tkey))).await;
     trusted.load_schema(load_req(&s, true)).await.unwrap();
     trusted
         .mutate(mutate_req(
@@ -668,7 +642,8 @@ async fn mtls_identities_map_to_trust_distances() {
     let r = trusted.query(q()).await.unwrap().into_inner();
     assert_eq!(records(&r)[0].1, json!({"secret": "s3cr3t"}));
 
-    let mut far = tls_client(&node.grpc, &ca, Some((&clients[1].1, &clients[1].2))).await;
+    let mut far =
+        foldmesh_e2e::tls::fold_client(&node.grpc, &ca, Some((&clients[1].1, &clients[1].2))).await;
     // Only the listed admin identity may manage the node; distance 3 may not.
     let e = far.load_schema(load_req(&s, true)).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
@@ -677,12 +652,13 @@ async fn mtls_identities_map_to_trust_distances() {
     assert_eq!(e.code(), Code::PermissionDenied);
     assert!(e.message().contains("client:far-client is at 3"), "{e:?}");
 
-    let mut anonymous = tls_client(&node.grpc, &ca, None).await;
+    let mut anonymous = foldmesh_e2e::tls::fold_client(&node.grpc, &ca, None).await;
     let e = anonymous.query(q()).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     assert!(e.message().contains("client:local is at 5"), "{e:?}");
 
-    let mut listed = tls_client(&node.grpc, &ca, Some((&clients[2].1, &clients[2].2))).await;
+    let mut listed =
+        foldmesh_e2e::tls::fold_client(&node.grpc, &ca, Some((&clients[2].1, &clients[2].2))).await;
     let r = listed.query(q()).await.unwrap().into_inner();
     assert_eq!(
         records(&r)[0].1,
@@ -746,7 +722,8 @@ async fn mtls_identities_map_to_trust_distances() {
         Err(_) => true,
     };
     assert!(refused, "a client without a certificate was served");
-    let mut unlisted = tls_client(&node.grpc, &ca, Some((&clients[1].1, &clients[1].2))).await;
+    let mut unlisted =
+        foldmesh_e2e::tls::fold_client(&node.grpc, &ca, Some((&clients[1].1, &clients[1].2))).await;
     let e = unlisted.load_schema(load_req(&s, true)).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     let e = unlisted.query(q()).await.unwrap_err();
@@ -861,7 +838,7 @@ async fn captures_show_no_plaintext_over_tls_and_noise() {
         .load_schema(load_req(&notes(), true))
         .await
         .unwrap();
-    let mut a = tls_client(&na.grpc, &ca, None).await;
+    let mut a = foldmesh_e2e::tls::fold_client(&na.grpc, &ca, None).await;
     foldmesh_e2e::mesh::eventually(
         "node A to see its sidecar",
         Duration::from_secs(10),

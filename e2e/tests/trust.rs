@@ -248,27 +248,6 @@ async fn forwarded_requests_are_checked_with_the_path_distance() {
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
 }
 
-async fn tls_client(
-    addr: &str,
-    ca: &str,
-    cert: &str,
-    key: &str,
-) -> fold_proto::v1::fold_node_client::FoldNodeClient<tonic::transport::Channel> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
-        .domain_name("localhost")
-        .identity(tonic::transport::Identity::from_pem(cert, key));
-    let ch = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    fold_proto::v1::fold_node_client::FoldNodeClient::new(ch)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn path_distance_applies_to_mtls_identities() {
     let (ca, (cert, key), clients) = foldmesh_e2e::tls::material(&["ops", "partner"]);
@@ -301,8 +280,12 @@ async fn path_distance_applies_to_mtls_identities() {
     a.trust(&b.id, 1).await;
     seed_b(&b).await;
     a.dial(&b).await;
-    let mut ops = tls_client(&a.node.grpc, &ca, &clients[0].1, &clients[0].2).await;
-    let mut partner = tls_client(&a.node.grpc, &ca, &clients[1].1, &clients[1].2).await;
+    let mut ops =
+        foldmesh_e2e::tls::fold_client(&a.node.grpc, &ca, Some((&clients[0].1, &clients[0].2)))
+            .await;
+    let mut partner =
+        foldmesh_e2e::tls::fold_client(&a.node.grpc, &ca, Some((&clients[1].1, &clients[1].2)))
+            .await;
     // ops: 1 + 0 = 1 ≤ 2; partner: 1 + 3 = 4 > 2.
     let r = ops
         .query(remote(query_req("Ledger", &["secret"], None), &b.id))
