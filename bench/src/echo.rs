@@ -81,6 +81,7 @@ pub async fn serve() -> anyhow::Result<()> {
         }],
         node_id: String::new(),
         replica: None,
+        group: None,
     };
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = l.local_addr()?;

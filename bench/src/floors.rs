@@ -85,6 +85,7 @@ fn answer() -> ForwardResponse {
             }],
             node_id: String::new(),
             replica: None,
+            group: None,
         })),
     }
 }

@@ -284,6 +284,7 @@ pub fn query(target: &str) -> QueryRequest {
         }),
         target_node_id: target.into(),
         definition_hash: Default::default(),
+        consistency: 0,
     }
 }
 

@@ -149,6 +149,7 @@ fn point_query(k: &str, target: &str) -> QueryRequest {
         }),
         target_node_id: target.into(),
         definition_hash: String::new(),
+        consistency: 0,
     }
 }
 

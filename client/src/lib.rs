@@ -273,6 +273,7 @@ impl Client {
                 filter: q.filter.as_ref().map(Filter::to_proto),
                 target_node_id,
                 definition_hash: Default::default(),
+                consistency: 0,
             }))
             .await?
             .into_inner())

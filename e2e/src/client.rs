@@ -82,6 +82,7 @@ pub fn query_req(schema: &str, fields: &[&str], filter: Option<RangeFilter>) -> 
         filter,
         target_node_id: String::new(),
         definition_hash: Default::default(),
+        consistency: 0,
     }
 }
 

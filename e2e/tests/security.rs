@@ -384,6 +384,7 @@ async fn hostile_peer_is_refused_counted_and_changes_nothing() {
             filter: None,
             target_node_id: String::new(),
             definition_hash: Default::default(),
+            consistency: 0,
         })
         .await
         .unwrap()
@@ -1039,6 +1040,7 @@ async fn a_flooding_peer_is_throttled_and_others_are_not() {
             filter: None,
             target_node_id: t.clone(),
             definition_hash: Default::default(),
+            consistency: 0,
         })),
     };
 
@@ -1127,6 +1129,7 @@ async fn a_peer_that_never_reads_its_answers_does_not_stop_other_peers() {
             filter: None,
             target_node_id: t.clone(),
             definition_hash: String::new(),
+            consistency: 0,
         })),
     };
 

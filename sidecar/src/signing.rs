@@ -367,6 +367,7 @@ mod tests {
                     filter: None,
                     target_node_id: "target".into(),
                     definition_hash: Default::default(),
+                    consistency: 0,
                 })),
             }),
         }

@@ -40,6 +40,7 @@ fn envelope(origin: String, id: String, fields: Vec<String>, ts: u64) -> Forward
                 filter: None,
                 target_node_id: "t".into(),
                 definition_hash: Default::default(),
+                consistency: 0,
             })),
         }),
     }

@@ -44,6 +44,7 @@ impl NodeHandler for FakeNode {
                 records: vec![],
                 node_id: self.name.clone(),
                 replica: None,
+                group: None,
             })),
         }
     }
@@ -141,6 +142,7 @@ fn envelope(from: &Keypair, target: &PeerId, id: &str) -> fold_proto::wire::Sign
                 filter: None,
                 target_node_id: target.to_string(),
                 definition_hash: Default::default(),
+                consistency: 0,
             })),
         }),
     };

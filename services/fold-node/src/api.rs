@@ -622,6 +622,27 @@ impl Network for NetworkApi {
         Ok(Response::new(SetTrustResponse { entry: Some(e) }))
     }
 
+    async fn create_group(
+        &self,
+        _request: Request<CreateGroupRequest>,
+    ) -> Result<Response<CreateGroupResponse>, Status> {
+        Err(Status::unimplemented("schema groups are being wired in"))
+    }
+
+    async fn change_group_members(
+        &self,
+        _request: Request<ChangeGroupMembersRequest>,
+    ) -> Result<Response<ChangeGroupMembersResponse>, Status> {
+        Err(Status::unimplemented("schema groups are being wired in"))
+    }
+
+    async fn list_groups(
+        &self,
+        _request: Request<ListGroupsRequest>,
+    ) -> Result<Response<ListGroupsResponse>, Status> {
+        Err(Status::unimplemented("schema groups are being wired in"))
+    }
+
     async fn topology(
         &self,
         request: Request<TopologyRequest>,

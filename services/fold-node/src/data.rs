@@ -549,6 +549,7 @@ impl Data {
             node_id: String::new(),
             next_page_token,
             replica,
+            group: None,
         })
     }
 

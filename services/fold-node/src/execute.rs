@@ -19,7 +19,7 @@ pub fn target_of(op: &operation::Kind) -> &str {
         operation::Kind::History(h) => &h.target_node_id,
         operation::Kind::Mutate(m) => &m.target_node_id,
         operation::Kind::BatchMutate(b) => &b.target_node_id,
-        operation::Kind::Changes(_) | operation::Kind::Peers(_) => "",
+        operation::Kind::Changes(_) | operation::Kind::Peers(_) | operation::Kind::Raft(_) => "",
     }
 }
 
@@ -104,9 +104,9 @@ impl Executor {
                 })?)
             }
             operation::Kind::Changes(c) => R::Changes(data.changes(who, c, deadline).await?),
-            operation::Kind::Peers(_) => {
+            operation::Kind::Peers(_) | operation::Kind::Raft(_) => {
                 return Err(NodeError::internal(
-                    "a peers request is answered by the peer request service",
+                    "a peers or raft request is answered by the peer request service",
                 ));
             }
         })

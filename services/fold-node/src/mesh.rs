@@ -371,6 +371,7 @@ impl MeshLink {
             operation::Kind::BatchMutate(_) => "batch_mutate",
             operation::Kind::History(_) => "history",
             operation::Kind::Changes(_) => "changes",
+            operation::Kind::Raft(_) => "raft",
         };
         let result = self.forward_inner(target, op, requester, deadline).await;
         let outcome = match &result {

@@ -356,6 +356,7 @@ fn op_label(op: Option<&operation::Kind>) -> (&'static str, String) {
         Some(operation::Kind::BatchMutate(b)) => ("batch_mutate", b.schema.clone()),
         Some(operation::Kind::History(h)) => ("history", h.schema.clone()),
         Some(operation::Kind::Changes(c)) => ("changes", c.schema.clone()),
+        Some(operation::Kind::Raft(r)) => ("raft", r.group.clone()),
         None => ("none", String::new()),
     }
 }
@@ -369,7 +370,7 @@ fn op_bounds(op: Option<&operation::Kind>) -> Result<(), NodeError> {
         Some(operation::Kind::Mutate(m)) => m.check_bounds(),
         Some(operation::Kind::BatchMutate(b)) => b.check_bounds(),
         Some(operation::Kind::Changes(c)) => c.check_bounds(),
-        Some(operation::Kind::Peers(_)) | None => Ok(()),
+        Some(operation::Kind::Peers(_) | operation::Kind::Raft(_)) | None => Ok(()),
     }
 }
 
