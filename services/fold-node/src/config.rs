@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use local_link::LinkAddr;
 
-use crate::identity::{AdminDistance, TrustPolicy, TrustSeed, UnknownPeerPolicy};
+use crate::access::identity::{AdminDistance, TrustPolicy, TrustSeed, UnknownPeerPolicy};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -222,7 +222,7 @@ pub struct Config {
     /// node read every field. Writes to it here are refused with FAILED_PRECONDITION naming the
     /// owner; Network.Status shows each replica's lag.
     #[arg(long = "follow", env = "FOLD_FOLLOW", value_delimiter = ',')]
-    pub follow: Vec<crate::follow::FollowSpec>,
+    pub follow: Vec<crate::replication::follow::FollowSpec>,
 
     /// How many changes a live subscriber (FoldNode.Subscribe) that does not keep up may fall
     /// behind the schema's head before its stream is ended with RESOURCE_EXHAUSTED (it then
@@ -315,7 +315,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let bytes = n
         .checked_mul(mult)
         .ok_or_else(|| format!("'{s}' is too large"))?;
-    if bytes < crate::store::MIN_CACHE_BYTES {
+    if bytes < crate::storage::store::MIN_CACHE_BYTES {
         return Err(format!(
             "'{s}' is {bytes} bytes; the cache needs at least 1MiB"
         ));

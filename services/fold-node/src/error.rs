@@ -1,16 +1,14 @@
 //! The node's one error type, [`NodeError`], and its one mapping to a gRPC status.
 //!
-//! Domain code (data, routing, following, subscriptions, the mesh link …) returns `NodeError`;
-//! the API edge ([`crate::api`], [`crate::peer_requests`]) turns it into a `tonic::Status`
+//! Domain code (data, routing, following, subscriptions, the mesh link …) returns `NodeError`
+//! (each lower-level error — storage, field policies, the writer — converts into it beside its
+//! own definition, so this module depends on nothing of the crate);
+//! the API edge ([`crate::api`], [`crate::api::peer_requests`]) turns it into a `tonic::Status`
 //! through the single `From<NodeError> for Status` below. Each variant is one gRPC code class
 //! and carries the message the client sees, unchanged. [`is_callee_failure`] is the one place
 //! deciding whether a code means "the callee did not answer" rather than "it refused".
 
 use tonic::{Code, Status};
-
-use crate::commit::JobError;
-use crate::permissions::Denied;
-use crate::store::{MutationError, StoreError};
 
 /// Trailer of a refused BatchMutate naming the failing record's index.
 pub const FAILED_RECORD_TRAILER: &str = "fold-failed-record";
@@ -139,57 +137,6 @@ impl std::fmt::Display for NodeError {
 }
 
 impl std::error::Error for NodeError {}
-
-/// Storage errors: a cancelled scan, a refusal by the data, else a storage failure (logged).
-impl From<StoreError> for NodeError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::Cancelled => NodeError::cancelled(e.to_string()),
-            StoreError::Refused(m) => NodeError::failed_precondition(m),
-            e => {
-                tracing::error!(error = %e, "storage failure");
-                NodeError::internal(e.to_string())
-            }
-        }
-    }
-}
-
-/// A field policy's refusal.
-impl From<Denied> for NodeError {
-    fn from(e: Denied) -> Self {
-        match e {
-            Denied::NotWritable { .. } => NodeError::failed_precondition(e.to_string()),
-            Denied::Distance { .. } => NodeError::permission_denied(e.to_string()),
-        }
-    }
-}
-
-/// A mutation the data refused.
-impl From<MutationError> for NodeError {
-    fn from(e: MutationError) -> Self {
-        match e {
-            MutationError::AlreadyExists { .. } => NodeError::already_exists(e.to_string()),
-            MutationError::Missing(_) => NodeError::not_found(e.to_string()),
-            MutationError::Store(e) => e.into(),
-            MutationError::KeyReused(_) => NodeError::failed_precondition(e.to_string()),
-        }
-    }
-}
-
-/// A write the group-commit writer could not commit.
-impl From<JobError> for NodeError {
-    fn from(e: JobError) -> Self {
-        match e {
-            JobError::Refused { error, .. } => error.into(),
-            JobError::Storage(msg) => {
-                tracing::error!(error = %msg, "storage failure");
-                NodeError::internal(msg)
-            }
-            JobError::Stopped => NodeError::unavailable(e.to_string()),
-            JobError::Group { code, message } => NodeError::new(code, message),
-        }
-    }
-}
 
 /// Did the callee (another node, the sidecar link, the path between) fail to answer, rather
 /// than answer with a refusal? UNAVAILABLE (unreachable), DEADLINE_EXCEEDED (too slow) and

@@ -423,7 +423,8 @@ impl NodeMetrics {
             .inc();
     }
 
-    pub fn route_peer(&self, node: &str, stats: &crate::balance::EndpointStats) {
+    /// A provider's routing estimate: its decayed latency and requests in flight.
+    pub fn route_peer(&self, node: &str, latency: std::time::Duration, in_flight: u32) {
         let labels = TargetLabels {
             target: if node.is_empty() {
                 "self".to_string()
@@ -433,10 +434,10 @@ impl NodeMetrics {
         };
         self.route_peer_latency
             .get_or_create(&labels)
-            .set(stats.latency.as_secs_f64());
+            .set(latency.as_secs_f64());
         self.route_peer_in_flight
             .get_or_create(&labels)
-            .set(i64::from(stats.in_flight));
+            .set(i64::from(in_flight));
     }
 
     pub fn peer_request(&self, op: &'static str, outcome: &'static str, started: Instant) {

@@ -28,15 +28,15 @@ use tonic_health::server::{HealthReporter, HealthService};
 use tower::layer::util::{Identity, Stack};
 use tower::util::Either;
 
+use crate::access::identity::{CertIdentity, Identities};
+use crate::api::peer_requests::PeerRequestsApi;
 use crate::api::{FoldNodeApi, NetworkApi, OwnerConnection};
 use crate::config::Config;
-use crate::data::Data;
-use crate::identity::{CertIdentity, Identities};
-use crate::mesh::{MeshLink, MeshOptions, NETWORK_SERVICE};
+use crate::link::mesh::{MeshLink, MeshOptions, NETWORK_SERVICE};
 use crate::metrics::NodeMetrics;
-use crate::peer_requests::PeerRequestsApi;
-use crate::route::{RouteOptions, Router};
-use crate::store::Store;
+use crate::ops::data::Data;
+use crate::routing::route::{RouteOptions, Router};
+use crate::storage::store::Store;
 
 /// Resolves when SIGTERM or SIGINT arrives.
 async fn shutdown_signal() {
@@ -231,7 +231,7 @@ fn register_metrics() -> Metrics {
     let server = GrpcMetrics::register(&mut reg, Side::Server, &sets);
     let client = GrpcMetrics::register(&mut reg, Side::Client, &sets);
     let refusals = RefusalMetrics::register(&mut reg, "fold");
-    crate::groups::status::register(&mut reg);
+    crate::replication::groups::status::register(&mut reg);
     drop(reg);
     Metrics {
         registry,
@@ -284,7 +284,7 @@ fn start_data(config: &Config, store: &Store, metrics: &Metrics) -> anyhow::Resu
         store.clone(),
         identities,
         metrics.node.clone(),
-        crate::subscribe::SubscribeLimits {
+        crate::ops::subscribe::SubscribeLimits {
             buffer: size(config.subscription_buffer),
             max_subscriptions: config.max_subscriptions,
             per_client: size(config.max_subscriptions_per_client),
@@ -298,8 +298,8 @@ fn start_data(config: &Config, store: &Store, metrics: &Metrics) -> anyhow::Resu
 }
 
 /// The schema groups' timings and log compaction, from the command line.
-fn group_settings(config: &Config) -> anyhow::Result<crate::groups::GroupSettings> {
-    let mut s = crate::groups::GroupSettings::default();
+fn group_settings(config: &Config) -> anyhow::Result<crate::replication::groups::GroupSettings> {
+    let mut s = crate::replication::groups::GroupSettings::default();
     let c = &mut s.config;
     c.heartbeat_interval = Duration::from_millis(config.group_heartbeat_ms);
     c.election_timeout_min = Duration::from_millis(config.group_election_timeout_ms);
@@ -392,7 +392,7 @@ fn mesh_link(
 /// Routing of schema-addressed reads, over the executor (here or through the link).
 fn router(config: &Config, data: &Data, mesh: &MeshLink, metrics: &Metrics) -> Router {
     Router::new(
-        crate::execute::Executor::new(data.clone(), Arc::new(mesh.clone())),
+        crate::ops::execute::Executor::new(data.clone(), Arc::new(mesh.clone())),
         metrics.node.clone(),
         RouteOptions {
             provider_ttl: Duration::from_secs(config.provider_ttl_secs),
@@ -714,7 +714,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     )?;
     start_groups(&data, &mesh);
     // Followed schemas are read-only from the first request on.
-    crate::follow::start(
+    crate::replication::follow::start(
         &config.follow,
         data.replicas(),
         store.clone(),

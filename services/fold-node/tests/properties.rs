@@ -2,8 +2,8 @@
 //! input: schema JSON, range filters and glob patterns. Each property runs hundreds of generated
 //! cases; failures shrink to a minimal input.
 
-use fold_node::filter::{KeyFilter, glob_match};
-use fold_node::schema;
+use fold_node::model::filter::{KeyFilter, glob_match};
+use fold_node::storage::schema;
 use proptest::prelude::*;
 use serde_json::{Value as Json, json};
 
@@ -121,7 +121,7 @@ proptest! {
             0 => KeyFilter::Key(a.clone()),
             1 => KeyFilter::Prefix(a.clone()),
             2 => KeyFilter::Range { start: a.clone().min(b.clone()), end: a.clone().max(b.clone()) },
-            _ => KeyFilter::Pattern(fold_node::filter::Glob::new(&format!("{a}*{b}"))),
+            _ => KeyFilter::Pattern(fold_node::model::filter::Glob::new(&format!("{a}*{b}"))),
         };
         let start = filter.scan_start();
         let mut scanned = Vec::new();

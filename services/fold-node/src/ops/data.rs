@@ -15,15 +15,15 @@ use fold_proto::v1::{
 use prost::Message;
 use serde_json::{Map, Value as Json};
 
-use crate::commit::{Committer, JobError, Limits};
-use crate::distance::Requester;
+use crate::access::identity::{Identities, Principal};
+use crate::access::permissions::{self, Access};
 use crate::error::NodeError;
-use crate::filter::KeyFilter;
-use crate::identity::{Identities, Principal};
 use crate::metrics::NodeMetrics;
-use crate::permissions::{self, Access};
-use crate::schema::{self, Schema};
-use crate::store::{
+use crate::model::distance::Requester;
+use crate::model::filter::KeyFilter;
+use crate::storage::commit::{Committer, JobError, Limits};
+use crate::storage::schema::{self, Schema};
+use crate::storage::store::{
     Idempotency, LoadError, LoadOutcome, MutationKind, MutationPlan, RowsError, SchemaState, Store,
     StoreError, VersionRecord,
 };
@@ -55,17 +55,17 @@ pub struct Data {
     /// The group-commit writer every mutation goes through.
     commits: Committer,
     idempotency_window_ms: u64,
-    pager: crate::paging::Pager,
+    pager: crate::ops::paging::Pager,
     /// Live changes for subscribers, published by the group-commit writer.
-    hub: crate::hub::ChangeHub,
+    hub: crate::storage::hub::ChangeHub,
     /// One slot per open subscription (--max-subscriptions, and per client).
-    subscriptions: crate::slots::ClientSlots,
+    subscriptions: crate::ops::slots::ClientSlots,
     /// One slot per running Scan (--max-scans, and per client).
-    scans: crate::slots::ClientSlots,
+    scans: crate::ops::slots::ClientSlots,
     /// The schemas this node follows (read-only replicas of another node's).
-    replicas: crate::follow::Replicas,
+    replicas: crate::replication::follow::Replicas,
     /// The schema groups this node is a member of: their writes go through Raft.
-    groups: crate::groups::Groups,
+    groups: crate::replication::groups::Groups,
 }
 
 /// Set when the request that started a blocking scan is dropped (the client went away, or a
@@ -270,32 +270,32 @@ impl Data {
         store: Store,
         identities: Identities,
         metrics: Arc<NodeMetrics>,
-        subscribe: crate::subscribe::SubscribeLimits,
+        subscribe: crate::ops::subscribe::SubscribeLimits,
     ) -> std::io::Result<Self> {
-        let hub = crate::hub::ChangeHub::new(subscribe.buffer);
+        let hub = crate::storage::hub::ChangeHub::new(subscribe.buffer);
         let commits = Committer::start(
             store.clone(),
             metrics.clone(),
             Limits::default(),
             hub.clone(),
         )?;
-        let pager = crate::paging::Pager::load(&store).map_err(std::io::Error::other)?;
-        let groups = crate::groups::Groups::new(
+        let pager = crate::ops::paging::Pager::load(&store).map_err(std::io::Error::other)?;
+        let groups = crate::replication::groups::Groups::new(
             store.clone(),
             hub.clone(),
-            crate::groups::GroupSettings::default(),
+            crate::replication::groups::GroupSettings::default(),
         );
         Ok(Data {
             groups,
-            replicas: crate::follow::Replicas::default(),
+            replicas: crate::replication::follow::Replicas::default(),
             hub,
-            subscriptions: crate::slots::ClientSlots::new(
+            subscriptions: crate::ops::slots::ClientSlots::new(
                 subscribe.max_subscriptions,
                 subscribe.per_client,
                 "subscriptions",
                 "--max-subscriptions, --max-subscriptions-per-client",
             ),
-            scans: crate::slots::ClientSlots::new(
+            scans: crate::ops::slots::ClientSlots::new(
                 subscribe.max_scans,
                 subscribe.scans_per_client,
                 "scans",
@@ -317,13 +317,17 @@ impl Data {
     }
 
     /// Settings of the schema groups (before any is opened).
-    pub fn with_group_settings(mut self, mut settings: crate::groups::GroupSettings) -> Self {
+    pub fn with_group_settings(
+        mut self,
+        mut settings: crate::replication::groups::GroupSettings,
+    ) -> Self {
         settings.idempotency_window_ms = self.idempotency_window_ms;
-        self.groups = crate::groups::Groups::new(self.store.clone(), self.hub.clone(), settings);
+        self.groups =
+            crate::replication::groups::Groups::new(self.store.clone(), self.hub.clone(), settings);
         self
     }
 
-    pub fn groups(&self) -> &crate::groups::Groups {
+    pub fn groups(&self) -> &crate::replication::groups::Groups {
         &self.groups
     }
 
@@ -383,18 +387,18 @@ impl Data {
         &self.store
     }
 
-    pub fn replicas(&self) -> &crate::follow::Replicas {
+    pub fn replicas(&self) -> &crate::replication::follow::Replicas {
         &self.replicas
     }
 
-    pub fn hub(&self) -> &crate::hub::ChangeHub {
+    pub fn hub(&self) -> &crate::storage::hub::ChangeHub {
         &self.hub
     }
 
     /// Refuse writes to a schema this node follows.
     fn writable(&self, schema: &str) -> Result<(), NodeError> {
         match self.replicas.source_of(schema) {
-            Some(source) => Err(crate::follow::read_only(schema, &source)),
+            Some(source) => Err(crate::replication::follow::read_only(schema, &source)),
             None => Ok(()),
         }
     }
@@ -760,7 +764,7 @@ impl Data {
         plans: Vec<MutationPlan>,
         bytes: usize,
         idempotency: Option<Idempotency>,
-    ) -> Result<crate::commit::Committed, JobError> {
+    ) -> Result<crate::storage::commit::Committed, JobError> {
         let started = std::time::Instant::now();
         let r = match self.groups.get(&schema.name) {
             // A schema group's write is proposed to the group (this node leads it; else the
@@ -859,14 +863,14 @@ impl Data {
     pub fn subscription_permit(
         &self,
         who: &Principal,
-    ) -> Result<crate::slots::ClientSlot, NodeError> {
+    ) -> Result<crate::ops::slots::ClientSlot, NodeError> {
         self.subscriptions
             .acquire(&who.identity_key())
             .inspect_err(|_| self.metrics.subscription_end("full"))
     }
 
     /// A slot for one more running Scan of `who` (--max-scans, per client).
-    pub fn scan_slot(&self, who: &Principal) -> Result<crate::slots::ClientSlot, NodeError> {
+    pub fn scan_slot(&self, who: &Principal) -> Result<crate::ops::slots::ClientSlot, NodeError> {
         self.scans.acquire(&who.identity_key())
     }
 
@@ -880,8 +884,8 @@ impl Data {
         who: &Principal,
         req: v1::SubscribeRequest,
         node_id: String,
-    ) -> Result<crate::subscribe::SubscriptionStream, NodeError> {
-        use crate::subscribe::{self, Selection};
+    ) -> Result<crate::ops::subscribe::SubscriptionStream, NodeError> {
+        use crate::ops::subscribe::{self, Selection};
         let requester = self.requester(who)?;
         let schema = self.usable_schema(&req.schema)?;
         let requester = self.read_requester(requester, &schema.name).await?;
@@ -1003,7 +1007,7 @@ impl Data {
                 .map_err(NodeError::from)?;
             let mut after_digest = String::new();
             if digest && page.first().is_some_and(|e| e.sequence == after) {
-                after_digest = crate::follow::change_digest(&page.remove(0));
+                after_digest = crate::replication::follow::change_digest(&page.remove(0));
             }
             Ok((page, after_digest))
         })
@@ -1020,7 +1024,7 @@ impl Data {
     /// `snapshot`): a replica's request only (every field, the same definition).
     async fn snapshot(
         &self,
-        sel: crate::subscribe::Selection,
+        sel: crate::ops::subscribe::Selection,
         requester: &Requester,
         req: &fold_proto::wire::ChangesRequest,
     ) -> Result<fold_proto::wire::ChangesResponse, NodeError> {
@@ -1047,7 +1051,7 @@ impl Data {
             .cells
             .into_iter()
             .filter_map(|(field, key, v)| {
-                sel.view(&crate::store::ChangeEvent {
+                sel.view(&crate::storage::store::ChangeEvent {
                     schema: sel.schema.name.clone(),
                     sequence: v.seq,
                     range_key: key,
@@ -1074,7 +1078,7 @@ impl Data {
         schema: &Arc<Schema>,
         requester: &Requester,
         req: &fold_proto::wire::ChangesRequest,
-    ) -> Result<crate::subscribe::Selection, NodeError> {
+    ) -> Result<crate::ops::subscribe::Selection, NodeError> {
         let fields = if !req.fields.is_empty() || req.readable_only {
             readable_fields(schema, requester, &req.fields)?
         } else {
@@ -1090,7 +1094,7 @@ impl Data {
             }
             (_, f) => KeyFilter::from_proto(f).map_err(NodeError::invalid_argument)?,
         };
-        Ok(crate::subscribe::Selection {
+        Ok(crate::ops::subscribe::Selection {
             schema: schema.clone(),
             fields,
             filter,
@@ -1106,13 +1110,13 @@ impl Data {
         req: &fold_proto::wire::ChangesRequest,
         mut rx: tokio::sync::broadcast::Receiver<u64>,
         deadline: Option<std::time::SystemTime>,
-    ) -> Result<crate::store::LogBounds, NodeError> {
+    ) -> Result<crate::storage::store::LogBounds, NodeError> {
         const MAX_WAIT_MS: u32 = 5000;
         let store = self.store.clone();
         let mut bounds =
             tokio::task::block_in_place(|| store.log_bounds(name)).map_err(NodeError::from)?;
         if req.after_sequence.saturating_add(1) < bounds.oldest {
-            return Err(crate::subscribe::out_of_range(
+            return Err(crate::ops::subscribe::out_of_range(
                 name,
                 req.after_sequence,
                 bounds.oldest,
@@ -1182,8 +1186,8 @@ fn same_definition(
 /// change that would pass it waits for the next answer, and one that alone is over it is sent
 /// in parts from `chunk_offset`.
 fn changes_page(
-    sel: &crate::subscribe::Selection,
-    page: &[crate::store::ChangeEvent],
+    sel: &crate::ops::subscribe::Selection,
+    page: &[crate::storage::store::ChangeEvent],
     after: u64,
     chunk_offset: u64,
 ) -> Result<fold_proto::wire::ChangesResponse, NodeError> {

@@ -1,17 +1,17 @@
 //! Execution of one operation: here (on [`Data`]) or forwarded through the [`Link`] to the node
-//! it names. Below routing ([`crate::route`]), above the link; both the public API (through
-//! [`crate::pipeline`]) and routing run operations through it.
+//! it names. Below routing ([`crate::routing::route`]), above the link; both the public API (through
+//! [`crate::routing::pipeline`]) and routing run operations through it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use fold_proto::wire::{forward_response, operation};
 
-use crate::data::Data;
+use crate::access::identity::Principal;
 use crate::error::NodeError;
-use crate::groups::{NOTHING_WRITTEN, WriteTarget};
-use crate::identity::Principal;
 use crate::link::Link;
+use crate::ops::data::Data;
+use crate::replication::groups::{NOTHING_WRITTEN, WriteTarget};
 
 /// The node an operation is addressed to (empty: this node, or no node named).
 pub fn target_of(op: &operation::Kind) -> &str {

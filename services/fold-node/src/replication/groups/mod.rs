@@ -23,10 +23,10 @@ use fold_group::{Group, GroupConfig, GroupId, Node, NodeId, ReadError, WriteErro
 use fold_proto::wire::RaftMessage;
 use tracing::Instrument;
 
-use crate::commit::{Committed, JobError};
 use crate::error::NodeError;
-use crate::hub::ChangeHub;
-use crate::store::{Idempotency, MutationPlan, Store};
+use crate::storage::commit::{Committed, JobError};
+use crate::storage::hub::ChangeHub;
+use crate::storage::store::{Idempotency, MutationPlan, Store};
 
 pub use machine::SchemaMachine;
 pub use transport::{Directory, MeshTransport, member_id};
@@ -301,16 +301,18 @@ impl Groups {
                 "schema '{schema}' is not loaded on this node: it cannot be a member of its group"
             )));
         };
-        let who = crate::distance::Requester {
+        let who = crate::model::distance::Requester {
             label: format!("peer:{from}"),
             distance: Some(distance),
             public_keys: Vec::new(),
             proven_key: None,
         };
         for field in s.fields.values().filter(|f| f.writable) {
-            if let Err(e) =
-                crate::permissions::check(field, crate::permissions::Access::Write, &who)
-            {
+            if let Err(e) = crate::access::permissions::check(
+                field,
+                crate::access::permissions::Access::Write,
+                &who,
+            ) {
                 return Err(NodeError::permission_denied(format!(
                     "raft messages of group '{schema}' from node {from} refused: every member must be trusted here to write the schema ({e}); raise its trust with Network.SetTrust"
                 )));
@@ -324,7 +326,7 @@ impl Groups {
             .inner
             .store
             .schema(schema)
-            .is_some_and(|(_, st)| st == crate::store::SchemaState::Approved);
+            .is_some_and(|(_, st)| st == crate::storage::store::SchemaState::Approved);
         if !approved {
             return Err(NodeError::failed_precondition(format!(
                 "schema '{schema}' is not approved on this node: it cannot be a member of its group"
@@ -363,7 +365,7 @@ impl Groups {
         idempotency: Option<Idempotency>,
     ) -> Result<Committed, JobError> {
         let cmd = machine::WriteCommand {
-            ms: crate::store::now_ms(),
+            ms: crate::storage::store::now_ms(),
             plans,
             idempotency,
         };

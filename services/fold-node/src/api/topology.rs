@@ -18,7 +18,7 @@ use futures::StreamExt;
 
 use crate::error::NodeError;
 
-use crate::mesh::{MeshLink, valid_node_id};
+use crate::link::mesh::{MeshLink, valid_node_id};
 
 /// Largest `max_hops`.
 pub const MAX_HOPS: u32 = 4;

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value as Json};
 use sha2::{Digest, Sha256};
 
-use crate::distance::{FieldPolicy, TrustDistance};
+use crate::model::distance::{FieldPolicy, TrustDistance};
 
 /// Longest schema or field name accepted.
 const MAX_NAME_LEN: usize = 128;

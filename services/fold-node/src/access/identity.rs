@@ -9,8 +9,8 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::distance::Requester;
-use crate::store::{Store, StoreError, TrustRecord};
+use crate::model::distance::Requester;
+use crate::storage::store::{Store, StoreError, TrustRecord};
 
 /// A client certificate verified by TLS against the client CA (mutual TLS).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -32,11 +32,13 @@ use serde_json::Value as Json;
 
 use crate::error::NodeError;
 
-use crate::hub::ChangeHub;
 use crate::link::Link;
-use crate::mesh::{MeshLink, valid_node_id};
-use crate::schema::Schema;
-use crate::store::{ChangeEvent, MutationKind, SchemaState, Store, StoreError, VersionRecord};
+use crate::link::mesh::{MeshLink, valid_node_id};
+use crate::storage::hub::ChangeHub;
+use crate::storage::schema::Schema;
+use crate::storage::store::{
+    ChangeEvent, MutationKind, SchemaState, Store, StoreError, VersionRecord,
+};
 
 /// Most schemas one node may follow.
 pub const MAX_FOLLOWED: usize = 64;
@@ -758,7 +760,7 @@ fn from_source(source: &str, s: &NodeError) -> String {
 
 /// SHA-256 hex of a change's version ids, sorted and joined by newlines: what a replica and its
 /// source compare to know they hold the same change under one sequence number.
-pub fn change_digest(e: &crate::store::ChangeEvent) -> String {
+pub fn change_digest(e: &crate::storage::store::ChangeEvent) -> String {
     use sha2::{Digest, Sha256};
     let mut ids: Vec<&str> = e.versions.iter().map(|(_, v)| v.id.as_str()).collect();
     ids.sort_unstable();

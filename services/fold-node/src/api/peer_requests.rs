@@ -28,12 +28,12 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::data::Data;
+use crate::access::identity::{Forwarded, Principal};
 use crate::error::NodeError;
-use crate::execute::Executor;
-use crate::identity::{Forwarded, Principal};
-use crate::mesh::{MAX_NODE_ID_BYTES, MeshLink, valid_node_id};
+use crate::link::mesh::{MAX_NODE_ID_BYTES, MeshLink, valid_node_id};
 use crate::metrics::NodeMetrics;
+use crate::ops::data::Data;
+use crate::ops::execute::Executor;
 use std::sync::Arc;
 
 /// Most schema names one schema check may ask about.
@@ -309,7 +309,7 @@ impl PeerRequestsApi {
         }
         req.names
             .iter()
-            .try_for_each(|n| crate::bounds::schema_name(n))?;
+            .try_for_each(|n| crate::access::bounds::schema_name(n))?;
         let served = self.data.served(&req.names);
         Ok(ServedSchemasResponse {
             names: served.iter().map(|s| s.name.clone()).collect(),
@@ -363,7 +363,7 @@ fn op_label(op: Option<&operation::Kind>) -> (&'static str, String) {
 
 /// The strings of a forwarded operation, checked before anything uses them (bounds.rs).
 fn op_bounds(op: Option<&operation::Kind>) -> Result<(), NodeError> {
-    use crate::bounds::Bounded;
+    use crate::access::bounds::Bounded;
     match op {
         Some(operation::Kind::Query(q)) => q.check_bounds(),
         Some(operation::Kind::History(h)) => h.check_bounds(),

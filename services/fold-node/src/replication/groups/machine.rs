@@ -12,9 +12,9 @@ use fold_group::{GroupStateMachine, SmError};
 use redb::{ReadTransaction, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
-use crate::commit::Committed;
-use crate::hub::ChangeHub;
-use crate::store::{
+use crate::storage::commit::Committed;
+use crate::storage::hub::ChangeHub;
+use crate::storage::store::{
     self, ApplyError, Idempotency, MutationError, MutationPlan, SchemaSnapshot, Stamp, Store,
 };
 
@@ -62,8 +62,8 @@ impl From<Refusal> for MutationError {
 
 impl WriteOutcome {
     /// The answer to the proposing caller.
-    pub fn into_result(self) -> Result<Committed, crate::commit::JobError> {
-        use crate::commit::JobError;
+    pub fn into_result(self) -> Result<Committed, crate::storage::commit::JobError> {
+        use crate::storage::commit::JobError;
         match self {
             WriteOutcome::Applied {
                 written,

@@ -33,10 +33,10 @@ use crate::error::{NodeError, is_callee_failure, timed_out};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::forward_stream::{LinkForward, StreamLink};
+use crate::link::forward_stream::{LinkForward, StreamLink};
 use crate::link::{Link, LinkFuture};
 use crate::metrics::NodeMetrics;
-use crate::store::Store;
+use crate::storage::store::Store;
 
 type MeshSvc = GrpcMetricsService<WithToken<Channel>>;
 

@@ -33,17 +33,17 @@ use fold_proto::v1::{
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use crate::slots::ClientSlot;
+use crate::ops::slots::ClientSlot;
 use tonic::Status;
 
 use crate::error::{NodeError, is_callee_failure};
 
-use crate::filter::KeyFilter;
-use crate::hub::{ChangeHub, Listener};
-use crate::mesh::MeshLink;
+use crate::link::mesh::MeshLink;
 use crate::metrics::NodeMetrics;
-use crate::schema::Schema;
-use crate::store::{ChangeEvent, MutationKind, Store};
+use crate::model::filter::KeyFilter;
+use crate::storage::hub::{ChangeHub, Listener};
+use crate::storage::schema::Schema;
+use crate::storage::store::{ChangeEvent, MutationKind, Store};
 
 /// Changes read from the log per step of a catch-up.
 const CATCH_UP_PAGE: usize = 256;
@@ -363,7 +363,7 @@ impl Task {
         let (page, bounds) = tokio::task::spawn_blocking(move || {
             let b = store.log_bounds(&schema)?;
             let page = store.changes_after(&schema, after, limit)?;
-            Ok::<_, crate::store::StoreError>((page, b))
+            Ok::<_, crate::storage::store::StoreError>((page, b))
         })
         .await
         .map_err(|e| NodeError::internal(format!("storage task failed: {e}")))?
@@ -494,9 +494,14 @@ pub async fn start_remote(
     let json_values = req.json_values;
     let from = req.from_sequence;
     let ask = move |after: u64, wait_ms: u32| changes_request(&req, after, wait_ms);
-    let first =
-        crate::follow::fetch_changes(&mesh, &target, ask(from, 0), resolve()?, REMOTE_TIMEOUT)
-            .await?;
+    let first = crate::replication::follow::fetch_changes(
+        &mesh,
+        &target,
+        ask(from, 0),
+        resolve()?,
+        REMOTE_TIMEOUT,
+    )
+    .await?;
     let (stream, out, end_tx) = stream(metrics.clone(), permit);
     let mut stopping = hub.stopping();
     tokio::spawn(async move {
@@ -628,7 +633,7 @@ async fn fetch_next(
         Err(s) => return Step::End(Some(s)),
     };
     let r = tokio::select! {
-        r = crate::follow::fetch_changes(mesh, target, req, requester, REMOTE_TIMEOUT) => r,
+        r = crate::replication::follow::fetch_changes(mesh, target, req, requester, REMOTE_TIMEOUT) => r,
         _ = wait.out.closed() => return Step::End(None),
         _ = wait.stopping.changed() => return Step::End(Some(stopped(last))),
     };

@@ -3,12 +3,12 @@
 //! A field's read or write policy is `NoRequirement` or `Distance(n)`: allowed iff the
 //! requester's trust distance is at most `n` (0 = the node's owner). When that fails, an explicit
 //! policy may still admit the requester's public key. The requester comes from
-//! [`crate::identity`], never from the request.
+//! [`crate::access::identity`], never from the request.
 
 use std::collections::BTreeMap;
 
-use crate::distance::{Requester, TrustDistance};
-use crate::schema::FieldDef;
+use crate::model::distance::{Requester, TrustDistance};
+use crate::storage::schema::FieldDef;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
@@ -79,10 +79,22 @@ pub fn check(field: &FieldDef, access: Access, who: &Requester) -> Result<(), De
     })
 }
 
+/// A field policy's refusal.
+impl From<Denied> for crate::error::NodeError {
+    fn from(e: Denied) -> Self {
+        match e {
+            Denied::NotWritable { .. } => {
+                crate::error::NodeError::failed_precondition(e.to_string())
+            }
+            Denied::Distance { .. } => crate::error::NodeError::permission_denied(e.to_string()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::distance::FieldPolicy;
+    use crate::model::distance::FieldPolicy;
 
     fn field(read: TrustDistance, keys: &[&str]) -> FieldDef {
         FieldDef {

@@ -1,9 +1,12 @@
 //! What the node needs of the mesh, as a trait: [`Link`]. Routing and forwarding depend on it,
-//! not on the sidecar link itself ([`crate::mesh::MeshLink`] implements it), so the routing
+//! not on the sidecar link itself ([`crate::link::mesh::MeshLink`] implements it), so the routing
 //! logic runs in unit tests over a fake link.
 //!
 //! An operation for another node leaves through the one [`Link::forward`]; [`ask`] turns its
 //! answer into the response type the caller expects ([`Reply`]).
+
+pub mod forward_stream;
+pub mod mesh;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -34,8 +34,11 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
-use crate::filter::KeyFilter;
-use crate::schema::{self, Schema};
+pub use super::error::StoreError;
+use super::mutation::check_plans;
+pub use super::mutation::{ApplyError, MutationError, MutationKind, MutationPlan};
+use crate::model::filter::KeyFilter;
+use crate::storage::schema::{self, Schema};
 
 type Cell<'a> = (&'a str, &'a str, &'a str);
 
@@ -143,39 +146,8 @@ struct IdemRecord {
 /// Most records one query may return; more is an error asking for a narrower filter.
 pub const MAX_QUERY_RECORDS: usize = 10_000;
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("storage error: {0}")]
-    Db(#[from] redb::Error),
-    #[error("corrupt record in storage: {0}")]
-    Corrupt(String),
-    /// Input that storage refuses to apply (e.g. a replicated change that does not fit).
-    #[error("{0}")]
-    Refused(String),
-    /// A scan stopped because its caller went away or its deadline passed.
-    #[error("the scan was cancelled (the caller went away or its deadline passed)")]
-    Cancelled,
-}
-
 /// How many keys a scan examines between checks of its cancellation.
 pub const CANCEL_CHECK_EVERY: usize = 1024;
-
-macro_rules! from_redb {
-    ($($t:ty),*) => {$(
-        impl From<$t> for StoreError {
-            fn from(e: $t) -> Self {
-                StoreError::Db(e.into())
-            }
-        }
-    )*};
-}
-from_redb!(
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError
-);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -207,14 +179,6 @@ pub struct TrustRecord {
     pub denied: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MutationKind {
-    Create,
-    Update,
-    Delete,
-}
-
 /// One immutable version of one field value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VersionRecord {
@@ -238,30 +202,6 @@ pub struct LoadOutcome {
     pub created: bool,
     pub hash: String,
     pub definition_hash: String,
-}
-
-/// A mutation, already validated against the schema and the permissions.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MutationPlan {
-    pub kind: MutationKind,
-    /// "" for Single schemas.
-    pub range_key: String,
-    /// Field → new value (ignored for deletions), in field order.
-    pub writes: Vec<(String, Json)>,
-    pub writer: String,
-}
-
-/// Why a mutation was refused by the data it met.
-#[derive(Debug, thiserror::Error)]
-pub enum MutationError {
-    #[error("field '{field}' already has a value{at}; use UPDATE to change it")]
-    AlreadyExists { field: String, at: String },
-    #[error("{0}")]
-    Missing(String),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("idempotency key '{0}' was already used for a different mutation; use a new key")]
-    KeyReused(String),
 }
 
 /// Data and schema errors of loading.
@@ -1007,17 +947,6 @@ impl From<redb::TransactionError> for RowsError {
     }
 }
 
-/// Why a set of mutations applied to a [`WriteGroup`] was not applied.
-#[derive(Debug, thiserror::Error)]
-pub enum ApplyError {
-    /// The data refused mutation `index` of the set; the group is unchanged by the whole set.
-    #[error("mutation {index}: {error}")]
-    Refused { index: usize, error: MutationError },
-    /// Storage failed; the group's transaction must be abandoned (nothing of it is committed).
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
 /// One redb write transaction holding a group of mutations, committed once.
 ///
 /// Each [`apply`](WriteGroup::apply) is all-or-nothing by check-then-write: every existence
@@ -1398,124 +1327,6 @@ impl<'t> WriteGroup<'t> {
     }
 }
 
-impl From<redb::StorageError> for ApplyError {
-    fn from(e: redb::StorageError) -> Self {
-        ApplyError::Store(e.into())
-    }
-}
-
-/// Which cells a mutation writes (field → new value; ignored for deletions), or why the data
-/// refuses it. `is_live` tells whether a field of the plan's record has a current value.
-/// Check every plan of a set against the stored liveness (`stored(field, range key)`) and the
-/// changes the earlier plans of the set will make: the fields and values each plan writes, or
-/// the first refusal with its plan's index.
-fn check_plans(
-    schema: &Schema,
-    plans: &[MutationPlan],
-    stored: &dyn Fn(&str, &str) -> Result<bool, StoreError>,
-) -> Result<Vec<Vec<(String, Json)>>, ApplyError> {
-    // The liveness changes the earlier plans of this set will make, keyed by (field, range key).
-    let mut overlay: HashMap<(String, String), bool> = HashMap::new();
-    let mut all_targets = Vec::with_capacity(plans.len());
-    for (index, plan) in plans.iter().enumerate() {
-        let rk = plan.range_key.as_str();
-        let mut is_live = |f: &str| -> Result<bool, StoreError> {
-            if let Some(v) = overlay.get(&(f.to_string(), rk.to_string())) {
-                return Ok(*v);
-            }
-            stored(f, rk)
-        };
-        let targets = plan_targets(schema, plan, &mut is_live).map_err(|error| match error {
-            MutationError::Store(e) => ApplyError::Store(e),
-            error => ApplyError::Refused { index, error },
-        })?;
-        let now_live = plan.kind != MutationKind::Delete;
-        for (f, _) in &targets {
-            overlay.insert((f.clone(), rk.to_string()), now_live);
-        }
-        all_targets.push(targets);
-    }
-    Ok(all_targets)
-}
-
-fn plan_targets(
-    schema: &Schema,
-    plan: &MutationPlan,
-    is_live: &mut dyn FnMut(&str) -> Result<bool, StoreError>,
-) -> Result<Vec<(String, Json)>, MutationError> {
-    let name = schema.name.as_str();
-    let rk = plan.range_key.as_str();
-    let at = if rk.is_empty() {
-        String::new()
-    } else {
-        format!(" at key '{rk}'")
-    };
-    let mut targets: Vec<(String, Json)> = Vec::new();
-    match plan.kind {
-        MutationKind::Create => {
-            for (f, v) in &plan.writes {
-                let is_range_key = Some(f.as_str()) == schema.range_key();
-                if is_live(f)? {
-                    if is_range_key {
-                        continue; // the row exists; adding other fields to it is fine
-                    }
-                    return Err(MutationError::AlreadyExists {
-                        field: f.clone(),
-                        at: at.clone(),
-                    });
-                }
-                targets.push((f.clone(), v.clone()));
-            }
-        }
-        MutationKind::Update => {
-            let exists = match schema.range_key() {
-                Some(k) => is_live(k)?,
-                None => {
-                    let mut any = false;
-                    for f in schema.fields.keys() {
-                        if is_live(f)? {
-                            any = true;
-                            break;
-                        }
-                    }
-                    any
-                }
-            };
-            if !exists {
-                return Err(MutationError::Missing(if rk.is_empty() {
-                    format!("schema '{name}' has no values yet; use CREATE first")
-                } else {
-                    format!("no record{at} in schema '{name}'; use CREATE first")
-                }));
-            }
-            for (f, v) in &plan.writes {
-                if Some(f.as_str()) == schema.range_key() {
-                    continue; // the key locates the row; rewriting it changes nothing
-                }
-                targets.push((f.clone(), v.clone()));
-            }
-        }
-        MutationKind::Delete => {
-            for (f, _) in &plan.writes {
-                if is_live(f)? {
-                    targets.push((f.clone(), Json::Null));
-                }
-            }
-            if targets.is_empty() {
-                return Err(MutationError::Missing(format!(
-                    "nothing to delete{at}: none of the named fields has a value"
-                )));
-            }
-        }
-    }
-    if targets.is_empty() {
-        return Err(MutationError::Missing(format!(
-            "nothing to write{at}: name at least one field besides the range key"
-        )));
-    }
-    Ok(targets)
-}
-
 /// Store `rec` (a version as its owner wrote it) and make it the cell's head, unless the
 /// cell's head is already this version or a newer one (a higher sequence).
 fn put_if_newer(
@@ -1564,6 +1375,20 @@ fn read_version(
         return Err(corrupt(format!("version {id} is referenced but missing")));
     };
     serde_json::from_slice(bytes.value()).map_err(|e| corrupt(format!("version {id}: {e}")))
+}
+
+/// Storage errors: a cancelled scan, a refusal by the data, else a storage failure (logged).
+impl From<StoreError> for crate::error::NodeError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Cancelled => crate::error::NodeError::cancelled(e.to_string()),
+            StoreError::Refused(m) => crate::error::NodeError::failed_precondition(m),
+            e => {
+                tracing::error!(error = %e, "storage failure");
+                crate::error::NodeError::internal(e.to_string())
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //!   schema. Cached per schema for `--provider-ttl-secs`, refreshed in the background once half
 //!   of that has passed; a failed refresh keeps serving the last good set. Peers the sidecar
 //!   reports disconnected, or whose breaker is open, are left out of "any" until they are back.
-//! - **Balancing**: [`crate::balance`] (P2C over peak-EWMA with a failure penalty).
+//! - **Balancing**: [`crate::routing::balance`] (P2C over peak-EWMA with a failure penalty).
 //! - **Retries**: a read failing with UNAVAILABLE or DEADLINE_EXCEEDED is retried on another
 //!   provider, within the caller's deadline and a retry budget (tower's `TpsBudget`: a share of
 //!   recent requests plus a floor per second). Other codes are answered as they are.
@@ -27,12 +27,12 @@ use tonic::Code;
 use crate::error::{NodeError, is_callee_failure};
 use tower::retry::budget::{Budget, TpsBudget};
 
-use crate::balance::{BalanceConfig, Balancer, EndpointStats};
-use crate::execute::Executor;
-use crate::identity::Principal;
+use crate::access::identity::Principal;
+use crate::link::mesh::valid_node_id;
 use crate::link::{Link, expect};
-use crate::mesh::valid_node_id;
 use crate::metrics::NodeMetrics;
+use crate::ops::execute::Executor;
+use crate::routing::balance::{BalanceConfig, Balancer, EndpointStats};
 
 /// Most providers of one schema confirmed and kept (the DHT may return more).
 const MAX_PROVIDERS: usize = 32;
@@ -394,7 +394,7 @@ impl Router {
         let ok = !matches!(&r, Err(s) if retryable(s.code()));
         guard.finish(ok, Instant::now());
         if let Some(s) = self.inner.balancer.stats(node, Instant::now()) {
-            self.inner.metrics.route_peer(node, &s);
+            self.inner.metrics.route_peer(node, s.latency, s.in_flight);
         }
         r
     }
@@ -1002,10 +1002,10 @@ mod tests {
     /// Routing over a fake link: each test scripts what the nodes answer.
     mod over_a_fake_link {
         use super::*;
-        use crate::data::Data;
-        use crate::identity::{Identities, TrustPolicy};
+        use crate::access::identity::{Identities, TrustPolicy};
         use crate::link::LinkFuture;
-        use crate::store::Store;
+        use crate::ops::data::Data;
+        use crate::storage::store::Store;
         use fold_proto::v1::{CheckSchemasResponse, Record};
         use fold_proto::wire::{Requester, forward_response};
         use std::sync::atomic::{AtomicUsize, Ordering};
@@ -1116,7 +1116,7 @@ mod tests {
                 store,
                 ids,
                 metrics.clone(),
-                crate::subscribe::SubscribeLimits {
+                crate::ops::subscribe::SubscribeLimits {
                     buffer: 16,
                     max_subscriptions: 4,
                     per_client: 4,

@@ -5,6 +5,9 @@
 //! reads addressed by schema (route any/all) go through the [`Router`]; everything else runs
 //! here.
 
+pub mod peer_requests;
+pub mod topology;
+
 use fold_middleware::metrics::code_name;
 use fold_proto::json::map_to_struct;
 use fold_proto::v1::fold_node_server::FoldNode;
@@ -14,15 +17,14 @@ use fold_proto::wire::operation;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::bounds::Bounded;
-use crate::data::{self, Data};
+use crate::access::bounds::Bounded;
+use crate::access::identity::{CertIdentity, Principal};
 use crate::error::NodeError;
-use crate::identity::{CertIdentity, Principal};
-use crate::mesh::{MeshLink, grpc_timeout};
-use crate::pipeline::Pipeline;
-use crate::route::Router;
-use crate::store::{SchemaState, TrustRecord};
-use crate::topology;
+use crate::link::mesh::{MeshLink, grpc_timeout};
+use crate::ops::data::{self, Data};
+use crate::routing::pipeline::Pipeline;
+use crate::routing::route::Router;
+use crate::storage::store::{SchemaState, TrustRecord};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -165,7 +167,7 @@ impl FoldNode for FoldNodeApi {
         request: Request<GetSchemaRequest>,
     ) -> Result<Response<GetSchemaResponse>, Status> {
         let name = request.into_inner().name;
-        crate::bounds::schema_name(&name)?;
+        crate::access::bounds::schema_name(&name)?;
         let Some((schema, state)) = self.data.store().schema(&name) else {
             return Err(NodeError::not_found(format!("schema '{name}' not found")).into());
         };
@@ -186,7 +188,7 @@ impl FoldNode for FoldNodeApi {
     ) -> Result<Response<SetSchemaStateResponse>, Status> {
         require_admin(&self.data, &request, "changing a schema's state")?;
         let req = request.into_inner();
-        crate::bounds::schema_name(&req.name)?;
+        crate::access::bounds::schema_name(&req.name)?;
         let prev = self.data.set_state(&req.name, req.state).await?;
         self.mesh.schemas_changed();
         tracing::info!(schema = %req.name, from = prev.as_str(), to = req.state, "schema state changed");
@@ -272,7 +274,7 @@ impl FoldNode for FoldNodeApi {
     ) -> Result<Response<Self::ScanStream>, Status> {
         let principal = principal_of(&request);
         let mut req = request.into_inner();
-        crate::bounds::Bounded::check_bounds(&req)?;
+        crate::access::bounds::Bounded::check_bounds(&req)?;
         if !self.mesh.is_local(&req.target_node_id) || req.route != 0 {
             return Err(NodeError::invalid_argument(
                 "Scan reads this node only (no target_node_id, no route); for other nodes, page through them with Query (page_size, page_token)",
@@ -315,7 +317,7 @@ impl FoldNode for FoldNodeApi {
         )))
     }
 
-    type SubscribeStream = crate::subscribe::SubscriptionStream;
+    type SubscribeStream = crate::ops::subscribe::SubscriptionStream;
 
     async fn subscribe(
         &self,
@@ -323,7 +325,7 @@ impl FoldNode for FoldNodeApi {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let principal = principal_of(&request);
         let mut req = request.into_inner();
-        crate::bounds::Bounded::check_bounds(&req)?;
+        crate::access::bounds::Bounded::check_bounds(&req)?;
         if req.route != 0 {
             // "Any": choose where to start; the subscription then stays there (sequence
             // numbers are per node), and its progress messages name the node.
@@ -347,7 +349,7 @@ impl FoldNode for FoldNodeApi {
             outcome = tracing::field::Empty,
         );
         if !self.mesh.is_local(&req.target_node_id) {
-            let resolve: crate::subscribe::Resolve = {
+            let resolve: crate::ops::subscribe::Resolve = {
                 let data = self.data.clone();
                 let principal = principal.clone();
                 Box::new(move || data.forwardable_requester(&principal))
@@ -355,7 +357,7 @@ impl FoldNode for FoldNodeApi {
             let permit = self.data.subscription_permit(&principal)?;
             return traced(
                 span,
-                crate::subscribe::start_remote(
+                crate::ops::subscribe::start_remote(
                     self.mesh.clone(),
                     self.data.hub().clone(),
                     self.data.metrics().clone(),
@@ -482,7 +484,8 @@ impl Network for NetworkApi {
             .status(fold_proto::sidecar::MeshStatusRequest {})
             .await?;
         resp.get_mut().replicas = self.data.replicas().status();
-        resp.get_mut().groups = crate::groups::admin::list(self.data.groups(), self.data.store());
+        resp.get_mut().groups =
+            crate::replication::groups::admin::list(self.data.groups(), self.data.store());
         resp.get_mut().node_admin_addr = self.admin_addr.get().cloned().unwrap_or_default();
         Ok(resp)
     }
@@ -515,7 +518,7 @@ impl Network for NetworkApi {
         request: Request<CheckSchemasRequest>,
     ) -> Result<Response<CheckSchemasResponse>, Status> {
         let req = request.into_inner();
-        crate::bounds::node_id(&req.node_id)?;
+        crate::access::bounds::node_id(&req.node_id)?;
         if req.names.len() > 1024 {
             return Err(NodeError::invalid_argument(format!(
                 "'names' lists {} schemas; at most 1024 per check",
@@ -525,7 +528,7 @@ impl Network for NetworkApi {
         }
         req.names
             .iter()
-            .try_for_each(|n| crate::bounds::schema_name(n))?;
+            .try_for_each(|n| crate::access::bounds::schema_name(n))?;
         if self.mesh.is_local(&req.node_id) {
             let served = self.data.served(&req.names);
             return Ok(Response::new(CheckSchemasResponse {
@@ -545,7 +548,7 @@ impl Network for NetworkApi {
         request: Request<FindProvidersRequest>,
     ) -> Result<Response<FindProvidersResponse>, Status> {
         let req = request.into_inner();
-        crate::bounds::schema_name(&req.schema)?;
+        crate::access::bounds::schema_name(&req.schema)?;
         if req.schema.is_empty() {
             return Err(NodeError::invalid_argument("'schema' is required").into());
         }
@@ -569,12 +572,12 @@ impl Network for NetworkApi {
             .map(|(id, r)| entry(id, *r))
             .collect();
         let default_entry = match self.data.identities().unknown_peer_policy() {
-            crate::identity::UnknownPeerPolicy::Deny => TrustEntry {
+            crate::access::identity::UnknownPeerPolicy::Deny => TrustEntry {
                 node_id: String::new(),
                 distance: 0,
                 denied: true,
             },
-            crate::identity::UnknownPeerPolicy::Distance(d) => TrustEntry {
+            crate::access::identity::UnknownPeerPolicy::Distance(d) => TrustEntry {
                 node_id: String::new(),
                 distance: d,
                 denied: false,
@@ -598,11 +601,11 @@ impl Network for NetworkApi {
         if e.node_id.is_empty() {
             return Err(NodeError::invalid_argument("'entry.node_id' is required").into());
         }
-        if e.node_id.len() > crate::mesh::MAX_NODE_ID_BYTES * 4 {
+        if e.node_id.len() > crate::link::mesh::MAX_NODE_ID_BYTES * 4 {
             return Err(NodeError::invalid_argument(format!(
                 "'entry.node_id' is {} bytes; a node id or certificate name is at most {} bytes",
                 e.node_id.len(),
-                crate::mesh::MAX_NODE_ID_BYTES * 4
+                crate::link::mesh::MAX_NODE_ID_BYTES * 4
             ))
             .into());
         }
@@ -628,7 +631,7 @@ impl Network for NetworkApi {
         request: Request<CreateGroupRequest>,
     ) -> Result<Response<CreateGroupResponse>, Status> {
         require_admin(&self.data, &request, "creating a schema group")?;
-        let group = crate::groups::admin::create(
+        let group = crate::replication::groups::admin::create(
             self.data.groups(),
             self.data.store(),
             self.data.identities(),
@@ -644,7 +647,7 @@ impl Network for NetworkApi {
         request: Request<ChangeGroupMembersRequest>,
     ) -> Result<Response<ChangeGroupMembersResponse>, Status> {
         require_admin(&self.data, &request, "changing a schema group's members")?;
-        let group = crate::groups::admin::change(
+        let group = crate::replication::groups::admin::change(
             self.data.groups(),
             self.data.store(),
             self.data.identities(),
@@ -661,7 +664,7 @@ impl Network for NetworkApi {
         &self,
         _request: Request<ListGroupsRequest>,
     ) -> Result<Response<ListGroupsResponse>, Status> {
-        let groups = crate::groups::admin::list(self.data.groups(), self.data.store());
+        let groups = crate::replication::groups::admin::list(self.data.groups(), self.data.store());
         Ok(Response::new(ListGroupsResponse { groups }))
     }
 

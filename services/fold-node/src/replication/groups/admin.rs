@@ -10,7 +10,7 @@ use fold_proto::v1;
 use super::{Groups, MAX_MEMBERS, status};
 use crate::error::NodeError;
 use crate::link::Link;
-use crate::store::{SchemaState, Store};
+use crate::storage::store::{SchemaState, Store};
 
 /// How long a member's definition check may take.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -69,7 +69,7 @@ async fn check_members(
 /// Raft traffic once they lead).
 fn trusts_members(
     groups: &Groups,
-    ids: &crate::identity::Identities,
+    ids: &crate::access::identity::Identities,
     me: &str,
     schema: &str,
     members: &[String],
@@ -90,7 +90,7 @@ fn trusts_members(
 fn member_list(me: &str, ids: &[String]) -> Result<Vec<String>, NodeError> {
     let mut members: Vec<String> = Vec::new();
     for id in ids {
-        crate::bounds::node_id(id)?;
+        crate::access::bounds::node_id(id)?;
         if !members.contains(id) {
             members.push(id.clone());
         }
@@ -119,7 +119,7 @@ fn me(link: &dyn Link) -> Result<String, NodeError> {
 pub async fn create(
     groups: &Groups,
     store: &Store,
-    ids: &crate::identity::Identities,
+    ids: &crate::access::identity::Identities,
     link: &dyn Link,
     req: v1::CreateGroupRequest,
 ) -> Result<v1::GroupStatus, NodeError> {
@@ -147,7 +147,7 @@ pub async fn create(
 pub async fn change(
     groups: &Groups,
     store: &Store,
-    ids: &crate::identity::Identities,
+    ids: &crate::access::identity::Identities,
     link: &dyn Link,
     req: v1::ChangeGroupMembersRequest,
 ) -> Result<v1::GroupStatus, NodeError> {
@@ -161,7 +161,7 @@ pub async fn change(
         return Err(NodeError::invalid_argument("too many members named"));
     }
     for id in req.add.iter().chain(&req.remove) {
-        crate::bounds::node_id(id)?;
+        crate::access::bounds::node_id(id)?;
     }
     let hash = own_definition(store, &req.schema)?;
     trusts_members(groups, ids, &me, &req.schema, &req.add)?;

@@ -29,10 +29,12 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::hub::ChangeHub;
 use crate::metrics::NodeMetrics;
-use crate::schema::Schema;
-use crate::store::{ApplyError, Idempotency, MutationError, MutationPlan, Store, StoreError};
+use crate::storage::hub::ChangeHub;
+use crate::storage::schema::Schema;
+use crate::storage::store::{
+    ApplyError, Idempotency, MutationError, MutationPlan, Store, StoreError,
+};
 
 /// The written fields of one mutation and their new version ids.
 pub type Written = Vec<(String, String)>;
@@ -280,12 +282,27 @@ fn write_group(store: &Store, jobs: Vec<Job>, metrics: &NodeMetrics, hub: &Chang
     }
 }
 
+/// A write the group-commit writer could not commit.
+impl From<JobError> for crate::error::NodeError {
+    fn from(e: JobError) -> Self {
+        match e {
+            JobError::Refused { error, .. } => error.into(),
+            JobError::Storage(msg) => {
+                tracing::error!(error = %msg, "storage failure");
+                crate::error::NodeError::internal(msg)
+            }
+            JobError::Stopped => crate::error::NodeError::unavailable(e.to_string()),
+            JobError::Group { code, message } => crate::error::NodeError::new(code, message),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::filter::KeyFilter;
-    use crate::schema;
-    use crate::store::MutationKind;
+    use crate::model::filter::KeyFilter;
+    use crate::storage::schema;
+    use crate::storage::store::MutationKind;
     use prometheus_client::registry::Registry;
     use serde_json::{Value as Json, json};
 

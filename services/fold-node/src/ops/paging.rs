@@ -10,7 +10,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::store::{Store, StoreError};
+use crate::storage::store::{Store, StoreError};
 
 const SECRET_KEY: &str = "page_token_secret";
 /// Longest token accepted: a hex range key (at most 1,024 bytes) and a hex MAC.

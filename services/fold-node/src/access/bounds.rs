@@ -63,11 +63,11 @@ pub fn filter(f: Option<&RangeFilter>) -> Result<(), NodeError> {
             string("filter.key_range.end", &r.end, MAX_KEY_BYTES)
         }
         range_filter::Filter::Keys(list) => {
-            if list.keys.len() > crate::filter::MAX_FILTER_KEYS {
+            if list.keys.len() > crate::model::filter::MAX_FILTER_KEYS {
                 return Err(NodeError::invalid_argument(format!(
                     "keys filter lists {} keys; at most {}",
                     list.keys.len(),
-                    crate::filter::MAX_FILTER_KEYS
+                    crate::model::filter::MAX_FILTER_KEYS
                 )));
             }
             list.keys

@@ -1,20 +1,20 @@
 //! The one operation pipeline of client requests. The API edge ([`crate::api`]) extracts the
 //! principal, the deadline and the operation, and calls [`Pipeline::call`]; then:
 //!
-//! 1. **routing** ([`crate::route::Router`]): a read addressed by schema (`ROUTE_ANY`,
+//! 1. **routing** ([`crate::routing::route::Router`]): a read addressed by schema (`ROUTE_ANY`,
 //!    `ROUTE_ALL`) chooses its nodes (balancing, retries within the budget, hedging);
-//! 2. **execution** ([`crate::execute::Executor`]): an operation runs here, or is forwarded
+//! 2. **execution** ([`crate::ops::execute::Executor`]): an operation runs here, or is forwarded
 //!    through the link to the node it names.
 
 use std::time::Duration;
 
 use fold_proto::wire::{forward_response, operation};
 
+use crate::access::identity::Principal;
 use crate::error::NodeError;
-use crate::execute::{Executor, target_of};
-use crate::identity::Principal;
 use crate::link::{Reply, expect};
-use crate::route::Router;
+use crate::ops::execute::{Executor, target_of};
+use crate::routing::route::Router;
 
 #[derive(Clone)]
 pub struct Pipeline {

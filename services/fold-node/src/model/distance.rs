@@ -1,6 +1,6 @@
 //! Trust distances on both sides of a permission check: the [`Requester`] (who asks, at what
-//! distance, with which keys; resolved by [`crate::identity`]) and the [`FieldPolicy`] a schema's
-//! field requires (evaluated by [`crate::permissions`]). Imports nothing of the crate, so
+//! distance, with which keys; resolved by [`crate::access::identity`]) and the [`FieldPolicy`] a schema's
+//! field requires (evaluated by [`crate::access::permissions`]). Imports nothing of the crate, so
 //! identity, schema, permissions and store can all use it without importing each other.
 
 use std::collections::BTreeMap;
