@@ -1,4 +1,5 @@
-//! The swarm's behaviour: every libp2p protocol the sidecar speaks.
+//! The swarm's behaviour: every libp2p protocol the sidecar speaks, and the sidecar's own policy
+//! behaviours (the connect behaviour, [`crate::connector`]).
 
 use std::time::Duration;
 
@@ -12,7 +13,9 @@ use libp2p::{
 };
 
 use crate::codec::{ProstCodec, SCHEMA_PROTOCOL};
+use crate::command::Outbound;
 use crate::config::Config;
+use crate::connector::Connector;
 
 pub const IDENTIFY_PROTOCOL: &str = "/fold/id/1.0.0";
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/fold/kad/1.0.0");
@@ -46,6 +49,8 @@ pub struct Behaviour {
     pub autonat: autonat::v2::client::Behaviour,
     /// AutoNAT v2, server side: dials back peers that ask (on the address they were observed at).
     pub autonat_server: autonat::v2::server::Behaviour,
+    /// Requests held until their peer connects: known address → DHT → relay (crate::connector).
+    pub connect: Connector<Outbound>,
 }
 
 impl Behaviour {
@@ -73,6 +78,7 @@ impl Behaviour {
             dcutr: dcutr::Behaviour::new(peer_id),
             autonat: autonat::v2::client::Behaviour::default(),
             autonat_server: autonat::v2::server::Behaviour::default(),
+            connect: Connector::default(),
         })
     }
 }

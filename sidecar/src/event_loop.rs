@@ -32,8 +32,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use crate::behaviour::{Behaviour, BehaviourEvent};
 use crate::book_file::BookWriter;
 use crate::bootstrap::Bootstrap;
-use crate::command::{Command, MeshError};
-use crate::connect::Connecting;
+use crate::command::{Command, MeshError, Outbound};
 use crate::conns::{Conns, PingPolicy};
 use crate::forward::Outbound as ForwardStreams;
 use crate::metrics::SidecarMetrics;
@@ -43,7 +42,6 @@ use crate::reach::{AutoNat, RelayServer, Relays};
 use crate::status::NetworkSnapshot;
 use crate::upgrade::Upgrades;
 
-use dialing::Outbound;
 use kad_glue::Providing;
 use schema_glue::PendingSchema;
 
@@ -98,8 +96,6 @@ pub struct EventLoop {
     peers: PeerBook,
     listen_addrs: Vec<Multiaddr>,
     pending_dial: HashMap<ConnectionId, oneshot::Sender<Result<PeerId, MeshError>>>,
-    /// Requests held until their peer connects (crate::connect).
-    connecting: Connecting<Outbound>,
     pending_schema: HashMap<OutboundRequestId, PendingSchema>,
     /// The schemas this node provides and its provider lookups (crate::event_loop::kad_glue).
     providing: Providing,
@@ -138,7 +134,6 @@ impl EventLoop {
             peers: PeerBook::default(),
             listen_addrs: Vec::new(),
             pending_dial: HashMap::new(),
-            connecting: Connecting::default(),
             pending_schema: HashMap::new(),
             providing: Providing::default(),
             kad_bootstrapped: false,
@@ -374,6 +369,7 @@ impl EventLoop {
             BehaviourEvent::Autonat(ev) => self.on_autonat(ev),
             BehaviourEvent::AutonatServer(ev) => self.on_autonat_server(ev),
             BehaviourEvent::Schema(ev) => self.on_schema_event(ev),
+            BehaviourEvent::Connect(ev) => self.on_connect_event(ev),
             BehaviourEvent::Limits(_)
             | BehaviourEvent::Memory(_)
             | BehaviourEvent::Deny(_)

@@ -16,6 +16,7 @@ pub mod codec;
 pub mod command;
 pub mod config;
 pub mod connect;
+pub mod connector;
 pub mod conns;
 pub mod event_loop;
 pub mod forward;

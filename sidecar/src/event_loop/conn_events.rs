@@ -40,9 +40,6 @@ impl EventLoop {
                 .kad
                 .add_address(&peer_id, strip_p2p(remote.clone()));
         }
-        for o in self.connecting.connected(&peer_id) {
-            self.send_now(peer_id, o);
-        }
         if num_established == 1 {
             self.metrics.connected_peers(self.peers.connected_count());
             tracing::info!(peer = %peer_id, addr = %remote, "connected");

@@ -33,6 +33,13 @@ impl EventLoop {
                 }
             }
         }
+        self.relay_routes_changed();
+    }
+
+    /// Hand the routes through the relays reserved on to the connect behaviour.
+    pub(super) fn relay_routes_changed(&mut self) {
+        let routes = self.relays.circuit_routes();
+        self.swarm.behaviour_mut().connect.set_relay_routes(routes);
     }
 
     /// A peer advertised the relay hop protocol: a relay this node may reserve on.
@@ -96,6 +103,7 @@ impl EventLoop {
                     tracing::info!(relay = %relay_peer_id, "relay reservation accepted");
                 }
                 self.relays.reserved(&relay_peer_id);
+                self.relay_routes_changed();
             }
             relay::client::Event::OutboundCircuitEstablished { relay_peer_id, .. } => {
                 tracing::debug!(relay = %relay_peer_id, "outbound circuit established");
@@ -159,11 +167,12 @@ impl EventLoop {
             self.listen_addrs.retain(|l| l != a);
         }
         let error = error.map(|e| e.to_string());
-        if !self
+        if self
             .relays
             .listener_closed(listener_id, error.clone(), Instant::now())
-            && let Some(e) = error
         {
+            self.relay_routes_changed();
+        } else if let Some(e) = error {
             tracing::warn!(error = %e, "a listener closed");
         }
     }

@@ -1,0 +1,380 @@
+//! The connect behaviour: a `NetworkBehaviour` that holds requests until their peer connects,
+//! dials it (`ToSwarm::Dial`) on its known addresses, asks the event loop for a DHT lookup
+//! ([`ConnectEvent::NeedDht`]) when they fail, then tries this node's relays, and fails the waiting
+//! requests when all of that fails ([`ConnectEvent::Failed`]); a connection releases them
+//! ([`ConnectEvent::Ready`]). The steps are decided by the plain state machine in
+//! [`crate::connect`]; tested below with real swarms on the memory transport.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::fmt;
+use std::task::{Context, Poll, Waker};
+
+use libp2p::core::transport::PortUse;
+use libp2p::core::{Endpoint, Multiaddr};
+use libp2p::swarm::behaviour::ConnectionEstablished;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{
+    ConnectionClosed, ConnectionDenied, ConnectionId, DialError, DialFailure, FromSwarm,
+    NetworkBehaviour, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm, dummy,
+};
+use libp2p::{PeerId, kad};
+
+use crate::command::MeshError;
+use crate::connect::{Connecting, Next};
+
+/// What the event loop does for the connect behaviour.
+pub enum ConnectEvent<T> {
+    /// `peer` is connected: send its held requests.
+    Ready(PeerId, Vec<T>),
+    /// Connecting to `peer` failed: fail its held requests with this error.
+    Failed(PeerId, Vec<T>, MeshError),
+    /// Look `peer` up in the DHT and report the query with [`Connector::looking_up`].
+    NeedDht(PeerId),
+}
+
+impl<T> fmt::Debug for ConnectEvent<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConnectEvent::Ready(p, l) => write!(f, "Ready({p}, {} requests)", l.len()),
+            ConnectEvent::Failed(p, l, e) => write!(f, "Failed({p}, {} requests, {e})", l.len()),
+            ConnectEvent::NeedDht(p) => write!(f, "NeedDht({p})"),
+        }
+    }
+}
+
+/// The connect behaviour (see the module doc). `T` is a held request.
+pub struct Connector<T> {
+    state: Connecting<T>,
+    /// Open connections per peer (bounded by the swarm's connection limits).
+    connected: HashMap<PeerId, usize>,
+    /// The routes through this node's relays (`<relay>/p2p-circuit`), set by the event loop.
+    relays: Vec<Multiaddr>,
+    queue: VecDeque<ToSwarm<ConnectEvent<T>, Infallible>>,
+    waker: Option<Waker>,
+}
+
+impl<T> Default for Connector<T> {
+    fn default() -> Self {
+        Connector {
+            state: Connecting::default(),
+            connected: HashMap::new(),
+            relays: Vec::new(),
+            queue: VecDeque::new(),
+            waker: None,
+        }
+    }
+}
+
+impl<T> Connector<T> {
+    /// Hold `request` for `peer` (not connected) whose `known` addresses are the peer book's; the
+    /// first request held for a peer starts connecting to it.
+    pub fn hold(&mut self, peer: PeerId, request: T, known: Vec<Multiaddr>) {
+        if let Some(next) = self.state.hold(peer, request, known) {
+            self.step(peer, next);
+        }
+    }
+
+    /// The routes through the relays this node holds a reservation on.
+    pub fn set_relay_routes(&mut self, routes: Vec<Multiaddr>) {
+        self.relays = routes;
+    }
+
+    /// The DHT lookup [`ConnectEvent::NeedDht`] asked for started as query `q`.
+    pub fn looking_up(&mut self, q: kad::QueryId, peer: PeerId) {
+        self.state.looking_up(q, peer);
+    }
+
+    /// Query `q` finished; if it was a lookup for a peer with requests held, its connecting
+    /// moves on with the addresses the peer book holds for it now (`known`, asked of the caller
+    /// only then).
+    pub fn lookup_finished(
+        &mut self,
+        q: &kad::QueryId,
+        known: impl FnOnce(&PeerId) -> Vec<Multiaddr>,
+    ) {
+        if let Some(peer) = self.state.lookup_finished(q) {
+            let connected = self.is_connected(&peer);
+            let next = self
+                .state
+                .after_lookup(peer, connected, known(&peer), self.relays.clone());
+            self.step(peer, next);
+        }
+    }
+
+    fn is_connected(&self, peer: &PeerId) -> bool {
+        self.connected.contains_key(peer)
+    }
+
+    /// Queue what the state machine decided.
+    fn step(&mut self, peer: PeerId, next: Next<T>) {
+        let action = match next {
+            Next::LookUp => ToSwarm::GenerateEvent(ConnectEvent::NeedDht(peer)),
+            Next::Dial(addrs) => ToSwarm::Dial {
+                opts: DialOpts::peer_id(peer)
+                    .addresses(addrs)
+                    .condition(PeerCondition::DisconnectedAndNotDialing)
+                    .build(),
+            },
+            Next::Send(list) if list.is_empty() => return,
+            Next::Send(list) => ToSwarm::GenerateEvent(ConnectEvent::Ready(peer, list)),
+            Next::Fail(list, _) if list.is_empty() => return,
+            Next::Fail(list, e) => ToSwarm::GenerateEvent(ConnectEvent::Failed(peer, list, e)),
+        };
+        self.queue.push_back(action);
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    fn on_dial_failure(&mut self, peer: PeerId, error: &DialError) {
+        if self.is_connected(&peer) {
+            return;
+        }
+        let next = match error {
+            // Dialled already: that dial's outcome moves the wait on.
+            DialError::DialPeerConditionFalse(_) => return,
+            // The dial could not start: nothing else would fare better.
+            DialError::Denied { .. } | DialError::NoAddresses | DialError::LocalPeerId { .. } => {
+                tracing::debug!(%peer, %error, "dial not started");
+                Next::Fail(
+                    self.state.give_up(&peer),
+                    MeshError::Unavailable(format!("cannot reach node {peer}: {error}")),
+                )
+            }
+            _ => self
+                .state
+                .dial_failed(peer, self.relays.clone(), &error.to_string()),
+        };
+        self.step(peer, next);
+    }
+}
+
+impl<T: Send + 'static> NetworkBehaviour for Connector<T> {
+    type ConnectionHandler = dummy::ConnectionHandler;
+    type ToSwarm = ConnectEvent<T>;
+
+    fn handle_established_inbound_connection(
+        &mut self,
+        _: ConnectionId,
+        _: PeerId,
+        _: &Multiaddr,
+        _: &Multiaddr,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        Ok(dummy::ConnectionHandler)
+    }
+
+    fn handle_established_outbound_connection(
+        &mut self,
+        _: ConnectionId,
+        _: PeerId,
+        _: &Multiaddr,
+        _: Endpoint,
+        _: PortUse,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        Ok(dummy::ConnectionHandler)
+    }
+
+    fn on_swarm_event(&mut self, event: FromSwarm) {
+        match event {
+            FromSwarm::ConnectionEstablished(ConnectionEstablished { peer_id, .. }) => {
+                *self.connected.entry(peer_id).or_default() += 1;
+                let held = self.state.connected(&peer_id);
+                self.step(peer_id, Next::Send(held));
+            }
+            FromSwarm::ConnectionClosed(ConnectionClosed {
+                peer_id,
+                remaining_established,
+                ..
+            }) => {
+                if remaining_established == 0 {
+                    self.connected.remove(&peer_id);
+                } else {
+                    self.connected.insert(peer_id, remaining_established);
+                }
+            }
+            FromSwarm::DialFailure(DialFailure {
+                peer_id: Some(peer),
+                error,
+                ..
+            }) => self.on_dial_failure(peer, error),
+            _ => {}
+        }
+    }
+
+    fn on_connection_handler_event(
+        &mut self,
+        _: PeerId,
+        _: ConnectionId,
+        event: THandlerOutEvent<Self>,
+    ) {
+        libp2p::core::util::unreachable(event)
+    }
+
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
+        if let Some(action) = self.queue.pop_front() {
+            return Poll::Ready(action);
+        }
+        self.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::time::Duration;
+
+    use futures::StreamExt;
+    use libp2p::core::transport::MemoryTransport;
+    use libp2p::core::upgrade::Version;
+    use libp2p::swarm::{Swarm, SwarmEvent};
+    use libp2p::{Transport, identity, noise, yamux};
+
+    use super::*;
+
+    /// A swarm on the memory transport (noise, yamux) with `behaviour`.
+    pub(crate) fn memory_swarm<B: NetworkBehaviour>(behaviour: B) -> Swarm<B> {
+        let key = identity::Keypair::generate_ed25519();
+        let peer = key.public().to_peer_id();
+        let transport = MemoryTransport::default()
+            .upgrade(Version::V1)
+            .authenticate(noise::Config::new(&key).expect("noise"))
+            .multiplex(yamux::Config::default())
+            .boxed();
+        Swarm::new(
+            transport,
+            behaviour,
+            peer,
+            libp2p::swarm::Config::with_tokio_executor()
+                .with_idle_connection_timeout(Duration::from_secs(60)),
+        )
+    }
+
+    /// Listen on a fresh memory address; returns it once the swarm reports it.
+    pub(crate) async fn listen<B: NetworkBehaviour>(swarm: &mut Swarm<B>) -> Multiaddr {
+        swarm
+            .listen_on("/memory/0".parse().expect("addr"))
+            .expect("listen");
+        loop {
+            if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
+                return address;
+            }
+        }
+    }
+
+    /// Drive `swarm` until its behaviour emits an event; drive `other` alongside.
+    pub(crate) async fn next_event<A: NetworkBehaviour, B: NetworkBehaviour>(
+        swarm: &mut Swarm<A>,
+        other: &mut Swarm<B>,
+    ) -> A::ToSwarm {
+        let wait = async {
+            loop {
+                tokio::select! {
+                    e = swarm.select_next_some() => if let SwarmEvent::Behaviour(e) = e {
+                        return e;
+                    },
+                    _ = other.select_next_some() => {}
+                }
+            }
+        };
+        // A fail-fast bound, not a timing assertion.
+        tokio::time::timeout(Duration::from_secs(30), wait)
+            .await
+            .expect("the behaviour emitted no event")
+    }
+
+    #[tokio::test]
+    async fn a_request_to_a_peer_known_by_address_dials_it_and_is_released_on_connect() {
+        let mut a = memory_swarm(Connector::<u32>::default());
+        let mut b = memory_swarm(dummy::Behaviour);
+        let addr = listen(&mut b).await;
+        let peer_b = *b.local_peer_id();
+        a.behaviour_mut().hold(peer_b, 1, vec![addr.clone()]);
+        a.behaviour_mut().hold(peer_b, 2, vec![addr]);
+        match next_event(&mut a, &mut b).await {
+            ConnectEvent::Ready(p, list) => {
+                assert_eq!(p, peer_b);
+                assert_eq!(list, vec![1, 2], "one dial, both requests released");
+            }
+            other => panic!("expected Ready, got {other:?}"),
+        }
+        assert!(a.is_connected(&peer_b));
+    }
+
+    #[tokio::test]
+    async fn a_peer_without_addresses_is_looked_up_in_the_dht() {
+        let mut a = memory_swarm(Connector::<u32>::default());
+        let mut b = memory_swarm(dummy::Behaviour);
+        let peer = PeerId::random();
+        a.behaviour_mut().hold(peer, 1, vec![]);
+        assert!(matches!(
+            next_event(&mut a, &mut b).await,
+            ConnectEvent::NeedDht(p) if p == peer
+        ));
+    }
+
+    #[tokio::test]
+    async fn dial_failures_go_to_the_dht_then_fail_the_held_requests() {
+        let mut a = memory_swarm(Connector::<u32>::default());
+        let mut b = memory_swarm(dummy::Behaviour);
+        // Nobody listens there: the dial fails.
+        let gone: Multiaddr = "/memory/4242424242".parse().expect("addr");
+        let peer = PeerId::random();
+        a.behaviour_mut().hold(peer, 7, vec![gone.clone()]);
+        assert!(matches!(
+            next_event(&mut a, &mut b).await,
+            ConnectEvent::NeedDht(p) if p == peer
+        ));
+        // The lookup found nothing new but the same address: dialled again, failed again, and
+        // with no relay to try the request fails.
+        let mut k = kad::Behaviour::new(peer, kad::store::MemoryStore::new(peer));
+        let q = k.get_closest_peers(PeerId::random());
+        a.behaviour_mut().looking_up(q, peer);
+        a.behaviour_mut().lookup_finished(&q, |_| vec![gone]);
+        match next_event(&mut a, &mut b).await {
+            ConnectEvent::Failed(p, list, e) => {
+                assert_eq!((p, list), (peer, vec![7]));
+                assert!(matches!(e, MeshError::Unavailable(_)), "{e}");
+            }
+            other => panic!("expected Failed, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unknown_peer_the_dht_cannot_find_fails_as_not_found() {
+        let mut a = memory_swarm(Connector::<u32>::default());
+        let mut b = memory_swarm(dummy::Behaviour);
+        let peer = PeerId::random();
+        a.behaviour_mut().hold(peer, 3, vec![]);
+        next_event(&mut a, &mut b).await;
+        let mut k = kad::Behaviour::new(peer, kad::store::MemoryStore::new(peer));
+        let q = k.get_closest_peers(PeerId::random());
+        a.behaviour_mut().looking_up(q, peer);
+        a.behaviour_mut().lookup_finished(&q, |_| vec![]);
+        assert!(matches!(
+            next_event(&mut a, &mut b).await,
+            ConnectEvent::Failed(_, l, MeshError::NotFound(_)) if l == vec![3]
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_peer_found_by_the_dht_is_dialled_and_released() {
+        let mut a = memory_swarm(Connector::<u32>::default());
+        let mut b = memory_swarm(dummy::Behaviour);
+        let addr = listen(&mut b).await;
+        let peer_b = *b.local_peer_id();
+        a.behaviour_mut().hold(peer_b, 5, vec![]);
+        next_event(&mut a, &mut b).await;
+        let mut k = kad::Behaviour::new(peer_b, kad::store::MemoryStore::new(peer_b));
+        let q = k.get_closest_peers(PeerId::random());
+        a.behaviour_mut().looking_up(q, peer_b);
+        a.behaviour_mut().lookup_finished(&q, |_| vec![addr]);
+        assert!(matches!(
+            next_event(&mut a, &mut b).await,
+            ConnectEvent::Ready(p, l) if p == peer_b && l == vec![5]
+        ));
+    }
+}
