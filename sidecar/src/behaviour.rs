@@ -1,5 +1,6 @@
 //! The swarm's behaviour: every libp2p protocol the sidecar speaks, and the sidecar's own policy
-//! behaviours (the connect behaviour, [`crate::connector`]).
+//! behaviours: the connect behaviour ([`crate::connector`]) and the peer book
+//! ([`crate::book_keeper`]).
 
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use libp2p::{
     identity, kad, mdns, memory_connection_limits, ping, relay, request_response,
 };
 
+use crate::book_keeper::BookKeeper;
 use crate::codec::{ProstCodec, SCHEMA_PROTOCOL};
 use crate::command::Outbound;
 use crate::config::Config;
@@ -51,6 +53,9 @@ pub struct Behaviour {
     pub autonat_server: autonat::v2::server::Behaviour,
     /// Requests held until their peer connects: known address → DHT → relay (crate::connector).
     pub connect: Connector<Outbound>,
+    /// The peer book, bootstrap and redials (crate::book_keeper). Last: its
+    /// `handle_pending_outbound_connection` sees only dials the behaviours above let through.
+    pub book: BookKeeper,
 }
 
 impl Behaviour {
@@ -79,6 +84,7 @@ impl Behaviour {
             autonat: autonat::v2::client::Behaviour::default(),
             autonat_server: autonat::v2::server::Behaviour::default(),
             connect: Connector::default(),
+            book: BookKeeper::new(peer_id, config.bootstrap.clone()),
         })
     }
 }

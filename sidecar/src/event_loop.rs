@@ -31,7 +31,6 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::behaviour::{Behaviour, BehaviourEvent};
 use crate::book_file::BookWriter;
-use crate::bootstrap::Bootstrap;
 use crate::command::{Command, MeshError, Outbound};
 use crate::conns::{Conns, PingPolicy};
 use crate::forward::Outbound as ForwardStreams;
@@ -59,7 +58,6 @@ pub struct EventLoopParts {
     pub events: broadcast::Sender<PeerEvent>,
     pub node: Arc<dyn NodeHandler>,
     pub mdns_enabled: bool,
-    pub bootstrap: Vec<Multiaddr>,
     /// The inbound gate schema checks pass, as forwards do (rate limit, denial, slots).
     pub gate: Arc<crate::gate::InboundGate>,
     pub libp2p_metrics: Metrics,
@@ -86,14 +84,11 @@ pub struct EventLoop {
     events: broadcast::Sender<PeerEvent>,
     node: Arc<dyn NodeHandler>,
     mdns_enabled: bool,
-    /// The configured bootstrap addresses (crate::bootstrap).
-    bootstrap: Bootstrap,
     gate: Arc<crate::gate::InboundGate>,
     forward: Arc<ForwardStreams>,
     libp2p_metrics: Metrics,
     metrics: Arc<SidecarMetrics>,
 
-    peers: PeerBook,
     listen_addrs: Vec<Multiaddr>,
     pending_dial: HashMap<ConnectionId, oneshot::Sender<Result<PeerId, MeshError>>>,
     pending_schema: HashMap<OutboundRequestId, PendingSchema>,
@@ -119,7 +114,6 @@ pub struct EventLoop {
 
 impl EventLoop {
     pub fn new(p: EventLoopParts) -> EventLoop {
-        let local = *p.swarm.local_peer_id();
         let mut el = EventLoop {
             swarm: p.swarm,
             commands: p.commands,
@@ -131,13 +125,11 @@ impl EventLoop {
             forward: p.forward,
             libp2p_metrics: p.libp2p_metrics,
             metrics: p.metrics,
-            peers: PeerBook::default(),
             listen_addrs: Vec::new(),
             pending_dial: HashMap::new(),
             pending_schema: HashMap::new(),
             providing: Providing::default(),
             kad_bootstrapped: false,
-            bootstrap: Bootstrap::new(p.bootstrap, local),
             peers_path: p.peers_path,
             writer: None,
             saved: None,
@@ -157,7 +149,7 @@ impl EventLoop {
             .map(|a| a.allowed_peers().iter().copied().collect())
             .unwrap_or_default();
         for peer in allowed {
-            el.peers.set_trusted(peer);
+            el.peers_mut().set_trusted(peer);
         }
         el.load_peers();
         el.add_bootstrap();
@@ -178,7 +170,16 @@ impl EventLoop {
     }
 
     fn entry(&mut self, peer: PeerId, source: &'static str) -> &mut crate::peer_book::PeerEntry {
-        self.peers.entry(peer, source)
+        self.peers_mut().entry(peer, source)
+    }
+
+    /// The peer book, owned by its behaviour (crate::book_keeper).
+    fn peers(&self) -> &PeerBook {
+        self.swarm.behaviour().book.book()
+    }
+
+    fn peers_mut(&mut self) -> &mut PeerBook {
+        self.swarm.behaviour_mut().book.book_mut()
     }
 
     pub async fn run(mut self) {
@@ -186,7 +187,6 @@ impl EventLoop {
             let written = self.saved.clone().unwrap_or_default();
             self.writer = Some(BookWriter::spawn(path, written));
         }
-        self.redial();
         self.plan_relays();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut ticks: u64 = 0;
@@ -203,8 +203,6 @@ impl EventLoop {
                         self.reprovide();
                     }
                     self.close_silent_connections(Instant::now());
-                    // Known and bootstrap peers, each on its own backoff.
-                    self.redial();
                     self.plan_relays();
                     if self.last_save.is_none_or(|t| t.elapsed() >= SAVE_EVERY) {
                         self.save_peers();
@@ -216,7 +214,7 @@ impl EventLoop {
             }
         }
         if let Some(writer) = &self.writer {
-            writer.flush(self.peers.saved(&self.local())).await;
+            writer.flush(self.peers().saved(&self.local())).await;
         }
         tracing::info!("swarm event loop stopped");
     }
@@ -230,10 +228,10 @@ impl EventLoop {
             listen_addrs: self.listen_addrs.clone(),
             external_addrs: self.swarm.external_addresses().cloned().collect(),
             connected_peers: self.swarm.connected_peers().count(),
-            known_peers: self.peers.len(),
+            known_peers: self.peers().len(),
             mdns_enabled: self.mdns_enabled,
             provided_schemas: self.providing.provided(),
-            bootstrap: self.bootstrap.status(),
+            bootstrap: self.swarm.behaviour().book.bootstrap().status(),
             reachability: self.autonat.verdict(),
             reachable_addrs: self.autonat.reachable_addrs(),
             relays: self.relays.status(),
@@ -252,13 +250,13 @@ impl EventLoop {
                 include_disconnected,
                 reply,
             } => {
-                let peers = self.peers.infos(include_disconnected, &self.local());
+                let peers = self.peers().infos(include_disconnected, &self.local());
                 let _ = reply.send(peers);
             }
             Command::Dial { addr, reply } => self.dial(addr, reply),
             Command::Disconnect { peer, reply } => {
                 // Disconnected on purpose: no redial for a while.
-                self.peers.hold_off(&peer, Instant::now());
+                self.peers_mut().hold_off(&peer, Instant::now());
                 let _ = reply.send(self.swarm.disconnect_peer_id(peer).is_ok());
             }
             Command::Forward {
@@ -370,6 +368,7 @@ impl EventLoop {
             BehaviourEvent::AutonatServer(ev) => self.on_autonat_server(ev),
             BehaviourEvent::Schema(ev) => self.on_schema_event(ev),
             BehaviourEvent::Connect(ev) => self.on_connect_event(ev),
+            BehaviourEvent::Book(ev) => self.on_book_event(ev),
             BehaviourEvent::Limits(_)
             | BehaviourEvent::Memory(_)
             | BehaviourEvent::Deny(_)

@@ -10,6 +10,7 @@
 
 pub mod behaviour;
 pub mod book_file;
+pub mod book_keeper;
 pub mod bootstrap;
 pub mod client;
 pub mod codec;

@@ -120,7 +120,6 @@ pub fn assemble(
         events,
         node: node.clone(),
         mdns_enabled: config.mdns_enabled(),
-        bootstrap: config.bootstrap.clone(),
         gate: gate.clone(),
         libp2p_metrics,
         metrics: metrics.clone(),

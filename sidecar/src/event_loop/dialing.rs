@@ -93,7 +93,7 @@ impl EventLoop {
     }
 
     pub(super) fn known_addrs(&self, peer: &PeerId) -> Vec<Multiaddr> {
-        self.peers
+        self.peers()
             .get(peer)
             .map(|e| e.addrs.clone())
             .unwrap_or_default()
@@ -139,7 +139,6 @@ impl EventLoop {
         error: &DialError,
     ) {
         tracing::debug!(?peer_id, error = %error, "outgoing connection failed");
-        self.dial_failed(connection_id, peer_id, error);
         if let Some(reply) = self.pending_dial.remove(&connection_id) {
             let _ = reply.send(Err(MeshError::Unavailable(format!("dial failed: {error}"))));
         }

@@ -138,13 +138,11 @@ impl EventLoop {
             }
         }
         if last {
-            let peers = &self.peers;
-            self.swarm
-                .behaviour_mut()
-                .connect
-                .lookup_finished(&id, |p| {
-                    peers.get(p).map(|e| e.addrs.clone()).unwrap_or_default()
-                });
+            let b = self.swarm.behaviour_mut();
+            let book = b.book.book();
+            b.connect.lookup_finished(&id, |p| {
+                book.get(p).map(|e| e.addrs.clone()).unwrap_or_default()
+            });
         }
     }
 }

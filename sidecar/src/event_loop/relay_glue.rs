@@ -46,7 +46,7 @@ impl EventLoop {
     pub(super) fn relay_candidate(&mut self, peer: PeerId, listen_addrs: &[Multiaddr]) {
         // A direct address the peer book holds for it, else the first it reported.
         let addr = self
-            .peers
+            .peers()
             .get(&peer)
             .and_then(|e| {
                 e.addrs
@@ -63,7 +63,7 @@ impl EventLoop {
         let Some(addr) = addr else {
             return;
         };
-        let source = if self.bootstrap.is_bootstrap(&peer) {
+        let source = if self.swarm.behaviour().book.bootstrap().is_bootstrap(&peer) {
             Source::Bootstrap
         } else {
             Source::Identify
