@@ -310,35 +310,11 @@ impl NetworkBehaviour for BookKeeper {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use fold_proto::v1::bootstrap_status::State;
-    use futures::StreamExt;
-    use libp2p::swarm::{Swarm, SwarmEvent};
+    use libp2p::swarm::SwarmEvent;
 
     use super::*;
-    use crate::connector::tests::{listen, memory_swarm};
-
-    /// Drive both swarms until `a` reports an event `pick` accepts; a fail-fast bound only.
-    async fn until<B: NetworkBehaviour, T>(
-        a: &mut Swarm<BookKeeper>,
-        b: &mut Swarm<B>,
-        mut pick: impl FnMut(&SwarmEvent<BookEvent>, &BookKeeper) -> Option<T>,
-    ) -> T {
-        let wait = async {
-            loop {
-                tokio::select! {
-                    e = a.select_next_some() => if let Some(t) = pick(&e, a.behaviour()) {
-                        return t;
-                    },
-                    _ = b.select_next_some() => {}
-                }
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(30), wait)
-            .await
-            .expect("the awaited event did not come")
-    }
+    use crate::connector::tests::{listen, memory_swarm, until};
 
     fn keeper(bootstrap: Vec<Multiaddr>) -> BookKeeper {
         BookKeeper::new(PeerId::random(), bootstrap)

@@ -5,7 +5,7 @@
 //! ([`ConnectEvent::Ready`]). The steps are decided by the plain state machine in
 //! [`crate::connect`]; tested below with real swarms on the memory transport.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
 use std::fmt;
 use std::task::{Context, Poll, Waker};
@@ -50,6 +50,11 @@ pub struct Connector<T> {
     connected: HashMap<PeerId, usize>,
     /// The routes through this node's relays (`<relay>/p2p-circuit`), set by the event loop.
     relays: Vec<Multiaddr>,
+    /// Dials this behaviour asked for that have not ended (bounded by the peers waiting).
+    own_dials: HashSet<ConnectionId>,
+    /// Dials that passed the behaviours that deny connections (those are composed ahead of this
+    /// one) and are under way (bounded by the swarm's pending-connection limit).
+    started: HashSet<ConnectionId>,
     queue: VecDeque<ToSwarm<ConnectEvent<T>, Infallible>>,
     waker: Option<Waker>,
 }
@@ -60,6 +65,8 @@ impl<T> Default for Connector<T> {
             state: Connecting::default(),
             connected: HashMap::new(),
             relays: Vec::new(),
+            own_dials: HashSet::new(),
+            started: HashSet::new(),
             queue: VecDeque::new(),
             waker: None,
         }
@@ -110,12 +117,14 @@ impl<T> Connector<T> {
     fn step(&mut self, peer: PeerId, next: Next<T>) {
         let action = match next {
             Next::LookUp => ToSwarm::GenerateEvent(ConnectEvent::NeedDht(peer)),
-            Next::Dial(addrs) => ToSwarm::Dial {
-                opts: DialOpts::peer_id(peer)
+            Next::Dial(addrs) => {
+                let opts = DialOpts::peer_id(peer)
                     .addresses(addrs)
                     .condition(PeerCondition::DisconnectedAndNotDialing)
-                    .build(),
-            },
+                    .build();
+                self.own_dials.insert(opts.connection_id());
+                ToSwarm::Dial { opts }
+            }
             Next::Send(list) if list.is_empty() => return,
             Next::Send(list) => ToSwarm::GenerateEvent(ConnectEvent::Ready(peer, list)),
             Next::Fail(list, _) if list.is_empty() => return,
@@ -127,24 +136,29 @@ impl<T> Connector<T> {
         }
     }
 
-    fn on_dial_failure(&mut self, peer: PeerId, error: &DialError) {
+    /// A failed dial of `peer`: one that was under way moves the wait on (whoever dialled); one of
+    /// this behaviour's that could not start fails the held requests, unless the peer is being
+    /// dialled already (that dial's outcome moves the wait on).
+    fn on_dial_failure(&mut self, id: ConnectionId, peer: Option<PeerId>, error: &DialError) {
+        let own = self.own_dials.remove(&id);
+        let started = self.started.remove(&id) && !matches!(error, DialError::NoAddresses);
+        let Some(peer) = peer else {
+            return;
+        };
         if self.is_connected(&peer) {
             return;
         }
-        let next = match error {
-            // Dialled already: that dial's outcome moves the wait on.
-            DialError::DialPeerConditionFalse(_) => return,
-            // The dial could not start: nothing else would fare better.
-            DialError::Denied { .. } | DialError::NoAddresses | DialError::LocalPeerId { .. } => {
-                tracing::debug!(%peer, %error, "dial not started");
-                Next::Fail(
-                    self.state.give_up(&peer),
-                    MeshError::Unavailable(format!("cannot reach node {peer}: {error}")),
-                )
-            }
-            _ => self
-                .state
-                .dial_failed(peer, self.relays.clone(), &error.to_string()),
+        let next = if started {
+            self.state
+                .dial_failed(peer, self.relays.clone(), &error.to_string())
+        } else if own && !matches!(error, DialError::DialPeerConditionFalse(_)) {
+            tracing::debug!(%peer, %error, "dial not started");
+            Next::Fail(
+                self.state.give_up(&peer),
+                MeshError::Unavailable(format!("cannot reach node {peer}: {error}")),
+            )
+        } else {
+            return;
         };
         self.step(peer, next);
     }
@@ -164,6 +178,17 @@ impl<T: Send + 'static> NetworkBehaviour for Connector<T> {
         Ok(dummy::ConnectionHandler)
     }
 
+    fn handle_pending_outbound_connection(
+        &mut self,
+        id: ConnectionId,
+        _: Option<PeerId>,
+        _: &[Multiaddr],
+        _: Endpoint,
+    ) -> Result<Vec<Multiaddr>, ConnectionDenied> {
+        self.started.insert(id);
+        Ok(Vec::new())
+    }
+
     fn handle_established_outbound_connection(
         &mut self,
         _: ConnectionId,
@@ -177,7 +202,13 @@ impl<T: Send + 'static> NetworkBehaviour for Connector<T> {
 
     fn on_swarm_event(&mut self, event: FromSwarm) {
         match event {
-            FromSwarm::ConnectionEstablished(ConnectionEstablished { peer_id, .. }) => {
+            FromSwarm::ConnectionEstablished(ConnectionEstablished {
+                peer_id,
+                connection_id,
+                ..
+            }) => {
+                self.own_dials.remove(&connection_id);
+                self.started.remove(&connection_id);
                 *self.connected.entry(peer_id).or_default() += 1;
                 let held = self.state.connected(&peer_id);
                 self.step(peer_id, Next::Send(held));
@@ -194,10 +225,10 @@ impl<T: Send + 'static> NetworkBehaviour for Connector<T> {
                 }
             }
             FromSwarm::DialFailure(DialFailure {
-                peer_id: Some(peer),
+                peer_id,
                 error,
-                ..
-            }) => self.on_dial_failure(peer, error),
+                connection_id,
+            }) => self.on_dial_failure(connection_id, peer_id, error),
             _ => {}
         }
     }
@@ -286,6 +317,54 @@ pub(crate) mod tests {
             .expect("the behaviour emitted no event")
     }
 
+    /// Drive both swarms until `a` reports a swarm event `pick` accepts (it also sees `a`'s
+    /// behaviour); a fail-fast bound only.
+    pub(crate) async fn until<A: NetworkBehaviour, B: NetworkBehaviour, T>(
+        a: &mut Swarm<A>,
+        b: &mut Swarm<B>,
+        mut pick: impl FnMut(&SwarmEvent<A::ToSwarm>, &A) -> Option<T>,
+    ) -> T {
+        let wait = async {
+            loop {
+                tokio::select! {
+                    e = a.select_next_some() => if let Some(t) = pick(&e, a.behaviour()) {
+                        return t;
+                    },
+                    _ = b.select_next_some() => {}
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), wait)
+            .await
+            .expect("the awaited event did not come")
+    }
+
+    /// Drive both swarms until `pick` accepts `a`'s behaviour's state (looked at after every
+    /// event of either swarm, and every 10 ms for changes no event reports); a fail-fast bound
+    /// only.
+    pub(crate) async fn until_state<A: NetworkBehaviour, B: NetworkBehaviour, T>(
+        a: &mut Swarm<A>,
+        b: &mut Swarm<B>,
+        mut pick: impl FnMut(&A) -> Option<T>,
+    ) -> T {
+        let mut look = tokio::time::interval(Duration::from_millis(10));
+        let wait = async {
+            loop {
+                if let Some(t) = pick(a.behaviour()) {
+                    return t;
+                }
+                tokio::select! {
+                    _ = a.select_next_some() => {}
+                    _ = b.select_next_some() => {}
+                    _ = look.tick() => {}
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), wait)
+            .await
+            .expect("the awaited state did not come")
+    }
+
     #[tokio::test]
     async fn a_request_to_a_peer_known_by_address_dials_it_and_is_released_on_connect() {
         let mut a = memory_swarm(Connector::<u32>::default());
@@ -302,6 +381,23 @@ pub(crate) mod tests {
             other => panic!("expected Ready, got {other:?}"),
         }
         assert!(a.is_connected(&peer_b));
+    }
+
+    #[tokio::test]
+    async fn a_dial_that_cannot_start_fails_the_held_requests_at_once() {
+        let mut a = memory_swarm(Connector::<u32>::default());
+        let mut b = memory_swarm(dummy::Behaviour);
+        // Its only address is one this swarm listens on itself: nothing is dialled.
+        let own = listen(&mut a).await;
+        let peer = PeerId::random();
+        a.behaviour_mut().hold(peer, 4, vec![own]);
+        match next_event(&mut a, &mut b).await {
+            ConnectEvent::Failed(p, list, MeshError::Unavailable(e)) => {
+                assert_eq!((p, list), (peer, vec![4]));
+                assert!(e.contains("cannot reach node"), "{e}");
+            }
+            other => panic!("expected Failed at once, not a DHT lookup: {other:?}"),
+        }
     }
 
     #[tokio::test]

@@ -1,12 +1,16 @@
 //! The one task that owns the `Swarm`: it selects on swarm events, commands from
-//! [`crate::client::Client`]s and a 1 s tick, and only dispatches each to a handler. The handlers
-//! live in child modules by concern, each driving its plain state machine: the peer book, its file,
-//! bootstrap and redial ([`book_glue`]); holding requests until their peer connects
-//! ([`dialing`]); DHT provide and lookup ([`kad_glue`]); relays, AutoNAT and the relayed → direct
-//! hand-over ([`relay_glue`]); the connection table and pings ([`conn_events`]); schema checks
-//! through the one [`crate::gate::InboundGate`] ([`schema_glue`]). Answers go back on oneshots
-//! keyed by request or query id. Forwarded requests travel on long-lived streams handled off this
-//! task ([`crate::forward`]); the peer book file is written off it too ([`crate::book_file`]).
+//! [`crate::client::Client`]s and a 1 s tick, and only dispatches each to a handler. Policy lives
+//! in the sidecar's own behaviours, composed into [`crate::behaviour::Behaviour`]: the peer book
+//! with bootstrap and redial ([`crate::book_keeper`]), requests held until their peer connects
+//! ([`crate::connector`]), AutoNAT, relay reservations and dial-back cleanup
+//! ([`crate::reach_keeper`]). The handlers live in child modules by concern and feed those
+//! behaviours or carry out their events: the peer book's file and what identify and mDNS teach
+//! ([`book_glue`]); dials and held requests ([`dialing`]); DHT provide and lookup ([`kad_glue`]);
+//! relays, AutoNAT and the relayed → direct hand-over ([`relay_glue`]); the connection table and
+//! pings ([`conn_events`]); schema checks through the one [`crate::gate::InboundGate`]
+//! ([`schema_glue`]). Answers go back on oneshots keyed by request or query id. Forwarded requests
+//! travel on long-lived streams handled off this task ([`crate::forward`]); the peer book file is
+//! written off it too ([`crate::book_file`]).
 
 mod book_glue;
 mod conn_events;
@@ -37,7 +41,6 @@ use crate::forward::Outbound as ForwardStreams;
 use crate::metrics::SidecarMetrics;
 use crate::node_link::NodeHandler;
 use crate::peer_book::{PeerBook, SavedBook};
-use crate::reach::{AutoNat, RelayServer, Relays};
 use crate::status::NetworkSnapshot;
 use crate::upgrade::Upgrades;
 
@@ -66,8 +69,6 @@ pub struct EventLoopParts {
     pub forward: Arc<ForwardStreams>,
     /// The peer book file (read at start, written when the book changes and at shutdown).
     pub peers_path: Option<PathBuf>,
-    /// Relays to reserve on (crate::reach).
-    pub relays: Relays,
     /// This node's relay service: its limits (counters are filled in by the loop).
     pub relay_server: fold_proto::v1::RelayServerStatus,
     /// When a connection whose pings fail is closed.
@@ -102,10 +103,7 @@ pub struct EventLoop {
     /// The book as last handed to the writer (or read from the file).
     saved: Option<SavedBook>,
     last_save: Option<Instant>,
-    autonat: AutoNat,
-    relays: Relays,
     relay_server: fold_proto::v1::RelayServerStatus,
-    relay_counts: RelayServer,
     /// Every open connection (crate::conns).
     conns: Conns,
     /// Peers whose relayed connections are being replaced by a direct one (crate::upgrade).
@@ -134,10 +132,7 @@ impl EventLoop {
             writer: None,
             saved: None,
             last_save: None,
-            autonat: AutoNat::default(),
-            relays: p.relays,
             relay_server: p.relay_server,
-            relay_counts: RelayServer::default(),
             conns: Conns::new(p.ping),
             upgrading: Upgrades::default(),
         };
@@ -187,7 +182,6 @@ impl EventLoop {
             let written = self.saved.clone().unwrap_or_default();
             self.writer = Some(BookWriter::spawn(path, written));
         }
-        self.plan_relays();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut ticks: u64 = 0;
         loop {
@@ -203,7 +197,6 @@ impl EventLoop {
                         self.reprovide();
                     }
                     self.close_silent_connections(Instant::now());
-                    self.plan_relays();
                     if self.last_save.is_none_or(|t| t.elapsed() >= SAVE_EVERY) {
                         self.save_peers();
                     }
@@ -223,6 +216,7 @@ impl EventLoop {
 
     /// The swarm's state for `Mesh.Status` (the reply is built from it in the gRPC layer).
     fn snapshot(&self) -> NetworkSnapshot {
+        let reach = &self.swarm.behaviour().reach;
         NetworkSnapshot {
             node_id: self.local(),
             listen_addrs: self.listen_addrs.clone(),
@@ -232,12 +226,12 @@ impl EventLoop {
             mdns_enabled: self.mdns_enabled,
             provided_schemas: self.providing.provided(),
             bootstrap: self.swarm.behaviour().book.bootstrap().status(),
-            reachability: self.autonat.verdict(),
-            reachable_addrs: self.autonat.reachable_addrs(),
-            relays: self.relays.status(),
+            reachability: reach.autonat().verdict(),
+            reachable_addrs: reach.autonat().reachable_addrs(),
+            relays: reach.relays().status(),
             relay_server: self.relay_server,
-            relay_reservations: self.relay_counts.reservations(),
-            relay_circuits: self.relay_counts.circuits,
+            relay_reservations: reach.server().reservations(),
+            relay_circuits: reach.server().circuits,
         }
     }
 
@@ -282,18 +276,11 @@ impl EventLoop {
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         self.libp2p_metrics.record(&event);
         match event {
-            SwarmEvent::NewListenAddr {
-                address,
-                listener_id,
-            } => self.on_new_listen_addr(listener_id, address),
+            SwarmEvent::NewListenAddr { address, .. } => self.on_new_listen_addr(address),
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.retain(|a| a != &address);
             }
-            SwarmEvent::ListenerClosed {
-                listener_id,
-                addresses,
-                reason,
-            } => self.on_listener_closed(listener_id, &addresses, reason.err()),
+            SwarmEvent::ListenerClosed { addresses, .. } => self.on_listener_closed(&addresses),
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 connection_id,
@@ -369,6 +356,7 @@ impl EventLoop {
             BehaviourEvent::Schema(ev) => self.on_schema_event(ev),
             BehaviourEvent::Connect(ev) => self.on_connect_event(ev),
             BehaviourEvent::Book(ev) => self.on_book_event(ev),
+            BehaviourEvent::Reach(ev) => self.on_reach_event(ev),
             BehaviourEvent::Limits(_)
             | BehaviourEvent::Memory(_)
             | BehaviourEvent::Deny(_)

@@ -125,7 +125,6 @@ pub fn assemble(
         metrics: metrics.clone(),
         forward: forward_streams,
         peers_path: Some(config.peers_path()),
-        relays: crate::reach::Relays::new(config)?,
         relay_server: crate::reach::RelayServer::default().status(config),
         ping: crate::conns::PingPolicy::from_config(config),
     });

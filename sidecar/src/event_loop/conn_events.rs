@@ -1,6 +1,6 @@
 //! The swarm task's connection glue: connections opened and closed (the table in
-//! [`crate::conns`], the peer book, held requests and peer events), and pings that keep a
-//! connection alive or close it.
+//! [`crate::conns`], each peer's connection kind in the peer book, the relayed → direct hand-over,
+//! peer events), and pings that keep a connection alive or close it.
 
 use std::time::Instant;
 
@@ -62,13 +62,6 @@ impl EventLoop {
         self.conns.insert(
             connection_id,
             Conn {
-                new_port: matches!(
-                    endpoint,
-                    ConnectedPoint::Dialer {
-                        port_use: libp2p::core::transport::PortUse::New,
-                        ..
-                    }
-                ),
                 loopback: crate::peer_book::is_loopback_remote(&remote),
                 ..Conn::new(peer_id, relayed, dialed, transport)
             },
@@ -115,7 +108,6 @@ impl EventLoop {
 
     /// The last connection to `peer_id` closed.
     pub(super) fn on_peer_disconnected(&mut self, peer_id: PeerId, why: &str) {
-        self.relay_counts.disconnected(&peer_id);
         self.forward.disconnected(&peer_id);
         self.metrics.connected_peers(self.peers().connected_count());
         self.swarm
