@@ -7,23 +7,22 @@
 //! off the swarm task ([`crate::book_file`]). Tested below with real swarms on the memory
 //! transport.
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::convert::Infallible;
-use std::task::{Context, Poll, Waker};
+use std::collections::{HashMap, HashSet};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
-use libp2p::core::transport::PortUse;
 use libp2p::core::{Endpoint, Multiaddr};
 use libp2p::swarm::behaviour::ConnectionEstablished;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{
-    ConnectionClosed, ConnectionDenied, ConnectionId, DialError, DialFailure, FromSwarm,
-    NetworkBehaviour, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm, dummy,
+    ConnectionDenied, ConnectionId, DialError, DialFailure, FromSwarm, NetworkBehaviour,
+    THandlerInEvent, ToSwarm,
 };
 
 use crate::bootstrap::{Bootstrap, DialFailure as BootstrapDialFailure};
 use crate::peer_book::{MAX_REDIALS_PER_TICK, PeerBook, random_unit};
+use crate::policy_kit::{Actions, Connected, Every, no_protocol};
 
 /// How often the book looks for peers to redial.
 const REDIAL_EVERY: Duration = Duration::from_secs(1);
@@ -40,18 +39,16 @@ pub struct BookKeeper {
     local: PeerId,
     book: PeerBook,
     bootstrap: Bootstrap,
-    /// Open connections per peer (bounded by the swarm's connection limits).
-    connected: HashMap<PeerId, usize>,
+    connected: Connected,
     /// Dials that passed every behaviour's checks and are under way (bounded by the swarm's
     /// pending-connection limit): only their failures count against a peer.
     pending: HashSet<ConnectionId>,
     /// Dials of bootstrap addresses without a peer id this behaviour asked for: connection →
     /// index in [`Bootstrap::due`]'s numbering.
     bootstrap_dials: HashMap<ConnectionId, usize>,
-    queue: VecDeque<ToSwarm<BookEvent, Infallible>>,
-    /// Made on the first poll (it needs the runtime).
-    timer: Option<tokio::time::Interval>,
-    waker: Option<Waker>,
+    actions: Actions<BookEvent>,
+    /// Redials are looked for on this timer.
+    every: Every,
 }
 
 impl BookKeeper {
@@ -61,12 +58,11 @@ impl BookKeeper {
             local,
             book: PeerBook::default(),
             bootstrap: Bootstrap::new(bootstrap, local),
-            connected: HashMap::new(),
+            connected: Connected::default(),
             pending: HashSet::new(),
             bootstrap_dials: HashMap::new(),
-            queue: VecDeque::new(),
-            timer: None,
-            waker: None,
+            actions: Actions::default(),
+            every: Every::new(REDIAL_EVERY),
         }
     }
 
@@ -87,14 +83,7 @@ impl BookKeeper {
     }
 
     fn is_connected(&self, peer: &PeerId) -> bool {
-        self.connected.contains_key(peer)
-    }
-
-    fn push(&mut self, action: ToSwarm<BookEvent, Infallible>) {
-        self.queue.push_back(action);
-        if let Some(w) = self.waker.take() {
-            w.wake();
-        }
+        self.connected.contains(peer)
     }
 
     /// Dial the known and bootstrap peers that are not connected and whose backoff has passed.
@@ -109,13 +98,13 @@ impl BookKeeper {
                 .addresses(addrs)
                 .condition(PeerCondition::DisconnectedAndNotDialing)
                 .build();
-            self.push(ToSwarm::Dial { opts });
+            self.actions.push(ToSwarm::Dial { opts });
         }
         // Once a redial of the peer's known addresses failed, the bootstrap address is dialled
         // again too: behind a name, the peer may have come back at a new address.
         let (connected, book) = (&self.connected, &self.book);
         let due = self.bootstrap.due(now, |p| {
-            connected.contains_key(p)
+            connected.contains(p)
                 || book
                     .get(p)
                     .is_some_and(|e| !e.addrs.is_empty() && e.dial_failures == 0)
@@ -124,7 +113,7 @@ impl BookKeeper {
             // Its outcome is also what Network.Status reports for this bootstrap address.
             let opts = DialOpts::unknown_peer_id().address(addr).build();
             self.bootstrap_dials.insert(opts.connection_id(), i);
-            self.push(ToSwarm::Dial { opts });
+            self.actions.push(ToSwarm::Dial { opts });
         }
     }
 
@@ -138,7 +127,7 @@ impl BookKeeper {
         } = c;
         self.pending.remove(&connection_id);
         self.bootstrap_dials.remove(&connection_id);
-        *self.connected.entry(peer_id).or_default() += 1;
+        self.connected.established(peer_id);
         let dialed = endpoint.is_dialer();
         let remote = endpoint.get_remote_address().clone();
         let e = self
@@ -157,17 +146,20 @@ impl BookKeeper {
         if let Some(e) = self.book.get_mut(&peer) {
             e.connections = u32::try_from(remaining).unwrap_or(u32::MAX);
         }
+        self.connected.closed(peer, remaining);
         if remaining == 0 {
-            self.connected.remove(&peer);
             self.book.disconnected(&peer, Instant::now(), random_unit());
-        } else {
-            self.connected.insert(peer, remaining);
         }
     }
 
     /// A failed dial: a bootstrap address's outcome, and for a dial that was under way the peer
     /// backs off and its failing addresses count (dials that could not start do not).
-    fn on_dial_failure(&mut self, id: ConnectionId, peer: Option<PeerId>, error: &DialError) {
+    fn on_dial_failure(&mut self, f: DialFailure) {
+        let DialFailure {
+            connection_id: id,
+            peer_id: peer,
+            error,
+        } = f;
         let bootstrap_dial = self.bootstrap_dials.remove(&id);
         if !self.pending.remove(&id) {
             if let Some(i) = bootstrap_dial {
@@ -206,27 +198,19 @@ impl BookKeeper {
             tracing::info!(%peer, "peer forgotten: no address left");
         }
         if !out.dropped.is_empty() {
-            self.push(ToSwarm::GenerateEvent(BookEvent::AddressesDropped(
-                peer,
-                out.dropped,
-            )));
+            self.actions
+                .push(ToSwarm::GenerateEvent(BookEvent::AddressesDropped(
+                    peer,
+                    out.dropped,
+                )));
         }
     }
 }
 
 impl NetworkBehaviour for BookKeeper {
-    type ConnectionHandler = dummy::ConnectionHandler;
     type ToSwarm = BookEvent;
 
-    fn handle_established_inbound_connection(
-        &mut self,
-        _: ConnectionId,
-        _: PeerId,
-        _: &Multiaddr,
-        _: &Multiaddr,
-    ) -> Result<THandler<Self>, ConnectionDenied> {
-        Ok(dummy::ConnectionHandler)
-    }
+    no_protocol!();
 
     /// The peer's known addresses (used when the dial lets behaviours add addresses). Placed
     /// after the behaviours that deny connections, it sees only dials that passed them.
@@ -247,71 +231,34 @@ impl NetworkBehaviour for BookKeeper {
             .unwrap_or_default())
     }
 
-    fn handle_established_outbound_connection(
-        &mut self,
-        _: ConnectionId,
-        _: PeerId,
-        _: &Multiaddr,
-        _: Endpoint,
-        _: PortUse,
-    ) -> Result<THandler<Self>, ConnectionDenied> {
-        Ok(dummy::ConnectionHandler)
-    }
-
     fn on_swarm_event(&mut self, event: FromSwarm) {
         match event {
             FromSwarm::ConnectionEstablished(c) => self.on_established(c),
-            FromSwarm::ConnectionClosed(ConnectionClosed {
-                peer_id,
-                remaining_established,
-                ..
-            }) => self.on_closed(peer_id, remaining_established),
-            FromSwarm::DialFailure(DialFailure {
-                peer_id,
-                error,
-                connection_id,
-            }) => self.on_dial_failure(connection_id, peer_id, error),
+            FromSwarm::ConnectionClosed(c) => self.on_closed(c.peer_id, c.remaining_established),
+            FromSwarm::DialFailure(f) => self.on_dial_failure(f),
             _ => {}
         }
-    }
-
-    fn on_connection_handler_event(
-        &mut self,
-        _: PeerId,
-        _: ConnectionId,
-        event: THandlerOutEvent<Self>,
-    ) {
-        libp2p::core::util::unreachable(event)
     }
 
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
-        // Polled until pending, so the timer wakes this behaviour for its next tick.
-        loop {
-            let timer = self.timer.get_or_insert_with(|| {
-                let mut t = tokio::time::interval(REDIAL_EVERY);
-                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                t
-            });
-            if timer.poll_tick(cx).is_pending() {
-                break;
-            }
+        // Asked until it says no, so the timer wakes this behaviour for its next tick.
+        while self.every.ticked(cx) {
             self.redial(Instant::now());
         }
-        if let Some(action) = self.queue.pop_front() {
-            return Poll::Ready(action);
+        match self.actions.pop() {
+            Some(action) => Poll::Ready(action),
+            None => self.actions.pending(cx),
         }
-        self.waker = Some(cx.waker().clone());
-        Poll::Pending
     }
 }
 
 #[cfg(test)]
 mod tests {
     use fold_proto::v1::bootstrap_status::State;
-    use libp2p::swarm::SwarmEvent;
+    use libp2p::swarm::{SwarmEvent, dummy};
 
     use super::*;
     use crate::connector::tests::{listen, memory_swarm, until};

@@ -5,23 +5,22 @@
 //! ([`ConnectEvent::Ready`]). The steps are decided by the plain state machine in
 //! [`crate::connect`]; tested below with real swarms on the memory transport.
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::convert::Infallible;
+use std::collections::HashSet;
 use std::fmt;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 
-use libp2p::core::transport::PortUse;
 use libp2p::core::{Endpoint, Multiaddr};
 use libp2p::swarm::behaviour::ConnectionEstablished;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{
     ConnectionClosed, ConnectionDenied, ConnectionId, DialError, DialFailure, FromSwarm,
-    NetworkBehaviour, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm, dummy,
+    NetworkBehaviour, THandlerInEvent, ToSwarm,
 };
 use libp2p::{PeerId, kad};
 
 use crate::command::MeshError;
 use crate::connect::{Connecting, Next};
+use crate::policy_kit::{Actions, Connected, no_protocol};
 
 /// What the event loop does for the connect behaviour.
 pub enum ConnectEvent<T> {
@@ -46,8 +45,7 @@ impl<T> fmt::Debug for ConnectEvent<T> {
 /// The connect behaviour (see the module doc). `T` is a held request.
 pub struct Connector<T> {
     state: Connecting<T>,
-    /// Open connections per peer (bounded by the swarm's connection limits).
-    connected: HashMap<PeerId, usize>,
+    connected: Connected,
     /// The routes through this node's relays (`<relay>/p2p-circuit`), set by the event loop.
     relays: Vec<Multiaddr>,
     /// Dials this behaviour asked for that have not ended (bounded by the peers waiting).
@@ -55,20 +53,18 @@ pub struct Connector<T> {
     /// Dials that passed the behaviours that deny connections (those are composed ahead of this
     /// one) and are under way (bounded by the swarm's pending-connection limit).
     started: HashSet<ConnectionId>,
-    queue: VecDeque<ToSwarm<ConnectEvent<T>, Infallible>>,
-    waker: Option<Waker>,
+    actions: Actions<ConnectEvent<T>>,
 }
 
 impl<T> Default for Connector<T> {
     fn default() -> Self {
         Connector {
             state: Connecting::default(),
-            connected: HashMap::new(),
+            connected: Connected::default(),
             relays: Vec::new(),
             own_dials: HashSet::new(),
             started: HashSet::new(),
-            queue: VecDeque::new(),
-            waker: None,
+            actions: Actions::default(),
         }
     }
 }
@@ -110,7 +106,7 @@ impl<T> Connector<T> {
     }
 
     fn is_connected(&self, peer: &PeerId) -> bool {
-        self.connected.contains_key(peer)
+        self.connected.contains(peer)
     }
 
     /// Queue what the state machine decided.
@@ -130,16 +126,18 @@ impl<T> Connector<T> {
             Next::Fail(list, _) if list.is_empty() => return,
             Next::Fail(list, e) => ToSwarm::GenerateEvent(ConnectEvent::Failed(peer, list, e)),
         };
-        self.queue.push_back(action);
-        if let Some(w) = self.waker.take() {
-            w.wake();
-        }
+        self.actions.push(action);
     }
 
     /// A failed dial of `peer`: one that was under way moves the wait on (whoever dialled); one of
     /// this behaviour's that could not start fails the held requests, unless the peer is being
     /// dialled already (that dial's outcome moves the wait on).
-    fn on_dial_failure(&mut self, id: ConnectionId, peer: Option<PeerId>, error: &DialError) {
+    fn on_dial_failure(&mut self, f: DialFailure) {
+        let DialFailure {
+            connection_id: id,
+            peer_id: peer,
+            error,
+        } = f;
         let own = self.own_dials.remove(&id);
         let started = self.started.remove(&id) && !matches!(error, DialError::NoAddresses);
         let Some(peer) = peer else {
@@ -165,18 +163,9 @@ impl<T> Connector<T> {
 }
 
 impl<T: Send + 'static> NetworkBehaviour for Connector<T> {
-    type ConnectionHandler = dummy::ConnectionHandler;
     type ToSwarm = ConnectEvent<T>;
 
-    fn handle_established_inbound_connection(
-        &mut self,
-        _: ConnectionId,
-        _: PeerId,
-        _: &Multiaddr,
-        _: &Multiaddr,
-    ) -> Result<THandler<Self>, ConnectionDenied> {
-        Ok(dummy::ConnectionHandler)
-    }
+    no_protocol!();
 
     fn handle_pending_outbound_connection(
         &mut self,
@@ -189,17 +178,6 @@ impl<T: Send + 'static> NetworkBehaviour for Connector<T> {
         Ok(Vec::new())
     }
 
-    fn handle_established_outbound_connection(
-        &mut self,
-        _: ConnectionId,
-        _: PeerId,
-        _: &Multiaddr,
-        _: Endpoint,
-        _: PortUse,
-    ) -> Result<THandler<Self>, ConnectionDenied> {
-        Ok(dummy::ConnectionHandler)
-    }
-
     fn on_swarm_event(&mut self, event: FromSwarm) {
         match event {
             FromSwarm::ConnectionEstablished(ConnectionEstablished {
@@ -209,7 +187,7 @@ impl<T: Send + 'static> NetworkBehaviour for Connector<T> {
             }) => {
                 self.own_dials.remove(&connection_id);
                 self.started.remove(&connection_id);
-                *self.connected.entry(peer_id).or_default() += 1;
+                self.connected.established(peer_id);
                 let held = self.state.connected(&peer_id);
                 self.step(peer_id, Next::Send(held));
             }
@@ -217,40 +195,20 @@ impl<T: Send + 'static> NetworkBehaviour for Connector<T> {
                 peer_id,
                 remaining_established,
                 ..
-            }) => {
-                if remaining_established == 0 {
-                    self.connected.remove(&peer_id);
-                } else {
-                    self.connected.insert(peer_id, remaining_established);
-                }
-            }
-            FromSwarm::DialFailure(DialFailure {
-                peer_id,
-                error,
-                connection_id,
-            }) => self.on_dial_failure(connection_id, peer_id, error),
+            }) => self.connected.closed(peer_id, remaining_established),
+            FromSwarm::DialFailure(f) => self.on_dial_failure(f),
             _ => {}
         }
-    }
-
-    fn on_connection_handler_event(
-        &mut self,
-        _: PeerId,
-        _: ConnectionId,
-        event: THandlerOutEvent<Self>,
-    ) {
-        libp2p::core::util::unreachable(event)
     }
 
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
-        if let Some(action) = self.queue.pop_front() {
-            return Poll::Ready(action);
+        match self.actions.pop() {
+            Some(action) => Poll::Ready(action),
+            None => self.actions.pending(cx),
         }
-        self.waker = Some(cx.waker().clone());
-        Poll::Pending
     }
 }
 
@@ -261,7 +219,7 @@ pub(crate) mod tests {
     use futures::StreamExt;
     use libp2p::core::transport::MemoryTransport;
     use libp2p::core::upgrade::Version;
-    use libp2p::swarm::{Swarm, SwarmEvent};
+    use libp2p::swarm::{Swarm, SwarmEvent, dummy};
     use libp2p::{Transport, identity, noise, yamux};
 
     use super::*;

@@ -31,6 +31,7 @@ pub mod mesh_api;
 pub mod metrics;
 pub mod node_link;
 pub mod peer_book;
+pub mod policy_kit;
 pub mod reach;
 pub mod reach_keeper;
 pub mod schema_check;

@@ -8,22 +8,21 @@
 //! (`ToSwarm::CloseConnection`). AutoNAT, relay and identify events are fed to it by the event
 //! loop. Tested below with real swarms on the memory transport.
 
-use std::collections::{HashMap, VecDeque};
-use std::convert::Infallible;
-use std::task::{Context, Poll, Waker};
+use std::collections::HashMap;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use fold_proto::v1::Reachability;
 use libp2p::PeerId;
 use libp2p::core::transport::{ListenerId, PortUse};
-use libp2p::core::{ConnectedPoint, Endpoint, Multiaddr};
+use libp2p::core::{ConnectedPoint, Multiaddr};
 use libp2p::swarm::behaviour::ConnectionEstablished;
 use libp2p::swarm::{
-    CloseConnection, ConnectionClosed, ConnectionDenied, ConnectionId, FromSwarm, ListenOpts,
-    ListenerClosed, ListenerError, NetworkBehaviour, NewListenAddr, THandler, THandlerInEvent,
-    THandlerOutEvent, ToSwarm, dummy,
+    CloseConnection, ConnectionClosed, ConnectionId, FromSwarm, ListenOpts, ListenerClosed,
+    ListenerError, NetworkBehaviour, NewListenAddr, THandlerInEvent, ToSwarm,
 };
 
+use crate::policy_kit::{Actions, Every, no_protocol};
 use crate::reach::{AutoNat, RelayAction, RelayServer, Relays, Source};
 
 /// How often the reservations are planned again (failed ones retry on their backoff).
@@ -53,10 +52,9 @@ pub struct ReachKeeper {
     /// The listener asked for in the last poll: an error reported for it before the next poll
     /// is the listen failing to start.
     opening: Option<ListenerId>,
-    queue: VecDeque<ToSwarm<ReachEvent, Infallible>>,
-    /// Made on the first poll (it needs the runtime).
-    timer: Option<tokio::time::Interval>,
-    waker: Option<Waker>,
+    actions: Actions<ReachEvent>,
+    /// The reservations are planned again on this timer.
+    every: Every,
 }
 
 impl ReachKeeper {
@@ -72,9 +70,8 @@ impl ReachKeeper {
             routes: Vec::new(),
             dirty: false,
             opening: None,
-            queue: VecDeque::new(),
-            timer: None,
-            waker: None,
+            actions: Actions::default(),
+            every: Every::new(PLAN_EVERY),
         }
     }
 
@@ -88,12 +85,6 @@ impl ReachKeeper {
 
     pub fn server(&self) -> &RelayServer {
         &self.server
-    }
-
-    fn wake(&mut self) {
-        if let Some(w) = self.waker.take() {
-            w.wake();
-        }
     }
 
     /// An AutoNAT test of `addr` finished; a changed verdict replans the reservations.
@@ -116,7 +107,7 @@ impl ReachKeeper {
     pub fn reserved(&mut self, relay: &PeerId) {
         self.relays.reserved(relay);
         self.dirty = true;
-        self.wake();
+        self.actions.wake();
     }
 
     /// An event of this node's relay service.
@@ -134,12 +125,11 @@ impl ReachKeeper {
             .map(|(id, _)| *id)
             .collect();
         for id in ids {
-            self.queue.push_back(ToSwarm::CloseConnection {
+            self.actions.push(ToSwarm::CloseConnection {
                 peer_id: *client,
                 connection: CloseConnection::One(id),
             });
         }
-        self.wake();
     }
 
     /// Open or close relay reservations as the verdict and the known relays call for.
@@ -151,15 +141,15 @@ impl ReachKeeper {
                     tracing::info!(%addr, "asking the relay for a reservation");
                     let opts = ListenOpts::new(addr.clone());
                     self.relays.listening(&addr, Ok(opts.listener_id()), now);
-                    self.queue.push_back(ToSwarm::ListenOn { opts });
+                    self.actions.push(ToSwarm::ListenOn { opts });
                 }
                 RelayAction::StopListening(id) => {
-                    self.queue.push_back(ToSwarm::RemoveListener { id });
+                    self.actions.push(ToSwarm::RemoveListener { id });
                 }
             }
         }
         self.dirty = true;
-        self.wake();
+        self.actions.wake();
     }
 
     fn on_established(&mut self, c: ConnectionEstablished) {
@@ -192,29 +182,9 @@ impl ReachKeeper {
 }
 
 impl NetworkBehaviour for ReachKeeper {
-    type ConnectionHandler = dummy::ConnectionHandler;
     type ToSwarm = ReachEvent;
 
-    fn handle_established_inbound_connection(
-        &mut self,
-        _: ConnectionId,
-        _: PeerId,
-        _: &Multiaddr,
-        _: &Multiaddr,
-    ) -> Result<THandler<Self>, ConnectionDenied> {
-        Ok(dummy::ConnectionHandler)
-    }
-
-    fn handle_established_outbound_connection(
-        &mut self,
-        _: ConnectionId,
-        _: PeerId,
-        _: &Multiaddr,
-        _: Endpoint,
-        _: PortUse,
-    ) -> Result<THandler<Self>, ConnectionDenied> {
-        Ok(dummy::ConnectionHandler)
-    }
+    no_protocol!();
 
     fn on_swarm_event(&mut self, event: FromSwarm) {
         match event {
@@ -237,33 +207,16 @@ impl NetworkBehaviour for ReachKeeper {
         }
     }
 
-    fn on_connection_handler_event(
-        &mut self,
-        _: PeerId,
-        _: ConnectionId,
-        event: THandlerOutEvent<Self>,
-    ) {
-        libp2p::core::util::unreachable(event)
-    }
-
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
         self.opening = None;
-        // Polled until pending, so the timer wakes this behaviour for its next tick.
-        loop {
-            let timer = self.timer.get_or_insert_with(|| {
-                let mut t = tokio::time::interval(PLAN_EVERY);
-                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                t
-            });
-            if timer.poll_tick(cx).is_pending() {
-                break;
-            }
+        // Asked until it says no, so the timer wakes this behaviour for its next tick.
+        while self.every.ticked(cx) {
             self.plan(Instant::now());
         }
-        if let Some(action) = self.queue.pop_front() {
+        if let Some(action) = self.actions.pop() {
             if let ToSwarm::ListenOn { opts } = &action {
                 self.opening = Some(opts.listener_id());
             }
@@ -276,8 +229,7 @@ impl NetworkBehaviour for ReachKeeper {
                 return Poll::Ready(ToSwarm::GenerateEvent(ReachEvent::RelayRoutes(routes)));
             }
         }
-        self.waker = Some(cx.waker().clone());
-        Poll::Pending
+        self.actions.pending(cx)
     }
 }
 
@@ -285,8 +237,8 @@ impl NetworkBehaviour for ReachKeeper {
 mod tests {
     use clap::Parser;
     use fold_proto::v1::relay_reservation::State;
-    use libp2p::swarm::SwarmEvent;
     use libp2p::swarm::dial_opts::DialOpts;
+    use libp2p::swarm::{SwarmEvent, dummy};
 
     use super::*;
     use crate::connector::tests::{listen, memory_swarm, until, until_state};
