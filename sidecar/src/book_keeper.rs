@@ -3,8 +3,9 @@
 //! dials from the swarm (`on_swarm_event`), answers `handle_pending_outbound_connection` with a
 //! peer's known addresses, and on its own 1 s timer dials (`ToSwarm::Dial`) the known and
 //! bootstrap peers whose backoff has passed, and the bootstrap addresses without a peer id. What
-//! identify, the DHT and mDNS teach is fed to it by the event loop; the book's file is written
-//! off the swarm task ([`crate::book_file`]). Tested below with real swarms on the memory
+//! identify, the DHT and mDNS teach is fed to it by the event loop. It hands the book to its
+//! file's writer when the known peers changed (at most every 5 s, and at shutdown), which writes
+//! it off the swarm task ([`crate::book_file`]). Tested below with real swarms on the memory
 //! transport.
 
 use std::collections::{HashMap, HashSet};
@@ -20,12 +21,15 @@ use libp2p::swarm::{
     THandlerInEvent, ToSwarm,
 };
 
+use crate::book_file::BookWriter;
 use crate::bootstrap::{Bootstrap, DialFailure as BootstrapDialFailure};
-use crate::peer_book::{MAX_REDIALS_PER_TICK, PeerBook, random_unit};
+use crate::peer_book::{MAX_REDIALS_PER_TICK, PeerBook, SavedBook, random_unit};
 use crate::policy_kit::{Actions, Connected, Every, no_protocol};
 
-/// How often the book looks for peers to redial.
+/// How often the book looks for peers to redial (and whether its file is due).
 const REDIAL_EVERY: Duration = Duration::from_secs(1);
+/// The peers file is written at most this often (and at shutdown).
+const SAVE_EVERY: Duration = Duration::from_secs(5);
 
 /// What the event loop does for the peer book behaviour.
 #[derive(Debug)]
@@ -49,6 +53,17 @@ pub struct BookKeeper {
     actions: Actions<BookEvent>,
     /// Redials are looked for on this timer.
     every: Every,
+    /// The peers file, once [`BookKeeper::start_file`] started its writer.
+    file: Option<BookFile>,
+}
+
+/// The peers file's writer ([`crate::book_file`], off the swarm task) and what it was handed.
+struct BookFile {
+    writer: BookWriter,
+    /// The book as last handed to the writer (or read from the file); none after a failed
+    /// write.
+    saved: Option<SavedBook>,
+    last_save: Option<Instant>,
 }
 
 impl BookKeeper {
@@ -63,6 +78,7 @@ impl BookKeeper {
             bootstrap_dials: HashMap::new(),
             actions: Actions::default(),
             every: Every::new(REDIAL_EVERY),
+            file: None,
         }
     }
 
@@ -80,6 +96,62 @@ impl BookKeeper {
 
     pub fn bootstrap_mut(&mut self) -> &mut Bootstrap {
         &mut self.bootstrap
+    }
+
+    /// Write the book to `path` from now on (the file holds the book as it is now). Needs a
+    /// Tokio runtime.
+    pub fn start_file(&mut self, path: std::path::PathBuf) {
+        let written = self.book.saved(&self.local);
+        self.file = Some(BookFile {
+            writer: BookWriter::spawn(path, written.clone()),
+            saved: Some(written),
+            last_save: None,
+        });
+    }
+
+    /// Hand the book to the file's writer if the known peers changed since it was last handed
+    /// over (or a write failed), at most every [`SAVE_EVERY`].
+    fn save_if_due(&mut self, now: Instant) {
+        let Some(f) = &mut self.file else {
+            return;
+        };
+        if f.last_save
+            .is_some_and(|t| now.saturating_duration_since(t) < SAVE_EVERY)
+        {
+            return;
+        }
+        if f.writer.take_failed() {
+            f.saved = None;
+        }
+        let book = self.book.saved(&self.local);
+        if f.saved.as_ref() == Some(&book) {
+            return;
+        }
+        f.last_save = Some(now);
+        if f.writer.offer(book.clone()) {
+            f.saved = Some(book);
+        }
+    }
+
+    /// Write the book now; `reply` is told whether it is on disk (true with no file).
+    pub fn save_now(&mut self, reply: tokio::sync::oneshot::Sender<bool>) {
+        match &mut self.file {
+            Some(f) => {
+                let book = self.book.saved(&self.local);
+                f.saved = Some(book.clone());
+                f.writer.save(book, reply);
+            }
+            None => {
+                let _ = reply.send(true);
+            }
+        }
+    }
+
+    /// At shutdown: write the book and wait until it is on disk.
+    pub async fn flush(&self) {
+        if let Some(f) = &self.file {
+            f.writer.flush(self.book.saved(&self.local)).await;
+        }
     }
 
     fn is_connected(&self, peer: &PeerId) -> bool {
@@ -246,7 +318,9 @@ impl NetworkBehaviour for BookKeeper {
     ) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
         // Asked until it says no, so the timer wakes this behaviour for its next tick.
         while self.every.ticked(cx) {
-            self.redial(Instant::now());
+            let now = Instant::now();
+            self.redial(now);
+            self.save_if_due(now);
         }
         match self.actions.pop() {
             Some(action) => Poll::Ready(action),
@@ -261,7 +335,7 @@ mod tests {
     use libp2p::swarm::{SwarmEvent, dummy};
 
     use super::*;
-    use crate::connector::tests::{listen, memory_swarm, until};
+    use crate::connector::tests::{listen, memory_swarm, until, until_state};
 
     fn keeper(bootstrap: Vec<Multiaddr>) -> BookKeeper {
         BookKeeper::new(PeerId::random(), bootstrap)
@@ -311,6 +385,28 @@ mod tests {
         // Nobody dials but the book's timer.
         let p = until(&mut a, &mut b, |e, _| established(e)).await;
         assert_eq!(p, peer_b);
+    }
+
+    #[tokio::test]
+    async fn a_peer_connected_to_is_written_to_the_file_off_the_swarm_task() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("peers.json");
+        let mut a = memory_swarm(keeper(vec![]));
+        let mut b = memory_swarm(dummy::Behaviour);
+        a.behaviour_mut().start_file(path.clone());
+        let addr = listen(&mut b).await;
+        let peer_b = b.local_peer_id().to_string();
+        a.dial(addr).expect("dial");
+        // Nobody asks for a save: the book's timer hands the changed book to the writer.
+        until_state(&mut a, &mut b, |_| {
+            let saved = crate::peer_book::load_file(&path);
+            saved.peers.iter().any(|p| p.id == peer_b).then_some(())
+        })
+        .await;
+        // An explicit save answers once the book is on disk.
+        let (reply, written) = tokio::sync::oneshot::channel();
+        a.behaviour_mut().save_now(reply);
+        assert!(written.await.expect("answered"));
     }
 
     #[tokio::test]

@@ -4,8 +4,8 @@
 //! with bootstrap and redial ([`crate::book_keeper`]), requests held until their peer connects
 //! ([`crate::connector`]), AutoNAT, relay reservations and dial-back cleanup
 //! ([`crate::reach_keeper`]). The handlers live in child modules by concern and feed those
-//! behaviours or carry out their events: the peer book's file and what identify and mDNS teach
-//! ([`book_glue`]); dials and held requests ([`dialing`]); DHT provide and lookup ([`kad_glue`]);
+//! behaviours or carry out their events: reading the peer book's file, what identify and mDNS
+//! teach ([`book_glue`]); dials and held requests ([`dialing`]); DHT provide and lookup ([`kad_glue`]);
 //! relays, AutoNAT and the relayed → direct hand-over ([`relay_glue`]); the connection table and
 //! pings ([`conn_events`]); schema checks through the one [`crate::gate::InboundGate`]
 //! ([`schema_glue`]). Answers go back on oneshots keyed by request or query id. Forwarded requests
@@ -34,13 +34,12 @@ use libp2p::{Multiaddr, PeerId, Swarm, identify, mdns};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::behaviour::{Behaviour, BehaviourEvent};
-use crate::book_file::BookWriter;
 use crate::command::{Command, MeshError, Outbound};
 use crate::conns::{Conns, PingPolicy};
 use crate::forward::Outbound as ForwardStreams;
 use crate::metrics::SidecarMetrics;
 use crate::node_link::NodeHandler;
-use crate::peer_book::{PeerBook, SavedBook};
+use crate::peer_book::PeerBook;
 use crate::status::NetworkSnapshot;
 use crate::upgrade::Upgrades;
 
@@ -75,9 +74,6 @@ pub struct EventLoopParts {
     pub ping: PingPolicy,
 }
 
-/// The peers file is written at most this often (and at shutdown).
-const SAVE_EVERY: Duration = Duration::from_secs(5);
-
 pub struct EventLoop {
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
@@ -96,13 +92,8 @@ pub struct EventLoop {
     /// The schemas this node provides and its provider lookups (crate::event_loop::kad_glue).
     providing: Providing,
     kad_bootstrapped: bool,
-    /// The peer book file, until [`EventLoop::run`] starts its writer.
+    /// The peer book file, until [`EventLoop::run`] has the peer book behaviour write it.
     peers_path: Option<PathBuf>,
-    /// Writes the peer book file off this task (crate::book_file).
-    writer: Option<BookWriter>,
-    /// The book as last handed to the writer (or read from the file).
-    saved: Option<SavedBook>,
-    last_save: Option<Instant>,
     relay_server: fold_proto::v1::RelayServerStatus,
     /// Every open connection (crate::conns).
     conns: Conns,
@@ -129,9 +120,6 @@ impl EventLoop {
             providing: Providing::default(),
             kad_bootstrapped: false,
             peers_path: p.peers_path,
-            writer: None,
-            saved: None,
-            last_save: None,
             relay_server: p.relay_server,
             conns: Conns::new(p.ping),
             upgrading: Upgrades::default(),
@@ -179,8 +167,7 @@ impl EventLoop {
 
     pub async fn run(mut self) {
         if let Some(path) = self.peers_path.take() {
-            let written = self.saved.clone().unwrap_or_default();
-            self.writer = Some(BookWriter::spawn(path, written));
+            self.swarm.behaviour_mut().book.start_file(path);
         }
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut ticks: u64 = 0;
@@ -197,18 +184,13 @@ impl EventLoop {
                         self.reprovide();
                     }
                     self.close_silent_connections(Instant::now());
-                    if self.last_save.is_none_or(|t| t.elapsed() >= SAVE_EVERY) {
-                        self.save_peers();
-                    }
                     if ticks.is_multiple_of(300) {
                         let _ = self.swarm.behaviour_mut().kad.bootstrap();
                     }
                 }
             }
         }
-        if let Some(writer) = &self.writer {
-            writer.flush(self.peers().saved(&self.local())).await;
-        }
+        self.swarm.behaviour().book.flush().await;
         tracing::info!("swarm event loop stopped");
     }
 
@@ -263,7 +245,7 @@ impl EventLoop {
             }
             Command::Provide { schemas, reply } => self.provide(schemas, reply),
             Command::FindProviders { schema, reply } => self.find_providers(schema, reply),
-            Command::SavePeers { reply } => self.save_peers_now(reply),
+            Command::SavePeers { reply } => self.swarm.behaviour_mut().book.save_now(reply),
             Command::UpgradeDue { peer } => self.upgrade_due(peer),
             Command::RespondSchema { channel, response } => self.respond_schema(channel, *response),
         }

@@ -1,13 +1,10 @@
-//! The swarm task's peer book glue: the peers file read at start and handed to its writer
-//! ([`crate::book_file`]), the bootstrap peers put in the book and the DHT, addresses the book
+//! The swarm task's peer book glue: the peers file read at start (the peer book behaviour writes
+//! it), the bootstrap peers put in the book and the DHT, addresses the book
 //! dropped taken out of the DHT, and what identify and mDNS teach about peers, fed to the peer
 //! book behaviour ([`crate::book_keeper`], which redials and counts failed dials itself).
 
-use std::time::Instant;
-
 use fold_proto::sidecar::peer_event::Kind;
 use libp2p::{Multiaddr, PeerId, identify};
-use tokio::sync::oneshot;
 
 use super::EventLoop;
 use crate::behaviour::KAD_PROTOCOL;
@@ -35,41 +32,6 @@ impl EventLoop {
                 for a in addrs {
                     self.swarm.behaviour_mut().kad.add_address(&peer, a);
                 }
-            }
-        }
-        self.saved = Some(self.peers().saved(&local));
-    }
-
-    /// Hand the book to the file's writer if the known peers changed since it was last handed
-    /// over (or a write failed).
-    pub(super) fn save_peers(&mut self) {
-        let Some(writer) = &self.writer else {
-            return;
-        };
-        if writer.take_failed() {
-            self.saved = None;
-        }
-        let now = self.peers().saved(&self.local());
-        if self.saved.as_ref() == Some(&now) {
-            return;
-        }
-        self.last_save = Some(Instant::now());
-        if writer.offer(now.clone()) {
-            self.saved = Some(now);
-        }
-    }
-
-    /// [`Command::SavePeers`]: write the peer book file now; `reply` is told whether it is on
-    /// disk.
-    pub(super) fn save_peers_now(&mut self, reply: oneshot::Sender<bool>) {
-        match &self.writer {
-            Some(writer) => {
-                let book = self.peers().saved(&self.local());
-                self.saved = Some(book.clone());
-                writer.save(book, reply);
-            }
-            None => {
-                let _ = reply.send(true);
             }
         }
     }
