@@ -1,4 +1,6 @@
-//! The swarm's behaviour: every libp2p protocol the sidecar speaks.
+//! The swarm's behaviour: every libp2p protocol the sidecar speaks, and the sidecar's own policy
+//! behaviours: reachability ([`crate::reach_keeper`]), the connect behaviour
+//! ([`crate::connector`]) and the peer book ([`crate::book_keeper`]).
 
 use std::time::Duration;
 
@@ -11,8 +13,13 @@ use libp2p::{
     identity, kad, mdns, memory_connection_limits, ping, relay, request_response,
 };
 
+use crate::book_keeper::BookKeeper;
 use crate::codec::{ProstCodec, SCHEMA_PROTOCOL};
+use crate::command::Outbound;
 use crate::config::Config;
+use crate::connector::Connector;
+use crate::reach::Relays;
+use crate::reach_keeper::ReachKeeper;
 
 pub const IDENTIFY_PROTOCOL: &str = "/fold/id/1.0.0";
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/fold/kad/1.0.0");
@@ -46,6 +53,14 @@ pub struct Behaviour {
     pub autonat: autonat::v2::client::Behaviour,
     /// AutoNAT v2, server side: dials back peers that ask (on the address they were observed at).
     pub autonat_server: autonat::v2::server::Behaviour,
+    /// AutoNAT's verdict, relay reservations, relay service counts, dial-back cleanup
+    /// (crate::reach_keeper).
+    pub reach: ReachKeeper,
+    /// Requests held until their peer connects: known address → DHT → relay (crate::connector).
+    pub connect: Connector<Outbound>,
+    /// The peer book, bootstrap and redials (crate::book_keeper). Last: its
+    /// `handle_pending_outbound_connection` sees only dials the behaviours above let through.
+    pub book: BookKeeper,
 }
 
 impl Behaviour {
@@ -73,6 +88,9 @@ impl Behaviour {
             dcutr: dcutr::Behaviour::new(peer_id),
             autonat: autonat::v2::client::Behaviour::default(),
             autonat_server: autonat::v2::server::Behaviour::default(),
+            reach: ReachKeeper::new(Relays::new(config)?, config.relay_limits.max_reservations),
+            connect: Connector::default(),
+            book: BookKeeper::new(peer_id, config.bootstrap.clone()),
         })
     }
 }

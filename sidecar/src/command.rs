@@ -3,7 +3,9 @@
 //! reported to the node as a gRPC status).
 
 use fold_proto::v1::PeerInfo;
-use fold_proto::wire::{CheckSchemasResponse, ForwardResponse, SignedEnvelope};
+use fold_proto::wire::{
+    CheckSchemasRequest, CheckSchemasResponse, ForwardResponse, SignedEnvelope,
+};
 use libp2p::request_response::ResponseChannel;
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::oneshot;
@@ -88,4 +90,29 @@ pub enum Command {
         channel: ResponseChannel<CheckSchemasResponse>,
         response: Box<CheckSchemasResponse>,
     },
+}
+
+/// A request waiting for a connection to its peer.
+pub enum Outbound {
+    Forward(
+        Box<SignedEnvelope>,
+        oneshot::Sender<Result<ForwardResponse, MeshError>>,
+    ),
+    Schema(
+        CheckSchemasRequest,
+        oneshot::Sender<Result<CheckSchemasResponse, MeshError>>,
+    ),
+}
+
+impl Outbound {
+    pub fn fail(self, e: MeshError) {
+        match self {
+            Outbound::Forward(_, r) => {
+                let _ = r.send(Err(e));
+            }
+            Outbound::Schema(_, r) => {
+                let _ = r.send(Err(e));
+            }
+        }
+    }
 }

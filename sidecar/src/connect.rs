@@ -1,7 +1,8 @@
 //! Requests held until their peer connects: the peer's known addresses are dialled first, then
 //! (once they fail) the DHT is asked for fresh ones, then the peer is tried through this node's
 //! relays; when all of that fails, the held requests fail. A plain state machine with no I/O:
-//! the event loop tells it what happened and carries out the [`Next`] step it answers.
+//! the connect behaviour ([`crate::connector`]) tells it what happened and carries out the
+//! [`Next`] step it answers.
 
 use std::collections::{HashMap, HashSet};
 
@@ -9,7 +10,7 @@ use libp2p::{Multiaddr, PeerId, kad};
 
 use crate::command::MeshError;
 
-/// What the event loop does next for a peer with requests held.
+/// What the connect behaviour does next for a peer with requests held.
 #[derive(Debug)]
 pub enum Next<T> {
     /// Look the peer up in the DHT (and report the query with [`Connecting::looking_up`]).

@@ -1,6 +1,7 @@
 //! The open connections as the event loop tracks them ([`Conns`]): each one's peer, kind
-//! (relayed or direct, dialled or not), and liveness by ping ([`PingPolicy`]). A plain table
-//! with no I/O: the loop closes what it says is dead.
+//! (relayed or direct, dialled or not, over loopback), and liveness by ping ([`PingPolicy`]). A
+//! plain table with no I/O: the loop closes what it says is dead. (AutoNAT dial-backs are tracked
+//! by [`crate::reach_keeper`].)
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -36,9 +37,6 @@ pub struct Conn {
     pub relayed: bool,
     /// This node dialled it (AutoNAT asks for dial-backs only over such connections).
     pub dialer: bool,
-    /// Dialled from a new port: an AutoNAT dial-back this node made for a peer (ordinary dials
-    /// reuse the listen port).
-    pub new_port: bool,
     pub transport: &'static str,
     /// The peer's end is a loopback address: the peer runs on this host, so the loopback
     /// addresses it reports are good here (crate::peer_book::learnable).
@@ -60,7 +58,6 @@ impl Conn {
             peer,
             relayed,
             dialer,
-            new_port: false,
             transport,
             loopback: false,
             alive: Instant::now(),
@@ -132,11 +129,6 @@ impl Conns {
     /// `peer`'s relayed connections.
     pub fn relayed(&self, peer: &PeerId) -> Vec<ConnectionId> {
         self.of(peer, |c| c.relayed)
-    }
-
-    /// The connections this node dialled back for `peer`'s AutoNAT test.
-    pub fn dial_backs(&self, peer: &PeerId) -> Vec<ConnectionId> {
-        self.of(peer, |c| c.new_port)
     }
 
     fn of(&self, peer: &PeerId, what: impl Fn(&Conn) -> bool) -> Vec<ConnectionId> {
@@ -271,20 +263,17 @@ mod tests {
     }
 
     #[test]
-    fn dial_backs_and_loopback_are_per_peer() {
+    fn loopback_is_per_peer() {
         let mut t = Conns::new(policy(2));
         let (a, b) = (PeerId::random(), PeerId::random());
         t.insert(
             id(1),
             Conn {
-                new_port: true,
                 loopback: true,
                 ..Conn::new(a, false, true, "tcp")
             },
         );
         t.insert(id(2), Conn::new(b, false, true, "tcp"));
-        assert_eq!(t.dial_backs(&a), vec![id(1)]);
-        assert!(t.dial_backs(&b).is_empty());
         assert!(t.over_loopback(&a) && !t.over_loopback(&b));
     }
 }

@@ -1,12 +1,16 @@
 //! The one task that owns the `Swarm`: it selects on swarm events, commands from
-//! [`crate::client::Client`]s and a 1 s tick, and only dispatches each to a handler. The handlers
-//! live in child modules by concern, each driving its plain state machine: the peer book, its file,
-//! bootstrap and redial ([`book_glue`]); holding requests until their peer connects
-//! ([`dialing`]); DHT provide and lookup ([`kad_glue`]); relays, AutoNAT and the relayed → direct
-//! hand-over ([`relay_glue`]); the connection table and pings ([`conn_events`]); schema checks
-//! through the one [`crate::gate::InboundGate`] ([`schema_glue`]). Answers go back on oneshots
-//! keyed by request or query id. Forwarded requests travel on long-lived streams handled off this
-//! task ([`crate::forward`]); the peer book file is written off it too ([`crate::book_file`]).
+//! [`crate::client::Client`]s and a 1 s tick, and only dispatches each to a handler. Policy lives
+//! in the sidecar's own behaviours, composed into [`crate::behaviour::Behaviour`]: the peer book
+//! with bootstrap and redial ([`crate::book_keeper`]), requests held until their peer connects
+//! ([`crate::connector`]), AutoNAT, relay reservations and dial-back cleanup
+//! ([`crate::reach_keeper`]). The handlers live in child modules by concern and feed those
+//! behaviours or carry out their events: reading the peer book's file, what identify and mDNS
+//! teach ([`book_glue`]); dials and held requests ([`dialing`]); DHT provide and lookup ([`kad_glue`]);
+//! relays, AutoNAT and the relayed → direct hand-over ([`relay_glue`]); the connection table and
+//! pings ([`conn_events`]); schema checks through the one [`crate::gate::InboundGate`]
+//! ([`schema_glue`]). Answers go back on oneshots keyed by request or query id. Forwarded requests
+//! travel on long-lived streams handled off this task ([`crate::forward`]); the peer book file is
+//! written off it too ([`crate::book_file`]).
 
 mod book_glue;
 mod conn_events;
@@ -30,20 +34,15 @@ use libp2p::{Multiaddr, PeerId, Swarm, identify, mdns};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::behaviour::{Behaviour, BehaviourEvent};
-use crate::book_file::BookWriter;
-use crate::bootstrap::Bootstrap;
-use crate::command::{Command, MeshError};
-use crate::connect::Connecting;
+use crate::command::{Command, MeshError, Outbound};
 use crate::conns::{Conns, PingPolicy};
 use crate::forward::Outbound as ForwardStreams;
 use crate::metrics::SidecarMetrics;
 use crate::node_link::NodeHandler;
-use crate::peer_book::{PeerBook, SavedBook};
-use crate::reach::{AutoNat, RelayServer, Relays};
+use crate::peer_book::PeerBook;
 use crate::status::NetworkSnapshot;
 use crate::upgrade::Upgrades;
 
-use dialing::Outbound;
 use kad_glue::Providing;
 use schema_glue::PendingSchema;
 
@@ -61,7 +60,6 @@ pub struct EventLoopParts {
     pub events: broadcast::Sender<PeerEvent>,
     pub node: Arc<dyn NodeHandler>,
     pub mdns_enabled: bool,
-    pub bootstrap: Vec<Multiaddr>,
     /// The inbound gate schema checks pass, as forwards do (rate limit, denial, slots).
     pub gate: Arc<crate::gate::InboundGate>,
     pub libp2p_metrics: Metrics,
@@ -70,16 +68,11 @@ pub struct EventLoopParts {
     pub forward: Arc<ForwardStreams>,
     /// The peer book file (read at start, written when the book changes and at shutdown).
     pub peers_path: Option<PathBuf>,
-    /// Relays to reserve on (crate::reach).
-    pub relays: Relays,
     /// This node's relay service: its limits (counters are filled in by the loop).
     pub relay_server: fold_proto::v1::RelayServerStatus,
     /// When a connection whose pings fail is closed.
     pub ping: PingPolicy,
 }
-
-/// The peers file is written at most this often (and at shutdown).
-const SAVE_EVERY: Duration = Duration::from_secs(5);
 
 pub struct EventLoop {
     swarm: Swarm<Behaviour>,
@@ -88,33 +81,20 @@ pub struct EventLoop {
     events: broadcast::Sender<PeerEvent>,
     node: Arc<dyn NodeHandler>,
     mdns_enabled: bool,
-    /// The configured bootstrap addresses (crate::bootstrap).
-    bootstrap: Bootstrap,
     gate: Arc<crate::gate::InboundGate>,
     forward: Arc<ForwardStreams>,
     libp2p_metrics: Metrics,
     metrics: Arc<SidecarMetrics>,
 
-    peers: PeerBook,
     listen_addrs: Vec<Multiaddr>,
     pending_dial: HashMap<ConnectionId, oneshot::Sender<Result<PeerId, MeshError>>>,
-    /// Requests held until their peer connects (crate::connect).
-    connecting: Connecting<Outbound>,
     pending_schema: HashMap<OutboundRequestId, PendingSchema>,
     /// The schemas this node provides and its provider lookups (crate::event_loop::kad_glue).
     providing: Providing,
     kad_bootstrapped: bool,
-    /// The peer book file, until [`EventLoop::run`] starts its writer.
+    /// The peer book file, until [`EventLoop::run`] has the peer book behaviour write it.
     peers_path: Option<PathBuf>,
-    /// Writes the peer book file off this task (crate::book_file).
-    writer: Option<BookWriter>,
-    /// The book as last handed to the writer (or read from the file).
-    saved: Option<SavedBook>,
-    last_save: Option<Instant>,
-    autonat: AutoNat,
-    relays: Relays,
     relay_server: fold_proto::v1::RelayServerStatus,
-    relay_counts: RelayServer,
     /// Every open connection (crate::conns).
     conns: Conns,
     /// Peers whose relayed connections are being replaced by a direct one (crate::upgrade).
@@ -123,7 +103,6 @@ pub struct EventLoop {
 
 impl EventLoop {
     pub fn new(p: EventLoopParts) -> EventLoop {
-        let local = *p.swarm.local_peer_id();
         let mut el = EventLoop {
             swarm: p.swarm,
             commands: p.commands,
@@ -135,22 +114,13 @@ impl EventLoop {
             forward: p.forward,
             libp2p_metrics: p.libp2p_metrics,
             metrics: p.metrics,
-            peers: PeerBook::default(),
             listen_addrs: Vec::new(),
             pending_dial: HashMap::new(),
-            connecting: Connecting::default(),
             pending_schema: HashMap::new(),
             providing: Providing::default(),
             kad_bootstrapped: false,
-            bootstrap: Bootstrap::new(p.bootstrap, local),
             peers_path: p.peers_path,
-            writer: None,
-            saved: None,
-            last_save: None,
-            autonat: AutoNat::default(),
-            relays: p.relays,
             relay_server: p.relay_server,
-            relay_counts: RelayServer::default(),
             conns: Conns::new(p.ping),
             upgrading: Upgrades::default(),
         };
@@ -162,7 +132,7 @@ impl EventLoop {
             .map(|a| a.allowed_peers().iter().copied().collect())
             .unwrap_or_default();
         for peer in allowed {
-            el.peers.set_trusted(peer);
+            el.peers_mut().set_trusted(peer);
         }
         el.load_peers();
         el.add_bootstrap();
@@ -183,16 +153,22 @@ impl EventLoop {
     }
 
     fn entry(&mut self, peer: PeerId, source: &'static str) -> &mut crate::peer_book::PeerEntry {
-        self.peers.entry(peer, source)
+        self.peers_mut().entry(peer, source)
+    }
+
+    /// The peer book, owned by its behaviour (crate::book_keeper).
+    fn peers(&self) -> &PeerBook {
+        self.swarm.behaviour().book.book()
+    }
+
+    fn peers_mut(&mut self) -> &mut PeerBook {
+        self.swarm.behaviour_mut().book.book_mut()
     }
 
     pub async fn run(mut self) {
         if let Some(path) = self.peers_path.take() {
-            let written = self.saved.clone().unwrap_or_default();
-            self.writer = Some(BookWriter::spawn(path, written));
+            self.swarm.behaviour_mut().book.start_file(path);
         }
-        self.redial();
-        self.plan_relays();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut ticks: u64 = 0;
         loop {
@@ -208,21 +184,13 @@ impl EventLoop {
                         self.reprovide();
                     }
                     self.close_silent_connections(Instant::now());
-                    // Known and bootstrap peers, each on its own backoff.
-                    self.redial();
-                    self.plan_relays();
-                    if self.last_save.is_none_or(|t| t.elapsed() >= SAVE_EVERY) {
-                        self.save_peers();
-                    }
                     if ticks.is_multiple_of(300) {
                         let _ = self.swarm.behaviour_mut().kad.bootstrap();
                     }
                 }
             }
         }
-        if let Some(writer) = &self.writer {
-            writer.flush(self.peers.saved(&self.local())).await;
-        }
+        self.swarm.behaviour().book.flush().await;
         tracing::info!("swarm event loop stopped");
     }
 
@@ -230,21 +198,22 @@ impl EventLoop {
 
     /// The swarm's state for `Mesh.Status` (the reply is built from it in the gRPC layer).
     fn snapshot(&self) -> NetworkSnapshot {
+        let reach = &self.swarm.behaviour().reach;
         NetworkSnapshot {
             node_id: self.local(),
             listen_addrs: self.listen_addrs.clone(),
             external_addrs: self.swarm.external_addresses().cloned().collect(),
             connected_peers: self.swarm.connected_peers().count(),
-            known_peers: self.peers.len(),
+            known_peers: self.peers().len(),
             mdns_enabled: self.mdns_enabled,
             provided_schemas: self.providing.provided(),
-            bootstrap: self.bootstrap.status(),
-            reachability: self.autonat.verdict(),
-            reachable_addrs: self.autonat.reachable_addrs(),
-            relays: self.relays.status(),
+            bootstrap: self.swarm.behaviour().book.bootstrap().status(),
+            reachability: reach.autonat().verdict(),
+            reachable_addrs: reach.autonat().reachable_addrs(),
+            relays: reach.relays().status(),
             relay_server: self.relay_server,
-            relay_reservations: self.relay_counts.reservations(),
-            relay_circuits: self.relay_counts.circuits,
+            relay_reservations: reach.server().reservations(),
+            relay_circuits: reach.server().circuits,
         }
     }
 
@@ -257,13 +226,13 @@ impl EventLoop {
                 include_disconnected,
                 reply,
             } => {
-                let peers = self.peers.infos(include_disconnected, &self.local());
+                let peers = self.peers().infos(include_disconnected, &self.local());
                 let _ = reply.send(peers);
             }
             Command::Dial { addr, reply } => self.dial(addr, reply),
             Command::Disconnect { peer, reply } => {
                 // Disconnected on purpose: no redial for a while.
-                self.peers.hold_off(&peer, Instant::now());
+                self.peers_mut().hold_off(&peer, Instant::now());
                 let _ = reply.send(self.swarm.disconnect_peer_id(peer).is_ok());
             }
             Command::Forward {
@@ -276,7 +245,7 @@ impl EventLoop {
             }
             Command::Provide { schemas, reply } => self.provide(schemas, reply),
             Command::FindProviders { schema, reply } => self.find_providers(schema, reply),
-            Command::SavePeers { reply } => self.save_peers_now(reply),
+            Command::SavePeers { reply } => self.swarm.behaviour_mut().book.save_now(reply),
             Command::UpgradeDue { peer } => self.upgrade_due(peer),
             Command::RespondSchema { channel, response } => self.respond_schema(channel, *response),
         }
@@ -289,18 +258,11 @@ impl EventLoop {
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         self.libp2p_metrics.record(&event);
         match event {
-            SwarmEvent::NewListenAddr {
-                address,
-                listener_id,
-            } => self.on_new_listen_addr(listener_id, address),
+            SwarmEvent::NewListenAddr { address, .. } => self.on_new_listen_addr(address),
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.retain(|a| a != &address);
             }
-            SwarmEvent::ListenerClosed {
-                listener_id,
-                addresses,
-                reason,
-            } => self.on_listener_closed(listener_id, &addresses, reason.err()),
+            SwarmEvent::ListenerClosed { addresses, .. } => self.on_listener_closed(&addresses),
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 connection_id,
@@ -374,6 +336,9 @@ impl EventLoop {
             BehaviourEvent::Autonat(ev) => self.on_autonat(ev),
             BehaviourEvent::AutonatServer(ev) => self.on_autonat_server(ev),
             BehaviourEvent::Schema(ev) => self.on_schema_event(ev),
+            BehaviourEvent::Connect(ev) => self.on_connect_event(ev),
+            BehaviourEvent::Book(ev) => self.on_book_event(ev),
+            BehaviourEvent::Reach(ev) => self.on_reach_event(ev),
             BehaviourEvent::Limits(_)
             | BehaviourEvent::Memory(_)
             | BehaviourEvent::Deny(_)

@@ -142,7 +142,7 @@ pub struct Relays {
     want: usize,
 }
 
-/// What the event loop should do to the swarm.
+/// What the reach behaviour ([`crate::reach_keeper`]) asks of the swarm.
 pub enum RelayAction {
     Listen(Multiaddr),
     StopListening(ListenerId),

@@ -120,13 +120,11 @@ pub fn assemble(
         events,
         node: node.clone(),
         mdns_enabled: config.mdns_enabled(),
-        bootstrap: config.bootstrap.clone(),
         gate: gate.clone(),
         libp2p_metrics,
         metrics: metrics.clone(),
         forward: forward_streams,
         peers_path: Some(config.peers_path()),
-        relays: crate::reach::Relays::new(config)?,
         relay_server: crate::reach::RelayServer::default().status(config),
         ping: crate::conns::PingPolicy::from_config(config),
     });

@@ -1,20 +1,15 @@
-//! The swarm task's peer book glue: the peers file read at start and handed to its writer
-//! ([`crate::book_file`]), the bootstrap peers, redials on each peer's backoff, failed dials, and
-//! what identify and mDNS teach about peers (policy in [`crate::peer_book`] and
-//! [`crate::bootstrap`]).
-
-use std::time::Instant;
+//! The swarm task's peer book glue: the peers file read at start (the peer book behaviour writes
+//! it), the bootstrap peers put in the book and the DHT, addresses the book
+//! dropped taken out of the DHT, and what identify and mDNS teach about peers, fed to the peer
+//! book behaviour ([`crate::book_keeper`], which redials and counts failed dials itself).
 
 use fold_proto::sidecar::peer_event::Kind;
-use libp2p::swarm::dial_opts::DialOpts;
-use libp2p::swarm::{ConnectionId, DialError};
 use libp2p::{Multiaddr, PeerId, identify};
-use tokio::sync::oneshot;
 
 use super::EventLoop;
 use crate::behaviour::KAD_PROTOCOL;
-use crate::bootstrap::DialFailure as BootstrapDialFailure;
-use crate::peer_book::{MAX_REDIALS_PER_TICK, random_unit, strip_p2p};
+use crate::book_keeper::BookEvent;
+use crate::peer_book::strip_p2p;
 use crate::reach::HOP_PROTOCOL;
 
 impl EventLoop {
@@ -26,60 +21,25 @@ impl EventLoop {
         };
         let saved = crate::peer_book::load_file(&path);
         let local = self.local();
-        let n = self.peers.restore(&saved, &local);
+        let n = self.peers_mut().restore(&saved, &local);
         if n > 0 {
             tracing::info!(peers = n, path = %path.display(), "peer book loaded; redialling known peers");
         }
         for sp in &saved.peers {
             if let Ok(peer) = sp.id.parse::<PeerId>()
-                && let Some(e) = self.peers.get(&peer)
+                && let Some(addrs) = self.peers().get(&peer).map(|e| e.addrs.clone())
             {
-                for a in e.addrs.clone() {
+                for a in addrs {
                     self.swarm.behaviour_mut().kad.add_address(&peer, a);
                 }
-            }
-        }
-        self.saved = Some(self.peers.saved(&local));
-    }
-
-    /// Hand the book to the file's writer if the known peers changed since it was last handed
-    /// over (or a write failed).
-    pub(super) fn save_peers(&mut self) {
-        let Some(writer) = &self.writer else {
-            return;
-        };
-        if writer.take_failed() {
-            self.saved = None;
-        }
-        let now = self.peers.saved(&self.local());
-        if self.saved.as_ref() == Some(&now) {
-            return;
-        }
-        self.last_save = Some(Instant::now());
-        if writer.offer(now.clone()) {
-            self.saved = Some(now);
-        }
-    }
-
-    /// [`Command::SavePeers`]: write the peer book file now; `reply` is told whether it is on
-    /// disk.
-    pub(super) fn save_peers_now(&mut self, reply: oneshot::Sender<bool>) {
-        match &self.writer {
-            Some(writer) => {
-                let book = self.peers.saved(&self.local());
-                self.saved = Some(book.clone());
-                writer.save(book, reply);
-            }
-            None => {
-                let _ = reply.send(true);
             }
         }
     }
 
     /// Put the configured bootstrap peers in the book (redialled, never forgotten) and the DHT.
     pub(super) fn add_bootstrap(&mut self) {
-        for (peer, addr) in self.bootstrap.named() {
-            self.peers.add_bootstrap(peer, addr.clone());
+        for (peer, addr) in self.swarm.behaviour().book.bootstrap().named() {
+            self.peers_mut().add_bootstrap(peer, addr.clone());
             self.swarm
                 .behaviour_mut()
                 .kad
@@ -87,76 +47,14 @@ impl EventLoop {
         }
     }
 
-    /// Dial the known and bootstrap peers that are not connected and whose backoff has passed.
-    pub(super) fn redial(&mut self) {
-        let now = Instant::now();
-        let local = self.local();
-        for (peer, addrs) in self.peers.due_redials(now, &local, MAX_REDIALS_PER_TICK) {
-            if self.swarm.is_connected(&peer) {
-                continue;
+    /// What the peer book behaviour asks: addresses it dropped leave the DHT too.
+    pub(super) fn on_book_event(&mut self, ev: BookEvent) {
+        match ev {
+            BookEvent::AddressesDropped(peer, addrs) => {
+                for a in &addrs {
+                    self.swarm.behaviour_mut().kad.remove_address(&peer, a);
+                }
             }
-            tracing::debug!(%peer, addrs = addrs.len(), "redialling");
-            if let Err(e) = self.dial_if_disconnected(peer, addrs) {
-                tracing::debug!(%peer, error = %e, "redial not started");
-            }
-        }
-        // Once a redial of the peer's known addresses failed, the bootstrap address is dialled
-        // again too: behind a name, the peer may have come back at a new address.
-        let due = self.bootstrap.due(now, |p| {
-            self.swarm.is_connected(p)
-                || self
-                    .peers
-                    .get(p)
-                    .is_some_and(|e| !e.addrs.is_empty() && e.dial_failures == 0)
-        });
-        for (i, addr) in due {
-            // Its outcome is also what Network.Status reports for this bootstrap address.
-            let opts = DialOpts::unknown_peer_id().address(addr).build();
-            let id = opts.connection_id();
-            match self.swarm.dial(opts) {
-                Ok(()) => self.bootstrap.dialing(i, id),
-                Err(e) => self.bootstrap.not_started(i, &e.to_string()),
-            }
-        }
-    }
-
-    /// A failed outgoing connection: the peer backs off, its failing addresses count.
-    pub(super) fn dial_failed(
-        &mut self,
-        connection_id: ConnectionId,
-        peer: Option<PeerId>,
-        error: &DialError,
-    ) {
-        let now = Instant::now();
-        self.bootstrap.dial_failed(
-            BootstrapDialFailure {
-                id: connection_id,
-                peer,
-                peer_connected: peer.is_some_and(|p| self.swarm.is_connected(&p)),
-                self_dial: matches!(error, DialError::LocalPeerId { .. }),
-                error: &error.to_string(),
-            },
-            now,
-            random_unit(),
-        );
-        let Some(peer) = peer else {
-            return;
-        };
-        if self.swarm.is_connected(&peer) {
-            return;
-        }
-        let failed: Vec<Multiaddr> = match error {
-            DialError::Transport(list) => list.iter().map(|(a, _)| a.clone()).collect(),
-            DialError::WrongPeerId { address, .. } => vec![address.clone()],
-            _ => Vec::new(),
-        };
-        let out = self.peers.dial_failed(&peer, &failed, now, random_unit());
-        for a in &out.dropped {
-            tracing::info!(%peer, addr = %a, "address dropped after repeated failed dials");
-            self.swarm.behaviour_mut().kad.remove_address(&peer, a);
-        }
-        if out.forgotten {
-            tracing::info!(%peer, "peer forgotten: no address left");
         }
     }
 
@@ -188,7 +86,7 @@ impl EventLoop {
         if peer == self.local() || !self.learnable_from(&peer, &addr) {
             return;
         }
-        let is_new = !self.peers.contains_key(&peer);
+        let is_new = !self.peers().contains_key(&peer);
         self.entry(peer, "mdns").add_addr(addr.clone());
         self.swarm
             .behaviour_mut()
@@ -219,7 +117,7 @@ impl EventLoop {
 
     /// mDNS no longer sees `peer` at `addr`.
     pub(super) fn on_mdns_expired(&mut self, peer: PeerId, addr: Multiaddr) {
-        if let Some(e) = self.peers.get_mut(&peer) {
+        if let Some(e) = self.peers_mut().get_mut(&peer) {
             e.addrs.retain(|a| a != &addr);
         }
         self.emit(Kind::Expired, peer, vec![addr.to_string()]);

@@ -1,6 +1,6 @@
 //! The swarm task's connection glue: connections opened and closed (the table in
-//! [`crate::conns`], the peer book, held requests and peer events), and pings that keep a
-//! connection alive or close it.
+//! [`crate::conns`], each peer's connection kind in the peer book, the relayed → direct hand-over,
+//! peer events), and pings that keep a connection alive or close it.
 
 use std::time::Instant;
 
@@ -11,7 +11,7 @@ use libp2p::{PeerId, ping};
 
 use super::EventLoop;
 use crate::conns::{AfterPing, Conn, Ping};
-use crate::peer_book::{random_unit, strip_p2p};
+use crate::peer_book::strip_p2p;
 
 impl EventLoop {
     pub(super) fn on_connection_established(
@@ -23,13 +23,10 @@ impl EventLoop {
     ) {
         let dialed = endpoint.is_dialer();
         let remote = endpoint.get_remote_address().clone();
-        let relayed = self.record_connection(peer_id, connection_id, endpoint, num_established);
+        let relayed = self.record_connection(peer_id, connection_id, endpoint);
         if !relayed {
             self.close_relayed(peer_id);
         }
-        self.peers
-            .connected(&peer_id, dialed.then_some(&remote), Instant::now());
-        self.bootstrap.connected(connection_id, peer_id);
         if let Some(reply) = self.pending_dial.remove(&connection_id) {
             let _ = reply.send(Ok(peer_id));
         }
@@ -40,11 +37,8 @@ impl EventLoop {
                 .kad
                 .add_address(&peer_id, strip_p2p(remote.clone()));
         }
-        for o in self.connecting.connected(&peer_id) {
-            self.send_now(peer_id, o);
-        }
         if num_established == 1 {
-            self.metrics.connected_peers(self.peers.connected_count());
+            self.metrics.connected_peers(self.peers().connected_count());
             tracing::info!(peer = %peer_id, addr = %remote, "connected");
             self.emit(Kind::Connected, peer_id, vec![remote.to_string()]);
         }
@@ -53,40 +47,27 @@ impl EventLoop {
         }
     }
 
-    /// Add a new connection to the table and the peer book; returns whether it is relayed.
+    /// Add a new connection to the table (the peer book behaviour has put it in the book);
+    /// returns whether it is relayed.
     pub(super) fn record_connection(
         &mut self,
         peer_id: PeerId,
         connection_id: ConnectionId,
         endpoint: &ConnectedPoint,
-        num_established: u32,
     ) -> bool {
         let dialed = endpoint.is_dialer();
         let remote = endpoint.get_remote_address().clone();
-        let source = if dialed { "dial" } else { "inbound" };
         let (connection, transport) = crate::peer_book::endpoint_kind(endpoint);
         let relayed = connection == "relayed";
         self.conns.insert(
             connection_id,
             Conn {
-                new_port: matches!(
-                    endpoint,
-                    ConnectedPoint::Dialer {
-                        port_use: libp2p::core::transport::PortUse::New,
-                        ..
-                    }
-                ),
                 loopback: crate::peer_book::is_loopback_remote(&remote),
                 ..Conn::new(peer_id, relayed, dialed, transport)
             },
         );
-        let e = self.entry(peer_id, source);
-        e.connections = num_established;
         if !relayed {
             tracing::debug!(peer = %peer_id, %transport, "direct connection");
-        }
-        if dialed {
-            e.add_addr(remote);
         }
         self.update_connection_kind(peer_id);
         relayed
@@ -101,9 +82,6 @@ impl EventLoop {
     ) {
         let closed = self.conns.remove(&connection_id);
         let was_relayed = closed.as_ref().is_some_and(|c| c.relayed);
-        if let Some(e) = self.peers.get_mut(&peer_id) {
-            e.connections = num_established;
-        }
         self.update_connection_kind(peer_id);
         if was_relayed && num_established > 0 {
             // The forward stream may have run on the relayed connection: the next
@@ -130,12 +108,13 @@ impl EventLoop {
 
     /// The last connection to `peer_id` closed.
     pub(super) fn on_peer_disconnected(&mut self, peer_id: PeerId, why: &str) {
-        self.relay_counts.disconnected(&peer_id);
-        self.peers
-            .disconnected(&peer_id, Instant::now(), random_unit());
         self.forward.disconnected(&peer_id);
-        self.metrics.connected_peers(self.peers.connected_count());
-        self.bootstrap.lost(&peer_id, why);
+        self.metrics.connected_peers(self.peers().connected_count());
+        self.swarm
+            .behaviour_mut()
+            .book
+            .bootstrap_mut()
+            .lost(&peer_id, why);
         tracing::info!(peer = %peer_id, reason = %why, "disconnected");
         self.emit(Kind::Disconnected, peer_id, vec![]);
     }
@@ -143,7 +122,7 @@ impl EventLoop {
     /// The peer book's per-peer connection kind: direct when any direct connection is open.
     pub(super) fn update_connection_kind(&mut self, peer: PeerId) {
         if let Some((connection, transport)) = self.conns.kind(&peer)
-            && let Some(e) = self.peers.get_mut(&peer)
+            && let Some(e) = self.peers_mut().get_mut(&peer)
         {
             e.connection = connection;
             e.transport = transport;
@@ -166,7 +145,7 @@ impl EventLoop {
         match self.conns.on_ping(connection, &peer, ping) {
             AfterPing::Nothing => {}
             AfterPing::Rtt(rtt) => {
-                if let Some(e) = self.peers.get_mut(&peer) {
+                if let Some(e) = self.peers_mut().get_mut(&peer) {
                     e.rtt = Some(rtt);
                 }
             }

@@ -1,10 +1,7 @@
 //! The swarm task's connect glue: [`Command::Dial`](crate::command::Command::Dial), and requests
-//! (forwards, schema checks) held until their peer connects, which the swarm events move along the
-//! steps [`crate::connect`] decides: known address → DHT lookup → relay, or fail.
+//! (forwards, schema checks) sent at once or held in the connect behaviour ([`crate::connector`])
+//! until their peer connects; what it emits (send, fail, look up in the DHT) is carried out here.
 
-use fold_proto::wire::{
-    CheckSchemasRequest, CheckSchemasResponse, ForwardResponse, SignedEnvelope,
-};
 use libp2p::swarm::ConnectionId;
 use libp2p::swarm::DialError;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
@@ -12,8 +9,8 @@ use libp2p::{Multiaddr, PeerId};
 use tokio::sync::oneshot;
 
 use super::EventLoop;
-use crate::command::MeshError;
-use crate::connect::Next;
+use crate::command::{MeshError, Outbound};
+use crate::connector::ConnectEvent;
 use crate::peer_book::{peer_of, strip_p2p};
 use crate::upgrade::Hold;
 
@@ -73,7 +70,8 @@ impl EventLoop {
         }
     }
 
-    /// Send on the existing connection, or connect first: known addresses, then the DHT.
+    /// Send on the existing connection, or hold the request in the connect behaviour
+    /// ([`crate::connector`]) until the peer connects: known addresses, then the DHT, then relays.
     pub(super) fn send_or_connect(&mut self, peer: PeerId, o: Outbound) {
         if peer == self.local() {
             o.fail(MeshError::InvalidArgument(
@@ -91,35 +89,32 @@ impl EventLoop {
             return;
         }
         let known = self.known_addrs(&peer);
-        if let Some(next) = self.connecting.hold(peer, o, known) {
-            self.connect_step(peer, next);
-        }
+        self.swarm.behaviour_mut().connect.hold(peer, o, known);
     }
 
     pub(super) fn known_addrs(&self, peer: &PeerId) -> Vec<Multiaddr> {
-        self.peers
+        self.peers()
             .get(peer)
             .map(|e| e.addrs.clone())
             .unwrap_or_default()
     }
 
-    /// Carry out the next step of connecting to a peer with requests held.
-    pub(super) fn connect_step(&mut self, peer: PeerId, next: Next<Outbound>) {
-        match next {
-            Next::LookUp => {
-                let q = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
-                self.connecting.looking_up(q, peer);
-            }
-            Next::Dial(addrs) => self.dial_known(peer, addrs),
-            Next::Send(list) => {
+    /// What the connect behaviour asks: send or fail held requests, or look a peer up.
+    pub(super) fn on_connect_event(&mut self, ev: ConnectEvent<Outbound>) {
+        match ev {
+            ConnectEvent::Ready(peer, list) => {
                 for o in list {
                     self.send_now(peer, o);
                 }
             }
-            Next::Fail(list, e) => {
+            ConnectEvent::Failed(_, list, e) => {
                 for o in list {
                     o.fail(e.clone());
                 }
+            }
+            ConnectEvent::NeedDht(peer) => {
+                let q = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
+                self.swarm.behaviour_mut().connect.looking_up(q, peer);
             }
         }
     }
@@ -137,18 +132,6 @@ impl EventLoop {
         self.swarm.dial(opts)
     }
 
-    pub(super) fn dial_known(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
-        if let Err(e) = self.dial_if_disconnected(peer, addrs) {
-            tracing::debug!(%peer, error = %e, "dial not started");
-            if !matches!(e, libp2p::swarm::DialError::DialPeerConditionFalse(_)) {
-                let e = MeshError::Unavailable(format!("cannot reach node {peer}: {e}"));
-                for o in self.connecting.give_up(&peer) {
-                    o.fail(e.clone());
-                }
-            }
-        }
-    }
-
     pub(super) fn on_outgoing_error(
         &mut self,
         connection_id: ConnectionId,
@@ -156,43 +139,8 @@ impl EventLoop {
         error: &DialError,
     ) {
         tracing::debug!(?peer_id, error = %error, "outgoing connection failed");
-        self.dial_failed(connection_id, peer_id, error);
         if let Some(reply) = self.pending_dial.remove(&connection_id) {
             let _ = reply.send(Err(MeshError::Unavailable(format!("dial failed: {error}"))));
-        }
-        if let Some(peer) = peer_id
-            && !self.swarm.is_connected(&peer)
-        {
-            let relays = self.relays.circuit_routes();
-            let next = self
-                .connecting
-                .dial_failed(peer, relays, &error.to_string());
-            self.connect_step(peer, next);
-        }
-    }
-}
-
-/// A request waiting for a connection to its peer.
-pub(super) enum Outbound {
-    Forward(
-        Box<SignedEnvelope>,
-        oneshot::Sender<Result<ForwardResponse, MeshError>>,
-    ),
-    Schema(
-        CheckSchemasRequest,
-        oneshot::Sender<Result<CheckSchemasResponse, MeshError>>,
-    ),
-}
-
-impl Outbound {
-    fn fail(self, e: MeshError) {
-        match self {
-            Outbound::Forward(_, r) => {
-                let _ = r.send(Err(e));
-            }
-            Outbound::Schema(_, r) => {
-                let _ = r.send(Err(e));
-            }
         }
     }
 }

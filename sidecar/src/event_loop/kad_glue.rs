@@ -117,7 +117,7 @@ impl EventLoop {
     }
 
     /// A step of a closest-peers lookup: the peers found go to the peer book; a finished lookup
-    /// for a peer with requests held moves its connecting on (crate::connect).
+    /// for a peer with requests held moves its connecting on (crate::connector).
     pub(super) fn on_closest_peers(
         &mut self,
         id: kad::QueryId,
@@ -137,14 +137,12 @@ impl EventLoop {
                 e.add_addr(a);
             }
         }
-        if last && let Some(target) = self.connecting.lookup_finished(&id) {
-            let connected = self.swarm.is_connected(&target);
-            let known = self.known_addrs(&target);
-            let relays = self.relays.circuit_routes();
-            let next = self
-                .connecting
-                .after_lookup(target, connected, known, relays);
-            self.connect_step(target, next);
+        if last {
+            let b = self.swarm.behaviour_mut();
+            let book = b.book.book();
+            b.connect.lookup_finished(&id, |p| {
+                book.get(p).map(|e| e.addrs.clone()).unwrap_or_default()
+            });
         }
     }
 }

@@ -1,36 +1,23 @@
-//! The swarm task's reachability glue: AutoNAT verdicts, relay reservations planned by
-//! [`crate::reach`], this node's relay service counters, hole punching, the relayed → direct
-//! hand-over ([`crate::upgrade`]) and closing AutoNAT dial-back connections.
+//! The swarm task's reachability glue: AutoNAT outcomes, relay candidates and accepted
+//! reservations, this node's relay service events and finished dial-backs, fed to the reach
+//! behaviour ([`crate::reach_keeper`]), whose relay routes go to the connect behaviour; hole
+//! punching, and the relayed → direct hand-over ([`crate::upgrade`]).
 
-use std::time::Instant;
-
-use libp2p::core::transport::ListenerId;
 use libp2p::{Multiaddr, PeerId, autonat, dcutr, relay};
 
 use super::EventLoop;
 use crate::command::Command;
-use crate::reach::{RelayAction, Source};
+use crate::reach::Source;
+use crate::reach_keeper::ReachEvent;
 use crate::upgrade::UPGRADE_GRACE;
 
 impl EventLoop {
-    /// Open or close relay reservations (listeners on `<relay>/p2p-circuit`) as the AutoNAT
-    /// verdict and the known relays call for.
-    pub(super) fn plan_relays(&mut self) {
-        let not_reachable = self.autonat.verdict() == fold_proto::v1::Reachability::NotReachable;
-        let now = Instant::now();
-        for action in self.relays.plan(not_reachable, now) {
-            match action {
-                RelayAction::Listen(addr) => {
-                    tracing::info!(%addr, "asking the relay for a reservation");
-                    let r = self
-                        .swarm
-                        .listen_on(addr.clone())
-                        .map_err(|e| e.to_string());
-                    self.relays.listening(&addr, r, now);
-                }
-                RelayAction::StopListening(id) => {
-                    self.swarm.remove_listener(id);
-                }
+    /// What the reach behaviour tells: the routes through the relays reserved on, for the
+    /// connect behaviour.
+    pub(super) fn on_reach_event(&mut self, ev: ReachEvent) {
+        match ev {
+            ReachEvent::RelayRoutes(routes) => {
+                self.swarm.behaviour_mut().connect.set_relay_routes(routes);
             }
         }
     }
@@ -39,7 +26,7 @@ impl EventLoop {
     pub(super) fn relay_candidate(&mut self, peer: PeerId, listen_addrs: &[Multiaddr]) {
         // A direct address the peer book holds for it, else the first it reported.
         let addr = self
-            .peers
+            .peers()
             .get(&peer)
             .and_then(|e| {
                 e.addrs
@@ -56,13 +43,15 @@ impl EventLoop {
         let Some(addr) = addr else {
             return;
         };
-        let source = if self.bootstrap.is_bootstrap(&peer) {
+        let source = if self.swarm.behaviour().book.bootstrap().is_bootstrap(&peer) {
             Source::Bootstrap
         } else {
             Source::Identify
         };
-        self.relays.candidate(peer, addr, source);
-        self.plan_relays();
+        self.swarm
+            .behaviour_mut()
+            .reach
+            .candidate(peer, addr, source);
     }
 
     /// A direct connection to `peer` is up: its relayed connections (hole punching succeeded,
@@ -95,7 +84,7 @@ impl EventLoop {
                 if !renewal {
                     tracing::info!(relay = %relay_peer_id, "relay reservation accepted");
                 }
-                self.relays.reserved(&relay_peer_id);
+                self.swarm.behaviour_mut().reach.reserved(&relay_peer_id);
             }
             relay::client::Event::OutboundCircuitEstablished { relay_peer_id, .. } => {
                 tracing::debug!(relay = %relay_peer_id, "outbound circuit established");
@@ -115,7 +104,6 @@ impl EventLoop {
             result,
             ..
         } = ev;
-        let before = self.autonat.verdict();
         match &result {
             Ok(()) => {
                 tracing::info!(addr = %tested_addr, %server, "AutoNAT: reachable on this address")
@@ -124,55 +112,36 @@ impl EventLoop {
                 tracing::info!(addr = %tested_addr, %server, error = %e, "AutoNAT: not reachable on this address")
             }
         }
-        self.autonat.tested(tested_addr, result.is_ok());
-        if self.autonat.verdict() != before {
-            tracing::info!(reachability = ?self.autonat.verdict(), "AutoNAT verdict changed");
-            self.plan_relays();
-        }
+        self.swarm
+            .behaviour_mut()
+            .reach
+            .tested(tested_addr, result.is_ok());
     }
 
     /// This node dialled a peer back for its AutoNAT test.
     pub(super) fn on_autonat_server(&mut self, ev: autonat::v2::server::Event) {
         tracing::debug!(client = %ev.client, addr = %ev.tested_addr, ok = ev.result.is_ok(), "AutoNAT dial-back for a peer");
-        // The dial-back connection has done its job: close it rather than keep it until
-        // the idle timeout (it counts against the per-peer connection limit).
-        for id in self.conns.dial_backs(&ev.client) {
-            self.swarm.close_connection(id);
-        }
+        self.swarm.behaviour_mut().reach.dial_back_done(&ev.client);
     }
 
-    pub(super) fn on_new_listen_addr(&mut self, listener_id: ListenerId, address: Multiaddr) {
+    pub(super) fn on_new_listen_addr(&mut self, address: Multiaddr) {
         tracing::info!(%address, "listening");
-        self.relays.new_listen_addr(listener_id, &address);
         if !self.listen_addrs.contains(&address) {
             self.listen_addrs.push(address);
         }
     }
 
-    pub(super) fn on_listener_closed(
-        &mut self,
-        listener_id: ListenerId,
-        addresses: &[Multiaddr],
-        error: Option<std::io::Error>,
-    ) {
+    /// A listener closed (a relay's is followed by the reach behaviour).
+    pub(super) fn on_listener_closed(&mut self, addresses: &[Multiaddr]) {
         for a in addresses {
             self.listen_addrs.retain(|l| l != a);
-        }
-        let error = error.map(|e| e.to_string());
-        if !self
-            .relays
-            .listener_closed(listener_id, error.clone(), Instant::now())
-            && let Some(e) = error
-        {
-            tracing::warn!(error = %e, "a listener closed");
         }
     }
 
     /// An event of this node's relay service: its reservation and circuit counters.
     pub(super) fn on_relay_server(&mut self, ev: relay::Event) {
         tracing::debug!(?ev, "relay service");
-        let max = usize::try_from(self.relay_server.max_reservations).unwrap_or(usize::MAX);
-        self.relay_counts.on_event(&ev, max);
+        self.swarm.behaviour_mut().reach.server_event(&ev);
     }
 
     /// [`Command::UpgradeDue`]: the grace for a peer's relayed connections is over; close them.
