@@ -8,6 +8,8 @@ mod cli;
 mod commands;
 mod dashboard;
 mod finding;
+mod group;
+mod group_check;
 mod metrics;
 mod replica_check;
 mod table;
