@@ -359,22 +359,32 @@ pub enum GroupCmd {
         members: Vec<String>,
     },
     /// Add members (each catches up as a learner, then becomes a voter). Run it on the leader.
+    /// Each must have the schema loaded and approved with the group's definition.
     Add {
+        /// The group's schema.
         schema: String,
+        /// Node ids to add.
         #[arg(value_name = "NODE_ID", required = true)]
         ids: Vec<String>,
     },
-    /// Remove members (a dead one too, while the rest are a majority). Run it on the leader.
+    /// Remove members (a dead one too, while the rest are a majority of the voters). Run it on
+    /// the leader.
     Remove {
+        /// The group's schema.
         schema: String,
+        /// Node ids to remove.
         #[arg(value_name = "NODE_ID", required = true)]
         ids: Vec<String>,
     },
-    /// Replace member OLD by NEW in one membership change. Run it on the leader.
+    /// Replace member OLD by NEW in one membership change (e.g. a dead machine by a new one).
+    /// Run it on the leader.
     Replace {
+        /// The group's schema.
         schema: String,
+        /// The member to remove.
         #[arg(value_name = "OLD_NODE_ID")]
         old: String,
+        /// The node to add (schema loaded and approved there).
         #[arg(value_name = "NEW_NODE_ID")]
         new: String,
     },

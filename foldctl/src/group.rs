@@ -29,9 +29,18 @@ pub async fn run(c: &Client, cmd: GroupCmd) -> Result<Out, Failure> {
     }
 }
 
-/// `group create`: the group as it stands once its leader is elected.
+/// `group create`: the group as it stands once its leader is elected. This node's id is put
+/// first when the list leaves it out (the node would add it too), so the request says exactly
+/// which members are meant.
 async fn create(c: &Client, schema: &str, members: &[String]) -> Result<Out, Failure> {
-    let g = match c.create_group(schema, members).await {
+    let mut members = members.to_vec();
+    if let Ok(s) = c.status().await
+        && !s.node_id.is_empty()
+        && !members.contains(&s.node_id)
+    {
+        members.insert(0, s.node_id);
+    }
+    let g = match c.create_group(schema, &members).await {
         Ok(g) => g,
         Err(e) => {
             create_hint(schema, &e);
