@@ -28,6 +28,28 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Schema groups (docs/GROUPS.md): make a schema a Raft group of three nodes, write on any
+//! member, read linearizably or from the member's own copy:
+//!
+//! ```no_run
+//! # async fn demo(client: fold_client::Client, b: String, c: String) -> fold_client::Result<()> {
+//! use fold_client::{Consistency, Query, named_leader};
+//!
+//! let group = client.create_group("SensorReadings", &[b, c]).await?;
+//! println!("leader {:?}, term {}", group.leader_node_id, group.term);
+//! let local = client
+//!     .query(Query::new("SensorReadings", ["celsius"]).consistency(Consistency::Local))
+//!     .await?;
+//! println!("as of sequence {:?}", local.group.map(|g| g.as_of_sequence));
+//! // Membership changes run on the leader; elsewhere the refusal names it.
+//! if let Err(e) = client.remove_group_members("SensorReadings", &["12D3KooW…".into()]).await {
+//!     if let Some(leader) = e.message().and_then(named_leader) {
+//!         println!("run it on {leader}");
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
 //! Errors keep the node's gRPC code and message:
 //!
 //! ```no_run
