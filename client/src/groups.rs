@@ -176,20 +176,19 @@ impl From<pb::GroupMember> for GroupMember {
 /// The leader a refusal names ("… leader <node id> …"), if any: the node to run a membership
 /// change on, or the one a member without a quorum last knew.
 pub fn named_leader(message: &str) -> Option<String> {
-    let mut words = message.split(|c: char| c.is_whitespace() || c == ',' || c == ';');
-    while let Some(w) = words.next() {
-        if w.eq_ignore_ascii_case("leader") {
-            let id = words
-                .clone()
-                .next()?
-                .trim_matches(|c: char| !c.is_ascii_alphanumeric());
-            // Node ids are base58 multihashes; "leader is" / "leader known" are not ids.
-            if id.len() >= 20 && id.chars().all(|c| c.is_ascii_alphanumeric()) {
-                return Some(id.to_string());
-            }
-        }
-    }
-    None
+    let word = |w: &str| {
+        w.trim_matches(|c: char| !c.is_ascii_alphanumeric())
+            .to_string()
+    };
+    let words: Vec<String> = message.split_whitespace().map(word).collect();
+    words.windows(2).find_map(|w| {
+        let id = &w[1];
+        // Node ids are base58 multihashes; "leader is" / "leader: none" are not ids.
+        (w[0].eq_ignore_ascii_case("leader")
+            && id.len() >= 20
+            && id.chars().all(|c| c.is_ascii_alphanumeric()))
+        .then(|| id.clone())
+    })
 }
 
 /// Most members a group may have (the node accepts 1 to 7 voters).
@@ -356,6 +355,19 @@ mod tests {
             named_leader(&format!("no quorum for group S (last known leader {ID}.)")),
             Some(ID.to_string())
         );
+        assert_eq!(
+            named_leader(&format!(
+                "schema group 'S' cannot take writes here now: no quorum reachable (last known leader: {ID}); nothing was written"
+            )),
+            Some(ID.to_string())
+        );
+        assert_eq!(
+            named_leader(&format!(
+                "this node is not the leader of group 'S': run the change on the leader {ID}"
+            )),
+            Some(ID.to_string())
+        );
+        assert_eq!(named_leader("no quorum (last known leader: none)"), None);
         assert_eq!(named_leader("no quorum: no leader known"), None);
         assert_eq!(named_leader("the leader is unknown"), None);
     }
