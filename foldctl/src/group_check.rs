@@ -98,10 +98,13 @@ fn healthy(g: &GroupStatus) -> Finding {
         Severity::Ok,
         "group-quorum",
         format!(
-            "group {}: {} here, leader {}, term {}, {} voter(s), commit {}, applied {}",
+            "group {}: {} (term {}, {} voter(s), commit {}, applied {})",
             g.schema,
-            g.role,
-            g.leader_node_id.as_deref().unwrap_or("-"),
+            match (g.is_leader(), g.leader_node_id.as_deref()) {
+                (true, _) => "this node leads".to_string(),
+                (false, Some(l)) => format!("this node is a {} of leader {l}", g.role),
+                (false, None) => format!("this node is a {}, no leader known", g.role),
+            },
             g.term,
             g.voters().count(),
             g.commit_index,
