@@ -42,10 +42,7 @@ async fn create(c: &Client, schema: &str, members: &[String]) -> Result<Out, Fai
     }
     let g = match c.create_group(schema, &members).await {
         Ok(g) => g,
-        Err(e) => {
-            create_hint(schema, &e);
-            return Err(e.into());
-        }
+        Err(e) => return Err(hinted(e, |e| create_hint(schema, e))),
     };
     let text = format!(
         "group {schema} created: {} voter(s), leader {}\n{}",
@@ -59,9 +56,22 @@ async fn create(c: &Client, schema: &str, members: &[String]) -> Result<Out, Fai
     })
 }
 
-/// What to do about a refused `group create`, on stderr.
-fn create_hint(schema: &str, e: &Error) {
+/// `e` with the hint `hint` finds for it, if any.
+fn hinted(e: Error, hint: impl FnOnce(&Error) -> Option<String>) -> Failure {
+    match hint(&e) {
+        Some(h) => Failure::Hinted(e, h),
+        None => Failure::Client(e),
+    }
+}
+
+/// What to do about a refused `group create`.
+fn create_hint(schema: &str, e: &Error) -> Option<String> {
+    let here = e.message().is_some_and(|m| m.contains("on this node"));
     let hint = match e.code() {
+        Some(tonic::Code::FailedPrecondition | tonic::Code::NotFound) if here => format!(
+            "this node needs schema {schema} loaded and approved first: `foldctl schema load \
+             <file> --approve` (or `foldctl schema approve {schema}`), and the same on every member"
+        ),
         Some(tonic::Code::FailedPrecondition) => format!(
             "every member needs schema {schema} loaded and approved with this node's definition \
              (same hash, policies included): on the member named above run \
@@ -80,9 +90,9 @@ fn create_hint(schema: &str, e: &Error) {
              node: use its owner socket (`foldctl --addr unix:data/owner.sock …`) or a client at \
              distance 0 (docs/SECURITY.md)"
             .to_string(),
-        _ => return,
+        _ => return None,
     };
-    eprintln!("foldctl: hint: {hint}");
+    Some(hint)
 }
 
 /// `group add/remove/replace`: one membership change, run on the leader.
@@ -95,10 +105,7 @@ async fn change(
 ) -> Result<Out, Failure> {
     let g = match c.change_group_members(schema, add, remove).await {
         Ok(g) => g,
-        Err(e) => {
-            change_hint(schema, add, remove, verb, &e);
-            return Err(e.into());
-        }
+        Err(e) => return Err(hinted(e, |e| change_hint(schema, add, remove, verb, e))),
     };
     let done = match verb {
         "add" => format!("added {}", add.join(", ")),
@@ -112,7 +119,13 @@ async fn change(
 }
 
 /// On a member that is not the leader: which node leads, and the command to run there.
-fn change_hint(schema: &str, add: &[String], remove: &[String], verb: &str, e: &Error) {
+fn change_hint(
+    schema: &str,
+    add: &[String],
+    remove: &[String],
+    verb: &str,
+    e: &Error,
+) -> Option<String> {
     let leader = e.message().and_then(named_leader);
     match (e.code(), leader) {
         (Some(tonic::Code::FailedPrecondition), Some(leader)) => {
@@ -121,17 +134,16 @@ fn change_hint(schema: &str, add: &[String], remove: &[String], verb: &str, e: &
                 "add" => add.join(" "),
                 _ => remove.join(" "),
             };
-            eprintln!(
-                "foldctl: hint: membership changes run on the group's leader, node {leader}; \
-                 run it there:\n    foldctl --addr <address of node {leader}> group {verb} \
-                 {schema} {args}"
-            );
+            Some(format!(
+                "membership changes run on the group's leader, node {leader}; run it there:\n    \
+                 foldctl --addr <address of node {leader}> group {verb} {schema} {args}"
+            ))
         }
-        (Some(tonic::Code::Unavailable), _) => eprintln!(
-            "foldctl: hint: the group needs a quorum (a majority of its voters up and connected) \
-             to change its members; `foldctl group status {schema}` shows what this node sees"
-        ),
-        _ => {}
+        (Some(tonic::Code::Unavailable), _) => Some(format!(
+            "the group needs a quorum (a majority of its voters up and connected) to change its \
+             members; `foldctl group status {schema}` shows what this node sees"
+        )),
+        _ => None,
     }
 }
 
