@@ -64,32 +64,38 @@ fn hinted(e: Error, hint: impl FnOnce(&Error) -> Option<String>) -> Failure {
     }
 }
 
-/// What to do about a refused `group create`.
+/// What to do about a refused `group create` (or the checks of an added member).
 fn create_hint(schema: &str, e: &Error) -> Option<String> {
-    let here = e.message().is_some_and(|m| m.contains("on this node"));
-    let hint = match e.code() {
-        Some(tonic::Code::FailedPrecondition | tonic::Code::NotFound) if here => format!(
+    use tonic::Code;
+    let says = |w: &str| e.message().is_some_and(|m| m.contains(w));
+    let hint = match e.code()? {
+        Code::FailedPrecondition | Code::NotFound if says("on this node") => format!(
             "this node needs schema {schema} loaded and approved first: `foldctl schema load \
              <file> --approve` (or `foldctl schema approve {schema}`), and the same on every member"
         ),
-        Some(tonic::Code::FailedPrecondition) => format!(
+        Code::FailedPrecondition if says("denies") => "this node denies the member named above; \
+             a group's members must trust each other: `foldctl trust set <its id> <distance>`"
+            .to_string(),
+        Code::FailedPrecondition => format!(
             "every member needs schema {schema} loaded and approved with this node's definition \
              (same hash, policies included): on the member named above run \
              `foldctl schema load <the same file> --approve`, then `foldctl schema list` on both \
              to compare the HASH column"
         ),
-        Some(tonic::Code::Unavailable) => "the member named above could not be asked: check that \
-             it runs, that this node is connected to it (`foldctl peers`, `foldctl dial \
-             <its multiaddr>`) and that it trusts this node (`foldctl trust set <this node id> 1` \
-             there)"
-            .to_string(),
-        Some(tonic::Code::AlreadyExists) => {
-            format!("see it with `foldctl group status {schema}`")
-        }
-        Some(tonic::Code::PermissionDenied) => "creating a group needs the admin right on this \
+        Code::PermissionDenied if says("trusted") => format!(
+            "any member may lead and then writes {schema} on all the others, so each must be \
+             trusted to write it: `foldctl trust set <member id> 0` (or a distance every write \
+             policy of {schema} allows) here, and the same on every member for the others"
+        ),
+        Code::PermissionDenied => "creating or changing a group needs the admin right on this \
              node: use its owner socket (`foldctl --addr unix:data/owner.sock …`) or a client at \
              distance 0 (docs/SECURITY.md)"
             .to_string(),
+        Code::Unavailable => "the member named above could not be asked: check that it runs, \
+             that this node is connected to it (`foldctl peers`, `foldctl dial <its multiaddr>`) \
+             and that it trusts this node (`foldctl trust set <this node id> <distance>` there)"
+            .to_string(),
+        Code::AlreadyExists => format!("see it with `foldctl group status {schema}`"),
         _ => return None,
     };
     Some(hint)
@@ -139,11 +145,18 @@ fn change_hint(
                  foldctl --addr <address of node {leader}> group {verb} {schema} {args}"
             ))
         }
+        (Some(tonic::Code::Unavailable), _)
+            if !add.is_empty()
+                && e.message()
+                    .is_some_and(|m| m.contains("could not be asked")) =>
+        {
+            create_hint(schema, e)
+        }
         (Some(tonic::Code::Unavailable), _) => Some(format!(
             "the group needs a quorum (a majority of its voters up and connected) to change its \
              members; `foldctl group status {schema}` shows what this node sees"
         )),
-        _ => None,
+        _ => create_hint(schema, e),
     }
 }
 
