@@ -327,30 +327,28 @@ async fn groups_with_foldctl() {
         (r.code == 4 && r.out.contains("group Notes has no quorum")).then_some(r)
     });
     assert!(c.out.contains("group-quorum"), "{}", c.out);
-    // Once it no longer follows a (dead) leader — it leads without a quorum, or stands for
-    // election — it refuses writes at once. (While it still follows the dead leader, a write is
-    // forwarded there and waits for the mesh to give up on it.)
-    eventually("the last member to stop following a dead leader", || {
-        let g = group_status(&addr[last])?;
-        (g["has_quorum"] == false && (g["role"] != "follower" || g["leader_node_id"].is_null()))
-            .then_some(())
+    // A write there is never acknowledged. The node keeps trying while it may still find a
+    // leader and answers UNAVAILABLE naming the last known one near the caller's deadline, which
+    // races foldctl's own (then foldctl reports the expired deadline, CANCELLED): a few tries.
+    let r = eventually("a write without quorum refused with UNAVAILABLE", || {
+        let r = ctl(
+            &addr[last],
+            &[
+                "mutate",
+                "Notes",
+                "create",
+                "--data",
+                r#"{"id": "n3", "text": "lost"}"#,
+            ],
+        );
+        assert_ne!(
+            r.code, 0,
+            "a member without quorum acknowledged a write: {}",
+            r.out
+        );
+        (r.code == 2 && r.err.contains("UNAVAILABLE")).then_some(r)
     });
-    let r = ctl(
-        &addr[last],
-        &[
-            "mutate",
-            "Notes",
-            "create",
-            "--data",
-            r#"{"id": "n3", "text": "lost"}"#,
-        ],
-    );
-    assert_eq!(r.code, 2, "a write without quorum: {} {}", r.out, r.err);
-    assert!(
-        r.err.contains("UNAVAILABLE") && r.err.contains("leader"),
-        "{}",
-        r.err
-    );
+    assert!(r.err.contains("leader"), "{}", r.err);
     let r = query(&addr[last], &[]);
     assert_eq!(
         r.code, 2,
