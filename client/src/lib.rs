@@ -28,6 +28,28 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Schema groups (docs/GROUPS.md): make a schema a Raft group of three nodes, write on any
+//! member, read linearizably or from the member's own copy:
+//!
+//! ```no_run
+//! # async fn demo(client: fold_client::Client, b: String, c: String) -> fold_client::Result<()> {
+//! use fold_client::{Consistency, Query, named_leader};
+//!
+//! let group = client.create_group("SensorReadings", &[b, c]).await?;
+//! println!("leader {:?}, term {}", group.leader_node_id, group.term);
+//! let local = client
+//!     .query(Query::new("SensorReadings", ["celsius"]).consistency(Consistency::Local))
+//!     .await?;
+//! println!("as of sequence {:?}", local.group.map(|g| g.as_of_sequence));
+//! // Membership changes run on the leader; elsewhere the refusal names it.
+//! if let Err(e) = client.remove_group_members("SensorReadings", &["12D3KooW…".into()]).await {
+//!     if let Some(leader) = e.message().and_then(named_leader) {
+//!         println!("run it on {leader}");
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
 //! Errors keep the node's gRPC code and message:
 //!
 //! ```no_run
@@ -41,6 +63,7 @@
 
 mod connect;
 mod error;
+mod groups;
 mod types;
 
 use std::time::Duration;
@@ -57,6 +80,9 @@ pub use connect::{ClientBuilder, Target};
 /// Records per page when a query is read page by page.
 const PAGE_SIZE: u32 = 1000;
 pub use error::{CodeName, Error, Result, code_name, error_chain};
+pub use groups::{
+    Consistency, GroupMember, GroupRead, GroupStatus, MAX_GROUP_MEMBERS, named_leader,
+};
 pub use types::*;
 
 /// The `grpc.health.v1` service name of the mesh API (NOT_SERVING while the sidecar link is down).
@@ -198,6 +224,7 @@ impl Client {
         let mut all = QueryResult {
             node_id: String::new(),
             records: Vec::new(),
+            group: None,
         };
         let mut token = String::new();
         // With `any`, the first page picks the node; the rest come from the same node (a page
@@ -221,6 +248,8 @@ impl Client {
             }
             let page: QueryResult = r.into();
             all.node_id = page.node_id;
+            // The first page's read: later pages continue the same snapshot.
+            all.group = all.group.or(page.group);
             all.records.extend(page.records);
             progress(all.records.len());
             if token.is_empty() {
@@ -245,6 +274,7 @@ impl Client {
                 // The rest of that node's records, from that node.
                 let mut rest = Query::new(q.schema.clone(), q.fields.clone()).node(node);
                 rest.filter = q.filter.clone();
+                rest.consistency = q.consistency;
                 let more = self.query_pages_from(rest, token).await?;
                 answer.records.extend(more);
             }
@@ -273,7 +303,7 @@ impl Client {
                 filter: q.filter.as_ref().map(Filter::to_proto),
                 target_node_id,
                 definition_hash: Default::default(),
-                consistency: 0,
+                consistency: q.consistency.to_proto() as i32,
             }))
             .await?
             .into_inner())

@@ -10,6 +10,7 @@ use serde::Serialize;
 use serde_json::{Map, Value as Json};
 
 use crate::error::Error;
+use crate::groups::{Consistency, GroupRead, GroupStatus};
 
 /// A schema's lifecycle state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -176,6 +177,8 @@ pub struct Query {
     pub node: Option<String>,
     /// Run on any node serving the schema (balanced, failing over), instead of `node`.
     pub any: bool,
+    /// How a group schema is read (docs/GROUPS.md); ignored for other schemas.
+    pub consistency: Consistency,
 }
 
 impl Query {
@@ -190,6 +193,7 @@ impl Query {
             filter: None,
             node: None,
             any: false,
+            consistency: Consistency::Default,
         }
     }
 
@@ -208,6 +212,12 @@ impl Query {
     /// over latency) and fails over to another when it cannot answer.
     pub fn any(mut self) -> Self {
         self.any = true;
+        self
+    }
+
+    /// How to read a group schema: linearizable (the default) or this member's local copy.
+    pub fn consistency(mut self, c: Consistency) -> Self {
+        self.consistency = c;
         self
     }
 }
@@ -276,11 +286,16 @@ pub struct QueryResult {
     /// The node that answered.
     pub node_id: String,
     pub records: Vec<Record>,
+    /// Set when the schema is a group on the answering node: how the answer was read (absent
+    /// from the JSON otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupRead>,
 }
 
 impl From<v1::QueryResponse> for QueryResult {
     fn from(r: v1::QueryResponse) -> Self {
         QueryResult {
+            group: r.group.map(GroupRead::from),
             node_id: r.node_id,
             records: r
                 .records
@@ -473,6 +488,8 @@ pub struct NetworkStatus {
     pub node_admin_addr: Option<String>,
     /// The p2p-sidecar's admin HTTP address (/metrics), host:port as bound (`null` if unknown).
     pub sidecar_admin_addr: Option<String>,
+    /// The schema groups this node is a member of, as it sees them.
+    pub groups: Vec<GroupStatus>,
 }
 
 /// One relay reservation (`NetworkStatus.relays`).
@@ -564,6 +581,7 @@ impl From<v1::NetworkStatusResponse> for NetworkStatus {
             relays,
             relay_server,
             replicas,
+            groups: s.groups.into_iter().map(GroupStatus::from).collect(),
             node_id: s.node_id,
             listen_addrs: s.listen_addrs,
             external_addrs: s.external_addrs,

@@ -24,6 +24,12 @@ STATES = {
     "approved": pb.SCHEMA_STATE_APPROVED,
     "blocked": pb.SCHEMA_STATE_BLOCKED,
 }
+CONSISTENCY = {
+    None: pb.CONSISTENCY_DEFAULT,
+    "default": pb.CONSISTENCY_DEFAULT,
+    "linearizable": pb.CONSISTENCY_LINEARIZABLE,
+    "local": pb.CONSISTENCY_LOCAL,
+}
 MUTATIONS = {
     "create": pb.MUTATION_TYPE_CREATE,
     "update": pb.MUTATION_TYPE_UPDATE,
@@ -117,8 +123,15 @@ class FoldClient:
                 "version_ids": list(r.version_ids)}
 
     def query(self, schema, fields, key=None, prefix=None, range=None, keys=None, pattern=None,
-              node=None):
-        """Records as [{"key": ..., "fields": {...}}]; at most one filter (Range schemas)."""
+              node=None, consistency=None, with_group=False):
+        """Records as [{"key": ..., "fields": {...}}]; at most one filter (Range schemas).
+
+        consistency (group schemas, docs/GROUPS.md): None/"linearizable" (confirmed with the
+        leader; UNAVAILABLE without a quorum) or "local" (this member's copy, answered without a
+        quorum). with_group=True returns (records, group) where group is
+        {"linearizable": bool, "as_of_sequence": int} for a group schema, else None."""
+        if consistency not in CONSISTENCY:
+            raise ValueError(f"consistency must be one of linearizable, local (not {consistency!r})")
         f = None
         if key is not None:
             f = pb.RangeFilter(key=key)
@@ -132,9 +145,17 @@ class FoldClient:
             f = pb.RangeFilter(key_pattern=pattern)
         r = _call(self.fold.Query,
                   pb.QueryRequest(schema=schema, fields=list(fields), filter=f,
-                                  target_node_id=node or ""), self.timeout)
-        return [{"key": rec.range_key or None,
-                 "fields": _plain(json_format.MessageToDict(rec.fields))} for rec in r.records]
+                                  target_node_id=node or "",
+                                  consistency=CONSISTENCY[consistency]), self.timeout)
+        records = [{"key": rec.range_key or None,
+                    "fields": _plain(json_format.MessageToDict(rec.fields))} for rec in r.records]
+        if not with_group:
+            return records
+        group = None
+        if r.HasField("group"):
+            group = {"linearizable": r.group.linearizable,
+                     "as_of_sequence": r.group.as_of_sequence}
+        return records, group
 
     def query_pages(self, schema, fields, page_size=1000, **filters):
         """Yield pages (lists of records) of a large result, following next_page_token; values
@@ -182,3 +203,38 @@ class FoldClient:
                   npb.ListPeersRequest(include_disconnected=include_disconnected), self.timeout)
         return [{"node_id": p.node_id, "connected": p.connected, "rtt_micros": p.rtt_micros,
                  "agent": p.agent_version} for p in r.peers]
+
+    # ---- schema groups (docs/GROUPS.md) ----
+    def create_group(self, schema, members):
+        """Make `schema` a group of `members` (node ids; this node is added when missing)."""
+        r = _call(self.network.CreateGroup,
+                  npb.CreateGroupRequest(schema=schema, members=list(members)), self.timeout)
+        return _group(r.group)
+
+    def change_group_members(self, schema, add=(), remove=()):
+        """Add and/or remove members (both: a replacement). Run it on the group's leader: on
+        another member it raises FoldError('FAILED_PRECONDITION', '... leader <node id> ...')."""
+        if not add and not remove:
+            raise ValueError("name at least one member to add or remove")
+        r = _call(self.network.ChangeGroupMembers,
+                  npb.ChangeGroupMembersRequest(schema=schema, add=list(add), remove=list(remove)),
+                  self.timeout)
+        return _group(r.group)
+
+    def list_groups(self):
+        """The groups this node is a member of, as it sees them."""
+        r = _call(self.network.ListGroups, npb.ListGroupsRequest(), self.timeout)
+        return [_group(g) for g in r.groups]
+
+
+def _group(g):
+    """A GroupStatus as a dict (a member's lag None when unknown)."""
+    return {
+        "schema": g.schema, "role": g.role, "leader_node_id": g.leader_node_id or None,
+        "term": g.term, "last_log_index": g.last_log_index, "commit_index": g.commit_index,
+        "applied_index": g.applied_index, "snapshot_index": g.snapshot_index,
+        "purged_index": g.purged_index, "has_quorum": g.has_quorum,
+        "refused_messages": g.refused_messages, "head_sequence": g.head_sequence,
+        "members": [{"node_id": m.node_id, "voter": m.voter, "leader": m.leader,
+                     "lag": m.lag if m.lag >= 0 else None} for m in g.members],
+    }

@@ -11,6 +11,7 @@ use fold_client::{
 use serde::Serialize;
 
 use crate::cli::{Global, Output};
+use crate::group_check::group_findings;
 use crate::metrics::{Sample, get_metrics, parse};
 use crate::replica_check::replica_findings;
 use crate::{Failure, Out, builder};
@@ -88,6 +89,7 @@ pub async fn diagnose(
             if let Some(now) = status.take() {
                 let (now, earlier) = lag_samples(&client, g, now, before, sample_lag).await;
                 findings.extend(replica_findings(&now, earlier.as_ref(), &peers));
+                findings.extend(group_findings(&now.groups));
                 status = Some(now);
             }
         }

@@ -92,6 +92,10 @@ pub enum Command {
     /// Read or change the trust table.
     #[command(subcommand)]
     Trust(TrustCmd),
+    /// Schema groups: one schema replicated with Raft on 3 or 5 nodes, writable while a
+    /// majority of them is up (docs/GROUPS.md). Create one, change its members, see its state.
+    #[command(subcommand)]
+    Group(GroupCmd),
     /// Connect to a peer by multiaddr (or a node id known to discovery).
     Dial { address: String },
     /// Ask a peer which of these schemas it has approved.
@@ -242,6 +246,17 @@ pub struct QueryArgs {
     /// node that failed is reported on stderr (exit 0 when at least one answered).
     #[arg(long, group = "where")]
     pub all: bool,
+    /// For a group schema: `linearizable` (the default: confirmed with the leader, never
+    /// stale; UNAVAILABLE without a quorum) or `local` (this member's copy as it is, answered
+    /// even without a quorum, marked with the sequence it is as of). Ignored for other schemas.
+    #[arg(long, value_enum)]
+    pub consistency: Option<ConsistencyArg>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConsistencyArg {
+    Linearizable,
+    Local,
 }
 
 #[derive(Args, Debug)]
@@ -319,6 +334,69 @@ pub struct SubscribeArgs {
     /// Also print progress lines (sequence, head, node) in the table output.
     #[arg(long)]
     pub progress: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GroupCmd {
+    /// Make a schema a group of these members (3 or 5; 1 to 7 are accepted). Every member must
+    /// have the schema loaded and approved with the same definition (policies included). Needs
+    /// the admin right here; this node is a member (added when not named). Answers once a
+    /// leader is elected.
+    #[command(
+        after_help = "Example: foldctl group create SensorReadings --member 12D3KooW…B --member 12D3KooW…C"
+    )]
+    Create {
+        /// Schema name (it names the group).
+        schema: String,
+        /// A member's node id (repeat, or comma separated; `foldctl status` shows a node's id).
+        #[arg(
+            short = 'm',
+            long = "member",
+            value_name = "NODE_ID",
+            required = true,
+            value_delimiter = ','
+        )]
+        members: Vec<String>,
+    },
+    /// Add members (each catches up as a learner, then becomes a voter). Run it on the leader.
+    /// Each must have the schema loaded and approved with the group's definition.
+    Add {
+        /// The group's schema.
+        schema: String,
+        /// Node ids to add.
+        #[arg(value_name = "NODE_ID", required = true)]
+        ids: Vec<String>,
+    },
+    /// Remove members (a dead one too, while the rest are a majority of the voters). Run it on
+    /// the leader.
+    Remove {
+        /// The group's schema.
+        schema: String,
+        /// Node ids to remove.
+        #[arg(value_name = "NODE_ID", required = true)]
+        ids: Vec<String>,
+    },
+    /// Replace member OLD by NEW in one membership change (e.g. a dead machine by a new one).
+    /// Run it on the leader.
+    Replace {
+        /// The group's schema.
+        schema: String,
+        /// The member to remove.
+        #[arg(value_name = "OLD_NODE_ID")]
+        old: String,
+        /// The node to add (schema loaded and approved there).
+        #[arg(value_name = "NEW_NODE_ID")]
+        new: String,
+    },
+    /// The groups this node is a member of (as `list`), or one group in detail: role, leader,
+    /// term, log indexes, quorum, and each member with its lag (known on the leader).
+    Status {
+        /// One group's schema (default: every group, as a table).
+        schema: Option<String>,
+    },
+    /// The groups this node is a member of: schema, role, leader, term, commit, applied,
+    /// quorum, and the members with their lag (`-o wide`: every index, full ids).
+    List,
 }
 
 #[derive(Subcommand, Debug)]

@@ -5,14 +5,15 @@ use std::collections::BTreeMap;
 use std::io::Read;
 
 use fold_client::{
-    At, Client, Filter, Mutation, MutationKind, NodeAnswer, Peer, Query, SchemaInfo, SchemaState,
-    StateChange, Subscription, SubscriptionEvent, Trust, TrustEntry,
+    At, Client, Consistency, Filter, GroupRead, Mutation, MutationKind, NodeAnswer, Peer, Query,
+    SchemaInfo, SchemaState, StateChange, Subscription, SubscriptionEvent, Trust, TrustEntry,
 };
 use serde::Serialize;
 use serde_json::{Value as Json, json};
 
 use crate::cli::{
-    Command, Global, HistoryArgs, MutateArgs, QueryArgs, SchemaCmd, SubscribeArgs, TrustCmd,
+    Command, ConsistencyArg, Global, HistoryArgs, MutateArgs, QueryArgs, SchemaCmd, SubscribeArgs,
+    TrustCmd,
 };
 use crate::metrics::{get_metrics, parse};
 use crate::table::{Table, cell, kv, peer_trust, rtt_text};
@@ -33,6 +34,7 @@ pub async fn run(c: &Client, g: &Global, cmd: Command) -> Result<Out, Failure> {
         Command::Peers { all, metrics_addr } => peers(c, all, metrics_addr).await,
         Command::Providers { schema } => providers(c, schema).await,
         Command::Trust(t) => trust(c, t).await,
+        Command::Group(cmd) => crate::group::run(c, cmd).await,
         Command::Dial { address } => {
             let d = c.dial(&address).await?;
             Ok(Out {
@@ -137,14 +139,7 @@ async fn status(c: &Client) -> Result<Out, Failure> {
                 s.sidecar_admin_addr.as_deref().unwrap_or("-")
             ),
         ),
-        (
-            "relays",
-            joined(&s.relays, |r| match (&r.circuit_addr, &r.last_error) {
-                (Some(c), _) => format!("{} {} ({c})", r.relay_node_id, r.state),
-                (None, Some(e)) => format!("{} {}: {e}", r.relay_node_id, r.state),
-                _ => format!("{} {}", r.relay_node_id, r.state),
-            }),
-        ),
+        ("relays", joined(&s.relays, relay_text)),
         (
             "relay server",
             match &s.relay_server {
@@ -155,24 +150,52 @@ async fn status(c: &Client) -> Result<Out, Failure> {
                 _ => "off".into(),
             },
         ),
-        (
-            "replicas",
-            joined(&s.replicas, |r| {
-                let mut t = format!(
-                    "{} from {} at {} (lag {})",
-                    r.schema, r.source_node_id, r.applied_sequence, r.lag
-                );
-                if let Some(e) = &r.last_error {
-                    t.push_str(&format!(": {e}"));
-                }
-                t
-            }),
-        ),
+        ("replicas", joined(&s.replicas, replica_text)),
+        ("groups", joined(&s.groups, group_text)),
     ]);
+    // Each group's members and their lag, as `group list` shows them.
+    let text = if s.groups.is_empty() {
+        text
+    } else {
+        format!("{text}\n{}", crate::group::groups_table(&s.groups))
+    };
     Ok(Out {
         json: to_json(&s)?,
         text,
     })
+}
+
+fn relay_text(r: &fold_client::RelayReservation) -> String {
+    match (&r.circuit_addr, &r.last_error) {
+        (Some(c), _) => format!("{} {} ({c})", r.relay_node_id, r.state),
+        (None, Some(e)) => format!("{} {}: {e}", r.relay_node_id, r.state),
+        _ => format!("{} {}", r.relay_node_id, r.state),
+    }
+}
+
+fn replica_text(r: &fold_client::Replica) -> String {
+    let mut t = format!(
+        "{} from {} at {} (lag {})",
+        r.schema, r.source_node_id, r.applied_sequence, r.lag
+    );
+    if let Some(e) = &r.last_error {
+        t.push_str(&format!(": {e}"));
+    }
+    t
+}
+
+/// One group in a line: this node's role, the leader, term, commit and applied index, quorum.
+fn group_text(g: &fold_client::GroupStatus) -> String {
+    format!(
+        "{} {} (leader {}, term {}, commit {}, applied {}{})",
+        g.schema,
+        g.role,
+        g.leader_node_id.as_deref().unwrap_or("none known"),
+        g.term,
+        g.commit_index,
+        g.applied_index,
+        if g.has_quorum { "" } else { ", NO QUORUM" }
+    )
 }
 
 /// Each item as text, joined by "; " ("-" when there are none).
@@ -260,6 +283,11 @@ async fn query(c: &Client, a: QueryArgs) -> Result<Out, Failure> {
     q.filter = filter;
     q.node = a.node;
     q.any = a.any;
+    q.consistency = match a.consistency {
+        None => Consistency::Default,
+        Some(ConsistencyArg::Linearizable) => Consistency::Linearizable,
+        Some(ConsistencyArg::Local) => Consistency::Local,
+    };
     if a.all {
         return query_all(c, q, &fields).await;
     }
@@ -269,15 +297,31 @@ async fn query(c: &Client, a: QueryArgs) -> Result<Out, Failure> {
         t.row(record_row(Vec::new(), rec, &fields));
     }
     let text = format!(
-        "{}{} record(s) from {}\n",
+        "{}{} record(s) from {}{}\n",
         t.render(),
         r.records.len(),
-        node_name(&r.node_id)
+        node_name(&r.node_id),
+        group_read_text(r.group.as_ref())
     );
     Ok(Out {
         json: to_json(&r)?,
         text,
     })
+}
+
+/// How a group schema was read, for the query's last line ("" for other schemas).
+fn group_read_text(g: Option<&GroupRead>) -> String {
+    match g {
+        Some(g) if g.linearizable => format!(
+            " (group: linearizable, as of sequence {})",
+            g.as_of_sequence
+        ),
+        Some(g) => format!(
+            " (group: this member's local copy as of sequence {}; may miss the latest writes)",
+            g.as_of_sequence
+        ),
+        None => String::new(),
+    }
 }
 
 /// The one filter `--key`, `--prefix`, `--range`, `--keys` or `--pattern` asks for.

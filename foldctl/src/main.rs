@@ -8,6 +8,8 @@ mod cli;
 mod commands;
 mod dashboard;
 mod finding;
+mod group;
+mod group_check;
 mod metrics;
 mod replica_check;
 mod table;
@@ -47,6 +49,8 @@ pub enum Failure {
     Local(String),
     /// `check` found problems; its report is already printed.
     Problems,
+    /// A refusal from the node, and what to do about it (printed after the error).
+    Hinted(Error, String),
 }
 
 impl From<Error> for Failure {
@@ -113,6 +117,11 @@ fn main() -> ExitCode {
 fn report(f: Failure) -> u8 {
     match f {
         Failure::Problems => EXIT_PROBLEMS,
+        Failure::Hinted(e, hint) => {
+            let code = report(Failure::Client(e));
+            eprintln!("foldctl: hint: {hint}");
+            code
+        }
         Failure::Local(m) => {
             eprintln!("foldctl: error: {m}");
             EXIT_LOCAL
