@@ -154,17 +154,29 @@ impl GroupNet {
         distance: u32,
         denied: bool,
     ) -> anyhow::Result<()> {
+        self.trust_id(on, &self.node_id(peer), distance, denied)
+            .await
+    }
+
+    /// Set host `on`'s trust in the node `id` (any libp2p peer id).
+    pub async fn trust_id(
+        &self,
+        on: usize,
+        id: &str,
+        distance: u32,
+        denied: bool,
+    ) -> anyhow::Result<()> {
         network(&self.grpc(on))
             .set_trust(SetTrustRequest {
                 entry: Some(TrustEntry {
-                    node_id: self.node_id(peer),
+                    node_id: id.to_string(),
                     distance,
                     denied,
                 }),
                 remove: false,
             })
             .await
-            .with_context(|| format!("set trust of host {on} in host {peer}"))?;
+            .with_context(|| format!("set trust of host {on} in {id}"))?;
         Ok(())
     }
 
