@@ -771,3 +771,58 @@ async fn writes_through_a_member_keep_the_path_distance_rules() {
         );
     }
 }
+
+/// Whether host `from` can open a TCP connection to host `to`'s sidecar port (bounded).
+fn tcp_reaches(g: &GroupNet, from: usize, to: usize) -> bool {
+    let target = format!(
+        "exec 3<>/dev/tcp/{}/{}",
+        g.net.host_addr(to),
+        foldmesh_e2e::mesh::P2P_PORT
+    );
+    g.net
+        .command(from, "timeout")
+        .args(["2", "bash", "-c", &target])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_harness_cuts_only_the_links_between_the_two_sides_and_restarts_nodes() {
+    let _one = SERIAL.lock().await;
+    let mut g = GroupNet::start(3, &[]).await.expect("three hosts");
+    g.partition(&[0], &[1, 2]).unwrap();
+    assert!(!tcp_reaches(&g, 0, 1), "0 → 1 cut");
+    assert!(!tcp_reaches(&g, 2, 0), "2 → 0 cut");
+    assert!(tcp_reaches(&g, 1, 2), "1 → 2 on the same side");
+    // The test driver still reaches every host.
+    for i in 0..3 {
+        assert!(
+            schema_names(&g, i).await.is_ok(),
+            "the driver reaches host {i}"
+        );
+    }
+    g.partition(&[0, 1], &[2]).unwrap();
+    assert!(tcp_reaches(&g, 0, 1), "an earlier partition is replaced");
+    assert!(!tcp_reaches(&g, 1, 2));
+    g.heal().unwrap();
+    assert!(tcp_reaches(&g, 0, 1) && tcp_reaches(&g, 1, 2) && tcp_reaches(&g, 2, 0));
+    // SIGKILL and restart on the same data dir: the schema is still there.
+    g.kill_node(1);
+    assert!(schema_names(&g, 1).await.is_err(), "host 1's node is down");
+    g.restart_node(1).unwrap();
+    assert_eq!(schema_names(&g, 1).await.unwrap(), vec![SCHEMA.to_string()]);
+}
+
+async fn schema_names(g: &GroupNet, i: usize) -> Result<Vec<String>, tonic::Status> {
+    Ok(fold(&g.grpc(i))
+        .list_schemas(with_deadline(
+            fold_proto::v1::ListSchemasRequest::default(),
+            SHORT,
+        ))
+        .await?
+        .into_inner()
+        .schemas
+        .into_iter()
+        .map(|s| s.name)
+        .collect())
+}
