@@ -52,12 +52,16 @@ pub enum Failure {
 }
 
 /// Whether a failed write certainly did not take effect. Refused: the connection was never made
-/// (the node is down), or the server said it refused without proposing (no quorum, no leader, not
-/// the leader, permission). Everything else (deadlines, a connection lost mid-call, UNAVAILABLE
-/// after proposing) may have taken effect.
+/// (the node is down), or the server said it refused without proposing ("nothing was written";
+/// no quorum, no leader, not the leader; a permission or validation refusal). Everything else
+/// (deadlines, a connection lost mid-call, UNAVAILABLE after proposing: "may or may not take
+/// effect") may have taken effect.
 pub fn classify_write_error(e: &Status) -> Failure {
-    let text = format!("{} {:?}", e.message(), e).to_lowercase();
-    let never_sent = text.contains("connection refused") || text.contains("tcp connect error");
+    let m = e.message().to_lowercase();
+    if m.contains("may or may not") {
+        return Failure::Indeterminate;
+    }
+    let never_sent = m.contains("tcp connect error") || m.contains("error trying to connect");
     let refused_by_server = matches!(
         e.code(),
         Code::PermissionDenied
@@ -66,11 +70,9 @@ pub fn classify_write_error(e: &Status) -> Failure {
             | Code::NotFound
             | Code::AlreadyExists
     ) || (e.code() == Code::Unavailable
-        && (text.contains("no quorum")
-            || text.contains("without a quorum")
-            || text.contains("no leader known")
-            || text.contains("not the leader")
-            || text.contains("not proposed")));
+        && (m.contains("nothing was written")
+            || m.contains("no leader known")
+            || m.contains("not the leader")));
     if never_sent || refused_by_server {
         Failure::Refused
     } else {
@@ -79,10 +81,15 @@ pub fn classify_write_error(e: &Status) -> Failure {
 }
 
 /// Whether an UNAVAILABLE answer names a leader or says none is known (what a member without a
-/// quorum must say).
-pub fn names_leader_or_none(e: &Status) -> bool {
+/// quorum must say): "leader <node id>", "leader: <node id>", "no leader known" or
+/// "leader: none".
+pub fn names_leader_or_none(e: &Status, node_ids: &[String]) -> bool {
     let m = e.message();
-    m.contains("leader ") || m.contains("no leader known")
+    m.contains("no leader known")
+        || m.contains("leader: none")
+        || node_ids
+            .iter()
+            .any(|id| m.contains(&format!("leader {id}")) || m.contains(&format!("leader: {id}")))
 }
 
 /// A test network of `n` hosts running foldmesh, and the group on (some of) them.
@@ -139,6 +146,11 @@ impl GroupNet {
 
     pub fn node_id(&self, i: usize) -> String {
         self.hosts[i].node_id.clone()
+    }
+
+    /// Every host's node id.
+    pub fn node_ids(&self) -> Vec<String> {
+        self.hosts.iter().map(|h| h.node_id.clone()).collect()
     }
 
     /// The host whose node id is `id`.
@@ -200,14 +212,19 @@ impl GroupNet {
         .await
     }
 
-    /// `CreateGroup` on host `on` with `members` (host indexes).
-    pub async fn create_group(&self, on: usize, members: &[usize]) -> Result<GroupStatus, Status> {
+    /// `CreateGroup` on host `on` with `members` (host indexes), answered within `deadline`.
+    pub async fn create_group(
+        &self,
+        on: usize,
+        members: &[usize],
+        deadline: Duration,
+    ) -> Result<GroupStatus, Status> {
         let req = CreateGroupRequest {
             schema: SCHEMA.into(),
             members: members.iter().map(|&i| self.node_id(i)).collect(),
         };
         let r = network(&self.grpc(on))
-            .create_group(with_deadline(req, Duration::from_secs(30)))
+            .create_group(with_deadline(req, deadline))
             .await?;
         r.into_inner()
             .group
@@ -219,7 +236,7 @@ impl GroupNet {
     pub async fn form(&self, members: &[usize]) -> anyhow::Result<usize> {
         let first = *members.first().ok_or_else(|| anyhow!("no members"))?;
         let g = self
-            .create_group(first, members)
+            .create_group(first, members, Duration::from_secs(30))
             .await
             .map_err(|e| anyhow!("CreateGroup on host {first}: {e:?}"))?;
         if g.schema != SCHEMA {
