@@ -375,6 +375,14 @@ impl<S: GroupStateMachine, T: GroupTransport> Group<S, T> {
         R: Send + 'static,
         F: FnOnce(&S, &ReadTransaction) -> Result<R, SmError> + Send + 'static,
     {
+        self.linearize().await?;
+        self.read_local(read).await
+    }
+
+    /// Waits until this member has applied every write acknowledged before the call began (the
+    /// leader confirms its leadership with a quorum and names a read index; this member waits
+    /// until it applied it): a read of the local state after it is linearizable.
+    pub async fn linearize(&self) -> Result<(), ReadError> {
         let deadline = self.config.read_timeout;
         let index = tokio::time::timeout(deadline, self.read_index())
             .await
@@ -386,7 +394,7 @@ impl<S: GroupStateMachine, T: GroupTransport> Group<S, T> {
             .applied_index_at_least(index.map(|l| l.index), "linearizable read")
             .await
             .map_err(|e| ReadError::Unavailable(e.to_string()))?;
-        self.read_local(read).await
+        Ok(())
     }
 
     /// Reads this member's applied state as it is, without asking the leader (may be stale).

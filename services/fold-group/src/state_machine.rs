@@ -25,4 +25,8 @@ pub trait GroupStateMachine: Send + Sync + 'static {
 
     /// Replaces the whole state with a snapshot made by [`GroupStateMachine::snapshot`].
     fn install(&self, txn: &WriteTransaction, snapshot: &[u8]) -> Result<(), SmError>;
+
+    /// Called once the transaction of an `apply` or `install` has been committed (durably): the
+    /// place to announce what was applied (e.g. to live subscribers). Nothing by default.
+    fn committed(&self) {}
 }

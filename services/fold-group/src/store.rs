@@ -491,6 +491,7 @@ impl<S: GroupStateMachine> RaftStorage<TypeConfig> for GroupStore<S> {
                 inner.put_meta(&txn, APPLIED, &Some(last))?;
             }
             txn.commit()?;
+            inner.sm.committed();
             Ok(replies)
         })
         .await
@@ -523,6 +524,7 @@ impl<S: GroupStateMachine> RaftStorage<TypeConfig> for GroupStore<S> {
             txn.open_table(inner.meta_def())?
                 .insert(SNAPSHOT_DATA, data.as_slice())?;
             txn.commit()?;
+            inner.sm.committed();
             Ok(())
         })
         .await

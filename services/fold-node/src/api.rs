@@ -482,6 +482,7 @@ impl Network for NetworkApi {
             .status(fold_proto::sidecar::MeshStatusRequest {})
             .await?;
         resp.get_mut().replicas = self.data.replicas().status();
+        resp.get_mut().groups = crate::groups::admin::list(self.data.groups(), self.data.store());
         resp.get_mut().node_admin_addr = self.admin_addr.get().cloned().unwrap_or_default();
         Ok(resp)
     }
@@ -624,23 +625,42 @@ impl Network for NetworkApi {
 
     async fn create_group(
         &self,
-        _request: Request<CreateGroupRequest>,
+        request: Request<CreateGroupRequest>,
     ) -> Result<Response<CreateGroupResponse>, Status> {
-        Err(Status::unimplemented("schema groups are being wired in"))
+        require_admin(&self.data, &request, "creating a schema group")?;
+        let group = crate::groups::admin::create(
+            self.data.groups(),
+            self.data.store(),
+            &self.mesh,
+            request.into_inner(),
+        )
+        .await?;
+        Ok(Response::new(CreateGroupResponse { group: Some(group) }))
     }
 
     async fn change_group_members(
         &self,
-        _request: Request<ChangeGroupMembersRequest>,
+        request: Request<ChangeGroupMembersRequest>,
     ) -> Result<Response<ChangeGroupMembersResponse>, Status> {
-        Err(Status::unimplemented("schema groups are being wired in"))
+        require_admin(&self.data, &request, "changing a schema group's members")?;
+        let group = crate::groups::admin::change(
+            self.data.groups(),
+            self.data.store(),
+            &self.mesh,
+            request.into_inner(),
+        )
+        .await?;
+        Ok(Response::new(ChangeGroupMembersResponse {
+            group: Some(group),
+        }))
     }
 
     async fn list_groups(
         &self,
         _request: Request<ListGroupsRequest>,
     ) -> Result<Response<ListGroupsResponse>, Status> {
-        Err(Status::unimplemented("schema groups are being wired in"))
+        let groups = crate::groups::admin::list(self.data.groups(), self.data.store());
+        Ok(Response::new(ListGroupsResponse { groups }))
     }
 
     async fn topology(

@@ -72,6 +72,10 @@ pub enum JobError {
     /// unexpectedly (a panic). Nothing of the job was committed.
     #[error("the write was not committed: the storage writer is stopping or failed")]
     Stopped,
+    /// A schema group did not acknowledge the write (no quorum, not the leader, not in time):
+    /// the message says whether it may still take effect.
+    #[error("{message}")]
+    Group { code: tonic::Code, message: String },
 }
 
 /// Mutations of one schema, applied all or nothing, and where to send the outcome.

@@ -195,6 +195,27 @@ pub struct Config {
     #[arg(long, env = "FOLD_CHANGE_LOG_RETENTION", default_value_t = 0)]
     pub change_log_retention: u64,
 
+    /// Schema groups (docs/GROUPS.md): how often a group's leader sends heartbeats, in
+    /// milliseconds. Every member of a group should use the same group timings.
+    #[arg(long, env = "FOLD_GROUP_HEARTBEAT_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=10_000))]
+    pub group_heartbeat_ms: u64,
+
+    /// Schema groups: a member that hears no leader for a random time between this and twice
+    /// this (milliseconds) starts an election. A leader that dies is replaced after about this
+    /// long; it must be well above --group-heartbeat-ms (at least 3×).
+    #[arg(long, env = "FOLD_GROUP_ELECTION_TIMEOUT_MS", default_value_t = 400, value_parser = clap::value_parser!(u64).range(30..=60_000))]
+    pub group_election_timeout_ms: u64,
+
+    /// Schema groups: build a snapshot of a group's data and compact its log after this many
+    /// log entries. A member that was away longer catches up from the snapshot.
+    #[arg(long, env = "FOLD_GROUP_SNAPSHOT_EVERY", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(2..))]
+    pub group_snapshot_every: u64,
+
+    /// Schema groups: log entries kept behind a snapshot, so a member that was away briefly
+    /// catches up from the log.
+    #[arg(long, env = "FOLD_GROUP_KEEP_LOGS", default_value_t = 1_000)]
+    pub group_keep_logs: u64,
+
     /// Follow a schema of another node and keep a read-only replica of it here: SCHEMA@NODE_ID
     /// (repeatable; the env variable takes a comma-separated list; at most 64). The schema must
     /// be loaded and approved here with the same definition, and the source node must let this

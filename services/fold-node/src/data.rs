@@ -64,6 +64,8 @@ pub struct Data {
     scans: crate::slots::ClientSlots,
     /// The schemas this node follows (read-only replicas of another node's).
     replicas: crate::follow::Replicas,
+    /// The schema groups this node is a member of: their writes go through Raft.
+    groups: crate::groups::Groups,
 }
 
 /// Set when the request that started a blocking scan is dropped (the client went away, or a
@@ -278,7 +280,13 @@ impl Data {
             hub.clone(),
         )?;
         let pager = crate::paging::Pager::load(&store).map_err(std::io::Error::other)?;
+        let groups = crate::groups::Groups::new(
+            store.clone(),
+            hub.clone(),
+            crate::groups::GroupSettings::default(),
+        );
         Ok(Data {
+            groups,
             replicas: crate::follow::Replicas::default(),
             hub,
             subscriptions: crate::slots::ClientSlots::new(
@@ -306,6 +314,38 @@ impl Data {
     pub fn with_idempotency_window(mut self, window: std::time::Duration) -> Self {
         self.idempotency_window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
         self
+    }
+
+    /// Settings of the schema groups (before any is opened).
+    pub fn with_group_settings(mut self, mut settings: crate::groups::GroupSettings) -> Self {
+        settings.idempotency_window_ms = self.idempotency_window_ms;
+        self.groups = crate::groups::Groups::new(self.store.clone(), self.hub.clone(), settings);
+        self
+    }
+
+    pub fn groups(&self) -> &crate::groups::Groups {
+        &self.groups
+    }
+
+    /// For a schema group on this node: linearize a read unless it asks for the local copy, and
+    /// say how it was read. `None` for other schemas.
+    async fn group_read(
+        &self,
+        schema: &str,
+        consistency: i32,
+    ) -> Result<Option<fold_proto::v1::GroupReadInfo>, NodeError> {
+        let Some(member) = self.groups.get(schema) else {
+            return Ok(None);
+        };
+        let linearizable = consistency != fold_proto::v1::Consistency::Local as i32;
+        if linearizable {
+            self.groups.linearize(&member, schema).await?;
+        }
+        let head = self.store.log_bounds(schema).map_err(NodeError::from)?.head;
+        Ok(Some(fold_proto::v1::GroupReadInfo {
+            linearizable,
+            as_of_sequence: head,
+        }))
     }
 
     /// The idempotency of a request with `key` and these plans, if it has a key.
@@ -486,6 +526,7 @@ impl Data {
         let requester = self.read_requester(requester, &schema.name).await?;
         query_fields(&schema, &req.fields, &requester)?;
         let filter = query_filter(&schema, req.filter.as_ref())?;
+        let group = self.group_read(&schema.name, req.consistency).await?;
         // Paging: keyset, after the key a token names (see paging.rs).
         let paged = req.page_size > 0 || !req.page_token.is_empty();
         let scope = format!("{}|{}|{:?}", schema.name, schema.hash, filter);
@@ -549,7 +590,7 @@ impl Data {
             node_id: String::new(),
             next_page_token,
             replica,
-            group: None,
+            group,
         })
     }
 
@@ -721,10 +762,20 @@ impl Data {
         idempotency: Option<Idempotency>,
     ) -> Result<crate::commit::Committed, JobError> {
         let started = std::time::Instant::now();
-        let r = self
-            .commits
-            .submit_once(schema, plans, bytes, idempotency)
-            .await;
+        let r = match self.groups.get(&schema.name) {
+            // A schema group's write is proposed to the group (this node leads it; else the
+            // group refuses it, naming the leader, and nothing is written).
+            Some(member) => {
+                self.groups
+                    .propose(&member, &schema.name, plans, idempotency)
+                    .await
+            }
+            None => {
+                self.commits
+                    .submit_once(schema, plans, bytes, idempotency)
+                    .await
+            }
+        };
         // Refusals by the data (ALREADY_EXISTS, NOT_FOUND) are answers, not storage failures.
         let ok = !matches!(r, Err(JobError::Storage(_) | JobError::Stopped));
         self.metrics.storage(op, ok, started);

@@ -186,6 +186,7 @@ impl From<JobError> for NodeError {
                 NodeError::internal(msg)
             }
             JobError::Stopped => NodeError::unavailable(e.to_string()),
+            JobError::Group { code, message } => NodeError::new(code, message),
         }
     }
 }

@@ -3,12 +3,13 @@
 //! [`crate::pipeline`]) and routing run operations through it.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use fold_proto::wire::{forward_response, operation};
 
 use crate::data::Data;
 use crate::error::NodeError;
+use crate::groups::{NOTHING_WRITTEN, WriteTarget};
 use crate::identity::Principal;
 use crate::link::Link;
 
@@ -21,6 +22,25 @@ pub fn target_of(op: &operation::Kind) -> &str {
         operation::Kind::BatchMutate(b) => &b.target_node_id,
         operation::Kind::Changes(_) | operation::Kind::Peers(_) | operation::Kind::Raft(_) => "",
     }
+}
+
+/// The schema of a write (Mutate, BatchMutate).
+fn group_write_schema(op: &operation::Kind) -> Option<String> {
+    match op {
+        operation::Kind::Mutate(m) => Some(m.schema.clone()),
+        operation::Kind::BatchMutate(b) => Some(b.schema.clone()),
+        _ => None,
+    }
+}
+
+/// `op` addressed to node `target`.
+fn with_target(mut op: operation::Kind, target: &str) -> operation::Kind {
+    match &mut op {
+        operation::Kind::Mutate(m) => m.target_node_id = target.to_string(),
+        operation::Kind::BatchMutate(b) => b.target_node_id = target.to_string(),
+        _ => {}
+    }
+    op
 }
 
 /// Runs operations here or on the node they name.
@@ -52,9 +72,53 @@ impl Executor {
     ) -> Result<forward_response::Result, NodeError> {
         let target = target_of(&op);
         if self.link.is_local(target) {
+            if let Some(schema) = group_write_schema(&op)
+                && self.data.groups().get(&schema).is_some()
+            {
+                return self.group_write(who, &schema, op, deadline).await;
+            }
             return self.local(who, op, None).await;
         }
         self.forward(who, target.to_string(), op, deadline).await
+    }
+
+    /// A client's write of a schema group this node is a member of: proposed here when this
+    /// node leads, else forwarded to the leader (a signed forward carrying the requester, whose
+    /// permissions the leader checks at path distance). While the group has no leader, or the
+    /// leader moved, and the answer says nothing was written, it is tried again until the
+    /// deadline.
+    async fn group_write(
+        &self,
+        who: &Principal,
+        schema: &str,
+        op: operation::Kind,
+        deadline: Option<Duration>,
+    ) -> Result<forward_response::Result, NodeError> {
+        let budget = deadline.unwrap_or(self.link.forward_timeout());
+        let until = Instant::now() + budget;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            let attempt = match self.data.groups().write_target(schema) {
+                Ok(WriteTarget::Here) => self.local(who, op.clone(), None).await,
+                Ok(WriteTarget::Leader(leader)) => {
+                    let op = with_target(op.clone(), &leader);
+                    self.forward(who, leader, op, Some(left)).await
+                }
+                Err(e) => Err(e),
+            };
+            match attempt {
+                Err(e)
+                    if e.code() == tonic::Code::Unavailable
+                        && e.message().contains(NOTHING_WRITTEN)
+                        && left > pause =>
+                {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(400));
+                }
+                r => return r,
+            }
+        }
     }
 
     /// Forward `op` to `target` for `who` (refused here when this node denies `who`).

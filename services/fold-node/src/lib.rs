@@ -20,6 +20,7 @@ pub mod execute;
 pub mod filter;
 pub mod follow;
 pub mod forward_stream;
+pub mod groups;
 pub mod hub;
 pub mod identity;
 pub mod link;

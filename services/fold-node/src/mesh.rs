@@ -397,7 +397,11 @@ impl MeshLink {
         }
         // Fail fast while the sidecar is away.
         self.client()?;
-        let relayed = matches!(&op, operation::Kind::Peers(p) if !p.via.is_empty());
+        // A relayed peers request fails when a node behind the target does, and Raft traffic
+        // has its own retries and timeouts (a breaker opened by a partition would delay the
+        // group's recovery after it heals): neither goes through the per-peer breaker.
+        let relayed = matches!(&op, operation::Kind::Peers(p) if !p.via.is_empty())
+            || matches!(&op, operation::Kind::Raft(_));
         // Answer before the client gives up: keep a margin of its deadline for the way back,
         // so the client hears DEADLINE_EXCEEDED from us rather than timing out blind.
         let timeout = deadline

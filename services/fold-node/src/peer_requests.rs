@@ -370,6 +370,9 @@ fn op_bounds(op: Option<&operation::Kind>) -> Result<(), NodeError> {
         Some(operation::Kind::Mutate(m)) => m.check_bounds(),
         Some(operation::Kind::BatchMutate(b)) => b.check_bounds(),
         Some(operation::Kind::Changes(c)) => c.check_bounds(),
+        Some(operation::Kind::Raft(m)) if m.group.len() > 128 => Err(NodeError::invalid_argument(
+            "'raft.group' is at most 128 bytes",
+        )),
         Some(operation::Kind::Peers(_) | operation::Kind::Raft(_)) | None => Ok(()),
     }
 }
@@ -403,12 +406,46 @@ impl PeerRequestsApi {
             Some(operation::Kind::Query(q)) if q.route != 0 => Err(not_routable()),
             Some(operation::Kind::History(h)) if h.route != 0 => Err(not_routable()),
             Some(operation::Kind::Peers(p)) => self.peers(who, p, deadline).await,
+            Some(operation::Kind::Raft(m)) => self.raft(who, m).await,
             Some(op) => self.exec.local(who, op, deadline).await,
             None => Err(NodeError::invalid_argument(
                 "forwarded request carries no operation (query, history, mutation, batch, peers or changes request)",
             )),
         }
     }
+    /// Raft traffic of a schema group from another node: only from a node this node does not
+    /// deny (the group itself accepts it only from its members).
+    async fn raft(
+        &self,
+        who: &Principal,
+        msg: fold_proto::wire::RaftMessage,
+    ) -> Result<forward_response::Result, NodeError> {
+        let Principal::Forwarded(f) = who else {
+            return Err(NodeError::invalid_argument(
+                "raft messages come from other nodes only",
+            ));
+        };
+        let (distance, _) = self
+            .data
+            .identities()
+            .peer_distance(&f.node)
+            .map_err(NodeError::from)?;
+        if distance.is_none() {
+            return Err(NodeError::permission_denied(format!(
+                "node {} is denied by this node: its raft messages are refused",
+                f.node
+            )));
+        }
+        let me = self.mesh.node_id_or_empty();
+        if me.is_empty() {
+            return Err(NodeError::unavailable(
+                "this node does not know its own node id yet",
+            ));
+        }
+        let answer = self.data.groups().handle_raft(&me, &f.node, msg).await?;
+        Ok(forward_response::Result::Raft(answer))
+    }
+
     /// A peers request: this node's connected peers, from its own sidecar — a read-only view of
     /// the mesh for any origin this node does not deny (a denied one learns nothing); each peer
     /// carries this node's trust in it, as `Network.ListPeers` shows it to this node's clients.

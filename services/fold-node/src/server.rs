@@ -231,6 +231,7 @@ fn register_metrics() -> Metrics {
     let server = GrpcMetrics::register(&mut reg, Side::Server, &sets);
     let client = GrpcMetrics::register(&mut reg, Side::Client, &sets);
     let refusals = RefusalMetrics::register(&mut reg, "fold");
+    crate::groups::status::register(&mut reg);
     drop(reg);
     Metrics {
         registry,
@@ -292,7 +293,51 @@ fn start_data(config: &Config, store: &Store, metrics: &Metrics) -> anyhow::Resu
         },
     )
     .context("cannot start the group-commit writer thread")?
-    .with_idempotency_window(Duration::from_secs(config.idempotency_window_secs)))
+    .with_idempotency_window(Duration::from_secs(config.idempotency_window_secs))
+    .with_group_settings(group_settings(config)?))
+}
+
+/// The schema groups' timings and log compaction, from the command line.
+fn group_settings(config: &Config) -> anyhow::Result<crate::groups::GroupSettings> {
+    let mut s = crate::groups::GroupSettings::default();
+    let c = &mut s.config;
+    c.heartbeat_interval = Duration::from_millis(config.group_heartbeat_ms);
+    c.election_timeout_min = Duration::from_millis(config.group_election_timeout_ms);
+    c.election_timeout_max = Duration::from_millis(config.group_election_timeout_ms * 2);
+    c.rpc_timeout = c.rpc_timeout.max(c.heartbeat_interval * 2);
+    c.snapshot_every = config.group_snapshot_every;
+    c.keep_after_snapshot = config.group_keep_logs;
+    if config.group_election_timeout_ms < 3 * config.group_heartbeat_ms {
+        anyhow::bail!(
+            "--group-election-timeout-ms ({}) must be at least 3 × --group-heartbeat-ms ({})",
+            config.group_election_timeout_ms,
+            config.group_heartbeat_ms
+        );
+    }
+    c.to_raft_config("check")
+        .map_err(|e| anyhow::anyhow!("group settings: {e}"))?;
+    Ok(s)
+}
+
+/// Connect the schema groups to the mesh, and open the groups this node is a member of once it
+/// knows its node id (from the sidecar, or saved from an earlier run).
+fn start_groups(data: &Data, mesh: &MeshLink) {
+    let groups = data.groups().clone();
+    groups.transport().set_link(Arc::new(mesh.clone()));
+    let mesh = mesh.clone();
+    tokio::spawn(async move {
+        let me = loop {
+            if let Some(id) = mesh.node_id() {
+                break id;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        match groups.open_saved(&me).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(groups = n, "schema groups opened"),
+            Err(e) => tracing::error!(error = %e, "cannot open the schema groups of this node"),
+        }
+    });
 }
 
 /// The shared secret of the local link; required when either side of it is TCP.
@@ -667,6 +712,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         &health,
         &metrics,
     )?;
+    start_groups(&data, &mesh);
     // Followed schemas are read-only from the first request on.
     crate::follow::start(
         &config.follow,

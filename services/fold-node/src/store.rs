@@ -119,7 +119,7 @@ pub struct SnapshotPage {
 }
 
 /// An idempotency key of a mutation request, scoped to its client's identity and schema.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Idempotency {
     /// The client's key (bounded by the API).
     pub key: String,
@@ -241,7 +241,7 @@ pub struct LoadOutcome {
 }
 
 /// A mutation, already validated against the schema and the permissions.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MutationPlan {
     pub kind: MutationKind,
     /// "" for Single schemas.
@@ -281,7 +281,7 @@ pub struct Store {
 }
 
 struct Inner {
-    db: Database,
+    db: Arc<Database>,
     /// Parsed schemas and states, mirrored from the `schemas` table.
     schemas: RwLock<HashMap<String, (Arc<Schema>, SchemaState)>>,
     /// Serializes schema writes so the cache and the table change together.
@@ -290,7 +290,7 @@ struct Inner {
     retention: std::sync::atomic::AtomicU64,
 }
 
-fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -350,7 +350,7 @@ impl Store {
         }
         Ok(Store {
             inner: Arc::new(Inner {
-                db,
+                db: Arc::new(db),
                 schemas: RwLock::new(cache),
                 schema_write: Mutex::new(()),
                 retention: std::sync::atomic::AtomicU64::new(0),
@@ -741,15 +741,27 @@ impl Store {
     /// Open the write transaction of a group of mutations (group commit, `commit.rs`): any
     /// number of [`WriteGroup::apply`] calls, then one durable [`WriteGroup::commit`]. redb
     /// allows one write transaction at a time; other writers wait in `begin_write`.
-    pub fn begin_group(&self) -> Result<WriteGroup, StoreError> {
+    pub fn begin_group(&self) -> Result<WriteGroup<'static>, StoreError> {
         Ok(WriteGroup {
-            txn: self.inner.db.begin_write()?,
-            retention: self
-                .inner
-                .retention
-                .load(std::sync::atomic::Ordering::Relaxed),
+            txn: Txn::Owned(Box::new(self.inner.db.begin_write()?)),
+            retention: self.retention(),
             committed: Vec::new(),
+            stamp: Stamp::Clock,
+            minted: std::cell::Cell::new(0),
         })
+    }
+
+    /// Change log entries kept per schema (0: all).
+    pub fn retention(&self) -> u64 {
+        self.inner
+            .retention
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The database file, shared with the schema groups' Raft stores (their log, vote and
+    /// applied state live in the same file).
+    pub fn database(&self) -> &Arc<Database> {
+        &self.inner.db
     }
 
     // ---- trust ---------------------------------------------------------------------------------
@@ -847,36 +859,7 @@ impl Store {
     /// themselves stay (ids never repeat; a snapshot cell may bring the same one back).
     pub fn reseed_begin(&self, schema: &str, base: u64) -> Result<(), StoreError> {
         let txn = self.inner.db.begin_write()?;
-        {
-            let mut heads = txn.open_table(HEADS)?;
-            let mut live = txn.open_table(LIVE)?;
-            let mut changes = txn.open_table(CHANGES)?;
-            let cells: Vec<(String, String)> = heads
-                .range((schema, "", "")..)?
-                .map(|row| {
-                    row.map(|(k, _)| {
-                        let (s, f, key) = k.value();
-                        (s.to_string(), f.to_string(), key.to_string())
-                    })
-                })
-                .take_while(|r| r.as_ref().map_or(true, |(s, _, _)| s == schema))
-                .map(|r| r.map(|(_, f, k)| (f, k)))
-                .collect::<Result<_, _>>()?;
-            for (f, k) in &cells {
-                heads.remove((schema, f.as_str(), k.as_str()))?;
-                live.remove((schema, f.as_str(), k.as_str()))?;
-            }
-            let seqs: Vec<u64> = changes
-                .range((schema, 0)..=(schema, u64::MAX))?
-                .map(|row| row.map(|(k, _)| k.value().1))
-                .collect::<Result<_, _>>()?;
-            for s in seqs {
-                changes.remove((schema, s))?;
-            }
-            txn.open_table(SEQUENCES)?.insert(schema, base)?;
-            txn.open_table(CHANGES_OLDEST)?
-                .insert(schema, base.saturating_add(1))?;
-        }
+        reset_schema(&txn, schema, base)?;
         txn.commit()?;
         Ok(())
     }
@@ -917,6 +900,99 @@ impl Store {
     }
 }
 
+/// Forget `schema`'s current cells and change log inside `txn`, and make `base` its head (the
+/// versions themselves stay: ids never repeat).
+fn reset_schema(txn: &redb::WriteTransaction, schema: &str, base: u64) -> Result<(), StoreError> {
+    let mut heads = txn.open_table(HEADS)?;
+    let mut live = txn.open_table(LIVE)?;
+    let mut changes = txn.open_table(CHANGES)?;
+    let cells: Vec<(String, String)> = heads
+        .range((schema, "", "")..)?
+        .map(|row| {
+            row.map(|(k, _)| {
+                let (s, f, key) = k.value();
+                (s.to_string(), f.to_string(), key.to_string())
+            })
+        })
+        .take_while(|r| r.as_ref().map_or(true, |(s, _, _)| s == schema))
+        .map(|r| r.map(|(_, f, k)| (f, k)))
+        .collect::<Result<_, _>>()?;
+    for (f, k) in &cells {
+        heads.remove((schema, f.as_str(), k.as_str()))?;
+        live.remove((schema, f.as_str(), k.as_str()))?;
+    }
+    let seqs: Vec<u64> = changes
+        .range((schema, 0)..=(schema, u64::MAX))?
+        .map(|row| row.map(|(k, _)| k.value().1))
+        .collect::<Result<_, _>>()?;
+    for s in seqs {
+        changes.remove((schema, s))?;
+    }
+    txn.open_table(SEQUENCES)?.insert(schema, base)?;
+    txn.open_table(CHANGES_OLDEST)?
+        .insert(schema, base.saturating_add(1))?;
+    Ok(())
+}
+
+/// A schema's whole current state as a schema group's snapshot carries it: every cell's head
+/// version (deleted ones too, so the next change continues their chains) and the head sequence.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct SchemaSnapshot {
+    pub head: u64,
+    pub cells: Vec<(String, String, VersionRecord)>,
+}
+
+/// `schema`'s state as `txn` sees it (one consistent view).
+pub fn schema_snapshot(
+    txn: &redb::ReadTransaction,
+    schema: &str,
+) -> Result<SchemaSnapshot, StoreError> {
+    let head = txn
+        .open_table(SEQUENCES)?
+        .get(schema)?
+        .map_or(0, |g| g.value());
+    let heads = txn.open_table(HEADS)?;
+    let versions = txn.open_table(VERSIONS)?;
+    let mut cells = Vec::new();
+    for row in heads.range((schema, "", "")..)? {
+        let (key, id) = row?;
+        let (s, f, k) = key.value();
+        if s != schema {
+            break;
+        }
+        cells.push((
+            f.to_string(),
+            k.to_string(),
+            read_version(&versions, id.value())?,
+        ));
+    }
+    Ok(SchemaSnapshot { head, cells })
+}
+
+/// Replace `schema`'s state inside `txn` by a snapshot: its cells and head exactly; the change
+/// log starts after the snapshot's head (Subscribe from before it is OUT_OF_RANGE here).
+pub fn install_schema_snapshot(
+    txn: &redb::WriteTransaction,
+    schema: &str,
+    snap: &SchemaSnapshot,
+) -> Result<(), StoreError> {
+    reset_schema(txn, schema, snap.head)?;
+    let mut heads = txn.open_table(HEADS)?;
+    let mut live = txn.open_table(LIVE)?;
+    let mut versions = txn.open_table(VERSIONS)?;
+    for (f, k, rec) in &snap.cells {
+        let bytes = serde_json::to_vec(rec).map_err(corrupt)?;
+        versions.insert(rec.id.as_str(), bytes.as_slice())?;
+        heads.insert((schema, f.as_str(), k.as_str()), rec.id.as_str())?;
+        if rec.deleted {
+            live.remove((schema, f.as_str(), k.as_str()))?;
+        } else {
+            live.insert((schema, f.as_str(), k.as_str()), rec.id.as_str())?;
+        }
+    }
+    Ok(())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RowsError {
     #[error("the query matches more than {MAX_QUERY_RECORDS} records; narrow the filter")]
@@ -953,16 +1029,98 @@ pub enum ApplyError {
 ///
 /// Sets are applied in call order, which is commit order; a per-schema sequence number assigned
 /// here would be dense and ordered like the commits.
-pub struct WriteGroup {
-    txn: redb::WriteTransaction,
+pub struct WriteGroup<'t> {
+    txn: Txn<'t>,
     /// Change log entries kept per schema (0: all).
     retention: u64,
     /// (schema, sequence) of the changes applied so far, in order: announced to subscribers
     /// once the group is committed.
     committed: Vec<(String, u64)>,
+    /// Where version ids and write times come from.
+    stamp: Stamp,
+    /// Version ids minted so far under a [`Stamp::Log`].
+    minted: std::cell::Cell<u32>,
 }
 
-impl WriteGroup {
+/// The write transaction of a [`WriteGroup`]: its own (group commit, replicas), or one a schema
+/// group's Raft store opened (the data then commits with the group's applied log id).
+enum Txn<'t> {
+    Owned(Box<redb::WriteTransaction>),
+    Borrowed(&'t redb::WriteTransaction),
+}
+
+impl std::ops::Deref for Txn<'_> {
+    type Target = redb::WriteTransaction;
+    fn deref(&self) -> &redb::WriteTransaction {
+        match self {
+            Txn::Owned(t) => t,
+            Txn::Borrowed(t) => t,
+        }
+    }
+}
+
+/// Where a write's version ids and times come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stamp {
+    /// This node's clock, and random (time-ordered) ids: a node writing on its own.
+    Clock,
+    /// A schema group's log entry: the leader's time at proposal and ids derived from the
+    /// group, the entry's index and the version's place in it, so every member applying the
+    /// entry writes exactly the same versions.
+    Log { ms: u64, index: u64 },
+}
+
+impl<'t> WriteGroup<'t> {
+    /// A group of writes inside `txn`, a transaction its caller commits (a schema group's Raft
+    /// store: data and applied log id in one commit). Nothing is committed by this group.
+    pub fn within(txn: &'t redb::WriteTransaction, retention: u64, stamp: Stamp) -> Self {
+        WriteGroup {
+            txn: Txn::Borrowed(txn),
+            retention,
+            committed: Vec::new(),
+            stamp,
+            minted: std::cell::Cell::new(0),
+        }
+    }
+
+    /// The (schema, sequence) of the changes applied so far, in order (for a group made
+    /// [`within`](WriteGroup::within) a transaction its caller commits).
+    pub fn into_committed(self) -> Vec<(String, u64)> {
+        self.committed
+    }
+
+    /// The time of a write made now.
+    fn now(&self) -> u64 {
+        match self.stamp {
+            Stamp::Clock => now_ms(),
+            Stamp::Log { ms, .. } => ms,
+        }
+    }
+
+    /// A new version id: time-ordered (UUIDv7). Under [`Stamp::Log`] its 74 "random" bits are
+    /// a hash of (schema, log index, n-th version of the entry): the same on every member, and
+    /// unique, as (schema, index) names one entry of one group.
+    fn version_id(&self, schema: &str) -> String {
+        match self.stamp {
+            Stamp::Clock => uuid::Uuid::now_v7().to_string(),
+            Stamp::Log { ms, index } => {
+                use sha2::{Digest, Sha256};
+                self.minted.set(self.minted.get() + 1);
+                let mut h = Sha256::new();
+                h.update(schema.as_bytes());
+                h.update([0]);
+                h.update(index.to_be_bytes());
+                h.update(self.minted.get().to_be_bytes());
+                let d = h.finalize();
+                let mut bits = [0u8; 10];
+                bits.copy_from_slice(&d[..10]);
+                uuid::Builder::from_unix_timestamp_millis(ms, &bits)
+                    .into_uuid()
+                    .to_string()
+            }
+        }
+    }
+
     /// Apply `plans` (mutations of one schema) atomically within this group. Returns, per plan,
     /// the written fields and their new version ids, and the plan's sequence number (assigned
     /// only once every check of the set has passed, so a refused set consumes none).
@@ -989,7 +1147,7 @@ impl WriteGroup {
         let mut out = Applied::default();
         for (plan, targets) in plans.iter().zip(all_targets) {
             let rk = plan.range_key.as_str();
-            let ts = now_ms();
+            let ts = self.now();
             seq += 1;
             let mut written = Vec::with_capacity(targets.len());
 
@@ -1001,7 +1159,7 @@ impl WriteGroup {
                 // the `versions` B-tree, so a group commit rewrites a few leaf pages instead of
                 // one random page per version (random v4 ids made the commit write and fsync
                 // ~4 KiB per version; measured in docs/BENCHMARKS.md).
-                let id = uuid::Uuid::now_v7().to_string();
+                let id = self.version_id(name);
                 let deleted = plan.kind == MutationKind::Delete;
                 let rec = VersionRecord {
                     id: id.clone(),
@@ -1152,7 +1310,7 @@ impl WriteGroup {
             return self.apply(schema, plans).map(|a| (a, false));
         };
         let key = format!("{}\0{}\0{}", idem.scope, schema.name, idem.key);
-        let now = now_ms();
+        let now = self.now();
         {
             let t = self.txn.open_table(IDEMPOTENCY).map_err(StoreError::from)?;
             let found = t
@@ -1201,7 +1359,7 @@ impl WriteGroup {
 
     /// Forget idempotency keys applied longer than `window_ms` ago (a bounded number per call).
     pub fn prune_idempotency(&mut self, window_ms: u64) -> Result<usize, StoreError> {
-        let cutoff = now_ms().saturating_sub(window_ms);
+        let cutoff = self.now().saturating_sub(window_ms);
         let mut by_time = self.txn.open_table(IDEM_BY_TIME)?;
         let mut keys = self.txn.open_table(IDEMPOTENCY)?;
         let expired: Vec<(u64, String)> = by_time
@@ -1227,7 +1385,9 @@ impl WriteGroup {
     /// applied mutation survives `kill -9`. Returns (schema, sequence) of the committed changes
     /// in commit order, for live subscribers.
     pub fn commit(self) -> Result<Vec<(String, u64)>, StoreError> {
-        self.txn.commit()?;
+        if let Txn::Owned(txn) = self.txn {
+            txn.commit()?;
+        }
         Ok(self.committed)
     }
 

@@ -68,11 +68,11 @@ pub fn otlp_requested() -> bool {
 /// bootstrap: No known peers" whenever a node without connections gains a listen address, which
 /// is every start of a node that is (still) alone; the sidecar bootstraps on its own schedule and
 /// logs what matters, so that module logs errors only unless `RUST_LOG` says otherwise.
-pub const DEFAULT_LOG_FILTER: &str = "info,libp2p_kad::behaviour=error";
+pub const DEFAULT_LOG_FILTER: &str = "info,libp2p_kad::behaviour=error,openraft=warn";
 
 /// Spans (and the events inside them) that trace export sees, whatever `RUST_LOG` says: the
 /// request spans of both processes are at INFO; libraries' DEBUG/TRACE spans stay out.
-pub const SPAN_FILTER: &str = "info,libp2p_kad::behaviour=error";
+pub const SPAN_FILTER: &str = "info,libp2p_kad::behaviour=error,openraft=warn";
 
 /// The node id, once known: the resource's `service.instance.id`.
 static INSTANCE_ID: OnceLock<String> = OnceLock::new();
@@ -98,6 +98,14 @@ fn role(service_name: &str) -> &'static str {
 pub fn init(service_name: &'static str, log_format: &str) -> TelemetryGuard {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
+    // openraft logs every vote and append at INFO: keep it to warnings unless RUST_LOG names it.
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if v.contains("openraft") => filter,
+        _ => match "openraft=warn".parse() {
+            Ok(d) => filter.add_directive(d),
+            Err(_) => filter,
+        },
+    };
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt = if log_format == "json" {
         tracing_subscriber::fmt::layer()
