@@ -24,6 +24,7 @@ use tonic::{Code, Status};
 use crate::client::{field, fold, load_req, mutate_req, network, query_req, records, schema};
 use crate::mesh::{Host, eventually, flags, host};
 use crate::netns::TestNet;
+use crate::process::Proc;
 
 /// The replicated schema's name.
 pub const SCHEMA: &str = "Regs";
@@ -61,7 +62,11 @@ pub fn classify_write_error(e: &Status) -> Failure {
     if m.contains("may or may not") {
         return Failure::Indeterminate;
     }
-    let never_sent = m.contains("tcp connect error") || m.contains("error trying to connect");
+    // Never reached a fold-node: this one's, or (forwarded) the leader's, which was down.
+    let never_sent = m.contains("tcp connect error")
+        || m.contains("error trying to connect")
+        || (m.contains("node behind this sidecar is unavailable")
+            && m.contains("connection refused"));
     let refused_by_server = matches!(
         e.code(),
         Code::PermissionDenied
@@ -96,6 +101,8 @@ pub fn names_leader_or_none(e: &Status, node_ids: &[String]) -> bool {
 pub struct GroupNet {
     pub hosts: Vec<Host>,
     node_flags: Vec<String>,
+    /// fold-nodes killed earlier (host index, process), kept for their logs.
+    killed: Vec<(usize, Proc)>,
     // Last: dropped after the processes (the hosts' Drop kills them) so namespaces go last.
     pub net: TestNet,
 }
@@ -117,6 +124,7 @@ impl GroupNet {
         let g = GroupNet {
             hosts,
             node_flags,
+            killed: Vec::new(),
             net,
         };
         for a in 0..n {
@@ -297,6 +305,9 @@ impl GroupNet {
     pub fn kill_node(&mut self, i: usize) {
         if let Some(mut p) = self.hosts[i].node.take() {
             p.kill9();
+            if self.killed.len() < 64 {
+                self.killed.push((i, p));
+            }
         }
     }
 
@@ -484,6 +495,43 @@ impl GroupNet {
             .into_inner()
             .group
             .ok_or_else(|| Status::internal("ChangeGroupMembers answered no group"))
+    }
+}
+
+impl Drop for GroupNet {
+    /// When a test fails and `FOLD_GROUP_LOGS=<dir>` is set, every process's whole stderr goes
+    /// to `<dir>/host<i>-{node,sidecar}[-killed<n>].log`.
+    fn drop(&mut self) {
+        let Some(dir) = std::env::var_os("FOLD_GROUP_LOGS") else {
+            return;
+        };
+        if !std::thread::panicking() {
+            return;
+        }
+        let dir = std::path::PathBuf::from(dir);
+        let _ = std::fs::create_dir_all(&dir);
+        let all = usize::MAX;
+        for h in &self.hosts {
+            if let Some(p) = &h.node {
+                let _ = std::fs::write(
+                    dir.join(format!("host{}-node.log", h.index)),
+                    p.stderr_tail(all),
+                );
+            }
+            if let Some(p) = &h.sidecar {
+                let _ = std::fs::write(
+                    dir.join(format!("host{}-sidecar.log", h.index)),
+                    p.stderr_tail(all),
+                );
+            }
+        }
+        for (n, (i, p)) in self.killed.iter().enumerate() {
+            let _ = std::fs::write(
+                dir.join(format!("host{i}-node-killed{n}.log")),
+                p.stderr_tail(all),
+            );
+        }
+        eprintln!("process logs in {}", dir.display());
     }
 }
 

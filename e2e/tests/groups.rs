@@ -159,6 +159,11 @@ async fn a_minority_partition_never_acknowledges_a_write() {
     }
 
     g.heal().unwrap();
+    println!(
+        "healed {:?} after the cut (wall clock {:?})",
+        cut.elapsed(),
+        SystemTime::now()
+    );
     let data = g
         .converged(&all, Duration::from_secs(30))
         .await
@@ -195,12 +200,18 @@ async fn after_the_leader_is_killed_the_first_write_succeeds_within_3_s() {
         let killed = Instant::now();
         let key = format!("after-{trial}");
         let mut attempts = 0;
+        // Each distinct refusal, with when it was first seen.
+        let mut seen: Vec<(Duration, String)> = Vec::new();
         let took = loop {
             attempts += 1;
             match g.write(via, MutationType::Create, &key, "a", SHORT).await {
                 Ok(_) => break killed.elapsed(),
                 Err(e) if e.code() == Code::AlreadyExists => break killed.elapsed(),
                 Err(e) => {
+                    let what = format!("{:?}: {}", e.code(), e.message());
+                    if seen.last().is_none_or(|(_, w)| *w != what) {
+                        seen.push((killed.elapsed(), what));
+                    }
                     assert!(
                         killed.elapsed() < Duration::from_secs(15),
                         "no write through host {via} within 15 s of killing leader host \
@@ -215,6 +226,9 @@ async fn after_the_leader_is_killed_the_first_write_succeeds_within_3_s() {
             "failover trial {trial}: leader host {leader} killed; first write through host {via} \
              acknowledged after {took:?} ({attempts} attempts)"
         );
+        for (t, what) in &seen {
+            println!("  {t:?}: {what}");
+        }
         times.push(took);
         g.restart_node(leader).unwrap();
         leader = g
