@@ -4,6 +4,9 @@
 //! partitions (nftables DROP rules inside each namespace for the other side's addresses; the test
 //! driver on the bridge still reaches every host).
 //!
+//! `FOLD_GROUP_NODE_FLAGS` adds fold-node flags to every host (e.g. other Raft timings);
+//! `FOLD_GROUP_LOGS=<dir>` keeps every process log of a failed test.
+//!
 //! The schema is `Regs` (range key `k`, one field `v`, no permission requirement); each key is a
 //! register holding a string.
 
@@ -113,7 +116,12 @@ impl GroupNet {
     pub async fn start(n: usize, node_flags: &[&str]) -> anyhow::Result<GroupNet> {
         let net = TestNet::new(n)
             .context("test network (needs root and iproute2; run scripts/test.sh as root)")?;
-        let node_flags = flags(node_flags);
+        let mut node_flags = flags(node_flags);
+        // Extra fold-node flags for every host, e.g. other Raft timings:
+        // FOLD_GROUP_NODE_FLAGS="--group-heartbeat-ms 300 --group-election-timeout-ms 1500".
+        if let Ok(extra) = std::env::var("FOLD_GROUP_NODE_FLAGS") {
+            node_flags.extend(extra.split_whitespace().take(32).map(str::to_string));
+        }
         let mut hosts = Vec::with_capacity(n);
         for i in 0..n {
             let mut h = host(&net, i)?;
