@@ -34,6 +34,18 @@ pub const SCHEMA: &str = "Regs";
 /// nftables table holding a host's partition rules.
 const PART_TABLE: &str = "fmgroup_part";
 
+/// Raft timings for the tests that cut the network: heartbeat 300 ms, elections after 1.5-3 s.
+/// With the defaults (100 ms, 400-800 ms), debug builds of 5 nodes on a loaded 2-core machine
+/// time out Raft calls all the time (openraft gives an append one heartbeat), and after a few
+/// 2 | 3 partitions the group did not elect a leader again within 45 s of healing
+/// (/work/notes/gtest-findings.md); the failover test keeps the defaults.
+pub const PARTITION_TIMINGS: &[&str] = &[
+    "--group-heartbeat-ms",
+    "300",
+    "--group-election-timeout-ms",
+    "1500",
+];
+
 /// The register schema: range key `k`, value field `v`, anyone may read and write.
 pub fn regs_schema() -> Json {
     let open = || field(json!("NoRequirement"), json!("NoRequirement"));
@@ -79,6 +91,7 @@ pub fn classify_write_error(e: &Status) -> Failure {
             | Code::AlreadyExists
     ) || (e.code() == Code::Unavailable
         && (m.contains("nothing was written")
+            || m.contains("circuit open")
             || m.contains("no leader known")
             || m.contains("not the leader")));
     if never_sent || refused_by_server {

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use fold_proto::v1::{Consistency, HistoryRequest, MutationType};
 use foldmesh_e2e::client::fold;
 use foldmesh_e2e::groups::{
-    Failure, GroupNet, SCHEMA, classify_write_error, describe, read_from, with_deadline, write_to,
-    write_until_ok,
+    Failure, GroupNet, PARTITION_TIMINGS, SCHEMA, classify_write_error, describe, read_from,
+    with_deadline, write_to, write_until_ok,
 };
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -315,7 +315,9 @@ async fn five_members_stay_linearizable_under_leader_kills_and_partitions() {
         .unwrap_or_else(|| rand::thread_rng().r#gen::<u64>());
     println!("FOLD_GROUP_SEED={seed}");
     let started = Instant::now();
-    let mut g = GroupNet::start(5, &[]).await.expect("five hosts");
+    let mut g = GroupNet::start(5, PARTITION_TIMINGS)
+        .await
+        .expect("five hosts");
     let leader = g.form(&MEMBERS).await.expect("a 5-member group");
     println!(
         "group formed in {:?}; leader host {leader}",
@@ -456,7 +458,7 @@ async fn five_members_stay_linearizable_under_leader_kills_and_partitions() {
         check_started.elapsed()
     );
     assert!(
-        completed > 20,
+        completed > 10,
         "FOLD_GROUP_SEED={seed}: only {completed} calls completed: the group hardly served"
     );
 }
