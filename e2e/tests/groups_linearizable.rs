@@ -440,6 +440,9 @@ async fn five_members_stay_linearizable_under_leader_kills_and_partitions() {
         }
     }
 
+    // Counted before the check, which holds the history's locks while it runs.
+    let events = history.events.lock().expect("history").len();
+    let left_out = history.dropped.lock().expect("history").len();
     let check_started = Instant::now();
     let (tx, rx) = std::sync::mpsc::channel();
     let h = history.clone();
@@ -449,9 +452,7 @@ async fn five_members_stay_linearizable_under_leader_kills_and_partitions() {
     let verdict = rx.recv_timeout(CHECK_BOUND).unwrap_or_else(|_| {
         panic!(
             "FOLD_GROUP_SEED={seed}: linearizability check not done in {CHECK_BOUND:?} \
-                 ({} events recorded, {} calls left out)",
-            history.events.lock().expect("history").len(),
-            history.dropped.lock().expect("history").len()
+             ({events} events recorded, {left_out} calls left out)"
         )
     });
     let (completed, open) = verdict.unwrap_or_else(|e| panic!("FOLD_GROUP_SEED={seed}: {e}"));
