@@ -631,6 +631,7 @@ impl Network for NetworkApi {
         let group = crate::groups::admin::create(
             self.data.groups(),
             self.data.store(),
+            self.data.identities(),
             &self.mesh,
             request.into_inner(),
         )
@@ -646,6 +647,7 @@ impl Network for NetworkApi {
         let group = crate::groups::admin::change(
             self.data.groups(),
             self.data.store(),
+            self.data.identities(),
             &self.mesh,
             request.into_inner(),
         )

@@ -442,7 +442,11 @@ impl PeerRequestsApi {
                 "this node does not know its own node id yet",
             ));
         }
-        let answer = self.data.groups().handle_raft(&me, &f.node, msg).await?;
+        let answer = self
+            .data
+            .groups()
+            .handle_raft(&me, &f.node, distance.unwrap_or(u32::MAX), msg)
+            .await?;
         Ok(forward_response::Result::Raft(answer))
     }
 

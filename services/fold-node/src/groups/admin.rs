@@ -65,6 +65,27 @@ async fn check_members(
     Ok(())
 }
 
+/// This node trusts every other member enough to write the schema (else it would refuse their
+/// Raft traffic once they lead).
+fn trusts_members(
+    groups: &Groups,
+    ids: &crate::identity::Identities,
+    me: &str,
+    schema: &str,
+    members: &[String],
+) -> Result<(), NodeError> {
+    for m in members.iter().filter(|m| m.as_str() != me) {
+        let (distance, _) = ids.peer_distance(m).map_err(NodeError::from)?;
+        let Some(d) = distance else {
+            return Err(NodeError::failed_precondition(format!(
+                "this node denies member {m}; a group's members must trust each other"
+            )));
+        };
+        groups.trusted_to_write(schema, m, d)?;
+    }
+    Ok(())
+}
+
 /// The member list of a request: node ids, unique, `me` included, 1 to [`MAX_MEMBERS`].
 fn member_list(me: &str, ids: &[String]) -> Result<Vec<String>, NodeError> {
     let mut members: Vec<String> = Vec::new();
@@ -98,12 +119,14 @@ fn me(link: &dyn Link) -> Result<String, NodeError> {
 pub async fn create(
     groups: &Groups,
     store: &Store,
+    ids: &crate::identity::Identities,
     link: &dyn Link,
     req: v1::CreateGroupRequest,
 ) -> Result<v1::GroupStatus, NodeError> {
     let me = me(link)?;
     let hash = own_definition(store, &req.schema)?;
     let members = member_list(&me, &req.members)?;
+    trusts_members(groups, ids, &me, &req.schema, &members)?;
     check_members(link, &me, &req.schema, &hash, &members).await?;
     let member = groups.create(&me, &req.schema, &members).await?;
     // Answer once a leader is known, so the group can take writes when this returns.
@@ -124,6 +147,7 @@ pub async fn create(
 pub async fn change(
     groups: &Groups,
     store: &Store,
+    ids: &crate::identity::Identities,
     link: &dyn Link,
     req: v1::ChangeGroupMembersRequest,
 ) -> Result<v1::GroupStatus, NodeError> {
@@ -140,6 +164,7 @@ pub async fn change(
         crate::bounds::node_id(id)?;
     }
     let hash = own_definition(store, &req.schema)?;
+    trusts_members(groups, ids, &me, &req.schema, &req.add)?;
     check_members(link, &me, &req.schema, &hash, &req.add).await?;
     groups
         .change_members(&req.schema, &req.add, &req.remove)

@@ -266,12 +266,18 @@ impl Groups {
     /// Serve a Raft message for `msg.group` from node `from` (authenticated by the sidecars).
     /// A group this node is not (yet) a member of is joined when its schema is approved here:
     /// approval is this node's owner's consent to serve it; the group's members decide the rest.
+    ///
+    /// Any member may lead and propose writes that every member applies, so each member
+    /// accepts Raft traffic only from nodes it trusts to write the schema itself: `distance`
+    /// (this node's trust in `from`) must pass every writable field's write policy.
     pub async fn handle_raft(
         &self,
         me: &str,
         from: &str,
+        distance: u32,
         msg: RaftMessage,
     ) -> Result<RaftMessage, NodeError> {
+        self.trusted_to_write(&msg.group, from, distance)?;
         let member = match self.get(&msg.group) {
             Some(m) => m,
             None => self.join(me, &msg.group).await?,
@@ -282,6 +288,35 @@ impl Groups {
             group: msg.group,
             payload,
         })
+    }
+
+    pub fn trusted_to_write(
+        &self,
+        schema: &str,
+        from: &str,
+        distance: u32,
+    ) -> Result<(), NodeError> {
+        let Some((s, _)) = self.inner.store.schema(schema) else {
+            return Err(NodeError::failed_precondition(format!(
+                "schema '{schema}' is not loaded on this node: it cannot be a member of its group"
+            )));
+        };
+        let who = crate::distance::Requester {
+            label: format!("peer:{from}"),
+            distance: Some(distance),
+            public_keys: Vec::new(),
+            proven_key: None,
+        };
+        for field in s.fields.values().filter(|f| f.writable) {
+            if let Err(e) =
+                crate::permissions::check(field, crate::permissions::Access::Write, &who)
+            {
+                return Err(NodeError::permission_denied(format!(
+                    "raft messages of group '{schema}' from node {from} refused: every member must be trusted here to write the schema ({e}); raise its trust with Network.SetTrust"
+                )));
+            }
+        }
+        Ok(())
     }
 
     async fn join(&self, me: &str, schema: &str) -> Result<Arc<Member>, NodeError> {
@@ -370,8 +405,18 @@ impl Groups {
 
     /// Wait until this member has applied every write acknowledged before now (a linearizable
     /// read may then read the local copy).
+    ///
+    /// A leader confirms its leadership with one round of heartbeats, each allowed one
+    /// heartbeat interval; on a loaded machine one round can miss, so a read asks again (for
+    /// up to the read timeout) before it answers that there is no quorum.
     pub async fn linearize(&self, member: &Member, schema: &str) -> Result<(), NodeError> {
-        member.linearize().await.map_err(|e| match e {
+        let until = Instant::now() + self.inner.settings.config.read_timeout;
+        let mut r = member.linearize().await;
+        while matches!(r, Err(ReadError::NoQuorum { .. })) && Instant::now() < until {
+            tokio::time::sleep(self.inner.settings.config.heartbeat_interval).await;
+            r = member.linearize().await;
+        }
+        r.map_err(|e| match e {
             ReadError::NoQuorum { leader } => NodeError::unavailable(format!(
                 "schema group '{schema}' has no quorum here for a linearizable read (last known leader: {}); read with consistency LOCAL for this member's copy",
                 self.node_name(leader).as_deref().unwrap_or("none")
