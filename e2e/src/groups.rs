@@ -132,8 +132,20 @@ impl GroupNet {
         let mut node_flags = flags(node_flags);
         // Extra fold-node flags for every host, e.g. other Raft timings:
         // FOLD_GROUP_NODE_FLAGS="--group-heartbeat-ms 300 --group-election-timeout-ms 1500".
+        // A flag given there replaces the test's own value for it.
         if let Ok(extra) = std::env::var("FOLD_GROUP_NODE_FLAGS") {
-            node_flags.extend(extra.split_whitespace().take(32).map(str::to_string));
+            let extra: Vec<String> = extra
+                .split_whitespace()
+                .take(32)
+                .map(str::to_string)
+                .collect();
+            for flag in extra.iter().filter(|t| t.starts_with("--")) {
+                if let Some(at) = node_flags.iter().position(|f| f == flag) {
+                    let with_value = node_flags.get(at + 1).is_some_and(|v| !v.starts_with("--"));
+                    node_flags.drain(at..at + 1 + usize::from(with_value));
+                }
+            }
+            node_flags.extend(extra);
         }
         let mut hosts = Vec::with_capacity(n);
         for i in 0..n {
