@@ -850,8 +850,6 @@ async fn a_member_that_denies_a_peer_refuses_its_writes_and_the_leader_records_t
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "server: a write that reaches a follower over the mesh is not relayed to the leader \
-            (answered UNAVAILABLE 'no quorum reachable'); /work/notes/gtest-findings.md FAIL 1"]
 async fn a_write_sent_to_a_follower_over_the_mesh_goes_to_the_leader_with_its_requester() {
     let _one = SERIAL.lock().await;
     let g = GroupNet::start(4, &[]).await.expect("four hosts");

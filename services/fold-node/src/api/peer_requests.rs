@@ -407,7 +407,7 @@ impl PeerRequestsApi {
             Some(operation::Kind::History(h)) if h.route != 0 => Err(not_routable()),
             Some(operation::Kind::Peers(p)) => self.peers(who, p, deadline).await,
             Some(operation::Kind::Raft(m)) => self.raft(who, m).await,
-            Some(op) => self.exec.local(who, op, deadline).await,
+            Some(op) => self.exec.local_or_leader(who, op, deadline).await,
             None => Err(NodeError::invalid_argument(
                 "forwarded request carries no operation (query, history, mutation, batch, peers or changes request)",
             )),

@@ -95,7 +95,9 @@ impl Executor {
         deadline: Option<Duration>,
     ) -> Result<forward_response::Result, NodeError> {
         let budget = deadline.unwrap_or(self.link.forward_timeout());
-        let until = Instant::now() + budget;
+        // Stop trying a margin before the caller gives up, so it hears why.
+        let margin = (budget / 10).min(Duration::from_millis(300));
+        let until = Instant::now() + budget.saturating_sub(margin);
         let mut pause = Duration::from_millis(50);
         loop {
             let left = until.saturating_duration_since(Instant::now());
@@ -131,6 +133,29 @@ impl Executor {
     ) -> Result<forward_response::Result, NodeError> {
         let requester = self.data.forwardable_requester(who)?;
         self.link.forward(target, op, requester, deadline).await
+    }
+
+    /// Run another node's `op` here; a write of a schema group this node does not lead is
+    /// passed on to the leader once (unless the leader is the node that sent it), with the
+    /// requester at its path distance here.
+    pub async fn local_or_leader(
+        &self,
+        who: &Principal,
+        op: operation::Kind,
+        deadline: Option<SystemTime>,
+    ) -> Result<forward_response::Result, NodeError> {
+        if let Some(schema) = group_write_schema(&op)
+            && let Ok(WriteTarget::Leader(leader)) = self.data.groups().write_target(&schema)
+            && !matches!(who, Principal::Forwarded(f) if f.node == leader)
+        {
+            let left = deadline.map(|d| {
+                d.duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO)
+            });
+            let op = with_target(op, &leader);
+            return self.forward(who, leader, op, left).await;
+        }
+        self.local(who, op, deadline).await
     }
 
     /// Run `op` on this node; a mutation is refused once `deadline` (the origin's, for a request

@@ -391,6 +391,7 @@ impl Groups {
     fn write_error(&self, schema: &str, e: WriteError) -> NodeError {
         let leader = self.node_name(e.leader());
         match e {
+            WriteError::NotLeader { leader: Some(_) } => not_leader(schema, leader),
             WriteError::NotLeader { .. } | WriteError::NoQuorum { .. } => no_leader(schema, leader),
             WriteError::Refused(m) => NodeError::resource_exhausted(format!(
                 "schema group '{schema}' refused the write: {m}; {NOTHING_WRITTEN}"
@@ -473,6 +474,15 @@ impl Groups {
             .map_err(|e| self.write_error(schema, e))?;
         Ok(member)
     }
+}
+
+/// The refusal of a member that knows another leader (a write that arrived here after the
+/// leader moved).
+fn not_leader(schema: &str, leader: Option<String>) -> NodeError {
+    NodeError::unavailable(format!(
+        "this member is not the leader of schema group '{schema}' (leader: {}); {NOTHING_WRITTEN}",
+        leader.as_deref().unwrap_or("unknown")
+    ))
 }
 
 /// The refusal of a member that cannot propose (no leader known, or a leader without quorum).
