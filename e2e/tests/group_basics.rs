@@ -136,6 +136,20 @@ async fn a_group_of_three_takes_writes_on_any_member_and_survives_its_leader() {
         assert!(g.linearizable && g.as_of_sequence >= 3, "{g:?}");
     }
 
+    // The group's metrics on every member: entries committed, term, a known leader.
+    for n in &nodes {
+        let (code, text) = foldmesh_e2e::http::get(&n.node.admin, "/metrics").unwrap();
+        assert_eq!(code, 200);
+        let labels = [("schema", "Notes")];
+        let committed =
+            foldmesh_e2e::http::sample(&text, "fold_group_commit_seconds_count", &labels);
+        assert!(committed.is_some_and(|c| c >= 3.0), "{committed:?}");
+        let term = foldmesh_e2e::http::sample(&text, "fold_group_term", &labels);
+        assert!(term.is_some_and(|t| t >= 1.0), "{term:?}");
+        let has = foldmesh_e2e::http::sample(&text, "fold_group_has_leader", &labels);
+        assert_eq!(has, Some(1.0));
+    }
+
     // The same version ids everywhere (history of one field).
     let mut histories = Vec::new();
     for n in &nodes {

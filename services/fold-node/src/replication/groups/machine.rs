@@ -124,6 +124,7 @@ impl SchemaMachine {
             // Every member had the schema when it joined, and schemas are never unloaded.
             return Err(format!("schema '{}' is not loaded on this member", self.schema).into());
         };
+        super::status::observe_commit(&self.schema, cmd.ms);
         let stamp = Stamp::Log { ms: cmd.ms, index };
         let mut group = store::WriteGroup::within(txn, self.store.retention(), stamp);
         let outcome = match group.apply_idempotent(&schema, &cmd.plans, cmd.idempotency.as_ref()) {

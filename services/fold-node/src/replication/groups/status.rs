@@ -26,6 +26,7 @@ pub struct GroupMetrics {
     elections: Family<SchemaLabels, Counter>,
     leader_changes: Family<SchemaLabels, Counter>,
     proposal_seconds: Histograms,
+    commit_seconds: Histograms,
     term: Family<SchemaLabels, Gauge>,
     is_leader: Family<SchemaLabels, Gauge>,
     has_leader: Family<SchemaLabels, Gauge>,
@@ -40,6 +41,7 @@ pub fn register(reg: &mut Registry) {
         elections: Family::default(),
         leader_changes: Family::default(),
         proposal_seconds: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+        commit_seconds: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
         term: Family::default(),
         is_leader: Family::default(),
         has_leader: Family::default(),
@@ -59,6 +61,11 @@ pub fn register(reg: &mut Registry) {
         "fold_group_proposal_seconds",
         "Writes proposed by this member as leader: from proposal until committed by a majority and applied here",
         m.proposal_seconds.clone(),
+    );
+    reg.register(
+        "fold_group_commit_seconds",
+        "Log entries from the leader's proposal until this member starts applying them (committed by a majority); on followers it includes the clocks' difference; millisecond resolution",
+        m.commit_seconds.clone(),
     );
     reg.register("fold_group_term", "Current Raft term", m.term.clone());
     reg.register(
@@ -91,6 +98,16 @@ pub fn observe_proposal(schema: &str, started: Instant) {
         m.proposal_seconds
             .get_or_create(&labels(schema))
             .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+/// An entry proposed at `proposed_ms` (the leader's clock) is being applied: it is committed.
+pub fn observe_commit(schema: &str, proposed_ms: u64) {
+    if let Some(m) = METRICS.get() {
+        let ms = crate::storage::store::now_ms().saturating_sub(proposed_ms);
+        m.commit_seconds
+            .get_or_create(&labels(schema))
+            .observe(ms as f64 / 1000.0);
     }
 }
 
