@@ -121,7 +121,8 @@ pub struct GroupStatus {
     pub voters: Vec<NodeId>,
     /// Non-voting members catching up.
     pub learners: Vec<NodeId>,
-    /// On the leader: each member's replication lag in entries.
+    /// On the leader: each member's replication lag in entries (absent for a member that has
+    /// not answered within two election timeouts).
     pub lag: Option<BTreeMap<NodeId, u64>>,
     /// Whether this member can currently reach a quorum (a leader heard from a majority lately,
     /// a follower knows a leader).
@@ -213,9 +214,13 @@ impl<S: GroupStateMachine, T: GroupTransport> Group<S, T> {
         let voters: Vec<NodeId> = membership.voter_ids().collect();
         let learners: Vec<NodeId> = membership.learner_ids().collect();
         let last_log_index = m.last_log_index;
-        // Lag is known on the leader only: how far each member's matched log is behind ours.
+        // Lag is known on the leader only: how far each member's matched log is behind ours. A
+        // member that has not answered within two election timeouts has no known lag (it may be
+        // down): its last one would make it look well.
+        let window = self.config.election_timeout_max * 2;
         let lag = m.replication.as_ref().map(|r| {
             r.iter()
+                .filter(|(id, _)| **id == self.node_id || self.contacts.answered_within(**id, window))
                 .map(|(id, matched)| {
                     let matched = matched.map(|l| l.index);
                     let lag = last_log_index

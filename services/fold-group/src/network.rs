@@ -174,6 +174,15 @@ impl Contacts {
             .insert(member, Instant::now());
     }
 
+    /// Whether `member` answered within `window`.
+    pub fn answered_within(&self, member: NodeId, window: Duration) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&member)
+            .is_some_and(|t| t.elapsed() <= window)
+    }
+
     /// Whether `me` plus the members that answered within `window` form a majority of every
     /// configuration in `metrics`' membership (both halves of a joint one).
     pub fn has_recent_quorum(
