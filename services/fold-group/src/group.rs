@@ -220,7 +220,9 @@ impl<S: GroupStateMachine, T: GroupTransport> Group<S, T> {
         let window = self.config.election_timeout_max * 2;
         let lag = m.replication.as_ref().map(|r| {
             r.iter()
-                .filter(|(id, _)| **id == self.node_id || self.contacts.answered_within(**id, window))
+                .filter(|(id, _)| {
+                    **id == self.node_id || self.contacts.answered_within(**id, window)
+                })
                 .map(|(id, matched)| {
                     let matched = matched.map(|l| l.index);
                     let lag = last_log_index
