@@ -16,6 +16,8 @@
 pub mod config;
 pub mod group;
 pub mod kv;
+#[cfg(feature = "test-support")]
+pub mod linearizability;
 pub mod network;
 pub mod state_machine;
 pub mod store;

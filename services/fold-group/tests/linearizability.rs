@@ -7,18 +7,16 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::Cluster;
+use fold_group::linearizability::{History, RegisterOp, RegisterRet, key_name};
 use fold_group::{GroupConfig, NodeId};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use stateright::semantics::register::{Register, RegisterOp, RegisterRet};
-use stateright::semantics::{ConsistencyTester, LinearizabilityTester};
 
 const MEMBERS: [NodeId; 5] = [1, 2, 3, 4, 5];
 const CLIENTS: u64 = 4;
@@ -28,118 +26,6 @@ const RUN_TIME: Duration = Duration::from_secs(10);
 const KEYS: usize = 3;
 const RUN_BOUND: Duration = Duration::from_secs(90);
 const BOUND: Duration = Duration::from_secs(20);
-
-type Value = Option<String>;
-
-enum Event {
-    Invoke {
-        op: usize,
-        thread: u64,
-        key: usize,
-        call: RegisterOp<Value>,
-    },
-    Return {
-        op: usize,
-        ret: RegisterRet<Value>,
-    },
-}
-
-/// Calls and completions in real-time order (the lock orders them).
-#[derive(Default)]
-struct History {
-    events: Mutex<Vec<Event>>,
-    /// Calls known not to have taken effect (refused before proposing, failed reads).
-    dropped: Mutex<BTreeSet<usize>>,
-}
-
-impl History {
-    fn invoke(&self, thread: u64, key: usize, call: RegisterOp<Value>) -> usize {
-        let mut events = self.events.lock().expect("history");
-        let op = events.len();
-        events.push(Event::Invoke {
-            op,
-            thread,
-            key,
-            call,
-        });
-        op
-    }
-
-    fn complete(&self, op: usize, ret: RegisterRet<Value>) {
-        self.events
-            .lock()
-            .expect("history")
-            .push(Event::Return { op, ret });
-    }
-
-    fn drop_call(&self, op: usize) {
-        self.dropped.lock().expect("history").insert(op);
-    }
-
-    /// One tester per key, fed the history without the dropped calls.
-    fn check(&self) -> Result<(usize, usize), String> {
-        let events = self.events.lock().expect("history");
-        let dropped = self.dropped.lock().expect("history");
-        let mut testers: Vec<LinearizabilityTester<u64, Register<Value>>> = (0..KEYS)
-            .map(|_| LinearizabilityTester::new(Register(None)))
-            .collect();
-        let mut key_of = BTreeMap::new();
-        let mut thread_of = BTreeMap::new();
-        let (mut completed, mut pending) = (0usize, 0usize);
-        for e in events.iter() {
-            match e {
-                Event::Invoke {
-                    op,
-                    thread,
-                    key,
-                    call,
-                } if !dropped.contains(op) => {
-                    key_of.insert(*op, *key);
-                    thread_of.insert(*op, *thread);
-                    pending += 1;
-                    testers[*key].on_invoke(*thread, call.clone())?;
-                }
-                Event::Return { op, ret } if !dropped.contains(op) => {
-                    let (key, thread) = (key_of[op], thread_of[op]);
-                    completed += 1;
-                    pending -= 1;
-                    testers[key].on_return(thread, ret.clone())?;
-                }
-                _ => {}
-            }
-        }
-        for (key, tester) in testers.iter().enumerate() {
-            if tester.serialized_history().is_none() {
-                let calls: Vec<String> = events
-                    .iter()
-                    .filter_map(|e| match e {
-                        Event::Invoke {
-                            op,
-                            thread,
-                            key: k,
-                            call,
-                        } if *k == key && !dropped.contains(op) => {
-                            Some(format!("#{op} t{thread} invoke {call:?}"))
-                        }
-                        Event::Return { op, ret } if key_of.get(op) == Some(&key) => {
-                            Some(format!("#{op} return {ret:?}"))
-                        }
-                        _ => None,
-                    })
-                    .collect();
-                return Err(format!(
-                    "key {key} is not linearizable:\n{}",
-                    calls.join("\n")
-                ));
-            }
-        }
-        Ok((completed, pending))
-    }
-}
-
-fn key_name(key: usize) -> String {
-    format!("reg-{key}")
-}
 
 async fn client(c: Arc<Cluster>, history: Arc<History>, id: u64, seed: u64) -> Vec<String> {
     let mut rng = StdRng::seed_from_u64(seed ^ (id.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
@@ -252,7 +138,7 @@ async fn five_members_linearizable_under_kills_and_partitions() {
     };
     let started = Instant::now();
     let c = Arc::new(Cluster::start(&MEMBERS, config).await);
-    let history = Arc::new(History::default());
+    let history = Arc::new(History::new(KEYS, None));
     let stop = Arc::new(AtomicBool::new(false));
     let faults = tokio::spawn(nemesis(c.clone(), stop.clone(), seed));
     let clients: Vec<_> = (0..CLIENTS)
@@ -312,19 +198,14 @@ async fn five_members_linearizable_under_kills_and_partitions() {
     }
 
     let check_started = Instant::now();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let h = history.clone();
-    std::thread::spawn(move || {
-        let _ = tx.send(h.check());
-    });
-    let verdict = rx
-        .recv_timeout(Duration::from_secs(60))
+    let verdict = history
+        .check_within(Duration::from_secs(60))
         .expect("linearizability check bounded");
     let (completed, pending) = verdict.unwrap_or_else(|e| panic!("FOLD_GROUP_SEED={seed}: {e}"));
     println!(
         "linearizable: {completed} completed calls, {pending} indeterminate, {} refused, {} audited writes, \
          {} faults; run {:?}, check {:?}",
-        history.dropped.lock().expect("history").len(),
+        history.dropped(),
         audited.len(),
         faults.len(),
         started.elapsed(),
