@@ -11,10 +11,11 @@
 //! The seed is printed; `FOLD_GROUP_SEED=<seed>` replays the fault schedule and the clients'
 //! choices (process and network timings still vary).
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fold_group::linearizability::{History, RegisterOp, RegisterRet, key_name};
 use fold_proto::v1::{Consistency, HistoryRequest, MutationType};
 use foldmesh_e2e::client::fold;
 use foldmesh_e2e::groups::{
@@ -24,8 +25,6 @@ use foldmesh_e2e::groups::{
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use stateright::semantics::register::{Register, RegisterOp, RegisterRet};
-use stateright::semantics::{ConsistencyTester, LinearizabilityTester};
 
 const MEMBERS: [usize; 5] = [0, 1, 2, 3, 4];
 const CLIENTS: u64 = 4;
@@ -40,121 +39,6 @@ const INITIAL: &str = "init";
 /// Fail-fast bound of the linearizability check (open calls make its search grow fast; more
 /// keys keep fewer open calls on each).
 const CHECK_BOUND: Duration = Duration::from_secs(90);
-
-type Value = Option<String>;
-
-enum Event {
-    Invoke {
-        op: usize,
-        thread: u64,
-        key: usize,
-        call: RegisterOp<Value>,
-    },
-    Return {
-        op: usize,
-        ret: RegisterRet<Value>,
-    },
-}
-
-/// Calls and completions in real-time order (the lock orders them).
-#[derive(Default)]
-struct History {
-    events: Mutex<Vec<Event>>,
-    /// Calls known not to have taken effect (refused before proposing, failed reads).
-    dropped: Mutex<BTreeSet<usize>>,
-}
-
-impl History {
-    fn invoke(&self, thread: u64, key: usize, call: RegisterOp<Value>) -> usize {
-        let mut events = self.events.lock().expect("history");
-        let op = events.len();
-        events.push(Event::Invoke {
-            op,
-            thread,
-            key,
-            call,
-        });
-        op
-    }
-
-    fn complete(&self, op: usize, ret: RegisterRet<Value>) {
-        self.events
-            .lock()
-            .expect("history")
-            .push(Event::Return { op, ret });
-    }
-
-    fn drop_call(&self, op: usize) {
-        self.dropped.lock().expect("history").insert(op);
-    }
-
-    /// One tester per key, fed the history without the dropped calls; (completed, open) calls.
-    fn check(&self) -> Result<(usize, usize), String> {
-        let events = self.events.lock().expect("history");
-        let dropped = self.dropped.lock().expect("history");
-        let mut testers: Vec<LinearizabilityTester<u64, Register<Value>>> = (0..KEYS)
-            .map(|_| LinearizabilityTester::new(Register(Some(INITIAL.to_string()))))
-            .collect();
-        let mut key_of = BTreeMap::new();
-        let mut thread_of = BTreeMap::new();
-        let (mut completed, mut pending) = (0usize, 0usize);
-        for e in events.iter() {
-            match e {
-                Event::Invoke {
-                    op,
-                    thread,
-                    key,
-                    call,
-                } if !dropped.contains(op) => {
-                    key_of.insert(*op, *key);
-                    thread_of.insert(*op, *thread);
-                    pending += 1;
-                    testers[*key].on_invoke(*thread, call.clone())?;
-                }
-                Event::Return { op, ret } if !dropped.contains(op) => {
-                    let (Some(&key), Some(&thread)) = (key_of.get(op), thread_of.get(op)) else {
-                        return Err(format!("return of #{op} without its invocation"));
-                    };
-                    completed += 1;
-                    pending -= 1;
-                    testers[key].on_return(thread, ret.clone())?;
-                }
-                _ => {}
-            }
-        }
-        for (key, tester) in testers.iter().enumerate() {
-            if tester.serialized_history().is_none() {
-                let calls: Vec<String> = events
-                    .iter()
-                    .filter_map(|e| match e {
-                        Event::Invoke {
-                            op,
-                            thread,
-                            key: k,
-                            call,
-                        } if *k == key && !dropped.contains(op) => {
-                            Some(format!("#{op} t{thread} invoke {call:?}"))
-                        }
-                        Event::Return { op, ret } if key_of.get(op) == Some(&key) => {
-                            Some(format!("#{op} return {ret:?}"))
-                        }
-                        _ => None,
-                    })
-                    .collect();
-                return Err(format!(
-                    "key {} is not linearizable:\n{}",
-                    key_name(key),
-                    calls.join("\n")
-                ));
-            }
-        }
-        Ok((completed, pending))
-    }
-}
-
-fn key_name(key: usize) -> String {
-    format!("reg-{key}")
-}
 
 #[derive(Default)]
 struct ClientReport {
@@ -342,7 +226,7 @@ async fn five_members_stay_linearizable_under_leader_kills_and_partitions() {
         .expect("initial registers");
     }
 
-    let history = Arc::new(History::default());
+    let history = Arc::new(History::new(KEYS, Some(INITIAL.to_string())));
     let addrs: Vec<String> = MEMBERS.iter().map(|&i| g.grpc(i)).collect();
     let clients: Vec<_> = (0..CLIENTS)
         .map(|id| tokio::spawn(client(addrs.clone(), history.clone(), id, seed)))
@@ -441,22 +325,17 @@ async fn five_members_stay_linearizable_under_leader_kills_and_partitions() {
     }
 
     // Counted before the check, which holds the history's locks while it runs.
-    let events = history.events.lock().expect("history").len();
-    let left_out = history.dropped.lock().expect("history").len();
+    let events = history.events();
+    let left_out = history.dropped();
     let check_started = Instant::now();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let h = history.clone();
-    std::thread::spawn(move || {
-        let _ = tx.send(h.check());
-    });
-    let verdict = rx.recv_timeout(CHECK_BOUND).unwrap_or_else(|_| {
+    let verdict = history.check_within(CHECK_BOUND).unwrap_or_else(|| {
         panic!(
             "FOLD_GROUP_SEED={seed}: linearizability check not done in {CHECK_BOUND:?} \
              ({events} events recorded, {left_out} calls left out)"
         )
     });
     let (completed, open) = verdict.unwrap_or_else(|e| panic!("FOLD_GROUP_SEED={seed}: {e}"));
-    let refused = history.dropped.lock().expect("history").len();
+    let refused = history.dropped();
     let mut errors: BTreeMap<&String, usize> = BTreeMap::new();
     for r in &reports {
         for (e, n) in &r.errors {

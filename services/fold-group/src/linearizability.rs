@@ -170,3 +170,32 @@ impl History {
         rx.recv_timeout(bound).ok()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_of_the_written_value_passes_and_a_stale_read_fails() {
+        let h = History::new(2, None);
+        let w = h.invoke(1, 0, RegisterOp::Write(Some("a".into())));
+        h.complete(w, RegisterRet::WriteOk);
+        let r = h.invoke(2, 0, RegisterOp::Read);
+        h.complete(r, RegisterRet::ReadOk(Some("a".into())));
+        // An open write on key 1 and a refused one: neither breaks the history.
+        h.invoke(3, 1, RegisterOp::Write(Some("b".into())));
+        let refused = h.invoke(4, 1, RegisterOp::Write(Some("c".into())));
+        h.drop_call(refused);
+        assert_eq!(h.check(), Ok((2, 1)));
+        assert_eq!((h.events(), h.dropped()), (6, 1));
+
+        // Read after the write completed, yet it sees the initial value.
+        let stale = h.invoke(5, 0, RegisterOp::Read);
+        h.complete(stale, RegisterRet::ReadOk(None));
+        let e = Arc::new(h)
+            .check_within(Duration::from_secs(10))
+            .expect("a small history is checked at once")
+            .expect_err("a stale read");
+        assert!(e.starts_with("key reg-0 is not linearizable"), "{e}");
+    }
+}
