@@ -3,6 +3,7 @@
 
 pub mod cgroup;
 pub mod client;
+pub mod foldctl;
 pub mod groups;
 pub mod http;
 pub mod loopback;

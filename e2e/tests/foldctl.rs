@@ -3,51 +3,14 @@
 //! codes; `check` against seeded problems (no sidecar, unapproved schema, wrong metrics port, TLS
 //! misconfiguration); mutual TLS.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use foldmesh_e2e::foldctl::{ctl, ok};
 use foldmesh_e2e::process::{NodeProc, Proc, bin_path, parse_kv};
+use foldmesh_e2e::tools::repo;
 use serde_json::{Value as Json, json};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("e2e sits in the repository")
-        .to_path_buf()
-}
-
-struct Run {
-    code: i32,
-    out: String,
-    err: String,
-}
-
-impl Run {
-    fn json(&self) -> Json {
-        serde_json::from_str(&self.out)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", self.out, self.err))
-    }
-}
-
-/// Run foldctl with `args` against `addr` (no environment leaks in from the caller).
-fn ctl(addr: &str, args: &[&str]) -> Run {
-    let out = Command::new(bin_path("foldctl"))
-        .args(["--addr", addr])
-        .args(args)
-        .current_dir(repo())
-        .env("COLUMNS", "200")
-        .env_remove("FOLD_ADDR")
-        .env_remove("FOLD_OUTPUT")
-        .env_remove("FOLDCTL_TLS_CA")
-        .output()
-        .expect("run foldctl");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        out: String::from_utf8_lossy(&out.stdout).into_owned(),
-        err: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
 
 /// A table with each run of spaces squashed to one, for assertions on rows.
 fn squash(t: &str) -> String {
@@ -55,17 +18,6 @@ fn squash(t: &str) -> String {
         .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-/// foldctl that must succeed.
-fn ok(addr: &str, args: &[&str]) -> Run {
-    let r = ctl(addr, args);
-    assert_eq!(
-        r.code, 0,
-        "foldctl {args:?} failed\nstdout: {}\nstderr: {}",
-        r.out, r.err
-    );
-    r
 }
 
 /// Both output modes of one command: (table text, JSON).

@@ -8,64 +8,12 @@
 //! last one refusing writes and default reads with UNAVAILABLE while `--consistency local` still
 //! answers and `check` names the group without a quorum (exit 4).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use foldmesh_e2e::client::{field, schema};
+use foldmesh_e2e::foldctl::{Run, ctl, ok};
 use foldmesh_e2e::loopback::{Node, start};
-use foldmesh_e2e::process::bin_path;
 use serde_json::{Value as Json, json};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("e2e sits in the repository")
-        .to_path_buf()
-}
-
-struct Run {
-    code: i32,
-    out: String,
-    err: String,
-}
-
-impl Run {
-    fn json(&self) -> Json {
-        serde_json::from_str(&self.out)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", self.out, self.err))
-    }
-}
-
-/// foldctl with `args` against `addr` (no environment leaks in from the caller).
-fn ctl(addr: &str, args: &[&str]) -> Run {
-    let out = Command::new(bin_path("foldctl"))
-        .args(["--addr", addr])
-        .args(args)
-        .current_dir(repo())
-        .env("COLUMNS", "200")
-        .env_remove("FOLD_ADDR")
-        .env_remove("FOLD_OUTPUT")
-        .env_remove("FOLDCTL_TLS_CA")
-        .output()
-        .expect("run foldctl");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        out: String::from_utf8_lossy(&out.stdout).into_owned(),
-        err: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-/// foldctl that must succeed.
-fn ok(addr: &str, args: &[&str]) -> Run {
-    let r = ctl(addr, args);
-    assert_eq!(
-        r.code, 0,
-        "foldctl {args:?} on {addr} failed\nstdout: {}\nstderr: {}",
-        r.out, r.err
-    );
-    r
-}
 
 /// Retry `f` until it gives `Some` (fail-fast bound only: elections and catch-up take
 /// what they take on a busy machine).
