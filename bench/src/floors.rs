@@ -42,6 +42,17 @@ const MAX_FRAME: usize = 1 << 20;
 /// Each floor item's round trips (or operations), in the order reported.
 pub struct Floors {
     pub items: Vec<(&'static str, Vec<Duration>)>,
+    /// Signatures verified per second by 32 concurrent tasks through the gate's check, one at
+    /// a time each and batched (`signing::Batcher`).
+    pub under_load: UnderLoad,
+}
+
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct UnderLoad {
+    pub tasks: usize,
+    pub signatures: usize,
+    pub one_at_a_time_per_second: f64,
+    pub batched_per_second: f64,
 }
 
 /// A forwarded Query's envelope, as the origin sidecar builds it.
@@ -100,20 +111,131 @@ pub async fn measure(n: usize) -> anyhow::Result<Floors> {
         .context("tonic stream over the UDS")?;
     let p2p = libp2p_stream(n, &sealed).await.context("libp2p stream")?;
     let (sign, verify) = signatures(n, &key)?;
+    let batched = batch_verify(n, 16)?;
+    let under_load = verification_under_load(32, (4 * n).max(1024)).await?;
     Ok(Floors {
+        under_load,
         items: vec![
             ("tonic bidi stream over a UDS, one message each way", uds),
             ("libp2p stream (TCP+Noise+Yamux), one frame each way", p2p),
             ("Ed25519 sign (signing::seal)", sign),
             ("Ed25519 verify (signing::Verifier::check)", verify),
+            (BATCHED, batched),
         ],
     })
 }
 
+/// Shown beside the floors, not part of their sum: what one verification costs when requests
+/// queue up and the sidecar verifies them together.
+const BATCHED: &str = "(not summed) Ed25519 verify in batches of 16, per signature";
+
 /// The forwarded path has two UDS link round trips (node A → sidecar A, sidecar B → node B), one
 /// libp2p round trip, one signature and one verification.
 pub fn times_on_path(item: &str) -> f64 {
-    if item.starts_with("tonic") { 2.0 } else { 1.0 }
+    if item == BATCHED {
+        0.0
+    } else if item.starts_with("tonic") {
+        2.0
+    } else {
+        1.0
+    }
+}
+
+/// `tasks` concurrent tasks on this (multi-thread) runtime check `total` sealed envelopes from
+/// `tasks` peers through `signing::Verifier`: one at a time each (`check`), then with the
+/// gate's batcher (`check_batched`). Signatures per second of each.
+async fn verification_under_load(tasks: usize, total: usize) -> anyhow::Result<UnderLoad> {
+    let keys: Vec<Keypair> = (0..tasks).map(|_| Keypair::generate_ed25519()).collect();
+    let per = total.div_ceil(tasks);
+    let sealed = |round: &str| -> anyhow::Result<Vec<Vec<fold_proto::wire::SignedEnvelope>>> {
+        keys.iter()
+            .map(|k| {
+                (0..per)
+                    .map(|i| {
+                        signing::seal(
+                            k,
+                            &envelope(k, format!("{round}-{i:08}")),
+                            Default::default(),
+                        )
+                        .map_err(|e| anyhow!(e))
+                    })
+                    .collect()
+            })
+            .collect()
+    };
+    let mut rates = [0.0f64; 2];
+    for (which, rate) in rates.iter_mut().enumerate() {
+        let work = sealed(if which == 0 { "single" } else { "batched" })?;
+        let verifier =
+            std::sync::Arc::new(signing::Verifier::new(Duration::from_secs(30), 64 << 20));
+        let batcher = signing::Batcher::for_this_machine();
+        let start = Instant::now();
+        let mut handles = Vec::new();
+        for (k, envs) in keys.iter().zip(work) {
+            let peer = k.public().to_peer_id();
+            let (verifier, batcher) = (verifier.clone(), batcher.clone());
+            handles.push(tokio::spawn(async move {
+                for env in envs {
+                    let now = p2p_sidecar::gate::now_ms();
+                    let r = if which == 0 {
+                        let r = verifier.check(&peer, &env, now);
+                        // Let the other tasks in, as the gate's tasks do between requests.
+                        tokio::task::yield_now().await;
+                        r
+                    } else {
+                        verifier.check_batched(&peer, &env, &batcher, || now).await
+                    };
+                    r.map_err(|(why, msg)| anyhow!("{}: {msg}", why.label()))?;
+                }
+                anyhow::Ok(())
+            }));
+        }
+        for h in handles {
+            h.await??;
+        }
+        *rate = (per * tasks) as f64 / start.elapsed().as_secs_f64();
+    }
+    Ok(UnderLoad {
+        tasks,
+        signatures: per * tasks,
+        one_at_a_time_per_second: rates[0],
+        batched_per_second: rates[1],
+    })
+}
+
+/// `ed25519_dalek::verify_batch` (what `signing::Batcher` calls) over batches of `size`
+/// envelope-sized messages from as many keys: the time of each batch divided by its size.
+fn batch_verify(n: usize, size: usize) -> anyhow::Result<Vec<Duration>> {
+    let keys: Vec<ed25519_dalek::SigningKey> = (0..size)
+        .map(|i| {
+            let mut seed = [7u8; 32];
+            seed[0] = u8::try_from(i % 256).unwrap_or(0);
+            ed25519_dalek::SigningKey::from_bytes(&seed)
+        })
+        .collect();
+    let verifying: Vec<_> = keys.iter().map(|k| k.verifying_key()).collect();
+    let mut v = Vec::with_capacity(n);
+    let rounds = n.div_ceil(size).max(1) + 10;
+    for round in 0..rounds {
+        let messages: Vec<Vec<u8>> = (0..size)
+            .map(|i| format!("fold-forward-v2 {round:08} {i:04} {}", "x".repeat(200)).into_bytes())
+            .collect();
+        let signatures: Vec<_> = keys
+            .iter()
+            .zip(&messages)
+            .map(|(k, m)| ed25519_dalek::Signer::sign(k, m))
+            .collect();
+        let refs: Vec<&[u8]> = messages.iter().map(Vec::as_slice).collect();
+        let t = Instant::now();
+        ed25519_dalek::verify_batch(&refs, &signatures, &verifying)
+            .map_err(|e| anyhow!("batch verification failed: {e}"))?;
+        let each = t.elapsed() / u32::try_from(size).unwrap_or(1);
+        if round >= 10 {
+            v.extend(std::iter::repeat_n(each, size));
+        }
+    }
+    v.truncate(n);
+    Ok(v)
 }
 
 // ---- tonic over the UDS ----------------------------------------------------------------------
@@ -336,7 +458,7 @@ fn signatures(n: usize, key: &Keypair) -> anyhow::Result<(Vec<Duration>, Vec<Dur
         }
         sealed.push(s);
     }
-    let mut verifier = signing::Verifier::new(Duration::from_secs(30), 64 << 20);
+    let verifier = signing::Verifier::new(Duration::from_secs(30), 64 << 20);
     let now = envelopes
         .first()
         .map(|e| e.timestamp_unix_ms)

@@ -118,6 +118,11 @@ enum Cmd {
         /// Concurrencies of the load loops.
         #[arg(long, value_delimiter = ',', default_value = "1,32")]
         concurrency: Vec<usize>,
+        /// Queries per second of the fixed-rate phase (`--secs` s of direct, then of forwarded
+        /// queries, sent on schedule whatever the answers take; latency counted from each
+        /// query's scheduled time). 0 skips it.
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
     },
     /// Two nodes and forwarded queries for `--secs` seconds, printing the process ids first (for
     /// profiling the forwarded path, e.g. `perf record -p`), then the rate and each hop's mean
@@ -1017,6 +1022,54 @@ async fn load_loop(
     })
 }
 
+/// Queries to `target` (empty: node A itself) sent on a fixed schedule, `rate` per second for
+/// `secs` seconds, each on its own task whether or not the earlier ones were answered (an open
+/// loop: a slow answer never delays the next query). Each latency counts from the moment its
+/// query was sent. The schedule is kept to tokio's timer (1 ms ticks): at each tick every query
+/// that is due is sent, and how late the last one left is printed. At most `rate × secs`
+/// queries; the phase ends when the last is answered.
+async fn at_fixed_rate(
+    c: &FoldNodeClient<tonic::transport::Channel>,
+    target: &str,
+    rate: u32,
+    secs: u64,
+) -> anyhow::Result<Vec<Duration>> {
+    for _ in 0..200 {
+        c.clone().query(query(target)).await?;
+    }
+    let period = Duration::from_secs(1) / rate.max(1);
+    let total = u64::from(rate.max(1)).saturating_mul(secs.max(1));
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::new();
+    let mut latest = Duration::ZERO;
+    for i in 0..total {
+        let due = start + period * u32::try_from(i).unwrap_or(u32::MAX);
+        tokio::time::sleep_until(due).await;
+        latest = latest.max(due.elapsed());
+        let mut c = c.clone();
+        let q = query(target);
+        tasks.push(tokio::spawn(async move {
+            let sent = Instant::now();
+            let r: QueryResponse = c.query(q).await?.into_inner();
+            if r.records.is_empty() {
+                return Err(anyhow!("query returned nothing"));
+            }
+            anyhow::Ok(sent.elapsed())
+        }));
+    }
+    let mut v = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        v.push(t.await??);
+    }
+    eprintln!(
+        "  {} queries in {:.2} s; the latest left {:.1} ms after its scheduled time",
+        v.len(),
+        start.elapsed().as_secs_f64(),
+        latest.as_secs_f64() * 1e3
+    );
+    Ok(v)
+}
+
 async fn forward_loop(secs: u64, concurrency: usize, local: bool) -> anyhow::Result<()> {
     let (a, b) = two_connected_nodes().await?;
     let pid = |p: &Proc| p.pid().map(|p| p.to_string()).unwrap_or_default();
@@ -1153,6 +1206,15 @@ async fn print_floors(n: usize) -> anyhow::Result<Lat> {
         "  {:<58} (2× UDS stream, 1× libp2p stream, 1 sign, 1 verify) p50={:.1}µs p99={:.1}µs",
         sum.name, sum.p50_us, sum.p99_us
     );
+    let u = f.under_load;
+    eprintln!(
+        "  verification under load ({} tasks, {} envelopes): one at a time {:.0}/s, batched (signing::Batcher) {:.0}/s ({:.2}×)",
+        u.tasks,
+        u.signatures,
+        u.one_at_a_time_per_second,
+        u.batched_per_second,
+        u.batched_per_second / u.one_at_a_time_per_second.max(f64::MIN_POSITIVE)
+    );
     Ok(sum)
 }
 
@@ -1163,6 +1225,8 @@ struct FloorsReport {
     direct: Lat,
     forwarded: Lat,
     loops: Vec<(LoopResult, LoopResult)>,
+    /// Direct and forwarded latency at a fixed rate (queries per second).
+    fixed_rate: Option<(u32, Lat, Lat)>,
 }
 
 /// `fold-bench floors`: the floors, direct and forwarded latency, then load loops with CPU per
@@ -1171,6 +1235,7 @@ async fn floors_report(
     n: usize,
     secs: u64,
     concurrency: &[usize],
+    rate: u32,
     out: &Path,
 ) -> anyhow::Result<()> {
     let machine = machine();
@@ -1229,6 +1294,22 @@ async fn floors_report(
         );
         loops.push((d, f));
     }
+    let fixed_rate = if rate > 0 {
+        eprintln!(
+            "== {secs} s of direct, then {secs} s of forwarded queries at a fixed {rate}/s (an open loop)"
+        );
+        let d = lat(
+            &format!("direct Query at {rate}/s"),
+            at_fixed_rate(&c, "", rate, secs).await?,
+        );
+        let f = lat(
+            &format!("forwarded Query at {rate}/s"),
+            at_fixed_rate(&c, &b.node_id, rate, secs).await?,
+        );
+        Some((rate, d, f))
+    } else {
+        None
+    };
     eprintln!("== issue 26 targets");
     let check = |ok: bool| if ok { "met" } else { "MISSED" };
     let r1 = forwarded.p50_us / direct.p50_us;
@@ -1256,12 +1337,20 @@ async fn floors_report(
             );
         }
     }
+    if let Some((rate, d, f)) = &fixed_rate {
+        let r5 = f.p99_us / d.p99_us.max(f64::MIN_POSITIVE);
+        eprintln!(
+            "  at a fixed {rate}/s, forwarded p99 / direct p99 = {r5:.2} (target ≤ 2): {}",
+            check(r5 <= 2.0)
+        );
+    }
     let report = FloorsReport {
         machine,
         floors_sum: floor,
         direct,
         forwarded,
         loops,
+        fixed_rate,
     };
     std::fs::create_dir_all(out)?;
     let file = out.join("floors.json");
@@ -1293,8 +1382,8 @@ fn main() -> std::process::ExitCode {
     };
     let result = match cli.command {
         Some(Cmd::EchoServer) => rt.block_on(echo::serve()),
-        Some(Cmd::Floors { concurrency }) => {
-            rt.block_on(floors_report(cli.n, cli.secs, &concurrency, &cli.out))
+        Some(Cmd::Floors { concurrency, rate }) => {
+            rt.block_on(floors_report(cli.n, cli.secs, &concurrency, rate, &cli.out))
         }
         Some(Cmd::ForwardLoop { concurrency, local }) => {
             rt.block_on(forward_loop(cli.secs, concurrency, local))

@@ -360,8 +360,10 @@ const MIN_ANSWER_QUEUE_BYTES: usize = 8 * 1024 * 1024;
 /// answer that finds its stream's answer queue full, for this long ends that stream (never the
 /// node's capacity).
 pub const WRITE_STALL: std::time::Duration = std::time::Duration::from_secs(10);
-/// Gate checks one inbound stream runs at once.
-const CHECKS_PER_STREAM: usize = 4;
+/// Gate checks one inbound stream has under way at once. Their signatures are verified by the
+/// gate's [`crate::signing::Batcher`], which bounds the cores verification takes; this bounds
+/// what one stream puts in its queue (one full batch).
+const CHECKS_PER_STREAM: usize = crate::signing::MAX_BATCH;
 /// How long the node may take to say whether it denies a peer before the stream goes on without.
 const DENIAL_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -534,8 +536,8 @@ struct Inbound {
     node: Arc<dyn NodeHandler>,
     max_bytes: usize,
     metrics: Arc<SidecarMetrics>,
-    /// Gate checks (signature verification) of this stream running at once, so one peer's
-    /// burst of frames cannot take every core.
+    /// Gate checks (signature verification) of this stream under way at once, so one peer's
+    /// burst of frames cannot fill the verification queue.
     checking: Arc<Semaphore>,
 }
 
@@ -642,7 +644,7 @@ impl Inbound {
     async fn handle(&self, id: u64, envelope: SignedEnvelope, answers: &Answers) {
         let peer = self.peer;
         let checked = match self.checking.acquire().await {
-            Ok(_turn) => self.gate.admit(&peer, &envelope),
+            Ok(_turn) => self.gate.admit(&peer, &envelope).await,
             Err(_) => return,
         };
         let admitted = match checked {
@@ -667,15 +669,23 @@ impl Inbound {
             fold_telemetry::otel::extract_map(&envelope.trace_context),
         );
         async move {
-            let origin_public_key = crate::signing::public_key_of(&peer)
-                .and_then(|k| k.try_into_ed25519().ok())
-                .map(|k| k.to_bytes().to_vec())
-                .unwrap_or_default();
+            // The peer's id and key from the identity cache: nothing formatted or decoded per
+            // request.
+            let (origin_node_id, origin_public_key) = match crate::signing::identity_of(&peer) {
+                Some(i) => (
+                    i.id.to_string(),
+                    i.key
+                        .try_into_ed25519()
+                        .map(|k| k.to_bytes().to_vec())
+                        .unwrap_or_default(),
+                ),
+                None => (peer.to_string(), Vec::new()),
+            };
             let answer = self
                 .node
                 .handle_forward(
                     InboundForward {
-                        origin_node_id: peer.to_string(),
+                        origin_node_id,
                         envelope: envelope.payload,
                         origin_public_key,
                     },

@@ -17,8 +17,11 @@
 //! Whether the node denies a peer is asked of the node (its schema check refuses a denied origin
 //! with PERMISSION_DENIED) and remembered for [`DENIAL_TTL`] ([`DENIED_TTL`] when denied).
 //!
-//! The gate is shared by every inbound stream's task, off the swarm task: the locks are the
-//! verifier's (one hash-set insert per request) and two small per-peer maps.
+//! The gate is shared by every inbound stream's task, off the swarm task. Signatures are
+//! verified under no lock, in batches when requests queue up for verification
+//! ([`signing::Batcher`]); the locks are the replay cache's (one hash-set insert per
+//! request) and two small per-peer maps. Peer ids are compared and keyed in their cached base58
+//! form ([`signing::identity_of`]), never formatted per request.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -33,7 +36,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::Code;
 
 use crate::metrics::SidecarMetrics;
-use crate::signing::Verifier;
+use crate::signing::{self, Batcher, Verifier};
 
 /// How long the node's word that it does not deny a peer is trusted before it is asked again (in
 /// the background; the node still checks every request itself).
@@ -146,9 +149,12 @@ pub enum Denial {
 }
 
 pub struct InboundGate {
-    local: PeerId,
+    /// This node's id in base58, formatted once (the wrong-target check compares it per request).
+    local_id: String,
     limiter: Option<KeyedLimiter>,
-    verifier: Mutex<Verifier>,
+    verifier: Verifier,
+    /// Verifies the signatures, in batches when requests queue up for it.
+    batcher: Arc<Batcher>,
     budget: Budget,
     slots: Arc<Semaphore>,
     long_polls: Arc<Semaphore>,
@@ -195,9 +201,10 @@ impl InboundGate {
         metrics: Arc<SidecarMetrics>,
     ) -> InboundGate {
         InboundGate {
-            local,
+            local_id: local.to_string(),
             limiter,
-            verifier: Mutex::new(verifier),
+            verifier,
+            batcher: Batcher::for_this_machine(),
             slots: Arc::new(Semaphore::new(budget.slots.max(1))),
             long_polls: Arc::new(Semaphore::new(budget.long_polls.max(1))),
             budget,
@@ -209,23 +216,23 @@ impl InboundGate {
 
     /// Check one forwarded request from the authenticated `peer`. On refusal: the request id
     /// (when the header could be read) and the error to answer.
-    pub fn admit(
+    pub async fn admit(
         &self,
         peer: &PeerId,
         env: &SignedEnvelope,
     ) -> Result<Admitted, (String, WireError)> {
         self.rate_limit(peer, "forward")
             .map_err(|e| (String::new(), e))?;
-        let now = now_ms();
-        let checked = {
-            let mut v = self
-                .verifier
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let r = v.check(peer, env, now);
-            self.metrics.replay_cache_bytes(v.replay_cache_bytes());
-            r
-        };
+        let mut now = 0;
+        let checked = self
+            .verifier
+            .check_batched(peer, env, &self.batcher, || {
+                now = now_ms();
+                now
+            })
+            .await;
+        self.metrics
+            .replay_cache_bytes(self.verifier.replay_cache_bytes());
         let header = match checked {
             Ok(h) => h,
             Err((why, message)) => {
@@ -234,12 +241,11 @@ impl InboundGate {
                 return Err((String::new(), wire_error(why.code(), message)));
             }
         };
-        let me = self.local.to_string();
-        if header.target_node_id != me {
+        if header.target_node_id != self.local_id {
             self.metrics.inbound("forward", "wrong_target");
             let msg = format!(
-                "request is for node {}, this is node {me}",
-                header.target_node_id
+                "request is for node {}, this is node {}",
+                header.target_node_id, self.local_id
             );
             return Err((header.request_id, wire_error(Code::NotFound, msg)));
         }
@@ -279,7 +285,10 @@ impl InboundGate {
 
     fn rate_limit(&self, peer: &PeerId, protocol: &'static str) -> Result<(), WireError> {
         if let Some(l) = &self.limiter
-            && let Err(e) = l.check(&peer.to_string())
+            && let Err(e) = match signing::identity_of(peer) {
+                Some(i) => l.check(&i.id),
+                None => l.check(&peer.to_string()),
+            }
         {
             self.metrics.inbound(protocol, "rate_limited");
             return Err(wire_error(Code::ResourceExhausted, e.to_string()));
@@ -450,8 +459,8 @@ mod tests {
         })
     }
 
-    #[test]
-    fn one_peer_holds_at_most_its_share_and_others_still_get_in() {
+    #[tokio::test]
+    async fn one_peer_holds_at_most_its_share_and_others_still_get_in() {
         let local = PeerId::random();
         let g = gate(
             local,
@@ -464,26 +473,36 @@ mod tests {
         );
         let (a, b) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
         let (pa, pb) = (a.public().to_peer_id(), b.public().to_peer_id());
-        let held: Vec<_> = (0..2)
-            .map(|_| g.admit(&pa, &request(&a, local, query())).ok().unwrap())
-            .collect();
-        let Err((_, e)) = g.admit(&pa, &request(&a, local, query())) else {
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            held.push(
+                g.admit(&pa, &request(&a, local, query()))
+                    .await
+                    .ok()
+                    .unwrap(),
+            );
+        }
+        let Err((_, e)) = g.admit(&pa, &request(&a, local, query())).await else {
             panic!("a third slot for one peer");
         };
         assert_eq!(e.code, Code::Unavailable as i32);
         assert!(e.message.contains("--inbound-peer-share"), "{}", e.message);
         // Another peer is not affected.
-        let other = g.admit(&pb, &request(&b, local, query())).ok().unwrap();
+        let other = g
+            .admit(&pb, &request(&b, local, query()))
+            .await
+            .ok()
+            .unwrap();
         assert_eq!(g.held_by(&pa), (2, 0));
         // Released when dropped (the node answered).
         drop(held);
         assert_eq!(g.held_by(&pa), (0, 0));
-        assert!(g.admit(&pa, &request(&a, local, query())).is_ok());
+        assert!(g.admit(&pa, &request(&a, local, query())).await.is_ok());
         drop(other);
     }
 
-    #[test]
-    fn long_polls_never_take_request_slots() {
+    #[tokio::test]
+    async fn long_polls_never_take_request_slots() {
         let local = PeerId::random();
         let g = gate(
             local,
@@ -496,46 +515,61 @@ mod tests {
         );
         let (a, b) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
         let (pa, pb) = (a.public().to_peer_id(), b.public().to_peer_id());
-        let polls: Vec<_> = (0..2)
-            .map(|_| {
-                let s = g.admit(&pa, &request(&a, local, poll(1000))).ok().unwrap();
-                assert!(s.permit.is_long_poll());
-                s
-            })
-            .collect();
+        let mut polls = Vec::new();
+        for _ in 0..2 {
+            let s = g
+                .admit(&pa, &request(&a, local, poll(1000)))
+                .await
+                .ok()
+                .unwrap();
+            assert!(s.permit.is_long_poll());
+            polls.push(s);
+        }
         // Over its own long-poll share: refused, RESOURCE_EXHAUSTED (the asker retries).
-        let Err((_, e)) = g.admit(&pa, &request(&a, local, poll(1000))) else {
+        let Err((_, e)) = g.admit(&pa, &request(&a, local, poll(1000))).await else {
             panic!("a third long poll for one peer");
         };
         assert_eq!(e.code, Code::ResourceExhausted as i32);
         // A changes request that does not wait is a request; requests still get both slots.
-        let now = g.admit(&pa, &request(&a, local, poll(0))).ok().unwrap();
+        let now = g
+            .admit(&pa, &request(&a, local, poll(0)))
+            .await
+            .ok()
+            .unwrap();
         assert!(!now.permit.is_long_poll());
-        let q = g.admit(&pb, &request(&b, local, query())).ok().unwrap();
+        let q = g
+            .admit(&pb, &request(&b, local, query()))
+            .await
+            .ok()
+            .unwrap();
         // The total long-poll budget: one left, for b.
-        let lp = g.admit(&pb, &request(&b, local, poll(5))).ok().unwrap();
-        assert!(g.admit(&pb, &request(&b, local, poll(5))).is_err());
+        let lp = g
+            .admit(&pb, &request(&b, local, poll(5)))
+            .await
+            .ok()
+            .unwrap();
+        assert!(g.admit(&pb, &request(&b, local, poll(5))).await.is_err());
         assert_eq!(g.held_by(&pa), (1, 2));
         drop((polls, now, q, lp));
         assert_eq!(g.held_by(&pa), (0, 0));
         assert_eq!(g.held_by(&pb), (0, 0));
     }
 
-    #[test]
-    fn a_denied_peer_is_refused_before_it_takes_a_slot() {
+    #[tokio::test]
+    async fn a_denied_peer_is_refused_before_it_takes_a_slot() {
         let local = PeerId::random();
         let g = gate(local, Budget::with_slots(4));
         let a = Keypair::generate_ed25519();
         let pa = a.public().to_peer_id();
         assert_eq!(g.denial(&pa), Denial::Unknown);
         g.set_denial(&pa, Some(true));
-        let Err((_, e)) = g.admit(&pa, &request(&a, local, query())) else {
+        let Err((_, e)) = g.admit(&pa, &request(&a, local, query())).await else {
             panic!("a denied peer was admitted");
         };
         assert_eq!(e.code, Code::PermissionDenied as i32);
         assert_eq!(g.held_by(&pa), (0, 0));
         g.set_denial(&pa, Some(false));
-        assert!(g.admit(&pa, &request(&a, local, query())).is_ok());
+        assert!(g.admit(&pa, &request(&a, local, query())).await.is_ok());
     }
 
     #[test]

@@ -75,6 +75,8 @@ fn decode_public_key(peer: &PeerId) -> Option<PublicKey> {
 pub struct PeerIdentity {
     pub key: PublicKey,
     pub id: Arc<str>,
+    /// The same key as ed25519-dalek's `VerifyingKey` (what [`Batcher`] verifies with).
+    verifying: Option<ed25519_dalek::VerifyingKey>,
 }
 
 /// Peers whose identity is kept decoded. The key is a pure function of the PeerId (an identity
@@ -100,9 +102,16 @@ impl IdentityCache {
         if let Some(i) = self.map.get(peer) {
             return Some(i.clone());
         }
+        let key = decode_public_key(peer)?;
+        let verifying = key
+            .clone()
+            .try_into_ed25519()
+            .ok()
+            .and_then(|k| ed25519_dalek::VerifyingKey::from_bytes(&k.to_bytes()).ok());
         let identity = PeerIdentity {
-            key: decode_public_key(peer)?,
+            key,
             id: peer.to_string().into(),
+            verifying,
         };
         if self.map.len() >= self.max {
             self.map.clear();
@@ -122,6 +131,157 @@ pub fn identity_of(peer: &PeerId) -> Option<PeerIdentity> {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .get(peer)
+}
+
+/// Signatures one batch verifies at most.
+pub const MAX_BATCH: usize = 64;
+
+/// Ed25519 verification in batches when requests queue up for it (issue 26: verification is the
+/// largest CPU item of a forwarded request). Like group commit: a request that finds no
+/// verification running verifies its own signature at once, alone (a lone request pays nothing
+/// for batching); requests that arrive meanwhile queue, and the next round verifies all of them
+/// with one multiscalar multiplication (`ed25519_dalek::verify_batch`, about half the CPU per
+/// signature at a few dozen). A batch that fails is verified again one signature at a time, so
+/// each request gets exactly its own answer and a bad signature never fails a good one.
+///
+/// What a batch accepts: verify_batch checks the same equation as single verification for a
+/// random linear combination of the signatures (coefficients derived from every input). It can
+/// accept a signature that single verification refuses only when that signature's R carries a
+/// small-order component, and producing such a signature takes the signing key: so an accepted
+/// request was still signed by its origin's key, over exactly the bytes received (the request
+/// id, the replay check's nonce, is inside those bytes). Written here because libp2p's
+/// `PublicKey::verify` verifies one signature at a time.
+///
+/// At most `leaders` rounds run at once (half the cores, at least one), so verification never
+/// takes every core; the queue is bounded by the callers' own slots (each inbound stream has at
+/// most its per-peer share plus long polls in flight).
+pub struct Batcher {
+    state: Mutex<BatchState>,
+    leaders: usize,
+}
+
+struct BatchState {
+    running: usize,
+    queue: Vec<BatchJob>,
+}
+
+struct BatchJob {
+    key: ed25519_dalek::VerifyingKey,
+    message: Vec<u8>,
+    signature: ed25519_dalek::Signature,
+    done: tokio::sync::oneshot::Sender<bool>,
+}
+
+impl Batcher {
+    /// A batcher running at most `leaders` verification rounds at once.
+    pub fn new(leaders: usize) -> Arc<Batcher> {
+        Arc::new(Batcher {
+            state: Mutex::new(BatchState {
+                running: 0,
+                queue: Vec::new(),
+            }),
+            leaders: leaders.max(1),
+        })
+    }
+
+    /// Half this machine's cores, at least one.
+    pub fn for_this_machine() -> Arc<Batcher> {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        Batcher::new(cores / 2)
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, BatchState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Does `signature` by `key` cover exactly `message`?
+    pub async fn verify(
+        self: &Arc<Self>,
+        key: ed25519_dalek::VerifyingKey,
+        message: Vec<u8>,
+        signature: ed25519_dalek::Signature,
+    ) -> bool {
+        let queued = {
+            let mut st = self.state();
+            if st.running >= self.leaders {
+                let (done, rx) = tokio::sync::oneshot::channel();
+                st.queue.push(BatchJob {
+                    key,
+                    message,
+                    signature,
+                    done,
+                });
+                Ok(rx)
+            } else {
+                st.running += 1;
+                Err((key, message, signature))
+            }
+        };
+        let (key, message, signature) = match queued {
+            // The round that takes this job always answers it (a dropped sender: refused).
+            Ok(rx) => return rx.await.unwrap_or(false),
+            Err(mine) => mine,
+        };
+        let ok = ed25519_dalek::Verifier::verify(&key, &message, &signature).is_ok();
+        // Whatever queued meanwhile is verified in batches on its own task, so this request's
+        // answer does not wait for them.
+        self.finish_round();
+        ok
+    }
+
+    /// One verification round has ended; one that ends with an empty queue lets the next
+    /// request lead. Checked under the lock, so no queued job is ever left without a round.
+    fn finish_round(self: &Arc<Self>) {
+        let mut st = self.state();
+        if st.queue.is_empty() {
+            st.running = st.running.saturating_sub(1);
+        } else {
+            drop(st);
+            let this = self.clone();
+            tokio::spawn(async move { this.lead().await });
+        }
+    }
+
+    /// Verify the queue in batches until it is empty (yielding between batches).
+    async fn lead(self: Arc<Self>) {
+        loop {
+            let batch: Vec<BatchJob> = {
+                let mut st = self.state();
+                if st.queue.is_empty() {
+                    st.running = st.running.saturating_sub(1);
+                    return;
+                }
+                let n = st.queue.len().min(MAX_BATCH);
+                st.queue.drain(..n).collect()
+            };
+            verify_jobs(batch);
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// Verify `batch` together; when the batch fails, each alone.
+fn verify_jobs(batch: Vec<BatchJob>) {
+    let together = batch.len() > 1 && {
+        let messages: Vec<&[u8]> = batch.iter().map(|j| j.message.as_slice()).collect();
+        let signatures: Vec<_> = batch.iter().map(|j| j.signature).collect();
+        let keys: Vec<_> = batch.iter().map(|j| j.key).collect();
+        ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_ok()
+    };
+    for j in batch {
+        let ok =
+            together || ed25519_dalek::Verifier::verify(&j.key, &j.message, &j.signature).is_ok();
+        let _ = j.done.send(ok);
+    }
+}
+
+fn bad_signature() -> (Rejection, String) {
+    (
+        Rejection::BadSignature,
+        "the envelope's signature does not verify against its origin's key".into(),
+    )
 }
 
 /// Why an inbound envelope was refused; each has a metric label and a gRPC code.
@@ -223,10 +383,14 @@ impl ReplayCache {
     }
 }
 
-/// Checks inbound envelopes and remembers their nonces.
+/// Checks inbound envelopes and remembers their nonces. Shared by every inbound stream's task:
+/// the checks (decoding, the signature) run without a lock, in parallel; only the nonce's insert
+/// into the replay cache takes one.
 pub struct Verifier {
     max_skew_ms: u64,
-    cache: ReplayCache,
+    cache: Mutex<ReplayCache>,
+    /// The replay cache's bytes after the last insert, readable without its lock.
+    cache_bytes: std::sync::atomic::AtomicUsize,
 }
 
 impl Verifier {
@@ -235,7 +399,7 @@ impl Verifier {
         let max_skew_ms = u64::try_from(max_skew.as_millis()).unwrap_or(u64::MAX);
         Verifier {
             max_skew_ms,
-            cache: ReplayCache {
+            cache: Mutex::new(ReplayCache {
                 // A replay passes the skew check until its timestamp is `skew` old; an id seen
                 // at `now` may carry a timestamp up to `skew` ahead: keep it twice that long.
                 window_ms: max_skew_ms.saturating_mul(2),
@@ -243,23 +407,66 @@ impl Verifier {
                 bytes: 0,
                 seen: HashSet::new(),
                 order: VecDeque::new(),
-            },
+            }),
+            cache_bytes: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
-    /// Bytes the replay cache holds now.
+    /// Bytes the replay cache held after its last insert.
     pub fn replay_cache_bytes(&self) -> usize {
-        self.cache.bytes
+        self.cache_bytes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Check an envelope from the authenticated `peer` at time `now_ms`; on success its nonce is
     /// remembered and its header returned.
     pub fn check(
-        &mut self,
+        &self,
         peer: &PeerId,
         env: &SignedEnvelope,
         now_ms: u64,
     ) -> Result<ForwardEnvelopeHeader, (Rejection, String)> {
+        let (header, identity) = self.before_signature(peer, env)?;
+        if !verify_bytes(&identity.key, &env.payload, &env.signature) {
+            return Err(bad_signature());
+        }
+        self.after_signature(peer, header, now_ms)
+    }
+
+    /// [`Verifier::check`], with the signature verified by `batcher` (in a batch when requests
+    /// queue up for verification). `now_ms` is read once the signature is verified.
+    pub async fn check_batched(
+        &self,
+        peer: &PeerId,
+        env: &SignedEnvelope,
+        batcher: &Arc<Batcher>,
+        now_ms: impl FnOnce() -> u64,
+    ) -> Result<ForwardEnvelopeHeader, (Rejection, String)> {
+        let (header, identity) = self.before_signature(peer, env)?;
+        let verified = match (
+            identity.verifying,
+            ed25519_dalek::Signature::from_slice(&env.signature),
+        ) {
+            (Some(key), Ok(signature)) => {
+                let mut message = Vec::with_capacity(DOMAIN.len() + env.payload.len());
+                message.extend_from_slice(DOMAIN);
+                message.extend_from_slice(&env.payload);
+                batcher.verify(key, message, signature).await
+            }
+            _ => false,
+        };
+        if !verified {
+            return Err(bad_signature());
+        }
+        self.after_signature(peer, header, now_ms())
+    }
+
+    /// The checks before the signature: the header decodes, its ids are within their limits, the
+    /// claimed origin is `peer`, and `peer` has a key to verify against.
+    fn before_signature(
+        &self,
+        peer: &PeerId,
+        env: &SignedEnvelope,
+    ) -> Result<(ForwardEnvelopeHeader, PeerIdentity), (Rejection, String)> {
         let header = ForwardEnvelopeHeader::decode(env.payload.as_slice()).map_err(|e| {
             (
                 Rejection::Malformed,
@@ -283,18 +490,23 @@ impl Verifier {
                 ),
             ));
         }
-        let Some(PeerIdentity { key, .. }) = identity else {
+        let Some(identity) = identity else {
             return Err((
                 Rejection::BadSignature,
                 format!("peer {peer} has no Ed25519 identity to verify against"),
             ));
         };
-        if !verify_bytes(&key, &env.payload, &env.signature) {
-            return Err((
-                Rejection::BadSignature,
-                "the envelope's signature does not verify against its origin's key".into(),
-            ));
-        }
+        Ok((header, identity))
+    }
+
+    /// The checks after the signature: freshness, the deadline, and the nonce (remembered when
+    /// everything passed).
+    fn after_signature(
+        &self,
+        peer: &PeerId,
+        header: ForwardEnvelopeHeader,
+        now_ms: u64,
+    ) -> Result<ForwardEnvelopeHeader, (Rejection, String)> {
         let ts = header.timestamp_unix_ms;
         if ts.abs_diff(now_ms) > self.max_skew_ms {
             return Err((
@@ -321,17 +533,25 @@ impl Verifier {
                 "the request id (nonce) is empty".into(),
             ));
         }
-        self.cache
-            .insert(*peer, &header.request_id, now_ms)
-            .map_err(|why| {
-                let msg = match why {
-                    Rejection::Replayed => {
-                        format!("request id '{}' was already used", header.request_id)
-                    }
-                    _ => "this node's replay cache is full; retry shortly".to_string(),
-                };
-                (why, msg)
-            })?;
+        let inserted = {
+            let mut cache = self
+                .cache
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let r = cache.insert(*peer, &header.request_id, now_ms);
+            self.cache_bytes
+                .store(cache.bytes, std::sync::atomic::Ordering::Relaxed);
+            r
+        };
+        inserted.map_err(|why| {
+            let msg = match why {
+                Rejection::Replayed => {
+                    format!("request id '{}' was already used", header.request_id)
+                }
+                _ => "this node's replay cache is full; retry shortly".to_string(),
+            };
+            (why, msg)
+        })?;
         Ok(header)
     }
 }
@@ -383,7 +603,7 @@ mod tests {
         let peer = key.public().to_peer_id();
         let other = Keypair::generate_ed25519().public().to_peer_id();
         let now = 1_700_000_000_000;
-        let mut v = Verifier::new(Duration::from_secs(30), MB);
+        let v = Verifier::new(Duration::from_secs(30), MB);
 
         let mut ok = signed(&key, "r1", now);
         ok.trace_context.insert("traceparent".into(), "x".into());
@@ -469,7 +689,7 @@ mod tests {
             payload,
             trace_context: Default::default(),
         };
-        let mut v = Verifier::new(Duration::from_secs(30), MB);
+        let v = Verifier::new(Duration::from_secs(30), MB);
         assert!(v.check(&peer, &env, now).is_ok());
         assert!(ForwardEnvelope::decode(env.payload.as_slice()).is_ok());
     }
@@ -501,7 +721,7 @@ mod tests {
         let peer = key.public().to_peer_id();
         let intruder = Keypair::generate_ed25519();
         let now = 1_700_000_000_000;
-        let mut v = Verifier::new(Duration::from_secs(30), MB);
+        let v = Verifier::new(Duration::from_secs(30), MB);
         // The first request puts the peer's key into the cache.
         assert!(v.check(&peer, &signed(&key, "c1", now), now).is_ok());
         assert!(identity_of(&peer).is_some());
@@ -534,7 +754,7 @@ mod tests {
         let peer = key.public().to_peer_id();
         let now = 1_700_000_000_000;
         let room = 10 * ReplayCache::cost("r00");
-        let mut v = Verifier::new(Duration::from_secs(30), room);
+        let v = Verifier::new(Duration::from_secs(30), room);
         for i in 0..10 {
             assert!(
                 v.check(&peer, &signed(&key, &format!("r{i:02}"), now), now)
@@ -555,5 +775,106 @@ mod tests {
         let later = now + 61_000;
         assert!(v.check(&peer, &signed(&key, "r10", later), later).is_ok());
         assert!(v.replay_cache_bytes() < room);
+    }
+
+    fn job(
+        key: &Keypair,
+        message: &[u8],
+        signed: &[u8],
+    ) -> (BatchJob, tokio::sync::oneshot::Receiver<bool>) {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        let pk = key.public().try_into_ed25519().unwrap();
+        let signature = key.sign(signed).unwrap();
+        let job = BatchJob {
+            key: ed25519_dalek::VerifyingKey::from_bytes(&pk.to_bytes()).unwrap(),
+            message: message.to_vec(),
+            signature: ed25519_dalek::Signature::from_slice(&signature).unwrap(),
+            done,
+        };
+        (job, rx)
+    }
+
+    /// One bad signature in a batch fails only itself.
+    #[test]
+    fn a_bad_signature_fails_alone_in_its_batch() {
+        let keys: Vec<_> = (0..8).map(|_| Keypair::generate_ed25519()).collect();
+        let mut jobs = Vec::new();
+        let mut answers = Vec::new();
+        for (i, k) in keys.iter().enumerate() {
+            let msg = format!("request {i}");
+            // Request 5 is signed over other bytes than it carries.
+            let signed = if i == 5 {
+                "forged".to_string()
+            } else {
+                msg.clone()
+            };
+            let (j, rx) = job(k, msg.as_bytes(), signed.as_bytes());
+            jobs.push(j);
+            answers.push(rx);
+        }
+        verify_jobs(jobs);
+        for (i, mut rx) in answers.into_iter().enumerate() {
+            assert_eq!(rx.try_recv().unwrap(), i != 5, "request {i}");
+        }
+        // A whole good batch passes together.
+        let (jobs, answers): (Vec<_>, Vec<_>) = keys
+            .iter()
+            .map(|k| job(k, b"same bytes", b"same bytes"))
+            .unzip();
+        verify_jobs(jobs);
+        for mut rx in answers {
+            assert!(rx.try_recv().unwrap());
+        }
+    }
+
+    /// Under concurrency every request gets its own answer, and the envelope checks around the
+    /// signature are the same as unbatched.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batched_checks_answer_every_request_exactly() {
+        let batcher = Batcher::new(1);
+        let v = Arc::new(Verifier::new(Duration::from_secs(30), MB));
+        let now = 1_700_000_000_000;
+        let mut tasks = Vec::new();
+        for i in 0..120 {
+            let key = Keypair::generate_ed25519();
+            let peer = key.public().to_peer_id();
+            let mut env = signed(&key, &format!("b{i}"), now);
+            let good = i % 7 != 3;
+            if !good {
+                // Tampered after signing.
+                let mut e = envelope(&key, &format!("b{i}"), now);
+                e.requester.as_mut().unwrap().distance = 0;
+                env.payload = e.encode_to_vec();
+            }
+            let (batcher, v) = (batcher.clone(), v.clone());
+            tasks.push(tokio::spawn(async move {
+                let r = v.check_batched(&peer, &env, &batcher, || now).await;
+                (good, r.map_err(|e| e.0))
+            }));
+        }
+        for t in tasks {
+            let (good, r) = t.await.unwrap();
+            if good {
+                assert!(r.is_ok(), "{r:?}");
+            } else {
+                assert_eq!(r.unwrap_err(), Rejection::BadSignature);
+            }
+        }
+        // Every round ends (the last one just after its last answer): a new request leads.
+        for _ in 0..200 {
+            if batcher.state().running == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(batcher.state().running, 0);
+        assert!(batcher.state().queue.is_empty());
+        // A replay is still refused after a batched check.
+        let key = Keypair::generate_ed25519();
+        let peer = key.public().to_peer_id();
+        let env = signed(&key, "again", now);
+        assert!(v.check_batched(&peer, &env, &batcher, || now).await.is_ok());
+        let again = v.check_batched(&peer, &env, &batcher, || now).await;
+        assert_eq!(again.unwrap_err().0, Rejection::Replayed);
     }
 }

@@ -67,7 +67,7 @@ proptest! {
                                signature in prop::collection::vec(any::<u8>(), 0..80)) {
         let key = libp2p::identity::Keypair::generate_ed25519();
         let peer = key.public().to_peer_id();
-        let mut v = Verifier::new(Duration::from_secs(30), 1 << 20);
+        let v = Verifier::new(Duration::from_secs(30), 1 << 20);
         let env = SignedEnvelope { payload, signature, trace_context: Default::default() };
         prop_assert!(v.check(&peer, &env, 1_700_000_000_000).is_err());
     }
