@@ -53,6 +53,9 @@ pub struct UnderLoad {
     pub signatures: usize,
     pub one_at_a_time_per_second: f64,
     pub batched_per_second: f64,
+    /// CPU (user + system) of this process per signature, each way.
+    pub one_at_a_time_cpu_us: f64,
+    pub batched_cpu_us: f64,
 }
 
 /// A forwarded Query's envelope, as the origin sidecar builds it.
@@ -164,12 +167,15 @@ async fn verification_under_load(tasks: usize, total: usize) -> anyhow::Result<U
             .collect()
     };
     let mut rates = [0.0f64; 2];
+    let mut cpu = [0.0f64; 2];
+    let me = Some(std::process::id());
     for (which, rate) in rates.iter_mut().enumerate() {
         let work = sealed(if which == 0 { "single" } else { "batched" })?;
         let verifier =
             std::sync::Arc::new(signing::Verifier::new(Duration::from_secs(30), 64 << 20));
         let batcher = signing::Batcher::for_this_machine();
         let start = Instant::now();
+        let cpu_before = crate::cpu_secs(me).unwrap_or(0.0);
         let mut handles = Vec::new();
         for (k, envs) in keys.iter().zip(work) {
             let peer = k.public().to_peer_id();
@@ -194,12 +200,15 @@ async fn verification_under_load(tasks: usize, total: usize) -> anyhow::Result<U
             h.await??;
         }
         *rate = (per * tasks) as f64 / start.elapsed().as_secs_f64();
+        cpu[which] = (crate::cpu_secs(me).unwrap_or(0.0) - cpu_before) * 1e6 / (per * tasks) as f64;
     }
     Ok(UnderLoad {
         tasks,
         signatures: per * tasks,
         one_at_a_time_per_second: rates[0],
         batched_per_second: rates[1],
+        one_at_a_time_cpu_us: cpu[0],
+        batched_cpu_us: cpu[1],
     })
 }
 

@@ -782,7 +782,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     r.dapr_terms
         .insert("sequential_added_p50_us".into(), fwd.p50_us - direct.p50_us);
     eprintln!("== the forwarded path's floor (issue 26)");
-    let floor = print_floors(n).await?;
+    let (floor, _) = print_floors(n).await?;
     eprintln!(
         "  forwarded − direct p50 {:.1} µs = {:.2}× the sum of the floors",
         fwd.p50_us - direct.p50_us,
@@ -1186,7 +1186,7 @@ async fn forward_loop(secs: u64, concurrency: usize, local: bool) -> anyhow::Res
 
 /// Measure the floor items and print each, then their sum on the forwarded path (a `Lat` whose
 /// p50 and p99 are the sums of the items' p50s and p99s, each times its count on the path).
-async fn print_floors(n: usize) -> anyhow::Result<Lat> {
+async fn print_floors(n: usize) -> anyhow::Result<(Lat, floors::UnderLoad)> {
     let f = floors::measure(n).await?;
     let mut sum = Lat {
         name: "sum of the floors on the forwarded path".into(),
@@ -1208,14 +1208,16 @@ async fn print_floors(n: usize) -> anyhow::Result<Lat> {
     );
     let u = f.under_load;
     eprintln!(
-        "  verification under load ({} tasks, {} envelopes): one at a time {:.0}/s, batched (signing::Batcher) {:.0}/s ({:.2}×)",
+        "  verification under load ({} tasks, {} envelopes): one at a time {:.0}/s, {:.1} µs CPU each; batched (signing::Batcher) {:.0}/s, {:.1} µs CPU each ({:.2}× the CPU)",
         u.tasks,
         u.signatures,
         u.one_at_a_time_per_second,
+        u.one_at_a_time_cpu_us,
         u.batched_per_second,
-        u.batched_per_second / u.one_at_a_time_per_second.max(f64::MIN_POSITIVE)
+        u.batched_cpu_us,
+        u.batched_cpu_us / u.one_at_a_time_cpu_us.max(f64::MIN_POSITIVE)
     );
-    Ok(sum)
+    Ok((sum, u))
 }
 
 #[derive(serde::Serialize)]
@@ -1227,6 +1229,8 @@ struct FloorsReport {
     loops: Vec<(LoopResult, LoopResult)>,
     /// Direct and forwarded latency at a fixed rate (queries per second).
     fixed_rate: Option<(u32, Lat, Lat)>,
+    /// Signature verification by concurrent tasks, one at a time and batched.
+    verification_under_load: floors::UnderLoad,
 }
 
 /// `fold-bench floors`: the floors, direct and forwarded latency, then load loops with CPU per
@@ -1241,7 +1245,7 @@ async fn floors_report(
     let machine = machine();
     eprintln!("fold-bench floors on {machine}");
     eprintln!("== floors: one message each way on something already open; signatures");
-    let floor = print_floors(n).await?;
+    let (floor, under_load) = print_floors(n).await?;
     eprintln!("== two nodes on loopback; sequential Query round trips, 1 KiB record");
     let (a, b) = two_connected_nodes().await?;
     let c = FoldNodeClient::new(channel(&a.grpc));
@@ -1351,6 +1355,7 @@ async fn floors_report(
         forwarded,
         loops,
         fixed_rate,
+        verification_under_load: under_load,
     };
     std::fs::create_dir_all(out)?;
     let file = out.join("floors.json");

@@ -138,11 +138,13 @@ pub const MAX_BATCH: usize = 64;
 
 /// Ed25519 verification in batches when requests queue up for it (issue 26: verification is the
 /// largest CPU item of a forwarded request). Like group commit: a request that finds no
-/// verification running verifies its own signature at once, alone (a lone request pays nothing
-/// for batching); requests that arrive meanwhile queue, and the next round verifies all of them
-/// with one multiscalar multiplication (`ed25519_dalek::verify_batch`, about half the CPU per
-/// signature at a few dozen). A batch that fails is verified again one signature at a time, so
-/// each request gets exactly its own answer and a bad signature never fails a good one.
+/// verification running leads a round; it first yields once, so the requests that are ready to
+/// run (a burst of frames read from one stream) queue behind it, then verifies all of them with
+/// one multiscalar multiplication (`ed25519_dalek::verify_batch`: about half the CPU per
+/// signature at 16, see docs/BENCHMARKS.md). A lone request verifies alone, one trip through
+/// the scheduler later; requests that arrive during a round queue for the next one, verified on
+/// its own task. A batch that fails is verified again one signature at a time, so each request
+/// gets exactly its own answer and a bad signature never fails a good one.
 ///
 /// What a batch accepts: verify_batch checks the same equation as single verification for a
 /// random linear combination of the signatures (coefficients derived from every input). It can
@@ -203,62 +205,96 @@ impl Batcher {
         message: Vec<u8>,
         signature: ed25519_dalek::Signature,
     ) -> bool {
-        let queued = {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        let leads = {
             let mut st = self.state();
-            if st.running >= self.leaders {
-                let (done, rx) = tokio::sync::oneshot::channel();
-                st.queue.push(BatchJob {
-                    key,
-                    message,
-                    signature,
-                    done,
-                });
-                Ok(rx)
-            } else {
+            st.queue.push(BatchJob {
+                key,
+                message,
+                signature,
+                done,
+            });
+            let leads = st.running < self.leaders;
+            if leads {
                 st.running += 1;
-                Err((key, message, signature))
             }
+            leads
         };
-        let (key, message, signature) = match queued {
-            // The round that takes this job always answers it (a dropped sender: refused).
-            Ok(rx) => return rx.await.unwrap_or(false),
-            Err(mine) => mine,
-        };
-        let ok = ed25519_dalek::Verifier::verify(&key, &message, &signature).is_ok();
-        // Whatever queued meanwhile is verified in batches on its own task, so this request's
-        // answer does not wait for them.
-        self.finish_round();
-        ok
+        if leads {
+            let mut round = Leading(Some(self.clone()));
+            // Let the requests that are ready to run queue behind this one first (a burst of
+            // frames read from one stream is spawned before any of them runs): one batch then
+            // verifies them all. Alone, this costs one pass through the scheduler.
+            tokio::task::yield_now().await;
+            round.batch();
+            if !round.let_go_if_idle() {
+                // What queued meanwhile is verified on its own task, so this answer (and the
+                // others of the first batch) do not wait for it.
+                tokio::spawn(async move {
+                    while round.batch() {
+                        tokio::task::yield_now().await;
+                    }
+                });
+            }
+        }
+        // Answered by the round that takes the job (a dropped sender: refused).
+        rx.await.unwrap_or(false)
     }
 
-    /// One verification round has ended; one that ends with an empty queue lets the next
-    /// request lead. Checked under the lock, so no queued job is ever left without a round.
-    fn finish_round(self: &Arc<Self>) {
+    /// Up to [`MAX_BATCH`] queued jobs; `None` (and the leader's place given up, under the same
+    /// lock, so no job is ever queued without a round to take it) when none is queued.
+    fn take_batch(&self) -> Option<Vec<BatchJob>> {
         let mut st = self.state();
         if st.queue.is_empty() {
             st.running = st.running.saturating_sub(1);
-        } else {
-            drop(st);
-            let this = self.clone();
-            tokio::spawn(async move { this.lead().await });
+            return None;
+        }
+        let n = st.queue.len().min(MAX_BATCH);
+        Some(st.queue.drain(..n).collect())
+    }
+}
+
+/// A verification round that leads. Dropped while it still leads (its task cancelled at a
+/// yield), it verifies whatever is queued at once and lets go, so no job is left unanswered.
+struct Leading(Option<Arc<Batcher>>);
+
+impl Leading {
+    /// Verify the next batch; false once the queue was empty (the round has let go).
+    fn batch(&mut self) -> bool {
+        let Some(b) = &self.0 else {
+            return false;
+        };
+        match b.take_batch() {
+            Some(jobs) => {
+                verify_jobs(jobs);
+                true
+            }
+            None => {
+                self.0 = None;
+                false
+            }
         }
     }
 
-    /// Verify the queue in batches until it is empty (yielding between batches).
-    async fn lead(self: Arc<Self>) {
-        loop {
-            let batch: Vec<BatchJob> = {
-                let mut st = self.state();
-                if st.queue.is_empty() {
-                    st.running = st.running.saturating_sub(1);
-                    return;
-                }
-                let n = st.queue.len().min(MAX_BATCH);
-                st.queue.drain(..n).collect()
-            };
-            verify_jobs(batch);
-            tokio::task::yield_now().await;
+    /// Let go when nothing is queued (checked under the lock); true when it did.
+    fn let_go_if_idle(&mut self) -> bool {
+        let Some(b) = &self.0 else {
+            return true;
+        };
+        let mut st = b.state();
+        if !st.queue.is_empty() {
+            return false;
         }
+        st.running = st.running.saturating_sub(1);
+        drop(st);
+        self.0 = None;
+        true
+    }
+}
+
+impl Drop for Leading {
+    fn drop(&mut self) {
+        while self.batch() {}
     }
 }
 
