@@ -313,6 +313,15 @@ async fn prometheus_scrapes_node_and_sidecar() {
         "{sidecar_metrics}"
     );
     assert!(node_metrics.contains("fold_forwards_total{op=\"query\",outcome=\"OK\"} 20"));
+    // Sidecar B verified every forward's signature, counted by verification round (a round
+    // verifies one signature or a batch).
+    let (_, b_metrics) = http::get(&_sb.admin, "/metrics").unwrap();
+    let verified = http::sample(&b_metrics, "fold_sidecar_signature_batch_size_sum", &[]);
+    let rounds = http::sample(&b_metrics, "fold_sidecar_signature_batch_size_count", &[]);
+    assert!(
+        matches!((verified, rounds), (Some(v), Some(r)) if v >= 20.0 && r >= 1.0 && r <= v),
+        "{b_metrics}"
+    );
     let (status, ready) = http::get(&na.admin, "/readyz").unwrap();
     assert_eq!(status, 200, "{ready}");
 

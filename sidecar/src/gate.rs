@@ -204,7 +204,13 @@ impl InboundGate {
             local_id: local.to_string(),
             limiter,
             verifier,
-            batcher: Batcher::for_this_machine(),
+            batcher: {
+                let m = metrics.clone();
+                Batcher::observed(
+                    Batcher::leaders_for_this_machine(),
+                    Some(Box::new(move |n| m.signature_batch(n))),
+                )
+            },
             slots: Arc::new(Semaphore::new(budget.slots.max(1))),
             long_polls: Arc::new(Semaphore::new(budget.long_polls.max(1))),
             budget,

@@ -2,8 +2,9 @@
 //! requests from peers by protocol and outcome (accepted, rate limited, queue full, forged
 //! origin, bad signature, stale, replayed, oversized field, deadline exceeded, replay cache full,
 //! wrong target, failed), forwards the node asked for (by outcome, with their latency: the
-//! per-request view of the node ⇄ sidecar forward stream), the replay cache's size, and
-//! connections closed because their peer stopped answering pings. Every
+//! per-request view of the node ⇄ sidecar forward stream), the replay cache's size, the sizes of
+//! signature verification batches, and connections closed because their peer stopped answering
+//! pings. Every
 //! label has a fixed value set.
 
 use std::sync::Arc;
@@ -36,6 +37,7 @@ pub struct SidecarMetrics {
     outbound_seconds: prometheus_client::metrics::histogram::Histogram,
     forward_streams: Family<DirectionLabels, Counter>,
     replay_cache_bytes: Gauge,
+    signature_batches: prometheus_client::metrics::histogram::Histogram,
     dead_connections: Counter,
     connected_peers: Gauge,
 }
@@ -47,6 +49,9 @@ impl SidecarMetrics {
             outbound: Family::default(),
             outbound_seconds: fold_middleware::metrics::latency_histogram(),
             replay_cache_bytes: Gauge::default(),
+            signature_batches: prometheus_client::metrics::histogram::Histogram::new([
+                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0,
+            ]),
             forward_streams: Family::default(),
             dead_connections: Counter::default(),
             connected_peers: Gauge::default(),
@@ -80,6 +85,11 @@ impl SidecarMetrics {
             "fold_sidecar_replay_cache_bytes",
             "Bytes held by the replay cache (request ids remembered within the clock-skew window)",
             m.replay_cache_bytes.clone(),
+        );
+        reg.register(
+            "fold_sidecar_signature_batch_size",
+            "Signatures of inbound requests verified together in one round (1: alone); _count is the rounds, _sum the signatures",
+            m.signature_batches.clone(),
         );
         reg.register(
             "fold_sidecar_inbound_requests",
@@ -116,6 +126,11 @@ impl SidecarMetrics {
     pub fn replay_cache_bytes(&self, bytes: usize) {
         self.replay_cache_bytes
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// One verification round of `n` signatures.
+    pub fn signature_batch(&self, n: usize) {
+        self.signature_batches.observe(n as f64);
     }
 
     pub fn inbound(&self, protocol: &'static str, outcome: &'static str) {

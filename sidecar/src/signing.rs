@@ -160,7 +160,12 @@ pub const MAX_BATCH: usize = 64;
 pub struct Batcher {
     state: Mutex<BatchState>,
     leaders: usize,
+    /// Told the size of each round's batch (a metric).
+    observe: Option<BatchObserver>,
 }
+
+/// What is told the size of each verification round.
+pub type BatchObserver = Box<dyn Fn(usize) + Send + Sync>;
 
 struct BatchState {
     running: usize,
@@ -177,19 +182,30 @@ struct BatchJob {
 impl Batcher {
     /// A batcher running at most `leaders` verification rounds at once.
     pub fn new(leaders: usize) -> Arc<Batcher> {
+        Batcher::observed(leaders, None)
+    }
+
+    /// A batcher that tells `observe` the size of each round.
+    pub fn observed(leaders: usize, observe: Option<BatchObserver>) -> Arc<Batcher> {
         Arc::new(Batcher {
             state: Mutex::new(BatchState {
                 running: 0,
                 queue: Vec::new(),
             }),
             leaders: leaders.max(1),
+            observe,
         })
     }
 
     /// Half this machine's cores, at least one.
-    pub fn for_this_machine() -> Arc<Batcher> {
+    pub fn leaders_for_this_machine() -> usize {
         let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-        Batcher::new(cores / 2)
+        (cores / 2).max(1)
+    }
+
+    /// A batcher with [`Batcher::leaders_for_this_machine`] rounds at once.
+    pub fn for_this_machine() -> Arc<Batcher> {
+        Batcher::new(Batcher::leaders_for_this_machine())
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, BatchState> {
@@ -266,6 +282,9 @@ impl Leading {
         };
         match b.take_batch() {
             Some(jobs) => {
+                if let Some(observe) = &b.observe {
+                    observe(jobs.len());
+                }
                 verify_jobs(jobs);
                 true
             }
