@@ -111,16 +111,19 @@ enum Cmd {
     },
     /// The floor of a forwarded query (issue 26), in one run: a message each way on an open tonic
     /// stream over a UDS and on an open libp2p stream, one Ed25519 sign and verify (the
-    /// sidecar's own functions), their sum on the forwarded path; then direct and forwarded
-    /// Query latency (`--n` sequential), and for each concurrency `--secs` s of direct and of
-    /// forwarded queries: rate and CPU per query in each process. Writes <out>/floors.json.
+    /// sidecar's own functions), their sum on the forwarded path, and beside them verification in
+    /// batches and under load (one at a time vs. the sidecar's batcher); then direct and
+    /// forwarded Query latency (`--n` sequential), for each concurrency `--secs` s of direct and
+    /// of forwarded queries (rate and CPU per query in each process), and `--secs` s of each at a
+    /// fixed `--rate`. Writes <out>/floors.json.
     Floors {
         /// Concurrencies of the load loops.
         #[arg(long, value_delimiter = ',', default_value = "1,32")]
         concurrency: Vec<usize>,
         /// Queries per second of the fixed-rate phase (`--secs` s of direct, then of forwarded
-        /// queries, sent on schedule whatever the answers take; latency counted from each
-        /// query's scheduled time). 0 skips it.
+        /// queries, each sent on schedule on its own task whatever the answers take; latency
+        /// counted from each query's send; the schedule keeps to tokio's 1 ms timer ticks). 0
+        /// skips it.
         #[arg(long, default_value_t = 1000)]
         rate: u32,
     },
