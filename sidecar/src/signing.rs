@@ -135,6 +135,9 @@ pub fn identity_of(peer: &PeerId) -> Option<PeerIdentity> {
 
 /// Signatures one batch verifies at most.
 pub const MAX_BATCH: usize = 64;
+/// Largest envelope payload verified in a batch; a larger one is verified alone (so the queue
+/// holds at most `MAX_BATCH` × this much per stream's checks).
+pub const MAX_BATCHED_PAYLOAD: usize = 16 * 1024;
 
 /// Ed25519 verification in batches when requests queue up for it (issue 26: verification is the
 /// largest CPU item of a forwarded request). Like group commit: a request that finds no
@@ -155,8 +158,8 @@ pub const MAX_BATCH: usize = 64;
 /// `PublicKey::verify` verifies one signature at a time.
 ///
 /// At most `leaders` rounds run at once (half the cores, at least one), so verification never
-/// takes every core; the queue is bounded by the callers' own slots (each inbound stream has at
-/// most its per-peer share plus long polls in flight).
+/// takes every core. The queue is bounded by its callers: each inbound stream has at most
+/// `MAX_BATCH` checks under way, and only envelopes up to [`MAX_BATCHED_PAYLOAD`] are batched.
 pub struct Batcher {
     state: Mutex<BatchState>,
     leaders: usize,
@@ -498,16 +501,20 @@ impl Verifier {
     ) -> Result<ForwardEnvelopeHeader, (Rejection, String)> {
         let (header, identity) = self.before_signature(peer, env)?;
         let verified = match (
+            env.payload.len() <= MAX_BATCHED_PAYLOAD,
             identity.verifying,
             ed25519_dalek::Signature::from_slice(&env.signature),
         ) {
-            (Some(key), Ok(signature)) => {
+            (true, Some(key), Ok(signature)) => {
                 let mut message = Vec::with_capacity(DOMAIN.len() + env.payload.len());
                 message.extend_from_slice(DOMAIN);
                 message.extend_from_slice(&env.payload);
                 batcher.verify(key, message, signature).await
             }
-            _ => false,
+            // A large payload (hashing it costs more than the curve arithmetic a batch saves,
+            // and its copy would wait in the queue), or a key or signature the batcher cannot
+            // take: verified alone, exactly as `check` does.
+            _ => verify_bytes(&identity.key, &env.payload, &env.signature),
         };
         if !verified {
             return Err(bad_signature());
@@ -924,6 +931,45 @@ mod tests {
         }
         assert_eq!(batcher.state().running, 0);
         assert!(batcher.state().queue.is_empty());
+        // A large envelope is verified alone (never queued), with the same answers.
+        let rounds = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = rounds.clone();
+        let observed = Batcher::observed(
+            1,
+            Some(Box::new(move |_| {
+                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            })),
+        );
+        let key = Keypair::generate_ed25519();
+        let peer = key.public().to_peer_id();
+        let mut big = envelope(&key, "big", now);
+        if let Some(Operation {
+            kind: Some(operation::Kind::Query(q)),
+        }) = big.operation.as_mut()
+        {
+            q.fields = vec!["f".repeat(MAX_BATCHED_PAYLOAD)];
+        }
+        let sealed = seal(&key, &big, Default::default()).unwrap();
+        assert!(sealed.payload.len() > MAX_BATCHED_PAYLOAD);
+        assert!(
+            v.check_batched(&peer, &sealed, &observed, || now)
+                .await
+                .is_ok()
+        );
+        let mut tampered = sealed.clone();
+        big.request_id = "big2".into();
+        tampered.payload = big.encode_to_vec();
+        let refused = v.check_batched(&peer, &tampered, &observed, || now).await;
+        assert_eq!(refused.unwrap_err().0, Rejection::BadSignature);
+        assert_eq!(rounds.load(std::sync::atomic::Ordering::Relaxed), 0);
+        // A small one goes through a round.
+        let small = signed(&key, "small", now);
+        assert!(
+            v.check_batched(&peer, &small, &observed, || now)
+                .await
+                .is_ok()
+        );
+        assert_eq!(rounds.load(std::sync::atomic::Ordering::Relaxed), 1);
         // A replay is still refused after a batched check.
         let key = Keypair::generate_ed25519();
         let peer = key.public().to_peer_id();
