@@ -25,13 +25,22 @@ impl Run {
 /// Run foldctl with `args` against `addr`, in the repository's root, with stdout piped (not a
 /// terminal) and `COLUMNS=200` (no environment leaks in from the caller).
 pub fn ctl(addr: &str, args: &[&str]) -> Run {
+    ctl_in(addr, args, "200")
+}
+
+/// [`ctl`] in a terminal `columns` wide. The FOLD_* / FOLDCTL_* variables foldctl reads for its
+/// defaults are cleared, so the test's environment never leaks in.
+pub fn ctl_in(addr: &str, args: &[&str], columns: &str) -> Run {
     let out = Command::new(bin_path("foldctl"))
         .args(["--addr", addr])
         .args(args)
         .current_dir(repo())
-        .env("COLUMNS", "200")
+        .env("COLUMNS", columns)
         .env_remove("FOLD_ADDR")
         .env_remove("FOLD_OUTPUT")
+        .env_remove("FOLD_TIMEOUT")
+        .env_remove("FOLD_METRICS_ADDR")
+        .env_remove("FOLD_SIDECAR_METRICS_ADDR")
         .env_remove("FOLDCTL_TLS_CA")
         .output()
         .expect("run foldctl");
@@ -44,7 +53,12 @@ pub fn ctl(addr: &str, args: &[&str]) -> Run {
 
 /// foldctl that must succeed (exit code 0).
 pub fn ok(addr: &str, args: &[&str]) -> Run {
-    let r = ctl(addr, args);
+    ok_in(addr, args, "200")
+}
+
+/// [`ok`] in a terminal `columns` wide.
+pub fn ok_in(addr: &str, args: &[&str], columns: &str) -> Run {
+    let r = ctl_in(addr, args, columns);
     assert_eq!(
         r.code, 0,
         "foldctl {args:?} on {addr} failed\nstdout: {}\nstderr: {}",

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use foldmesh_e2e::foldctl::{self, Run};
 use foldmesh_e2e::http;
 use foldmesh_e2e::loopback::{Node, start};
 use foldmesh_e2e::process::{Proc, bin_path};
@@ -16,36 +17,13 @@ use serde_json::Value as Json;
 
 const SENSORS: &str = "examples/schemas/sensor_readings.json";
 
-struct Run {
-    code: i32,
-    out: String,
-    err: String,
-}
-
 /// foldctl against `addr`, stdout piped (not a terminal), COLUMNS narrow.
 fn ctl(addr: &str, args: &[&str]) -> Run {
-    let out = Command::new(bin_path("foldctl"))
-        .args(["--addr", addr])
-        .args(args)
-        .current_dir(repo())
-        .env("COLUMNS", "40")
-        .env_remove("FOLD_ADDR")
-        .env_remove("FOLD_OUTPUT")
-        .env_remove("FOLD_METRICS_ADDR")
-        .env_remove("FOLD_SIDECAR_METRICS_ADDR")
-        .output()
-        .expect("run foldctl");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        out: String::from_utf8_lossy(&out.stdout).into_owned(),
-        err: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    foldctl::ctl_in(addr, args, "40")
 }
 
 fn ok(addr: &str, args: &[&str]) -> Run {
-    let r = ctl(addr, args);
-    assert_eq!(r.code, 0, "foldctl {args:?}: {}\n{}", r.out, r.err);
-    r
+    foldctl::ok_in(addr, args, "40")
 }
 
 fn wait_for(what: &str, mut f: impl FnMut() -> bool) {

@@ -6,39 +6,19 @@
 //! does not resolve (`.invalid` never does; nothing leaves loopback).
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use foldmesh_e2e::foldctl;
 use foldmesh_e2e::loopback::{self, Node};
 use foldmesh_e2e::process::bin_path;
 use serde_json::Value as Json;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("e2e sits in the repository")
-        .to_path_buf()
-}
-
 /// Run foldctl against `addr`; (exit code, stdout, stderr).
 fn ctl(addr: &str, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin_path("foldctl"))
-        .args(["--addr", addr])
-        .args(args)
-        .current_dir(repo())
-        .env("COLUMNS", "200")
-        .env_remove("FOLD_ADDR")
-        .env_remove("FOLD_OUTPUT")
-        .env_remove("FOLD_TIMEOUT")
-        .env_remove("FOLDCTL_TLS_CA")
-        .output()
-        .expect("run foldctl");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let r = foldctl::ctl(addr, args);
+    (r.code, r.out, r.err)
 }
 
 fn json(addr: &str, args: &[&str]) -> Json {

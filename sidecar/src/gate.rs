@@ -291,10 +291,7 @@ impl InboundGate {
 
     fn rate_limit(&self, peer: &PeerId, protocol: &'static str) -> Result<(), WireError> {
         if let Some(l) = &self.limiter
-            && let Err(e) = match signing::identity_of(peer) {
-                Some(i) => l.check(&i.id),
-                None => l.check(&peer.to_string()),
-            }
+            && let Err(e) = l.check(&signing::id_of(peer))
         {
             self.metrics.inbound(protocol, "rate_limited");
             return Err(wire_error(Code::ResourceExhausted, e.to_string()));

@@ -156,10 +156,8 @@ impl Forwarder {
             let envelope = wire::ForwardEnvelope {
                 request_id: uuid::Uuid::new_v4().to_string(),
                 // Both ids from the identity cache: no base58 formatting per request.
-                origin_node_id: crate::signing::identity_of(&client.local_peer_id())
-                    .map_or_else(|| client.local_peer_id().to_string(), |i| i.id.to_string()),
-                target_node_id: crate::signing::identity_of(&peer)
-                    .map_or_else(|| peer.to_string(), |i| i.id.to_string()),
+                origin_node_id: crate::signing::id_of(&client.local_peer_id()).to_string(),
+                target_node_id: crate::signing::id_of(&peer).to_string(),
                 timestamp_unix_ms: now,
                 deadline_unix_ms: now
                     .saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),

@@ -47,10 +47,15 @@ pub fn verify_bytes(key: &PublicKey, payload: &[u8], signature: &[u8]) -> bool {
     if signature.is_empty() {
         return false;
     }
+    key.verify(&signed_bytes(payload), signature)
+}
+
+/// What the origin signed: the domain tag, then the payload.
+fn signed_bytes(payload: &[u8]) -> Vec<u8> {
     let mut msg = Vec::with_capacity(DOMAIN.len() + payload.len());
     msg.extend_from_slice(DOMAIN);
     msg.extend_from_slice(payload);
-    key.verify(&msg, signature)
+    msg
 }
 
 /// The public key inside an Ed25519 (identity-multihash) PeerId. Decoding it decompresses the
@@ -131,6 +136,12 @@ pub fn identity_of(peer: &PeerId) -> Option<PeerIdentity> {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .get(peer)
+}
+
+/// `peer` in base58: from the identity cache, formatted only for a peer that has no cached
+/// identity (an id that does not embed an Ed25519 key).
+pub fn id_of(peer: &PeerId) -> Arc<str> {
+    identity_of(peer).map_or_else(|| peer.to_string().into(), |i| i.id)
 }
 
 /// Signatures one batch verifies at most.
@@ -506,10 +517,9 @@ impl Verifier {
             ed25519_dalek::Signature::from_slice(&env.signature),
         ) {
             (true, Some(key), Ok(signature)) => {
-                let mut message = Vec::with_capacity(DOMAIN.len() + env.payload.len());
-                message.extend_from_slice(DOMAIN);
-                message.extend_from_slice(&env.payload);
-                batcher.verify(key, message, signature).await
+                batcher
+                    .verify(key, signed_bytes(&env.payload), signature)
+                    .await
             }
             // A large payload (hashing it costs more than the curve arithmetic a batch saves,
             // and its copy would wait in the queue), or a key or signature the batcher cannot
